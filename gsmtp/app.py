@@ -1,0 +1,237 @@
+"""The composition root: configuration in, running objects out; signals; graceful stop.
+
+The only reader of `Config`: every component gets its own values as arguments. Start-up
+refuses to serve a spool that fails its integrity check (never an empty spool over a
+corrupt one), releases leases a previous process left, and starts listeners last, once
+everything they depend on is up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import apsw
+import gevent
+from gevent.event import Event
+from gevent.threadpool import ThreadPool
+
+from gsmtp import accounts, db, log, metrics
+from gsmtp.accounts import AccountsSnapshot
+from gsmtp.config import Config, ConfigError, load, parse_host_port
+from gsmtp.delivery.base import Deliverer
+from gsmtp.delivery.maildir import MaildirDeliverer
+from gsmtp.policy import Policy
+from gsmtp.protocol.address import Address
+from gsmtp.protocol.session import Limits
+from gsmtp.scheduler import RetryPolicy, Route, Scheduler
+from gsmtp.server import SmtpServer
+from gsmtp.spool import Spool
+
+MAILDIR_THREADS = 8
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why, for the operator."""
+
+
+class AccountsCache:
+    """The accounts snapshot policy reads, refreshed when `gsmtp user/domain` changed
+    something (the serial in `meta`), so changes apply without a restart."""
+
+    def __init__(self, connection: apsw.Connection) -> None:
+        self._connection = connection
+        self._snapshot = accounts.load_snapshot(connection)
+
+    def get(self) -> AccountsSnapshot:
+        if accounts.read_serial(self._connection) != self._snapshot.serial:
+            self._snapshot = accounts.load_snapshot(self._connection)
+        return self._snapshot
+
+
+def _address_of(text: str) -> Address:
+    local, _, domain = text.rpartition("@")
+    return Address(local, domain)
+
+
+class Application:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._log = log.get_logger(component="app")
+        self._stopped = Event()
+        self._reader = self._open_spool()
+        self._writer = db.GroupCommitter(config.spool.path)
+        self.spool = Spool(self._writer, self._reader)
+        self._accounts = AccountsCache(self._reader)
+        self.policy = Policy(
+            hostname=config.server.hostname,
+            trusted_networks=config.server.trusted_networks,
+            snapshot=self._accounts.get,
+            vrfy=config.server.vrfy,
+        )
+        self._file_pool = ThreadPool(MAILDIR_THREADS)
+        self.scheduler = Scheduler(
+            spool=self.spool,
+            deliverers=self._deliverers(),
+            route=self._route,
+            retry=RetryPolicy(config.delivery.retry, config.delivery.max_age),
+            hostname=config.server.hostname,
+            concurrency=config.delivery.concurrency,
+            max_per_domain=config.delivery.max_per_domain,
+        )
+        self.server = SmtpServer(
+            listen=config.server.listen,
+            hostname=config.server.hostname,
+            limits=Limits(
+                max_message_size=config.server.max_message_size,
+                max_recipients=config.server.max_recipients,
+            ),
+            idle_timeout=config.server.timeout,
+            max_connections=config.server.max_connections,
+            max_connections_per_ip=config.server.max_connections_per_ip,
+            policy=self.policy,
+            spool=self.spool,
+            on_queued=self.scheduler.wake,
+            tls_context=self._tls_context(),
+        )
+        self._metrics_server: Any = None
+
+    def _open_spool(self) -> apsw.Connection:
+        try:
+            connection = db.connect(self.config.spool.path)
+        except db.DatabaseError as error:
+            raise StartupError(f"cannot open the spool: {error}") from None
+        verdict = db.check_integrity(connection)
+        if verdict != "ok":
+            raise StartupError(f"{self.config.spool.path}: integrity check failed: {verdict}")
+        return connection
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        tls = self.config.tls
+        if not tls.enabled:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as error:
+            raise StartupError(f"[tls] cannot load cert/key: {error}") from None
+        return context
+
+    def _deliverers(self) -> dict[str, Deliverer]:
+        def in_thread(work: Any) -> Any:
+            return self._file_pool.apply(work)
+
+        local = MaildirDeliverer(
+            self.config.maildir.root,
+            mailbox_exists=lambda text: self.policy.mailbox_exists(_address_of(text)),
+            run_blocking=in_thread,
+        )
+        deliverers: dict[str, Deliverer] = {"local": local}
+        remote = self._remote_deliverer()
+        if remote is not None:
+            deliverers["smtp"] = remote
+        return deliverers
+
+    def _remote_deliverer(self) -> Deliverer | None:
+        try:
+            from gsmtp.delivery.smtp import build_remote_deliverer
+        except ImportError:
+            return None
+        return build_remote_deliverer(self.config.delivery, self.config.server.hostname)
+
+    def _route(self, recipient: str) -> Route:
+        address = _address_of(recipient)
+        if self.policy.is_local(address, self._accounts.get()):
+            return Route("local", address.domain)
+        return Route("smtp", address.domain)
+
+    # -- running ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        released = self.spool.release_leases()
+        if released:
+            self._log.info("leases_released", count=released)
+        self.scheduler.start()
+        self._start_metrics()
+        try:
+            self.server.start()
+        except OSError as error:
+            raise StartupError(f"cannot listen: {error.strerror} ({error})") from None
+        self._log.info("server_started", hostname=self.config.server.hostname)
+
+    def _start_metrics(self) -> None:
+        if not self.config.metrics.listen:
+            return
+        from gevent.pywsgi import WSGIServer
+
+        address = parse_host_port(self.config.metrics.listen)
+        app = metrics.make_app(self._refresh_gauges)
+        self._metrics_server = WSGIServer((address.host, address.port), app, log=None)
+        try:
+            self._metrics_server.start()
+        except OSError as error:
+            raise StartupError(f"[metrics] cannot listen on {address}: {error.strerror}") from None
+
+    def _refresh_gauges(self) -> None:
+        counts = self.spool.counts_by_status()
+        for status in ("queued", "delivered", "failed"):
+            metrics.QUEUE_SIZE.labels(status).set(counts.get(status, 0))
+        oldest = self.spool.oldest_queued_at()
+        metrics.OLDEST_QUEUED.set(time.time() - oldest if oldest else 0)
+
+    def stop(self) -> None:
+        grace = self.config.server.shutdown_grace
+        self._log.info("server_stopping", grace_seconds=grace)
+        self.server.stop(grace)
+        self.scheduler.stop(timeout=min(grace, 5.0))
+        if self._metrics_server is not None:
+            self._metrics_server.stop(timeout=1)
+        self._writer.stop()
+        self._file_pool.kill()
+        self._log.info("server_stopped")
+        self._stopped.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration and the accounts; never exit. Settings that
+        need new sockets or objects are reported, not applied."""
+        try:
+            fresh = load(Path(self.config.path))
+        except ConfigError as error:
+            self._log.error("reload_failed", error=str(error))
+            return
+        changed = [
+            name
+            for name in ("server", "tls", "spool", "maildir", "delivery", "metrics", "log")
+            if getattr(fresh, name) != getattr(self.config, name)
+        ]
+        self._accounts.get()
+        self._log.info("config_reloaded", restart_needed_for=changed or None)
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT; SIGHUP reloads."""
+        stop_requested = Event()
+        gevent.signal_handler(signal.SIGTERM, stop_requested.set)
+        gevent.signal_handler(signal.SIGINT, stop_requested.set)
+        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
+        self.start()
+        stop_requested.wait()
+        self.stop()
+
+
+def serve(config: Config) -> int:
+    os.umask(0o077)
+    log.configure(config.log.level, config.log.format)
+    try:
+        application = Application(config)
+        application.serve_forever()
+    except StartupError as error:
+        log.get_logger(component="app").error("startup_failed", error=str(error))
+        print(f"gsmtp: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,306 @@
+"""The `gsmtp` command: serve, check-config, domain, user, queue.
+
+`-c FILE` works before or after the subcommand and defaults to $GSMTP_CONFIG, then
+./configuration.toml. Errors are one line on stderr naming what was wrong, with a
+non-zero exit; never a traceback. `serve` monkey-patches gevent before anything else
+is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+
+def _add_config_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=None if top else argparse.SUPPRESS,
+        help="configuration file (default: $GSMTP_CONFIG, then ./configuration.toml)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gsmtp", description="A durable SMTP mail server.")
+    _add_config_option(parser, top=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def leaf(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+        child: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        _add_config_option(child, top=False)
+        return child
+
+    leaf(commands, "serve", "run the listeners, the queue runner and /metrics")
+    leaf(commands, "check-config", "validate and print the effective configuration")
+
+    domain = commands.add_parser("domain", help="local domains").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    for action in ("add", "remove"):
+        leaf(domain, action, f"{action} a local domain").add_argument("name")
+    leaf(domain, "list", "list local domains")
+
+    user = commands.add_parser("user", help="local mailboxes").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    add = leaf(user, "add", "add a mailbox")
+    add.add_argument("address")
+    add.add_argument("--password-stdin", action="store_true", help="read a password for AUTH")
+    leaf(user, "remove", "remove a mailbox").add_argument("address")
+    passwd = leaf(user, "passwd", "set a mailbox's password (read from stdin)")
+    passwd.add_argument("address")
+    passwd.add_argument("--password-stdin", action="store_true", help="(the default)")
+    leaf(user, "list", "list mailboxes").add_argument("domain", nargs="?")
+
+    queue = commands.add_parser("queue", help="inspect and manage the spool").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    for action, help_text, takes_id in (
+        ("list", "one block per message, like mailq", False),
+        ("stats", "counts by status", False),
+        ("flush", "make all queued mail due now", False),
+        ("show", "envelope and headers of one message", True),
+        ("delete", "delete a message without notice", True),
+        ("bounce", "return a message to its sender now", True),
+    ):
+        child = leaf(queue, action, help_text)
+        if takes_id:
+            child.add_argument("id")
+        child.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.umask(0o077)
+    if args.command == "serve":
+        from gevent import monkey
+
+        monkey.patch_all()
+    from gsmtp.config import ConfigError, load, resolve_path
+
+    path = resolve_path(args.config)
+    try:
+        config = load(path)
+    except ConfigError as error:
+        print(f"gsmtp: {error}", file=sys.stderr)
+        return 2
+    handler = _HANDLERS[args.command]
+    try:
+        return handler(args, config)
+    except _CliError as error:
+        print(f"gsmtp: {error}", file=sys.stderr)
+        return 1
+
+
+class _CliError(Exception):
+    pass
+
+
+def _serve(args: argparse.Namespace, config: Any) -> int:
+    from gsmtp.app import serve
+
+    return serve(config)
+
+
+def _check_config(args: argparse.Namespace, config: Any) -> int:
+    from gsmtp.config import format_duration, format_size
+
+    print(f"# effective configuration from {config.path}")
+    server = config.server
+    sections: dict[str, dict[str, Any]] = {
+        "server": {
+            "hostname": server.hostname,
+            "listen": [str(a) for a in server.listen],
+            "timeout": format_duration(server.timeout),
+            "max_connections": server.max_connections,
+            "max_connections_per_ip": server.max_connections_per_ip,
+            "max_message_size": format_size(server.max_message_size),
+            "max_recipients": server.max_recipients,
+            "vrfy": server.vrfy,
+            "trusted_networks": [str(n) for n in server.trusted_networks],
+            "proxy_protocol": server.proxy_protocol,
+            "shutdown_grace": format_duration(server.shutdown_grace),
+        },
+        "tls": {"cert": config.tls.cert, "key": config.tls.key},
+        "submission": {"listen": [str(a) for a in config.submission.listen]},
+        "spool": {"path": config.spool.path},
+        "maildir": {"root": config.maildir.root},
+        "delivery": {
+            "concurrency": config.delivery.concurrency,
+            "retry": [format_duration(s) for s in config.delivery.retry],
+            "max_age": format_duration(config.delivery.max_age),
+            "port": config.delivery.port,
+            "smarthost": config.delivery.smarthost,
+            "nameservers": [str(n) for n in config.delivery.nameservers],
+            "connect_timeout": format_duration(config.delivery.connect_timeout),
+            "command_timeout": format_duration(config.delivery.command_timeout),
+            "data_timeout": format_duration(config.delivery.data_timeout),
+            "max_per_domain": config.delivery.max_per_domain,
+        },
+        "metrics": {"listen": config.metrics.listen},
+        "log": {"level": config.log.level, "format": config.log.format},
+    }
+    for name, values in sections.items():
+        print(f"\n[{name}]")
+        for key, value in values.items():
+            print(f"{key} = {json.dumps(value)}")
+    return 0
+
+
+def _open_db(config: Any) -> Any:
+    from gsmtp import db
+
+    try:
+        return db.connect(config.spool.path)
+    except db.DatabaseError as error:
+        raise _CliError(f"cannot open the spool: {error}") from None
+
+
+def _domain(args: argparse.Namespace, config: Any) -> int:
+    from gsmtp.accounts import AccountError, Accounts
+
+    accounts = Accounts(_open_db(config))
+    try:
+        if args.action == "add":
+            print(f"domain {accounts.add_domain(args.name)} added")
+        elif args.action == "remove":
+            print(f"domain {accounts.remove_domain(args.name)} removed (with its users)")
+        else:
+            for name in accounts.list_domains():
+                print(name)
+    except AccountError as error:
+        raise _CliError(str(error)) from None
+    return 0
+
+
+def _read_password() -> str:
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise _CliError("no password on standard input")
+    return password
+
+
+def _user(args: argparse.Namespace, config: Any) -> int:
+    from gsmtp.accounts import AccountError, Accounts
+
+    accounts = Accounts(_open_db(config))
+    try:
+        if args.action == "add":
+            password = _read_password() if args.password_stdin else None
+            print(f"user {accounts.add_user(args.address, password)} added")
+        elif args.action == "remove":
+            print(f"user {accounts.remove_user(args.address)} removed")
+        elif args.action == "passwd":
+            print(f"password of {accounts.set_password(args.address, _read_password())} set")
+        else:
+            for address in accounts.list_users(args.domain):
+                print(address)
+    except AccountError as error:
+        raise _CliError(str(error)) from None
+    return 0
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(timestamp))
+
+
+def _queue(args: argparse.Namespace, config: Any) -> int:
+    from gsmtp.spool import SpoolAdmin
+
+    admin = SpoolAdmin(_open_db(config))
+    action: Callable[[SpoolAdmin, argparse.Namespace], int] = _QUEUE_ACTIONS[args.action]
+    return action(admin, args)
+
+
+def _queue_list(admin: Any, args: argparse.Namespace) -> int:
+    messages = admin.messages()
+    if args.json:
+        print(json.dumps([asdict(m) for m in messages], indent=2))
+        return 0
+    if not messages:
+        print("Mail queue is empty")
+        return 0
+    for message in messages:
+        print(f"{message.id:<20} {message.size:>8} {_when(message.received_at)}  <{message.sender}>")
+        for rcpt in message.recipients:
+            error = f"  ({rcpt.last_error})" if rcpt.last_error else ""
+            print(f"{'':<20} {rcpt.status:<9} attempts={rcpt.attempts}  <{rcpt.address}>{error}")
+        print()
+    total = sum(m.size for m in messages)
+    print(f"-- {total // 1024} Kbytes in {len(messages)} Requests.")
+    return 0
+
+
+def _queue_stats(admin: Any, args: argparse.Namespace) -> int:
+    stats = admin.stats()
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        for key, value in stats.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def _queue_show(admin: Any, args: argparse.Namespace) -> int:
+    message = admin.message(args.id)
+    if message is None:
+        raise _CliError(f"no such message: {args.id}")
+    headers = admin.headers(args.id).decode("utf-8", "replace")
+    if args.json:
+        print(json.dumps({**asdict(message), "headers": headers}, indent=2))
+        return 0
+    print(f"id: {message.id}\nsender: <{message.sender}>\nsize: {message.size}")
+    print(f"arrived: {_when(message.received_at)}\nclient: {message.client}\nhelo: {message.helo}")
+    for rcpt in message.recipients:
+        error = f" ({rcpt.last_error})" if rcpt.last_error else ""
+        print(f"recipient: <{rcpt.address}> {rcpt.status} attempts={rcpt.attempts}{error}")
+    print()
+    print(headers.replace("\r\n", "\n"), end="")
+    return 0
+
+
+def _queue_change(verb: str, method: str) -> Callable[[Any, argparse.Namespace], int]:
+    def run(admin: Any, args: argparse.Namespace) -> int:
+        target = getattr(args, "id", None)
+        result = getattr(admin, method)(target) if target else getattr(admin, method)()
+        if target and not result:
+            raise _CliError(f"no such message (or nothing queued): {target}")
+        if args.json:
+            print(json.dumps({"action": verb, "id": target, "count": int(result)}))
+        else:
+            print(f"{verb}: {target or int(result)}")
+        return 0
+
+    return run
+
+
+_QUEUE_ACTIONS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+    "list": _queue_list,
+    "stats": _queue_stats,
+    "show": _queue_show,
+    "flush": _queue_change("flushed", "flush"),
+    "delete": _queue_change("deleted", "delete"),
+    "bounce": _queue_change("bouncing", "bounce"),
+}
+
+_HANDLERS: dict[str, Callable[[argparse.Namespace, Any], int]] = {
+    "serve": _serve,
+    "check-config": _check_config,
+    "domain": _domain,
+    "user": _user,
+    "queue": _queue,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Read configuration.toml into frozen dataclasses; the one place configuration is read.
+
+Every error names the file and the key (`ConfigError`). Unknown keys are errors, so a
+typo never silently falls back to a default. Relative paths are taken relative to the
+configuration file's directory. Durations: "30s", "5m", "1h", "5d"; sizes: "10KB",
+"35MB" (KB = 1024 bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_NAME = "configuration.toml"
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\Z")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"(\d+)\s*(B|KB|MB|GB)?\Z", re.IGNORECASE)
+_SIZE_UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("json", "console")
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the operator: file, key, what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    hostname: str = "mail.example.test"
+    listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 2525),)
+    timeout: float = 300.0
+    max_connections: int = 10000
+    max_connections_per_ip: int = 50
+    max_message_size: int = 35 * 1024 * 1024
+    max_recipients: int = 100
+    vrfy: bool = False
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    proxy_protocol: bool = False
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: str = ""
+    key: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionConfig:
+    listen: tuple[HostPort, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    path: str = "var/spool.sqlite"
+
+
+@dataclass(frozen=True, slots=True)
+class MaildirConfig:
+    root: str = "var/mail"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    concurrency: int = 100
+    retry: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0)
+    max_age: float = 5 * 86400.0
+    port: int = 25
+    smarthost: str = ""
+    nameservers: tuple[HostPort, ...] = ()
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    max_per_domain: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9325"
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str = ""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    maildir: MaildirConfig = field(default_factory=MaildirConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "tls": TlsConfig,
+    "submission": SubmissionConfig,
+    "spool": SpoolConfig,
+    "maildir": MaildirConfig,
+    "delivery": DeliveryConfig,
+    "metrics": MetricsConfig,
+    "log": LogConfig,
+}
+
+
+def resolve_path(explicit: str | None) -> Path:
+    """`-c FILE`, else $GSMTP_CONFIG, else ./configuration.toml."""
+    return Path(explicit or os.environ.get("GSMTP_CONFIG") or DEFAULT_CONFIG_NAME)
+
+
+def load(path: Path) -> Config:
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return parse(raw, path)
+
+
+def parse(raw: dict[str, Any], path: Path) -> Config:
+    reader = _Reader(path)
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{path}: unknown section [{name}]")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        sections[name] = reader.section(name, value)
+    for name in _SECTIONS:
+        sections.setdefault(name, reader.section(name, {}))
+    config = Config(path=str(path), **sections)
+    _check_consistency(config, path)
+    return config
+
+
+def _check_consistency(config: Config, path: Path) -> None:
+    if bool(config.tls.cert) != bool(config.tls.key):
+        raise ConfigError(f"{path}: [tls] cert and key must be set together")
+    if config.submission.listen:
+        raise ConfigError(
+            f"{path}: [submission] listen: submission needs AUTH, which this version "
+            "does not offer yet; leave it empty"
+        )
+    if config.server.proxy_protocol:
+        raise ConfigError(
+            f"{path}: [server] proxy_protocol: PROXY protocol support is not available in "
+            "this version; set it to false"
+        )
+
+
+class _Reader:
+    """Converts one section's raw values into its dataclass, naming the key on error."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._base = path.parent
+
+    def section(self, name: str, values: dict[str, Any]) -> Any:
+        cls = _SECTIONS[name]
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{self._path}: unknown key [{name}] {key}")
+            converter = _SPECIFIC.get((name, key)) or _GENERIC[key]
+            try:
+                converted = converter(value)
+            except (ValueError, TypeError) as error:
+                raise ConfigError(f"{self._path}: [{name}] {key}: {error}") from None
+            kwargs[key] = converted
+        section = cls(**kwargs)
+        for field_name in (key for (owner, key) in _PATH_KEYS if owner == name):
+            value = getattr(section, field_name)
+            if value and not os.path.isabs(value):
+                section = dataclasses.replace(section, **{field_name: str(self._base / value)})
+        return section
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected a whole number, got {value!r}")
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(value: Any) -> int:
+    port = _positive_int(value)
+    if port > 65535:
+        raise ValueError(f"port must be 1-65535, got {port}")
+    return port
+
+
+def parse_duration(value: Any) -> float:
+    """"30s", "5m", "1h", "5d", "250ms" → seconds."""
+    match = _DURATION.match(_string(value).strip())
+    if not match:
+        raise ValueError(f'expected a duration like "30s", "5m", "1h" or "5d", got {value!r}')
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"must be longer than zero, got {value!r}")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """"10KB", "35MB" → bytes (KB = 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SIZE.match(_string(value).strip())
+    if not match:
+        raise ValueError(f'expected a size like "10KB" or "35MB", got {value!r}')
+    size = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()]
+    if size <= 0:
+        raise ValueError(f"must be larger than zero, got {value!r}")
+    return size
+
+
+def parse_host_port(value: Any) -> HostPort:
+    """"127.0.0.1:2525", "[::1]:25", "0.0.0.0:25" → HostPort."""
+    text = _string(value).strip()
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not match:
+        raise ValueError(f'expected "host:port" or "[ipv6]:port", got {value!r}')
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1-65535 in {value!r}")
+    return HostPort(host, port)
+
+
+def _list_of(item: Any) -> Any:
+    def convert(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {value!r}")
+        return tuple(item(element) for element in value)
+
+    return convert
+
+
+def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(_string(value), strict=False)
+    except ValueError:
+        raise ValueError(f"not a network in CIDR form: {value!r}") from None
+
+
+def _hostname(value: Any) -> str:
+    text = _string(value)
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", text):
+        raise ValueError(f"not a valid host name: {value!r}")
+    return text
+
+
+def _one_of(*choices: str) -> Any:
+    def convert(value: Any) -> str:
+        text = _string(value)
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
+        return text
+
+    return convert
+
+
+def _optional_host_port(value: Any) -> str:
+    text = _string(value)
+    if text:
+        parse_host_port(text)
+    return text
+
+
+def _retry(value: Any) -> tuple[float, ...]:
+    steps = _list_of(parse_duration)(value)
+    if not steps:
+        raise ValueError("needs at least one step")
+    return steps  # type: ignore[no-any-return]
+
+
+_GENERIC: dict[str, Any] = {
+    "hostname": _hostname,
+    "timeout": parse_duration,
+    "max_connections": _positive_int,
+    "max_connections_per_ip": _positive_int,
+    "max_message_size": parse_size,
+    "max_recipients": _positive_int,
+    "vrfy": _bool,
+    "trusted_networks": _list_of(_network),
+    "proxy_protocol": _bool,
+    "shutdown_grace": parse_duration,
+    "concurrency": _positive_int,
+    "retry": _retry,
+    "max_age": parse_duration,
+    "port": _port,
+    "smarthost": _optional_host_port,
+    "nameservers": _list_of(parse_host_port),
+    "connect_timeout": parse_duration,
+    "command_timeout": parse_duration,
+    "data_timeout": parse_duration,
+    "max_per_domain": _positive_int,
+    "level": _one_of(*_LOG_LEVELS),
+    "format": _one_of(*_LOG_FORMATS),
+}
+
+
+def _non_empty_string(value: Any) -> str:
+    text = _string(value)
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _server_listen(value: Any) -> tuple[HostPort, ...]:
+    listen = _list_of(parse_host_port)(value)
+    if not listen:
+        raise ValueError("needs at least one address")
+    return listen  # type: ignore[no-any-return]
+
+
+# Keys whose meaning differs between sections.
+_SPECIFIC: dict[tuple[str, str], Any] = {
+    ("server", "listen"): _server_listen,
+    ("submission", "listen"): _list_of(parse_host_port),
+    ("metrics", "listen"): _optional_host_port,
+    ("spool", "path"): _non_empty_string,
+    ("maildir", "root"): _non_empty_string,
+    ("tls", "cert"): _string,
+    ("tls", "key"): _string,
+}
+# Paths taken relative to the configuration file's directory.
+_PATH_KEYS = frozenset({("spool", "path"), ("maildir", "root"), ("tls", "cert"), ("tls", "key")})
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def format_size(size: int) -> str:
+    for unit, factor in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"

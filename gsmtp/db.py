@@ -1,0 +1,213 @@
+"""The SQLite database under the spool and the accounts: pragmas, schema, write path.
+
+Durability rules live here: WAL, `synchronous=FULL` (a commit is on disk when it
+returns; NORMAL may lose the last commits on power loss), a busy timeout, file mode 0600.
+Schema changes are numbered migrations recorded in `PRAGMA user_version`.
+
+`GroupCommitter` is the server's write path: callers hand it a unit of work and block
+(their greenlet only) until it is committed. One worker thread owns the write connection
+and runs every unit that arrived while it was busy in a single transaction, so one
+fsync covers many messages under load (group commit) and the gevent hub never waits on
+SQLite or the disk (apsw releases the GIL).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import apsw
+
+T = TypeVar("T")
+BUSY_TIMEOUT_MS = 5000
+
+_MIGRATIONS: tuple[str, ...] = (
+    # 1: the seed's users/spool/rcpt, made per-recipient.
+    """
+    CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO meta(key, value) VALUES ('accounts_serial', 0);
+    CREATE TABLE domains(name TEXT PRIMARY KEY);
+    CREATE TABLE users(
+        address TEXT PRIMARY KEY,
+        domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+        local_part TEXT NOT NULL,
+        password_hash TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE messages(
+        id TEXT PRIMARY KEY,
+        sender TEXT NOT NULL,
+        body BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        received_at REAL NOT NULL,
+        client TEXT NOT NULL,
+        helo TEXT NOT NULL,
+        smtputf8 INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE recipients(
+        message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('queued', 'delivered', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        lease_until REAL,
+        bounce_requested INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (message_id, address)
+    );
+    CREATE INDEX recipients_due ON recipients(status, next_attempt_at);
+    CREATE TRIGGER domains_changed_insert AFTER INSERT ON domains
+        BEGIN UPDATE meta SET value = value + 1 WHERE key = 'accounts_serial'; END;
+    CREATE TRIGGER domains_changed_delete AFTER DELETE ON domains
+        BEGIN UPDATE meta SET value = value + 1 WHERE key = 'accounts_serial'; END;
+    CREATE TRIGGER users_changed_insert AFTER INSERT ON users
+        BEGIN UPDATE meta SET value = value + 1 WHERE key = 'accounts_serial'; END;
+    CREATE TRIGGER users_changed_delete AFTER DELETE ON users
+        BEGIN UPDATE meta SET value = value + 1 WHERE key = 'accounts_serial'; END;
+    """,
+)
+
+
+class DatabaseError(Exception):
+    """The spool cannot be opened or used; the message names the file and the cause."""
+
+
+def connect(path: str) -> apsw.Connection:
+    """Open (creating 0600 if needed) and configure a connection; apply migrations."""
+    file = Path(path)
+    try:
+        file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(file, os.O_RDWR | os.O_CREAT, 0o600))
+        connection = apsw.Connection(str(file))
+        connection.set_busy_timeout(BUSY_TIMEOUT_MS)
+        mode = connection.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
+        if mode != "wal":
+            raise DatabaseError(f"{path}: cannot switch to WAL mode (got {mode})")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA foreign_keys=ON")
+        _migrate(connection)
+    except apsw.Error as error:
+        raise DatabaseError(f"{path}: {error}") from None
+    except OSError as error:
+        raise DatabaseError(f"{path}: {error.strerror}") from None
+    return connection
+
+
+def _migrate(connection: apsw.Connection) -> None:
+    version = connection.execute("PRAGMA user_version").fetchall()[0][0]
+    if version > len(_MIGRATIONS):
+        raise DatabaseError(f"schema version {version} is newer than this gsmtp knows")
+    for number in range(version, len(_MIGRATIONS)):
+        with transaction(connection):
+            connection.execute(_MIGRATIONS[number])
+            connection.execute(f"PRAGMA user_version={number + 1}")
+
+
+def check_integrity(connection: apsw.Connection) -> str:
+    """'ok', or SQLite's first complaint; a corrupt spool must not be served."""
+    return str(connection.execute("PRAGMA quick_check").fetchall()[0][0])
+
+
+@contextmanager
+def transaction(connection: apsw.Connection) -> Iterator[apsw.Connection]:
+    """A synchronous write transaction (CLI and start-up)."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+Work = Callable[[apsw.Connection], Any]
+
+
+class GroupCommitter:
+    """Serialises write transactions onto one thread and batches concurrent ones."""
+
+    def __init__(self, path: str) -> None:
+        import gevent
+        from gevent.event import Event
+        from gevent.threadpool import ThreadPool
+
+        self._connection = connect(path)
+        self._pool = ThreadPool(1)
+        self._pending: list[tuple[Work, Any]] = []
+        self._wake = Event()
+        self._stopping = False
+        self._greenlet = gevent.spawn(self._run)
+
+    def submit(self, work: Callable[[apsw.Connection], T]) -> T:
+        """Run `work` inside a committed transaction; raise what it (or COMMIT) raised."""
+        from gevent.event import AsyncResult
+
+        if self._stopping:
+            raise DatabaseError("spool writer is stopped")
+        result: AsyncResult = AsyncResult()
+        self._pending.append((work, result))
+        self._wake.set()
+        return result.get()  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        """Finish what was submitted, then close the connection."""
+        self._stopping = True
+        self._wake.set()
+        self._greenlet.join()
+        self._pool.kill()
+        self._connection.close()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending, []
+                outcomes = self._pool.apply(self._commit, ([work for work, _ in batch],))
+                for (_, result), outcome in zip(batch, outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        result.set_exception(outcome)
+                    else:
+                        result.set(outcome)
+            if self._stopping:
+                return
+
+    def _commit(self, works: list[Work]) -> list[Any]:
+        """In the worker thread: one transaction, a savepoint per unit of work."""
+        connection = self._connection
+        outcomes: list[Any] = []
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except apsw.Error as error:
+            return [error] * len(works)
+        single = len(works) == 1
+        for work in works:
+            if single:
+                outcomes.append(_call(work, connection))
+                continue
+            connection.execute("SAVEPOINT unit")
+            outcome = _call(work, connection)
+            if isinstance(outcome, BaseException):
+                connection.execute("ROLLBACK TO unit")
+            connection.execute("RELEASE unit")
+            outcomes.append(outcome)
+        if single and isinstance(outcomes[0], BaseException):
+            connection.execute("ROLLBACK")
+            return outcomes
+        try:
+            connection.execute("COMMIT")
+        except apsw.Error as error:
+            if not connection.getautocommit():
+                connection.execute("ROLLBACK")
+            return [error] * len(works)
+        return outcomes
+
+
+def _call(work: Work, connection: apsw.Connection) -> Any:
+    try:
+        return work(connection)
+    except Exception as error:
+        return error

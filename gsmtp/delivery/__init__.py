@@ -1,0 +1,1 @@
+"""Delivery backends behind one small interface (`base.Deliverer`)."""

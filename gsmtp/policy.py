@@ -1,0 +1,87 @@
+"""Who may send what to whom: recipient checks, relay rights, VRFY.
+
+Plain functions over an accounts snapshot; no I/O of their own. Relay is granted only by
+the client's network (trusted_networks) or, later, authentication — never by anything
+the client says (MAIL FROM, HELO): the seed's `mail_allowed OR rcpt_allowed` rule made
+an open relay for forged local senders, and is gone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from gsmtp.accounts import AccountsSnapshot
+from gsmtp.protocol import replies
+from gsmtp.protocol.address import Address, AddressError, normalise_mailbox, parse_path
+from gsmtp.protocol.replies import Reply
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    ip: IPAddress
+    authenticated: bool = False
+
+
+def client_from_ip(text: str) -> Client:
+    ip = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # R-15: match ::ffff:a.b.c.d against IPv4 networks
+    return Client(ip)
+
+
+class Policy:
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        trusted_networks: Sequence[IPNetwork],
+        snapshot: Callable[[], AccountsSnapshot],
+        vrfy: bool,
+    ) -> None:
+        self._hostname = hostname.lower()
+        self._trusted = tuple(trusted_networks)
+        self._snapshot = snapshot
+        self._vrfy = vrfy
+
+    def is_trusted(self, client: Client) -> bool:
+        return any(client.ip in network for network in self._trusted)
+
+    def is_local(self, address: Address, snapshot: AccountsSnapshot) -> bool:
+        """Delivered here: a local domain, or our own host name (for postmaster)."""
+        return snapshot.is_local_domain(address.domain) or address.domain == self._hostname
+
+    def mailbox_exists(self, address: Address, snapshot: AccountsSnapshot | None = None) -> bool:
+        """An existing user, or postmaster, which every local domain has (RFC 5321 §4.5.1)."""
+        snapshot = snapshot or self._snapshot()
+        if normalise_mailbox(address).partition("@")[0] == "postmaster":
+            return self.is_local(address, snapshot)
+        return snapshot.is_local_domain(address.domain) and snapshot.has_mailbox(address)
+
+    def check_recipient(self, address: Address, client: Client) -> Reply:
+        snapshot = self._snapshot()
+        if self.is_local(address, snapshot):
+            if self.mailbox_exists(address, snapshot):
+                return replies.RECIPIENT_OK
+            return replies.NO_SUCH_USER
+        if address.domain.startswith("["):
+            # R-10 / S-18: never relay to an address literal.
+            return replies.RELAY_DENIED
+        if client.authenticated or self.is_trusted(client):
+            return replies.RECIPIENT_OK
+        return replies.RELAY_DENIED
+
+    def verify(self, argument: str) -> Reply:
+        """VRFY: 252 for everyone unless `vrfy = true` (RFC 5321 §3.5.3, §7.3)."""
+        if not self._vrfy:
+            return replies.CANNOT_VRFY
+        address = parse_path(argument, allow_null=False, allow_utf8=True)
+        if isinstance(address, AddressError):
+            return replies.BAD_RECIPIENT
+        if self.mailbox_exists(address):
+            return Reply(250, "2.1.5", f"<{normalise_mailbox(address)}>")
+        return replies.NO_SUCH_USER

@@ -1,0 +1,1 @@
+"""Sans-I/O SMTP: bytes in, events and replies out. Standard library only."""

@@ -1,0 +1,533 @@
+"""The server side of an SMTP session as a sans-I/O state machine.
+
+Theory of operation. The I/O shell feeds received bytes with `receive_data` and asks
+`next_event` what happened. Commands the session can answer alone (syntax, sequence,
+NOOP, RSET, HELP, QUIT, EHLO) are answered into the output buffer at once; commands that
+need a decision from outside (a recipient to check, a message to store, a VRFY, a TLS
+switch) come back as an event, and the shell answers each with exactly one `respond`.
+`NEED_DATA` means: flush `data_to_send()` (all pipelined replies in one write, RFC 2920)
+and feed more bytes. The session owns the three buffers of the original design
+(sender, recipients, data) and resets them on RSET, on HELO/EHLO and after each message.
+
+No I/O, no clock, no randomness. A peer's mistake becomes a reply; a caller's misuse of
+this class (`LocalProtocolError`) is a bug and raises.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from gsmtp.protocol import replies
+from gsmtp.protocol.address import Address, AddressError, parse_path
+from gsmtp.protocol.commands import (
+    Command,
+    Foreign,
+    PathArgument,
+    Verb,
+    parse_command,
+    split_path_argument,
+)
+from gsmtp.protocol.data import DataReader, DataResult
+from gsmtp.protocol.replies import Reply
+
+MAX_COMMAND_LINE = 512  # octets including CRLF, RFC 5321 §4.5.3.1.4
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
+
+
+class LocalProtocolError(Exception):
+    """The caller used the session out of order: a bug in gsmtp, never the peer's fault."""
+
+
+class State(enum.Enum):
+    CONNECTED = "connected"  # greeted, no HELO/EHLO yet
+    READY = "ready"  # HELO/EHLO done, no transaction
+    MAIL = "mail"  # MAIL accepted, collecting recipients
+    DATA = "data"  # reading message content
+    CLOSED = "closed"
+
+
+# Legal moves: which verbs each state accepts. Anything else is a sequence error.
+ALLOWED: dict[State, frozenset[Verb]] = {
+    State.CONNECTED: frozenset(
+        {Verb.EHLO, Verb.HELO, Verb.NOOP, Verb.RSET, Verb.QUIT, Verb.HELP, Verb.VRFY,
+         Verb.STARTTLS}
+    ),
+    State.READY: frozenset(
+        {Verb.EHLO, Verb.HELO, Verb.MAIL, Verb.NOOP, Verb.RSET, Verb.QUIT, Verb.HELP,
+         Verb.VRFY, Verb.STARTTLS}
+    ),
+    State.MAIL: frozenset(
+        {Verb.EHLO, Verb.HELO, Verb.RCPT, Verb.DATA, Verb.NOOP, Verb.RSET, Verb.QUIT,
+         Verb.HELP, Verb.VRFY}
+    ),
+}
+
+# The reply when a verb arrives in a state that does not accept it.
+_OUT_OF_SEQUENCE: dict[tuple[State, Verb], Reply] = {
+    (State.CONNECTED, Verb.MAIL): replies.HELO_FIRST,
+    (State.CONNECTED, Verb.RCPT): replies.HELO_FIRST,
+    (State.CONNECTED, Verb.DATA): replies.HELO_FIRST,
+    (State.READY, Verb.RCPT): replies.NEED_MAIL,
+    (State.READY, Verb.DATA): replies.NEED_MAIL,
+    (State.MAIL, Verb.MAIL): replies.NESTED_MAIL,
+    (State.MAIL, Verb.STARTTLS): replies.NESTED_MAIL.with_text("STARTTLS inside a transaction"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_message_size: int = 35 * 1024 * 1024
+    max_recipients: int = 100
+    max_errors: int = 20
+    max_received_headers: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A complete, accepted-for-storage message: what the spool stores."""
+
+    helo: str
+    sender: Address
+    recipients: tuple[Address, ...]
+    content: bytes
+    smtputf8: bool
+    esmtp: bool
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class RcptTo:
+    """A syntactically valid recipient; the shell answers with the policy's reply."""
+
+    address: Address
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyRequested:
+    argument: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartTlsRequested:
+    """Answer READY_FOR_TLS, flush, then wrap the socket; the session has forgotten
+    everything said before (RFC 3207 §4.2) and discards unread plaintext (CVE-2011-0411)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """Store it, then answer `replies.queued(id)` or a 4xx/5xx reply."""
+
+    envelope: Envelope
+
+
+Event = RcptTo | VerifyRequested | StartTlsRequested | MessageReceived
+
+
+class SmtpSession:
+    """One SMTP connection, server side. See the module docstring for the loop."""
+
+    def __init__(
+        self,
+        limits: Limits,
+        *,
+        hostname: str,
+        tls_available: bool = False,
+        tls_active: bool = False,
+    ) -> None:
+        self._limits = limits
+        self._hostname = hostname
+        self._tls_available = tls_available
+        self._tls_active = tls_active
+        self._state = State.CONNECTED
+        self._input = bytearray()
+        self._output: list[bytes] = []
+        self._discarding_long_line = False
+        self._data_reader: DataReader | None = None
+        self._pending: Event | None = None
+        self._errors = 0
+        self.helo = ""
+        self.esmtp = False
+        self._reset_transaction()
+
+    # -- public surface ---------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._state is State.CLOSED
+
+    @property
+    def in_transaction(self) -> bool:
+        """True between MAIL and the end of DATA: a graceful stop lets these finish."""
+        return self._state in (State.MAIL, State.DATA)
+
+    def start(self) -> bytes:
+        """The 220 greeting."""
+        return replies.greeting(self._hostname).to_bytes()
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer. An empty chunk means the peer closed."""
+        if not data:
+            self._state = State.CLOSED
+            return
+        if self._data_reader is not None:
+            self._feed_data(data)
+        else:
+            self._input += data
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._output)
+        self._output.clear()
+        return out
+
+    def close_with(self, reply: Reply) -> None:
+        """Answer a final reply (idle timeout, shutdown) and close."""
+        self._send(reply, count_error=False)
+        self._state = State.CLOSED
+
+    def next_event(self) -> Event | _NeedData:
+        if self._pending is not None:
+            raise LocalProtocolError(f"{self._pending!r} has not been answered")
+        while self._state is not State.CLOSED:
+            if self._data_reader is not None:
+                if self._data_result is None:
+                    return NEED_DATA
+                event = self._finish_data(self._data_result)
+            else:
+                line = self._next_line()
+                if line is None:
+                    return NEED_DATA
+                event = self._handle_line(line)
+            if event is not None:
+                self._pending = event
+                return event
+        return NEED_DATA
+
+    def respond(self, event: Event, reply: Reply) -> None:
+        """Answer the event `next_event` returned, with exactly one reply."""
+        if event is not self._pending:
+            raise LocalProtocolError(f"{event!r} is not the pending event")
+        self._pending = None
+        if isinstance(event, RcptTo):
+            self._rcpt_attempted = True
+            if reply.is_positive and event.address not in self._recipients:
+                self._recipients.append(event.address)
+        elif isinstance(event, MessageReceived):
+            self._reset_transaction()
+            self._state = State.READY
+        elif isinstance(event, StartTlsRequested) and reply.is_positive:
+            self._send(reply)
+            self._start_tls()
+            return
+        self._send(reply)
+
+    # -- reading lines ----------------------------------------------------------------
+
+    def _next_line(self) -> bytes | Reply | None:
+        """The next CRLF-terminated command line, a reply for a broken one, or None."""
+        buffer = self._input
+        newline = buffer.find(b"\n")
+        if self._discarding_long_line:
+            if newline < 0:
+                buffer.clear()
+                return None
+            del buffer[: newline + 1]
+            self._discarding_long_line = False
+            return replies.LINE_TOO_LONG
+        if newline < 0:
+            if len(buffer) > MAX_COMMAND_LINE:
+                buffer.clear()
+                self._discarding_long_line = True
+            return None
+        if newline == 0 or buffer[newline - 1] != 0x0D:
+            # RFC 5321 §2.3.8: a bare LF ends nothing. Everything up to the next CRLF
+            # already received is the same broken line: one reply for all of it.
+            crlf = buffer.find(b"\r\n", newline)
+            del buffer[: crlf + 2 if crlf >= 0 else newline + 1]
+            return replies.BARE_LINE_ENDING
+        line = bytes(buffer[: newline - 1])
+        del buffer[: newline + 1]
+        if len(line) + 2 > MAX_COMMAND_LINE:
+            return replies.LINE_TOO_LONG
+        if b"\r" in line:
+            return replies.BARE_LINE_ENDING
+        return line
+
+    def _handle_line(self, line: bytes | Reply) -> Event | None:
+        parsed = line if isinstance(line, Reply) else parse_command(line)
+        if isinstance(parsed, Reply):
+            self._send(parsed)
+            return None
+        if isinstance(parsed, Foreign):
+            self.close_with(replies.NOT_SMTP)
+            return None
+        return self._handle_command(parsed)
+
+    # -- commands ---------------------------------------------------------------------
+
+    def _handle_command(self, command: Command) -> Event | None:
+        verb = command.verb
+        if verb is Verb.BDAT:
+            # Postfix: the next input would be raw content; never run it as commands.
+            self.close_with(replies.BDAT_NOT_OFFERED)
+            return None
+        if verb in (Verb.EXPN, Verb.AUTH):
+            self._send(replies.NOT_IMPLEMENTED)
+            return None
+        if verb not in ALLOWED[self._state]:
+            self._send(_OUT_OF_SEQUENCE.get((self._state, verb), replies.HELO_FIRST))
+            return None
+        handler = _HANDLERS[verb]
+        return handler(self, command.argument)
+
+    def _ehlo(self, argument: str) -> Event | None:
+        return self._greet(argument, esmtp=True)
+
+    def _helo(self, argument: str) -> Event | None:
+        return self._greet(argument, esmtp=False)
+
+    def _greet(self, argument: str, *, esmtp: bool) -> Event | None:
+        if not argument or len(argument) > 255:
+            self._send(replies.HELO_NEEDS_DOMAIN)
+            return None
+        if self._input:
+            # RFC 2920 §3.1: EHLO ends a group; more input now is a synchronization error.
+            self.close_with(replies.PIPELINING_VIOLATION)
+            return None
+        self._reset_transaction()
+        self._state = State.READY
+        self.helo = argument
+        self.esmtp = esmtp
+        if esmtp:
+            self._send(replies.ehlo(self._hostname, argument, self._extensions()))
+        else:
+            self._send(replies.helo(self._hostname))
+        return None
+
+    def _extensions(self) -> list[str]:
+        extensions = [
+            "PIPELINING",
+            f"SIZE {self._limits.max_message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        ]
+        if self._tls_available and not self._tls_active:
+            extensions.append("STARTTLS")
+        extensions.append("HELP")
+        return extensions
+
+    def _mail(self, argument: str) -> Event | None:
+        split = split_path_argument(Verb.MAIL, argument)
+        if isinstance(split, Reply):
+            self._send(split)
+            return None
+        problem = self._check_mail_parameters(split)
+        if problem is not None:
+            self._send(problem)
+            return None
+        smtputf8 = "SMTPUTF8" in split.parameters
+        if not smtputf8 and not split.path.isascii():
+            self._send(replies.UTF8_SENDER_NEEDS_SMTPUTF8)
+            return None
+        sender = parse_path(split.path, allow_null=True, allow_utf8=smtputf8)
+        if isinstance(sender, AddressError):
+            self._send(replies.BAD_SENDER.with_text(f"Bad sender address syntax: {sender.reason}"))
+            return None
+        self._sender = sender
+        self._smtputf8 = smtputf8
+        self._state = State.MAIL
+        self._send(replies.SENDER_OK)
+        return None
+
+    def _check_mail_parameters(self, split: PathArgument) -> Reply | None:
+        for key, value in split.parameters.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return replies.BAD_SIZE
+                if int(value) > self._limits.max_message_size:
+                    return replies.MESSAGE_TOO_BIG
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.BAD_BODY
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return replies.SYNTAX_ERROR
+            else:
+                return replies.UNKNOWN_PARAMETER
+        return None
+
+    def _rcpt(self, argument: str) -> Event | None:
+        split = split_path_argument(Verb.RCPT, argument)
+        if isinstance(split, Reply):
+            self._send(split)
+            return None
+        if split.parameters:
+            self._send(replies.UNKNOWN_PARAMETER)
+            return None
+        if not self._smtputf8 and not split.path.isascii():
+            self._send(replies.UTF8_RCPT_NEEDS_SMTPUTF8)
+            return None
+        if len(self._recipients) >= self._limits.max_recipients:
+            self._send(replies.TOO_MANY_RECIPIENTS)
+            return None
+        if split.path.strip("<>").lower() == "postmaster":
+            # RFC 5321 §4.1.1.3: <Postmaster> without a domain must be accepted.
+            return RcptTo(Address("postmaster", self._hostname.lower()))
+        recipient = parse_path(split.path, allow_null=False, allow_utf8=self._smtputf8)
+        if isinstance(recipient, AddressError):
+            self._send(
+                replies.BAD_RECIPIENT.with_text(f"Bad recipient address syntax: {recipient.reason}")
+            )
+            return None
+        return RcptTo(recipient)
+
+    def _data(self, argument: str) -> Event | None:
+        if argument:
+            self._send(replies.NO_ARGUMENTS_ALLOWED)
+            return None
+        if self._input:
+            # RFC 2920 §3.1 / RFC 5321 §3.3: no message data before the 354.
+            self.close_with(replies.PIPELINING_VIOLATION)
+            return None
+        if not self._recipients:
+            self._send(replies.NO_VALID_RECIPIENTS if self._rcpt_attempted else replies.NEED_RCPT)
+            return None
+        self._state = State.DATA
+        self._data_reader = DataReader(self._limits.max_message_size)
+        self._data_result = None
+        self._send(replies.START_MAIL_INPUT)
+        return None
+
+    def _rset(self, argument: str) -> Event | None:
+        if argument:
+            self._send(replies.NO_ARGUMENTS_ALLOWED)
+            return None
+        self._reset_transaction()
+        if self._state is State.MAIL:
+            self._state = State.READY
+        self._send(replies.RESET_OK)
+        return None
+
+    def _noop(self, argument: str) -> Event | None:
+        self._send(replies.NOOP_OK)
+        return None
+
+    def _quit(self, argument: str) -> Event | None:
+        if argument:
+            self._send(replies.NO_ARGUMENTS_ALLOWED)
+            return None
+        self._send(replies.CLOSING)
+        self._state = State.CLOSED
+        return None
+
+    def _help(self, argument: str) -> Event | None:
+        self._send(replies.HELP)
+        return None
+
+    def _vrfy(self, argument: str) -> Event | None:
+        if not argument:
+            self._send(replies.SYNTAX_ERROR)
+            return None
+        return VerifyRequested(argument)
+
+    def _starttls(self, argument: str) -> Event | None:
+        if argument:
+            self._send(replies.NO_ARGUMENTS_ALLOWED)
+            return None
+        if self._tls_active:
+            self._send(replies.TLS_ALREADY_ACTIVE)
+            return None
+        if not self._tls_available:
+            self._send(replies.NOT_IMPLEMENTED)
+            return None
+        return StartTlsRequested()
+
+    # -- DATA -------------------------------------------------------------------------
+
+    def _feed_data(self, data: bytes) -> None:
+        assert self._data_reader is not None
+        if self._data_result is not None:
+            self._input += data
+            return
+        result, leftover = self._data_reader.feed(data)
+        if result is not None:
+            self._data_result = result
+            self._input += leftover
+
+    def _finish_data(self, result: DataResult) -> Event | None:
+        self._data_reader = None
+        self._data_result = None
+        if result.too_big:
+            reply = replies.MESSAGE_TOO_BIG
+        elif result.bare_line_ending:
+            reply = replies.BARE_LINE_ENDING_IN_DATA
+        elif self._count_received(result.content) > self._limits.max_received_headers:
+            reply = replies.MAIL_LOOP
+        else:
+            envelope = Envelope(
+                helo=self.helo,
+                sender=self._sender,
+                recipients=tuple(self._recipients),
+                content=result.content,
+                smtputf8=self._smtputf8,
+                esmtp=self.esmtp,
+            )
+            return MessageReceived(envelope)
+        self._reset_transaction()
+        self._state = State.READY
+        self._send(reply)
+        return None
+
+    @staticmethod
+    def _count_received(content: bytes) -> int:
+        header_end = content.find(b"\r\n\r\n")
+        header = content if header_end < 0 else content[: header_end + 2]
+        return len(_RECEIVED.findall(header))
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self._sender = Address("", "")
+        self._recipients: list[Address] = []
+        self._rcpt_attempted = False
+        self._smtputf8 = False
+        self._data_result: DataResult | None = None
+
+    def _start_tls(self) -> None:
+        self._input.clear()  # CVE-2011-0411: nothing sent in plaintext survives the switch
+        self._tls_active = True
+        self._reset_transaction()
+        self._state = State.CONNECTED
+        self.helo = ""
+
+    def _send(self, reply: Reply, *, count_error: bool = True) -> None:
+        self._output.append(reply.to_bytes())
+        if count_error and reply.is_error and reply.code != 421:
+            self._errors += 1
+            if self._errors >= self._limits.max_errors and self._state is not State.CLOSED:
+                self._output.append(replies.TOO_MANY_ERRORS.to_bytes())
+                self._state = State.CLOSED
+
+
+_HANDLERS = {
+    Verb.EHLO: SmtpSession._ehlo,
+    Verb.HELO: SmtpSession._helo,
+    Verb.MAIL: SmtpSession._mail,
+    Verb.RCPT: SmtpSession._rcpt,
+    Verb.DATA: SmtpSession._data,
+    Verb.RSET: SmtpSession._rset,
+    Verb.NOOP: SmtpSession._noop,
+    Verb.QUIT: SmtpSession._quit,
+    Verb.HELP: SmtpSession._help,
+    Verb.VRFY: SmtpSession._vrfy,
+    Verb.STARTTLS: SmtpSession._starttls,
+}

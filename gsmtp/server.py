@@ -1,0 +1,331 @@
+"""The SMTP listener: a gevent StreamServer with a Pool, one greenlet per connection.
+
+This is the I/O shell around `protocol.session`: it reads bytes, feeds the session,
+answers its events (policy for RCPT, the spool for a finished message), and writes the
+replies — all replies of a pipelined batch in one send. Low-level errors (OSError,
+ssl.SSLError, timeouts) are translated here and nowhere else. Limits enforced here:
+idle timeout (also inside DATA), total and per-IP connections, early talkers. A graceful
+stop closes idle sessions with 421 at once and lets open transactions finish.
+"""
+
+from __future__ import annotations
+
+import itertools
+import select
+import socket
+import ssl
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent import Timeout
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from gsmtp import metrics
+from gsmtp.config import HostPort
+from gsmtp.log import get_logger, printable
+from gsmtp.policy import Client, Policy, client_from_ip
+from gsmtp.protocol import replies
+from gsmtp.protocol.address import Address
+from gsmtp.protocol.replies import Reply
+from gsmtp.protocol.session import (
+    NEED_DATA,
+    Envelope,
+    Event as SessionEvent,
+    Limits,
+    MessageReceived,
+    RcptTo,
+    SmtpSession,
+    StartTlsRequested,
+    VerifyRequested,
+)
+from gsmtp.protocol.trace import received_header, rfc5322_date
+from gsmtp.spool import NewMessage, Spool, new_message_id
+
+RECV_SIZE = 256 * 1024
+# Connections past max_connections still get a prompt 421 instead of waiting in the
+# kernel backlog; this many extra greenlets may exist to say it.
+_OVERFLOW_SLOTS = 256
+EARLY_TALKER = Reply(554, "5.5.0", "SMTP synchronization error: talked before the greeting")
+
+
+class _IdleTimeout(Exception):
+    pass
+
+
+class _ShutdownRequested(Exception):
+    pass
+
+
+class SmtpServer:
+    def __init__(
+        self,
+        *,
+        listen: tuple[HostPort, ...],
+        hostname: str,
+        limits: Limits,
+        idle_timeout: float,
+        max_connections: int,
+        max_connections_per_ip: int,
+        policy: Policy,
+        spool: Spool,
+        on_queued: Callable[[], None],
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._listen = listen
+        self._hostname = hostname
+        self._limits = limits
+        self._idle_timeout = idle_timeout
+        self._max_connections = max_connections
+        self._max_per_ip = max_connections_per_ip
+        self._policy = policy
+        self._spool = spool
+        self._on_queued = on_queued
+        self._tls_context = tls_context
+        self._pool = Pool(max_connections + _OVERFLOW_SLOTS)
+        self._servers: list[StreamServer] = []
+        self._per_ip: dict[str, int] = defaultdict(int)
+        self._active = 0
+        self._idle: dict[gevent.Greenlet, None] = {}
+        self._stopping = Event()
+        self._ids = itertools.count(1)
+        self._log = get_logger(component="server")
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [server.address[:2] for server in self._servers]
+
+    def start(self) -> None:
+        for address in self._listen:
+            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.bind((address.host, address.port))
+            listener.listen(1024)
+            server = StreamServer(listener, self._handle, spawn=self._pool)
+            server.start()
+            self._servers.append(server)
+            self._log.info("listener_started", listen=str(address))
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting; idle sessions get 421 now, transactions get `grace` seconds."""
+        self._stopping.set()
+        for server in self._servers:
+            server.close()
+        for greenlet in list(self._idle):
+            greenlet.kill(_ShutdownRequested, block=False)
+        self._pool.join(timeout=grace)
+        self._pool.kill(block=True, timeout=1.0)
+
+    # -- one connection ---------------------------------------------------------------
+
+    def _handle(self, sock: socket.socket, address: Any) -> None:
+        peer_ip = str(address[0])
+        conn_id = next(self._ids)
+        log = self._log.bind(conn_id=conn_id, peer=peer_ip)
+        metrics.CONNECTIONS.inc()
+        self._active += 1
+        self._per_ip[peer_ip] += 1
+        metrics.CONNECTIONS_ACTIVE.inc()
+        try:
+            limit_reply = self._limit_reply(peer_ip)
+            if limit_reply is not None:
+                log.info("connection_refused", reply=limit_reply.text)
+                _send_quietly(sock, limit_reply.to_bytes())
+                return
+            log.info("connection_opened")
+            _Connection(self, sock, peer_ip, log).run()
+        except Exception:
+            metrics.INTERNAL_ERRORS.labels("connection").inc()
+            log.exception("connection_crashed")
+            _send_quietly(sock, b"421 4.3.0 Internal error, closing connection\r\n")
+        finally:
+            self._active -= 1
+            self._per_ip[peer_ip] -= 1
+            if self._per_ip[peer_ip] <= 0:
+                del self._per_ip[peer_ip]
+            metrics.CONNECTIONS_ACTIVE.dec()
+            _close_quietly(sock)
+            log.info("connection_closed")
+
+    def _limit_reply(self, peer_ip: str) -> Reply | None:
+        if self._stopping.is_set():
+            return replies.SHUTTING_DOWN
+        if self._active > self._max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        if self._per_ip[peer_ip] > self._max_per_ip:
+            return replies.TOO_MANY_CONNECTIONS_FROM_IP
+        return None
+
+
+class _Connection:
+    """Drives one SmtpSession over one socket."""
+
+    def __init__(self, server: SmtpServer, sock: socket.socket, peer_ip: str, log: Any) -> None:
+        self._server = server
+        self._sock: Any = sock
+        self._peer_ip = peer_ip
+        self._client: Client = client_from_ip(peer_ip)
+        self._log = log
+        self._tls = False
+        self._session = SmtpSession(
+            server._limits,
+            hostname=server._hostname,
+            tls_available=server._tls_context is not None,
+        )
+
+    def run(self) -> None:
+        session = self._session
+        if self._talked_early():
+            self._log.info("early_talker_dropped")
+            _send_quietly(self._sock, EARLY_TALKER.to_bytes())
+            return
+        try:
+            self._sock.sendall(session.start())
+            while not session.closed:
+                event = session.next_event()
+                if event is NEED_DATA:
+                    self._flush()
+                    if session.closed:
+                        break
+                    self._receive()
+                else:
+                    self._answer(event)
+            self._flush()
+        except _IdleTimeout:
+            self._log.info("connection_timed_out")
+            session.close_with(replies.IDLE_TIMEOUT)
+            self._flush_quietly()
+        except _ShutdownRequested:
+            session.close_with(replies.SHUTTING_DOWN)
+            self._flush_quietly()
+        except (OSError, ssl.SSLError) as error:
+            self._log.info("connection_lost", error=printable(str(error)))
+
+    def _talked_early(self) -> bool:
+        """RFC 5321 §4.3.1: the client waits for the greeting; bytes already here mean a
+        spam engine that does not listen (Postfix postscreen PREGREET)."""
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            return bool(readable) and bool(self._sock.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return False
+
+    def _receive(self) -> None:
+        session = self._session
+        server = self._server
+        if server._stopping.is_set() and not session.in_transaction:
+            raise _ShutdownRequested
+        idle = not session.in_transaction
+        current = gevent.getcurrent()
+        if idle:
+            server._idle[current] = None
+        try:
+            with Timeout(server._idle_timeout, _IdleTimeout):
+                data = self._sock.recv(RECV_SIZE)
+        finally:
+            server._idle.pop(current, None)
+        session.receive_data(data)
+
+    def _flush(self) -> None:
+        data = self._session.data_to_send()
+        if data:
+            with Timeout(self._server._idle_timeout, _IdleTimeout):
+                self._sock.sendall(data)
+
+    def _flush_quietly(self) -> None:
+        try:
+            self._flush()
+        except (OSError, ssl.SSLError, _IdleTimeout):
+            pass
+
+    def _answer(self, event: SessionEvent) -> None:
+        session = self._session
+        if isinstance(event, RcptTo):
+            reply = self._server._policy.check_recipient(event.address, self._client)
+            if not reply.is_positive:
+                self._log.info("recipient_rejected", rcpt=printable(str(event.address)), reply=reply.text)
+            session.respond(event, reply)
+        elif isinstance(event, MessageReceived):
+            session.respond(event, self._store(event.envelope))
+        elif isinstance(event, VerifyRequested):
+            session.respond(event, self._server._policy.verify(event.argument))
+        elif isinstance(event, StartTlsRequested):
+            self._start_tls(event)
+
+    def _start_tls(self, event: StartTlsRequested) -> None:
+        context = self._server._tls_context
+        assert context is not None
+        self._session.respond(event, replies.READY_FOR_TLS)
+        self._flush()
+        with Timeout(self._server._idle_timeout, _IdleTimeout):
+            self._sock = context.wrap_socket(self._sock, server_side=True)
+        self._tls = True
+        self._log.info("tls_started", version=self._sock.version())
+
+    def _store(self, envelope: Envelope) -> Reply:
+        started = time.monotonic()
+        now = time.time()
+        message_id = new_message_id(now)
+        recipients = tuple(_mailbox(r) for r in envelope.recipients)
+        trace = received_header(
+            helo=envelope.helo,
+            client_ip=self._peer_ip,
+            client_name="unknown",
+            hostname=self._server._hostname,
+            protocol=("ESMTP" if envelope.esmtp else "SMTP") + ("S" if self._tls else ""),
+            message_id=message_id,
+            recipient=recipients[0] if len(recipients) == 1 else None,
+            date=rfc5322_date(now),
+        )
+        message = NewMessage(
+            id=message_id,
+            sender=_mailbox(envelope.sender),
+            recipients=recipients,
+            body=trace + envelope.content,
+            received_at=now,
+            client=self._peer_ip,
+            helo=envelope.helo,
+            smtputf8=envelope.smtputf8,
+        )
+        try:
+            self._server._spool.enqueue(message)
+        except Exception as error:
+            metrics.MESSAGES_RECEIVED.labels("spool_error").inc()
+            self._log.error("message_not_stored", msg_id=message_id, error=printable(str(error)))
+            return replies.SPOOL_ERROR
+        metrics.ACCEPT_SECONDS.observe(time.monotonic() - started)
+        metrics.MESSAGES_RECEIVED.labels("queued").inc()
+        self._log.info(
+            "message_queued",
+            msg_id=message_id,
+            sender=printable(message.sender),
+            rcpt_count=len(recipients),
+            size=len(message.body),
+        )
+        self._server._on_queued()
+        return replies.queued(message_id)
+
+
+def _mailbox(address: Address) -> str:
+    return str(address)
+
+
+def _send_quietly(sock: Any, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def _close_quietly(sock: Any) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass

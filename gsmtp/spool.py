@@ -1,0 +1,305 @@
+"""Mail in flight: enqueue, claim what is due (with leases), record results, administer.
+
+Theory of operation. A message is one `messages` row (envelope sender, the body with its
+Received: header, arrival time) and one `recipients` row per recipient, each `queued`,
+`delivered` or `failed`, with its attempt count, next attempt time and last error.
+Accepting a message is one transaction through the group committer, so the 250 follows
+the fsync. The queue runner *claims* due recipients by stamping a lease on them; a
+lease keeps a second sender off the same recipient while one works on it, and leases
+left by a dead process are released at start-up, so a crash mid-delivery means
+delivery again after restart (at least once, never lost). A message is deleted once no
+recipient is left queued.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import apsw
+
+from gsmtp.db import GroupCommitter, transaction
+from gsmtp.delivery.base import MessageId, Outcome, QueuedMessage
+
+LEASE_SECONDS = 3600.0
+
+
+def new_message_id(now: float) -> MessageId:
+    """Time-ordered and unique: 13 hex digits of microseconds, 6 random."""
+    return MessageId(f"{int(now * 1_000_000):013X}{secrets.token_hex(3).upper()}")
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    id: MessageId
+    sender: str
+    recipients: tuple[str, ...]
+    body: bytes
+    received_at: float
+    client: str
+    helo: str
+    smtputf8: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Recipients of one message handed to the queue runner."""
+
+    message: QueuedMessage
+    recipients: tuple[str, ...]
+    attempts: dict[str, int]
+    bounce_requested: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientUpdate:
+    message_id: MessageId
+    address: str
+    outcome: Outcome
+    error: str
+    next_attempt_at: float
+
+
+def _insert(connection: apsw.Connection, message: NewMessage) -> None:
+    connection.execute(
+        "INSERT INTO messages(id, sender, body, size, received_at, client, helo, smtputf8)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            message.id,
+            message.sender,
+            message.body,
+            len(message.body),
+            message.received_at,
+            message.client,
+            message.helo,
+            int(message.smtputf8),
+        ),
+    )
+    connection.executemany(
+        "INSERT OR IGNORE INTO recipients(message_id, address, status, next_attempt_at)"
+        " VALUES (?, ?, 'queued', ?)",
+        [(message.id, recipient, message.received_at) for recipient in message.recipients],
+    )
+
+
+class Spool:
+    """The server's view of the spool: writes go through the group committer."""
+
+    def __init__(self, writer: GroupCommitter, reader: apsw.Connection) -> None:
+        self._writer = writer
+        self._reader = reader
+
+    def enqueue(self, message: NewMessage) -> MessageId:
+        """Store a message durably; returns once committed (raises if it was not)."""
+        self._writer.submit(lambda connection: _insert(connection, message))
+        return message.id
+
+    def release_leases(self) -> int:
+        """At start-up: whatever a previous process held is free again."""
+
+        def work(connection: apsw.Connection) -> int:
+            connection.execute("UPDATE recipients SET lease_until = NULL WHERE lease_until IS NOT NULL")
+            return int(connection.changes())
+
+        return int(self._writer.submit(work))
+
+    def claim_due(self, now: float, limit: int) -> list[Claim]:
+        """Lease up to `limit` due recipients, grouped by message, oldest due first."""
+
+        def work(connection: apsw.Connection) -> list[Claim]:
+            rows = connection.execute(
+                "UPDATE recipients SET lease_until = :lease WHERE rowid IN ("
+                " SELECT rowid FROM recipients WHERE status = 'queued'"
+                " AND next_attempt_at <= :now AND (lease_until IS NULL OR lease_until < :now)"
+                " ORDER BY next_attempt_at LIMIT :limit)"
+                " RETURNING message_id, address, attempts, bounce_requested",
+                {"lease": now + LEASE_SECONDS, "now": now, "limit": limit},
+            ).fetchall()
+            by_message: dict[str, list[tuple[str, int]]] = {}
+            bounce_requested: set[str] = set()
+            for message_id, address, attempts, bounce in rows:
+                by_message.setdefault(message_id, []).append((address, attempts))
+                if bounce:
+                    bounce_requested.add(address)
+            claims = []
+            for message_id, recipients in by_message.items():
+                message = _load_message(connection, MessageId(message_id))
+                if message is None:
+                    continue
+                claims.append(
+                    Claim(
+                        message,
+                        tuple(address for address, _ in recipients),
+                        dict(recipients),
+                        frozenset(a for a, _ in recipients if a in bounce_requested),
+                    )
+                )
+            return claims
+
+        return list(self._writer.submit(work))
+
+    def record_results(
+        self, updates: Sequence[RecipientUpdate], bounces: Sequence[NewMessage] = ()
+    ) -> None:
+        """Apply delivery outcomes and enqueue any bounces, in one transaction."""
+
+        def work(connection: apsw.Connection) -> None:
+            for update in updates:
+                if update.outcome is Outcome.DEFERRED:
+                    connection.execute(
+                        "UPDATE recipients SET attempts = attempts + 1, next_attempt_at = ?,"
+                        " last_error = ?, lease_until = NULL"
+                        " WHERE message_id = ? AND address = ?",
+                        (update.next_attempt_at, update.error, update.message_id, update.address),
+                    )
+                else:
+                    connection.execute(
+                        "UPDATE recipients SET status = ?, attempts = attempts + 1,"
+                        " last_error = ?, lease_until = NULL WHERE message_id = ? AND address = ?",
+                        (update.outcome.value, update.error, update.message_id, update.address),
+                    )
+            for message_id in {update.message_id for update in updates}:
+                connection.execute(
+                    "DELETE FROM messages WHERE id = ? AND NOT EXISTS ("
+                    " SELECT 1 FROM recipients WHERE message_id = ? AND status = 'queued')",
+                    (message_id, message_id),
+                )
+            for bounce in bounces:
+                _insert(connection, bounce)
+
+        self._writer.submit(work)
+
+    def next_due_at(self) -> float | None:
+        rows = self._reader.execute(
+            "SELECT MIN(next_attempt_at) FROM recipients WHERE status = 'queued'"
+            " AND lease_until IS NULL"
+        ).fetchall()
+        value = rows[0][0] if rows else None
+        return float(value) if value is not None else None
+
+    def counts_by_status(self) -> dict[str, int]:
+        return dict(
+            self._reader.execute("SELECT status, COUNT(*) FROM recipients GROUP BY status").fetchall()
+        )
+
+    def oldest_queued_at(self) -> float | None:
+        rows = self._reader.execute(
+            "SELECT MIN(m.received_at) FROM messages m JOIN recipients r ON r.message_id = m.id"
+            " WHERE r.status = 'queued'"
+        ).fetchall()
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+
+def _load_message(connection: apsw.Connection, message_id: MessageId) -> QueuedMessage | None:
+    rows = connection.execute(
+        "SELECT sender, body, received_at, smtputf8 FROM messages WHERE id = ?", (message_id,)
+    ).fetchall()
+    if not rows:
+        return None
+    sender, body, received_at, smtputf8 = rows[0]
+    return QueuedMessage(message_id, sender, bytes(body), float(received_at), bool(smtputf8))
+
+
+# -- administration (CLI: works beside a running server, WAL lets both in) -------------
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientRow:
+    address: str
+    status: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    id: str
+    sender: str
+    size: int
+    received_at: float
+    client: str
+    helo: str
+    recipients: tuple[RecipientRow, ...]
+
+
+class SpoolAdmin:
+    """`gsmtp queue ...`: list, show, stats, flush, delete, bounce."""
+
+    def __init__(self, connection: apsw.Connection) -> None:
+        self._db = connection
+
+    def messages(self) -> list[MessageRow]:
+        rows = self._db.execute(
+            "SELECT id, sender, size, received_at, client, helo FROM messages ORDER BY received_at"
+        ).fetchall()
+        return [self._message_row(row) for row in rows]
+
+    def message(self, message_id: str) -> MessageRow | None:
+        rows = self._db.execute(
+            "SELECT id, sender, size, received_at, client, helo FROM messages WHERE id = ?",
+            (message_id,),
+        ).fetchall()
+        return self._message_row(rows[0]) if rows else None
+
+    def headers(self, message_id: str) -> bytes:
+        rows = self._db.execute("SELECT body FROM messages WHERE id = ?", (message_id,)).fetchall()
+        if not rows:
+            return b""
+        body = bytes(rows[0][0])
+        end = body.find(b"\r\n\r\n")
+        return body if end < 0 else body[: end + 2]
+
+    def stats(self) -> dict[str, int]:
+        messages = self._db.execute("SELECT COUNT(*) FROM messages").fetchall()[0][0]
+        recipients = self._db.execute("SELECT COUNT(*) FROM recipients").fetchall()[0][0]
+        by_status = dict(
+            self._db.execute("SELECT status, COUNT(*) FROM recipients GROUP BY status").fetchall()
+        )
+        result = {"messages": int(messages), "recipients": int(recipients)}
+        for status in ("queued", "delivered", "failed"):
+            result[status] = int(by_status.get(status, 0))
+        return result
+
+    def flush(self, now: float | None = None) -> int:
+        """Make every queued recipient due now (like `postqueue -f`)."""
+        with transaction(self._db):
+            self._db.execute(
+                "UPDATE recipients SET next_attempt_at = ? WHERE status = 'queued'",
+                (now if now is not None else time.time(),),
+            )
+            return int(self._db.changes())
+
+    def delete(self, message_id: str) -> bool:
+        with transaction(self._db):
+            self._db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            return bool(self._db.changes())
+
+    def bounce(self, message_id: str, now: float | None = None) -> int:
+        """Expire a message's queued recipients so the runner bounces them at once."""
+        with transaction(self._db):
+            self._db.execute(
+                "UPDATE recipients SET next_attempt_at = ?, bounce_requested = 1"
+                " WHERE message_id = ? AND status = 'queued'",
+                (now if now is not None else time.time(), message_id),
+            )
+            return int(self._db.changes())
+
+    def _message_row(self, row: tuple[object, ...]) -> MessageRow:
+        message_id, sender, size, received_at, client, helo = row
+        recipients = self._db.execute(
+            "SELECT address, status, attempts, next_attempt_at, last_error FROM recipients"
+            " WHERE message_id = ? ORDER BY address",
+            (message_id,),
+        ).fetchall()
+        return MessageRow(
+            str(message_id),
+            str(sender),
+            int(size),  # type: ignore[call-overload]
+            float(received_at),  # type: ignore[arg-type]
+            str(client),
+            str(helo),
+            tuple(RecipientRow(a, s, int(n), float(t), e) for a, s, n, t, e in recipients),
+        )
