@@ -27,7 +27,7 @@ from gsmtp.config import Config, ConfigError, load, parse_host_port
 from gsmtp.delivery.base import Deliverer
 from gsmtp.delivery.maildir import MaildirDeliverer
 from gsmtp.policy import Policy
-from gsmtp.protocol.address import Address
+from gsmtp.protocol.address import Address, normalise_mailbox, parse_path
 from gsmtp.protocol.session import Limits
 from gsmtp.scheduler import RetryPolicy, Route, Scheduler
 from gsmtp.server import SmtpServer
@@ -55,6 +55,10 @@ class AccountsCache:
 
 
 def _address_of(text: str) -> Address:
+    """A spool recipient (stored in its wire form) back as an Address."""
+    parsed = parse_path(text, allow_null=False, allow_utf8=True)
+    if isinstance(parsed, Address):
+        return parsed
     local, _, domain = text.rpartition("@")
     return Address(local, domain)
 
@@ -129,7 +133,7 @@ class Application:
 
         local = MaildirDeliverer(
             self.config.maildir.root,
-            mailbox_exists=lambda text: self.policy.mailbox_exists(_address_of(text)),
+            resolve_mailbox=self._resolve_mailbox,
             run_blocking=in_thread,
         )
         deliverers: dict[str, Deliverer] = {"local": local}
@@ -144,6 +148,12 @@ class Application:
         except ImportError:
             return None
         return build_remote_deliverer(self.config.delivery, self.config.server.hostname)
+
+    def _resolve_mailbox(self, recipient: str) -> str | None:
+        address = _address_of(recipient)
+        if not self.policy.mailbox_exists(address):
+            return None
+        return normalise_mailbox(address)
 
     def _route(self, recipient: str) -> Route:
         address = _address_of(recipient)

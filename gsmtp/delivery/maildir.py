@@ -18,6 +18,7 @@ import itertools
 import os
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -62,38 +63,55 @@ def to_lf(body: bytes) -> bytes:
 
 
 class MaildirDeliverer:
-    """The `local` transport."""
+    """The `local` transport. `resolve_mailbox` maps a recipient to its canonical
+    mailbox name (`jones@foo.com` for `Jones@FOO.com`), or None if there is none."""
 
     def __init__(
         self,
         root: str,
         *,
-        mailbox_exists: Callable[[str], bool],
+        resolve_mailbox: Callable[[str], str | None],
         run_blocking: Callable[[Callable[[], RecipientResult]], RecipientResult] = _run_inline,
     ) -> None:
         self._root = root
-        self._mailbox_exists = mailbox_exists
+        self._resolve_mailbox = resolve_mailbox
         self._run_blocking = run_blocking
 
     def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
         return [self._deliver_one(message, recipient) for recipient in recipients]
 
     def _deliver_one(self, message: QueuedMessage, recipient: str) -> RecipientResult:
-        if not self._mailbox_exists(recipient):
+        mailbox = self._resolve_mailbox(recipient)
+        if mailbox is None:
             return RecipientResult(recipient, Outcome.FAILED, "5.1.1", "550 5.1.1 No such user here")
         try:
-            path = mailbox_path(self._root, recipient)
+            path = mailbox_path(self._root, mailbox)
         except MailboxPathError as error:
             return RecipientResult(recipient, Outcome.FAILED, "5.1.3", f"550 5.1.3 {error}")
-        return self._run_blocking(lambda: _write(path, message, recipient))
+        return self._run_blocking(lambda: _write(path, message, recipient, mailbox))
 
 
-def _write(path: str, message: QueuedMessage, recipient: str) -> RecipientResult:
+def _ensure_maildir(path: str) -> None:
+    """Create `path/{tmp,new,cur}` (and the domain directory) 0700 whatever the umask;
+    refuse a symlink planted in their place (S-05)."""
+    domain_dir = os.path.dirname(path)
+    os.makedirs(os.path.dirname(domain_dir), mode=0o700, exist_ok=True)
+    directories = (domain_dir, path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur")))
+    for directory in directories:
+        try:
+            os.mkdir(directory, 0o700)
+            os.chmod(directory, 0o700)
+        except FileExistsError:
+            pass
+        if not stat.S_ISDIR(os.lstat(directory).st_mode):
+            raise OSError(errno.ELOOP, "not a real directory", directory)
+
+
+def _write(path: str, message: QueuedMessage, recipient: str, mailbox: str) -> RecipientResult:
     """In a worker thread: tmp → fsync → link into new → fsync new/."""
-    header = f"Return-Path: <{message.sender}>\nDelivered-To: {recipient}\n".encode()
+    header = f"Return-Path: <{message.sender}>\nDelivered-To: {mailbox}\n".encode()
     try:
-        for sub in ("tmp", "new", "cur"):
-            os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+        _ensure_maildir(path)
         name = unique_name(time.time())
         tmp_path = os.path.join(path, "tmp", name)
         new_path = os.path.join(path, "new", name)

@@ -351,9 +351,9 @@ class SmtpSession:
     def _check_mail_parameters(self, split: PathArgument) -> Reply | None:
         for key, value in split.parameters.items():
             if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                if value is None or not value.isascii() or not value.isdigit():
                     return replies.BAD_SIZE
-                if int(value) > self._limits.max_message_size:
+                if len(value) > 20 or int(value) > self._limits.max_message_size:
                     return replies.MESSAGE_TOO_BIG
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):

@@ -1,0 +1,194 @@
+"""A real gsmtp over real sockets: transcripts, smtplib, swaks, concurrency, limits."""
+
+from __future__ import annotations
+
+import smtplib
+import subprocess
+import threading
+from email.message import EmailMessage
+
+import pytest
+
+from tests import dialog
+from tests.integration.harness import GsmtpProcess, SmtpWire, environment_has, wait_for
+
+TRANSCRIPTS = sorted(p.name for p in dialog.TRANSCRIPTS.glob("*.txt"))
+
+
+@pytest.mark.parametrize("name", TRANSCRIPTS)
+def test_transcript_against_live_server(gsmtp: GsmtpProcess, name: str) -> None:
+    with SmtpWire(gsmtp.port) as wire:
+        dialog.run(dialog.load(name), wire)
+
+
+def test_the_original_transcript_delivers_to_jones_and_brown_only(gsmtp: GsmtpProcess) -> None:
+    with SmtpWire(gsmtp.port) as wire:
+        dialog.run(dialog.load("rfc5321_example.txt"), wire)
+    for user in ("jones@foo.com", "brown@foo.com"):
+        (file,) = wait_for(lambda u=user: gsmtp.maildir_files(u), what=f"mail for {user}")
+        content = file.read_bytes()
+        assert content.startswith(f"Return-Path: <Smith@bar.com>\nDelivered-To: {user}\nReceived: from bar.com (unknown [127.0.0.1])\n".encode())
+        assert content.endswith(b"\nBlah blah blah...\n..etc. etc. etc.\n")
+        assert b"\r" not in content
+    assert not (gsmtp.maildir / "foo.com" / "green").exists()
+    wait_for(lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool")
+
+
+def test_smtplib_message_lands_byte_exact(gsmtp: GsmtpProcess) -> None:
+    message = EmailMessage()
+    message["From"] = "alice@remote.example"
+    message["To"] = "jones@foo.com"
+    message["Subject"] = "caf\u00e9 \u2603"
+    message.set_content("line one\n.line with a dot\n\u00fcber\n")
+    with smtplib.SMTP("127.0.0.1", gsmtp.port, timeout=10) as client:
+        refused = client.send_message(message)
+    assert refused == {}
+    (file,) = wait_for(lambda: gsmtp.maildir_files("jones@foo.com"), what="delivery")
+    content = file.read_bytes()
+    expected_body = message.as_bytes().replace(b"\r\n", b"\n")
+    assert content.endswith(expected_body)
+    header_lines = content.split(b"\n")[:4]
+    assert header_lines[0] == b"Return-Path: <alice@remote.example>"
+    assert header_lines[1] == b"Delivered-To: jones@foo.com"
+    assert header_lines[2].startswith(b"Received: from ")
+    assert b"by mx.foo.com (gsmtp) with ESMTP id " in content
+    assert b"for <jones@foo.com>;" in content
+
+
+@pytest.mark.skipif(not environment_has("swaks"), reason="swaks is not installed (apt-get install swaks)")
+def test_swaks_message_lands(gsmtp: GsmtpProcess) -> None:
+    result = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{gsmtp.port}", "--from", "a@remote.example",
+         "--to", "brown@foo.com", "--header", "Subject: via swaks", "--body", "hello from swaks",
+         "--pipeline"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "<-  250 2.0.0 Ok: queued as" in result.stdout
+    (file,) = wait_for(lambda: gsmtp.maildir_files("brown@foo.com"), what="delivery")
+    assert b"Subject: via swaks" in file.read_bytes()
+
+
+@pytest.mark.skipif(not environment_has("swaks"), reason="swaks is not installed")
+def test_swaks_smuggling_is_refused(gsmtp: GsmtpProcess) -> None:
+    body = "Subject: outer\r\n\r\nfirst\n.\nMAIL FROM:<ceo@bank.example>\r\nRCPT TO:<brown@foo.com>\r\nDATA\r\nsmuggled\r\n.\r\n"
+    result = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{gsmtp.port}", "--from", "a@remote.example",
+         "--to", "jones@foo.com", "--data", body, "--no-data-fixup"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert "550 5.5.2" in result.stdout
+    assert gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)]
+    assert gsmtp.maildir_files("jones@foo.com") == [] and gsmtp.maildir_files("brown@foo.com") == []
+
+
+def test_200_messages_from_20_concurrent_clients_land_exactly_once(gsmtp: GsmtpProcess) -> None:
+    errors: list[BaseException] = []
+
+    def client(index: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", gsmtp.port, timeout=30) as smtp:
+                for number in range(10):
+                    smtp.sendmail(
+                        "load@remote.example",
+                        ["jones@foo.com"],
+                        f"Subject: load {index}-{number}\r\n\r\nbody\r\n",
+                    )
+        except BaseException as error:  # noqa: BLE001 - collected and re-raised below
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    files = wait_for(lambda: (f := gsmtp.maildir_files("jones@foo.com")) and len(f) >= 200 and f, timeout=30, what="200 deliveries")
+    subjects = sorted(
+        line for f in files for line in f.read_bytes().split(b"\n") if line.startswith(b"Subject: load")
+    )
+    assert len(subjects) == 200
+    assert len(set(subjects)) == 200
+    wait_for(lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool")
+
+
+def test_oversize_message_is_refused_and_not_stored(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
+    gsmtp = gsmtp_factory({"server": {"max_message_size": "10KB"}})
+    with smtplib.SMTP("127.0.0.1", gsmtp.port, timeout=10) as client:
+        # smtplib declares SIZE=, so the refusal comes at MAIL (RFC 1870).
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("a@remote.example", ["jones@foo.com"], "Subject: big\r\n\r\n" + "x" * 20000)
+        assert refused.value.smtp_code == 552
+    with SmtpWire(gsmtp.port) as wire:  # P-22: a client that lies with SIZE=10
+        wire.read_reply()
+        wire.command("EHLO c.example")
+        wire.command("MAIL FROM:<a@remote.example> SIZE=10")
+        wire.command("RCPT TO:<jones@foo.com>")
+        assert wire.command("DATA").startswith("354")
+        wire.send(b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n")
+        wire.send((b"y" * 998 + b"\r\n") * 20 + b".\r\n")
+        assert wire.read_reply()[-1].startswith("552 5.3.4")
+        assert wire.command("NOOP").startswith("250")  # the session is still in sync
+    assert gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)]
+
+
+def test_too_many_recipients_get_452(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
+    gsmtp = gsmtp_factory({"server": {"max_recipients": 2}})
+    with SmtpWire(gsmtp.port) as wire:
+        wire.read_reply()
+        wire.command("EHLO c.example")
+        wire.command("MAIL FROM:<a@remote.example>")
+        assert wire.command("RCPT TO:<jones@foo.com>").startswith("250")
+        assert wire.command("RCPT TO:<brown@foo.com>").startswith("250")
+        assert wire.command("RCPT TO:<postmaster@foo.com>").startswith("452 4.5.3")
+
+
+def test_relay_from_a_trusted_network_is_accepted(gsmtp: GsmtpProcess) -> None:
+    with SmtpWire(gsmtp.port, source="127.0.0.2") as wire:
+        wire.read_reply()
+        wire.command("EHLO c.example")
+        wire.command("MAIL FROM:<a@remote.example>")
+        assert wire.command("RCPT TO:<someone@remote.example>").startswith("250 2.1.5")
+    with SmtpWire(gsmtp.port, source="127.0.0.3") as wire:
+        wire.read_reply()
+        wire.command("EHLO c.example")
+        wire.command("MAIL FROM:<jones@foo.com>")  # a local sender grants nothing (R-02)
+        assert wire.command("RCPT TO:<someone@remote.example>").startswith("554 5.7.1")
+
+
+def test_postmaster_is_always_accepted(gsmtp: GsmtpProcess) -> None:
+    """P-35: <postmaster> and postmaster@<local domain>, case-insensitive."""
+    with smtplib.SMTP("127.0.0.1", gsmtp.port, timeout=10) as client:
+        client.sendmail("a@remote.example", ["<Postmaster@FOO.com>"], "Subject: pm\r\n\r\nx\r\n")
+        client.ehlo()
+        code, _ = client.docmd("MAIL FROM:<a@remote.example>")
+        assert code == 250
+        assert client.docmd("RCPT TO:<Postmaster>")[0] == 250
+    wait_for(lambda: gsmtp.maildir_files("postmaster@foo.com"), what="postmaster delivery")
+
+
+def test_vrfy_when_enabled(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
+    gsmtp = gsmtp_factory({"server": {"vrfy": True}})
+    with SmtpWire(gsmtp.port) as wire:
+        wire.read_reply()
+        wire.command("EHLO c.example")
+        assert wire.command("VRFY jones@foo.com").startswith("250")
+        assert wire.command("VRFY green@foo.com").startswith("550 5.1.1")
+
+
+def test_user_changes_apply_without_restart(gsmtp: GsmtpProcess) -> None:
+    def rcpt(address: str) -> str:
+        with SmtpWire(gsmtp.port) as wire:
+            wire.read_reply()
+            wire.command("EHLO c.example")
+            wire.command("MAIL FROM:<a@remote.example>")
+            return wire.command(f"RCPT TO:<{address}>")
+
+    assert rcpt("green@foo.com").startswith("550 5.1.1")
+    gsmtp.cli("user", "add", "green@foo.com")
+    assert rcpt("green@foo.com").startswith("250")
+    gsmtp.cli("user", "remove", "green@foo.com")
+    assert rcpt("green@foo.com").startswith("550 5.1.1")
+    gsmtp.cli("domain", "add", "bar.org")
+    gsmtp.cli("user", "add", "x@bar.org")
+    assert rcpt("x@bar.org").startswith("250")

@@ -1,0 +1,87 @@
+"""Drive a bare SmtpSession like the server does, with real policy over fixed accounts."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from gsmtp.accounts import AccountsSnapshot
+from gsmtp.policy import Client, Policy
+from gsmtp.protocol import replies
+from gsmtp.protocol.session import (
+    NEED_DATA,
+    Envelope,
+    Limits,
+    MessageReceived,
+    RcptTo,
+    SmtpSession,
+    StartTlsRequested,
+    VerifyRequested,
+)
+
+SNAPSHOT = AccountsSnapshot(1, frozenset({"foo.com"}), frozenset({"jones@foo.com", "brown@foo.com"}))
+
+
+def make_policy(trusted: bool = False, vrfy: bool = False) -> Policy:
+    return Policy(
+        hostname="mx.foo.com",
+        trusted_networks=[ipaddress.ip_network("192.0.2.0/24")] if trusted else [],
+        snapshot=lambda: SNAPSHOT,
+        vrfy=vrfy,
+    )
+
+
+class SessionWire:
+    """A `dialog.Wire` over a bare session: send feeds bytes, read_reply parses output."""
+
+    def __init__(
+        self, limits: Limits | None = None, *, trusted: bool = False, greeted: bool = False
+    ) -> None:
+        self.session = SmtpSession(limits or Limits(), hostname="mx.foo.com")
+        self.policy = make_policy(trusted)
+        self.client = Client(ipaddress.ip_address("192.0.2.7"))
+        self.stored: list[Envelope] = []
+        self._output = bytearray(self.session.start())
+        if greeted:
+            self.read_reply()
+
+    def send(self, data: bytes) -> None:
+        self.session.receive_data(data)
+        self.pump()
+
+    def pump(self) -> None:
+        session = self.session
+        while True:
+            event = session.next_event()
+            if event is NEED_DATA:
+                break
+            if isinstance(event, RcptTo):
+                session.respond(event, self.policy.check_recipient(event.address, self.client))
+            elif isinstance(event, MessageReceived):
+                self.stored.append(event.envelope)
+                session.respond(event, replies.queued(f"ID{len(self.stored)}"))
+            elif isinstance(event, VerifyRequested):
+                session.respond(event, self.policy.verify(event.argument))
+            elif isinstance(event, StartTlsRequested):
+                session.respond(event, replies.NOT_IMPLEMENTED)
+        self._output += session.data_to_send()
+
+    def read_reply(self) -> list[str]:
+        lines: list[str] = []
+        while True:
+            end = self._output.find(b"\r\n")
+            if end < 0:
+                assert not lines, f"incomplete reply {lines!r}"
+                assert self.session.closed, "no reply and the session is still open"
+                return []
+            line = self._output[:end].decode("utf-8")
+            del self._output[: end + 2]
+            lines.append(line)
+            if len(line) < 4 or line[3] == " ":
+                return lines
+
+    def all_replies(self) -> list[str]:
+        """Every complete reply now in the output, as their last lines."""
+        result = []
+        while b"\r\n" in self._output:
+            result.append(self.read_reply()[-1])
+        return result

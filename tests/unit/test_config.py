@@ -1,0 +1,84 @@
+"""configuration.toml: defaults, units, and errors that name the file and the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from gsmtp.config import Config, ConfigError, load, parse, parse_duration, parse_size
+
+SHIPPED = Path(__file__).parents[2] / "configuration.toml"
+
+
+def test_shipped_configuration_states_the_defaults() -> None:
+    """Every key of the shipped file equals the dataclass default, and every default key
+    is in the file (paths are resolved against the file's directory in both)."""
+    shipped = load(SHIPPED)
+    defaults = parse({}, SHIPPED)
+    assert dataclasses.replace(shipped, path="") == dataclasses.replace(defaults, path="")
+    raw = tomllib.loads(SHIPPED.read_text())
+    for section in dataclasses.fields(Config):
+        if section.name == "path":
+            continue
+        names = {f.name for f in dataclasses.fields(getattr(defaults, section.name))}
+        assert set(raw[section.name]) == names, section.name
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30), ("5m", 300), ("1h", 3600), ("5d", 432000), ("250ms", 0.25)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(("text", "size"), [("10KB", 10240), ("35MB", 35 * 1024**2), ("100", 100)])
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gsmtp.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[server]\nhostnme = "x"\n', "unknown key [server] hostnme"),
+        ("[srever]\n", "unknown section [srever]"),
+        ('[server]\ntimeout = "5 minutes"\n', "[server] timeout: expected a duration"),
+        ("[server]\ntimeout = 5\n", "[server] timeout: expected a string"),
+        ('[server]\nmax_message_size = "lots"\n', "[server] max_message_size: expected a size"),
+        ("[server]\nmax_recipients = 0\n", "[server] max_recipients: must be at least 1"),
+        ('[server]\nlisten = ["localhost"]\n', "[server] listen: expected \"host:port\""),
+        ("[server]\nlisten = []\n", "[server] listen: needs at least one address"),
+        ('[server]\ntrusted_networks = ["10.0.0.0/33"]\n', "[server] trusted_networks: not a network"),
+        ('[server]\nvrfy = "yes"\n', "[server] vrfy: expected true or false"),
+        ('[log]\nlevel = "loud"\n', "[log] level: must be one of"),
+        ("[delivery]\nretry = []\n", "[delivery] retry: needs at least one step"),
+        ('[delivery]\nport = 70000\n', "[delivery] port: port must be 1-65535"),
+        ('[tls]\ncert = "a.pem"\n', "[tls] cert and key must be set together"),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    assert str(error.value).startswith(str(path))
+    assert message in str(error.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load(tmp_path / "nope.toml")
+
+
+def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    config = load(write(tmp_path, '[spool]\npath = "q/spool.sqlite"\n'))
+    assert config.spool.path == str(tmp_path / "q/spool.sqlite")
+    assert config.maildir.root == str(tmp_path / "var/mail")

@@ -1,0 +1,375 @@
+"""The sans-I/O session fed bytes: the reliability catalogue's protocol rows (P-xx)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gsmtp.protocol.session import Limits, LocalProtocolError, SmtpSession
+from tests.unit import session_driver
+
+ENV = b"EHLO c.example\r\n"
+
+
+def SessionWire(  # noqa: N802 - reads like the class it builds
+    limits: Limits | None = None, *, trusted: bool = False
+) -> session_driver.SessionWire:
+    """A wire whose greeting was already read."""
+    return session_driver.SessionWire(limits, trusted=trusted, greeted=True)
+
+
+def open_data(wire: session_driver.SessionWire, rcpt: bytes = b"jones@foo.com") -> None:
+    wire.send(ENV)
+    wire.send(b"MAIL FROM:<bob@remote.example>\r\n")
+    wire.send(b"RCPT TO:<" + rcpt + b">\r\n")
+    wire.send(b"DATA\r\n")
+    replies = wire.all_replies()
+    assert replies[-1].startswith("354"), replies
+
+
+SMUGGLED = (
+    b"MAIL FROM:<ceo@bank.example>\r\nRCPT TO:<brown@foo.com>\r\nDATA\r\n"
+    b"Subject: smuggled\r\n\r\nsmuggled\r\n.\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "eod",
+    [
+        b"\n.\n",
+        b"\r.\r",
+        b"\n.\r\n",
+        b"\r\n.\n",
+        b"\r.\r\n",
+        b"\r\n.\r",
+        b"\n.\r",
+        b"\r.\n",
+        b"\n\n.\r\n",
+        b"\r\n.\r\r\n",
+        b"\r\r\n.\r\r\n",
+    ],
+)
+def test_smuggled_end_of_data_is_content_and_refused(eod: bytes) -> None:
+    """P-01..P-05: one reply after the real end, 550 5.5.2; nothing stored."""
+    wire = SessionWire()
+    open_data(wire)
+    wire.send(b"Subject: outer\r\n\r\nfirst" + eod + SMUGGLED)
+    assert wire.all_replies() == ["550 5.5.2 Bare <CR> or <LF> in message data, message refused"]
+    assert wire.stored == []
+    wire.send(b"NOOP\r\n")
+    assert wire.all_replies()[0].startswith("250")
+
+
+@pytest.mark.parametrize("eod", [b"\r\n\x00.\r\n", b"\r\n.\x00\r\n"])
+def test_nul_next_to_the_dot_is_not_an_end(eod: bytes) -> None:
+    """P-06: never two messages; the whole thing is one message."""
+    wire = SessionWire()
+    open_data(wire)
+    wire.send(b"Subject: outer\r\n\r\nfirst" + eod + SMUGGLED)
+    assert [r[:3] for r in wire.all_replies()] == ["250"]
+    (envelope,) = wire.stored
+    assert b"smuggled" in envelope.content
+
+
+def test_oversize_message_is_read_to_the_real_end_then_refused() -> None:
+    """P-07 / P-22: the size error never ends DATA early; the HELPs are never answered."""
+    wire = SessionWire(Limits(max_message_size=1000))
+    open_data(wire)
+    wire.send(b"a" * 78 + b"\r\n")
+    for _ in range(20):
+        wire.send(b"b" * 78 + b"\r\n")
+    wire.send(b".\nHELP\r\nHELP\r\n")
+    assert wire.all_replies() == []
+    wire.send(b".\r\n")
+    assert wire.all_replies() == ["552 5.3.4 Message size exceeds fixed limit"]
+    assert wire.stored == []
+    wire.send(b"MAIL FROM:<x@remote.example>\r\n")
+    assert wire.all_replies()[0].startswith("250")
+
+
+def test_message_exactly_at_the_limit_is_accepted() -> None:
+    wire = SessionWire(Limits(max_message_size=100))
+    open_data(wire)
+    wire.send(b"x" * 98 + b"\r\n.\r\n")
+    assert [r[:3] for r in wire.all_replies()] == ["250"]
+
+
+def test_dot_stuffing_is_undone() -> None:
+    """P-51."""
+    wire = SessionWire()
+    open_data(wire)
+    wire.send(b".From: x\r\n\r\n.y\r\n..x\r\n..\r\n.\r\n")
+    assert wire.stored[0].content == b"From: x\r\n\r\ny\r\n.x\r\n.\r\n"
+
+
+def test_empty_message_is_accepted() -> None:
+    """P-50: decided: an empty message is accepted (RFC 5321 §4.1.1.4)."""
+    wire = SessionWire()
+    open_data(wire)
+    wire.send(b".\r\n")
+    assert wire.all_replies()[0].startswith("250")
+    assert wire.stored[0].content == b""
+
+
+def test_binary_and_8bit_content_is_kept_byte_exact() -> None:
+    """P-48/P-49: invalid UTF-8 and 8-bit bytes in DATA are stored as they came."""
+    body = b"Subject: caf\xe9\r\nFrom: \xff\r\n\r\n\xc3\x28 \x00 \x7f\r\n"
+    wire = SessionWire()
+    open_data(wire)
+    wire.send(body + b".\r\n")
+    assert wire.stored[0].content == body
+
+
+@pytest.mark.parametrize(("count", "code"), [(100, "250"), (101, "554")])
+def test_received_header_loop_limit(count: int, code: str) -> None:
+    """D-40: over 100 Received: headers is a loop; 100 is fine."""
+    wire = SessionWire()
+    open_data(wire)
+    wire.send(b"Received: from x by y; date\r\n" * count + b"\r\nbody\r\n.\r\n")
+    assert wire.all_replies()[0][:3] == code
+
+
+def test_received_lines_in_the_body_do_not_count() -> None:
+    wire = SessionWire()
+    open_data(wire)
+    wire.send(b"Subject: x\r\n\r\n" + b"Received: quoted\r\n" * 150 + b".\r\n")
+    assert wire.all_replies()[0].startswith("250")
+
+
+def test_bare_lf_in_a_command_gets_one_refusal() -> None:
+    """P-11: at most one reply per CRLF line; never two 250s."""
+    wire = SessionWire()
+    wire.send(b"NOOP\nNOOP\r\n")
+    assert wire.all_replies() == ["500 5.5.2 Line must end in <CR><LF>"]
+
+
+def test_bare_lf_line_alone_is_answered_promptly() -> None:
+    wire = SessionWire()
+    wire.send(b"EHLO x\n")
+    assert wire.all_replies() == ["500 5.5.2 Line must end in <CR><LF>"]
+
+
+def test_bare_cr_in_a_command() -> None:
+    """P-12."""
+    wire = SessionWire()
+    wire.send(b"NOOP\rNOOP\r\n")
+    assert wire.all_replies() == ["500 5.5.2 Line must end in <CR><LF>"]
+
+
+def test_nul_in_a_command() -> None:
+    """P-14: 501 and the session goes on."""
+    wire = SessionWire()
+    wire.send(b"HELO \x00x\r\nNOOP\r\n")
+    assert [r[:9] for r in wire.all_replies()] == ["501 5.5.2", "250 2.0.0"]
+
+
+def test_command_line_of_512_octets_is_fine_513_is_too_long() -> None:
+    """P-15: the cap counts the CRLF; the session stays in sync."""
+    wire = SessionWire()
+    wire.send(b"NOOP " + b"a" * 505 + b"\r\n")
+    wire.send(b"NOOP " + b"a" * 506 + b"\r\n")
+    wire.send(b"NOOP\r\n")
+    assert [r[:9] for r in wire.all_replies()] == ["250 2.0.0", "500 5.5.2", "250 2.0.0"]
+
+
+def test_endless_command_line_is_discarded_with_bounded_memory() -> None:
+    """P-16: 10 MiB without CRLF, then CRLF → one 500, and the buffer never grows."""
+    wire = SessionWire()
+    chunk = b"A" * 65536
+    for _ in range(160):
+        wire.send(chunk)
+        assert len(wire.session._input) <= 65536 + 512
+    wire.send(b"\r\nNOOP\r\n")
+    assert [r[:9] for r in wire.all_replies()] == ["500 5.5.2", "250 2.0.0"]
+
+
+def test_too_many_recipients() -> None:
+    """P-33: the first max get 250, the rest 452 4.5.3; DATA goes to the accepted ones."""
+    wire = SessionWire(Limits(max_recipients=3), trusted=True)
+    wire.send(ENV + b"")
+    wire.send(b"MAIL FROM:<a@remote.example>\r\n")
+    for index in range(5):
+        wire.send(f"RCPT TO:<user{index}@remote.example>\r\n".encode())
+    replies = [r[:9] for r in wire.all_replies()]
+    assert replies[-5:] == ["250 2.1.5"] * 3 + ["452 4.5.3"] * 2
+    wire.send(b"DATA\r\n")
+    wire.send(b"x\r\n.\r\n")
+    assert len(wire.stored[0].recipients) == 3
+
+
+def test_duplicate_recipient_is_stored_once() -> None:
+    """P-32."""
+    wire = SessionWire()
+    open_data(wire)
+    wire.send(b"x\r\n.\r\n")
+    wire2 = SessionWire()
+    wire2.send(ENV + b"")
+    wire2.send(b"MAIL FROM:<a@remote.example>\r\n")
+    wire2.send(b"RCPT TO:<jones@foo.com>\r\n")
+    wire2.send(b"RCPT TO:<jones@foo.com>\r\n")
+    wire2.send(b"DATA\r\n")
+    wire2.send(b"x\r\n.\r\n")
+    assert [r[:3] for r in wire2.all_replies()][-4:] == ["250", "250", "354", "250"]
+    assert len(wire2.stored[0].recipients) == 1
+
+
+def test_too_many_errors_closes_with_421() -> None:
+    """P-30: after 20 errors, 421 4.7.0 and close."""
+    wire = SessionWire()
+    wire.send(b"XYZZY\r\n" * 25)
+    replies = wire.all_replies()
+    assert replies[:20] == ["500 5.5.1 Command unrecognized"] * 20
+    assert replies[20].startswith("421 4.7.0")
+    assert len(replies) == 21
+    assert wire.session.closed
+
+
+def test_utf8_address_needs_smtputf8() -> None:
+    """P-47: MAIL → 550 5.6.7, RCPT → 553 5.6.7; with SMTPUTF8 it is accepted."""
+    wire = SessionWire()
+    wire.send(ENV)
+    wire.send("MAIL FROM:<jörg@remote.example>\r\n".encode())
+    wire.send(b"MAIL FROM:<a@remote.example>\r\n")
+    wire.send("RCPT TO:<jörg@foo.com>\r\n".encode())
+    wire.send(b"RSET\r\n")
+    wire.send("MAIL FROM:<jörg@remote.example> SMTPUTF8\r\n".encode())
+    replies = [r[:9] for r in wire.all_replies()]
+    assert replies[-5:] == ["550 5.6.7", "250 2.1.0", "553 5.6.7", "250 2.0.0", "250 2.1.0"]
+
+
+def test_invalid_utf8_in_a_command() -> None:
+    """P-48."""
+    wire = SessionWire()
+    wire.send(ENV)
+    wire.send(b"MAIL FROM:<\xff\xfe@remote.example> SMTPUTF8\r\n")
+    assert wire.all_replies()[-1].startswith("500 5.5.2")
+
+
+@pytest.mark.parametrize("line", [b"GET / HTTP/1.1\r\n", b"POST /x HTTP/1.1\r\n", b"Host: a\r\n"])
+def test_cross_protocol_lines_close_at_once(line: bytes) -> None:
+    """P-31: close, nothing echoed."""
+    wire = SessionWire()
+    wire.send(line + b"NOOP\r\n")
+    replies = wire.all_replies()
+    assert len(replies) == 1 and replies[0].startswith("554 5.7.0")
+    assert wire.session.closed
+
+
+def test_bdat_without_chunking_closes() -> None:
+    """P-09: the chunk is never run as commands."""
+    wire = SessionWire()
+    wire.send(ENV)
+    wire.send(b"BDAT 60 LAST\r\nMAIL FROM:<ceo@bank.example>\r\nRCPT TO:<jones@foo.com>\r\n")
+    replies = wire.all_replies()
+    assert replies[-1].startswith("521 5.5.1")
+    assert wire.session.closed
+
+
+def test_ehlo_must_end_a_pipelined_group() -> None:
+    """P-55."""
+    wire = SessionWire()
+    wire.send(b"EHLO c.example\r\nMAIL FROM:<b@remote.example>\r\n")
+    assert wire.all_replies() == ["554 5.5.0 Protocol synchronization error, closing connection"]
+    assert wire.session.closed
+
+
+def test_second_ehlo_resets_the_transaction() -> None:
+    """P-27."""
+    wire = SessionWire()
+    wire.send(ENV)
+    wire.send(b"MAIL FROM:<a@remote.example>\r\n")
+    wire.send(b"RCPT TO:<jones@foo.com>\r\n")
+    wire.send(ENV)
+    wire.send(b"DATA\r\n")
+    assert wire.all_replies()[-1].startswith("503 5.5.1")
+
+
+def test_lower_case_verbs_are_accepted() -> None:
+    wire = SessionWire()
+    wire.send(b"ehlo c.example\r\n")
+    wire.send(b"mail from:<b@remote.example>\r\n")
+    assert wire.all_replies()[-1].startswith("250 2.1.0")
+
+
+def test_idle_close_reply_is_final() -> None:
+    session = SmtpSession(Limits(), hostname="h")
+    from gsmtp.protocol import replies
+
+    session.close_with(replies.IDLE_TIMEOUT)
+    assert session.data_to_send() == b"421 4.4.2 Timeout exceeded, closing transmission channel\r\n"
+    assert session.closed
+
+
+def test_answering_out_of_turn_is_our_bug() -> None:
+    from gsmtp.protocol import replies
+    from gsmtp.protocol.address import Address
+    from gsmtp.protocol.session import RcptTo
+
+    session = SmtpSession(Limits(), hostname="h")
+    with pytest.raises(LocalProtocolError):
+        session.respond(RcptTo(Address("a", "b")), replies.OK)
+
+
+def test_ehlo_advertises_the_extensions() -> None:
+    wire = SessionWire(Limits(max_message_size=1234))
+    wire.send(ENV)
+    lines = wire.read_reply()
+    keywords = [line[4:] for line in lines[1:]]
+    assert keywords == ["PIPELINING", "SIZE 1234", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "HELP"]
+
+
+_REPLY_LINE = rb"[2-5][0-9][0-9][ -][^\r\n]*\r\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=200), max_size=12))
+def test_any_byte_stream_yields_only_well_formed_replies(chunks: list[bytes]) -> None:
+    """P-53: never an exception; every output line is a well-formed reply."""
+    import re
+
+    wire = SessionWire(Limits(max_message_size=2000))
+    for chunk in chunks:
+        if wire.session.closed:
+            break
+        wire.send(chunk)
+    output = wire._output
+    assert re.fullmatch(rb"(?:" + _REPLY_LINE + rb")*", bytes(output)), output
+
+
+_COMMANDS = st.sampled_from(
+    [
+        b"EHLO x\r\n",
+        b"HELO x\r\n",
+        b"MAIL FROM:<a@b.example>\r\n",
+        b"MAIL FROM:<>\r\n",
+        b"RCPT TO:<jones@foo.com>\r\n",
+        b"RCPT TO:<nobody@foo.com>\r\n",
+        b"DATA\r\n",
+        b"RSET\r\n",
+        b"NOOP\r\n",
+        b"x\r\n.\r\n",
+        b".\r\n",
+        b"\n.\n",
+        b"VRFY a\r\n",
+        b"QUIT\r\n",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_COMMANDS, max_size=25), st.integers(min_value=1, max_value=7))
+def test_grammar_fuzz_one_reply_per_command_and_stores_only_after_250(
+    commands: list[bytes], split: int
+) -> None:
+    """Commands in any order, split at any byte: no exception, no message stored unless
+    its final reply was 250."""
+    wire = SessionWire()
+    stream = b"".join(commands)
+    for index in range(0, len(stream), split):
+        if wire.session.closed:
+            break
+        wire.send(stream[index : index + split])
+    replies = wire.all_replies()
+    queued = [r for r in replies if "queued as" in r]
+    assert len(queued) == len(wire.stored)
