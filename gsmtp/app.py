@@ -89,7 +89,7 @@ class Application:
             max_per_domain=config.delivery.max_per_domain,
         )
         self.server = SmtpServer(
-            listen=config.server.listen,
+            listen=tuple((a.host, a.port) for a in config.server.listen),
             hostname=config.server.hostname,
             limits=Limits(
                 max_message_size=config.server.max_message_size,

@@ -26,7 +26,6 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from gsmtp import metrics
-from gsmtp.config import HostPort
 from gsmtp.log import get_logger, printable
 from gsmtp.policy import Client, Policy, client_from_ip
 from gsmtp.protocol import replies
@@ -65,7 +64,7 @@ class SmtpServer:
     def __init__(
         self,
         *,
-        listen: tuple[HostPort, ...],
+        listen: tuple[tuple[str, int], ...],
         hostname: str,
         limits: Limits,
         idle_timeout: float,
@@ -100,18 +99,18 @@ class SmtpServer:
         return [server.address[:2] for server in self._servers]
 
     def start(self) -> None:
-        for address in self._listen:
-            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        for host, port in self._listen:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
             listener = socket.socket(family, socket.SOCK_STREAM)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            listener.bind((address.host, address.port))
+            listener.bind((host, port))
             listener.listen(1024)
             server = StreamServer(listener, self._handle, spawn=self._pool)
             server.start()
             self._servers.append(server)
-            self._log.info("listener_started", listen=str(address))
+            self._log.info("listener_started", host=host, port=port)
 
     def stop(self, grace: float) -> None:
         """Stop accepting; idle sessions get 421 now, transactions get `grace` seconds."""

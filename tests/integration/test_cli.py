@@ -1,0 +1,101 @@
+"""The gsmtp command: config checks, accounts, queue inspection beside a running server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from tests.integration.harness import GsmtpProcess, SmtpWire, wait_for
+
+ROOT = Path(__file__).parents[2]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gsmtp.cli", *args], capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+
+
+def test_check_config_prints_the_effective_configuration() -> None:
+    result = run("check-config", "-c", str(ROOT / "configuration.toml"))
+    assert result.returncode == 0, result.stderr
+    assert 'hostname = "mail.example.test"' in result.stdout
+    assert 'max_message_size = "35MB"' in result.stdout
+    assert 'retry = ["1m", "5m", "15m", "30m", "1h"]' in result.stdout
+
+
+def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\ntimeout = "forever"\n')
+    result = run("-c", str(bad), "check-config")
+    assert result.returncode != 0
+    assert f"{bad}: [server] timeout: expected a duration" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_defaults_to_gsmtp_config_then_cwd(tmp_path: Path) -> None:
+    (tmp_path / "configuration.toml").write_text('[server]\nhostname = "cwd.example"\n')
+    assert 'hostname = "cwd.example"' in run("check-config", cwd=tmp_path).stdout
+
+
+def test_accounts_errors_are_one_clear_line(gsmtp: GsmtpProcess) -> None:
+    result = gsmtp.cli("user", "add", "x@nowhere.example", check=False)
+    assert result.returncode == 1
+    assert "domain nowhere.example is not local" in result.stderr
+    assert gsmtp.cli("user", "add", "../etc@foo.com", check=False).returncode == 1
+    assert gsmtp.cli("user", "add", "jones@foo.com", check=False).stderr.strip().endswith("already exists")
+    assert gsmtp.cli("user", "list").stdout.split() == ["brown@foo.com", "jones@foo.com"]
+    assert gsmtp.cli("domain", "list").stdout.split() == ["foo.com"]
+    added = gsmtp.cli("user", "add", "pw@foo.com", "--password-stdin", stdin="s3cret\n")
+    assert added.returncode == 0
+    stored = gsmtp.spool_rows("SELECT password_hash FROM users WHERE address = 'pw@foo.com'")
+    assert stored[0][0].startswith("$scrypt$") and "s3cret" not in stored[0][0]
+
+
+def test_queue_commands_while_the_server_runs(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
+    # Relay to a port nobody listens on: the message stays queued with a last error.
+    gsmtp = gsmtp_factory({"delivery": {"smarthost": "127.0.0.1:1", "retry": ["1h"]}})
+    with SmtpWire(gsmtp.port, source="127.0.0.2") as wire:
+        wire.read_reply()
+        wire.command("EHLO c.example")
+        wire.command("MAIL FROM:<a@remote.example>")
+        wire.command("RCPT TO:<x@remote.example>")
+        wire.command("DATA")
+        wire.send(b"Subject: stuck\r\n\r\nbody\r\n.\r\n")
+        message_id = wire.read_reply()[0].rsplit(" ", 1)[1]
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT last_error FROM recipients")[0][0],
+        what="a deferred attempt",
+    )
+    listing = gsmtp.cli("queue", "list").stdout
+    assert message_id in listing and "<a@remote.example>" in listing and "<x@remote.example>" in listing
+    assert "queued" in listing
+    stats = gsmtp.cli("queue", "stats").stdout.splitlines()
+    assert stats[:3] == ["messages: 1", "recipients: 1", "queued: 1"]
+    as_json = json.loads(gsmtp.cli("queue", "stats", "--json").stdout)
+    assert as_json["messages"] == 1
+    listed = json.loads(gsmtp.cli("queue", "list", "--json").stdout)
+    assert listed[0]["id"] == message_id and listed[0]["recipients"][0]["last_error"]
+    shown = gsmtp.cli("queue", "show", message_id).stdout
+    assert "Subject: stuck" in shown and "Received: from c.example" in shown
+    assert gsmtp.cli("queue", "show", "NOPE", check=False).returncode != 0
+    assert gsmtp.cli("queue", "delete", message_id).returncode == 0
+    assert json.loads(gsmtp.cli("queue", "stats", "--json").stdout)["messages"] == 0
+
+
+def test_metrics_endpoint(gsmtp: GsmtpProcess) -> None:
+    with SmtpWire(gsmtp.port) as wire:
+        wire.read_reply()
+    with urllib.request.urlopen(f"http://127.0.0.1:{gsmtp.metrics_port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    for name in (
+        "gsmtp_connections_total",
+        "gsmtp_connections_active",
+        "gsmtp_queue_size",
+        "gsmtp_oldest_queued_seconds",
+        "gsmtp_accept_seconds_bucket",
+    ):
+        assert name in text
