@@ -26,6 +26,8 @@ from gsmtp.accounts import AccountsSnapshot
 from gsmtp.config import Config, ConfigError, load, parse_host_port
 from gsmtp.delivery.base import Deliverer
 from gsmtp.delivery.maildir import MaildirDeliverer
+from gsmtp.delivery.mx import DnsResolver
+from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
 from gsmtp.policy import Policy
 from gsmtp.protocol.address import Address, normalise_mailbox, parse_path
 from gsmtp.protocol.session import Limits
@@ -136,18 +138,21 @@ class Application:
             resolve_mailbox=self._resolve_mailbox,
             run_blocking=in_thread,
         )
-        deliverers: dict[str, Deliverer] = {"local": local}
-        remote = self._remote_deliverer()
-        if remote is not None:
-            deliverers["smtp"] = remote
-        return deliverers
+        return {"local": local, "smtp": self._remote_deliverer()}
 
-    def _remote_deliverer(self) -> Deliverer | None:
-        try:
-            from gsmtp.delivery.smtp import build_remote_deliverer
-        except ImportError:
-            return None
-        return build_remote_deliverer(self.config.delivery, self.config.server.hostname)
+    def _remote_deliverer(self) -> Deliverer:
+        delivery = self.config.delivery
+        smarthost = None
+        if delivery.smarthost:
+            address = parse_host_port(delivery.smarthost)
+            smarthost = (address.host, address.port)
+        return SmtpDeliverer(
+            resolver=DnsResolver([(n.host, n.port) for n in delivery.nameservers]),
+            helo_name=self.config.server.hostname,
+            port=delivery.port,
+            smarthost=smarthost,
+            timeouts=Timeouts(delivery.connect_timeout, delivery.command_timeout, delivery.data_timeout),
+        )
 
     def _resolve_mailbox(self, recipient: str) -> str | None:
         address = _address_of(recipient)
