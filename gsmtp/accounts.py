@@ -18,8 +18,14 @@ from dataclasses import dataclass
 
 import apsw
 
-from gsmtp.db import transaction
-from gsmtp.protocol.address import Address, AddressError, normalise_mailbox, parse_domain, parse_path
+from gsmtp.db import query, scalar, transaction
+from gsmtp.protocol.address import (
+    Address,
+    AddressError,
+    normalise_mailbox,
+    parse_domain,
+    parse_path,
+)
 
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**15, 8, 1
 
@@ -62,14 +68,13 @@ def parse_mailbox(text: str) -> Address:
 
 
 def read_serial(connection: apsw.Connection) -> int:
-    rows = connection.execute("SELECT value FROM meta WHERE key = 'accounts_serial'").fetchall()
-    return int(rows[0][0])
+    return int(scalar(connection, "SELECT value FROM meta WHERE key = 'accounts_serial'"))
 
 
 def load_snapshot(connection: apsw.Connection) -> AccountsSnapshot:
     serial = read_serial(connection)
-    domains = frozenset(row[0] for row in connection.execute("SELECT name FROM domains"))
-    mailboxes = frozenset(row[0] for row in connection.execute("SELECT address FROM users"))
+    domains = frozenset(str(row[0]) for row in query(connection, "SELECT name FROM domains"))
+    mailboxes = frozenset(str(row[0]) for row in query(connection, "SELECT address FROM users"))
     return AccountsSnapshot(serial, domains, mailboxes)
 
 
@@ -96,7 +101,7 @@ class Accounts:
         return domain
 
     def list_domains(self) -> list[str]:
-        return [row[0] for row in self._db.execute("SELECT name FROM domains ORDER BY name")]
+        return [str(row[0]) for row in query(self._db, "SELECT name FROM domains ORDER BY name")]
 
     def add_user(self, text: str, password: str | None = None) -> str:
         address = parse_mailbox(text)
@@ -133,25 +138,27 @@ class Accounts:
             if not self._user_exists(key):
                 raise AccountError(f"no such user: {key}")
             self._db.execute(
-                "UPDATE users SET password_hash = ? WHERE address = ?", (hash_password(password), key)
+                "UPDATE users SET password_hash = ? WHERE address = ?",
+                (hash_password(password), key),
             )
         return key
 
     def list_users(self, domain: str | None = None) -> list[str]:
         if domain:
-            rows = self._db.execute(
+            rows = query(
+                self._db,
                 "SELECT address FROM users WHERE domain = ? ORDER BY address",
                 (normalise_domain(domain),),
             )
         else:
-            rows = self._db.execute("SELECT address FROM users ORDER BY domain, address")
-        return [row[0] for row in rows]
+            rows = query(self._db, "SELECT address FROM users ORDER BY domain, address")
+        return [str(row[0]) for row in rows]
 
     def _domain_exists(self, domain: str) -> bool:
-        return bool(self._db.execute("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchall())
+        return bool(query(self._db, "SELECT 1 FROM domains WHERE name = ?", (domain,)))
 
     def _user_exists(self, key: str) -> bool:
-        return bool(self._db.execute("SELECT 1 FROM users WHERE address = ?", (key,)).fetchall())
+        return bool(query(self._db, "SELECT 1 FROM users WHERE address = ?", (key,)))
 
 
 def hash_password(password: str) -> str:

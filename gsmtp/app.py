@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import ssl
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,9 @@ class Application:
             helo_name=self.config.server.hostname,
             port=delivery.port,
             smarthost=smarthost,
-            timeouts=Timeouts(delivery.connect_timeout, delivery.command_timeout, delivery.data_timeout),
+            timeouts=Timeouts(
+                delivery.connect_timeout, delivery.command_timeout, delivery.data_timeout
+            ),
         )
 
     def _resolve_mailbox(self, recipient: str) -> str | None:

@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 
@@ -231,7 +230,9 @@ def _queue_list(admin: Any, args: argparse.Namespace) -> int:
         print("Mail queue is empty")
         return 0
     for message in messages:
-        print(f"{message.id:<20} {message.size:>8} {_when(message.received_at)}  <{message.sender}>")
+        print(
+            f"{message.id:<20} {message.size:>8} {_when(message.received_at)}  <{message.sender}>"
+        )
         for rcpt in message.recipients:
             error = f"  ({rcpt.last_error})" if rcpt.last_error else ""
             print(f"{'':<20} {rcpt.status:<9} attempts={rcpt.attempts}  <{rcpt.address}>{error}")

@@ -237,7 +237,7 @@ def _port(value: Any) -> int:
 
 
 def parse_duration(value: Any) -> float:
-    """"30s", "5m", "1h", "5d", "250ms" → seconds."""
+    """ "30s", "5m", "1h", "5d", "250ms" → seconds."""
     match = _DURATION.match(_string(value).strip())
     if not match:
         raise ValueError(f'expected a duration like "30s", "5m", "1h" or "5d", got {value!r}')
@@ -248,7 +248,7 @@ def parse_duration(value: Any) -> float:
 
 
 def parse_size(value: Any) -> int:
-    """"10KB", "35MB" → bytes (KB = 1024)."""
+    """ "10KB", "35MB" → bytes (KB = 1024)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     match = _SIZE.match(_string(value).strip())
@@ -261,7 +261,7 @@ def parse_size(value: Any) -> int:
 
 
 def parse_host_port(value: Any) -> HostPort:
-    """"127.0.0.1:2525", "[::1]:25", "0.0.0.0:25" → HostPort."""
+    """ "127.0.0.1:2525", "[::1]:25", "0.0.0.0:25" → HostPort."""
     text = _string(value).strip()
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
     if not match:

@@ -71,6 +71,17 @@ _MIGRATIONS: tuple[str, ...] = (
 )
 
 
+def query(connection: apsw.Connection, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+    """All rows of a statement, untyped (SQLite values are checked where they are used)."""
+    return [tuple(row) for row in connection.execute(sql, params)]
+
+
+def scalar(connection: apsw.Connection, sql: str, params: Any = ()) -> Any:
+    """The first column of the first row, or None."""
+    rows = query(connection, sql, params)
+    return rows[0][0] if rows else None
+
+
 class DatabaseError(Exception):
     """The spool cannot be opened or used; the message names the file and the cause."""
 
@@ -83,7 +94,7 @@ def connect(path: str) -> apsw.Connection:
         os.close(os.open(file, os.O_RDWR | os.O_CREAT, 0o600))
         connection = apsw.Connection(str(file))
         connection.set_busy_timeout(BUSY_TIMEOUT_MS)
-        mode = connection.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
+        mode = scalar(connection, "PRAGMA journal_mode=WAL")
         if mode != "wal":
             raise DatabaseError(f"{path}: cannot switch to WAL mode (got {mode})")
         connection.execute("PRAGMA synchronous=FULL")
@@ -97,7 +108,7 @@ def connect(path: str) -> apsw.Connection:
 
 
 def _migrate(connection: apsw.Connection) -> None:
-    version = connection.execute("PRAGMA user_version").fetchall()[0][0]
+    version = int(scalar(connection, "PRAGMA user_version"))
     if version > len(_MIGRATIONS):
         raise DatabaseError(f"schema version {version} is newer than this gsmtp knows")
     for number in range(version, len(_MIGRATIONS)):
@@ -108,7 +119,7 @@ def _migrate(connection: apsw.Connection) -> None:
 
 def check_integrity(connection: apsw.Connection) -> str:
     """'ok', or SQLite's first complaint; a corrupt spool must not be served."""
-    return str(connection.execute("PRAGMA quick_check").fetchall()[0][0])
+    return str(scalar(connection, "PRAGMA quick_check"))
 
 
 @contextmanager

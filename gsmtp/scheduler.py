@@ -260,7 +260,9 @@ class Scheduler:
                 next_at = self._retry.next_attempt_at(attempts, now)
             if outcome is Outcome.FAILED:
                 failed.append(result)
-            updates.append(RecipientUpdate(message.id, result.address, outcome, result.reply, next_at))
+            updates.append(
+                RecipientUpdate(message.id, result.address, outcome, result.reply, next_at)
+            )
         return updates, failed
 
     def _bounce(

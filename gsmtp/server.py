@@ -10,6 +10,7 @@ stop closes idle sessions with 421 at once and lets open transactions finish.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import select
 import socket
@@ -32,15 +33,17 @@ from gsmtp.protocol import replies
 from gsmtp.protocol.address import Address
 from gsmtp.protocol.replies import Reply
 from gsmtp.protocol.session import (
-    NEED_DATA,
     Envelope,
-    Event as SessionEvent,
     Limits,
     MessageReceived,
+    NeedData,
     RcptTo,
     SmtpSession,
     StartTlsRequested,
     VerifyRequested,
+)
+from gsmtp.protocol.session import (
+    Event as SessionEvent,
 )
 from gsmtp.protocol.trace import received_header, rfc5322_date
 from gsmtp.spool import NewMessage, Spool, new_message_id
@@ -189,7 +192,7 @@ class _Connection:
             self._sock.sendall(session.start())
             while not session.closed:
                 event = session.next_event()
-                if event is NEED_DATA:
+                if isinstance(event, NeedData):
                     self._flush()
                     if session.closed:
                         break
@@ -239,17 +242,17 @@ class _Connection:
                 self._sock.sendall(data)
 
     def _flush_quietly(self) -> None:
-        try:
+        with contextlib.suppress(OSError, ssl.SSLError, _IdleTimeout):
             self._flush()
-        except (OSError, ssl.SSLError, _IdleTimeout):
-            pass
 
     def _answer(self, event: SessionEvent) -> None:
         session = self._session
         if isinstance(event, RcptTo):
             reply = self._server._policy.check_recipient(event.address, self._client)
             if not reply.is_positive:
-                self._log.info("recipient_rejected", rcpt=printable(str(event.address)), reply=reply.text)
+                self._log.info(
+                    "recipient_rejected", rcpt=printable(str(event.address)), reply=reply.text
+                )
             session.respond(event, reply)
         elif isinstance(event, MessageReceived):
             session.respond(event, self._store(event.envelope))
@@ -317,14 +320,10 @@ def _mailbox(address: Address) -> str:
 
 
 def _send_quietly(sock: Any, data: bytes) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.sendall(data)
-    except OSError:
-        pass
 
 
 def _close_quietly(sock: Any) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass

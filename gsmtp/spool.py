@@ -17,10 +17,11 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import apsw
 
-from gsmtp.db import GroupCommitter, transaction
+from gsmtp.db import GroupCommitter, query, scalar, transaction
 from gsmtp.delivery.base import MessageId, Outcome, QueuedMessage
 
 LEASE_SECONDS = 3600.0
@@ -100,7 +101,9 @@ class Spool:
         """At start-up: whatever a previous process held is free again."""
 
         def work(connection: apsw.Connection) -> int:
-            connection.execute("UPDATE recipients SET lease_until = NULL WHERE lease_until IS NOT NULL")
+            connection.execute(
+                "UPDATE recipients SET lease_until = NULL WHERE lease_until IS NOT NULL"
+            )
             return int(connection.changes())
 
         return int(self._writer.submit(work))
@@ -109,14 +112,15 @@ class Spool:
         """Lease up to `limit` due recipients, grouped by message, oldest due first."""
 
         def work(connection: apsw.Connection) -> list[Claim]:
-            rows = connection.execute(
+            rows = query(
+                connection,
                 "UPDATE recipients SET lease_until = :lease WHERE rowid IN ("
                 " SELECT rowid FROM recipients WHERE status = 'queued'"
                 " AND next_attempt_at <= :now AND (lease_until IS NULL OR lease_until < :now)"
                 " ORDER BY next_attempt_at LIMIT :limit)"
                 " RETURNING message_id, address, attempts, bounce_requested",
                 {"lease": now + LEASE_SECONDS, "now": now, "limit": limit},
-            ).fetchall()
+            )
             by_message: dict[str, list[tuple[str, int]]] = {}
             bounce_requested: set[str] = set()
             for message_id, address, attempts, bounce in rows:
@@ -172,30 +176,32 @@ class Spool:
         self._writer.submit(work)
 
     def next_due_at(self) -> float | None:
-        rows = self._reader.execute(
+        value = scalar(
+            self._reader,
             "SELECT MIN(next_attempt_at) FROM recipients WHERE status = 'queued'"
-            " AND lease_until IS NULL"
-        ).fetchall()
-        value = rows[0][0] if rows else None
+            " AND lease_until IS NULL",
+        )
         return float(value) if value is not None else None
 
     def counts_by_status(self) -> dict[str, int]:
-        return dict(
-            self._reader.execute("SELECT status, COUNT(*) FROM recipients GROUP BY status").fetchall()
-        )
+        rows = query(self._reader, "SELECT status, COUNT(*) FROM recipients GROUP BY status")
+        return {str(status): int(count) for status, count in rows}
 
     def oldest_queued_at(self) -> float | None:
-        rows = self._reader.execute(
+        value = scalar(
+            self._reader,
             "SELECT MIN(m.received_at) FROM messages m JOIN recipients r ON r.message_id = m.id"
-            " WHERE r.status = 'queued'"
-        ).fetchall()
-        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+            " WHERE r.status = 'queued'",
+        )
+        return float(value) if value is not None else None
 
 
 def _load_message(connection: apsw.Connection, message_id: MessageId) -> QueuedMessage | None:
-    rows = connection.execute(
-        "SELECT sender, body, received_at, smtputf8 FROM messages WHERE id = ?", (message_id,)
-    ).fetchall()
+    rows = query(
+        connection,
+        "SELECT sender, body, received_at, smtputf8 FROM messages WHERE id = ?",
+        (message_id,),
+    )
     if not rows:
         return None
     sender, body, received_at, smtputf8 = rows[0]
@@ -232,32 +238,32 @@ class SpoolAdmin:
         self._db = connection
 
     def messages(self) -> list[MessageRow]:
-        rows = self._db.execute(
-            "SELECT id, sender, size, received_at, client, helo FROM messages ORDER BY received_at"
-        ).fetchall()
+        rows = query(
+            self._db,
+            "SELECT id, sender, size, received_at, client, helo FROM messages ORDER BY received_at",
+        )
         return [self._message_row(row) for row in rows]
 
     def message(self, message_id: str) -> MessageRow | None:
-        rows = self._db.execute(
+        rows = query(
+            self._db,
             "SELECT id, sender, size, received_at, client, helo FROM messages WHERE id = ?",
             (message_id,),
-        ).fetchall()
+        )
         return self._message_row(rows[0]) if rows else None
 
     def headers(self, message_id: str) -> bytes:
-        rows = self._db.execute("SELECT body FROM messages WHERE id = ?", (message_id,)).fetchall()
-        if not rows:
+        value = scalar(self._db, "SELECT body FROM messages WHERE id = ?", (message_id,))
+        if value is None:
             return b""
-        body = bytes(rows[0][0])
+        body = bytes(value)
         end = body.find(b"\r\n\r\n")
         return body if end < 0 else body[: end + 2]
 
     def stats(self) -> dict[str, int]:
-        messages = self._db.execute("SELECT COUNT(*) FROM messages").fetchall()[0][0]
-        recipients = self._db.execute("SELECT COUNT(*) FROM recipients").fetchall()[0][0]
-        by_status = dict(
-            self._db.execute("SELECT status, COUNT(*) FROM recipients GROUP BY status").fetchall()
-        )
+        messages = scalar(self._db, "SELECT COUNT(*) FROM messages")
+        recipients = scalar(self._db, "SELECT COUNT(*) FROM recipients")
+        by_status = dict(query(self._db, "SELECT status, COUNT(*) FROM recipients GROUP BY status"))
         result = {"messages": int(messages), "recipients": int(recipients)}
         for status in ("queued", "delivered", "failed"):
             result[status] = int(by_status.get(status, 0))
@@ -287,18 +293,19 @@ class SpoolAdmin:
             )
             return int(self._db.changes())
 
-    def _message_row(self, row: tuple[object, ...]) -> MessageRow:
+    def _message_row(self, row: tuple[Any, ...]) -> MessageRow:
         message_id, sender, size, received_at, client, helo = row
-        recipients = self._db.execute(
+        recipients = query(
+            self._db,
             "SELECT address, status, attempts, next_attempt_at, last_error FROM recipients"
             " WHERE message_id = ? ORDER BY address",
             (message_id,),
-        ).fetchall()
+        )
         return MessageRow(
             str(message_id),
             str(sender),
-            int(size),  # type: ignore[call-overload]
-            float(received_at),  # type: ignore[arg-type]
+            int(size),
+            float(received_at),
             str(client),
             str(helo),
             tuple(RecipientRow(a, s, int(n), float(t), e) for a, s, n, t, e in recipients),

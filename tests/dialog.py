@@ -64,7 +64,9 @@ def run(steps: list[Step], wire: Wire) -> None:
             expected = step.payload.split()
             last = reply[-1]
             got = last[4:].split()[: len(expected) - 1]
-            assert last[:3] == expected[0], f"step {number}: expected {step.payload!r}, got {reply!r}"
+            assert last[:3] == expected[0], (
+                f"step {number}: expected {step.payload!r}, got {reply!r}"
+            )
             assert got == expected[1:], f"step {number}: expected {step.payload!r}, got {reply!r}"
             if step.kind == "S:":
                 assert len(reply) == 1, f"step {number}: expected one line, got {reply!r}"

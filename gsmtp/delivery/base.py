@@ -54,5 +54,6 @@ def results_for_all(
 class Deliverer(Protocol):
     """Delivers one message to some of its recipients; never raises for an expected failure."""
 
-    def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
-        ...
+    def deliver(
+        self, message: QueuedMessage, recipients: Sequence[str]
+    ) -> list[RecipientResult]: ...

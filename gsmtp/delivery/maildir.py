@@ -83,7 +83,9 @@ class MaildirDeliverer:
     def _deliver_one(self, message: QueuedMessage, recipient: str) -> RecipientResult:
         mailbox = self._resolve_mailbox(recipient)
         if mailbox is None:
-            return RecipientResult(recipient, Outcome.FAILED, "5.1.1", "550 5.1.1 No such user here")
+            return RecipientResult(
+                recipient, Outcome.FAILED, "5.1.1", "550 5.1.1 No such user here"
+            )
         try:
             path = mailbox_path(self._root, mailbox)
         except MailboxPathError as error:

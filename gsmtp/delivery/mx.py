@@ -94,7 +94,9 @@ class DnsResolver:
             if self.addresses(domain):
                 return [domain]
             raise DnsPermanentError("5.1.2", f"550 5.1.2 Domain {domain} has no MX and no address")
-        records = [MxRecord(int(r.preference), r.exchange.to_text(omit_final_dot=True)) for r in answer]
+        records = [
+            MxRecord(int(r.preference), r.exchange.to_text(omit_final_dot=True)) for r in answer
+        ]
         if len(records) == 1 and records[0].host in ("", "."):
             raise DnsPermanentError(
                 "5.1.10", f"556 5.1.10 Domain {domain} does not accept mail (null MX, RFC 7505)"

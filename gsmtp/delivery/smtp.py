@@ -11,6 +11,7 @@ D-29); MAIL/RCPT/DATA pipelined when the peer offers PIPELINING. 2xx → deliver
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Sequence
@@ -85,10 +86,8 @@ class _Connection:
             raise _PeerUnusable(f"TLS handshake failed: {error}") from None
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self._sock.close()
-        except OSError:
-            pass
 
 
 def _opportunistic_tls() -> ssl.SSLContext:
@@ -162,7 +161,9 @@ class SmtpDeliverer:
         connection = self._connect(address, port)
         try:
             extensions = self._open_session(connection, host)
-            return _Transaction(connection, extensions, message, recipients, host, self._timeouts).run()
+            return _Transaction(
+                connection, extensions, message, recipients, host, self._timeouts
+            ).run()
         except _TransactionBroken as error:
             raise _PeerUnusable(str(error)) from None
         finally:
@@ -247,9 +248,8 @@ class _Transaction:
             message.sender,
             size=len(message.body) if ext.size is not None else None,
             eightbit=client.is_8bit(message.body) and ext.eightbitmime,
-            smtputf8=ext.smtputf8 and not all(
-                a.isascii() for a in (message.sender, *self._recipients)
-            ),
+            smtputf8=ext.smtputf8
+            and not all(a.isascii() for a in (message.sender, *self._recipients)),
         )
         rcpts = [client.rcpt_command(r) for r in self._recipients]
         if ext.pipelining:
@@ -296,13 +296,13 @@ class _Transaction:
         return [_result(r, reply, self._host) for r in self._recipients]
 
     def _quit(self) -> None:
-        try:
+        with contextlib.suppress(_TransactionBroken):
             self._connection.send(b"QUIT\r\n")
-        except _TransactionBroken:
-            pass
 
 
-def _result(recipient: str, reply: ServerReply, host: str, *, at_rcpt: bool = False) -> RecipientResult:
+def _result(
+    recipient: str, reply: ServerReply, host: str, *, at_rcpt: bool = False
+) -> RecipientResult:
     if reply.is_positive:
         return RecipientResult(recipient, Outcome.DELIVERED, reply.status(), reply.text, host)
     # RFC 5321 §4.5.3.1.10: a 552 to RCPT means "too many recipients": temporary (D-26).

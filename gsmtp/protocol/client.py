@@ -59,7 +59,7 @@ class ReplyParser:
 
     def feed(self, data: bytes) -> list[ServerReply]:
         self._buffer += data
-        replies = []
+        replies: list[ServerReply] = []
         while True:
             end = self._buffer.find(b"\r\n")
             if end < 0:

@@ -51,16 +51,33 @@ class State(enum.Enum):
 # Legal moves: which verbs each state accepts. Anything else is a sequence error.
 ALLOWED: dict[State, frozenset[Verb]] = {
     State.CONNECTED: frozenset(
-        {Verb.EHLO, Verb.HELO, Verb.NOOP, Verb.RSET, Verb.QUIT, Verb.HELP, Verb.VRFY,
-         Verb.STARTTLS}
+        {Verb.EHLO, Verb.HELO, Verb.NOOP, Verb.RSET, Verb.QUIT, Verb.HELP, Verb.VRFY, Verb.STARTTLS}
     ),
     State.READY: frozenset(
-        {Verb.EHLO, Verb.HELO, Verb.MAIL, Verb.NOOP, Verb.RSET, Verb.QUIT, Verb.HELP,
-         Verb.VRFY, Verb.STARTTLS}
+        {
+            Verb.EHLO,
+            Verb.HELO,
+            Verb.MAIL,
+            Verb.NOOP,
+            Verb.RSET,
+            Verb.QUIT,
+            Verb.HELP,
+            Verb.VRFY,
+            Verb.STARTTLS,
+        }
     ),
     State.MAIL: frozenset(
-        {Verb.EHLO, Verb.HELO, Verb.RCPT, Verb.DATA, Verb.NOOP, Verb.RSET, Verb.QUIT,
-         Verb.HELP, Verb.VRFY}
+        {
+            Verb.EHLO,
+            Verb.HELO,
+            Verb.RCPT,
+            Verb.DATA,
+            Verb.NOOP,
+            Verb.RSET,
+            Verb.QUIT,
+            Verb.HELP,
+            Verb.VRFY,
+        }
     ),
 }
 
@@ -96,12 +113,12 @@ class Envelope:
     esmtp: bool
 
 
-class _NeedData:
+class NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA = _NeedData()
+NEED_DATA = NeedData()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +169,7 @@ class SmtpSession:
         self._output: list[bytes] = []
         self._discarding_long_line = False
         self._data_reader: DataReader | None = None
+        self._data_result: DataResult | None = None
         self._pending: Event | None = None
         self._errors = 0
         self.helo = ""
@@ -193,7 +211,7 @@ class SmtpSession:
         self._send(reply, count_error=False)
         self._state = State.CLOSED
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         if self._pending is not None:
             raise LocalProtocolError(f"{self._pending!r} has not been answered")
         while self._state is not State.CLOSED:
@@ -500,7 +518,7 @@ class SmtpSession:
         self._recipients: list[Address] = []
         self._rcpt_attempted = False
         self._smtputf8 = False
-        self._data_result: DataResult | None = None
+        self._data_result = None
 
     def _start_tls(self) -> None:
         self._input.clear()  # CVE-2011-0411: nothing sent in plaintext survives the switch

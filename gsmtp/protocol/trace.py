@@ -8,7 +8,7 @@ client chose (the EHLO name) is escaped and capped, so it cannot forge structure
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\;]")
@@ -16,7 +16,7 @@ _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\;]")
 
 def rfc5322_date(timestamp: float) -> str:
     """`Mon, 30 Nov 2026 08:29:17 +0000` (RFC 5322 §3.3)."""
-    return format_datetime(datetime.fromtimestamp(timestamp, tz=timezone.utc))
+    return format_datetime(datetime.fromtimestamp(timestamp, tz=UTC))
 
 
 def escape_helo(helo: str) -> str:

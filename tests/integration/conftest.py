@@ -16,7 +16,9 @@ def gsmtp_factory(tmp_path: Path) -> Iterator[Factory]:
     """Build (and always stop) gsmtp processes with extra settings."""
     started: list[GsmtpProcess] = []
 
-    def make(settings: dict[str, dict[str, Any]] | None = None, *, start: bool = True) -> GsmtpProcess:
+    def make(
+        settings: dict[str, dict[str, Any]] | None = None, *, start: bool = True
+    ) -> GsmtpProcess:
         directory = tmp_path / f"gsmtp{len(started)}"
         directory.mkdir()
         process = GsmtpProcess(directory, settings)

@@ -81,7 +81,9 @@ class GsmtpProcess:
 
     # -- CLI --------------------------------------------------------------------------
 
-    def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "gsmtp.cli", *args, "-c", str(self.config)],
             input=stdin,
@@ -167,7 +169,9 @@ class GsmtpProcess:
 class SmtpWire:
     """A raw-socket `dialog.Wire`: sends exact bytes, reads whole replies."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", source: str | None = None, timeout: float = 10) -> None:
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", source: str | None = None, timeout: float = 10
+    ) -> None:
         self.sock = socket.create_connection(
             (host, port), timeout=timeout, source_address=(source, 0) if source else None
         )
@@ -185,7 +189,9 @@ class SmtpWire:
                 except ConnectionResetError:
                     chunk = b""
                 if not chunk:
-                    assert not lines and not self._buffer, f"closed mid-reply: {lines!r} {self._buffer!r}"
+                    assert not lines and not self._buffer, (
+                        f"closed mid-reply: {lines!r} {self._buffer!r}"
+                    )
                     return []
                 self._buffer += chunk
             line, self._buffer = self._buffer.split(b"\r\n", 1)
@@ -209,4 +215,6 @@ class SmtpWire:
 
 
 def environment_has(command: str) -> bool:
-    return any(os.access(os.path.join(d, command), os.X_OK) for d in os.environ.get("PATH", "").split(":"))
+    return any(
+        os.access(os.path.join(d, command), os.X_OK) for d in os.environ.get("PATH", "").split(":")
+    )

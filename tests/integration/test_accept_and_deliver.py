@@ -27,11 +27,17 @@ def test_the_original_transcript_delivers_to_jones_and_brown_only(gsmtp: GsmtpPr
     for user in ("jones@foo.com", "brown@foo.com"):
         (file,) = wait_for(lambda u=user: gsmtp.maildir_files(u), what=f"mail for {user}")
         content = file.read_bytes()
-        assert content.startswith(f"Return-Path: <Smith@bar.com>\nDelivered-To: {user}\nReceived: from bar.com (unknown [127.0.0.1])\n".encode())
+        assert content.startswith(
+            b"Return-Path: <Smith@bar.com>\n"
+            + f"Delivered-To: {user}\n".encode()
+            + b"Received: from bar.com (unknown [127.0.0.1])\n"
+        )
         assert content.endswith(b"\nBlah blah blah...\n..etc. etc. etc.\n")
         assert b"\r" not in content
     assert not (gsmtp.maildir / "foo.com" / "green").exists()
-    wait_for(lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool")
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool"
+    )
 
 
 def test_smtplib_message_lands_byte_exact(gsmtp: GsmtpProcess) -> None:
@@ -55,13 +61,28 @@ def test_smtplib_message_lands_byte_exact(gsmtp: GsmtpProcess) -> None:
     assert b"for <jones@foo.com>;" in content
 
 
-@pytest.mark.skipif(not environment_has("swaks"), reason="swaks is not installed (apt-get install swaks)")
+@pytest.mark.skipif(
+    not environment_has("swaks"), reason="swaks is not installed (apt-get install swaks)"
+)
 def test_swaks_message_lands(gsmtp: GsmtpProcess) -> None:
     result = subprocess.run(
-        ["swaks", "--server", f"127.0.0.1:{gsmtp.port}", "--from", "a@remote.example",
-         "--to", "brown@foo.com", "--header", "Subject: via swaks", "--body", "hello from swaks",
-         "--pipeline"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{gsmtp.port}",
+            "--from",
+            "a@remote.example",
+            "--to",
+            "brown@foo.com",
+            "--header",
+            "Subject: via swaks",
+            "--body",
+            "hello from swaks",
+            "--pipeline",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "<-  250 2.0.0 Ok: queued as" in result.stdout
@@ -71,11 +92,26 @@ def test_swaks_message_lands(gsmtp: GsmtpProcess) -> None:
 
 @pytest.mark.skipif(not environment_has("swaks"), reason="swaks is not installed")
 def test_swaks_smuggling_is_refused(gsmtp: GsmtpProcess) -> None:
-    body = "Subject: outer\r\n\r\nfirst\n.\nMAIL FROM:<ceo@bank.example>\r\nRCPT TO:<brown@foo.com>\r\nDATA\r\nsmuggled\r\n.\r\n"
+    body = (
+        "Subject: outer\r\n\r\nfirst\n.\nMAIL FROM:<ceo@bank.example>\r\n"
+        "RCPT TO:<brown@foo.com>\r\nDATA\r\nsmuggled\r\n.\r\n"
+    )
     result = subprocess.run(
-        ["swaks", "--server", f"127.0.0.1:{gsmtp.port}", "--from", "a@remote.example",
-         "--to", "jones@foo.com", "--data", body, "--no-data-fixup"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{gsmtp.port}",
+            "--from",
+            "a@remote.example",
+            "--to",
+            "jones@foo.com",
+            "--data",
+            body,
+            "--no-data-fixup",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert "550 5.5.2" in result.stdout
     assert gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)]
@@ -94,7 +130,7 @@ def test_200_messages_from_20_concurrent_clients_land_exactly_once(gsmtp: GsmtpP
                         ["jones@foo.com"],
                         f"Subject: load {index}-{number}\r\n\r\nbody\r\n",
                     )
-        except BaseException as error:  # noqa: BLE001 - collected and re-raised below
+        except BaseException as error:
             errors.append(error)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
@@ -103,13 +139,22 @@ def test_200_messages_from_20_concurrent_clients_land_exactly_once(gsmtp: GsmtpP
     for thread in threads:
         thread.join(timeout=60)
     assert errors == []
-    files = wait_for(lambda: (f := gsmtp.maildir_files("jones@foo.com")) and len(f) >= 200 and f, timeout=30, what="200 deliveries")
+    files = wait_for(
+        lambda: (f := gsmtp.maildir_files("jones@foo.com")) and len(f) >= 200 and f,
+        timeout=30,
+        what="200 deliveries",
+    )
     subjects = sorted(
-        line for f in files for line in f.read_bytes().split(b"\n") if line.startswith(b"Subject: load")
+        line
+        for f in files
+        for line in f.read_bytes().split(b"\n")
+        if line.startswith(b"Subject: load")
     )
     assert len(subjects) == 200
     assert len(set(subjects)) == 200
-    wait_for(lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool")
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool"
+    )
 
 
 def test_oversize_message_is_refused_and_not_stored(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
@@ -117,7 +162,9 @@ def test_oversize_message_is_refused_and_not_stored(gsmtp_factory) -> None:  # t
     with smtplib.SMTP("127.0.0.1", gsmtp.port, timeout=10) as client:
         # smtplib declares SIZE=, so the refusal comes at MAIL (RFC 1870).
         with pytest.raises(smtplib.SMTPSenderRefused) as refused:
-            client.sendmail("a@remote.example", ["jones@foo.com"], "Subject: big\r\n\r\n" + "x" * 20000)
+            client.sendmail(
+                "a@remote.example", ["jones@foo.com"], "Subject: big\r\n\r\n" + "x" * 20000
+            )
         assert refused.value.smtp_code == 552
     with SmtpWire(gsmtp.port) as wire:  # P-22: a client that lies with SIZE=10
         wire.read_reply()

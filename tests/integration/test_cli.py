@@ -15,7 +15,11 @@ ROOT = Path(__file__).parents[2]
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gsmtp.cli", *args], capture_output=True, text=True, timeout=60, cwd=cwd
+        [sys.executable, "-m", "gsmtp.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
     )
 
 
@@ -46,7 +50,11 @@ def test_accounts_errors_are_one_clear_line(gsmtp: GsmtpProcess) -> None:
     assert result.returncode == 1
     assert "domain nowhere.example is not local" in result.stderr
     assert gsmtp.cli("user", "add", "../etc@foo.com", check=False).returncode == 1
-    assert gsmtp.cli("user", "add", "jones@foo.com", check=False).stderr.strip().endswith("already exists")
+    assert (
+        gsmtp.cli("user", "add", "jones@foo.com", check=False)
+        .stderr.strip()
+        .endswith("already exists")
+    )
     assert gsmtp.cli("user", "list").stdout.split() == ["brown@foo.com", "jones@foo.com"]
     assert gsmtp.cli("domain", "list").stdout.split() == ["foo.com"]
     added = gsmtp.cli("user", "add", "pw@foo.com", "--password-stdin", stdin="s3cret\n")
@@ -71,7 +79,11 @@ def test_queue_commands_while_the_server_runs(gsmtp_factory) -> None:  # type: i
         what="a deferred attempt",
     )
     listing = gsmtp.cli("queue", "list").stdout
-    assert message_id in listing and "<a@remote.example>" in listing and "<x@remote.example>" in listing
+    assert (
+        message_id in listing
+        and "<a@remote.example>" in listing
+        and "<x@remote.example>" in listing
+    )
     assert "queued" in listing
     stats = gsmtp.cli("queue", "stats").stdout.splitlines()
     assert stats[:3] == ["messages: 1", "recipients: 1", "queued: 1"]
@@ -89,7 +101,9 @@ def test_queue_commands_while_the_server_runs(gsmtp_factory) -> None:  # type: i
 def test_metrics_endpoint(gsmtp: GsmtpProcess) -> None:
     with SmtpWire(gsmtp.port) as wire:
         wire.read_reply()
-    with urllib.request.urlopen(f"http://127.0.0.1:{gsmtp.metrics_port}/metrics", timeout=10) as page:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{gsmtp.metrics_port}/metrics", timeout=10
+    ) as page:
         text = page.read().decode()
     for name in (
         "gsmtp_connections_total",

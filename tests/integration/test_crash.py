@@ -67,9 +67,13 @@ def test_kill9_right_after_100_replies_loses_nothing(gsmtp_factory) -> None:  # 
     assert queued == [(100,)]
     gsmtp.maildir.unlink()
     gsmtp.start()
-    found = wait_for(lambda: len(s := subjects(gsmtp, "crash")) >= 100 and s, timeout=30, what="100 deliveries")
+    found = wait_for(
+        lambda: len(s := subjects(gsmtp, "crash")) >= 100 and s, timeout=30, what="100 deliveries"
+    )
     assert sorted(set(found)) == sorted(f"Subject: crash {n}" for n in range(100))
-    wait_for(lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool")
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool"
+    )
 
 
 def test_kill9_while_delivering_redelivers_after_restart(gsmtp: GsmtpProcess) -> None:
@@ -78,7 +82,11 @@ def test_kill9_while_delivering_redelivers_after_restart(gsmtp: GsmtpProcess) ->
     ids = send_pipelined(gsmtp.port, 50, "race")
     gsmtp.kill9()
     gsmtp.start()
-    found = wait_for(lambda: len(set(s := subjects(gsmtp, "race"))) >= 50 and s, timeout=30, what="50 deliveries")
+    found = wait_for(
+        lambda: len(set(s := subjects(gsmtp, "race"))) >= 50 and s, timeout=30, what="50 deliveries"
+    )
     assert sorted(set(found)) == sorted(f"Subject: race {n}" for n in range(50))
     assert len(ids) == 50
-    wait_for(lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool")
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool"
+    )

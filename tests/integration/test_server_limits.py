@@ -73,7 +73,9 @@ def test_client_that_talks_before_the_greeting_is_dropped(gsmtp: GsmtpProcess) -
     assert "early_talker_dropped" in gsmtp.log() or b"554 5.5.0 Protocol" in received
 
 
-def test_sigterm_closes_idle_sessions_finishes_transactions_and_exits_0(gsmtp: GsmtpProcess) -> None:
+def test_sigterm_closes_idle_sessions_finishes_transactions_and_exits_0(
+    gsmtp: GsmtpProcess,
+) -> None:
     idle = SmtpWire(gsmtp.port)
     idle.read_reply()
     idle.command("EHLO c.example")
@@ -106,7 +108,9 @@ def test_sighup_reloads_and_does_not_exit(gsmtp: GsmtpProcess) -> None:
 def test_no_traceback_reaches_the_client_or_the_log(gsmtp: GsmtpProcess) -> None:
     with SmtpWire(gsmtp.port) as wire:
         wire.read_reply()
-        wire.send(b"\xff\xfe\x00garbage\r\n" + b"A" * 100000 + b"\r\nEHLO x\r\nMAIL FROM:<\x00>\r\n")
+        wire.send(
+            b"\xff\xfe\x00garbage\r\n" + b"A" * 100000 + b"\r\nEHLO x\r\nMAIL FROM:<\x00>\r\n"
+        )
         replies = []
         while reply := wire.read_reply():
             replies.append(reply[-1])

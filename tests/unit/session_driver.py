@@ -18,7 +18,9 @@ from gsmtp.protocol.session import (
     VerifyRequested,
 )
 
-SNAPSHOT = AccountsSnapshot(1, frozenset({"foo.com"}), frozenset({"jones@foo.com", "brown@foo.com"}))
+SNAPSHOT = AccountsSnapshot(
+    1, frozenset({"foo.com"}), frozenset({"jones@foo.com", "brown@foo.com"})
+)
 
 
 def make_policy(trusted: bool = False, vrfy: bool = False) -> Policy:

@@ -9,7 +9,9 @@ from gsmtp.protocol.address import Address, AddressError, normalise_mailbox, par
 
 
 def ok(text: str, **kwargs: bool) -> Address:
-    result = parse_path(text, allow_null=kwargs.get("null", False), allow_utf8=kwargs.get("utf8", False))
+    result = parse_path(
+        text, allow_null=kwargs.get("null", False), allow_utf8=kwargs.get("utf8", False)
+    )
     assert isinstance(result, Address), result
     return result
 
@@ -68,7 +70,9 @@ def test_null_path_only_where_allowed() -> None:
 
 
 def test_utf8_needs_permission() -> None:
-    assert isinstance(parse_path("<jörg@x.example>", allow_null=False, allow_utf8=False), AddressError)
+    assert isinstance(
+        parse_path("<jörg@x.example>", allow_null=False, allow_utf8=False), AddressError
+    )
     assert ok("<jörg@exämple.example>", utf8=True).domain == "xn--exmple-cua.example"
 
 
@@ -85,7 +89,14 @@ def test_normalisation_is_one_idempotent_mapping(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["../../etc@x.example", '"../x"@x.example', '"a/b"@x.example', "a／b@x.example", ".x@x.example"]
+    "text",
+    [
+        "../../etc@x.example",
+        '"../x"@x.example',
+        '"a/b"@x.example',
+        "a／b@x.example",
+        ".x@x.example",
+    ],
 )
 def test_mailbox_names_cannot_escape_the_maildir_root(text: str) -> None:
     """S-15: the names a user can be created under never contain a path separator."""

@@ -9,8 +9,19 @@ import pytest
 
 PACKAGE = Path(__file__).parents[2] / "gsmtp"
 FORBIDDEN_IN_PROTOCOL = {
-    "gevent", "socket", "ssl", "apsw", "dns", "time", "random", "logging", "structlog",
-    "os", "select", "threading", "secrets",
+    "gevent",
+    "socket",
+    "ssl",
+    "apsw",
+    "dns",
+    "time",
+    "random",
+    "logging",
+    "structlog",
+    "os",
+    "select",
+    "threading",
+    "secrets",
 }
 
 
@@ -52,6 +63,6 @@ def test_only_the_composition_root_reads_config(name: str) -> None:
 def test_delivery_depends_on_base_and_protocol_values(path: Path) -> None:
     for name in imports_of(path):
         if name.startswith("gsmtp."):
-            assert name.startswith(("gsmtp.delivery", "gsmtp.protocol", "gsmtp.log", "gsmtp.metrics")), (
-                f"{path.name} imports {name}"
-            )
+            assert name.startswith(
+                ("gsmtp.delivery", "gsmtp.protocol", "gsmtp.log", "gsmtp.metrics")
+            ), f"{path.name} imports {name}"

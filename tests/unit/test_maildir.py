@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from gsmtp.delivery.base import MessageId, Outcome, QueuedMessage
-from gsmtp.delivery.maildir import MaildirDeliverer, MailboxPathError, mailbox_path
+from gsmtp.delivery.maildir import MailboxPathError, MaildirDeliverer, mailbox_path
 
-MESSAGE = QueuedMessage(MessageId("M1"), "bob@remote.example", b"Subject: hi\r\n\r\nbody\r\n", 0.0, False)
+MESSAGE = QueuedMessage(
+    MessageId("M1"), "bob@remote.example", b"Subject: hi\r\n\r\nbody\r\n", 0.0, False
+)
 
 
 def deliverer(root: Path, exists: bool = True) -> MaildirDeliverer:
@@ -46,7 +48,9 @@ def test_unknown_mailbox_fails_permanently(tmp_path: Path) -> None:
     assert (result.outcome, result.status) == (Outcome.FAILED, "5.1.1")
 
 
-@pytest.mark.parametrize("address", ["../x@local.example", "a/b@local.example", "a@..", ".x@local.example"])
+@pytest.mark.parametrize(
+    "address", ["../x@local.example", "a/b@local.example", "a@..", ".x@local.example"]
+)
 def test_paths_outside_the_root_are_refused(tmp_path: Path, address: str) -> None:
     with pytest.raises(MailboxPathError):
         mailbox_path(str(tmp_path), address)

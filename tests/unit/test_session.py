@@ -12,7 +12,7 @@ from tests.unit import session_driver
 ENV = b"EHLO c.example\r\n"
 
 
-def SessionWire(  # noqa: N802 - reads like the class it builds
+def SessionWire(
     limits: Limits | None = None, *, trusted: bool = False
 ) -> session_driver.SessionWire:
     """A wire whose greeting was already read."""
@@ -316,7 +316,14 @@ def test_ehlo_advertises_the_extensions() -> None:
     wire.send(ENV)
     lines = wire.read_reply()
     keywords = [line[4:] for line in lines[1:]]
-    assert keywords == ["PIPELINING", "SIZE 1234", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "HELP"]
+    assert keywords == [
+        "PIPELINING",
+        "SIZE 1234",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
+        "HELP",
+    ]
 
 
 _REPLY_LINE = rb"[2-5][0-9][0-9][ -][^\r\n]*\r\n"

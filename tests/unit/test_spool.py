@@ -27,7 +27,9 @@ def spool(spool_path: str) -> Iterator[Spool]:
     writer.stop()
 
 
-def message(index: int = 0, recipients: tuple[str, ...] = ("a@x.example",), now: float = 1000.0) -> NewMessage:
+def message(
+    index: int = 0, recipients: tuple[str, ...] = ("a@x.example",), now: float = 1000.0
+) -> NewMessage:
     return NewMessage(
         id=MessageId(f"M{index:05d}"),
         sender="s@remote.example",
@@ -81,12 +83,16 @@ def test_claim_leases_and_results(spool: Spool, spool_path: str) -> None:
     spool.enqueue(message(1, ("a@x.example", "b@x.example"), now=100.0))
     spool.enqueue(message(2, ("c@y.example",), now=200.0))
     claims = spool.claim_due(now=150.0, limit=10)
-    assert [(c.message.id, c.recipients) for c in claims] == [("M00001", ("a@x.example", "b@x.example"))]
+    assert [(c.message.id, c.recipients) for c in claims] == [
+        ("M00001", ("a@x.example", "b@x.example"))
+    ]
     assert spool.claim_due(now=150.0, limit=10) == []  # leased: nobody else gets them
     spool.record_results(
         [
             RecipientUpdate(MessageId("M00001"), "a@x.example", Outcome.DELIVERED, "250 ok", 150.0),
-            RecipientUpdate(MessageId("M00001"), "b@x.example", Outcome.DEFERRED, "451 later", 400.0),
+            RecipientUpdate(
+                MessageId("M00001"), "b@x.example", Outcome.DEFERRED, "451 later", 400.0
+            ),
         ]
     )
     admin = SpoolAdmin(db.connect(spool_path))
@@ -101,7 +107,13 @@ def test_claim_leases_and_results(spool: Spool, spool_path: str) -> None:
         [RecipientUpdate(MessageId("M00001"), "b@x.example", Outcome.FAILED, "550 no", 500.0)]
     )
     assert admin.message("M00001") is None  # nothing left queued: the message is gone
-    assert admin.stats() == {"messages": 1, "recipients": 1, "queued": 1, "delivered": 0, "failed": 0}
+    assert admin.stats() == {
+        "messages": 1,
+        "recipients": 1,
+        "queued": 1,
+        "delivered": 0,
+        "failed": 0,
+    }
 
 
 def test_release_leases_frees_what_a_dead_process_held(spool: Spool) -> None:
