@@ -63,7 +63,7 @@ class RecipientUpdate:
     next_attempt_at: float
 
 
-def _insert(connection: apsw.Connection, message: NewMessage) -> None:
+def insert_message(connection: apsw.Connection, message: NewMessage) -> None:
     connection.execute(
         "INSERT INTO messages(id, sender, body, size, received_at, client, helo, smtputf8)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -94,7 +94,7 @@ class Spool:
 
     def enqueue(self, message: NewMessage) -> MessageId:
         """Store a message durably; returns once committed (raises if it was not)."""
-        self._writer.submit(lambda connection: _insert(connection, message))
+        self._writer.submit(lambda connection: insert_message(connection, message))
         return message.id
 
     def release_leases(self) -> int:
@@ -171,7 +171,7 @@ class Spool:
                     (message_id, message_id),
                 )
             for bounce in bounces:
-                _insert(connection, bounce)
+                insert_message(connection, bounce)
 
         self._writer.submit(work)
 

@@ -90,3 +90,44 @@ def test_kill9_while_delivering_redelivers_after_restart(gsmtp: GsmtpProcess) ->
     wait_for(
         lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool"
     )
+
+
+def test_restart_with_10000_queued_messages_keeps_accepting(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
+    """Issue 3 §5: a big backlog at start-up does not stall new connections; all of it,
+    and the new message, is delivered."""
+    import time
+
+    from gsmtp import db
+    from gsmtp.delivery.base import MessageId
+    from gsmtp.spool import NewMessage, insert_message
+
+    gsmtp = gsmtp_factory(start=False)
+    connection = db.connect(str(gsmtp.spool_path))
+    now = time.time()
+    with db.transaction(connection):
+        for number in range(10000):
+            insert_message(
+                connection,
+                NewMessage(
+                    MessageId(f"SEED{number:06d}"),
+                    "a@remote.example",
+                    ("jones@foo.com",),
+                    f"Subject: backlog {number}\r\n\r\nbody {number}\r\n".encode(),
+                    now,
+                    "192.0.2.1",
+                    "seed.example",
+                ),
+            )
+    connection.close()
+    gsmtp.start()
+    ids = send_pipelined(gsmtp.port, 1, "fresh")
+    (queued,) = gsmtp.spool_rows("SELECT COUNT(*) FROM messages")
+    assert queued[0] > 0, "the new message was accepted while the backlog was being worked"
+    assert len(ids) == 1
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)],
+        timeout=240,
+        what="the backlog to drain",
+    )
+    assert len(gsmtp.maildir_files("jones@foo.com")) >= 10001
+    assert subjects(gsmtp, "fresh") == ["Subject: fresh 0"]
