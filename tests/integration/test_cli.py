@@ -113,3 +113,17 @@ def test_metrics_endpoint(gsmtp: GsmtpProcess) -> None:
         "gsmtp_accept_seconds_bucket",
     ):
         assert name in text
+
+
+def test_a_corrupt_spool_is_refused_not_replaced(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
+    """D-21: refuse to start with a clear message; never an empty spool over it."""
+    gsmtp = gsmtp_factory(start=False)
+    garbage = b"this is not an SQLite database" * 100
+    gsmtp.spool_path.write_bytes(garbage)
+    for suffix in ("-wal", "-shm"):
+        Path(str(gsmtp.spool_path) + suffix).unlink(missing_ok=True)
+    result = run("serve", "-c", str(gsmtp.config))
+    assert result.returncode == 1
+    assert "cannot open the spool" in result.stderr and str(gsmtp.spool_path) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert gsmtp.spool_path.read_bytes() == garbage
