@@ -104,12 +104,13 @@ class Scheduler:
         """Stop claiming, give running deliveries `timeout` seconds, then kill them
         (their leases are released at the next start, so nothing is lost)."""
         self._stopping = True
+        self._waiting.clear()
         self._wake.set()
         if self._runner is not None:
             self._runner.join(timeout=1.0)
             self._runner.kill()
         self._pool.join(timeout=timeout)
-        self._pool.kill()
+        self._pool.kill(timeout=timeout)
 
     # -- the runner -------------------------------------------------------------------
 
@@ -128,7 +129,7 @@ class Scheduler:
 
     def _claim_and_dispatch(self) -> int:
         free = self._pool.free_count()
-        if free <= 0:
+        if free <= 0 or self._stopping:
             return 0
         claims = self._spool.claim_due(self._clock(), limit=free * 4)
         for claim in claims:
@@ -170,7 +171,7 @@ class Scheduler:
             destination = batch.route.destination
             self._active[destination] -= 1
             waiting = self._waiting.get(destination)
-            if waiting:
+            if waiting and not self._stopping:
                 next_batch = waiting.popleft()
                 self._active[destination] += 1
                 self._pool.spawn(self._deliver, next_batch)

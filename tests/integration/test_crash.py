@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 from tests.integration.harness import GsmtpProcess, SmtpWire, wait_for
 
 
@@ -124,6 +126,9 @@ def test_restart_with_10000_queued_messages_keeps_accepting(gsmtp_factory) -> No
     (queued,) = gsmtp.spool_rows("SELECT COUNT(*) FROM messages")
     assert queued[0] > 0, "the new message was accepted while the backlog was being worked"
     assert len(ids) == 1
+    gsmtp.signal(signal.SIGTERM)  # a graceful stop in the middle of the backlog
+    assert gsmtp.wait(timeout=40) == 0
+    gsmtp.start()
     wait_for(
         lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)],
         timeout=240,

@@ -1,0 +1,270 @@
+"""Load generator: C concurrent SMTP sessions, each sending M messages of S bytes.
+
+    python -m bench.load --target 127.0.0.1:2525 -c 100 -m 100 -s 1KiB
+
+Uses PIPELINING when the server offers it (MAIL, RCPT and DATA in one write, as RFC 2920
+allows; the body after the 354). Reports accepted messages/s, sessions/s, the latency
+from the end of DATA to the reply (p50/p99), errors, and the server's CPU when given
+its PID. Bounded by count and by time; refuses any target outside loopback.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import ipaddress  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.pool import Pool  # noqa: E402
+
+_UNITS = {"": 1, "B": 1, "KIB": 1024, "KB": 1024, "MIB": 1024**2, "MB": 1024**2}
+
+
+def parse_size(text: str) -> int:
+    number = text.rstrip("BbKkMmIi")
+    unit = text[len(number) :].upper()
+    if unit not in _UNITS or not number.isdigit():
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1KiB, 100KiB)")
+    return int(number) * _UNITS[unit]
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"target must be an IP address: {text!r}") from None
+    if not address.is_loopback:
+        raise argparse.ArgumentTypeError(
+            f"refusing non-loopback target {host} (127.0.0.0/8, ::1 only)"
+        )
+    return host, int(port)
+
+
+def make_body(size: int, index: int) -> bytes:
+    """A message of exactly `size` bytes (headers included), CRLF lines, no leading dots."""
+    head = (
+        f"From: load@bench.test\r\nTo: user@bench.test\r\nSubject: bench {index}\r\n\r\n".encode()
+    )
+    line = b"x" * 76 + b"\r\n"
+    remaining = max(size - len(head), 0)
+    body = line * (remaining // len(line))
+    tail = remaining - len(body)
+    if tail >= 2:
+        body += b"y" * (tail - 2) + b"\r\n"
+    return head + body
+
+
+@dataclass
+class Result:
+    target: str
+    connections: int
+    messages_per_connection: int
+    size: int
+    accepted: int = 0
+    sessions: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    msgs_per_s: float = 0.0
+    sessions_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    server_cpu_percent: float | None = None
+    error_samples: list[str] = field(default_factory=list)
+
+
+class _Reader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def reply_lines(self) -> list[bytes]:
+        lines = []
+        while True:
+            while b"\r\n" not in self.buffer:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("server closed the connection")
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            lines.append(line)
+            if len(line) < 4 or line[3:4] == b" ":
+                return lines
+
+    def reply(self) -> str:
+        return self.reply_lines()[-1].decode("utf-8", "replace")
+
+
+def _expect(reply: str, code: str) -> None:
+    if not reply.startswith(code):
+        raise RuntimeError(f"expected {code}, got {reply[:80]!r}")
+
+
+def session(
+    target: tuple[str, int],
+    messages: int,
+    body: bytes,
+    rcpt: str,
+    latencies: list[float],
+    result: Result,
+    deadline: float,
+) -> None:
+    try:
+        sock = socket.create_connection(target, timeout=30)
+    except OSError as error:
+        result.errors += 1
+        if len(result.error_samples) < 5:
+            result.error_samples.append(f"connect: {error}")
+        return
+    reader = _Reader(sock)
+    try:
+        _expect(reader.reply(), "220")
+        sock.sendall(b"EHLO bench.test\r\n")
+        ehlo = reader.reply_lines()
+        pipelining = any(b"PIPELINING" in line.upper() for line in ehlo)
+        envelope = [
+            b"MAIL FROM:<load@bench.test>\r\n",
+            f"RCPT TO:<{rcpt}>\r\n".encode(),
+            b"DATA\r\n",
+        ]
+        data = body + b".\r\n"
+        for _ in range(messages):
+            if time.monotonic() > deadline:
+                break
+            if pipelining:
+                sock.sendall(b"".join(envelope))
+                for code in ("250", "250", "354"):
+                    _expect(reader.reply(), code)
+            else:
+                for command, code in zip(envelope, ("250", "250", "354"), strict=True):
+                    sock.sendall(command)
+                    _expect(reader.reply(), code)
+            started = time.perf_counter()
+            sock.sendall(data)
+            _expect(reader.reply(), "250")
+            latencies.append(time.perf_counter() - started)
+            result.accepted += 1
+        sock.sendall(b"QUIT\r\n")
+        reader.reply()
+        result.sessions += 1
+    except (OSError, RuntimeError, ConnectionError) as error:
+        result.errors += 1
+        if len(result.error_samples) < 5:
+            result.error_samples.append(str(error))
+    finally:
+        sock.close()
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _progress(result: Result, started: float, total: int, stop: gevent.event.Event) -> None:
+    while not stop.wait(1.0):
+        elapsed = time.monotonic() - started
+        rate = result.accepted / elapsed if elapsed else 0
+        print(
+            f"\r  {result.accepted}/{total} messages, {rate:,.0f} msg/s, {result.errors} errors",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(file=sys.stderr)
+
+
+def run(
+    target: tuple[str, int],
+    connections: int,
+    messages: int,
+    size: int,
+    *,
+    rcpt: str = "user@bench.test",
+    max_seconds: float = 60.0,
+    server_pid: int | None = None,
+    progress: bool = True,
+) -> Result:
+    result = Result(f"{target[0]}:{target[1]}", connections, messages, size)
+    latencies: list[float] = []
+    body = make_body(size, 0)
+    pool = Pool(connections)
+    ticks_before = _cpu_ticks(server_pid) if server_pid else None
+    started = time.monotonic()
+    deadline = started + max_seconds
+    stop = gevent.event.Event()
+    reporter = (
+        gevent.spawn(_progress, result, started, connections * messages, stop) if progress else None
+    )
+    for _ in range(connections):
+        pool.spawn(session, target, messages, body, rcpt, latencies, result, deadline)
+    pool.join(timeout=max_seconds + 30)
+    pool.kill()
+    elapsed = time.monotonic() - started
+    stop.set()
+    if reporter is not None:
+        reporter.join()
+    result.seconds = round(elapsed, 3)
+    result.msgs_per_s = round(result.accepted / elapsed, 1) if elapsed else 0.0
+    result.sessions_per_s = round(result.sessions / elapsed, 1) if elapsed else 0.0
+    if latencies:
+        ordered = sorted(latencies)
+        result.p50_ms = round(ordered[len(ordered) // 2] * 1000, 2)
+        result.p99_ms = round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 2)
+    if server_pid and ticks_before is not None:
+        ticks_after = _cpu_ticks(server_pid)
+        if ticks_after is not None:
+            hertz = os.sysconf("SC_CLK_TCK")
+            result.server_cpu_percent = round(
+                (ticks_after - ticks_before) / hertz / elapsed * 100, 1
+            )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.load", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--target", type=parse_target, default=("127.0.0.1", 2525))
+    parser.add_argument("-c", "--connections", type=int, default=10)
+    parser.add_argument("-m", "--messages", type=int, default=100, help="messages per connection")
+    parser.add_argument("-s", "--size", type=parse_size, default=1024)
+    parser.add_argument("--to", default="user@bench.test", help="recipient of every message")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="stop sending after this")
+    parser.add_argument("--pid", type=int, help="server PID, to report its CPU use")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    if args.connections < 1 or args.messages < 1 or args.connections * args.messages > 10_000_000:
+        parser.error("connections and messages must be positive and bounded")
+    result = run(
+        args.target,
+        args.connections,
+        args.messages,
+        args.size,
+        rcpt=args.to,
+        max_seconds=args.max_seconds,
+        server_pid=args.pid,
+    )
+    if args.json:
+        print(json.dumps(asdict(result)))
+    else:
+        for key, value in asdict(result).items():
+            print(f"{key}: {value}")
+    return 0 if result.errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
