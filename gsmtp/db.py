@@ -135,6 +135,9 @@ def transaction(connection: apsw.Connection) -> Iterator[apsw.Connection]:
 
 
 Work = Callable[[apsw.Connection], Any]
+# A batch function applies many like items with few SQLite calls (executemany); the
+# writer thread then needs the GIL a handful of times per batch, not per message.
+BatchFn = Callable[[apsw.Connection, list[Any]], None]
 
 
 class GroupCommitter:
@@ -147,7 +150,7 @@ class GroupCommitter:
 
         self._connection = connect(path)
         self._pool = ThreadPool(1)
-        self._pending: list[tuple[Work, Any]] = []
+        self._pending: list[tuple[BatchFn | None, Any, Any]] = []
         self._wake = Event()
         self._stopping = False
         self.commits = 0  # transactions committed: fewer than units under load
@@ -155,14 +158,22 @@ class GroupCommitter:
 
     def submit(self, work: Callable[[apsw.Connection], T]) -> T:
         """Run `work` inside a committed transaction; raise what it (or COMMIT) raised."""
+        return self._wait(None, work)  # type: ignore[no-any-return]
+
+    def submit_item(self, batch_fn: BatchFn, item: Any) -> None:
+        """Apply `batch_fn` to `item` (together with like items submitted meanwhile)
+        inside a committed transaction; raise if it was not committed."""
+        self._wait(batch_fn, item)
+
+    def _wait(self, batch_fn: BatchFn | None, payload: Any) -> Any:
         from gevent.event import AsyncResult
 
         if self._stopping:
             raise DatabaseError("spool writer is stopped")
         result: AsyncResult = AsyncResult()
-        self._pending.append((work, result))
+        self._pending.append((batch_fn, payload, result))
         self._wake.set()
-        return result.get()  # type: ignore[no-any-return]
+        return result.get()
 
     def stop(self) -> None:
         """Finish what was submitted, then close the connection."""
@@ -178,8 +189,9 @@ class GroupCommitter:
             self._wake.clear()
             while self._pending:
                 batch, self._pending = self._pending, []
-                outcomes = self._pool.apply(self._commit, ([work for work, _ in batch],))
-                for (_, result), outcome in zip(batch, outcomes, strict=True):
+                units = [(batch_fn, payload) for batch_fn, payload, _ in batch]
+                outcomes = self._pool.apply(self._commit, (units,))
+                for (_, _, result), outcome in zip(batch, outcomes, strict=True):
                     if isinstance(outcome, BaseException):
                         result.set_exception(outcome)
                     else:
@@ -187,40 +199,54 @@ class GroupCommitter:
             if self._stopping:
                 return
 
-    def _commit(self, works: list[Work]) -> list[Any]:
-        """In the worker thread: one transaction, a savepoint per unit of work."""
+    def _commit(self, units: list[tuple[BatchFn | None, Any]]) -> list[Any]:
+        """In the worker thread: one transaction for the whole batch. Like items go
+        through their batch function together; if that fails, each is retried alone
+        under a savepoint, so one bad unit never spoils the others."""
         connection = self._connection
-        outcomes: list[Any] = []
+        outcomes: list[Any] = [None] * len(units)
         try:
             connection.execute("BEGIN IMMEDIATE")
         except apsw.Error as error:
-            return [error] * len(works)
-        single = len(works) == 1
-        for work in works:
-            if single:
-                outcomes.append(_call(work, connection))
+            return [error] * len(units)
+        groups: dict[int, list[int]] = {}
+        for index, (batch_fn, _) in enumerate(units):
+            groups.setdefault(id(batch_fn) if batch_fn else -index - 1, []).append(index)
+        for indexes in groups.values():
+            batch_fn = units[indexes[0]][0]
+            if (
+                batch_fn is not None
+                and _savepoint(
+                    connection, lambda: batch_fn(connection, [units[i][1] for i in indexes])
+                )
+                is None
+            ):
                 continue
-            connection.execute("SAVEPOINT unit")
-            outcome = _call(work, connection)
-            if isinstance(outcome, BaseException):
-                connection.execute("ROLLBACK TO unit")
-            connection.execute("RELEASE unit")
-            outcomes.append(outcome)
-        if single and isinstance(outcomes[0], BaseException):
-            connection.execute("ROLLBACK")
-            return outcomes
+            for index in indexes:
+                fn, payload = units[index]
+                work = (lambda: fn(connection, [payload])) if fn else (lambda: payload(connection))
+                outcomes[index] = _savepoint(connection, work, keep_result=fn is None)
         try:
             connection.execute("COMMIT")
         except apsw.Error as error:
             if not connection.get_autocommit():
                 connection.execute("ROLLBACK")
-            return [error] * len(works)
+            return [error] * len(units)
         self.commits += 1
         return outcomes
 
 
-def _call(work: Work, connection: apsw.Connection) -> Any:
+def _savepoint(
+    connection: apsw.Connection, work: Callable[[], Any], keep_result: bool = False
+) -> Any:
+    """Run `work` under a savepoint: its result (or None), or the exception it raised,
+    with its changes undone."""
+    connection.execute("SAVEPOINT unit")
     try:
-        return work(connection)
+        result = work()
     except Exception as error:
+        connection.execute("ROLLBACK TO unit")
+        connection.execute("RELEASE unit")
         return error
+    connection.execute("RELEASE unit")
+    return result if keep_result else None

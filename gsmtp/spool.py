@@ -63,26 +63,25 @@ class RecipientUpdate:
     next_attempt_at: float
 
 
-def insert_message(connection: apsw.Connection, message: NewMessage) -> None:
-    connection.execute(
+def insert_messages(connection: apsw.Connection, messages: list[NewMessage]) -> None:
+    """Many messages in two statements (the group-commit fast path)."""
+    connection.executemany(
         "INSERT INTO messages(id, sender, body, size, received_at, client, helo, smtputf8)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            message.id,
-            message.sender,
-            message.body,
-            len(message.body),
-            message.received_at,
-            message.client,
-            message.helo,
-            int(message.smtputf8),
-        ),
+        [
+            (m.id, m.sender, m.body, len(m.body), m.received_at, m.client, m.helo, int(m.smtputf8))
+            for m in messages
+        ],
     )
     connection.executemany(
         "INSERT OR IGNORE INTO recipients(message_id, address, status, next_attempt_at)"
         " VALUES (?, ?, 'queued', ?)",
-        [(message.id, recipient, message.received_at) for recipient in message.recipients],
+        [(m.id, r, m.received_at) for m in messages for r in m.recipients],
     )
+
+
+def insert_message(connection: apsw.Connection, message: NewMessage) -> None:
+    insert_messages(connection, [message])
 
 
 class Spool:
@@ -94,7 +93,7 @@ class Spool:
 
     def enqueue(self, message: NewMessage) -> MessageId:
         """Store a message durably; returns once committed (raises if it was not)."""
-        self._writer.submit(lambda connection: insert_message(connection, message))
+        self._writer.submit_item(insert_messages, message)
         return message.id
 
     def release_leases(self) -> int:
@@ -165,9 +164,11 @@ class Spool:
                         (update.outcome.value, update.error, update.message_id, update.address),
                     )
             for message_id in {update.message_id for update in updates}:
+                # `+status`: look the message's recipients up by the primary key; the
+                # status index would scan every queued recipient in the spool.
                 connection.execute(
                     "DELETE FROM messages WHERE id = ? AND NOT EXISTS ("
-                    " SELECT 1 FROM recipients WHERE message_id = ? AND status = 'queued')",
+                    " SELECT 1 FROM recipients WHERE message_id = ? AND +status = 'queued')",
                     (message_id, message_id),
                 )
             for bounce in bounces:
