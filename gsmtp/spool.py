@@ -84,6 +84,40 @@ def insert_message(connection: apsw.Connection, message: NewMessage) -> None:
     insert_messages(connection, [message])
 
 
+def apply_results(
+    connection: apsw.Connection,
+    batch: list[tuple[tuple[RecipientUpdate, ...], tuple[NewMessage, ...]]],
+) -> None:
+    """Results of many deliveries in a few statements (the group-commit fast path)."""
+    updates = [update for unit, _ in batch for update in unit]
+    connection.executemany(
+        "UPDATE recipients SET attempts = attempts + 1, next_attempt_at = ?,"
+        " last_error = ?, lease_until = NULL WHERE message_id = ? AND address = ?",
+        [
+            (u.next_attempt_at, u.error, u.message_id, u.address)
+            for u in updates
+            if u.outcome is Outcome.DEFERRED
+        ],
+    )
+    connection.executemany(
+        "UPDATE recipients SET status = ?, attempts = attempts + 1,"
+        " last_error = ?, lease_until = NULL WHERE message_id = ? AND address = ?",
+        [
+            (u.outcome.value, u.error, u.message_id, u.address)
+            for u in updates
+            if u.outcome is not Outcome.DEFERRED
+        ],
+    )
+    # `+status`: find the message's recipients by the primary key; the status index
+    # would scan every queued recipient in the spool.
+    connection.executemany(
+        "DELETE FROM messages WHERE id = ? AND NOT EXISTS ("
+        " SELECT 1 FROM recipients WHERE message_id = ? AND +status = 'queued')",
+        [(message_id, message_id) for message_id in {u.message_id for u in updates}],
+    )
+    insert_messages(connection, [bounce for _, bounces in batch for bounce in bounces])
+
+
 class Spool:
     """The server's view of the spool: writes go through the group committer."""
 
@@ -101,7 +135,11 @@ class Spool:
 
         def work(connection: apsw.Connection) -> int:
             connection.execute(
-                "UPDATE recipients SET lease_until = NULL WHERE lease_until IS NOT NULL"
+                # Due again from when it was claimed (the lease began LEASE_SECONDS
+                # before it ends).
+                "UPDATE recipients SET next_attempt_at = lease_until - :lease,"
+                " lease_until = NULL WHERE lease_until IS NOT NULL",
+                {"lease": LEASE_SECONDS},
             )
             return int(connection.changes())
 
@@ -113,10 +151,12 @@ class Spool:
         def work(connection: apsw.Connection) -> list[Claim]:
             rows = query(
                 connection,
-                "UPDATE recipients SET lease_until = :lease WHERE rowid IN ("
+                # The lease also moves next_attempt_at past the lease, so the due range
+                # of the index holds only unclaimed work and a claim never re-reads it.
+                "UPDATE recipients SET lease_until = :lease, next_attempt_at = :lease"
+                " WHERE rowid IN ("
                 " SELECT rowid FROM recipients WHERE status = 'queued'"
-                " AND next_attempt_at <= :now AND (lease_until IS NULL OR lease_until < :now)"
-                " ORDER BY next_attempt_at LIMIT :limit)"
+                " AND next_attempt_at <= :now ORDER BY next_attempt_at LIMIT :limit)"
                 " RETURNING message_id, address, attempts, bounce_requested",
                 {"lease": now + LEASE_SECONDS, "now": now, "limit": limit},
             )
@@ -126,9 +166,10 @@ class Spool:
                 by_message.setdefault(message_id, []).append((address, attempts))
                 if bounce:
                     bounce_requested.add(address)
+            messages = _load_messages(connection, list(by_message))
             claims = []
             for message_id, recipients in by_message.items():
-                message = _load_message(connection, MessageId(message_id))
+                message = messages.get(message_id)
                 if message is None:
                     continue
                 claims.append(
@@ -146,41 +187,14 @@ class Spool:
     def record_results(
         self, updates: Sequence[RecipientUpdate], bounces: Sequence[NewMessage] = ()
     ) -> None:
-        """Apply delivery outcomes and enqueue any bounces, in one transaction."""
-
-        def work(connection: apsw.Connection) -> None:
-            for update in updates:
-                if update.outcome is Outcome.DEFERRED:
-                    connection.execute(
-                        "UPDATE recipients SET attempts = attempts + 1, next_attempt_at = ?,"
-                        " last_error = ?, lease_until = NULL"
-                        " WHERE message_id = ? AND address = ?",
-                        (update.next_attempt_at, update.error, update.message_id, update.address),
-                    )
-                else:
-                    connection.execute(
-                        "UPDATE recipients SET status = ?, attempts = attempts + 1,"
-                        " last_error = ?, lease_until = NULL WHERE message_id = ? AND address = ?",
-                        (update.outcome.value, update.error, update.message_id, update.address),
-                    )
-            for message_id in {update.message_id for update in updates}:
-                # `+status`: look the message's recipients up by the primary key; the
-                # status index would scan every queued recipient in the spool.
-                connection.execute(
-                    "DELETE FROM messages WHERE id = ? AND NOT EXISTS ("
-                    " SELECT 1 FROM recipients WHERE message_id = ? AND +status = 'queued')",
-                    (message_id, message_id),
-                )
-            for bounce in bounces:
-                insert_message(connection, bounce)
-
-        self._writer.submit(work)
+        """Apply delivery outcomes and enqueue any bounces, in one transaction (shared
+        with the results of other senders that finish meanwhile)."""
+        self._writer.submit_item(apply_results, (tuple(updates), tuple(bounces)))
 
     def next_due_at(self) -> float | None:
         value = scalar(
             self._reader,
-            "SELECT MIN(next_attempt_at) FROM recipients WHERE status = 'queued'"
-            " AND lease_until IS NULL",
+            "SELECT MIN(next_attempt_at) FROM recipients WHERE status = 'queued'",
         )
         return float(value) if value is not None else None
 
@@ -197,16 +211,21 @@ class Spool:
         return float(value) if value is not None else None
 
 
-def _load_message(connection: apsw.Connection, message_id: MessageId) -> QueuedMessage | None:
-    rows = query(
-        connection,
-        "SELECT sender, body, received_at, smtputf8 FROM messages WHERE id = ?",
-        (message_id,),
-    )
-    if not rows:
-        return None
-    sender, body, received_at, smtputf8 = rows[0]
-    return QueuedMessage(message_id, sender, bytes(body), float(received_at), bool(smtputf8))
+def _load_messages(connection: apsw.Connection, ids: list[str]) -> dict[str, QueuedMessage]:
+    found: dict[str, QueuedMessage] = {}
+    for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+        chunk = ids[start : start + 500]
+        rows = query(
+            connection,
+            "SELECT id, sender, body, received_at, smtputf8 FROM messages"
+            f" WHERE id IN ({','.join('?' * len(chunk))})",
+            chunk,
+        )
+        for message_id, sender, body, received_at, smtputf8 in rows:
+            found[message_id] = QueuedMessage(
+                MessageId(message_id), sender, bytes(body), float(received_at), bool(smtputf8)
+            )
+    return found
 
 
 # -- administration (CLI: works beside a running server, WAL lets both in) -------------
@@ -274,7 +293,8 @@ class SpoolAdmin:
         """Make every queued recipient due now (like `postqueue -f`)."""
         with transaction(self._db):
             self._db.execute(
-                "UPDATE recipients SET next_attempt_at = ? WHERE status = 'queued'",
+                "UPDATE recipients SET next_attempt_at = ?"
+                " WHERE status = 'queued' AND lease_until IS NULL",
                 (now if now is not None else time.time(),),
             )
             return int(self._db.changes())
@@ -289,7 +309,7 @@ class SpoolAdmin:
         with transaction(self._db):
             self._db.execute(
                 "UPDATE recipients SET next_attempt_at = ?, bounce_requested = 1"
-                " WHERE message_id = ? AND status = 'queued'",
+                " WHERE message_id = ? AND status = 'queued' AND lease_until IS NULL",
                 (now if now is not None else time.time(), message_id),
             )
             return int(self._db.changes())
