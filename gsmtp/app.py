@@ -43,16 +43,24 @@ class StartupError(Exception):
 
 
 class AccountsCache:
-    """The accounts snapshot policy reads, refreshed when `gsmtp user/domain` changed
-    something (the serial in `meta`), so changes apply without a restart."""
+    """The accounts snapshot policy reads. `gsmtp user/domain` bump a serial in `meta`;
+    it is re-read at most every REFRESH_SECONDS, and always before an answer that
+    would refuse, so a new user or domain is seen at once and a removed one within
+    REFRESH_SECONDS — no restart needed, and no query per recipient under load."""
+
+    REFRESH_SECONDS = 0.05
 
     def __init__(self, connection: apsw.Connection) -> None:
         self._connection = connection
         self._snapshot = accounts.load_snapshot(connection)
+        self._checked_at = time.monotonic()
 
-    def get(self) -> AccountsSnapshot:
-        if accounts.read_serial(self._connection) != self._snapshot.serial:
-            self._snapshot = accounts.load_snapshot(self._connection)
+    def get(self, *, fresh: bool = False) -> AccountsSnapshot:
+        now = time.monotonic()
+        if fresh or now - self._checked_at >= self.REFRESH_SECONDS:
+            self._checked_at = now
+            if accounts.read_serial(self._connection) != self._snapshot.serial:
+                self._snapshot = accounts.load_snapshot(self._connection)
         return self._snapshot
 
 

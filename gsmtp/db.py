@@ -14,8 +14,10 @@ SQLite or the disk (apsw releases the GIL).
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -141,20 +143,26 @@ BatchFn = Callable[[apsw.Connection, list[Any]], None]
 
 
 class GroupCommitter:
-    """Serialises write transactions onto one thread and batches concurrent ones."""
+    """Serialises write transactions onto one OS thread and batches concurrent ones.
+
+    The thread runs its own loop: it takes everything submitted since its last commit,
+    commits it as one transaction, hands the outcomes back to the event loop
+    (`run_callback_threadsafe`) and at once starts on what arrived meanwhile. So the
+    next commit never waits for the busy event loop to come round."""
 
     def __init__(self, path: str) -> None:
         import gevent
-        from gevent.event import Event
+        from gevent.monkey import get_original
         from gevent.threadpool import ThreadPool
 
         self._connection = connect(path)
-        self._pool = ThreadPool(1)
-        self._pending: list[tuple[BatchFn | None, Any, Any]] = []
-        self._wake = Event()
+        self._pending: deque[tuple[BatchFn | None, Any, Any]] = deque()
+        self._work_ready = get_original("threading", "Event")()
+        self._loop = gevent.get_hub().loop
         self._stopping = False
         self.commits = 0  # transactions committed: fewer than units under load
-        self._greenlet = gevent.spawn(self._run)
+        self._thread = ThreadPool(1)
+        self._done = self._thread.spawn(self._run)
 
     def submit(self, work: Callable[[apsw.Connection], T]) -> T:
         """Run `work` inside a committed transaction; raise what it (or COMMIT) raised."""
@@ -172,37 +180,36 @@ class GroupCommitter:
             raise DatabaseError("spool writer is stopped")
         result: AsyncResult = AsyncResult()
         self._pending.append((batch_fn, payload, result))
-        self._wake.set()
+        if not self._work_ready.is_set():
+            self._work_ready.set()
         return result.get()
 
     def stop(self) -> None:
         """Finish what was submitted, then close the connection."""
         self._stopping = True
-        self._wake.set()
-        self._greenlet.join()
-        self._pool.kill()
+        self._work_ready.set()
+        self._done.get()
+        self._thread.kill()
         self._connection.close()
 
     def _run(self) -> None:
+        """The writer thread's loop (no gevent calls here but the thread-safe callback)."""
         while True:
-            self._wake.wait()
-            self._wake.clear()
+            self._work_ready.wait()
+            self._work_ready.clear()
+            batch = []
             while self._pending:
-                batch, self._pending = self._pending, []
-                units = [(batch_fn, payload) for batch_fn, payload, _ in batch]
-                outcomes = self._pool.apply(self._commit, (units,))
-                for (_, _, result), outcome in zip(batch, outcomes, strict=True):
-                    if isinstance(outcome, BaseException):
-                        result.set_exception(outcome)
-                    else:
-                        result.set(outcome)
-            if self._stopping:
+                batch.append(self._pending.popleft())
+            if batch:
+                outcomes = self._commit([(batch_fn, payload) for batch_fn, payload, _ in batch])
+                self._loop.run_callback_threadsafe(_settle, batch, outcomes)
+            elif self._stopping:
                 return
 
     def _commit(self, units: list[tuple[BatchFn | None, Any]]) -> list[Any]:
-        """In the worker thread: one transaction for the whole batch. Like items go
-        through their batch function together; if that fails, each is retried alone
-        under a savepoint, so one bad unit never spoils the others."""
+        """One transaction for the whole batch. Like items go through their batch
+        function together; if that fails, each is retried alone under a savepoint, so
+        one bad unit never spoils the others."""
         connection = self._connection
         outcomes: list[Any] = [None] * len(units)
         try:
@@ -214,17 +221,13 @@ class GroupCommitter:
             groups.setdefault(id(batch_fn) if batch_fn else -index - 1, []).append(index)
         for indexes in groups.values():
             batch_fn = units[indexes[0]][0]
-            if (
-                batch_fn is not None
-                and _savepoint(
-                    connection, lambda: batch_fn(connection, [units[i][1] for i in indexes])
-                )
-                is None
-            ):
-                continue
+            if batch_fn is not None:
+                items = [units[i][1] for i in indexes]
+                if _savepoint(connection, partial(batch_fn, connection, items)) is None:
+                    continue
             for index in indexes:
                 fn, payload = units[index]
-                work = (lambda: fn(connection, [payload])) if fn else (lambda: payload(connection))
+                work = partial(fn, connection, [payload]) if fn else partial(payload, connection)
                 outcomes[index] = _savepoint(connection, work, keep_result=fn is None)
         try:
             connection.execute("COMMIT")
@@ -234,6 +237,15 @@ class GroupCommitter:
             return [error] * len(units)
         self.commits += 1
         return outcomes
+
+
+def _settle(batch: list[tuple[Any, Any, Any]], outcomes: list[Any]) -> None:
+    """On the event loop: wake each submitter with its outcome."""
+    for (_, _, result), outcome in zip(batch, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            result.set_exception(outcome)
+        else:
+            result.set(outcome)
 
 
 def _savepoint(

@@ -40,7 +40,7 @@ class Policy:
         *,
         hostname: str,
         trusted_networks: Sequence[IPNetwork],
-        snapshot: Callable[[], AccountsSnapshot],
+        snapshot: Callable[..., AccountsSnapshot],
         vrfy: bool,
     ) -> None:
         self._hostname = hostname.lower()
@@ -63,7 +63,15 @@ class Policy:
         return snapshot.is_local_domain(address.domain) and snapshot.has_mailbox(address)
 
     def check_recipient(self, address: Address, client: Client) -> Reply:
-        snapshot = self._snapshot()
+        reply = self._check_recipient(address, client, self._snapshot())
+        if not reply.is_positive:
+            # Never refuse on a stale view: a user or domain may have just been added.
+            reply = self._check_recipient(address, client, self._snapshot(fresh=True))
+        return reply
+
+    def _check_recipient(
+        self, address: Address, client: Client, snapshot: AccountsSnapshot
+    ) -> Reply:
         if self.is_local(address, snapshot):
             if self.mailbox_exists(address, snapshot):
                 return replies.RECIPIENT_OK

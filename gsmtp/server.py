@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent import Timeout
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
@@ -52,6 +51,7 @@ RECV_SIZE = 256 * 1024
 # Connections past max_connections still get a prompt 421 instead of waiting in the
 # kernel backlog; this many extra greenlets may exist to say it.
 _OVERFLOW_SLOTS = 256
+_NEVER = float("inf")
 EARLY_TALKER = Reply(554, "5.5.0", "SMTP synchronization error: talked before the greeting")
 
 
@@ -92,9 +92,11 @@ class SmtpServer:
         self._servers: list[StreamServer] = []
         self._per_ip: dict[str, int] = defaultdict(int)
         self._active = 0
-        self._idle: dict[gevent.Greenlet, None] = {}
+        self._connections: dict[gevent.Greenlet, _Connection] = {}
+        self._sweeper: gevent.Greenlet | None = None
         self._stopping = Event()
         self._ids = itertools.count(1)
+        self._date_cache = (-1, "")
         self._log = get_logger(component="server")
 
     @property
@@ -114,16 +116,33 @@ class SmtpServer:
             server.start()
             self._servers.append(server)
             self._log.info("listener_started", host=host, port=port)
+        self._sweeper = gevent.spawn(self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """One timer for all connections: end those blocked on the peer past their
+        deadline (idle between commands, inside DATA, or not reading our replies).
+        Cheaper than arming a timeout around every read."""
+        tick = min(1.0, self._idle_timeout / 4)
+        while True:
+            gevent.sleep(tick)
+            now = time.monotonic()
+            for greenlet, connection in list(self._connections.items()):
+                if connection.deadline < now:
+                    connection.deadline = _NEVER
+                    greenlet.kill(_IdleTimeout, block=False)
 
     def stop(self, grace: float) -> None:
         """Stop accepting; idle sessions get 421 now, transactions get `grace` seconds."""
         self._stopping.set()
         for server in self._servers:
             server.close()
-        for greenlet in list(self._idle):
-            greenlet.kill(_ShutdownRequested, block=False)
+        for greenlet, connection in list(self._connections.items()):
+            if connection.idle:
+                greenlet.kill(_ShutdownRequested, block=False)
         self._pool.join(timeout=grace)
         self._pool.kill(block=True, timeout=1.0)
+        if self._sweeper is not None:
+            self._sweeper.kill()
 
     # -- one connection ---------------------------------------------------------------
 
@@ -142,7 +161,13 @@ class SmtpServer:
                 _send_quietly(sock, limit_reply.to_bytes())
                 return
             log.info("connection_opened")
-            _Connection(self, sock, peer_ip, log).run()
+            connection = _Connection(self, sock, peer_ip, log)
+            current = gevent.getcurrent()
+            self._connections[current] = connection
+            try:
+                connection.run()
+            finally:
+                del self._connections[current]
         except Exception:
             metrics.INTERNAL_ERRORS.labels("connection").inc()
             log.exception("connection_crashed")
@@ -155,6 +180,13 @@ class SmtpServer:
             metrics.CONNECTIONS_ACTIVE.dec()
             _close_quietly(sock)
             log.info("connection_closed")
+
+    def _date(self, now: float) -> str:
+        """The RFC 5322 date for a Received: header, formatted once per second."""
+        second = int(now)
+        if self._date_cache[0] != second:
+            self._date_cache = (second, rfc5322_date(second))
+        return self._date_cache[1]
 
     def _limit_reply(self, peer_ip: str) -> Reply | None:
         if self._stopping.is_set():
@@ -176,6 +208,8 @@ class _Connection:
         self._client: Client = client_from_ip(peer_ip)
         self._log = log
         self._tls = False
+        self.deadline = _NEVER  # monotonic time by which the peer must have acted
+        self.idle = False  # waiting for a command outside a transaction
         self._session = SmtpSession(
             server._limits,
             hostname=server._hostname,
@@ -224,22 +258,23 @@ class _Connection:
         server = self._server
         if server._stopping.is_set() and not session.in_transaction:
             raise _ShutdownRequested
-        idle = not session.in_transaction
-        current = gevent.getcurrent()
-        if idle:
-            server._idle[current] = None
+        self.idle = not session.in_transaction
+        self.deadline = time.monotonic() + server._idle_timeout
         try:
-            with Timeout(server._idle_timeout, _IdleTimeout):
-                data = self._sock.recv(RECV_SIZE)
+            data = self._sock.recv(RECV_SIZE)
         finally:
-            server._idle.pop(current, None)
+            self.idle = False
+            self.deadline = _NEVER
         session.receive_data(data)
 
     def _flush(self) -> None:
         data = self._session.data_to_send()
         if data:
-            with Timeout(self._server._idle_timeout, _IdleTimeout):
+            self.deadline = time.monotonic() + self._server._idle_timeout
+            try:
                 self._sock.sendall(data)
+            finally:
+                self.deadline = _NEVER
 
     def _flush_quietly(self) -> None:
         with contextlib.suppress(OSError, ssl.SSLError, _IdleTimeout):
@@ -266,8 +301,11 @@ class _Connection:
         assert context is not None
         self._session.respond(event, replies.READY_FOR_TLS)
         self._flush()
-        with Timeout(self._server._idle_timeout, _IdleTimeout):
+        self.deadline = time.monotonic() + self._server._idle_timeout
+        try:
             self._sock = context.wrap_socket(self._sock, server_side=True)
+        finally:
+            self.deadline = _NEVER
         self._tls = True
         self._log.info("tls_started", version=self._sock.version())
 
@@ -284,7 +322,7 @@ class _Connection:
             protocol=("ESMTP" if envelope.esmtp else "SMTP") + ("S" if self._tls else ""),
             message_id=message_id,
             recipient=recipients[0] if len(recipients) == 1 else None,
-            date=rfc5322_date(now),
+            date=self._server._date(now),
         )
         message = NewMessage(
             id=message_id,
@@ -303,7 +341,7 @@ class _Connection:
             self._log.error("message_not_stored", msg_id=message_id, error=printable(str(error)))
             return replies.SPOOL_ERROR
         metrics.ACCEPT_SECONDS.observe(time.monotonic() - started)
-        metrics.MESSAGES_RECEIVED.labels("queued").inc()
+        metrics.MESSAGES_QUEUED.inc()
         self._log.info(
             "message_queued",
             msg_id=message_id,

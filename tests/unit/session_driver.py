@@ -27,7 +27,7 @@ def make_policy(trusted: bool = False, vrfy: bool = False) -> Policy:
     return Policy(
         hostname="mx.foo.com",
         trusted_networks=[ipaddress.ip_network("192.0.2.0/24")] if trusted else [],
-        snapshot=lambda: SNAPSHOT,
+        snapshot=lambda fresh=False: SNAPSHOT,
         vrfy=vrfy,
     )
 
