@@ -38,14 +38,15 @@ class MailboxPathError(Exception):
 
 
 def mailbox_path(root: str, address: str) -> str:
-    """`<root>/<domain>/<local-part>`, refusing anything that escapes the root."""
+    """`<root>/<domain>/<local-part>`, refusing any name that could leave the root: each
+    part must be one plain path component (no separator, not "." or "..", no leading
+    dot). Symlinks inside are refused when the directories are opened."""
     local, _, domain = address.rpartition("@")
     for part in (local, domain):
-        if not part or part in (".", "..") or part.startswith(".") or "/" in part or "\x00" in part:
+        if not part or part.startswith(".") or "/" in part or "\x00" in part:
             raise MailboxPathError(f"unsafe mailbox name: {address!r}")
-    real_root = os.path.realpath(root)
-    path = os.path.join(real_root, domain, local)
-    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+    path = os.path.join(root, domain, local)
+    if os.path.commonpath([root, path]) != root:
         raise MailboxPathError(f"mailbox path escapes the root: {address!r}")
     return path
 
@@ -73,7 +74,7 @@ class MaildirDeliverer:
         resolve_mailbox: Callable[[str], str | None],
         run_blocking: Callable[[Callable[[], RecipientResult]], RecipientResult] = _run_inline,
     ) -> None:
-        self._root = root
+        self._root = os.path.abspath(root)
         self._resolve_mailbox = resolve_mailbox
         self._run_blocking = run_blocking
 
