@@ -28,7 +28,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.compare
 
 bench-deps:
-	apt-get install -y postfix
+	echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix
 
 clean:
 	rm -rf $(VENV) var

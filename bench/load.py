@@ -110,6 +110,24 @@ def _expect(reply: str, code: str) -> None:
         raise RuntimeError(f"expected {code}, got {reply[:80]!r}")
 
 
+def worker(
+    target: tuple[str, int],
+    messages: int,
+    body: bytes,
+    rcpt: str,
+    latencies: list[float],
+    result: Result,
+    deadline: float,
+    repeat: bool,
+) -> None:
+    """One client: a session of `messages` messages; with `repeat`, new sessions until
+    the deadline (how M=1 measures connection set-up)."""
+    while True:
+        session(target, messages, body, rcpt, latencies, result, deadline)
+        if not repeat or time.monotonic() > deadline or result.errors > 100:
+            return
+
+
 def session(
     target: tuple[str, int],
     messages: int,
@@ -178,8 +196,9 @@ def _progress(result: Result, started: float, total: int, stop: gevent.event.Eve
     while not stop.wait(1.0):
         elapsed = time.monotonic() - started
         rate = result.accepted / elapsed if elapsed else 0
+        of = f"/{total}" if total else ""
         print(
-            f"\r  {result.accepted}/{total} messages, {rate:,.0f} msg/s, {result.errors} errors",
+            f"\r  {result.accepted}{of} messages, {rate:,.0f} msg/s, {result.errors} errors",
             end="",
             file=sys.stderr,
             flush=True,
@@ -197,7 +216,10 @@ def run(
     max_seconds: float = 60.0,
     server_pid: int | None = None,
     progress: bool = True,
+    duration: float | None = None,
 ) -> Result:
+    """Run the load. With `duration`, every client repeats sessions for that long
+    (bounded by max_seconds too); without, each runs one session."""
     result = Result(f"{target[0]}:{target[1]}", connections, messages, size)
     latencies: list[float] = []
     body = make_body(size, 0)
@@ -244,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-s", "--size", type=parse_size, default=1024)
     parser.add_argument("--to", default="user@bench.test", help="recipient of every message")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="stop sending after this")
+    parser.add_argument(
+        "--duration", type=float, help="repeat sessions for this many seconds (bounded)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
     parser.add_argument("--pid", type=int, help="server PID, to report its CPU use")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
@@ -257,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         rcpt=args.to,
         max_seconds=args.max_seconds,
         server_pid=args.pid,
+        progress=not args.quiet,
+        duration=args.duration,
     )
     if args.json:
         print(json.dumps(asdict(result)))

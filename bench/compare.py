@@ -1,0 +1,296 @@
+"""Side-by-side benchmark: gsmtp against the peers a user would pick instead, one run.
+
+    make bench            (or: python -m bench.compare [--quick] [--no-idle])
+
+Starts each peer in turn on a free loopback port, runs the same matrix of loads
+(C connections × M messages per session × S bytes, each cell a few seconds, sessions
+repeated), repeats the key cells three times and keeps the median, checks that every
+message a durable peer accepted is stored, measures idle-connection memory, and writes
+bench/RESULTS.md (ratios, since these machines are noisy) and bench/results.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.peers import RECIPIENT, Peer, all_peers
+
+HERE = Path(__file__).parent
+KiB = 1024
+KEY_CELLS = [(100, 100, KiB), (100, 1, KiB), (10, 100, 100 * KiB)]
+
+
+@dataclass
+class Cell:
+    connections: int
+    messages: int
+    size: int
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.connections, self.messages, self.size)
+
+    def label(self) -> str:
+        return f"C={self.connections} M={self.messages} {self.size // KiB} KiB"
+
+
+@dataclass
+class Measurement:
+    msgs_per_s: float
+    sessions_per_s: float
+    p50_ms: float
+    p99_ms: float
+    cpu_percent: float
+    accepted: int
+    errors: int
+    runs: list[float] = field(default_factory=list)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process, its live descendants, and its reaped children."""
+    hertz = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        stats[int(entry)] = fields
+    total = 0.0
+    for proc, fields in stats.items():
+        ancestor = proc
+        while ancestor not in (0, 1) and ancestor != pid:
+            ancestor = parents.get(ancestor, 0)
+        if ancestor == pid:
+            total += int(fields[11]) + int(fields[12])
+            if proc == pid:
+                total += int(fields[13]) + int(fields[14])
+    return total / hertz
+
+
+def run_load(peer: Peer, cell: Cell, seconds: float) -> Measurement:
+    cpu_before = tree_cpu_seconds(peer.pid)
+    started = time.monotonic()
+    output = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.load",
+            "--json",
+            "--quiet",
+            "--target",
+            f"127.0.0.1:{peer.port}",
+            "-c",
+            str(cell.connections),
+            "-m",
+            str(cell.messages),
+            "-s",
+            str(cell.size),
+            "--to",
+            RECIPIENT,
+            "--duration",
+            str(seconds),
+            "--max-seconds",
+            str(seconds + 30),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+    )
+    elapsed = time.monotonic() - started
+    cpu = (tree_cpu_seconds(peer.pid) - cpu_before) / elapsed * 100
+    result = json.loads(output.stdout.strip().splitlines()[-1])
+    return Measurement(
+        result["msgs_per_s"],
+        result["sessions_per_s"],
+        result["p50_ms"],
+        result["p99_ms"],
+        round(cpu, 1),
+        result["accepted"],
+        result["errors"],
+    )
+
+
+def settle(peer: Peer, limit: float = 20.0) -> None:
+    """Let background work (deliveries, queue managers) finish before the next cell."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = tree_cpu_seconds(peer.pid)
+        time.sleep(0.5)
+        if tree_cpu_seconds(peer.pid) - before < 0.05:
+            return
+
+
+def measure_peer(peer: Peer, cells: list[Cell], seconds: float, repeats: int) -> dict[Any, Any]:
+    results: dict[Any, Any] = {}
+    accepted = 0
+    for cell in cells:
+        runs = []
+        for _ in range(repeats if cell.key in KEY_CELLS else 1):
+            settle(peer)
+            runs.append(run_load(peer, cell, seconds))
+        accepted += sum(run.accepted for run in runs)
+        best = sorted(runs, key=lambda m: m.msgs_per_s)[len(runs) // 2]
+        best.runs = [run.msgs_per_s for run in runs]
+        results[cell.key] = best
+        print(
+            f"  {peer.name:<17} {cell.label():<22} {best.msgs_per_s:>9,.0f} msg/s"
+            f"  p99 {best.p99_ms:>7.1f} ms  cpu {best.cpu_percent:>5.0f}%  errors {best.errors}",
+            flush=True,
+        )
+    settle(peer, limit=60)
+    stored = peer.stored()
+    results["accepted"] = accepted
+    results["stored"] = stored
+    if stored is not None:
+        verdict = "ok" if stored >= accepted else "MISSING MESSAGES"
+        print(f"  {peer.name}: accepted {accepted}, stored {stored}: {verdict}", flush=True)
+    return results
+
+
+def measure_idle(peer: Peer, count: int) -> dict[str, Any] | None:
+    output = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.idle",
+            "--target",
+            f"127.0.0.1:{peer.port}",
+            "-n",
+            str(count),
+            "--pid",
+            str(peer.pid),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if output.returncode != 0 or not output.stdout.strip():
+        print(f"  idle run failed for {peer.name}: {output.stderr.strip()[-300:]}", flush=True)
+        return None
+    result: dict[str, Any] = json.loads(output.stdout.strip().splitlines()[-1])
+    print(
+        f"  {peer.name:<17} {count} idle: {result['kib_per_connection']:.1f} KiB each,"
+        f" {result['dropped']} dropped",
+        flush=True,
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each cell")
+    parser.add_argument("--quick", action="store_true", help="key cells only, once each")
+    parser.add_argument("--no-idle", action="store_true", help="skip the idle-connection run")
+    parser.add_argument("--idle", type=int, default=10000, help="idle connections to hold")
+    parser.add_argument("--peers", default="", help="comma-separated subset of peer names")
+    parser.add_argument("--out", default=str(HERE), help="where RESULTS.md and results.png go")
+    args = parser.parse_args(argv)
+    if args.quick:
+        cells = [Cell(*key) for key in KEY_CELLS]
+    else:
+        cells = [Cell(c, m, s) for s in (KiB, 100 * KiB) for m in (1, 100) for c in (1, 10, 100)]
+    repeats = 1 if args.quick else 3
+    wanted = {name.strip() for name in args.peers.split(",") if name.strip()}
+    report: dict[str, Any] = {"skipped": {}, "results": {}, "idle": {}, "descriptions": {}}
+    for peer in all_peers():
+        if wanted and peer.name not in wanted:
+            continue
+        reason = peer.missing()
+        if reason:
+            print(f"skipping {peer.name}: {reason}", flush=True)
+            report["skipped"][peer.name] = reason
+            continue
+        report["descriptions"][peer.name] = peer.description
+        with tempfile.TemporaryDirectory(prefix=f"bench-{peer.name}-") as workdir:
+            print(f"{peer.name}: {peer.description}", flush=True)
+            try:
+                peer.start(Path(workdir))
+                report["results"][peer.name] = measure_peer(peer, cells, args.seconds, repeats)
+                if not args.no_idle and peer.name in ("gsmtp", "aiosmtpd-discard", "gevent-sink"):
+                    report["idle"][peer.name] = measure_idle(peer, args.idle)
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as error:
+                print(f"  {peer.name} failed: {error}", flush=True)
+                report["skipped"][peer.name] = f"failed: {error}"
+            finally:
+                peer.stop()
+    cross = {} if args.quick else cross_check(report)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    from bench.report import write_plot, write_results
+
+    write_results(Path(args.out) / "RESULTS.md", report, cells, cross, machine())
+    write_plot(Path(args.out) / "results.png", report)
+    print(f"wrote {Path(args.out) / 'RESULTS.md'}")
+    return 0
+
+
+def cross_check(report: dict[str, Any]) -> dict[str, float]:
+    """One cell measured with Postfix's smtp-source, an independent load generator."""
+    import shutil
+
+    if not shutil.which("smtp-source"):
+        return {}
+    found: dict[str, float] = {}
+    for peer in all_peers():
+        if peer.name not in ("gsmtp", "postfix") or peer.name not in report["results"]:
+            continue
+        with tempfile.TemporaryDirectory(prefix=f"bench-xcheck-{peer.name}-") as workdir:
+            try:
+                peer.start(Path(workdir))
+                started = time.monotonic()
+                subprocess.run(
+                    [
+                        "smtp-source",
+                        "-s",
+                        "100",
+                        "-m",
+                        "10000",
+                        "-l",
+                        "1024",
+                        "-d",
+                        "-f",
+                        "load@bench.test",
+                        "-t",
+                        RECIPIENT,
+                        f"127.0.0.1:{peer.port}",
+                    ],
+                    check=True,
+                    capture_output=True,
+                    timeout=300,
+                )
+                found[peer.name] = round(10000 / (time.monotonic() - started), 1)
+                print(f"  smtp-source → {peer.name}: {found[peer.name]:,.0f} msg/s", flush=True)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+                print(f"  smtp-source → {peer.name} failed: {error}", flush=True)
+            finally:
+                peer.stop()
+    return found
+
+
+def machine() -> dict[str, str]:
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
