@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import select
 import socket
 import ssl
 import time
@@ -246,10 +245,13 @@ class _Connection:
 
     def _talked_early(self) -> bool:
         """RFC 5321 §4.3.1: the client waits for the greeting; bytes already here mean a
-        spam engine that does not listen (Postfix postscreen PREGREET)."""
+        spam engine that does not listen (Postfix postscreen PREGREET). A non-blocking
+        peek on the OS socket (select() cannot take descriptors past 1023)."""
+        raw = getattr(self._sock, "_sock", self._sock)
         try:
-            readable, _, _ = select.select([self._sock], [], [], 0)
-            return bool(readable) and bool(self._sock.recv(1, socket.MSG_PEEK))
+            return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return False
         except OSError:
             return False
 
