@@ -78,6 +78,28 @@ def query(connection: apsw.Connection, sql: str, params: Any = ()) -> list[tuple
     return [tuple(row) for row in connection.execute(sql, params)]
 
 
+def execute_values(
+    connection: apsw.Connection, statement: str, rows: list[tuple[Any, ...]]
+) -> None:
+    """Run `statement` (containing one `{values}`) with all rows as a multi-row VALUES
+    list. One statement is one step: apsw gives up the GIL once per step, so a single
+    step instead of one per row keeps the writer thread from waiting on the event loop
+    for the GIL again and again."""
+    if not rows:
+        return
+    width = len(rows[0])
+    per_chunk = max(1, _MAX_VARIABLES // width)
+    for start in range(0, len(rows), per_chunk):
+        chunk = rows[start : start + per_chunk]
+        placeholders = ",".join(["(" + ",".join("?" * width) + ")"] * len(chunk))
+        connection.execute(
+            statement.format(values=placeholders), [value for row in chunk for value in row]
+        )
+
+
+_MAX_VARIABLES = 30000  # under SQLite's default limit of 32766 bound parameters
+
+
 def scalar(connection: apsw.Connection, sql: str, params: Any = ()) -> Any:
     """The first column of the first row, or None."""
     rows = query(connection, sql, params)

@@ -85,6 +85,7 @@ class Scheduler:
         self._hostname = hostname
         self._clock = clock
         self._pool = Pool(concurrency)
+        self._claim_batch = max(1, concurrency // 4)
         self._max_per_domain = max_per_domain
         self._active: dict[str, int] = defaultdict(int)
         self._waiting: dict[str, deque[_Batch]] = defaultdict(deque)
@@ -131,6 +132,8 @@ class Scheduler:
         free = self._pool.free_count()
         if free <= 0 or self._stopping:
             return 0
+        if free < self._claim_batch and len(self._pool) > 0:
+            return 0  # wait for more senders to come free: fewer, larger claims
         claims = self._spool.claim_due(self._clock(), limit=free * 4)
         for claim in claims:
             for batch in self._batches(claim):

@@ -14,6 +14,7 @@ recipient is left queued.
 from __future__ import annotations
 
 import itertools
+import json
 import secrets
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from typing import Any
 
 import apsw
 
-from gsmtp.db import GroupCommitter, query, scalar, transaction
+from gsmtp.db import GroupCommitter, execute_values, query, scalar, transaction
 from gsmtp.delivery.base import MessageId, Outcome, QueuedMessage
 
 LEASE_SECONDS = 3600.0
@@ -70,17 +71,19 @@ class RecipientUpdate:
 
 def insert_messages(connection: apsw.Connection, messages: list[NewMessage]) -> None:
     """Many messages in two statements (the group-commit fast path)."""
-    connection.executemany(
+    execute_values(
+        connection,
         "INSERT INTO messages(id, sender, body, size, received_at, client, helo, smtputf8)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        " VALUES {values}",
         [
             (m.id, m.sender, m.body, len(m.body), m.received_at, m.client, m.helo, int(m.smtputf8))
             for m in messages
         ],
     )
-    connection.executemany(
+    execute_values(
+        connection,
         "INSERT OR IGNORE INTO recipients(message_id, address, status, next_attempt_at)"
-        " VALUES (?, ?, 'queued', ?)",
+        " SELECT column1, column2, 'queued', column3 FROM (VALUES {values})",
         [(m.id, r, m.received_at) for m in messages for r in m.recipients],
     )
 
@@ -95,30 +98,31 @@ def apply_results(
 ) -> None:
     """Results of many deliveries in a few statements (the group-commit fast path)."""
     updates = [update for unit, _ in batch for update in unit]
-    connection.executemany(
-        "UPDATE recipients SET attempts = attempts + 1, next_attempt_at = ?,"
-        " last_error = ?, lease_until = NULL WHERE message_id = ? AND address = ?",
+    execute_values(
+        connection,
+        "UPDATE recipients SET status = v.column1, attempts = attempts + 1,"
+        " next_attempt_at = v.column2, last_error = v.column3, lease_until = NULL"
+        " FROM (VALUES {values}) AS v"
+        " WHERE recipients.message_id = v.column4 AND recipients.address = v.column5",
         [
-            (u.next_attempt_at, u.error, u.message_id, u.address)
+            (
+                "queued" if u.outcome is Outcome.DEFERRED else u.outcome.value,
+                u.next_attempt_at,
+                u.error,
+                u.message_id,
+                u.address,
+            )
             for u in updates
-            if u.outcome is Outcome.DEFERRED
-        ],
-    )
-    connection.executemany(
-        "UPDATE recipients SET status = ?, attempts = attempts + 1,"
-        " last_error = ?, lease_until = NULL WHERE message_id = ? AND address = ?",
-        [
-            (u.outcome.value, u.error, u.message_id, u.address)
-            for u in updates
-            if u.outcome is not Outcome.DEFERRED
         ],
     )
     # `+status`: find the message's recipients by the primary key; the status index
     # would scan every queued recipient in the spool.
-    connection.executemany(
-        "DELETE FROM messages WHERE id = ? AND NOT EXISTS ("
-        " SELECT 1 FROM recipients WHERE message_id = ? AND +status = 'queued')",
-        [(message_id, message_id) for message_id in {u.message_id for u in updates}],
+    execute_values(
+        connection,
+        "DELETE FROM messages WHERE id IN (SELECT column1 FROM (VALUES {values}))"
+        " AND NOT EXISTS (SELECT 1 FROM recipients"
+        " WHERE message_id = messages.id AND +status = 'queued')",
+        [(message_id,) for message_id in {u.message_id for u in updates}],
     )
     insert_messages(connection, [bounce for _, bounces in batch for bounce in bounces])
 
@@ -151,43 +155,60 @@ class Spool:
         return int(self._writer.submit(work))
 
     def claim_due(self, now: float, limit: int) -> list[Claim]:
-        """Lease up to `limit` due recipients, grouped by message, oldest due first."""
+        """Lease up to `limit` due recipients, grouped by message, oldest due first.
 
-        def work(connection: apsw.Connection) -> list[Claim]:
-            rows = query(
+        The writer thread runs three single-step statements (choose, lease, describe,
+        the last aggregated to one JSON row); the bodies are read afterwards on the
+        reader connection."""
+
+        def work(connection: apsw.Connection) -> str:
+            params = {"lease": now + LEASE_SECONDS, "now": now, "limit": limit}
+            chosen = scalar(
                 connection,
-                # The lease also moves next_attempt_at past the lease, so the due range
-                # of the index holds only unclaimed work and a claim never re-reads it.
-                "UPDATE recipients SET lease_until = :lease, next_attempt_at = :lease"
-                " WHERE rowid IN ("
-                " SELECT rowid FROM recipients WHERE status = 'queued'"
-                " AND next_attempt_at <= :now ORDER BY next_attempt_at LIMIT :limit)"
-                " RETURNING message_id, address, attempts, bounce_requested",
-                {"lease": now + LEASE_SECONDS, "now": now, "limit": limit},
+                "SELECT json_group_array(rowid) FROM (SELECT rowid FROM recipients"
+                " WHERE status = 'queued' AND next_attempt_at <= :now"
+                " ORDER BY next_attempt_at LIMIT :limit)",
+                params,
             )
-            by_message: dict[str, list[tuple[str, int]]] = {}
-            bounce_requested: set[str] = set()
-            for message_id, address, attempts, bounce in rows:
-                by_message.setdefault(message_id, []).append((address, attempts))
-                if bounce:
-                    bounce_requested.add(address)
-            messages = _load_messages(connection, list(by_message))
-            claims = []
-            for message_id, recipients in by_message.items():
-                message = messages.get(message_id)
-                if message is None:
-                    continue
-                claims.append(
-                    Claim(
-                        message,
-                        tuple(address for address, _ in recipients),
-                        dict(recipients),
-                        frozenset(a for a, _ in recipients if a in bounce_requested),
-                    )
+            # The lease also moves next_attempt_at past the lease, so the due range of
+            # the index holds only unclaimed work and a claim never re-reads it.
+            connection.execute(
+                "UPDATE recipients SET lease_until = :lease, next_attempt_at = :lease"
+                " WHERE rowid IN (SELECT value FROM json_each(:chosen))",
+                {**params, "chosen": chosen},
+            )
+            return str(
+                scalar(
+                    connection,
+                    "SELECT json_group_array(json_array(message_id, address, attempts,"
+                    " bounce_requested)) FROM recipients"
+                    " WHERE rowid IN (SELECT value FROM json_each(:chosen))",
+                    {"chosen": chosen},
                 )
-            return claims
+            )
 
-        return list(self._writer.submit(work))
+        rows = json.loads(self._writer.submit(work))
+        by_message: dict[str, list[tuple[str, int]]] = {}
+        bounce_requested: set[str] = set()
+        for message_id, address, attempts, bounce in rows:
+            by_message.setdefault(message_id, []).append((address, attempts))
+            if bounce:
+                bounce_requested.add(address)
+        messages = _load_messages(self._reader, list(by_message))
+        claims = []
+        for message_id, recipients in by_message.items():
+            message = messages.get(message_id)
+            if message is None:
+                continue
+            claims.append(
+                Claim(
+                    message,
+                    tuple(address for address, _ in recipients),
+                    dict(recipients),
+                    frozenset(a for a, _ in recipients if a in bounce_requested),
+                )
+            )
+        return claims
 
     def record_results(
         self, updates: Sequence[RecipientUpdate], bounces: Sequence[NewMessage] = ()
