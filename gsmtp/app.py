@@ -144,7 +144,7 @@ class Application:
         def in_thread(work: Any) -> Any:
             return self._file_pool.apply(work)
 
-        local = MaildirDeliverer(
+        self._local = local = MaildirDeliverer(
             self.config.maildir.root,
             resolve_mailbox=self._resolve_mailbox,
             run_blocking=in_thread,
@@ -222,6 +222,7 @@ class Application:
             self._metrics_server.stop(timeout=1)
         self._writer.stop()
         self._file_pool.kill()
+        self._local.close()
         self._log.info("server_stopped")
         self._stopped.set()
 

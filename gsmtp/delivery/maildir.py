@@ -7,20 +7,24 @@ with LF line endings, as qmail, Postfix and Dovecot write it, beginning with
 `Return-Path:` and `Delivered-To:`. A crash after the link and before the spool update
 delivers again after restart: at least once, never lost (a duplicate is possible).
 
-Blocking file work runs through `run_blocking` (a thread pool in the server) so the
-event loop never waits on the disk.
+Every file operation is relative to directory descriptors opened with O_NOFOLLOW, so a
+symlink planted in a mailbox fails the delivery (deferred) instead of redirecting it.
+Blocking file work runs through `run_blocking` (one thread in the server) so the event
+loop never waits on the disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 import secrets
 import socket
-import stat
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from gsmtp.delivery.base import Outcome, QueuedMessage, RecipientResult
@@ -75,11 +79,15 @@ class MaildirDeliverer:
         run_blocking: Callable[[Callable[[], RecipientResult]], RecipientResult] = _run_inline,
     ) -> None:
         self._root = os.path.abspath(root)
+        self._writer = MaildirWriter(self._root)
         self._resolve_mailbox = resolve_mailbox
         self._run_blocking = run_blocking
 
     def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
         return [self._deliver_one(message, recipient) for recipient in recipients]
+
+    def close(self) -> None:
+        self._writer.close()
 
     def _deliver_one(self, message: QueuedMessage, recipient: str) -> RecipientResult:
         mailbox = self._resolve_mailbox(recipient)
@@ -88,59 +96,134 @@ class MaildirDeliverer:
                 recipient, Outcome.FAILED, "5.1.1", "550 5.1.1 No such user here"
             )
         try:
-            path = mailbox_path(self._root, mailbox)
+            mailbox_path(self._root, mailbox)
         except MailboxPathError as error:
             return RecipientResult(recipient, Outcome.FAILED, "5.1.3", f"550 5.1.3 {error}")
-        return self._run_blocking(lambda: _write(path, message, recipient, mailbox))
+        local, _, domain = mailbox.rpartition("@")
+        header = f"Return-Path: <{message.sender}>\nDelivered-To: {mailbox}\n".encode()
+        content = header + to_lf(message.body)
+        return self._run_blocking(lambda: self._store(recipient, domain, local, content))
 
-
-def _ensure_maildir(path: str) -> None:
-    """Create `path/{tmp,new,cur}` (and the domain directory) 0700 whatever the umask;
-    refuse a symlink planted in their place (S-05)."""
-    domain_dir = os.path.dirname(path)
-    os.makedirs(os.path.dirname(domain_dir), mode=0o700, exist_ok=True)
-    directories = (domain_dir, path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur")))
-    for directory in directories:
+    def _store(self, recipient: str, domain: str, local: str, content: bytes) -> RecipientResult:
+        """In the writer thread."""
         try:
-            os.mkdir(directory, 0o700)
-            os.chmod(directory, 0o700)
-        except FileExistsError:
-            pass
-        if not stat.S_ISDIR(os.lstat(directory).st_mode):
-            raise OSError(errno.ELOOP, "not a real directory", directory)
+            self._writer.write(domain, local, content)
+        except OSError as error:
+            # Disk full, permissions, a symlink planted in the way: try again later, never
+            # bounce for a local fault (RFC 5321 §6.1: no loss "for frivolous reasons").
+            code = errno.errorcode.get(error.errno or 0, "EIO")
+            return RecipientResult(
+                recipient, Outcome.DEFERRED, "4.3.0", f"451 4.3.0 Maildir write failed: {code}"
+            )
+        return RecipientResult(
+            recipient, Outcome.DELIVERED, "2.0.0", "250 2.0.0 Delivered to Maildir"
+        )
 
 
-def _write(path: str, message: QueuedMessage, recipient: str, mailbox: str) -> RecipientResult:
-    """In a worker thread: tmp → fsync → link into new → fsync new/."""
-    header = f"Return-Path: <{message.sender}>\nDelivered-To: {mailbox}\n".encode()
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_directory(name: str, parent: int, *, create: bool = True) -> int:
+    """A directory under `parent`, created 0700 whatever the umask if missing. O_NOFOLLOW:
+    a symlink planted in its place fails with ELOOP instead of being followed (S-05)."""
     try:
-        _ensure_maildir(path)
-        name = unique_name(time.time())
-        tmp_path = os.path.join(path, "tmp", name)
-        new_path = os.path.join(path, "new", name)
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        return os.open(name, _DIRECTORY, dir_fd=parent)
+    except FileNotFoundError:
+        if not create:
+            raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=parent)
+        fd = os.open(name, _DIRECTORY, dir_fd=parent)
+        os.fchmod(fd, 0o700)
+        return fd
+
+
+@dataclass(frozen=True, slots=True)
+class _Mailbox:
+    """Open descriptors of one Maildir's tmp/ and new/: every later file operation is
+    relative to them, so nothing on the way can be swapped for a symlink."""
+
+    tmp: int
+    new: int
+
+    def close(self) -> None:
+        os.close(self.tmp)
+        os.close(self.new)
+
+
+class MaildirWriter:
+    """Writes message files; keeps the directories of recently used Maildirs open, so a
+    delivery costs seven system calls: create, write, fsync, close, link, unlink and the
+    fsync of new/. Used from one thread at a time."""
+
+    CACHED_MAILBOXES = 256
+
+    def __init__(self, root: str) -> None:
+        self._root_path = root
+        self._root: int | None = None
+        self._open: OrderedDict[str, _Mailbox] = OrderedDict()
+
+    def write(self, domain: str, local: str, content: bytes) -> None:
+        """Store `content` in `<domain>/<local>/new/` durably, or raise OSError."""
+        if self._root is None:
+            os.makedirs(self._root_path, mode=0o700, exist_ok=True)
+            self._root = os.open(self._root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        key = f"{domain}/{local}"
+        mailbox = self._open.pop(key, None)
         try:
-            with os.fdopen(fd, "wb", closefd=False) as handle:
-                handle.write(header)
-                handle.write(to_lf(message.body))
-                handle.flush()
+            if mailbox is None:
+                mailbox = self._open_mailbox(domain, local)
+            self._write_file(mailbox, content)
+        except FileNotFoundError:
+            # The Maildir was removed while its directories were open: open it afresh.
+            if mailbox is not None:
+                mailbox.close()
+            mailbox = self._open_mailbox(domain, local)
+            self._write_file(mailbox, content)
+        except OSError:
+            if mailbox is not None:
+                mailbox.close()
+            raise
+        self._open[key] = mailbox
+        if len(self._open) > self.CACHED_MAILBOXES:
+            _, oldest = self._open.popitem(last=False)
+            oldest.close()
+
+    def close(self) -> None:
+        for mailbox in self._open.values():
+            mailbox.close()
+        self._open.clear()
+        if self._root is not None:
+            os.close(self._root)
+            self._root = None
+
+    def _open_mailbox(self, domain: str, local: str) -> _Mailbox:
+        assert self._root is not None
+        domain_fd = _open_directory(domain, self._root)
+        try:
+            box = _open_directory(local, domain_fd)
+        finally:
+            os.close(domain_fd)
+        try:
+            os.close(_open_directory("cur", box))
+            return _Mailbox(_open_directory("tmp", box), _open_directory("new", box))
+        finally:
+            os.close(box)
+
+    @staticmethod
+    def _write_file(mailbox: _Mailbox, content: bytes) -> None:
+        name = unique_name(time.time())
+        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=mailbox.tmp)
+        try:
+            view = memoryview(content)
+            while view:
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
         try:
-            os.link(tmp_path, new_path)
+            os.link(name, name, src_dir_fd=mailbox.tmp, dst_dir_fd=mailbox.new)
         finally:
-            os.unlink(tmp_path)
-        dir_fd = os.open(os.path.join(path, "new"), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as error:
-        # Disk full, permissions, a symlink planted in the way: try again later, never
-        # bounce for a local fault (RFC 5321 §6.1: no loss "for frivolous reasons").
-        code = errno.errorcode.get(error.errno or 0, "EIO")
-        return RecipientResult(
-            recipient, Outcome.DEFERRED, "4.3.0", f"451 4.3.0 Maildir write failed: {code}"
-        )
-    return RecipientResult(recipient, Outcome.DELIVERED, "2.0.0", "250 2.0.0 Delivered to Maildir")
+            os.unlink(name, dir_fd=mailbox.tmp)
+        os.fsync(mailbox.new)
