@@ -137,9 +137,13 @@ def session(
     result: Result,
     deadline: float,
 ) -> None:
+    family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(30)
     try:
-        sock = socket.create_connection(target, timeout=30)
+        sock.connect(target)  # an IP literal: no name lookup (create_connection would)
     except OSError as error:
+        sock.close()
         result.errors += 1
         if len(result.error_samples) < 5:
             result.error_samples.append(f"connect: {error}")

@@ -117,6 +117,7 @@ class Application:
             tls_context=self._tls_context(),
         )
         self._metrics_server: Any = None
+        self._log_flusher: Any = None
 
     def _open_spool(self) -> apsw.Connection:
         try:
@@ -182,6 +183,7 @@ class Application:
     # -- running ----------------------------------------------------------------------
 
     def start(self) -> None:
+        self._log_flusher = gevent.spawn(self._flush_logs)
         released = self.spool.release_leases()
         if released:
             self._log.info("leases_released", count=released)
@@ -192,6 +194,12 @@ class Application:
         except OSError as error:
             raise StartupError(f"cannot listen: {error.strerror} ({error})") from None
         self._log.info("server_started", hostname=self.config.server.hostname)
+
+    @staticmethod
+    def _flush_logs() -> None:
+        while True:
+            gevent.sleep(log.FLUSH_SECONDS)
+            log.flush()
 
     def _start_metrics(self) -> None:
         if not self.config.metrics.listen:
@@ -224,6 +232,9 @@ class Application:
         self._file_pool.kill()
         self._local.close()
         self._log.info("server_stopped")
+        if self._log_flusher is not None:
+            self._log_flusher.kill()
+        log.flush()
         self._stopped.set()
 
     def reload(self) -> None:
@@ -261,6 +272,7 @@ def serve(config: Config) -> int:
         application.serve_forever()
     except StartupError as error:
         log.get_logger(component="app").error("startup_failed", error=str(error))
+        log.flush()
         print(f"gsmtp: {error}", file=sys.stderr)
         return 1
     return 0

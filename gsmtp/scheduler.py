@@ -13,6 +13,8 @@ recipients of a message with a sender get one RFC 3464 bounce, enqueued in the s
 transaction. Between rounds the runner sleeps until the next due time, a wake-up (a new
 message: the seed's signal, as a gevent Event), or at most IDLE_SECONDS. An exception in
 one delivery is logged and counted; the recipients are deferred, the runner goes on.
+When acceptance and delivery compete for the process's core, a DeliveryPacer lowers
+the number of concurrent deliveries so that clients waiting on replies come first.
 """
 
 from __future__ import annotations
@@ -35,6 +37,44 @@ from gsmtp.spool import Claim, NewMessage, RecipientUpdate, Spool, new_message_i
 
 IDLE_SECONDS = 5.0
 JITTER_FRACTION = 0.1
+
+
+class DeliveryPacer:
+    """Acceptance before delivery. Clients wait on the event loop for every reply,
+    deliveries can wait for the next retry; when both compete for the one core a
+    Python process gets, the loop's lag (how late a short sleep wakes) says which is
+    losing. Additive increase, multiplicative decrease on the number of concurrent
+    deliveries: above `high` lag it halves (never below `minimum`, so mail keeps
+    moving under any load), below `low` it grows back to the configured concurrency."""
+
+    def __init__(
+        self,
+        maximum: int,
+        *,
+        minimum: int = 2,
+        high: float = 0.010,
+        low: float = 0.003,
+        interval: float = 0.02,
+    ) -> None:
+        self.maximum = maximum
+        self.minimum = min(minimum, maximum)
+        self.allowed = maximum
+        self._high = high
+        self._low = low
+        self.interval = interval
+
+    def observe(self, lag: float) -> None:
+        if lag > self._high:
+            self.allowed = max(self.minimum, self.allowed // 2)
+        elif lag < self._low:
+            self.allowed = min(self.maximum, self.allowed + max(1, self.maximum // 20))
+
+    def run(self) -> None:
+        """Probe the loop forever (the scheduler owns and kills this greenlet)."""
+        while True:
+            started = time.monotonic()
+            gevent.sleep(self.interval)
+            self.observe(time.monotonic() - started - self.interval)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +126,8 @@ class Scheduler:
         self._clock = clock
         self._pool = Pool(concurrency)
         self._claim_batch = max(1, concurrency // 4)
+        self._pacer = DeliveryPacer(concurrency)
+        self._pacer_greenlet: gevent.Greenlet | None = None
         self._max_per_domain = max_per_domain
         self._active: dict[str, int] = defaultdict(int)
         self._waiting: dict[str, deque[_Batch]] = defaultdict(deque)
@@ -96,6 +138,7 @@ class Scheduler:
 
     def start(self) -> None:
         self._runner = gevent.spawn(self._run)
+        self._pacer_greenlet = gevent.spawn(self._pacer.run)
 
     def wake(self) -> None:
         """A new message is queued: look for due work now."""
@@ -107,6 +150,8 @@ class Scheduler:
         self._stopping = True
         self._waiting.clear()
         self._wake.set()
+        if self._pacer_greenlet is not None:
+            self._pacer_greenlet.kill()
         if self._runner is not None:
             self._runner.join(timeout=1.0)
             self._runner.kill()
@@ -124,24 +169,25 @@ class Scheduler:
             except Exception:
                 metrics.INTERNAL_ERRORS.labels("scheduler").inc()
                 self._log.exception("queue_run_failed")
-            if claimed and self._pool.free_count() > 0:
+            if claimed and len(self._pool) < self._pacer.allowed:
                 continue
             self._wake.wait(self._sleep_seconds())
 
     def _claim_and_dispatch(self) -> int:
-        free = self._pool.free_count()
-        if free <= 0 or self._stopping:
+        busy = len(self._pool)
+        room = min(self._pool.free_count(), self._pacer.allowed - busy)
+        if room <= 0 or self._stopping:
             return 0
-        if free < self._claim_batch and len(self._pool) > 0:
+        if room < min(self._claim_batch, self._pacer.allowed) and busy > 0:
             return 0  # wait for more senders to come free: fewer, larger claims
-        claims = self._spool.claim_due(self._clock(), limit=free * 4)
+        claims = self._spool.claim_due(self._clock(), limit=room * 4)
         for claim in claims:
             for batch in self._batches(claim):
                 self._dispatch(batch)
         return sum(len(claim.recipients) for claim in claims)
 
     def _sleep_seconds(self) -> float:
-        if self._pool.free_count() <= 0:
+        if len(self._pool) >= self._pacer.allowed:
             return 0.05  # woken sooner by a sender finishing (see _deliver)
         next_due = self._spool.next_due_at()
         if next_due is None:
