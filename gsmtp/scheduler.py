@@ -52,8 +52,8 @@ class DeliveryPacer:
         maximum: int,
         *,
         minimum: int = 2,
-        high: float = 0.010,
-        low: float = 0.003,
+        high: float = 0.004,
+        low: float = 0.001,
         interval: float = 0.02,
     ) -> None:
         self.maximum = maximum
@@ -67,7 +67,7 @@ class DeliveryPacer:
         if lag > self._high:
             self.allowed = max(self.minimum, self.allowed // 2)
         elif lag < self._low:
-            self.allowed = min(self.maximum, self.allowed + max(1, self.maximum // 20))
+            self.allowed = min(self.maximum, self.allowed + 1)
 
     def run(self) -> None:
         """Probe the loop forever (the scheduler owns and kills this greenlet)."""
