@@ -39,6 +39,7 @@ from gsmtp.spool import Spool
 # around every file syscall, starve the event loop (a GIL convoy): measured with
 # `bench.load -c 100 -m 100`, 8 threads accepted half as much mail as 1.
 MAILDIR_THREADS = 1
+CHECKPOINT_SECONDS = 0.5
 
 
 class StartupError(Exception):
@@ -83,7 +84,8 @@ class Application:
         self._stopped = Event()
         self._reader = self._open_spool()
         self._writer = db.GroupCommitter(config.spool.path)
-        self.spool = Spool(self._writer, self._reader)
+        self._bodies = db.ThreadReader(config.spool.path)
+        self.spool = Spool(self._writer, self._reader, self._bodies)
         self._accounts = AccountsCache(self._reader)
         self.policy = Policy(
             hostname=config.server.hostname,
@@ -183,7 +185,7 @@ class Application:
     # -- running ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._log_flusher = gevent.spawn(self._flush_logs)
+        self._log_flusher = gevent.spawn(self._housekeeping)
         released = self.spool.release_leases()
         if released:
             self._log.info("leases_released", count=released)
@@ -195,11 +197,19 @@ class Application:
             raise StartupError(f"cannot listen: {error.strerror} ({error})") from None
         self._log.info("server_started", hostname=self.config.server.hostname)
 
-    @staticmethod
-    def _flush_logs() -> None:
+    def _housekeeping(self) -> None:
+        """Every FLUSH_SECONDS write out log lines; every CHECKPOINT_SECONDS move the
+        WAL into the database on the reader thread."""
+        next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
         while True:
             gevent.sleep(log.FLUSH_SECONDS)
             log.flush()
+            if time.monotonic() >= next_checkpoint:
+                next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
+                try:
+                    self._bodies.checkpoint()
+                except apsw.Error as error:
+                    self._log.warning("checkpoint_failed", error=str(error))
 
     def _start_metrics(self) -> None:
         if not self.config.metrics.listen:
@@ -229,6 +239,7 @@ class Application:
         if self._metrics_server is not None:
             self._metrics_server.stop(timeout=1)
         self._writer.stop()
+        self._bodies.close()
         self._file_pool.kill()
         self._local.close()
         self._log.info("server_stopped")

@@ -25,6 +25,7 @@ import apsw
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 5000
+AUTOCHECKPOINT_PAGES = 50000  # about 200 MB of WAL
 
 _MIGRATIONS: tuple[str, ...] = (
     # 1: the seed's users/spool/rcpt, made per-recipient.
@@ -122,6 +123,9 @@ def connect(path: str) -> apsw.Connection:
         if mode != "wal":
             raise DatabaseError(f"{path}: cannot switch to WAL mode (got {mode})")
         connection.execute("PRAGMA synchronous=FULL")
+        # Checkpoints run on their own thread (ThreadReader.checkpoint); this is only the
+        # safety net that keeps the WAL bounded should they fall behind.
+        connection.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
         connection.execute("PRAGMA foreign_keys=ON")
         _migrate(connection)
     except apsw.Error as error:
@@ -259,6 +263,29 @@ class GroupCommitter:
             return [error] * len(units)
         self.commits += 1
         return outcomes
+
+
+class ThreadReader:
+    """Reads that move much data (message bodies) run on a thread of their own, with a
+    connection of their own, so copying blobs never holds up the event loop."""
+
+    def __init__(self, path: str) -> None:
+        from gevent.threadpool import ThreadPool
+
+        self._connection = connect(path)
+        self._thread = ThreadPool(1)
+
+    def run(self, work: Callable[[apsw.Connection], T]) -> T:
+        return self._thread.apply(work, (self._connection,))  # type: ignore[no-any-return]
+
+    def checkpoint(self) -> None:
+        """Copy committed WAL frames into the database without blocking writers, so the
+        committing thread never pays for a checkpoint (nor the client for its fsync)."""
+        self.run(lambda connection: connection.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+
+    def close(self) -> None:
+        self._thread.kill()
+        self._connection.close()
 
 
 def _settle(batch: list[tuple[Any, Any, Any]], outcomes: list[Any]) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import apsw
 
-from gsmtp.db import GroupCommitter, execute_values, query, scalar, transaction
+from gsmtp.db import GroupCommitter, ThreadReader, execute_values, query, scalar, transaction
 from gsmtp.delivery.base import MessageId, Outcome, QueuedMessage
 
 LEASE_SECONDS = 3600.0
@@ -130,9 +130,12 @@ def apply_results(
 class Spool:
     """The server's view of the spool: writes go through the group committer."""
 
-    def __init__(self, writer: GroupCommitter, reader: apsw.Connection) -> None:
+    def __init__(
+        self, writer: GroupCommitter, reader: apsw.Connection, bodies: ThreadReader | None = None
+    ) -> None:
         self._writer = writer
         self._reader = reader
+        self._bodies = bodies
 
     def enqueue(self, message: NewMessage) -> MessageId:
         """Store a message durably; returns once committed (raises if it was not)."""
@@ -158,8 +161,8 @@ class Spool:
         """Lease up to `limit` due recipients, grouped by message, oldest due first.
 
         The writer thread runs three single-step statements (choose, lease, describe,
-        the last aggregated to one JSON row); the bodies are read afterwards on the
-        reader connection."""
+        the last aggregated to one JSON row); the bodies are read afterwards by the
+        body reader's thread (or the reader connection when there is none)."""
 
         def work(connection: apsw.Connection) -> str:
             params = {"lease": now + LEASE_SECONDS, "now": now, "limit": limit}
@@ -194,7 +197,11 @@ class Spool:
             by_message.setdefault(message_id, []).append((address, attempts))
             if bounce:
                 bounce_requested.add(address)
-        messages = _load_messages(self._reader, list(by_message))
+        ids = list(by_message)
+        if self._bodies is not None:
+            messages = self._bodies.run(lambda connection: _load_messages(connection, ids))
+        else:
+            messages = _load_messages(self._reader, ids)
         claims = []
         for message_id, recipients in by_message.items():
             message = messages.get(message_id)

@@ -101,13 +101,16 @@ class MaildirDeliverer:
             return RecipientResult(recipient, Outcome.FAILED, "5.1.3", f"550 5.1.3 {error}")
         local, _, domain = mailbox.rpartition("@")
         header = f"Return-Path: <{message.sender}>\nDelivered-To: {mailbox}\n".encode()
-        content = header + to_lf(message.body)
-        return self._run_blocking(lambda: self._store(recipient, domain, local, content))
+        return self._run_blocking(
+            lambda: self._store(recipient, domain, local, header, message.body)
+        )
 
-    def _store(self, recipient: str, domain: str, local: str, content: bytes) -> RecipientResult:
-        """In the writer thread."""
+    def _store(
+        self, recipient: str, domain: str, local: str, header: bytes, body: bytes
+    ) -> RecipientResult:
+        """In the writer thread (the copy to LF line endings too: off the event loop)."""
         try:
-            self._writer.write(domain, local, content)
+            self._writer.write(domain, local, header + to_lf(body))
         except OSError as error:
             # Disk full, permissions, a symlink planted in the way: try again later, never
             # bounce for a local fault (RFC 5321 §6.1: no loss "for frivolous reasons").
