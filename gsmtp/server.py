@@ -270,6 +270,8 @@ class _Connection:
         session.receive_data(data)
 
     def _flush(self) -> None:
+        for verb, reply in self._session.rejected_commands():
+            self._log.info("command_rejected", verb=verb, reply=f"{reply.code} {reply.enhanced}")
         data = self._session.data_to_send()
         if data:
             self.deadline = time.monotonic() + self._server._idle_timeout

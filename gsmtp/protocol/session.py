@@ -172,6 +172,8 @@ class SmtpSession:
         self._data_result: DataResult | None = None
         self._pending: Event | None = None
         self._errors = 0
+        self._verb = ""  # of the command being answered, for rejected_commands
+        self._rejected: list[tuple[str, Reply]] = []
         self.helo = ""
         self.esmtp = False
         self._reset_transaction()
@@ -200,6 +202,13 @@ class SmtpSession:
             self._feed_data(data)
         else:
             self._input += data
+
+    def rejected_commands(self) -> list[tuple[str, Reply]]:
+        """(verb, reply) for each command the session itself refused since the last
+        call, for the operator's log; decisions answered through `respond` are not
+        included (their caller knows them)."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
 
     def data_to_send(self) -> bytes:
         out = b"".join(self._output)
@@ -242,10 +251,10 @@ class SmtpSession:
             self._reset_transaction()
             self._state = State.READY
         elif isinstance(event, StartTlsRequested) and reply.is_positive:
-            self._send(reply)
+            self._send(reply, decided=True)
             self._start_tls()
             return
-        self._send(reply)
+        self._send(reply, decided=True)
 
     # -- reading lines ----------------------------------------------------------------
 
@@ -281,6 +290,7 @@ class SmtpSession:
 
     def _handle_line(self, line: bytes | Reply) -> Event | None:
         parsed = line if isinstance(line, Reply) else parse_command(line)
+        self._verb = parsed.verb.value if isinstance(parsed, Command) else "?"
         if isinstance(parsed, Reply):
             self._send(parsed)
             return None
@@ -484,6 +494,7 @@ class SmtpSession:
     def _finish_data(self, result: DataResult) -> Event | None:
         self._data_reader = None
         self._data_result = None
+        self._verb = "DATA"
         if result.too_big:
             reply = replies.MESSAGE_TOO_BIG
         elif result.bare_line_ending:
@@ -527,8 +538,10 @@ class SmtpSession:
         self._state = State.CONNECTED
         self.helo = ""
 
-    def _send(self, reply: Reply, *, count_error: bool = True) -> None:
+    def _send(self, reply: Reply, *, count_error: bool = True, decided: bool = False) -> None:
         self._output.append(reply.to_bytes())
+        if reply.is_error and not decided and len(self._rejected) < 100:
+            self._rejected.append((self._verb or "?", reply))
         if count_error and reply.is_error and reply.code != 421:
             self._errors += 1
             if self._errors >= self._limits.max_errors and self._state is not State.CLOSED:

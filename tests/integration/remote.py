@@ -129,6 +129,7 @@ class Sink:
         port: int,
         behaviour: SinkBehaviour | None = None,
         tls_context: ssl.SSLContext | None = None,
+        smtputf8: bool = True,
     ) -> None:
         self.host = host
         self.behaviour = behaviour or SinkBehaviour()
@@ -142,6 +143,7 @@ class Sink:
             require_starttls=False,
             server_hostname=f"sink-{host}",
             decode_data=False,
+            enable_SMTPUTF8=smtputf8,
         )
         self.controller.start()
 

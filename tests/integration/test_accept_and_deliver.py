@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import smtplib
 import subprocess
 import threading
@@ -221,6 +222,22 @@ def test_vrfy_when_enabled(gsmtp_factory) -> None:  # type: ignore[no-untyped-de
         wire.command("EHLO c.example")
         assert wire.command("VRFY jones@foo.com").startswith("250")
         assert wire.command("VRFY green@foo.com").startswith("550 5.1.1")
+
+
+def test_rejected_commands_and_recipients_are_logged(gsmtp: GsmtpProcess) -> None:
+    with SmtpWire(gsmtp.port) as wire:
+        wire.read_reply()
+        wire.command("EHLO c.example")
+        assert wire.command("XYZZY").startswith("500")
+        wire.command("MAIL FROM:<a@remote.example>")
+        assert wire.command("RCPT TO:<green@foo.com>").startswith("550")
+    wait_for(lambda: '"event":"recipient_rejected"' in gsmtp.log(), what="the log lines")
+    lines = [json.loads(line) for line in gsmtp.log().splitlines()]
+    rejected = [line for line in lines if line["event"] == "command_rejected"]
+    assert [(r["verb"], r["reply"]) for r in rejected] == [("?", "500 5.5.1")]
+    assert all({"conn_id", "peer", "timestamp", "level"} <= set(r) for r in rejected)
+    (recipient,) = [line for line in lines if line["event"] == "recipient_rejected"]
+    assert recipient["rcpt"] == "green@foo.com" and recipient["reply"].startswith("No such user")
 
 
 def test_user_changes_apply_without_restart(gsmtp: GsmtpProcess) -> None:

@@ -254,6 +254,23 @@ def test_starttls_peer_gets_the_message_over_tls(
     assert received.tls is True
 
 
+def test_utf8_mail_to_a_peer_without_smtputf8_fails_with_5_6_7(relay, sinks, mx_port: int) -> None:  # type: ignore[no-untyped-def]
+    """RFC 6531: no SMTPUTF8 at the next hop → bounce, never a downgrade."""
+    sink = start_sink(sinks, "127.0.0.2", mx_port, smtputf8=False)
+    gsmtp = relay()
+    with SmtpWire(gsmtp.port) as wire:
+        wire.read_reply()
+        wire.command("EHLO client.example")
+        assert wire.command("MAIL FROM:<jones@foo.com> SMTPUTF8").startswith("250")
+        assert wire.command("RCPT TO:<jörg@remote.test>").startswith("250")
+        assert wire.command("DATA").startswith("354")
+        wire.send(b"Subject: utf8\r\n\r\nbody\r\n.\r\n")
+        assert wire.read_reply()[0].startswith("250")
+    (block,) = delivery_status(bounce_for(gsmtp))
+    assert block["Status"] == "5.6.7"
+    assert sink.received == []
+
+
 def test_nxdomain_bounces_at_once(relay) -> None:  # type: ignore[no-untyped-def]
     gsmtp = relay()
     send(gsmtp, "jones@foo.com", ["a@nx.test"])

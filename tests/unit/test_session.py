@@ -380,3 +380,13 @@ def test_grammar_fuzz_one_reply_per_command_and_stores_only_after_250(
     replies = wire.all_replies()
     queued = [r for r in replies if "queued as" in r]
     assert len(queued) == len(wire.stored)
+
+
+def test_rejected_commands_are_reported_for_the_log_but_not_policy_decisions() -> None:
+    wire = SessionWire()
+    wire.send(ENV)
+    wire.send(b"XYZZY\r\nMAIL FROM:<a@b.example> FOO=1\r\nMAIL FROM:<a@b.example>\r\n")
+    wire.send(b"RCPT TO:<nobody@foo.com>\r\n")  # refused by policy, answered via respond
+    rejected = [(verb, reply.code) for verb, reply in wire.session.rejected_commands()]
+    assert rejected == [("?", 500), ("MAIL", 555)]
+    assert wire.session.rejected_commands() == []
