@@ -110,33 +110,32 @@ def _expect(reply: str, code: str) -> None:
         raise RuntimeError(f"expected {code}, got {reply[:80]!r}")
 
 
-def worker(
-    target: tuple[str, int],
-    messages: int,
-    body: bytes,
-    rcpt: str,
-    latencies: list[float],
-    result: Result,
-    deadline: float,
-    repeat: bool,
-) -> None:
+@dataclass
+class Plan:
+    """What every client does, and where they all record what happened."""
+
+    target: tuple[str, int]
+    messages: int
+    body: bytes
+    rcpt: str
+    deadline: float
+    repeat: bool
+    result: Result
+    latencies: list[float] = field(default_factory=list)
+
+
+def worker(plan: Plan) -> None:
     """One client: a session of `messages` messages; with `repeat`, new sessions until
     the deadline (how M=1 measures connection set-up)."""
     while True:
-        session(target, messages, body, rcpt, latencies, result, deadline)
-        if not repeat or time.monotonic() > deadline or result.errors > 100:
+        session(plan)
+        if not plan.repeat or time.monotonic() > plan.deadline or plan.result.errors > 100:
             return
 
 
-def session(
-    target: tuple[str, int],
-    messages: int,
-    body: bytes,
-    rcpt: str,
-    latencies: list[float],
-    result: Result,
-    deadline: float,
-) -> None:
+def session(plan: Plan) -> None:
+    target, messages, body, rcpt = plan.target, plan.messages, plan.body, plan.rcpt
+    result, latencies, deadline = plan.result, plan.latencies, plan.deadline
     family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(30)
@@ -230,13 +229,13 @@ def run(
     pool = Pool(connections)
     ticks_before = _cpu_ticks(server_pid) if server_pid else None
     started = time.monotonic()
-    deadline = started + max_seconds
+    deadline = started + min(max_seconds, duration or max_seconds)
     stop = gevent.event.Event()
-    reporter = (
-        gevent.spawn(_progress, result, started, connections * messages, stop) if progress else None
-    )
+    expected = connections * messages if duration is None else 0
+    reporter = gevent.spawn(_progress, result, started, expected, stop) if progress else None
+    plan = Plan(target, messages, body, rcpt, deadline, duration is not None, result, latencies)
     for _ in range(connections):
-        pool.spawn(session, target, messages, body, rcpt, latencies, result, deadline)
+        pool.spawn(worker, plan)
     pool.join(timeout=max_seconds + 30)
     pool.kill()
     elapsed = time.monotonic() - started

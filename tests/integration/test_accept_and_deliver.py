@@ -62,28 +62,25 @@ def test_smtplib_message_lands_byte_exact(gsmtp: GsmtpProcess) -> None:
     assert b"for <jones@foo.com>;" in content
 
 
+def swaks(gsmtp: GsmtpProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """swaks from a@remote.example to the server under test."""
+    command = ["swaks", "--server", f"127.0.0.1:{gsmtp.port}", "--from", "a@remote.example"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=30)
+
+
 @pytest.mark.skipif(
     not environment_has("swaks"), reason="swaks is not installed (apt-get install swaks)"
 )
 def test_swaks_message_lands(gsmtp: GsmtpProcess) -> None:
-    result = subprocess.run(
-        [
-            "swaks",
-            "--server",
-            f"127.0.0.1:{gsmtp.port}",
-            "--from",
-            "a@remote.example",
-            "--to",
-            "brown@foo.com",
-            "--header",
-            "Subject: via swaks",
-            "--body",
-            "hello from swaks",
-            "--pipeline",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    result = swaks(
+        gsmtp,
+        "--to",
+        "brown@foo.com",
+        "--header",
+        "Subject: via swaks",
+        "--body",
+        "hello from swaks",
+        "--pipeline",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "<-  250 2.0.0 Ok: queued as" in result.stdout
@@ -97,23 +94,7 @@ def test_swaks_smuggling_is_refused(gsmtp: GsmtpProcess) -> None:
         "Subject: outer\r\n\r\nfirst\n.\nMAIL FROM:<ceo@bank.example>\r\n"
         "RCPT TO:<brown@foo.com>\r\nDATA\r\nsmuggled\r\n.\r\n"
     )
-    result = subprocess.run(
-        [
-            "swaks",
-            "--server",
-            f"127.0.0.1:{gsmtp.port}",
-            "--from",
-            "a@remote.example",
-            "--to",
-            "jones@foo.com",
-            "--data",
-            body,
-            "--no-data-fixup",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = swaks(gsmtp, "--to", "jones@foo.com", "--data", body, "--no-data-fixup")
     assert "550 5.5.2" in result.stdout
     assert gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)]
     assert gsmtp.maildir_files("jones@foo.com") == [] and gsmtp.maildir_files("brown@foo.com") == []
