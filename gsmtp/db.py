@@ -221,16 +221,17 @@ class GroupCommitter:
     def _run(self) -> None:
         """The writer thread's loop (no gevent calls here but the thread-safe callback)."""
         while True:
-            self._work_ready.wait()
-            self._work_ready.clear()
+            if not self._pending:
+                if self._stopping:
+                    return
+                self._work_ready.wait()
+                self._work_ready.clear()
+                continue
             batch = []
             while self._pending:
                 batch.append(self._pending.popleft())
-            if batch:
-                outcomes = self._commit([(batch_fn, payload) for batch_fn, payload, _ in batch])
-                self._loop.run_callback_threadsafe(_settle, batch, outcomes)
-            elif self._stopping:
-                return
+            outcomes = self._commit([(batch_fn, payload) for batch_fn, payload, _ in batch])
+            self._loop.run_callback_threadsafe(_settle, batch, outcomes)
 
     def _commit(self, units: list[tuple[BatchFn | None, Any]]) -> list[Any]:
         """One transaction for the whole batch. Like items go through their batch

@@ -127,3 +127,15 @@ def test_message_ids_are_unique_and_ordered() -> None:
     ids = [new_message_id(1000.0 + i / 1000) for i in range(1000)]
     assert len(set(ids)) == 1000
     assert [i[:13] for i in ids] == sorted(i[:13] for i in ids)
+
+
+def test_writer_stops_after_finishing_what_was_submitted(spool_path: str) -> None:
+    """Stop while units are pending: they are committed, and stop() returns."""
+    writer = db.GroupCommitter(spool_path)
+    store = Spool(writer, db.connect(spool_path))
+    jobs = [gevent.spawn(store.enqueue, message(i)) for i in range(20)]
+    gevent.sleep(0)  # all twenty are submitted and waiting
+    with gevent.Timeout(10):
+        writer.stop()
+        gevent.joinall(jobs, raise_error=True)
+    assert SpoolAdmin(db.connect(spool_path)).stats()["messages"] == 20
