@@ -277,16 +277,32 @@ class ThreadReader:
         self._thread = ThreadPool(1)
 
     def run(self, work: Callable[[apsw.Connection], T]) -> T:
-        return self._thread.apply(work, (self._connection,))  # type: ignore[no-any-return]
+        """`work(connection)` on the thread; what it raises is raised here (and not also
+        printed by the thread pool)."""
+        ok, value = self._thread.apply(_capture, (work, self._connection))
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
 
     def checkpoint(self) -> None:
         """Copy committed WAL frames into the database without blocking writers, so the
-        committing thread never pays for a checkpoint (nor the client for its fsync)."""
-        self.run(lambda connection: connection.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+        committing thread never pays for a checkpoint (nor the client for its fsync).
+        The API call leaves no statement open: an open one would pin this connection's
+        read snapshot, and later reads on it would not see new messages."""
+        self.run(lambda connection: connection.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE))
 
     def close(self) -> None:
         self._thread.kill()
         self._connection.close()
+
+
+def _capture(
+    work: Callable[[apsw.Connection], Any], connection: apsw.Connection
+) -> tuple[bool, Any]:
+    try:
+        return True, work(connection)
+    except Exception as error:
+        return False, error
 
 
 def _settle(batch: list[tuple[Any, Any, Any]], outcomes: list[Any]) -> None:

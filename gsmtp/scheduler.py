@@ -180,7 +180,11 @@ class Scheduler:
             return 0
         if room < min(self._claim_batch, self._pacer.allowed) and busy > 0:
             return 0  # wait for more senders to come free: fewer, larger claims
-        claims = self._spool.claim_due(self._clock(), limit=room * 4)
+        # A claim is in recipients and a sender takes a batch; room * 4 leaves space for
+        # messages with several recipients at one domain, but not while paced, when
+        # every batch must fit the pacer's allowance.
+        paced = self._pacer.allowed < self._pacer.maximum
+        claims = self._spool.claim_due(self._clock(), limit=room if paced else room * 4)
         for claim in claims:
             for batch in self._batches(claim):
                 self._dispatch(batch)

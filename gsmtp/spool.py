@@ -202,6 +202,9 @@ class Spool:
             messages = self._bodies.run(lambda connection: _load_messages(connection, ids))
         else:
             messages = _load_messages(self._reader, ids)
+        missing = [message_id for message_id in by_message if message_id not in messages]
+        if missing:
+            self._release(missing, now)
         claims = []
         for message_id, recipients in by_message.items():
             message = messages.get(message_id)
@@ -216,6 +219,18 @@ class Spool:
                 )
             )
         return claims
+
+    def _release(self, message_ids: list[str], now: float) -> None:
+        """Claimed recipients whose message could not be read: due again now rather
+        than held by the lease (a message deleted meanwhile took its rows with it)."""
+
+        self._writer.submit(
+            lambda connection: connection.execute(
+                "UPDATE recipients SET lease_until = NULL, next_attempt_at = :now"
+                " WHERE message_id IN (SELECT value FROM json_each(:ids))",
+                {"now": now, "ids": json.dumps(message_ids)},
+            )
+        )
 
     def record_results(
         self, updates: Sequence[RecipientUpdate], bounces: Sequence[NewMessage] = ()

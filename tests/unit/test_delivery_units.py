@@ -162,3 +162,20 @@ def test_commands_refuse_line_breaks() -> None:
     assert client.mail_command("a@b", size=10, eightbit=True, smtputf8=False) == (
         b"MAIL FROM:<a@b> SIZE=10 BODY=8BITMIME\r\n"
     )
+
+
+def test_pacer_halves_on_lag_and_recovers_slowly() -> None:
+    from gsmtp.scheduler import DeliveryPacer
+
+    pacer = DeliveryPacer(100, minimum=2)
+    for _ in range(10):
+        pacer.observe(0.050)  # the loop is 50 ms late: clients are waiting
+    assert pacer.allowed == 2  # halved down to the floor, never below
+    pacer.observe(0.002)  # between the thresholds: hold
+    assert pacer.allowed == 2
+    for _ in range(5):
+        pacer.observe(0.0)
+    assert pacer.allowed == 7  # one sender back per quiet probe
+    for _ in range(200):
+        pacer.observe(0.0)
+    assert pacer.allowed == 100

@@ -6,6 +6,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gevent
 import pytest
@@ -139,3 +140,45 @@ def test_writer_stops_after_finishing_what_was_submitted(spool_path: str) -> Non
         writer.stop()
         gevent.joinall(jobs, raise_error=True)
     assert SpoolAdmin(db.connect(spool_path)).stats()["messages"] == 20
+
+
+def test_body_reader_sees_messages_committed_after_a_checkpoint(spool_path: str) -> None:
+    """A checkpoint must not pin the body reader's snapshot: a claim whose body could
+    not be read would hold its recipients for the whole lease."""
+    writer = db.GroupCommitter(spool_path)
+    bodies = db.ThreadReader(spool_path)
+    store = Spool(writer, db.connect(spool_path), bodies)
+    try:
+        for index in range(1, 4):
+            store.enqueue(message(index, now=10.0))
+            bodies.checkpoint()
+        claims = store.claim_due(now=20.0, limit=10)
+        assert sorted(c.message.id for c in claims) == ["M00001", "M00002", "M00003"]
+    finally:
+        writer.stop()
+        bodies.close()
+
+
+def test_a_claim_whose_body_cannot_be_read_is_released_not_held(spool_path: str) -> None:
+    """If the body reader's snapshot predates a message (as an open statement on its
+    connection once caused under load), the claim must not keep the recipient leased."""
+    writer = db.GroupCommitter(spool_path)
+    bodies = db.ThreadReader(spool_path)
+    store = Spool(writer, db.connect(spool_path), bodies)
+    try:
+        store.enqueue(message(1, now=10.0))
+
+        def pin_snapshot(connection: Any) -> None:
+            connection.execute("BEGIN")
+            connection.execute("SELECT COUNT(*) FROM messages").fetchall()
+
+        bodies.run(pin_snapshot)
+        store.enqueue(message(2, now=10.0))
+        first = store.claim_due(now=20.0, limit=10)
+        assert [c.message.id for c in first] == ["M00001"]  # M00002 is invisible to it
+        bodies.run(lambda connection: connection.execute("COMMIT"))
+        second = store.claim_due(now=20.0, limit=10)
+        assert [c.message.id for c in second] == ["M00002"]  # released, not leased for 1 h
+    finally:
+        writer.stop()
+        bodies.close()
