@@ -94,10 +94,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gsmtp: {error}", file=sys.stderr)
         return 2
     handler = _HANDLERS[args.command]
+    import apsw
+
     try:
-        return handler(args, config)
+        status = handler(args, config)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
     except _CliError as error:
         print(f"gsmtp: {error}", file=sys.stderr)
+        return 1
+    except apsw.Error as error:
+        print(f"gsmtp: spool {config.spool.path}: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`gsmtp queue list | head`): stop quietly, as cat does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

@@ -127,3 +127,17 @@ def test_a_corrupt_spool_is_refused_not_replaced(gsmtp_factory) -> None:  # type
     assert "cannot open the spool" in result.stderr and str(gsmtp.spool_path) in result.stderr
     assert "Traceback" not in result.stderr
     assert gsmtp.spool_path.read_bytes() == garbage
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback(gsmtp: GsmtpProcess) -> None:
+    """`gsmtp user list | head -1` with a reader that is already gone."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "gsmtp.cli", "user", "list", "-c", str(gsmtp.config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()
+    stderr = child.stderr.read().decode()
+    child.wait(timeout=60)
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
