@@ -77,11 +77,17 @@ def _address_of(text: str) -> Address:
     return Address(local, domain)
 
 
+def _call_captured(work: Any) -> tuple[bool, Any]:
+    try:
+        return True, work()
+    except Exception as error:
+        return False, error
+
+
 class Application:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._log = log.get_logger(component="app")
-        self._stopped = Event()
         self._reader = self._open_spool()
         self._writer = db.GroupCommitter(config.spool.path)
         self._bodies = db.ThreadReader(config.spool.path)
@@ -145,7 +151,11 @@ class Application:
 
     def _deliverers(self) -> dict[str, Deliverer]:
         def in_thread(work: Any) -> Any:
-            return self._file_pool.apply(work)
+            # Raised here, in the delivery's greenlet, rather than printed by the pool.
+            ok, value = self._file_pool.apply(_call_captured, (work,))
+            if not ok:
+                raise value
+            return value
 
         self._local = local = MaildirDeliverer(
             self.config.maildir.root,
@@ -246,7 +256,6 @@ class Application:
         if self._log_flusher is not None:
             self._log_flusher.kill()
         log.flush()
-        self._stopped.set()
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration and the accounts; never exit. Settings that
