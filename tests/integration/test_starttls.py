@@ -1,0 +1,76 @@
+"""Inbound STARTTLS (offered when [tls] cert and key are set): RFC 3207."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import GsmtpProcess, wait_for
+
+
+@pytest.fixture
+def tls_gsmtp(gsmtp_factory, tmp_path: Path) -> GsmtpProcess:  # type: ignore[no-untyped-def]
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=mx.foo.com",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return gsmtp_factory({"tls": {"cert": str(cert), "key": str(key)}})  # type: ignore[no-any-return]
+
+
+def client_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def test_starttls_is_offered_and_mail_flows_over_it(tls_gsmtp: GsmtpProcess) -> None:
+    with smtplib.SMTP("127.0.0.1", tls_gsmtp.port, timeout=10) as client:
+        client.ehlo()
+        assert client.has_extn("starttls")
+        client.starttls(context=client_context())
+        client.ehlo()
+        assert not client.has_extn("starttls")  # not offered twice
+        client.sendmail("a@remote.example", ["jones@foo.com"], "Subject: tls\r\n\r\nsecret\r\n")
+    (file,) = wait_for(lambda: tls_gsmtp.maildir_files("jones@foo.com"), what="delivery")
+    assert b"with ESMTPS id" in file.read_bytes()
+
+
+def test_plaintext_sent_with_starttls_is_discarded(tls_gsmtp: GsmtpProcess) -> None:
+    """P-57 (CVE-2011-0411): commands pipelined behind STARTTLS never run inside TLS,
+    and P-58: the session starts over (MAIL before EHLO is refused)."""
+    raw = socket.create_connection(("127.0.0.1", tls_gsmtp.port), timeout=10)
+    raw.recv(1024)
+    raw.sendall(b"EHLO c.example\r\n")
+    assert b"STARTTLS" in raw.recv(4096)
+    raw.sendall(b"STARTTLS\r\nMAIL FROM:<evil@remote.example>\r\n")
+    assert raw.recv(1024).startswith(b"220")
+    tls = client_context().wrap_socket(raw)
+    tls.sendall(b"NOOP\r\n")
+    assert tls.recv(1024).startswith(b"250 2.0.0")  # the first reply is the NOOP's
+    tls.sendall(b"MAIL FROM:<a@remote.example>\r\n")
+    assert tls.recv(1024).startswith(b"503 5.5.1")
+    tls.close()
