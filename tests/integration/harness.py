@@ -218,3 +218,30 @@ def environment_has(command: str) -> bool:
     return any(
         os.access(os.path.join(d, command), os.X_OK) for d in os.environ.get("PATH", "").split(":")
     )
+
+
+def self_signed_certificate(directory: Path, common_name: str) -> tuple[Path, Path]:
+    """A throw-away certificate and key (PEM) made with openssl, for TLS tests."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={common_name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key

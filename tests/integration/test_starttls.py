@@ -5,38 +5,16 @@ from __future__ import annotations
 import smtplib
 import socket
 import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import GsmtpProcess, wait_for
+from tests.integration.harness import GsmtpProcess, self_signed_certificate, wait_for
 
 
 @pytest.fixture
 def tls_gsmtp(gsmtp_factory, tmp_path: Path) -> GsmtpProcess:  # type: ignore[no-untyped-def]
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=mx.foo.com",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    cert, key = self_signed_certificate(tmp_path, "mx.foo.com")
     return gsmtp_factory({"tls": {"cert": str(cert), "key": str(key)}})  # type: ignore[no-any-return]
 
 
