@@ -21,7 +21,8 @@ import gevent
 from gevent.event import Event
 from gevent.threadpool import ThreadPool
 
-from gsmtp import accounts, db, log, metrics
+from gsmtp import accounts, db, log, metrics, routing, writer
+from gsmtp.acceptance import Acceptor
 from gsmtp.accounts import AccountsSnapshot
 from gsmtp.config import Config, ConfigError, load, parse_host_port
 from gsmtp.delivery.base import Deliverer
@@ -29,9 +30,9 @@ from gsmtp.delivery.maildir import MaildirDeliverer
 from gsmtp.delivery.mx import DnsResolver
 from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
 from gsmtp.policy import Policy
-from gsmtp.protocol.address import Address, normalise_mailbox, parse_path
 from gsmtp.protocol.session import Limits
-from gsmtp.scheduler import RetryPolicy, Route, Scheduler
+from gsmtp.routing import Router
+from gsmtp.scheduler import RetryPolicy, Scheduler
 from gsmtp.server import SmtpServer
 from gsmtp.spool import Spool
 
@@ -68,15 +69,6 @@ class AccountsCache:
         return self._snapshot
 
 
-def _address_of(text: str) -> Address:
-    """A spool recipient (stored in its wire form) back as an Address."""
-    parsed = parse_path(text, allow_null=False, allow_utf8=True)
-    if isinstance(parsed, Address):
-        return parsed
-    local, _, domain = text.rpartition("@")
-    return Address(local, domain)
-
-
 def _call_captured(work: Any) -> tuple[bool, Any]:
     try:
         return True, work()
@@ -89,8 +81,8 @@ class Application:
         self.config = config
         self._log = log.get_logger(component="app")
         self._reader = self._open_spool()
-        self._writer = db.GroupCommitter(config.spool.path)
-        self._bodies = db.ThreadReader(config.spool.path)
+        self._writer = writer.GroupCommitter(config.spool.path)
+        self._bodies = writer.ThreadReader(config.spool.path)
         self.spool = Spool(self._writer, self._reader, self._bodies)
         self._accounts = AccountsCache(self._reader)
         self.policy = Policy(
@@ -99,13 +91,15 @@ class Application:
             snapshot=self._accounts.get,
             vrfy=config.server.vrfy,
         )
+        self._router = Router(self.policy)
+        self._acceptor = Acceptor(config.server.hostname)
         self._file_pool = ThreadPool(MAILDIR_THREADS)
         self.scheduler = Scheduler(
             spool=self.spool,
             deliverers=self._deliverers(),
-            route=self._route,
+            route=self._router.route,
             retry=RetryPolicy(config.delivery.retry, config.delivery.max_age),
-            hostname=config.server.hostname,
+            acceptor=self._acceptor,
             concurrency=config.delivery.concurrency,
             max_per_domain=config.delivery.max_per_domain,
         )
@@ -121,6 +115,7 @@ class Application:
             max_connections_per_ip=config.server.max_connections_per_ip,
             policy=self.policy,
             spool=self.spool,
+            acceptor=self._acceptor,
             on_queued=self.scheduler.wake,
             tls_context=self._tls_context(),
         )
@@ -159,10 +154,10 @@ class Application:
 
         self._local = local = MaildirDeliverer(
             self.config.maildir.root,
-            resolve_mailbox=self._resolve_mailbox,
+            resolve_mailbox=self._router.mailbox,
             run_blocking=in_thread,
         )
-        return {"local": local, "smtp": self._remote_deliverer()}
+        return {routing.LOCAL: local, routing.SMTP: self._remote_deliverer()}
 
     def _remote_deliverer(self) -> Deliverer:
         delivery = self.config.delivery
@@ -179,18 +174,6 @@ class Application:
                 delivery.connect_timeout, delivery.command_timeout, delivery.data_timeout
             ),
         )
-
-    def _resolve_mailbox(self, recipient: str) -> str | None:
-        address = _address_of(recipient)
-        if not self.policy.mailbox_exists(address):
-            return None
-        return normalise_mailbox(address)
-
-    def _route(self, recipient: str) -> Route:
-        address = _address_of(recipient)
-        if self.policy.is_local(address, self._accounts.get()):
-            return Route("local", address.domain)
-        return Route("smtp", address.domain)
 
     # -- running ----------------------------------------------------------------------
 

@@ -48,6 +48,10 @@ class Policy:
         self._snapshot = snapshot
         self._vrfy = vrfy
 
+    def snapshot(self) -> AccountsSnapshot:
+        """The accounts as they are now (re-read at most every few milliseconds)."""
+        return self._snapshot()
+
     def is_trusted(self, client: Client) -> bool:
         return any(client.ip in network for network in self._trusted)
 

@@ -30,10 +30,12 @@ from gevent.event import Event
 from gevent.pool import Pool
 
 from gsmtp import metrics
-from gsmtp.delivery import dsn
-from gsmtp.delivery.base import Deliverer, Outcome, QueuedMessage, RecipientResult
+from gsmtp.acceptance import Acceptor
+from gsmtp.delivery.base import Deliverer
 from gsmtp.log import get_logger
-from gsmtp.spool import Claim, NewMessage, RecipientUpdate, Spool, new_message_id
+from gsmtp.message import Outcome, QueuedMessage, RecipientResult
+from gsmtp.routing import Route
+from gsmtp.spool import Claim, RecipientUpdate, Spool
 
 IDLE_SECONDS = 5.0
 JITTER_FRACTION = 0.1
@@ -78,12 +80,6 @@ class DeliveryPacer:
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
-    transport: str  # a key of the deliverers mapping: "local", "smtp"
-    destination: str  # the domain, for batching and per-destination limits
-
-
-@dataclass(frozen=True, slots=True)
 class RetryPolicy:
     steps: tuple[float, ...]
     max_age: float
@@ -113,7 +109,7 @@ class Scheduler:
         deliverers: Mapping[str, Deliverer],
         route: Callable[[str], Route],
         retry: RetryPolicy,
-        hostname: str,
+        acceptor: Acceptor,
         concurrency: int,
         max_per_domain: int,
         clock: Callable[[], float] = time.time,
@@ -122,7 +118,7 @@ class Scheduler:
         self._deliverers = deliverers
         self._route = route
         self._retry = retry
-        self._hostname = hostname
+        self._acceptor = acceptor
         self._clock = clock
         self._pool = Pool(concurrency)
         self._claim_batch = max(1, concurrency // 4)
@@ -248,7 +244,7 @@ class Scheduler:
         updates, failed = self._settle(batch.claim, results, now)
         bounces = []
         if failed and message.sender:
-            bounces.append(self._bounce(message, failed, now))
+            bounces.append(self._acceptor.bounce(message, failed, now=now))
         self._spool.record_results(updates, bounces)
         for update in updates:
             metrics.DELIVERIES.labels(transport, update.outcome.value).inc()
@@ -318,24 +314,6 @@ class Scheduler:
                 RecipientUpdate(message.id, result.address, outcome, result.reply, next_at)
             )
         return updates, failed
-
-    def _bounce(
-        self, message: QueuedMessage, failed: Sequence[RecipientResult], now: float
-    ) -> NewMessage:
-        bounce_id = new_message_id(now)
-        content = dsn.build_bounce(
-            message, failed, hostname=self._hostname, bounce_id=bounce_id, now=now
-        )
-        return NewMessage(
-            id=bounce_id,
-            sender="",
-            recipients=(message.sender,),
-            body=content,
-            received_at=now,
-            client="localhost",
-            helo=self._hostname,
-            smtputf8=message.smtputf8,
-        )
 
 
 _LOG_EVENTS = {

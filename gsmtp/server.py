@@ -25,10 +25,10 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from gsmtp import metrics
+from gsmtp.acceptance import Acceptor
 from gsmtp.log import get_logger, printable
 from gsmtp.policy import Client, Policy, client_from_ip
 from gsmtp.protocol import replies
-from gsmtp.protocol.address import Address
 from gsmtp.protocol.replies import Reply
 from gsmtp.protocol.session import (
     Envelope,
@@ -43,8 +43,7 @@ from gsmtp.protocol.session import (
 from gsmtp.protocol.session import (
     Event as SessionEvent,
 )
-from gsmtp.protocol.trace import received_header, rfc5322_date
-from gsmtp.spool import NewMessage, Spool, new_message_id
+from gsmtp.spool import Spool
 
 RECV_SIZE = 256 * 1024
 # Connections past max_connections still get a prompt 421 instead of waiting in the
@@ -74,6 +73,7 @@ class SmtpServer:
         max_connections_per_ip: int,
         policy: Policy,
         spool: Spool,
+        acceptor: Acceptor,
         on_queued: Callable[[], None],
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
@@ -85,6 +85,7 @@ class SmtpServer:
         self._max_per_ip = max_connections_per_ip
         self._policy = policy
         self._spool = spool
+        self._acceptor = acceptor
         self._on_queued = on_queued
         self._tls_context = tls_context
         self._pool = Pool(max_connections + _OVERFLOW_SLOTS)
@@ -95,7 +96,6 @@ class SmtpServer:
         self._sweeper: gevent.Greenlet | None = None
         self._stopping = Event()
         self._ids = itertools.count(1)
-        self._date_cache = (-1, "")
         self._log = get_logger(component="server")
 
     @property
@@ -179,13 +179,6 @@ class SmtpServer:
             metrics.CONNECTIONS_ACTIVE.dec()
             _close_quietly(sock)
             log.info("connection_closed")
-
-    def _date(self, now: float) -> str:
-        """The RFC 5322 date for a Received: header, formatted once per second."""
-        second = int(now)
-        if self._date_cache[0] != second:
-            self._date_cache = (second, rfc5322_date(second))
-        return self._date_cache[1]
 
     def _limit_reply(self, peer_ip: str) -> Reply | None:
         if self._stopping.is_set():
@@ -315,29 +308,10 @@ class _Connection:
 
     def _store(self, envelope: Envelope) -> Reply:
         started = time.monotonic()
-        now = time.time()
-        message_id = new_message_id(now)
-        recipients = tuple(_mailbox(r) for r in envelope.recipients)
-        trace = received_header(
-            helo=envelope.helo,
-            client_ip=self._peer_ip,
-            client_name="unknown",
-            hostname=self._server._hostname,
-            protocol=("ESMTP" if envelope.esmtp else "SMTP") + ("S" if self._tls else ""),
-            message_id=message_id,
-            recipient=recipients[0] if len(recipients) == 1 else None,
-            date=self._server._date(now),
+        message = self._server._acceptor.accept(
+            envelope, client_ip=self._peer_ip, tls=self._tls, now=time.time()
         )
-        message = NewMessage(
-            id=message_id,
-            sender=_mailbox(envelope.sender),
-            recipients=recipients,
-            body=trace + envelope.content,
-            received_at=now,
-            client=self._peer_ip,
-            helo=envelope.helo,
-            smtputf8=envelope.smtputf8,
-        )
+        message_id = message.id
         try:
             self._server._spool.enqueue(message)
         except Exception as error:
@@ -350,15 +324,11 @@ class _Connection:
             "message_queued",
             msg_id=message_id,
             sender=printable(message.sender),
-            rcpt_count=len(recipients),
+            rcpt_count=len(message.recipients),
             size=len(message.body),
         )
         self._server._on_queued()
         return replies.queued(message_id)
-
-
-def _mailbox(address: Address) -> str:
-    return str(address)
 
 
 def _send_quietly(sock: Any, data: bytes) -> None:

@@ -13,9 +13,7 @@ recipient is left queued.
 
 from __future__ import annotations
 
-import itertools
 import json
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,31 +21,11 @@ from typing import Any
 
 import apsw
 
-from gsmtp.db import GroupCommitter, ThreadReader, execute_values, query, scalar, transaction
-from gsmtp.delivery.base import MessageId, Outcome, QueuedMessage
+from gsmtp.db import execute_values, query, scalar, transaction
+from gsmtp.message import MessageId, NewMessage, Outcome, QueuedMessage
+from gsmtp.writer import GroupCommitter, ThreadReader
 
 LEASE_SECONDS = 3600.0
-
-
-_sequence = itertools.count(secrets.randbelow(1 << 24))
-
-
-def new_message_id(now: float) -> MessageId:
-    """Time-ordered and unique: 13 hex digits of microseconds, then 6 of a sequence
-    that starts at a random point (ids from one microsecond still differ)."""
-    return MessageId(f"{int(now * 1_000_000):013X}{next(_sequence) & 0xFFFFFF:06X}")
-
-
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    id: MessageId
-    sender: str
-    recipients: tuple[str, ...]
-    body: bytes
-    received_at: float
-    client: str
-    helo: str
-    smtputf8: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import re
 import secrets
 from collections.abc import Sequence
 
-from gsmtp.delivery.base import QueuedMessage, RecipientResult
+from gsmtp.message import QueuedMessage, RecipientResult
 from gsmtp.protocol.trace import rfc5322_date
 
 MAX_ORIGINAL_HEADERS = 100 * 1024

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from gsmtp.delivery.base import Outcome, QueuedMessage, RecipientResult
+from gsmtp.message import Outcome, QueuedMessage, RecipientResult
 
 T = TypeVar("T")
 _counter = itertools.count(1)

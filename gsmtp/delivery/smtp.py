@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gsmtp.delivery.base import Outcome, QueuedMessage, RecipientResult, results_for_all
 from gsmtp.delivery.mx import DnsPermanentError, DnsTemporaryError, Resolver
+from gsmtp.message import Outcome, QueuedMessage, RecipientResult, results_for_all
 from gsmtp.protocol import client
 from gsmtp.protocol.client import Extensions, ReplyError, ReplyParser, ServerReply
 

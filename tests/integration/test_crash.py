@@ -100,8 +100,8 @@ def test_restart_with_10000_queued_messages_keeps_accepting(gsmtp_factory) -> No
     import time
 
     from gsmtp import db
-    from gsmtp.delivery.base import MessageId
-    from gsmtp.spool import NewMessage, insert_message
+    from gsmtp.message import MessageId, NewMessage
+    from gsmtp.spool import insert_message
 
     gsmtp = gsmtp_factory(start=False)
     connection = db.connect(str(gsmtp.spool_path))

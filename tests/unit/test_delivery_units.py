@@ -9,8 +9,8 @@ from email.message import Message
 import pytest
 
 from gsmtp.delivery import dsn
-from gsmtp.delivery.base import MessageId, Outcome, QueuedMessage, RecipientResult
 from gsmtp.delivery.mx import MxRecord, order_mx
+from gsmtp.message import MessageId, Outcome, QueuedMessage, RecipientResult
 from gsmtp.protocol import client
 from gsmtp.protocol.client import ReplyError, ReplyParser
 from gsmtp.scheduler import RetryPolicy

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gsmtp.delivery.base import MessageId, Outcome, QueuedMessage
 from gsmtp.delivery.maildir import MailboxPathError, MaildirDeliverer, mailbox_path
+from gsmtp.message import MessageId, Outcome, QueuedMessage
 
 MESSAGE = QueuedMessage(
     MessageId("M1"), "bob@remote.example", b"Subject: hi\r\n\r\nbody\r\n", 0.0, False

@@ -9,9 +9,12 @@ import gevent
 import pytest
 
 from gsmtp import db
-from gsmtp.delivery.base import MessageId, Outcome, QueuedMessage, RecipientResult
-from gsmtp.scheduler import RetryPolicy, Route, Scheduler
-from gsmtp.spool import NewMessage, Spool, SpoolAdmin
+from gsmtp.acceptance import Acceptor
+from gsmtp.message import MessageId, NewMessage, Outcome, QueuedMessage, RecipientResult
+from gsmtp.routing import Route
+from gsmtp.scheduler import RetryPolicy, Scheduler
+from gsmtp.spool import Spool, SpoolAdmin
+from gsmtp.writer import GroupCommitter
 
 
 class FakeDeliverer:
@@ -39,7 +42,7 @@ class FakeDeliverer:
 @pytest.fixture
 def spool(tmp_path: Path) -> Iterator[tuple[Spool, SpoolAdmin]]:
     path = str(tmp_path / "spool.sqlite")
-    writer = db.GroupCommitter(path)
+    writer = GroupCommitter(path)
     yield Spool(writer, db.connect(path)), SpoolAdmin(db.connect(path))
     writer.stop()
 
@@ -50,7 +53,7 @@ def make_scheduler(spool: Spool, deliverer: FakeDeliverer, max_per_domain: int =
         deliverers={"smtp": deliverer},
         route=lambda rcpt: Route("smtp", rcpt.rpartition("@")[2]),
         retry=RetryPolicy((3600.0,), max_age=86400.0, jitter=lambda: 0.0),
-        hostname="mx.local.example",
+        acceptor=Acceptor("mx.local.example"),
         concurrency=10,
         max_per_domain=max_per_domain,
     )

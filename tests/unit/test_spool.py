@@ -12,8 +12,9 @@ import gevent
 import pytest
 
 from gsmtp import db
-from gsmtp.delivery.base import MessageId, Outcome
-from gsmtp.spool import NewMessage, RecipientUpdate, Spool, SpoolAdmin, new_message_id
+from gsmtp.message import MessageId, NewMessage, Outcome, new_message_id
+from gsmtp.spool import RecipientUpdate, Spool, SpoolAdmin
+from gsmtp.writer import GroupCommitter, ThreadReader
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def spool_path(tmp_path: Path) -> str:
 
 @pytest.fixture
 def spool(spool_path: str) -> Iterator[Spool]:
-    writer = db.GroupCommitter(spool_path)
+    writer = GroupCommitter(spool_path)
     yield Spool(writer, db.connect(spool_path))
     writer.stop()
 
@@ -132,7 +133,7 @@ def test_message_ids_are_unique_and_ordered() -> None:
 
 def test_writer_stops_after_finishing_what_was_submitted(spool_path: str) -> None:
     """Stop while units are pending: they are committed, and stop() returns."""
-    writer = db.GroupCommitter(spool_path)
+    writer = GroupCommitter(spool_path)
     store = Spool(writer, db.connect(spool_path))
     jobs = [gevent.spawn(store.enqueue, message(i)) for i in range(20)]
     gevent.sleep(0)  # all twenty are submitted and waiting
@@ -145,8 +146,8 @@ def test_writer_stops_after_finishing_what_was_submitted(spool_path: str) -> Non
 def test_body_reader_sees_messages_committed_after_a_checkpoint(spool_path: str) -> None:
     """A checkpoint must not pin the body reader's snapshot: a claim whose body could
     not be read would hold its recipients for the whole lease."""
-    writer = db.GroupCommitter(spool_path)
-    bodies = db.ThreadReader(spool_path)
+    writer = GroupCommitter(spool_path)
+    bodies = ThreadReader(spool_path)
     store = Spool(writer, db.connect(spool_path), bodies)
     try:
         for index in range(1, 4):
@@ -162,8 +163,8 @@ def test_body_reader_sees_messages_committed_after_a_checkpoint(spool_path: str)
 def test_a_claim_whose_body_cannot_be_read_is_released_not_held(spool_path: str) -> None:
     """If the body reader's snapshot predates a message (as an open statement on its
     connection once caused under load), the claim must not keep the recipient leased."""
-    writer = db.GroupCommitter(spool_path)
-    bodies = db.ThreadReader(spool_path)
+    writer = GroupCommitter(spool_path)
+    bodies = ThreadReader(spool_path)
     store = Spool(writer, db.connect(spool_path), bodies)
     try:
         store.enqueue(message(1, now=10.0))

@@ -1,0 +1,75 @@
+"""The accept step: what gsmtp stores for a message, whoever produced it.
+
+No I/O, no clock (time comes in as an argument). A message accepted from a client gets
+its id, its Received: header (RFC 5321 §4.4) and its stored envelope here; a notice
+gsmtp writes itself (a bounce) is built here too, so there is one producer of stored
+mail and every stored message has the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gsmtp.delivery import dsn
+from gsmtp.message import NewMessage, QueuedMessage, RecipientResult, new_message_id
+from gsmtp.protocol.session import Envelope
+from gsmtp.protocol.trace import received_header, rfc5322_date
+
+
+class Acceptor:
+    """Turns an accepted envelope into the message to store."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+        self._date_cache = (-1, "")
+
+    def accept(self, envelope: Envelope, *, client_ip: str, tls: bool, now: float) -> NewMessage:
+        message_id = new_message_id(now)
+        recipients = tuple(str(r) for r in envelope.recipients)
+        trace = received_header(
+            helo=envelope.helo,
+            client_ip=client_ip,
+            client_name="unknown",
+            hostname=self.hostname,
+            protocol=("ESMTP" if envelope.esmtp else "SMTP") + ("S" if tls else ""),
+            message_id=message_id,
+            recipient=recipients[0] if len(recipients) == 1 else None,
+            date=self._date(now),
+        )
+        return NewMessage(
+            id=message_id,
+            sender=str(envelope.sender),
+            recipients=recipients,
+            body=trace + envelope.content,
+            received_at=now,
+            client=client_ip,
+            helo=envelope.helo,
+            smtputf8=envelope.smtputf8,
+        )
+
+    def bounce(
+        self, message: QueuedMessage, failed: Sequence[RecipientResult], *, now: float
+    ) -> NewMessage:
+        """The RFC 3464 failure notice to the sender of `message` (never called for
+        the null sender: a bounce is never bounced)."""
+        bounce_id = new_message_id(now)
+        content = dsn.build_bounce(
+            message, failed, hostname=self.hostname, bounce_id=bounce_id, now=now
+        )
+        return NewMessage(
+            id=bounce_id,
+            sender="",
+            recipients=(message.sender,),
+            body=content,
+            received_at=now,
+            client="localhost",
+            helo=self.hostname,
+            smtputf8=message.smtputf8,
+        )
+
+    def _date(self, now: float) -> str:
+        """RFC 5322 date, formatted once per second (it is on every message's path)."""
+        second = int(now)
+        if self._date_cache[0] != second:
+            self._date_cache = (second, rfc5322_date(second))
+        return self._date_cache[1]

@@ -1,0 +1,97 @@
+"""The vocabulary every layer shares: message ids, messages at rest and in flight,
+recipient statuses and delivery outcomes.
+
+No I/O and no dependencies on other gsmtp modules: the spool stores these values, the
+queue runner moves them, delivery backends consume and produce them, the accept step
+creates them. Keeping them here lets storage and delivery both import the words they
+share instead of one importing the other (STYLE.md: "a storage module importing its
+vocabulary from a consumer").
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NewType
+
+MessageId = NewType("MessageId", str)
+
+_sequence = itertools.count(secrets.randbelow(1 << 24))
+
+
+def new_message_id(now: float) -> MessageId:
+    """Time-ordered and unique: 13 hex digits of microseconds, then 6 of a sequence
+    that starts at a random point (ids from one microsecond still differ)."""
+    return MessageId(f"{int(now * 1_000_000):013X}{next(_sequence) & 0xFFFFFF:06X}")
+
+
+class RecipientStatus(enum.Enum):
+    """Where a recipient stands, as stored in `recipients.status`."""
+
+    QUEUED = "queued"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class Outcome(enum.Enum):
+    """What one delivery attempt did for one recipient (OpenSMTPD's OK / TEMPFAIL /
+    PERMFAIL)."""
+
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+    @property
+    def status(self) -> RecipientStatus:
+        """The stored status after this outcome: a deferred recipient stays queued."""
+        if self is Outcome.DEFERRED:
+            return RecipientStatus.QUEUED
+        return RecipientStatus(self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message about to be stored: accepted from a client, or written by gsmtp
+    itself (a bounce)."""
+
+    id: MessageId
+    sender: str  # "" is the null reverse-path
+    recipients: tuple[str, ...]
+    body: bytes  # CRLF line endings, Received: already prepended
+    received_at: float
+    client: str
+    helo: str
+    smtputf8: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """A message as the spool hands it to delivery."""
+
+    id: MessageId
+    sender: str  # "" is the null reverse-path
+    body: bytes  # CRLF line endings, Received: already prepended
+    received_at: float
+    smtputf8: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """What happened to one recipient. `status` is an RFC 3463 code ("5.1.1"), `reply`
+    the text to keep as last_error and quote in a bounce, `remote_mta` who said it."""
+
+    address: str
+    outcome: Outcome
+    status: str
+    reply: str
+    remote_mta: str = ""
+
+
+def results_for_all(
+    recipients: Sequence[str], outcome: Outcome, status: str, reply: str, remote_mta: str = ""
+) -> list[RecipientResult]:
+    """One result copied to every recipient (a connection failure, a whole-message reply)."""
+    return [RecipientResult(r, outcome, status, reply, remote_mta) for r in recipients]
