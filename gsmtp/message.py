@@ -81,13 +81,17 @@ class QueuedMessage:
 @dataclass(frozen=True, slots=True)
 class RecipientResult:
     """What happened to one recipient. `status` is an RFC 3463 code ("5.1.1"), `reply`
-    the text to keep as last_error and quote in a bounce, `remote_mta` who said it."""
+    the text to keep as last_error and quote in a bounce, `remote_mta` who said it.
+    `unreachable` says no host of the destination could be reached at all (every
+    address refused or timed out the connection, or failed before the greeting): the
+    queue manager then treats the destination as dead until its next retry."""
 
     address: str
     outcome: Outcome
     status: str
     reply: str
     remote_mta: str = ""
+    unreachable: bool = False
 
 
 def results_for_all(
