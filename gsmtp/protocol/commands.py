@@ -93,8 +93,10 @@ def split_path_argument(verb: Verb, argument: str) -> PathArgument | Reply:
     for token in params_text.split():
         key, eq, value = token.partition("=")
         key = key.upper()
-        if not key or key in parameters:
-            return replies.DUPLICATE_PARAMETER if key else replies.SYNTAX_ERROR
+        if not key:
+            return replies.SYNTAX_ERROR
+        if key in parameters:
+            return replies.DUPLICATE_PARAMETER.with_text(f"Duplicate {key[:32]} parameter")
         parameters[key] = value if eq else None
     return PathArgument(path, parameters)
 

@@ -86,6 +86,7 @@ BAD_RECIPIENT = _r(501, "5.1.3", "Bad recipient address syntax")
 BAD_SIZE = _r(501, "5.5.4", "Bad message size syntax")
 BAD_BODY = _r(501, "5.5.4", "BODY can only be one of 7BIT, 8BITMIME")
 DUPLICATE_PARAMETER = _r(501, "5.5.4", "Duplicate parameter")
+BAD_PARAMETER = _r(501, "5.5.4", "Bad parameter value")
 NOT_IMPLEMENTED = _r(502, "5.5.1", "Command not implemented")
 HELO_FIRST = _r(503, "5.5.1", "Send HELO/EHLO first")
 NESTED_MAIL = _r(503, "5.5.1", "Nested MAIL command")
@@ -111,6 +112,11 @@ MAIL_LOOP = _r(554, "5.4.6", "Too many Received: headers, mail loop suspected")
 def queued(message_id: str) -> Reply:
     """The 250 after DATA, sent only once the message is committed to the spool."""
     return Reply(250, "2.0.0", f"Ok: queued as {message_id}")
+
+
+def bad_parameter(keyword: str, reason: str) -> Reply:
+    """501 5.5.4 naming the MAIL/RCPT parameter and what is wrong with its value."""
+    return BAD_PARAMETER.with_text(f"Bad {keyword} parameter: {reason}")
 
 
 def greeting(hostname: str) -> Reply:

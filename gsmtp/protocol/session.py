@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from gsmtp.protocol import replies
 from gsmtp.protocol.address import Address, AddressError, parse_path
@@ -30,9 +31,21 @@ from gsmtp.protocol.commands import (
     split_path_argument,
 )
 from gsmtp.protocol.data import DataReader, DataResult
+from gsmtp.protocol.dsnparams import (
+    MAIL_KEYWORDS,
+    MailDsn,
+    RecipientDsn,
+    Ret,
+    parse_mail_parameters,
+    parse_rcpt_parameters,
+)
 from gsmtp.protocol.replies import Reply
 
 MAX_COMMAND_LINE = 512  # octets including CRLF, RFC 5321 §4.5.3.1.4
+# RFC 3461 §4: DSN raises the limit for MAIL (RET, ENVID of up to 100) and RCPT (NOTIFY,
+# ORCPT of up to 500); RFC 5321 §4.5.3.1.4 lets extensions do so.
+MAX_MAIL_RCPT_LINE = 1024
+_LONG_LINE_VERBS = (b"MAIL ", b"RCPT ")
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 
 
@@ -111,6 +124,11 @@ class Envelope:
     content: bytes
     smtputf8: bool
     esmtp: bool
+    # RFC 3461: RET and ENVID of MAIL; NOTIFY/ORCPT by recipient (keyed by the address
+    # as str), only for recipients that gave any.
+    ret: Ret | None = None
+    envid: str | None = None
+    dsn: Mapping[str, RecipientDsn] = field(default_factory=dict)
 
 
 class NeedData:
@@ -126,6 +144,7 @@ class RcptTo:
     """A syntactically valid recipient; the shell answers with the policy's reply."""
 
     address: Address
+    dsn: RecipientDsn = field(default_factory=RecipientDsn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +266,8 @@ class SmtpSession:
             self._rcpt_attempted = True
             if reply.is_positive and event.address not in self._recipients:
                 self._recipients.append(event.address)
+                if event.dsn != RecipientDsn():
+                    self._recipient_dsn[str(event.address)] = event.dsn
         elif isinstance(event, MessageReceived):
             self._reset_transaction()
             self._state = State.READY
@@ -270,7 +291,7 @@ class SmtpSession:
             self._discarding_long_line = False
             return replies.LINE_TOO_LONG
         if newline < 0:
-            if len(buffer) > MAX_COMMAND_LINE:
+            if len(buffer) > MAX_MAIL_RCPT_LINE:
                 buffer.clear()
                 self._discarding_long_line = True
             return None
@@ -282,7 +303,8 @@ class SmtpSession:
             return replies.BARE_LINE_ENDING
         line = bytes(buffer[: newline - 1])
         del buffer[: newline + 1]
-        if len(line) + 2 > MAX_COMMAND_LINE:
+        long_allowed = line[:5].upper() in _LONG_LINE_VERBS
+        if len(line) + 2 > (MAX_MAIL_RCPT_LINE if long_allowed else MAX_COMMAND_LINE):
             return replies.LINE_TOO_LONG
         if b"\r" in line:
             return replies.BARE_LINE_ENDING
@@ -347,6 +369,7 @@ class SmtpSession:
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
+            "DSN",
         ]
         if self._tls_available and not self._tls_active:
             extensions.append("STARTTLS")
@@ -362,6 +385,10 @@ class SmtpSession:
         if problem is not None:
             self._send(problem)
             return None
+        dsn = parse_mail_parameters(split.parameters)
+        if isinstance(dsn, Reply):
+            self._send(dsn)
+            return None
         smtputf8 = "SMTPUTF8" in split.parameters
         if not smtputf8 and not split.path.isascii():
             self._send(replies.UTF8_SENDER_NEEDS_SMTPUTF8)
@@ -372,6 +399,7 @@ class SmtpSession:
             return None
         self._sender = sender
         self._smtputf8 = smtputf8
+        self._mail_dsn = dsn
         self._state = State.MAIL
         self._send(replies.SENDER_OK)
         return None
@@ -389,7 +417,7 @@ class SmtpSession:
             elif key == "SMTPUTF8":
                 if value is not None:
                     return replies.SYNTAX_ERROR
-            else:
+            elif key not in MAIL_KEYWORDS:  # RET, ENVID: parse_mail_parameters
                 return replies.UNKNOWN_PARAMETER
         return None
 
@@ -398,8 +426,9 @@ class SmtpSession:
         if isinstance(split, Reply):
             self._send(split)
             return None
-        if split.parameters:
-            self._send(replies.UNKNOWN_PARAMETER)
+        dsn = parse_rcpt_parameters(split.parameters)
+        if isinstance(dsn, Reply):
+            self._send(dsn)
             return None
         if not self._smtputf8 and not split.path.isascii():
             self._send(replies.UTF8_RCPT_NEEDS_SMTPUTF8)
@@ -409,14 +438,14 @@ class SmtpSession:
             return None
         if split.path.strip("<>").lower() == "postmaster":
             # RFC 5321 §4.1.1.3: <Postmaster> without a domain must be accepted.
-            return RcptTo(Address("postmaster", self._hostname.lower()))
+            return RcptTo(Address("postmaster", self._hostname.lower()), dsn)
         recipient = parse_path(split.path, allow_null=False, allow_utf8=self._smtputf8)
         if isinstance(recipient, AddressError):
             self._send(
                 replies.BAD_RECIPIENT.with_text(f"Bad recipient address syntax: {recipient.reason}")
             )
             return None
-        return RcptTo(recipient)
+        return RcptTo(recipient, dsn)
 
     def _data(self, argument: str) -> Event | None:
         if argument:
@@ -509,6 +538,9 @@ class SmtpSession:
                 content=result.content,
                 smtputf8=self._smtputf8,
                 esmtp=self.esmtp,
+                ret=self._mail_dsn.ret,
+                envid=self._mail_dsn.envid,
+                dsn=self._recipient_dsn,
             )
             return MessageReceived(envelope)
         self._reset_transaction()
@@ -529,6 +561,8 @@ class SmtpSession:
         self._recipients: list[Address] = []
         self._rcpt_attempted = False
         self._smtputf8 = False
+        self._mail_dsn = MailDsn()
+        self._recipient_dsn: dict[str, RecipientDsn] = {}
         self._data_result = None
 
     def _start_tls(self) -> None:

@@ -322,6 +322,7 @@ def test_ehlo_advertises_the_extensions() -> None:
         "8BITMIME",
         "ENHANCEDSTATUSCODES",
         "SMTPUTF8",
+        "DSN",
         "HELP",
     ]
 
