@@ -45,6 +45,9 @@ class Acceptor:
             client=client_ip,
             helo=envelope.helo,
             smtputf8=envelope.smtputf8,
+            ret=envelope.ret,
+            envid=envelope.envid,
+            dsn=envelope.dsn,
         )
 
     def bounce(
@@ -52,12 +55,30 @@ class Acceptor:
     ) -> NewMessage:
         """The RFC 3464 failure notice to the sender of `message` (never called for
         the null sender: a bounce is never bounced)."""
-        bounce_id = new_message_id(now)
-        content = dsn.build_bounce(
-            message, failed, hostname=self.hostname, bounce_id=bounce_id, now=now
+        return self.notice(message, [(result, dsn.Action.FAILED) for result in failed], now=now)
+
+    def notice(
+        self,
+        message: QueuedMessage,
+        entries: Sequence[tuple[RecipientResult, dsn.Action]],
+        *,
+        now: float,
+        retry_until: float | None = None,
+    ) -> NewMessage:
+        """An RFC 3464 notice of one kind (failed; delayed; delivered or relayed) to the
+        sender of `message`, each recipient with the action `dsn.notice_due` gave it
+        (never called for the null sender: a notice is never answered with one)."""
+        notice_id = new_message_id(now)
+        content = dsn.build_notice(
+            message,
+            entries,
+            hostname=self.hostname,
+            notice_id=notice_id,
+            now=now,
+            retry_until=retry_until,
         )
         return NewMessage(
-            id=bounce_id,
+            id=notice_id,
             sender="",
             recipients=(message.sender,),
             body=content,

@@ -65,6 +65,15 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER users_changed_delete AFTER DELETE ON users
         BEGIN UPDATE meta SET value = value + 1 WHERE key = 'accounts_serial'; END;
     """,
+    # RFC 3461 DSN parameters as the client gave them (NULL: not given). xtext values are
+    # stored decoded; dsn_notify is "NEVER" or a comma list of SUCCESS, FAILURE, DELAY;
+    # dsn_orcpt is "addr-type;address".
+    """
+    ALTER TABLE messages ADD COLUMN dsn_ret TEXT CHECK (dsn_ret IN ('FULL', 'HDRS'));
+    ALTER TABLE messages ADD COLUMN dsn_envid TEXT;
+    ALTER TABLE recipients ADD COLUMN dsn_notify TEXT;
+    ALTER TABLE recipients ADD COLUMN dsn_orcpt TEXT;
+    """,
 )
 
 

@@ -1,9 +1,10 @@
 """The vocabulary every layer shares: message ids, messages at rest and in flight,
 recipient statuses and delivery outcomes.
 
-No I/O and no dependencies on other gsmtp modules: the spool stores these values, the
-queue runner moves them, delivery backends consume and produce them, the accept step
-creates them. Keeping them here lets storage and delivery both import the words they
+No I/O and no dependencies on other gsmtp modules but the protocol's values (the RFC
+3461 DSN parameters the session parses, re-exported here): the spool stores these
+values, the queue runner moves them, delivery backends consume and produce them, the
+accept step creates them. Keeping them here lets storage and delivery both import the words they
 share instead of one importing the other (STYLE.md: "a storage module importing its
 vocabulary from a consumer").
 """
@@ -13,9 +14,13 @@ from __future__ import annotations
 import enum
 import itertools
 import secrets
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import NewType
+
+from gsmtp.protocol.dsnparams import Notify as Notify
+from gsmtp.protocol.dsnparams import RecipientDsn as RecipientDsn
+from gsmtp.protocol.dsnparams import Ret as Ret
 
 MessageId = NewType("MessageId", str)
 
@@ -65,6 +70,11 @@ class NewMessage:
     client: str
     helo: str
     smtputf8: bool = False
+    # RFC 3461, as the client asked: RET and ENVID (decoded) of the message; NOTIFY and
+    # ORCPT by recipient, only for recipients that gave any.
+    ret: Ret | None = None
+    envid: str | None = None
+    dsn: Mapping[str, RecipientDsn] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,17 @@ class QueuedMessage:
     body: bytes  # CRLF line endings, Received: already prepended
     received_at: float
     smtputf8: bool
+    # RFC 3461, as in NewMessage: notices and the next hop (when it offers DSN) use them.
+    ret: Ret | None = None
+    envid: str | None = None
+    dsn: Mapping[str, RecipientDsn] = field(default_factory=dict)
+
+    def recipient_dsn(self, recipient: str) -> RecipientDsn:
+        """NOTIFY/ORCPT of one recipient (both None when the client gave neither)."""
+        return self.dsn.get(recipient, _NO_DSN)
+
+
+_NO_DSN = RecipientDsn()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +105,11 @@ class RecipientResult:
     the text to keep as last_error and quote in a bounce, `remote_mta` who said it.
     `unreachable` says no host of the destination could be reached at all (every
     address refused or timed out the connection, or failed before the greeting): the
-    queue manager then treats the destination as dead until its next retry."""
+    queue manager then treats the destination as dead until its next retry.
+    `peer_dsn`, for a delivered recipient: None when it was delivered here (a mailbox),
+    True when it was relayed to a peer that offered DSN and got our RFC 3461 parameters
+    (its notices are now that peer's job), False when relayed to a peer without DSN (RFC
+    3461 §5.2.2: a "relayed" notice if SUCCESS was asked)."""
 
     address: str
     outcome: Outcome
@@ -92,6 +117,7 @@ class RecipientResult:
     reply: str
     remote_mta: str = ""
     unreachable: bool = False
+    peer_dsn: bool | None = None
 
 
 def results_for_all(

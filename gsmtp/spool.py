@@ -22,7 +22,8 @@ from typing import Any
 import apsw
 
 from gsmtp.db import execute_values, query, scalar, transaction
-from gsmtp.message import MessageId, NewMessage, Outcome, QueuedMessage
+from gsmtp.message import MessageId, NewMessage, Outcome, QueuedMessage, RecipientDsn, Ret
+from gsmtp.protocol.dsnparams import notify_text, parse_notify
 from gsmtp.writer import GroupCommitter, ThreadReader
 
 LEASE_SECONDS = 3600.0
@@ -51,19 +52,42 @@ def insert_messages(connection: apsw.Connection, messages: list[NewMessage]) -> 
     """Many messages in two statements (the group-commit fast path)."""
     execute_values(
         connection,
-        "INSERT INTO messages(id, sender, body, size, received_at, client, helo, smtputf8)"
-        " VALUES {values}",
+        "INSERT INTO messages(id, sender, body, size, received_at, client, helo, smtputf8,"
+        " dsn_ret, dsn_envid) VALUES {values}",
         [
-            (m.id, m.sender, m.body, len(m.body), m.received_at, m.client, m.helo, int(m.smtputf8))
+            (
+                m.id,
+                m.sender,
+                m.body,
+                len(m.body),
+                m.received_at,
+                m.client,
+                m.helo,
+                int(m.smtputf8),
+                m.ret.value if m.ret is not None else None,
+                m.envid,
+            )
             for m in messages
         ],
     )
     execute_values(
         connection,
-        "INSERT OR IGNORE INTO recipients(message_id, address, status, next_attempt_at)"
-        " SELECT column1, column2, 'queued', column3 FROM (VALUES {values})",
-        [(m.id, r, m.received_at) for m in messages for r in m.recipients],
+        "INSERT OR IGNORE INTO recipients(message_id, address, status, next_attempt_at,"
+        " dsn_notify, dsn_orcpt)"
+        " SELECT column1, column2, 'queued', column3, column4, column5 FROM (VALUES {values})",
+        [
+            (m.id, r, m.received_at, *_dsn_columns(m.dsn.get(r)))
+            for m in messages
+            for r in m.recipients
+        ],
     )
+
+
+def _dsn_columns(dsn: RecipientDsn | None) -> tuple[str | None, str | None]:
+    """recipients.dsn_notify and dsn_orcpt for one recipient's RFC 3461 parameters."""
+    if dsn is None:
+        return None, None
+    return (notify_text(dsn.notify) if dsn.notify is not None else None), dsn.orcpt
 
 
 def insert_message(connection: apsw.Connection, message: NewMessage) -> None:
@@ -243,14 +267,43 @@ def _load_messages(connection: apsw.Connection, ids: list[str]) -> dict[str, Que
         chunk = ids[start : start + 500]
         rows = query(
             connection,
-            "SELECT id, sender, body, received_at, smtputf8 FROM messages"
+            "SELECT id, sender, body, received_at, smtputf8, dsn_ret, dsn_envid FROM messages"
             f" WHERE id IN ({','.join('?' * len(chunk))})",
             chunk,
         )
-        for message_id, sender, body, received_at, smtputf8 in rows:
+        dsn = load_recipient_dsn(connection, chunk)
+        for message_id, sender, body, received_at, smtputf8, ret, envid in rows:
             found[message_id] = QueuedMessage(
-                MessageId(message_id), sender, bytes(body), float(received_at), bool(smtputf8)
+                MessageId(message_id),
+                sender,
+                bytes(body),
+                float(received_at),
+                bool(smtputf8),
+                ret=Ret(ret) if ret is not None else None,
+                envid=envid,
+                dsn=dsn.get(message_id, {}),
             )
+    return found
+
+
+def load_recipient_dsn(
+    connection: apsw.Connection, message_ids: Sequence[str]
+) -> dict[str, dict[str, RecipientDsn]]:
+    """RFC 3461 NOTIFY/ORCPT of the recipients of these messages (at most 500 ids) that
+    gave any, by message id and address: the `dsn` of each QueuedMessage."""
+    rows = query(
+        connection,
+        "SELECT message_id, address, dsn_notify, dsn_orcpt FROM recipients"
+        f" WHERE message_id IN ({','.join('?' * len(message_ids))})"
+        " AND (dsn_notify IS NOT NULL OR dsn_orcpt IS NOT NULL)",
+        list(message_ids),
+    )
+    found: dict[str, dict[str, RecipientDsn]] = {}
+    for message_id, address, notify, orcpt in rows:
+        parsed = parse_notify(notify) if notify is not None else None
+        found.setdefault(message_id, {})[address] = RecipientDsn(
+            parsed if isinstance(parsed, frozenset) else None, orcpt
+        )
     return found
 
 

@@ -15,7 +15,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gsmtp.delivery.mx import DnsPermanentError, DnsTemporaryError, Resolver
@@ -219,7 +219,15 @@ class _Transaction:
         if refusal is not None:
             self._quit()
             return refusal
-        return self._send_envelope_and_data()
+        return self._with_peer_dsn(self._send_envelope_and_data())
+
+    def _with_peer_dsn(self, results: list[RecipientResult]) -> list[RecipientResult]:
+        """Delivered here means relayed: say whether the peer took the RFC 3461
+        parameters (then its notices are its job) or not (we owe a 'relayed' notice)."""
+        return [
+            replace(r, peer_dsn=self._ext.dsn) if r.outcome is Outcome.DELIVERED else r
+            for r in results
+        ]
 
     def _check_capabilities(self) -> list[RecipientResult] | None:
         """A message needing what the peer lacks fails for good, with the right code."""
@@ -250,8 +258,14 @@ class _Transaction:
             eightbit=client.is_8bit(message.body) and ext.eightbitmime,
             smtputf8=ext.smtputf8
             and not all(a.isascii() for a in (message.sender, *self._recipients)),
+            # RFC 3461 §5.2: the DSN parameters go on only to a peer that offers DSN.
+            ret=message.ret if ext.dsn else None,
+            envid=message.envid if ext.dsn else None,
         )
-        rcpts = [client.rcpt_command(r) for r in self._recipients]
+        rcpts = [
+            client.rcpt_command(r, message.recipient_dsn(r) if ext.dsn else None)
+            for r in self._recipients
+        ]
         if ext.pipelining:
             connection.send(mail + b"".join(rcpts) + b"DATA\r\n")
             mail_reply = connection.read()

@@ -12,6 +12,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gsmtp.protocol.dsnparams import (
+    RecipientDsn,
+    Ret,
+    notify_text,
+    orcpt_parameter,
+    xtext_encode,
+)
+
 MAX_REPLY_LINE = 2048
 MAX_REPLY_LINES = 100
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*)")
@@ -95,6 +103,7 @@ class Extensions:
     eightbitmime: bool = False
     smtputf8: bool = False
     starttls: bool = False
+    dsn: bool = False
 
 
 def parse_ehlo(reply: ServerReply) -> Extensions:
@@ -112,10 +121,20 @@ def parse_ehlo(reply: ServerReply) -> Extensions:
         eightbitmime="8BITMIME" in found,
         smtputf8="SMTPUTF8" in found,
         starttls="STARTTLS" in found,
+        dsn="DSN" in found,
     )
 
 
-def mail_command(sender: str, *, size: int | None, eightbit: bool, smtputf8: bool) -> bytes:
+def mail_command(
+    sender: str,
+    *,
+    size: int | None,
+    eightbit: bool,
+    smtputf8: bool,
+    ret: Ret | None = None,
+    envid: str | None = None,
+) -> bytes:
+    """MAIL FROM with its parameters; RET/ENVID (RFC 3461) only for a peer offering DSN."""
     params = ""
     if size is not None:
         params += f" SIZE={size}"
@@ -123,11 +142,21 @@ def mail_command(sender: str, *, size: int | None, eightbit: bool, smtputf8: boo
         params += " BODY=8BITMIME"
     if smtputf8:
         params += " SMTPUTF8"
+    if ret is not None:
+        params += f" RET={ret.value}"
+    if envid is not None:
+        params += f" ENVID={xtext_encode(envid)}"
     return _command(f"MAIL FROM:<{sender}>{params}")
 
 
-def rcpt_command(recipient: str) -> bytes:
-    return _command(f"RCPT TO:<{recipient}>")
+def rcpt_command(recipient: str, dsn: RecipientDsn | None = None) -> bytes:
+    """RCPT TO, with NOTIFY/ORCPT (RFC 3461) as received, only for a peer offering DSN."""
+    params = ""
+    if dsn is not None and dsn.notify is not None:
+        params += f" NOTIFY={notify_text(dsn.notify)}"
+    if dsn is not None and dsn.orcpt is not None:
+        params += f" ORCPT={orcpt_parameter(dsn.orcpt)}"
+    return _command(f"RCPT TO:<{recipient}>{params}")
 
 
 def _command(text: str) -> bytes:

@@ -223,3 +223,55 @@ def test_the_longest_orcpt_fits_the_longer_rcpt_line() -> None:
         "500 5.5.2 Command line too long",
         "500 5.5.2 Command line too long",
     ]
+
+
+# -- the client side: what goes to a next hop that offers DSN -----------------------------
+
+
+def test_ehlo_reply_says_whether_the_peer_offers_dsn() -> None:
+    from gsmtp.protocol.client import ServerReply, parse_ehlo
+
+    assert parse_ehlo(ServerReply(250, ("mx greets us", "PIPELINING", "DSN"))).dsn
+    assert not parse_ehlo(ServerReply(250, ("mx greets us", "PIPELINING"))).dsn
+
+
+def test_mail_and_rcpt_carry_the_parameters_xtext_encoded() -> None:
+    from gsmtp.protocol import client
+
+    mail = client.mail_command(
+        "a@b.example", size=10, eightbit=False, smtputf8=False, ret=Ret.HDRS, envid="QQ+1=2 x"
+    )
+    assert mail == b"MAIL FROM:<a@b.example> SIZE=10 RET=HDRS ENVID=QQ+2B1+3D2+20x\r\n"
+    rcpt = client.rcpt_command(
+        "c@d.example", RecipientDsn(frozenset({Notify.DELAY, Notify.SUCCESS}), "rfc822;c+x@d")
+    )
+    assert rcpt == b"RCPT TO:<c@d.example> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;c+2Bx@d\r\n"
+    assert client.rcpt_command("c@d", RecipientDsn(dsnparams.NEVER)) == (
+        b"RCPT TO:<c@d> NOTIFY=NEVER\r\n"
+    )
+    assert client.rcpt_command("c@d", RecipientDsn()) == b"RCPT TO:<c@d>\r\n"
+    assert client.mail_command("a@b", size=None, eightbit=False, smtputf8=False) == (
+        b"MAIL FROM:<a@b>\r\n"
+    )
+
+
+@given(
+    st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1),
+    st.sets(st.sampled_from(list(Notify))),
+)
+def test_what_the_client_sends_the_server_reads_back(envid: str, notify: set[Notify]) -> None:
+    """The next hop (a gsmtp session here) decodes exactly what we were given."""
+    from gsmtp.protocol import client
+
+    envid = envid[:40]
+    orcpt = "rfc822;" + envid
+    mail = client.mail_command("a@b", size=None, eightbit=False, smtputf8=False, envid=envid)
+    rcpt = client.rcpt_command("jones@foo.com", RecipientDsn(frozenset(notify), orcpt))
+    w = wire()
+    w.send(EHLO)
+    w.send(mail + rcpt)
+    w.send(b"DATA\r\n")
+    w.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    (envelope,) = w.stored
+    assert envelope.envid == envid
+    assert envelope.dsn["jones@foo.com"] == RecipientDsn(frozenset(notify), orcpt)
