@@ -1,6 +1,7 @@
 """Real remote parts for delivery tests: dnsmasq as the DNS server, aiosmtpd sinks as MX
-hosts on 127.0.0.x, each able to answer 4xx/5xx for its first N attempts or to offer
-STARTTLS with a self-signed certificate."""
+hosts on 127.0.0.x, each able to answer 4xx/5xx for its first N attempts, to offer
+STARTTLS with a self-signed certificate, or to offer DSN (RFC 3461). Every sink records
+the MAIL and RCPT commands it was sent, parameters and all."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 from tests.integration.harness import free_port, self_signed_certificate, wait_for
 
@@ -120,8 +122,54 @@ class _Handler:
         return "250 2.0.0 Stored"
 
 
+class _DsnHandler(_Handler):
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-DSN", responses[-1]]
+
+
+_DSN_PARAMETERS = {"MAIL": ("RET=", "ENVID="), "RCPT": ("NOTIFY=", "ORCPT=")}
+
+
+class _RecordingSMTP(SMTP):
+    """aiosmtpd's server, recording each MAIL and RCPT line as sent. With `dsn` it also
+    takes the RFC 3461 parameters, which aiosmtpd 1.4 itself refuses with 555: they are
+    recorded, then taken off before its own parsing."""
+
+    def __init__(self, handler: Any, *, sink: Sink, dsn: bool, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._sink = sink
+        self._dsn = dsn
+
+    def _record(self, verb: str, arg: str | None) -> str | None:
+        self._sink.commands.append(f"{verb} {arg}")
+        if not self._dsn or arg is None:
+            return arg
+        prefixes = _DSN_PARAMETERS[verb]
+        return " ".join(w for w in arg.split(" ") if not w.upper().startswith(prefixes))
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await super().smtp_MAIL(self._record("MAIL", arg))
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await super().smtp_RCPT(self._record("RCPT", arg))
+
+
+class _Controller(Controller):
+    def __init__(self, handler: Any, *, sink: Sink, dsn: bool, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._sink = sink
+        self._dsn = dsn
+
+    def factory(self) -> SMTP:
+        return _RecordingSMTP(self.handler, sink=self._sink, dsn=self._dsn, **self.SMTP_kwargs)
+
+
 class Sink:
-    """An aiosmtpd MX host on host:port that records what it accepted."""
+    """An aiosmtpd MX host on host:port that records what it accepted, and every MAIL
+    and RCPT line in `commands` ("MAIL FROM:<a@b> SIZE=10 RET=HDRS")."""
 
     def __init__(
         self,
@@ -130,13 +178,17 @@ class Sink:
         behaviour: SinkBehaviour | None = None,
         tls_context: ssl.SSLContext | None = None,
         smtputf8: bool = True,
+        dsn: bool = False,
     ) -> None:
         self.host = host
         self.behaviour = behaviour or SinkBehaviour()
         self.received: list[Received] = []
+        self.commands: list[str] = []
         self.attempts = 0
-        self.controller = Controller(
-            _Handler(self),
+        self.controller = _Controller(
+            (_DsnHandler if dsn else _Handler)(self),
+            sink=self,
+            dsn=dsn,
             hostname=host,
             port=port,
             tls_context=tls_context,

@@ -1,0 +1,111 @@
+"""DSN (RFC 3461) end to end on a real gsmtp: the parameters are accepted, stored with
+the message, and passed on to a next hop that offers DSN, never to one that does not.
+The next hop is an aiosmtpd sink used as the smarthost (no DNS needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration.harness import GsmtpProcess, SmtpWire, free_port, wait_for
+from tests.integration.remote import Sink, wait_received
+
+SINK_HOST = "127.0.0.5"
+
+
+@pytest.fixture
+def sinks() -> Iterator[list[Sink]]:
+    started: list[Sink] = []
+    yield started
+    for sink in started:
+        sink.stop()
+
+
+def relay_through(gsmtp_factory: Any, port: int) -> GsmtpProcess:
+    process: GsmtpProcess = gsmtp_factory(
+        {
+            "server": {"trusted_networks": ["127.0.0.1/32"]},
+            "delivery": {
+                "smarthost": f"{SINK_HOST}:{port}",
+                "retry": ["1s"],
+                "connect_timeout": "2s",
+            },
+        }
+    )
+    return process
+
+
+def send(gsmtp: GsmtpProcess, mail: str, rcpts: list[str]) -> None:
+    with SmtpWire(gsmtp.port) as wire:
+        wire.read_reply()
+        wire.send(b"EHLO client.example\r\n")
+        assert "250-DSN" in wire.read_reply()
+        assert wire.command(f"MAIL FROM:<bob@remote.example> {mail}") == "250 2.1.0 Sender ok"
+        for rcpt in rcpts:
+            assert wire.command(f"RCPT TO:{rcpt}") == "250 2.1.5 Recipient ok"
+        assert wire.command("DATA").startswith("354")
+        wire.send(b"Subject: dsn\r\n\r\nbody\r\n.\r\n")
+        assert wire.read_reply()[0].startswith("250 2.0.0")
+
+
+def test_parameters_are_stored_with_the_message(gsmtp_factory: Any) -> None:
+    """Nothing listens at the smarthost: the remote recipient stays queued, so the rows
+    are still there after the local one is delivered."""
+    gsmtp = relay_through(gsmtp_factory, free_port(SINK_HOST))
+    send(
+        gsmtp,
+        "RET=HDRS ENVID=x",
+        [
+            "<jones@foo.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@b",
+            "<r@remote.test> NOTIFY=NEVER ORCPT=rfc822;R+2Bx@remote.test",
+            "<brown@foo.com>",
+        ],
+    )
+    wait_for(lambda: gsmtp.maildir_files("jones@foo.com"), what="the local delivery")
+    assert gsmtp.spool_rows("SELECT dsn_ret, dsn_envid FROM messages") == [("HDRS", "x")]
+    assert gsmtp.spool_rows(
+        "SELECT address, dsn_notify, dsn_orcpt FROM recipients ORDER BY address"
+    ) == [
+        ("brown@foo.com", None, None),
+        ("jones@foo.com", "SUCCESS,FAILURE", "rfc822;a@b"),
+        ("r@remote.test", "NEVER", "rfc822;R+x@remote.test"),
+    ]
+
+
+@pytest.mark.parametrize("offers_dsn", [True, False], ids=["dsn-peer", "plain-peer"])
+def test_parameters_go_on_only_to_a_peer_that_offers_dsn(
+    gsmtp_factory: Any, sinks: list[Sink], offers_dsn: bool
+) -> None:
+    port = free_port(SINK_HOST)
+    sink = Sink(SINK_HOST, port, dsn=offers_dsn)
+    sinks.append(sink)
+    gsmtp = relay_through(gsmtp_factory, port)
+    send(
+        gsmtp,
+        "RET=FULL ENVID=QQ+2B1",
+        [
+            "<a@remote.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;A+2Bx@remote.test",
+            "<b@remote.test>",
+            "<c@remote.test> NOTIFY=NEVER",
+        ],
+    )
+    (received,) = wait_received(sink)
+    assert sorted(received.recipients) == ["a@remote.test", "b@remote.test", "c@remote.test"]
+    mail, *rcpts = sink.commands
+    parameters = mail.split()[2:]
+    rcpt_lines = sorted(rcpts)
+    if offers_dsn:
+        assert "RET=FULL" in parameters and "ENVID=QQ+2B1" in parameters
+        assert rcpt_lines == [
+            "RCPT TO:<a@remote.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;A+2Bx@remote.test",
+            "RCPT TO:<b@remote.test>",
+            "RCPT TO:<c@remote.test> NOTIFY=NEVER",
+        ]
+    else:
+        assert not [p for p in parameters if p.startswith(("RET=", "ENVID="))], mail
+        assert rcpt_lines == [f"RCPT TO:<{r}@remote.test>" for r in "abc"]
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool"
+    )
