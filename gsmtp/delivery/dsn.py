@@ -66,12 +66,13 @@ _NOTICES: dict[DeliveryEvent, tuple[Notify, Action] | None] = {
 }
 
 
-def notice_due(notify: frozenset[Notify] | None, event: DeliveryEvent) -> Action | None:
+def notice_due(notify: frozenset[Notify] | None, event: DeliveryEvent | None) -> Action | None:
     """The action to report for this recipient, or None when no notice is due.
 
     `notify` is the recipient's NOTIFY: None when the client gave none (the RFC 3461
-    §4.1 default, FAILURE and DELAY), the empty set for NEVER (never any notice)."""
-    rule = _NOTICES[event]
+    §4.1 default, FAILURE and DELAY), the empty set for NEVER (never any notice).
+    `event` None (a deferral, see `delivery_event`) is no notice either."""
+    rule = None if event is None else _NOTICES[event]
     if rule is None:
         return None
     condition, action = rule

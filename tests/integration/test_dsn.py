@@ -9,6 +9,9 @@ from typing import Any
 
 import pytest
 
+from gsmtp.delivery import dsn
+from gsmtp.delivery.smtp import SmtpDeliverer
+from gsmtp.message import MessageId, Notify, Outcome, QueuedMessage, RecipientDsn, Ret
 from tests.integration.harness import GsmtpProcess, SmtpWire, free_port, wait_for
 from tests.integration.remote import Sink, wait_received
 
@@ -109,3 +112,42 @@ def test_parameters_go_on_only_to_a_peer_that_offers_dsn(
     wait_for(
         lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool"
     )
+
+
+class _NoDns:
+    """The smarthost is an address: no lookup may happen."""
+
+    def mail_hosts(self, domain: str) -> list[str]:
+        raise AssertionError(f"looked up the MX of {domain}")
+
+    def addresses(self, host: str) -> list[str]:
+        raise AssertionError(f"looked up {host}")
+
+
+@pytest.mark.parametrize("offers_dsn", [True, False], ids=["dsn-peer", "plain-peer"])
+def test_the_smtp_backend_says_whether_the_peer_took_the_parameters(
+    sinks: list[Sink], offers_dsn: bool
+) -> None:
+    """RFC 3461 §5.2.2: relayed to a peer without DSN, NOTIFY=SUCCESS gets a "relayed"
+    notice from us; to a DSN peer, none (the parameters went on with the message)."""
+    port = free_port(SINK_HOST)
+    sinks.append(Sink(SINK_HOST, port, dsn=offers_dsn))
+    deliverer = SmtpDeliverer(
+        resolver=_NoDns(), helo_name="gsmtp.test", smarthost=(SINK_HOST, port)
+    )
+    message = QueuedMessage(
+        MessageId("M1"),
+        "bob@remote.example",
+        b"Subject: x\r\n\r\nbody\r\n",
+        0.0,
+        False,
+        ret=Ret.HDRS,
+        dsn={"a@remote.test": RecipientDsn(frozenset({Notify.SUCCESS}))},
+    )
+    results = deliverer.deliver(message, ["a@remote.test", "b@remote.test"])
+    assert [(r.outcome, r.peer_dsn) for r in results] == [(Outcome.DELIVERED, offers_dsn)] * 2
+    due = [
+        dsn.notice_due(message.recipient_dsn(r.address).notify, dsn.delivery_event(r))
+        for r in results
+    ]
+    assert due == ([None, None] if offers_dsn else [dsn.Action.RELAYED, None])

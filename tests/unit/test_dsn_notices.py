@@ -72,6 +72,12 @@ def test_the_table_covers_every_notify_and_every_event() -> None:
     assert len(CASES) == 9 * 5  # None, NEVER and the 7 non-empty subsets
 
 
+@pytest.mark.parametrize("notify", sorted({c[0] for c in CASES}, key=str))
+def test_no_event_no_notice(notify: frozenset[Notify] | None) -> None:
+    """A deferral is no event (the delay warning is the queue manager's timer)."""
+    assert dsn.notice_due(notify, None) is None
+
+
 @pytest.mark.parametrize(("notify", "event", "expected"), CASES)
 def test_notice_due(
     notify: frozenset[Notify] | None, event: DeliveryEvent, expected: Action | None
