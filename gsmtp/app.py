@@ -171,8 +171,12 @@ class Application:
             port=delivery.port,
             smarthost=smarthost,
             timeouts=Timeouts(
-                delivery.connect_timeout, delivery.command_timeout, delivery.data_timeout
+                delivery.connect_timeout,
+                delivery.command_timeout,
+                delivery.data_timeout,
+                delivery.attempt_timeout,
             ),
+            listeners=[(a.host, a.port) for a in self.config.server.listen],
         )
 
     # -- running ----------------------------------------------------------------------
