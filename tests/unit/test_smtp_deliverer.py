@@ -215,9 +215,10 @@ def deliver(d: SmtpDeliverer, recipients: tuple[str, ...] = ("a@dest.example",))
 
 def test_the_attempt_deadline_is_shared_by_every_mx_host(peers: list[Peer], port: int) -> None:
     """Item 3: a destination whose 3 MX hosts × 3 addresses all trickle their greeting
-    (a byte every 0.2 s, never a whole line) holds one attempt for `attempt` seconds, not
-    9 × `command`: after 1 s (command) the first address is dropped, the attempt's 1.5 s
-    run out on the second, and the other seven are never tried."""
+    (a byte every 0.2 s, the line never finished in time) holds one attempt for
+    `attempt` seconds, not 9 × `command`: after 1 s (command) the first address is
+    dropped, the attempt's 1.5 s run out on the second, and the other seven are never
+    tried."""
     slow = trickle(b"220 " + b"x" * 20, 0.2)
     addresses = {
         f"mx{h}.dest.example": [f"127.0.1.{10 + 3 * h + a}" for a in range(3)] for h in range(3)
