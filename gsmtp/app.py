@@ -41,6 +41,8 @@ from gsmtp.spool import Spool
 # `bench.load -c 100 -m 100`, 8 threads accepted half as much mail as 1.
 MAILDIR_THREADS = 1
 CHECKPOINT_SECONDS = 0.5
+# How often stale files in Maildir tmp/ are looked for (a bounded batch of mailboxes each).
+MAILDIR_TMP_CLEAN_SECONDS = 600.0
 
 
 class StartupError(Exception):
@@ -171,8 +173,12 @@ class Application:
             port=delivery.port,
             smarthost=smarthost,
             timeouts=Timeouts(
-                delivery.connect_timeout, delivery.command_timeout, delivery.data_timeout
+                delivery.connect_timeout,
+                delivery.command_timeout,
+                delivery.data_timeout,
+                delivery.attempt_timeout,
             ),
+            listeners=[(a.host, a.port) for a in self.config.server.listen],
         )
 
     # -- running ----------------------------------------------------------------------
@@ -192,8 +198,10 @@ class Application:
 
     def _housekeeping(self) -> None:
         """Every FLUSH_SECONDS write out log lines; every CHECKPOINT_SECONDS move the
-        WAL into the database on the reader thread."""
+        WAL into the database on the reader thread; every MAILDIR_TMP_CLEAN_SECONDS
+        remove stale Maildir tmp/ files on the Maildir thread."""
         next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
+        next_tmp_clean = time.monotonic() + MAILDIR_TMP_CLEAN_SECONDS
         while True:
             gevent.sleep(log.FLUSH_SECONDS)
             log.flush()
@@ -203,6 +211,18 @@ class Application:
                     self._bodies.checkpoint()
                 except apsw.Error as error:
                     self._log.warning("checkpoint_failed", error=str(error))
+            if time.monotonic() >= next_tmp_clean:
+                next_tmp_clean = time.monotonic() + MAILDIR_TMP_CLEAN_SECONDS
+                self._clean_maildir_tmp()
+
+    def _clean_maildir_tmp(self) -> None:
+        try:
+            removed = self._local.clean_tmp(time.time())
+        except OSError as error:
+            self._log.warning("maildir_tmp_clean_failed", error=str(error))
+            return
+        if removed:
+            self._log.info("maildir_tmp_cleaned", files=removed)
 
     def _start_metrics(self) -> None:
         if not self.config.metrics.listen:

@@ -93,6 +93,7 @@ class DeliveryConfig:
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    attempt_timeout: float = 1800.0
     max_per_domain: int = 20
 
 
@@ -340,6 +341,7 @@ _GENERIC: dict[str, Any] = {
     "connect_timeout": parse_duration,
     "command_timeout": parse_duration,
     "data_timeout": parse_duration,
+    "attempt_timeout": parse_duration,
     "max_per_domain": _positive_int,
     "level": _one_of(*_LOG_LEVELS),
     "format": _one_of(*_LOG_FORMATS),

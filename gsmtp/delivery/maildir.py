@@ -11,6 +11,13 @@ Every file operation is relative to directory descriptors opened with O_NOFOLLOW
 symlink planted in a mailbox fails the delivery (deferred) instead of redirecting it.
 Blocking file work runs through `run_blocking` (one thread in the server) so the event
 loop never waits on the disk.
+
+Nothing is left behind: a write that fails once its `tmp/` file exists (ENOSPC, EIO, any
+OSError) removes that file before the delivery is deferred; a directory made for a new
+mailbox (the domain, the mailbox, its tmp/new/cur) is fsynced into its parent, so the
+file linked into `new/` cannot vanish with its directory after a power loss; and
+`clean_tmp` removes files that stayed in `tmp/` for 36 hours (maildir(5): left by a
+crash), a bounded number of mailboxes per call.
 """
 
 from __future__ import annotations
@@ -23,14 +30,25 @@ import secrets
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from gsmtp.message import Outcome, QueuedMessage, RecipientResult
 
 T = TypeVar("T")
 _counter = itertools.count(1)
+# maildir(5): a file in tmp/ untouched this long was left by a crashed delivery.
+STALE_TMP_SECONDS = 36 * 3600
+# Mailboxes whose tmp/ one `clean_tmp` call looks at; the next call goes on from there.
+CLEAN_TMP_MAILBOXES = 1000
+
+
+class RunBlocking(Protocol):
+    """Runs file work where blocking is harmless (the Maildir thread) and returns its
+    value or raises its exception."""
+
+    def __call__(self, work: Callable[[], T], /) -> T: ...
 
 
 def _run_inline(work: Callable[[], T]) -> T:
@@ -76,15 +94,23 @@ class MaildirDeliverer:
         root: str,
         *,
         resolve_mailbox: Callable[[str], str | None],
-        run_blocking: Callable[[Callable[[], RecipientResult]], RecipientResult] = _run_inline,
+        run_blocking: RunBlocking = _run_inline,
+        fsync: Callable[[int], None] = os.fsync,
     ) -> None:
         self._root = os.path.abspath(root)
-        self._writer = MaildirWriter(self._root)
+        self._writer = MaildirWriter(self._root, fsync=fsync)
         self._resolve_mailbox = resolve_mailbox
         self._run_blocking = run_blocking
 
     def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
         return [self._deliver_one(message, recipient) for recipient in recipients]
+
+    def clean_tmp(self, now: float, *, max_mailboxes: int = CLEAN_TMP_MAILBOXES) -> int:
+        """Remove files in `<mailbox>/tmp/` last modified more than 36 hours before `now`
+        (wall-clock seconds), looking at up to `max_mailboxes` mailboxes and going on
+        from there at the next call. Runs on the Maildir thread; returns how many files
+        went. Raises OSError only for the root itself; a broken mailbox is skipped."""
+        return self._run_blocking(lambda: self._writer.clean_tmp(now, max_mailboxes))
 
     def close(self) -> None:
         self._writer.close()
@@ -127,18 +153,30 @@ _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _open_directory(name: str, parent: int, *, create: bool = True) -> int:
-    """A directory under `parent`, created 0700 whatever the umask if missing. O_NOFOLLOW:
-    a symlink planted in its place fails with ELOOP instead of being followed (S-05)."""
+def _open_directory(
+    name: str, parent: int, *, fsync: Callable[[int], None], create: bool = True
+) -> int:
+    """A directory under `parent`, created 0700 whatever the umask if missing, and then
+    fsynced into `parent` (its entry is durable before anything is stored in it).
+    O_NOFOLLOW: a symlink planted in its place fails with ELOOP instead of being followed
+    (S-05)."""
     try:
         return os.open(name, _DIRECTORY, dir_fd=parent)
     except FileNotFoundError:
         if not create:
             raise
+        made = False
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o700, dir_fd=parent)
+            made = True
         fd = os.open(name, _DIRECTORY, dir_fd=parent)
-        os.fchmod(fd, 0o700)
+        try:
+            os.fchmod(fd, 0o700)
+            if made:
+                fsync(parent)
+        except OSError:
+            os.close(fd)
+            raise
         return fd
 
 
@@ -162,27 +200,27 @@ class MaildirWriter:
 
     CACHED_MAILBOXES = 256
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, fsync: Callable[[int], None] = os.fsync) -> None:
         self._root_path = root
         self._root: int | None = None
         self._open: OrderedDict[str, _Mailbox] = OrderedDict()
+        self._fsync = fsync
+        self._sweep: Generator[int, None, None] | None = None
 
     def write(self, domain: str, local: str, content: bytes) -> None:
         """Store `content` in `<domain>/<local>/new/` durably, or raise OSError."""
-        if self._root is None:
-            os.makedirs(self._root_path, mode=0o700, exist_ok=True)
-            self._root = os.open(self._root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        root = self._open_root()
         key = f"{domain}/{local}"
         mailbox = self._open.pop(key, None)
         try:
             if mailbox is None:
-                mailbox = self._open_mailbox(domain, local)
+                mailbox = self._open_mailbox(root, domain, local)
             self._write_file(mailbox, content)
         except FileNotFoundError:
             # The Maildir was removed while its directories were open: open it afresh.
             if mailbox is not None:
                 mailbox.close()
-            mailbox = self._open_mailbox(domain, local)
+            mailbox = self._open_mailbox(root, domain, local)
             self._write_file(mailbox, content)
         except OSError:
             if mailbox is not None:
@@ -194,6 +232,9 @@ class MaildirWriter:
             oldest.close()
 
     def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.close()
+            self._sweep = None
         for mailbox in self._open.values():
             mailbox.close()
         self._open.clear()
@@ -201,32 +242,127 @@ class MaildirWriter:
             os.close(self._root)
             self._root = None
 
-    def _open_mailbox(self, domain: str, local: str) -> _Mailbox:
-        assert self._root is not None
-        domain_fd = _open_directory(domain, self._root)
+    def _open_root(self) -> int:
+        if self._root is None:
+            parent = os.path.dirname(self._root_path)
+            made = not os.path.isdir(self._root_path)
+            os.makedirs(self._root_path, mode=0o700, exist_ok=True)
+            if made:
+                parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    self._fsync(parent_fd)
+                finally:
+                    os.close(parent_fd)
+            self._root = os.open(self._root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._root
+
+    def _open_mailbox(self, root: int, domain: str, local: str) -> _Mailbox:
+        fsync = self._fsync
+        domain_fd = _open_directory(domain, root, fsync=fsync)
         try:
-            box = _open_directory(local, domain_fd)
+            box = _open_directory(local, domain_fd, fsync=fsync)
         finally:
             os.close(domain_fd)
         try:
-            os.close(_open_directory("cur", box))
-            return _Mailbox(_open_directory("tmp", box), _open_directory("new", box))
+            os.close(_open_directory("cur", box, fsync=fsync))
+            tmp = _open_directory("tmp", box, fsync=fsync)
+            try:
+                return _Mailbox(tmp, _open_directory("new", box, fsync=fsync))
+            except OSError:
+                os.close(tmp)
+                raise
         finally:
             os.close(box)
 
-    @staticmethod
-    def _write_file(mailbox: _Mailbox, content: bytes) -> None:
+    def _write_file(self, mailbox: _Mailbox, content: bytes) -> None:
         name = unique_name(time.time())
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=mailbox.tmp)
         try:
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
+            try:
+                view = memoryview(content)
+                while view:
+                    view = view[os.write(fd, view) :]
+                self._fsync(fd)
+            finally:
+                os.close(fd)
             os.link(name, name, src_dir_fd=mailbox.tmp, dst_dir_fd=mailbox.new)
         finally:
-            os.unlink(name, dir_fd=mailbox.tmp)
-        os.fsync(mailbox.new)
+            # Linked into new/ or failed on the way (ENOSPC, EIO...): the tmp/ name goes
+            # either way, so a failed write leaves no partial file behind.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=mailbox.tmp)
+        self._fsync(mailbox.new)
+
+    # -- tmp/ clean-up ----------------------------------------------------------------------
+
+    def clean_tmp(self, now: float, max_mailboxes: int) -> int:
+        """See `MaildirDeliverer.clean_tmp`."""
+        root = self._open_root()
+        removed = 0
+        for _ in range(max_mailboxes):
+            if self._sweep is None:
+                self._sweep = _tmp_directories(root)
+            tmp = next(self._sweep, None)
+            if tmp is None:
+                self._sweep = None  # a whole pass is done; the next call starts another
+                break
+            try:
+                removed += _remove_stale(tmp, now - STALE_TMP_SECONDS)
+            finally:
+                os.close(tmp)
+        return removed
+
+
+def _tmp_directories(root: int) -> Generator[int, None, None]:
+    """An open descriptor of each `<domain>/<local>/tmp` under the root (the caller closes
+    it). Symlinks are never followed at any level; what cannot be opened is skipped."""
+    for domain in _subdirectories(root):
+        try:
+            domain_fd = os.open(domain, _DIRECTORY, dir_fd=root)
+        except OSError:
+            continue
+        try:
+            for local in _subdirectories(domain_fd):
+                try:
+                    box = os.open(local, _DIRECTORY, dir_fd=domain_fd)
+                except OSError:
+                    continue
+                try:
+                    tmp = os.open("tmp", _DIRECTORY, dir_fd=box)
+                except OSError:
+                    continue
+                finally:
+                    os.close(box)
+                yield tmp
+        finally:
+            os.close(domain_fd)
+
+
+def _subdirectories(directory: int) -> list[str]:
+    try:
+        with os.scandir(directory) as entries:
+            return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _remove_stale(tmp: int, cutoff: float) -> int:
+    """Unlink the regular files in `tmp` last modified before `cutoff`."""
+    removed = 0
+    try:
+        with os.scandir(tmp) as entries:
+            stale = [
+                entry.name
+                for entry in entries
+                if entry.is_file(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_mtime < cutoff
+            ]
+    except OSError:
+        return 0
+    for name in stale:
+        try:
+            os.unlink(name, dir_fd=tmp)
+        except OSError:  # gone already, or not ours to remove: the next pass tries again
+            continue
+        removed += 1
+    return removed

@@ -80,12 +80,14 @@ class Received:
 
 @dataclass
 class SinkBehaviour:
-    """Answer `reply` to DATA for the first `fail_first` transactions."""
+    """Answer `reply` to DATA for the first `fail_first` transactions. `drop_after_data`:
+    keep the message, then close the connection without answering the final dot."""
 
     fail_first: int = 0
     reply: str = "451 4.3.0 Try again later"
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     hold_data: threading.Event | None = None
+    drop_after_data: bool = False
 
 
 class _Handler:
@@ -119,6 +121,8 @@ class _Handler:
                 session.ssl is not None,
             )
         )
+        if sink.behaviour.drop_after_data:
+            server.transport.close()  # the reply below goes nowhere
         return "250 2.0.0 Stored"
 
 
@@ -179,6 +183,7 @@ class Sink:
         tls_context: ssl.SSLContext | None = None,
         smtputf8: bool = True,
         dsn: bool = False,
+        server_hostname: str | None = None,
     ) -> None:
         self.host = host
         self.behaviour = behaviour or SinkBehaviour()
@@ -193,7 +198,7 @@ class Sink:
             port=port,
             tls_context=tls_context,
             require_starttls=False,
-            server_hostname=f"sink-{host}",
+            server_hostname=server_hostname or f"sink-{host}",
             decode_data=False,
             enable_SMTPUTF8=smtputf8,
         )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,116 @@ def test_write_failure_is_temporary(tmp_path: Path) -> None:
     (tmp_path / "local.example").write_text("a file where a directory should be")
     (result,) = deliverer(tmp_path).deliver(MESSAGE, ["alice@local.example"])
     assert result.outcome is Outcome.DEFERRED
+
+
+# -- nothing left behind --------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MB file system (tmpfs), to fill up."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield mount_point
+    # Lazy: detached now even if a failed test left a descriptor open in it.
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+def test_a_full_disk_defers_and_leaves_no_partial_file_in_tmp(small_disk: Path) -> None:
+    """D-18, item 9: ENOSPC half-way through the file. The recipient is deferred, its
+    partial file is gone from tmp/ (the space comes back: a small message fits again)."""
+    d = deliverer(small_disk)
+    big = QueuedMessage(MessageId("M2"), "bob@remote.example", b"x" * (2 << 20), 0.0, False)
+    (result,) = d.deliver(big, ["alice@local.example"])
+    assert (result.outcome, result.status) == (Outcome.DEFERRED, "4.3.0")
+    assert "ENOSPC" in result.reply
+    box = small_disk / "local.example" / "alice"
+    assert list((box / "tmp").iterdir()) == []
+    assert list((box / "new").iterdir()) == []
+    (result,) = d.deliver(MESSAGE, ["alice@local.example"])
+    assert result.outcome is Outcome.DELIVERED
+    d.close()
+
+
+def old_file(path: Path, age_hours: float, now: float) -> Path:
+    path.write_bytes(b"partial")
+    os.utime(path, (now - age_hours * 3600, now - age_hours * 3600))
+    return path
+
+
+def test_clean_tmp_removes_files_left_in_tmp_for_36_hours(tmp_path: Path) -> None:
+    """maildir(5): older than 36 h is stale; younger may still be being written."""
+    d = deliverer(tmp_path)
+    d.deliver(MESSAGE, ["alice@local.example", "bob@other.example"])
+    now = time.time() + 7 * 86400  # an injected "now", a week ahead
+    alice, bob = tmp_path / "local.example" / "alice", tmp_path / "other.example" / "bob"
+    stale = [old_file(alice / "tmp" / "1.stale", 37, now), old_file(bob / "tmp" / "2", 37, now)]
+    young = old_file(alice / "tmp" / "3.young", 35, now)
+    delivered = list((alice / "new").iterdir())  # older than 36 h at `now`, but in new/
+    assert d.clean_tmp(now) == 2
+    assert not any(path.exists() for path in stale)
+    assert young.exists() and list((alice / "new").iterdir()) == delivered
+    assert d.clean_tmp(now) == 0
+
+
+def test_clean_tmp_never_follows_a_symlink(tmp_path: Path) -> None:
+    """S-05: a tmp/ (or a mailbox) swapped for a symlink is skipped, never emptied."""
+    now = time.time() + 7 * 86400
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    precious = old_file(elsewhere / "precious", 100, now)
+    box = tmp_path / "root" / "local.example" / "alice"
+    box.mkdir(parents=True)
+    (box / "tmp").symlink_to(elsewhere)
+    (tmp_path / "root" / "local.example" / "bob").symlink_to(box)
+    assert deliverer(tmp_path / "root").clean_tmp(now) == 0
+    assert precious.exists()
+
+
+def test_clean_tmp_does_bounded_work_per_call(tmp_path: Path) -> None:
+    now = time.time() + 7 * 86400
+    for n in range(5):
+        tmp = tmp_path / "local.example" / f"user{n}" / "tmp"
+        tmp.mkdir(parents=True)
+        old_file(tmp / "stale", 40, now)
+    d = deliverer(tmp_path)
+    assert [d.clean_tmp(now, max_mailboxes=2) for _ in range(4)] == [2, 2, 1, 0]
+    assert list(tmp_path.glob("*/*/tmp/*")) == []
+
+
+class RecordingFsync:
+    """A real fsync that notes which path each descriptor stands for."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def __call__(self, fd: int) -> None:
+        self.paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        os.fsync(fd)
+
+
+def test_new_directories_are_fsynced_into_their_parents(tmp_path: Path) -> None:
+    """A directory entry is durable only once its parent is fsynced: the first delivery
+    to a new mailbox fsyncs the root (for the domain), the domain (for the mailbox) and
+    the mailbox (for tmp, new, cur); later deliveries only the file and new/."""
+    fsync = RecordingFsync()
+    root = tmp_path / "mail"
+    d = MaildirDeliverer(str(root), resolve_mailbox=str.lower, fsync=fsync)
+    d.deliver(MESSAGE, ["alice@local.example"])
+    box = root / "local.example" / "alice"
+    (file,) = (box / "new").iterdir()
+    tmp_file = str(box / "tmp" / file.name) + " (deleted)"
+    directories = [path for path in fsync.paths if path != tmp_file]
+    assert directories[:3] == [str(tmp_path), str(root), str(root / "local.example")]
+    assert directories.count(str(box)) == 3  # after cur, tmp and new were made
+    assert directories[-1] == str(box / "new")
+    fsync.paths.clear()
+    d.deliver(MESSAGE, ["alice@local.example"])
+    assert [p for p in fsync.paths if not p.startswith(str(box / "tmp"))] == [str(box / "new")]
