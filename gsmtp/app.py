@@ -29,6 +29,7 @@ from gsmtp.delivery.base import Deliverer
 from gsmtp.delivery.maildir import MaildirDeliverer
 from gsmtp.delivery.mx import DnsResolver
 from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
+from gsmtp.limits import ConnectionLimiter
 from gsmtp.policy import Policy
 from gsmtp.protocol.session import Limits
 from gsmtp.routing import Router
@@ -114,12 +115,19 @@ class Application:
             ),
             idle_timeout=config.server.timeout,
             max_connections=config.server.max_connections,
-            max_connections_per_ip=config.server.max_connections_per_ip,
+            limiter=ConnectionLimiter(
+                max_per_network=config.server.max_connections_per_ip,
+                max_rate=config.server.max_connection_rate,
+                v4_prefix=config.server.ipv4_prefix,
+                v6_prefix=config.server.ipv6_prefix,
+                exempt=config.server.trusted_networks,
+            ),
             policy=self.policy,
             spool=self.spool,
             acceptor=self._acceptor,
             on_queued=self.scheduler.wake,
             tls_context=self._tls_context(),
+            proxy_networks=(config.server.proxy_networks if config.server.proxy_protocol else None),
         )
         self._metrics_server: Any = None
         self._log_flusher: Any = None

@@ -45,7 +45,10 @@ class ServerConfig:
     listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 2525),)
     timeout: float = 300.0
     max_connections: int = 10000
-    max_connections_per_ip: int = 50
+    max_connections_per_ip: int = 50  # per client network of the prefixes below
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
+    max_connection_rate: int = 0  # new connections per network per minute; 0 = no limit
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
     vrfy: bool = False
@@ -54,6 +57,10 @@ class ServerConfig:
         ipaddress.ip_network("::1/128"),
     )
     proxy_protocol: bool = False
+    proxy_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
     shutdown_grace: float = 30.0
 
 
@@ -175,10 +182,10 @@ def _check_consistency(config: Config, path: Path) -> None:
             f"{path}: [submission] listen: submission needs AUTH, which this version "
             "does not offer yet; leave it empty"
         )
-    if config.server.proxy_protocol:
+    if config.server.proxy_protocol and not config.server.proxy_networks:
         raise ConfigError(
-            f"{path}: [server] proxy_protocol: PROXY protocol support is not available in "
-            "this version; set it to false"
+            f"{path}: [server] proxy_networks: proxy_protocol = true needs at least one "
+            "network allowed to send the PROXY header"
         )
 
 
@@ -228,6 +235,24 @@ def _positive_int(value: Any) -> int:
     if value < 1:
         raise ValueError(f"must be at least 1, got {value}")
     return value
+
+
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected a whole number, got {value!r}")
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _prefix(bits: int) -> Any:
+    def convert(value: Any) -> int:
+        prefix = _positive_int(value)
+        if prefix > bits:
+            raise ValueError(f"a prefix length must be 1-{bits}, got {prefix}")
+        return prefix
+
+    return convert
 
 
 def _port(value: Any) -> int:
@@ -326,11 +351,15 @@ _GENERIC: dict[str, Any] = {
     "timeout": parse_duration,
     "max_connections": _positive_int,
     "max_connections_per_ip": _positive_int,
+    "ipv4_prefix": _prefix(32),
+    "ipv6_prefix": _prefix(128),
+    "max_connection_rate": _non_negative_int,
     "max_message_size": parse_size,
     "max_recipients": _positive_int,
     "vrfy": _bool,
     "trusted_networks": _list_of(_network),
     "proxy_protocol": _bool,
+    "proxy_networks": _list_of(_network),
     "shutdown_grace": parse_duration,
     "concurrency": _positive_int,
     "retry": _retry,

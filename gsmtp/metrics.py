@@ -11,6 +11,12 @@ from collections.abc import Callable
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 
 CONNECTIONS = Counter("gsmtp_connections_total", "SMTP connections accepted")
+CONNECTIONS_REFUSED = Counter(
+    "gsmtp_connections_refused",
+    "SMTP connections refused before the greeting, by reason: total, connections (per "
+    "client network), rate (per client network), proxy (no valid PROXY header)",
+    ["reason"],
+)
 CONNECTIONS_ACTIVE = Gauge("gsmtp_connections_active", "SMTP connections open now")
 MESSAGES_RECEIVED = Counter(
     "gsmtp_messages_received", "Messages at the end of DATA, by outcome", ["outcome"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from gsmtp.accounts import AccountsSnapshot
 from gsmtp.protocol import replies
@@ -32,6 +33,18 @@ def client_from_ip(text: str) -> Client:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # R-15: match ::ffff:a.b.c.d against IPv4 networks
     return Client(ip)
+
+
+def client_network(
+    ip: IPv4Address | IPv6Address, v4_prefix: int = 32, v6_prefix: int = 64
+) -> IPv4Network | IPv6Network:
+    """The network a client is counted in for limits: its IPv4 /32 or IPv6 /64 by
+    default. One IPv6 host usually owns a whole /64, so counting exact IPv6 addresses
+    would let one machine take every slot. An IPv4-mapped IPv6 address is IPv4."""
+    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = v4_prefix if isinstance(ip, IPv4Address) else v6_prefix
+    return ipaddress.ip_network((ip, prefix), strict=False)
 
 
 class Policy:

@@ -4,8 +4,14 @@ This is the I/O shell around `protocol.session`: it reads bytes, feeds the sessi
 answers its events (policy for RCPT, the spool for a finished message), and writes the
 replies — all replies of a pipelined batch in one send. Low-level errors (OSError,
 ssl.SSLError, timeouts) are translated here and nowhere else. Limits enforced here:
-idle timeout (also inside DATA), total and per-IP connections, early talkers. A graceful
-stop closes idle sessions with 421 at once and lets open transactions finish.
+idle timeout (also inside DATA), total connections, connections and new connections per
+client network (`limits.ConnectionLimiter`), early talkers. A graceful stop closes idle
+sessions with 421 at once and lets open transactions finish.
+
+With `proxy_networks` set (server.proxy_protocol), every connection must begin with a
+HAProxy PROXY v1/v2 header from one of those networks, read within
+PROXY_HEADER_DEADLINE; otherwise it is closed without a greeting. The client the header
+names is the client for everything after: relay rights, limits, logs, Received:.
 """
 
 from __future__ import annotations
@@ -15,8 +21,7 @@ import itertools
 import socket
 import ssl
 import time
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gevent
@@ -26,9 +31,11 @@ from gevent.server import StreamServer
 
 from gsmtp import metrics
 from gsmtp.acceptance import Acceptor
+from gsmtp.limits import Admitted, ConnectionLimiter, Refused
 from gsmtp.log import get_logger, printable
-from gsmtp.policy import Client, Policy, client_from_ip
+from gsmtp.policy import Client, IPNetwork, Policy, client_from_ip
 from gsmtp.protocol import replies
+from gsmtp.protocol.proxy import V2_MAX_LENGTH, NeedMore, ProxyError, ProxyHeaderParser
 from gsmtp.protocol.replies import Reply
 from gsmtp.protocol.session import (
     Envelope,
@@ -51,6 +58,9 @@ RECV_SIZE = 256 * 1024
 _OVERFLOW_SLOTS = 256
 _NEVER = float("inf")
 EARLY_TALKER = Reply(554, "5.5.0", "SMTP synchronization error: talked before the greeting")
+# The PROXY header must arrive within this (or server.timeout if shorter). A balancer
+# sends it at once; anything slower is not a balancer.
+PROXY_HEADER_DEADLINE = 5.0
 
 
 class _IdleTimeout(Exception):
@@ -70,19 +80,22 @@ class SmtpServer:
         limits: Limits,
         idle_timeout: float,
         max_connections: int,
-        max_connections_per_ip: int,
+        limiter: ConnectionLimiter,
         policy: Policy,
         spool: Spool,
         acceptor: Acceptor,
         on_queued: Callable[[], None],
         tls_context: ssl.SSLContext | None = None,
+        proxy_networks: Sequence[IPNetwork] | None = None,
     ) -> None:
         self._listen = listen
         self._hostname = hostname
         self._limits = limits
         self._idle_timeout = idle_timeout
         self._max_connections = max_connections
-        self._max_per_ip = max_connections_per_ip
+        self._limiter = limiter
+        self._proxy_networks = None if proxy_networks is None else tuple(proxy_networks)
+        self._proxy_deadline = min(PROXY_HEADER_DEADLINE, idle_timeout)
         self._policy = policy
         self._spool = spool
         self._acceptor = acceptor
@@ -90,7 +103,6 @@ class SmtpServer:
         self._tls_context = tls_context
         self._pool = Pool(max_connections + _OVERFLOW_SLOTS)
         self._servers: list[StreamServer] = []
-        self._per_ip: dict[str, int] = defaultdict(int)
         self._active = 0
         self._connections: dict[gevent.Greenlet, _Connection] = {}
         self._sweeper: gevent.Greenlet | None = None
@@ -151,16 +163,26 @@ class SmtpServer:
         log = self._log.bind(conn_id=conn_id, peer=peer_ip)
         metrics.CONNECTIONS.inc()
         self._active += 1
-        self._per_ip[peer_ip] += 1
         metrics.CONNECTIONS_ACTIVE.inc()
+        admitted: Admitted | None = None
         try:
-            limit_reply = self._limit_reply(peer_ip)
-            if limit_reply is not None:
-                log.info("connection_refused", reply=limit_reply.text)
-                _send_quietly(sock, limit_reply.to_bytes())
+            client_ip = peer_ip
+            if self._proxy_networks is not None:
+                proxied = self._read_proxy_header(sock, peer_ip, log)
+                if proxied is None:
+                    metrics.CONNECTIONS_REFUSED.labels("proxy").inc()
+                    return  # closed without a greeting
+                if proxied != peer_ip:
+                    client_ip = proxied
+                    log = log.bind(peer=client_ip, proxy=peer_ip)
+            verdict = self._admit(client_ip)
+            if isinstance(verdict, Reply):
+                log.info("connection_refused", reply=verdict.text)
+                _send_quietly(sock, verdict.to_bytes())
                 return
+            admitted = verdict
             log.info("connection_opened")
-            connection = _Connection(self, sock, peer_ip, log)
+            connection = _Connection(self, sock, client_ip, log)
             current = gevent.getcurrent()
             self._connections[current] = connection
             try:
@@ -173,21 +195,78 @@ class SmtpServer:
             _send_quietly(sock, b"421 4.3.0 Internal error, closing connection\r\n")
         finally:
             self._active -= 1
-            self._per_ip[peer_ip] -= 1
-            if self._per_ip[peer_ip] <= 0:
-                del self._per_ip[peer_ip]
+            if admitted is not None:
+                self._limiter.release(admitted)
             metrics.CONNECTIONS_ACTIVE.dec()
             _close_quietly(sock)
             log.info("connection_closed")
 
-    def _limit_reply(self, peer_ip: str) -> Reply | None:
+    def _admit(self, client_ip: str) -> Admitted | Reply:
         if self._stopping.is_set():
             return replies.SHUTTING_DOWN
         if self._active > self._max_connections:
+            metrics.CONNECTIONS_REFUSED.labels("total").inc()
             return replies.TOO_MANY_CONNECTIONS
-        if self._per_ip[peer_ip] > self._max_per_ip:
-            return replies.TOO_MANY_CONNECTIONS_FROM_IP
-        return None
+        verdict = self._limiter.admit(client_from_ip(client_ip).ip)
+        if isinstance(verdict, Refused):
+            metrics.CONNECTIONS_REFUSED.labels(verdict.reason).inc()
+            network = verdict.network
+            name = (
+                str(network.network_address)
+                if network.prefixlen == network.max_prefixlen
+                else str(network)
+            )
+            if verdict.reason == "rate":
+                return replies.too_many_new_connections_from(name)
+            return replies.too_many_connections_from(name)
+        return verdict
+
+    def _read_proxy_header(self, sock: socket.socket, peer_ip: str, log: Any) -> str | None:
+        """The client address the PROXY header names (the peer's own for LOCAL and
+        UNKNOWN), or None when the connection must be closed: the peer is not one of
+        proxy_networks, or no valid header arrived within the deadline. The socket is
+        peeked and then exactly the header is read, so the bytes after it stay for the
+        early-talker check (the header itself is not early talk) and for TLS."""
+        assert self._proxy_networks is not None
+        peer = client_from_ip(peer_ip).ip
+        if not any(peer in network for network in self._proxy_networks):
+            log.info("proxy_peer_refused")
+            return None
+        parser = ProxyHeaderParser()
+        deadline = time.monotonic() + self._proxy_deadline
+        taken = 0  # header bytes already read off the socket
+        previous_timeout = sock.gettimeout()
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                chunk = sock.recv(V2_MAX_LENGTH, socket.MSG_PEEK)
+                if not chunk:
+                    log.info("proxy_header_missing", error="connection closed")
+                    return None
+                result = parser.feed(chunk)
+                if isinstance(result, ProxyError):
+                    log.info("proxy_header_refused", error=result.reason)
+                    return None
+                wanted = len(chunk) if isinstance(result, NeedMore) else result.length - taken
+                _recv_exactly(sock, wanted)
+                taken += wanted
+                if isinstance(result, NeedMore):
+                    continue
+                if result.source is None:
+                    return peer_ip
+                return str(result.source.ip)
+        except TimeoutError:
+            log.info("proxy_header_missing", error=f"none within {self._proxy_deadline:g}s")
+            return None
+        except OSError as error:
+            log.info("connection_lost", error=printable(str(error)))
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(previous_timeout)
 
 
 class _Connection:
@@ -329,6 +408,16 @@ class _Connection:
         )
         self._server._on_queued()
         return replies.queued(message_id)
+
+
+def _recv_exactly(sock: Any, size: int) -> None:
+    """Read and drop `size` bytes already seen with MSG_PEEK (they are in the kernel
+    buffer, so this does not wait)."""
+    while size > 0:
+        data = sock.recv(size)
+        if not data:
+            raise ConnectionResetError("connection closed inside the PROXY header")
+        size -= len(data)
 
 
 def _send_quietly(sock: Any, data: bytes) -> None:

@@ -66,7 +66,8 @@ SHUTTING_DOWN = _r(421, "4.3.2", "Service shutting down, closing transmission ch
 IDLE_TIMEOUT = _r(421, "4.4.2", "Timeout exceeded, closing transmission channel")
 TOO_MANY_ERRORS = _r(421, "4.7.0", "Too many errors, closing transmission channel")
 TOO_MANY_CONNECTIONS = _r(421, "4.7.0", "Too many connections, try again later")
-TOO_MANY_CONNECTIONS_FROM_IP = _r(421, "4.7.0", "Too many connections from your address")
+TOO_MANY_CONNECTIONS_FROM = _r(421, "4.7.0", "Too many connections from")
+TOO_MANY_NEW_CONNECTIONS_FROM = _r(421, "4.7.0", "Too many new connections from")
 SPOOL_ERROR = _r(451, "4.3.0", "Local error in processing, message not accepted, try again")
 TEMPORARY_LOOKUP_FAILURE = _r(451, "4.3.0", "Temporary lookup failure, try again")
 TOO_MANY_RECIPIENTS = _r(452, "4.5.3", "Too many recipients")
@@ -117,6 +118,19 @@ def queued(message_id: str) -> Reply:
 def bad_parameter(keyword: str, reason: str) -> Reply:
     """501 5.5.4 naming the MAIL/RCPT parameter and what is wrong with its value."""
     return BAD_PARAMETER.with_text(f"Bad {keyword} parameter: {reason}")
+
+
+def too_many_connections_from(client: str) -> Reply:
+    """421 4.7.0 naming the client's address or network (Postfix: "too many connections
+    from %s"), so an operator reading a client's log sees which limit it hit."""
+    return TOO_MANY_CONNECTIONS_FROM.with_text(f"Too many connections from {client}")
+
+
+def too_many_new_connections_from(client: str) -> Reply:
+    """421 4.7.0 for the connection-rate limit."""
+    return TOO_MANY_NEW_CONNECTIONS_FROM.with_text(
+        f"Too many new connections from {client}, try again later"
+    )
 
 
 def greeting(hostname: str) -> Reply:

@@ -78,6 +78,8 @@ class GsmtpProcess:
         for name, values in sections.items():
             lines.append(f"[{name}]")
             lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+        # A proxy_protocol listener greets only after a PROXY header.
+        self.proxy_protocol = bool(sections["server"].get("proxy_protocol", False))
         self.config = directory / "gsmtp.toml"
         self.config.write_text("\n".join(lines) + "\n")
         self.spool_path = directory / "spool.sqlite"
@@ -129,6 +131,8 @@ class GsmtpProcess:
             raise AssertionError(f"gsmtp exited {self.process.returncode}: {self.log()}")
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
+                if self.proxy_protocol:
+                    probe.sendall(b"PROXY UNKNOWN\r\n")
                 return probe.recv(100).startswith(b"220")
         except OSError:
             return False

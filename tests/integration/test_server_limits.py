@@ -36,7 +36,7 @@ def test_per_ip_limit(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
     first, second = SmtpWire(gsmtp.port), SmtpWire(gsmtp.port)
     assert first.read_reply()[0].startswith("220") and second.read_reply()[0].startswith("220")
     with SmtpWire(gsmtp.port) as third:
-        assert third.read_reply() == ["421 4.7.0 Too many connections from your address"]
+        assert third.read_reply() == ["421 4.7.0 Too many connections from 127.0.0.1"]
         assert third.read_reply() == []
     with SmtpWire(gsmtp.port, source="127.0.0.5") as other:  # another address is served
         assert other.read_reply()[0].startswith("220")
