@@ -65,6 +65,14 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[delivery]\nretry = []\n", "[delivery] retry: needs at least one step"),
         ("[delivery]\nport = 70000\n", "[delivery] port: port must be 1-65535"),
         ('[tls]\ncert = "a.pem"\n', "[tls] cert and key must be set together"),
+        ("[server]\nipv4_prefix = 33\n", "[server] ipv4_prefix: a prefix length must be 1-32"),
+        ("[server]\nipv6_prefix = 0\n", "[server] ipv6_prefix: must be at least 1"),
+        ("[server]\nmax_connection_rate = -1\n", "[server] max_connection_rate: must be 0 or"),
+        ('[server]\nproxy_networks = ["lb"]\n', "[server] proxy_networks: not a network"),
+        (
+            "[server]\nproxy_protocol = true\nproxy_networks = []\n",
+            "[server] proxy_networks: proxy_protocol = true needs at least one network",
+        ),
         ("[server\n", "not valid TOML"),
     ],
 )
@@ -85,3 +93,17 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     config = load(write(tmp_path, '[spool]\npath = "q/spool.sqlite"\n'))
     assert config.spool.path == str(tmp_path / "q/spool.sqlite")
     assert config.maildir.root == str(tmp_path / "var/mail")
+
+
+def test_proxy_protocol_and_client_network_keys(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            '[server]\nproxy_protocol = true\nproxy_networks = ["10.0.0.0/24"]\n'
+            "ipv4_prefix = 24\nipv6_prefix = 56\nmax_connection_rate = 60\n",
+        )
+    )
+    server = config.server
+    assert server.proxy_protocol is True
+    assert [str(n) for n in server.proxy_networks] == ["10.0.0.0/24"]
+    assert (server.ipv4_prefix, server.ipv6_prefix, server.max_connection_rate) == (24, 56, 60)
