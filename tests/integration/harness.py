@@ -74,7 +74,7 @@ class GsmtpProcess:
             lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
         self.config = directory / "gsmtp.toml"
         self.config.write_text("\n".join(lines) + "\n")
-        self.spool_path = directory / "spool.sqlite"
+        self.spool_path = directory / sections["spool"]["path"]  # an absolute path wins
         self.maildir = directory / "mail"
         self.log_path = directory / "gsmtp.log"
         self.process: subprocess.Popen[bytes] | None = None
