@@ -21,6 +21,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -370,7 +371,11 @@ class Application:
         return 0 if self.stop() else EXIT_COMPONENT_DIED
 
 
-def serve(config: Config) -> int:
+def serve(
+    config: Config, *, application_factory: Callable[[Config], Application] = Application
+) -> int:
+    """`gsmtp serve`: the exit status (0, 1 start-up failed, 2 already running); a dead
+    component ends the process from here with EXIT_COMPONENT_DIED."""
     os.umask(0o077)
     log.configure(config.log.level, config.log.format)
     path = lockfile.lock_path(config.spool.path)
@@ -386,7 +391,7 @@ def serve(config: Config) -> int:
         )
         return EXIT_ALREADY_RUNNING
     try:
-        application = Application(config)
+        application = application_factory(config)
         status = application.serve_forever()
     except StartupError as error:
         return _startup_failed(error)

@@ -18,6 +18,12 @@ LOCAL_DOMAIN = "foo.com"
 USERS = ("jones@foo.com", "brown@foo.com")
 
 
+def _checkout_path() -> str:
+    root = str(Path(__file__).resolve().parents[2])
+    inherited = os.environ.get("PYTHONPATH")
+    return f"{root}{os.pathsep}{inherited}" if inherited else root
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
@@ -78,6 +84,7 @@ class GsmtpProcess:
         self.maildir = directory / "mail"
         self.log_path = directory / "gsmtp.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
 
     # -- CLI --------------------------------------------------------------------------
 
@@ -90,6 +97,7 @@ class GsmtpProcess:
             capture_output=True,
             text=True,
             timeout=60,
+            env={**os.environ, "PYTHONPATH": _checkout_path()},
         )
         if check and result.returncode != 0:
             raise AssertionError(f"gsmtp {' '.join(args)} failed: {result.stderr}")
@@ -104,11 +112,15 @@ class GsmtpProcess:
 
     def start(self) -> None:
         log = self.log_path.open("ab")
+        self._log_offset = log.tell()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gsmtp.cli", "serve", "-c", str(self.config)],
             stdout=log,
             stderr=log,
             cwd=self.directory,
+            # The gsmtp under test, not whichever one the virtualenv has installed: run
+            # from its own directory, `-m` would not find this checkout.
+            env={**os.environ, "PYTHONPATH": _checkout_path()},
         )
         log.close()
         wait_for(self._accepting, timeout=20, what=f"gsmtp to listen on {self.port}")
@@ -117,6 +129,10 @@ class GsmtpProcess:
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(f"gsmtp exited {self.process.returncode}: {self.log()}")
+        # Our own process must say so: a 220 alone may come from another test run's
+        # server that took the same free port first (ours then failed to listen).
+        if b'"event":"server_started"' not in self.log_path.read_bytes()[self._log_offset :]:
+            return False
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
                 return probe.recv(100).startswith(b"220")
