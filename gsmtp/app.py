@@ -142,7 +142,7 @@ class Application:
             acceptor=self._acceptor,
             on_queued=self.scheduler.wake,
             tls_context=self._tls_context(),
-            has_room=self._reserve.has_room,
+            reserve=self._reserve,
             spawn=self.supervisor.spawn,
         )
         self._metrics_server: Any = None

@@ -29,6 +29,7 @@ from gevent.server import StreamServer
 
 from gsmtp import metrics
 from gsmtp.acceptance import Acceptor
+from gsmtp.diskspace import SpaceReserve
 from gsmtp.log import get_logger, printable
 from gsmtp.policy import Client, Policy, client_from_ip
 from gsmtp.protocol import replies
@@ -86,7 +87,7 @@ class SmtpServer:
         acceptor: Acceptor,
         on_queued: Callable[[], None],
         tls_context: ssl.SSLContext | None = None,
-        has_room: Callable[[int | None], bool] = lambda size: True,
+        reserve: SpaceReserve | None = None,
         spawn: Callable[..., gevent.Greenlet] | None = None,
     ) -> None:
         self._listen = listen
@@ -100,7 +101,7 @@ class SmtpServer:
         self._acceptor = acceptor
         self._on_queued = on_queued
         self._tls_context = tls_context
-        self._has_room = has_room
+        self._reserve = reserve
         # Long-lived greenlets are started through `spawn(name, fn)`: the supervisor's,
         # which notices their death.
         self._spawn = spawn or (lambda name, function, *args: gevent.spawn(function, *args))
@@ -320,7 +321,8 @@ class _Connection:
     def _answer(self, event: SessionEvent) -> None:
         session = self._session
         if isinstance(event, MailFrom):
-            if self._server._has_room(event.size):
+            reserve = self._server._reserve
+            if reserve is None or reserve.has_room(event.size):
                 session.respond(event, replies.SENDER_OK)
             else:
                 self._log.info("sender_rejected", reply=replies.INSUFFICIENT_STORAGE.text)
@@ -374,6 +376,8 @@ class _Connection:
         finally:
             self.storing = False
         metrics.ACCEPT_SECONDS.observe(time.monotonic() - started)
+        if self._server._reserve is not None:
+            self._server._reserve.spend(len(message.body))
         metrics.MESSAGES_QUEUED.inc()
         self._log.info(
             "message_queued",

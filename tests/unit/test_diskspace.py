@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from pathlib import Path
 
-from gsmtp.diskspace import SpaceReserve
+from gsmtp.diskspace import SpaceReserve, spool_free_space
 from tests.unit.session_driver import SessionWire
 
 MB = 1024 * 1024
@@ -15,9 +15,9 @@ class FakeDisk:
         self.free = free
         self.calls = 0
 
-    def statvfs(self, path: str) -> SimpleNamespace:
+    def measure(self, path: str) -> int:
         self.calls += 1
-        return SimpleNamespace(f_bavail=self.free // 4096, f_frsize=4096)
+        return self.free
 
 
 class FakeClock:
@@ -29,7 +29,7 @@ class FakeClock:
 
 
 def reserve(disk: FakeDisk, clock: FakeClock, size: int = 70 * MB) -> SpaceReserve:
-    return SpaceReserve("/var/spool/spool.sqlite", size, clock=clock, statvfs=disk.statvfs)
+    return SpaceReserve("/var/spool/spool.sqlite", size, clock=clock, measure=disk.measure)
 
 
 def test_below_the_reserve_there_is_no_room() -> None:
@@ -84,3 +84,29 @@ def test_mail_gets_452_4_3_1_from_the_session_when_there_is_no_room() -> None:
     wire.send(b"RSET\r\nMAIL FROM:<bob@remote.example>\r\n")
     assert wire.read_reply()[0].startswith("250")
     assert wire.read_reply() == ["452 4.3.1 Insufficient system storage"]
+
+
+def test_what_was_stored_since_the_last_measurement_counts_at_once() -> None:
+    """A burst of large messages inside one cached second cannot run past the reserve."""
+    disk, clock = FakeDisk(100 * MB), FakeClock()
+    space = reserve(disk, clock)
+    assert space.has_room(None)
+    space.spend(5 * MB)  # counted twice: in the WAL now, in the database later
+    assert space.has_room(20 * MB)
+    assert not space.has_room(20 * MB + 1)
+    space.spend(10 * MB + 1)
+    assert not space.has_room(None)
+    disk.free = 95 * MB  # the delivery of the first two made room meanwhile
+    clock.now += 1
+    assert space.has_room(None)
+    assert disk.calls == 2
+
+
+def test_the_wal_counts_as_used(tmp_path: Path) -> None:
+    """Its frames are copied into the database at the next checkpoint: until then a
+    message takes its room twice."""
+    spool = tmp_path / "spool.sqlite"
+    spool.write_bytes(b"")
+    without_wal = spool_free_space(str(spool))
+    Path(f"{spool}-wal").write_bytes(b"x" * 4 * MB)
+    assert without_wal - spool_free_space(str(spool)) >= 4 * MB
