@@ -40,9 +40,7 @@ def test_sigterm_cuts_a_session_mid_data_with_421_at_the_end_of_the_grace(
         "421 4.3.2 Service shutting down, closing transmission channel"
     ]
 
-    assert stalled.read_reply() == [
-        "421 4.3.2 Service shutting down, closing transmission channel"
-    ]
+    assert stalled.read_reply() == ["421 4.3.2 Service shutting down, closing transmission channel"]
     cut_after = time.monotonic() - signalled
     assert cut_after >= GRACE * 0.9, f"cut after {cut_after:.2f}s: the grace was not given"
     assert stalled.read_reply() == [], "closed after the 421"
