@@ -394,6 +394,7 @@ def serve(
         application = application_factory(config)
         status = application.serve_forever()
     except StartupError as error:
+        lock.release()
         return _startup_failed(error)
     if application.supervisor.death is not None:
         # Like a crash, on purpose: a graceful stop could wait forever on the hung or
