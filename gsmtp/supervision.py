@@ -30,8 +30,8 @@ from typing import Any
 import gevent
 from gevent.event import AsyncResult, Event
 
-from gsmtp import metrics
 from gsmtp.log import get_logger
+from gsmtp.metrics import INTERNAL_ERRORS
 
 EXIT_COMPONENT_DIED = 70  # EX_SOFTWARE (sysexits.h): an internal error, restart me
 STALL_SECONDS = 60.0  # work pending and no progress for this long: the component is dead
@@ -181,7 +181,7 @@ class Supervisor:
             self._die(name, "ended without an error (a long-lived loop returned)", None)
 
     def _die(self, name: str, reason: str, exc_info: ExcInfo | None) -> None:
-        metrics.INTERNAL_ERRORS.labels(name).inc()
+        INTERNAL_ERRORS.labels(name).inc()
         self._log.error("component_died", component=name, reason=reason, exc_info=exc_info)
         if self.death is None:
             self.death = Death(name, reason)
