@@ -131,7 +131,7 @@ def test_stop_reports_a_writer_that_does_not_finish(tmp_path: Path) -> None:
     blocker = db.connect(path)
     blocker.execute("BEGIN EXCLUSIVE")
     waiting = gevent.spawn(writer.submit, lambda c: c.execute("DELETE FROM domains"))
-    gevent.sleep(0.01)
+    gevent.sleep(0)  # submitted; the thread waits on the lock whether it began or not
     assert writer.stop(timeout=0.05) is False
     blocker.execute("ROLLBACK")
     waiting.get(timeout=10)
