@@ -1,9 +1,17 @@
 """The composition root: configuration in, running objects out; signals; graceful stop.
 
 The only reader of `Config`: every component gets its own values as arguments. Start-up
-refuses to serve a spool that fails its integrity check (never an empty spool over a
-corrupt one), releases leases a previous process left, and starts listeners last, once
+takes the spool's single-instance lock first (a second server exits 2), refuses to serve
+a spool that fails its integrity check (never an empty spool over a corrupt one),
+converts an old spool to incremental auto-vacuum, releases leases a previous process
+left (safe: the lock says no other server holds them), and starts listeners last, once
 everything they depend on is up.
+
+Every long-lived greenlet and thread is watched by a `Supervisor`: when one dies, the
+process ends at once with EXIT_COMPONENT_DIED, like a crash (what was answered 250 is on
+disk; systemd starts a fresh process), rather than living on half-dead. SIGTERM stops
+everything within one deadline: `shutdown_grace` for open sessions and deliveries, then
+421 4.3.2, then the writer finishes what was submitted.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +30,24 @@ import gevent
 from gevent.event import Event
 from gevent.threadpool import ThreadPool
 
-from gsmtp import accounts, db, log, metrics, routing, writer
+from gsmtp import accounts, db, lockfile, log, metrics, routing, writer
 from gsmtp.acceptance import Acceptor
 from gsmtp.accounts import AccountsSnapshot
-from gsmtp.config import Config, ConfigError, load, parse_host_port
+from gsmtp.config import Config, ConfigError, load, parse_host_port, spool_reserve
 from gsmtp.delivery.base import Deliverer
 from gsmtp.delivery.maildir import MaildirDeliverer
 from gsmtp.delivery.mx import DnsResolver
 from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
+from gsmtp.diskspace import SpaceReserve
+from gsmtp.housekeeping import Housekeeping, Task
 from gsmtp.limits import ConnectionLimiter
 from gsmtp.policy import Policy
 from gsmtp.protocol.session import Limits
 from gsmtp.routing import Router
 from gsmtp.scheduler import RetryPolicy, Scheduler
-from gsmtp.server import SmtpServer
+from gsmtp.server import CUT_SECONDS, SmtpServer
 from gsmtp.spool import Spool
+from gsmtp.supervision import EXIT_COMPONENT_DIED, Progress, Supervisor
 
 # One thread writes all Maildir files. More threads, each giving up and retaking the GIL
 # around every file syscall, starve the event loop (a GIL convoy): measured with
@@ -44,6 +56,15 @@ MAILDIR_THREADS = 1
 CHECKPOINT_SECONDS = 0.5
 # How often stale files in Maildir tmp/ are looked for (a bounded batch of mailboxes each).
 MAILDIR_TMP_CLEAN_SECONDS = 600.0
+# Free pages go back to the file system once there are VACUUM_MIN_PAGES of them (some
+# slack is kept for new mail), at most VACUUM_MAX_PAGES per round so that the writer,
+# which does it between client commits, is never held up for long.
+VACUUM_SECONDS = 1.0
+VACUUM_MIN_PAGES = 2048
+VACUUM_SLACK_PAGES = 1024
+VACUUM_MAX_PAGES = 4096
+EXIT_ALREADY_RUNNING = 2
+WRITER_STOP_SECONDS = 0.5  # at SIGTERM, for the writer's last commits after the grace
 
 
 class StartupError(Exception):
@@ -83,9 +104,11 @@ class Application:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._log = log.get_logger(component="app")
+        self.supervisor = Supervisor()
         self._reader = self._open_spool()
         self._writer = writer.GroupCommitter(config.spool.path)
         self._bodies = writer.ThreadReader(config.spool.path)
+        self._reserve = SpaceReserve(config.spool.path, spool_reserve(config))
         self.spool = Spool(self._writer, self._reader, self._bodies)
         self._accounts = AccountsCache(self._reader)
         self.policy = Policy(
@@ -97,6 +120,7 @@ class Application:
         self._router = Router(self.policy)
         self._acceptor = Acceptor(config.server.hostname)
         self._file_pool = ThreadPool(MAILDIR_THREADS)
+        self._file_progress = Progress()
         self.scheduler = Scheduler(
             spool=self.spool,
             deliverers=self._deliverers(),
@@ -128,9 +152,11 @@ class Application:
             on_queued=self.scheduler.wake,
             tls_context=self._tls_context(),
             proxy_networks=(config.server.proxy_networks if config.server.proxy_protocol else None),
+            reserve=self._reserve,
+            spawn=self.supervisor.spawn,
         )
         self._metrics_server: Any = None
-        self._log_flusher: Any = None
+        self._housekeeper: gevent.Greenlet | None = None
 
     def _open_spool(self) -> apsw.Connection:
         try:
@@ -140,6 +166,17 @@ class Application:
         verdict = db.check_integrity(connection)
         if verdict != "ok":
             raise StartupError(f"{self.config.spool.path}: integrity check failed: {verdict}")
+        started = time.monotonic()
+        try:
+            converted = db.convert_to_incremental_vacuum(connection)
+        except apsw.Error as error:
+            # Most likely no room for the copy VACUUM writes: serve anyway (delivering
+            # is how space comes back) and try again at the next start.
+            self._log.warning("spool_vacuum_failed", error=str(error))
+        else:
+            if converted:
+                elapsed = round((time.monotonic() - started) * 1000)
+                self._log.info("spool_vacuumed", auto_vacuum="incremental", duration_ms=elapsed)
         return connection
 
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -157,7 +194,8 @@ class Application:
     def _deliverers(self) -> dict[str, Deliverer]:
         def in_thread(work: Any) -> Any:
             # Raised here, in the delivery's greenlet, rather than printed by the pool.
-            ok, value = self._file_pool.apply(_call_captured, (work,))
+            with self._file_progress.track():
+                ok, value = self._file_pool.apply(_call_captured, (work,))
             if not ok:
                 raise value
             return value
@@ -192,7 +230,16 @@ class Application:
     # -- running ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._log_flusher = gevent.spawn(self._housekeeping)
+        housekeeping = Housekeeping(
+            [
+                Task("log_flush", log.FLUSH_SECONDS, log.flush),
+                Task("checkpoint", CHECKPOINT_SECONDS, self._checkpoint),
+                Task("vacuum", VACUUM_SECONDS, self._give_back_space),
+                Task("maildir_tmp", MAILDIR_TMP_CLEAN_SECONDS, self._clean_maildir_tmp),
+            ],
+            tick=log.FLUSH_SECONDS,
+        )
+        self._housekeeper = self.supervisor.spawn("housekeeping", housekeeping.run)
         released = self.spool.release_leases()
         if released:
             self._log.info("leases_released", count=released)
@@ -202,33 +249,46 @@ class Application:
             self.server.start()
         except OSError as error:
             raise StartupError(f"cannot listen: {error.strerror} ({error})") from None
+        self._supervise()
         self._log.info("server_started", hostname=self.config.server.hostname)
 
-    def _housekeeping(self) -> None:
-        """Every FLUSH_SECONDS write out log lines; every CHECKPOINT_SECONDS move the
-        WAL into the database on the reader thread; every MAILDIR_TMP_CLEAN_SECONDS
-        remove stale Maildir tmp/ files on the Maildir thread."""
-        next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
-        next_tmp_clean = time.monotonic() + MAILDIR_TMP_CLEAN_SECONDS
-        while True:
-            gevent.sleep(log.FLUSH_SECONDS)
-            log.flush()
-            if time.monotonic() >= next_checkpoint:
-                next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
-                try:
-                    self._bodies.checkpoint()
-                except apsw.Error as error:
-                    self._log.warning("checkpoint_failed", error=str(error))
-            if time.monotonic() >= next_tmp_clean:
-                next_tmp_clean = time.monotonic() + MAILDIR_TMP_CLEAN_SECONDS
-                self._clean_maildir_tmp()
+    def _supervise(self) -> None:
+        """Register what has no greenlet spawned through the supervisor: threads, the
+        stall checks, the listeners. (The queue runner registers itself.)"""
+        supervisor = self.supervisor
+        supervisor.watch_thread("writer", self._writer.done)
+        supervisor.watch_progress("writer", self._writer.progress)
+        supervisor.watch_progress("reader", self._bodies.progress)
+        supervisor.watch_progress("maildir", self._file_progress)
+        supervisor.watch_health("listener", self.server.health)
+        if self._metrics_server is not None:
+            metrics_server = self._metrics_server
+            supervisor.watch_health(
+                "metrics", lambda: "metrics listener stopped" if metrics_server.closed else None
+            )
+        supervisor.start()
+
+    def _checkpoint(self) -> None:
+        """Move the WAL into the database on the reader thread."""
+        try:
+            self._bodies.checkpoint()
+        except apsw.Error as error:
+            self._log.warning("checkpoint_failed", error=str(error))
+
+    def _give_back_space(self) -> None:
+        """Incremental vacuum through the writer (it is a write), when enough pages are
+        free; the count is read on the reader thread, off the event loop."""
+        free = self._bodies.run(db.free_pages)
+        if free < VACUUM_MIN_PAGES:
+            return
+        pages = min(free - VACUUM_SLACK_PAGES, VACUUM_MAX_PAGES)
+        left = self._writer.submit(lambda connection: db.incremental_vacuum(connection, pages))
+        self._log.info("spool_vacuumed", pages=pages, free_pages=left)
 
     def _clean_maildir_tmp(self) -> None:
-        try:
-            removed = self._local.clean_tmp(time.time())
-        except OSError as error:
-            self._log.warning("maildir_tmp_clean_failed", error=str(error))
-            return
+        """Remove stale Maildir tmp/ files (maildir(5): older than 36 h) on the Maildir
+        thread, a bounded batch of mailboxes per round."""
+        removed = self._local.clean_tmp(time.time())
         if removed:
             self._log.info("maildir_tmp_cleaned", files=removed)
 
@@ -252,21 +312,49 @@ class Application:
         oldest = self.spool.oldest_queued_at()
         metrics.OLDEST_QUEUED.set(time.time() - oldest if oldest else 0)
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """SIGTERM: one deadline for everything. The queue runner stops claiming at
+        once; open sessions and running deliveries get `shutdown_grace`, then sessions
+        are cut with 421 4.3.2; the writer then finishes what was submitted. False if
+        the writer did not finish in time (the process exits all the same)."""
         grace = self.config.server.shutdown_grace
+        # The sessions' grace, the 421s (2 × CUT_SECONDS at most), then the writer's
+        # last commits: DESIGN.md promises an exit within grace + 2 s.
+        deadline = time.monotonic() + grace + 2 * CUT_SECONDS + WRITER_STOP_SECONDS
         self._log.info("server_stopping", grace_seconds=grace)
-        self.server.stop(grace)
-        self.scheduler.stop(timeout=min(grace, 5.0))
+        self.supervisor.stop()
+        # Side by side, not one after the other: each is bounded by the grace.
+        steps = [
+            gevent.spawn(self.server.stop, grace),
+            gevent.spawn(self.scheduler.stop, timeout=grace),
+        ]
         if self._metrics_server is not None:
-            self._metrics_server.stop(timeout=1)
-        self._writer.stop()
-        self._bodies.close()
+            steps.append(gevent.spawn(self._metrics_server.stop, timeout=min(grace, 1.0)))
+        gevent.joinall(steps, timeout=grace + 2 * CUT_SECONDS)
+        for step in steps:
+            if not step.ready():
+                self._log.warning("stop_step_timed_out", step=str(step))
+                step.kill(block=False)
+            elif step.exception is not None:
+                self._log.error("stop_step_failed", error=repr(step.exception))
+        if self._housekeeper is not None:
+            self._housekeeper.kill()
+        finished = self._writer.stop(timeout=max(deadline - time.monotonic(), 0.1))
+        if finished:
+            self._close_quietly(self._bodies.close)
+        else:
+            self._log.error("writer_not_stopped", error="submitted work did not finish in time")
         self._file_pool.kill()
         self._local.close()
         self._log.info("server_stopped")
-        if self._log_flusher is not None:
-            self._log_flusher.kill()
         log.flush()
+        return finished
+
+    def _close_quietly(self, close: Any) -> None:
+        try:
+            close()
+        except db.DatabaseError as error:
+            self._log.warning("spool_close_failed", error=str(error))
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration and the accounts; never exit. Settings that
@@ -284,26 +372,65 @@ class Application:
         self._accounts.get()
         self._log.info("config_reloaded", restart_needed_for=changed or None)
 
-    def serve_forever(self) -> None:
-        """Run until SIGTERM/SIGINT; SIGHUP reloads."""
+    def serve_forever(self) -> int:
+        """Run until SIGTERM/SIGINT (exit status 0) or the death of a component
+        (EXIT_COMPONENT_DIED, at once, without a graceful stop); SIGHUP reloads."""
         stop_requested = Event()
         gevent.signal_handler(signal.SIGTERM, stop_requested.set)
         gevent.signal_handler(signal.SIGINT, stop_requested.set)
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
         self.start()
-        stop_requested.wait()
-        self.stop()
+        gevent.wait([stop_requested, self.supervisor.died], count=1)
+        death = self.supervisor.death
+        if death is not None:
+            self._log.error(
+                "server_aborted",
+                component=death.component,
+                reason=death.reason,
+                exit_status=EXIT_COMPONENT_DIED,
+            )
+            return EXIT_COMPONENT_DIED
+        return 0 if self.stop() else EXIT_COMPONENT_DIED
 
 
-def serve(config: Config) -> int:
+def serve(
+    config: Config, *, application_factory: Callable[[Config], Application] = Application
+) -> int:
+    """`gsmtp serve`: the exit status (0, 1 start-up failed, 2 already running); a dead
+    component ends the process from here with EXIT_COMPONENT_DIED."""
     os.umask(0o077)
     log.configure(config.log.level, config.log.format)
+    path = lockfile.lock_path(config.spool.path)
     try:
-        application = Application(config)
-        application.serve_forever()
+        lock = lockfile.acquire(path)
+    except OSError as error:
+        return _startup_failed(StartupError(f"cannot take the lock {path}: {error.strerror}"))
+    if isinstance(lock, lockfile.HeldBy):
+        holder = f"PID {lock.pid}" if lock.pid is not None else "another process"
+        print(
+            f"gsmtp: spool {config.spool.path} is already served by {holder} (lock {path})",
+            file=sys.stderr,
+        )
+        return EXIT_ALREADY_RUNNING
+    try:
+        application = application_factory(config)
+        status = application.serve_forever()
     except StartupError as error:
-        log.get_logger(component="app").error("startup_failed", error=str(error))
+        lock.release()
+        return _startup_failed(error)
+    if application.supervisor.death is not None:
+        # Like a crash, on purpose: a graceful stop could wait forever on the hung or
+        # dead component. Everything answered 250 is on disk; clients still waiting
+        # lose their connection without a reply; the kernel drops the lock.
         log.flush()
-        print(f"gsmtp: {error}", file=sys.stderr)
-        return 1
-    return 0
+        sys.stderr.flush()
+        os._exit(status)
+    lock.release()
+    return status
+
+
+def _startup_failed(error: StartupError) -> int:
+    log.get_logger(component="app").error("startup_failed", error=str(error))
+    log.flush()
+    print(f"gsmtp: {error}", file=sys.stderr)
+    return 1

@@ -1,4 +1,4 @@
-"""The `gsmtp` command: serve, check-config, domain, user, queue.
+"""The `gsmtp` command: serve, check-config, domain, user, queue, spool.
 
 `-c FILE` works before or after the subcommand and defaults to $GSMTP_CONFIG, then
 ./configuration.toml. Errors are one line on stderr naming what was wrong, with a
@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         if takes_id:
             child.add_argument("id")
         child.add_argument("--json", action="store_true", help="machine-readable output")
+
+    spool = commands.add_parser("spool", help="the spool file itself").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    backup = leaf(spool, "backup", "a consistent copy into DEST while the server runs")
+    backup.add_argument("destination", metavar="DEST", help="directory for the copy")
+    backup.add_argument("--force", action="store_true", help="replace an existing copy")
     return parser
 
 
@@ -147,7 +154,12 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
         },
         "tls": {"cert": config.tls.cert, "key": config.tls.key},
         "submission": {"listen": [str(a) for a in config.submission.listen]},
-        "spool": {"path": config.spool.path},
+        "spool": {
+            "path": config.spool.path,
+            "min_free": ""
+            if config.spool.min_free is None
+            else str(config.spool.min_free and format_size(config.spool.min_free)),
+        },
         "maildir": {"root": config.maildir.root},
         "delivery": {
             "concurrency": config.delivery.concurrency,
@@ -309,12 +321,25 @@ _QUEUE_ACTIONS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "bounce": _queue_change("bouncing", "bounce"),
 }
 
+
+def _spool(args: argparse.Namespace, config: Any) -> int:
+    from gsmtp.backup import BackupError, backup
+
+    try:
+        copy = backup(config.spool.path, args.destination, overwrite=args.force)
+    except BackupError as error:
+        raise _CliError(f"backup failed: {error}") from None
+    print(f"spool copied to {copy.path} ({copy.size} bytes)")
+    return 0
+
+
 _HANDLERS: dict[str, Callable[[argparse.Namespace, Any], int]] = {
     "serve": _serve,
     "check-config": _check_config,
     "domain": _domain,
     "user": _user,
     "queue": _queue,
+    "spool": _spool,
 }
 
 

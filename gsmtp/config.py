@@ -82,6 +82,7 @@ class SubmissionConfig:
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     path: str = "var/spool.sqlite"
+    min_free: int | None = None  # bytes kept free; None = 2 × max_message_size; 0 = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +340,16 @@ def _optional_host_port(value: Any) -> str:
     return text
 
 
+def _reserve(value: Any) -> int | None:
+    """ "" → None (the default: 2 × max_message_size), "0" → 0 (off), else a size."""
+    text = value.strip() if isinstance(value, str) else None
+    if text == "":
+        return None
+    if text == "0" or (type(value) is int and value == 0):
+        return 0
+    return parse_size(value)
+
+
 def _retry(value: Any) -> tuple[float, ...]:
     steps = _list_of(parse_duration)(value)
     if not steps:
@@ -397,6 +408,7 @@ _SPECIFIC: dict[tuple[str, str], Any] = {
     ("submission", "listen"): _list_of(parse_host_port),
     ("metrics", "listen"): _optional_host_port,
     ("spool", "path"): _non_empty_string,
+    ("spool", "min_free"): _reserve,
     ("maildir", "root"): _non_empty_string,
     ("tls", "cert"): _string,
     ("tls", "key"): _string,
@@ -410,6 +422,13 @@ def format_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
+
+
+def spool_reserve(config: Config) -> int:
+    """The free-space reserve in bytes (0 = off), with the default worked out."""
+    if config.spool.min_free is None:
+        return 2 * config.server.max_message_size
+    return config.spool.min_free
 
 
 def format_size(size: int) -> str:

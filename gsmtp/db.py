@@ -4,6 +4,17 @@ Durability rules live here: WAL, `synchronous=FULL` (a commit is on disk when it
 returns; NORMAL may lose the last commits on power loss), a busy timeout, file mode 0600.
 Schema changes are numbered migrations recorded in `PRAGMA user_version`.
 
+Never open and close the database file beside a live connection: closing *any*
+descriptor of a file drops every POSIX lock the process holds on it, and an outside
+reader (`sqlite3 spool.sqlite ...`) then believes it is the last user, checkpoints and
+unlinks `-wal` and `-shm` under the running server ("How To Corrupt An SQLite Database
+File" §2.2). So the file is created (0600) only when it does not exist yet, before any
+connection to it exists, and never touched with plain `open()` again.
+
+Space comes back: new spools use incremental auto-vacuum (`incremental_vacuum` hands
+free pages back to the file system) and every connection limits the WAL file left
+behind after a checkpoint to JOURNAL_SIZE_LIMIT.
+
 No threads here: the server's write path and body reader live in `gsmtp.writer`.
 """
 
@@ -20,6 +31,11 @@ import apsw
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 5000
 AUTOCHECKPOINT_PAGES = 50000  # about 200 MB of WAL
+# The WAL is cut back to this size when it restarts after a checkpoint. Below the WAL
+# written between two checkpoints under load (so the hot path never pays for growing
+# the file again), far below what a backlog of large messages makes it grow to.
+JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
+AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 
 _MIGRATIONS: tuple[str, ...] = (
     # 1: the seed's users/spool/rcpt, made per-recipient.
@@ -119,9 +135,13 @@ def connect(path: str) -> apsw.Connection:
     file = Path(path)
     try:
         file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(file, os.O_RDWR | os.O_CREAT, 0o600))
+        _create_private(file)
         connection = apsw.Connection(str(file))
         connection.set_busy_timeout(BUSY_TIMEOUT_MS)
+        if int(scalar(connection, "PRAGMA user_version")) == 0 and not _has_tables(connection):
+            # Only possible before the first table exists; older spools are converted
+            # once by `convert_to_incremental_vacuum` at server start-up.
+            connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
         mode = scalar(connection, "PRAGMA journal_mode=WAL")
         if mode != "wal":
             raise DatabaseError(f"{path}: cannot switch to WAL mode (got {mode})")
@@ -129,6 +149,7 @@ def connect(path: str) -> apsw.Connection:
         # Checkpoints run on their own thread (ThreadReader.checkpoint); this is only the
         # safety net that keeps the WAL bounded should they fall behind.
         connection.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+        connection.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         connection.execute("PRAGMA foreign_keys=ON")
         _migrate(connection)
     except apsw.Error as error:
@@ -136,6 +157,50 @@ def connect(path: str) -> apsw.Connection:
     except OSError as error:
         raise DatabaseError(f"{path}: {error.strerror}") from None
     return connection
+
+
+def _create_private(file: Path) -> None:
+    """Create the database file with mode 0600 whatever the umask, only if it does not
+    exist yet. A file that did not exist has no connection in this process whose locks
+    closing this descriptor could drop (see the module docstring); an existing file is
+    left alone, however it was made."""
+    try:
+        descriptor = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(descriptor, 0o600)
+    finally:
+        os.close(descriptor)
+
+
+def _has_tables(connection: apsw.Connection) -> bool:
+    return bool(scalar(connection, "SELECT COUNT(*) FROM sqlite_schema"))
+
+
+def convert_to_incremental_vacuum(connection: apsw.Connection) -> bool:
+    """Switch a spool made before incremental auto-vacuum to it: a one-time VACUUM that
+    rewrites the whole file (needs exclusive use: the server calls it at start-up, under
+    its single-instance lock, before anything else opens the spool). True if it ran."""
+    if int(scalar(connection, "PRAGMA auto_vacuum")) == AUTO_VACUUM_INCREMENTAL:
+        return False
+    connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    connection.execute("VACUUM")
+    return True
+
+
+def incremental_vacuum(connection: apsw.Connection, pages: int) -> int:
+    """Give up to `pages` free pages back to the file system (inside the caller's
+    transaction); the number of free pages left. SQLite frees one page per step of the
+    statement, so the statement is run to its end."""
+    for _ in connection.execute(f"PRAGMA incremental_vacuum({int(pages)})"):
+        pass
+    return int(scalar(connection, "PRAGMA freelist_count"))
+
+
+def free_pages(connection: apsw.Connection) -> int:
+    """Pages of the file that hold no data (read from the header: cheap)."""
+    return int(scalar(connection, "PRAGMA freelist_count"))
 
 
 def _migrate(connection: apsw.Connection) -> None:

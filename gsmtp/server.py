@@ -1,12 +1,14 @@
 """The SMTP listener: a gevent StreamServer with a Pool, one greenlet per connection.
 
 This is the I/O shell around `protocol.session`: it reads bytes, feeds the session,
-answers its events (policy for RCPT, the spool for a finished message), and writes the
-replies — all replies of a pipelined batch in one send. Low-level errors (OSError,
-ssl.SSLError, timeouts) are translated here and nowhere else. Limits enforced here:
-idle timeout (also inside DATA), total connections, connections and new connections per
-client network (`limits.ConnectionLimiter`), early talkers. A graceful stop closes idle
-sessions with 421 at once and lets open transactions finish.
+answers its events (the free-space reserve for MAIL, policy for RCPT, the spool for a
+finished message), and writes the replies — all replies of a pipelined batch in one
+send. Low-level errors (OSError, ssl.SSLError, timeouts) are translated here and nowhere
+else. Limits enforced here: idle timeout (also inside DATA), total connections,
+connections and new connections per client network (`limits.ConnectionLimiter`), early
+talkers. A graceful stop closes idle sessions with 421 at once, lets open transactions
+run for the grace period, then cuts them with 421 4.3.2; a session waiting for its
+message's commit is never cut (its outcome would be unknown), it gets its answer first.
 
 With `proxy_networks` set (server.proxy_protocol), every connection must begin with a
 HAProxy PROXY v1/v2 header from one of those networks, read within
@@ -31,6 +33,7 @@ from gevent.server import StreamServer
 
 from gsmtp import metrics
 from gsmtp.acceptance import Acceptor
+from gsmtp.diskspace import SpaceReserve
 from gsmtp.limits import Admitted, ConnectionLimiter, Refused
 from gsmtp.log import get_logger, printable
 from gsmtp.policy import Client, IPNetwork, Policy, client_from_ip
@@ -40,6 +43,7 @@ from gsmtp.protocol.replies import Reply
 from gsmtp.protocol.session import (
     Envelope,
     Limits,
+    MailFrom,
     MessageReceived,
     NeedData,
     RcptTo,
@@ -57,6 +61,8 @@ RECV_SIZE = 256 * 1024
 # kernel backlog; this many extra greenlets may exist to say it.
 _OVERFLOW_SLOTS = 256
 _NEVER = float("inf")
+# At the end of the grace, sessions cut with 421 get this long to have it written.
+CUT_SECONDS = 0.5
 EARLY_TALKER = Reply(554, "5.5.0", "SMTP synchronization error: talked before the greeting")
 # The PROXY header must arrive within this (or server.timeout if shorter). A balancer
 # sends it at once; anything slower is not a balancer.
@@ -69,6 +75,10 @@ class _IdleTimeout(Exception):
 
 class _ShutdownRequested(Exception):
     pass
+
+
+class _OutcomeUnknown(Exception):
+    """Interrupted while the spool committed the message: the client gets no reply."""
 
 
 class SmtpServer:
@@ -87,6 +97,8 @@ class SmtpServer:
         on_queued: Callable[[], None],
         tls_context: ssl.SSLContext | None = None,
         proxy_networks: Sequence[IPNetwork] | None = None,
+        reserve: SpaceReserve | None = None,
+        spawn: Callable[..., gevent.Greenlet] | None = None,
     ) -> None:
         self._listen = listen
         self._hostname = hostname
@@ -101,6 +113,10 @@ class SmtpServer:
         self._acceptor = acceptor
         self._on_queued = on_queued
         self._tls_context = tls_context
+        self._reserve = reserve
+        # Long-lived greenlets are started through `spawn(name, fn)`: the supervisor's,
+        # which notices their death.
+        self._spawn = spawn or (lambda name, function, *args: gevent.spawn(function, *args))
         self._pool = Pool(max_connections + _OVERFLOW_SLOTS)
         self._servers: list[StreamServer] = []
         self._active = 0
@@ -127,7 +143,17 @@ class SmtpServer:
             server.start()
             self._servers.append(server)
             self._log.info("listener_started", host=host, port=port)
-        self._sweeper = gevent.spawn(self._sweep_idle)
+        self._sweeper = self._spawn("sweeper", self._sweep_idle)
+
+    def health(self) -> str | None:
+        """None while every listener accepts; else which one stopped (a supervisor's
+        health check: a listener has no greenlet of its own whose death would show)."""
+        if self._stopping.is_set():
+            return None
+        for server in self._servers:
+            if server.closed or not server.started:
+                return f"listener {server.address} stopped accepting"
+        return None
 
     def _sweep_idle(self) -> None:
         """One timer for all connections: end those blocked on the peer past their
@@ -143,7 +169,8 @@ class SmtpServer:
                     greenlet.kill(_IdleTimeout, block=False)
 
     def stop(self, grace: float) -> None:
-        """Stop accepting; idle sessions get 421 now, transactions get `grace` seconds."""
+        """Stop accepting; idle sessions get 421 now, transactions get `grace` seconds,
+        then 421 4.3.2 too. Returns within grace + 2 × CUT_SECONDS."""
         self._stopping.set()
         for server in self._servers:
             server.close()
@@ -151,9 +178,19 @@ class SmtpServer:
             if connection.idle:
                 greenlet.kill(_ShutdownRequested, block=False)
         self._pool.join(timeout=grace)
-        self._pool.kill(block=True, timeout=1.0)
+        self._cut_open_sessions()
+        self._pool.join(timeout=CUT_SECONDS)
+        self._pool.kill(block=True, timeout=CUT_SECONDS)
         if self._sweeper is not None:
             self._sweeper.kill()
+
+    def _cut_open_sessions(self) -> None:
+        """The grace is over: 421 4.3.2 to every session still open, except one waiting
+        for its commit (it is answered as soon as the spool is; a cut there would leave
+        the client guessing whether its message was accepted)."""
+        for greenlet, connection in list(self._connections.items()):
+            if not connection.storing:
+                greenlet.kill(_ShutdownRequested, block=False)
 
     # -- one connection ---------------------------------------------------------------
 
@@ -281,6 +318,7 @@ class _Connection:
         self._tls = False
         self.deadline = _NEVER  # monotonic time by which the peer must have acted
         self.idle = False  # waiting for a command outside a transaction
+        self.storing = False  # waiting for the spool to commit a message
         self._session = SmtpSession(
             server._limits,
             hostname=server._hostname,
@@ -312,6 +350,8 @@ class _Connection:
         except _ShutdownRequested:
             session.close_with(replies.SHUTTING_DOWN)
             self._flush_quietly()
+        except _OutcomeUnknown:
+            pass  # the connection closes without a reply
         except (OSError, ssl.SSLError) as error:
             self._log.info("connection_lost", error=printable(str(error)))
 
@@ -358,7 +398,14 @@ class _Connection:
 
     def _answer(self, event: SessionEvent) -> None:
         session = self._session
-        if isinstance(event, RcptTo):
+        if isinstance(event, MailFrom):
+            reserve = self._server._reserve
+            if reserve is None or reserve.has_room(event.size):
+                session.respond(event, replies.SENDER_OK)
+            else:
+                self._log.info("sender_rejected", reply=replies.INSUFFICIENT_STORAGE.text)
+                session.respond(event, replies.INSUFFICIENT_STORAGE)
+        elif isinstance(event, RcptTo):
             reply = self._server._policy.check_recipient(event.address, self._client)
             if not reply.is_positive:
                 self._log.info(
@@ -391,13 +438,24 @@ class _Connection:
             envelope, client_ip=self._peer_ip, tls=self._tls, now=time.time()
         )
         message_id = message.id
+        self.storing = True
         try:
             self._server._spool.enqueue(message)
+        except (_IdleTimeout, _ShutdownRequested):
+            # A timer fired just as the commit began. Whether the message is stored is
+            # unknown, so no reply at all: never a 4xx that may be false (the client
+            # sends again; at worst a duplicate), never a 250 that may be.
+            self._log.warning("message_outcome_unknown", msg_id=message_id)
+            raise _OutcomeUnknown from None
         except Exception as error:
             metrics.MESSAGES_RECEIVED.labels("spool_error").inc()
             self._log.error("message_not_stored", msg_id=message_id, error=printable(str(error)))
             return replies.SPOOL_ERROR
+        finally:
+            self.storing = False
         metrics.ACCEPT_SECONDS.observe(time.monotonic() - started)
+        if self._server._reserve is not None:
+            self._server._reserve.spend(len(message.body))
         metrics.MESSAGES_QUEUED.inc()
         self._log.info(
             "message_queued",

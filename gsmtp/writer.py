@@ -6,10 +6,17 @@ and runs every unit that arrived while it was busy in a single transaction, so o
 fsync covers many messages under load (group commit) and the gevent hub never waits on
 SQLite or the disk (apsw releases the GIL). `ThreadReader` moves message bodies off the
 event loop the same way.
+
+A failed statement never takes the writer down: if SQLite rolled the whole transaction
+back under a unit (a write failed during a statement: disk full, I/O error), every unit
+of the batch is answered with that error (their clients get 451 4.3.0, nothing of theirs
+is stored) and the next batch starts afresh. Both classes count the requests they have
+not answered yet (`progress`), so a supervisor can tell a hung thread from an idle one.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -22,6 +29,7 @@ from gevent.monkey import get_original
 from gevent.threadpool import ThreadPool
 
 from gsmtp.db import DatabaseError, connect
+from gsmtp.supervision import Clock, Progress
 
 T = TypeVar("T")
 
@@ -29,6 +37,15 @@ Work = Callable[[apsw.Connection], Any]
 # A batch function applies many like items with few SQLite calls (executemany); the
 # writer thread then needs the GIL a handful of times per batch, not per message.
 BatchFn = Callable[[apsw.Connection, list[Any]], None]
+Connect = Callable[[str], apsw.Connection]
+
+
+class _TransactionLost(Exception):
+    """SQLite rolled the batch's transaction back under a unit; `error` says why."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class GroupCommitter:
@@ -39,15 +56,23 @@ class GroupCommitter:
     (`run_callback_threadsafe`) and at once starts on what arrived meanwhile. So the
     next commit never waits for the busy event loop to come round."""
 
-    def __init__(self, path: str) -> None:
-        self._connection = connect(path)
+    def __init__(
+        self, path: str, *, open_connection: Connect = connect, clock: Clock = time.monotonic
+    ) -> None:
+        self._connection = open_connection(path)
         self._pending: deque[tuple[BatchFn | None, Any, Any]] = deque()
         self._work_ready = get_original("threading", "Event")()
         self._loop = gevent.get_hub().loop
         self._stopping = False
         self.commits = 0  # transactions committed: fewer than units under load
+        self.progress = Progress(clock)  # units submitted and not answered yet
         self._thread = ThreadPool(1)
         self._done = self._thread.spawn(self._run)
+
+    @property
+    def done(self) -> AsyncResult:
+        """Set when the writer thread's loop ends: after `stop()`, or when it dies."""
+        return self._done
 
     def submit(self, work: Callable[[apsw.Connection], T]) -> T:
         """Run `work` inside a committed transaction; raise what it (or COMMIT) raised."""
@@ -62,18 +87,24 @@ class GroupCommitter:
         if self._stopping:
             raise DatabaseError("spool writer is stopped")
         result: AsyncResult = AsyncResult()
+        self.progress.begin()
         self._pending.append((batch_fn, payload, result))
         if not self._work_ready.is_set():
             self._work_ready.set()
         return result.get()
 
-    def stop(self) -> None:
-        """Finish what was submitted, then close the connection."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish what was submitted, then close the connection. False if the thread
+        did not finish within `timeout` (hung, or dead): its connection is then left
+        to the process's exit rather than closed under a running statement."""
         self._stopping = True
         self._work_ready.set()
-        self._done.get()
+        self._done.wait(timeout)
+        if not self._done.successful():
+            return False
         self._thread.kill()
-        self._connection.close()
+        _close(self._connection)
+        return True
 
     def _run(self) -> None:
         """The writer thread's loop (no gevent calls here but the thread-safe callback)."""
@@ -88,18 +119,42 @@ class GroupCommitter:
             while self._pending:
                 batch.append(self._pending.popleft())
             outcomes = self._commit([(batch_fn, payload) for batch_fn, payload, _ in batch])
-            self._loop.run_callback_threadsafe(_settle, batch, outcomes)
+            self._loop.run_callback_threadsafe(self._settle, batch, outcomes)
+
+    def _settle(self, batch: list[tuple[Any, Any, Any]], outcomes: list[Any]) -> None:
+        """On the event loop: wake each submitter with its outcome."""
+        for (_, _, result), outcome in zip(batch, outcomes, strict=True):
+            self.progress.end()
+            if isinstance(outcome, BaseException):
+                result.set_exception(outcome)
+            else:
+                result.set(outcome)
 
     def _commit(self, units: list[tuple[BatchFn | None, Any]]) -> list[Any]:
         """One transaction for the whole batch. Like items go through their batch
         function together; if that fails, each is retried alone under a savepoint, so
-        one bad unit never spoils the others."""
+        one bad unit never spoils the others. If the transaction itself is lost (SQLite
+        rolled it back, or COMMIT failed), every unit gets the error: none is stored."""
         connection = self._connection
-        outcomes: list[Any] = [None] * len(units)
         try:
             connection.execute("BEGIN IMMEDIATE")
         except apsw.Error as error:
             return [error] * len(units)
+        try:
+            outcomes = self._apply(units)
+            connection.execute("COMMIT")
+        except _TransactionLost as lost:
+            return [lost.error] * len(units)
+        except apsw.Error as error:
+            if not connection.get_autocommit():
+                connection.execute("ROLLBACK")
+            return [error] * len(units)
+        self.commits += 1
+        return outcomes
+
+    def _apply(self, units: list[tuple[BatchFn | None, Any]]) -> list[Any]:
+        connection = self._connection
+        outcomes: list[Any] = [None] * len(units)
         groups: dict[int, list[int]] = {}
         for index, (batch_fn, _) in enumerate(units):
             groups.setdefault(id(batch_fn) if batch_fn else -index - 1, []).append(index)
@@ -113,13 +168,6 @@ class GroupCommitter:
                 fn, payload = units[index]
                 work = partial(fn, connection, [payload]) if fn else partial(payload, connection)
                 outcomes[index] = _savepoint(connection, work, keep_result=fn is None)
-        try:
-            connection.execute("COMMIT")
-        except apsw.Error as error:
-            if not connection.get_autocommit():
-                connection.execute("ROLLBACK")
-            return [error] * len(units)
-        self.commits += 1
         return outcomes
 
 
@@ -127,14 +175,16 @@ class ThreadReader:
     """Reads that move much data (message bodies) run on a thread of their own, with a
     connection of their own, so copying blobs never holds up the event loop."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, clock: Clock = time.monotonic) -> None:
         self._connection = connect(path)
         self._thread = ThreadPool(1)
+        self.progress = Progress(clock)  # reads handed to the thread, not answered yet
 
     def run(self, work: Callable[[apsw.Connection], T]) -> T:
         """`work(connection)` on the thread; what it raises is raised here (and not also
         printed by the thread pool)."""
-        ok, value = self._thread.apply(_capture, (work, self._connection))
+        with self.progress.track():
+            ok, value = self._thread.apply(_capture, (work, self._connection))
         if not ok:
             raise value
         return value  # type: ignore[no-any-return]
@@ -148,7 +198,14 @@ class ThreadReader:
 
     def close(self) -> None:
         self._thread.kill()
-        self._connection.close()
+        _close(self._connection)
+
+
+def _close(connection: apsw.Connection) -> None:
+    try:
+        connection.close()
+    except apsw.Error as error:
+        raise DatabaseError(f"closing the spool: {error}") from None
 
 
 def _capture(
@@ -160,26 +217,22 @@ def _capture(
         return False, error
 
 
-def _settle(batch: list[tuple[Any, Any, Any]], outcomes: list[Any]) -> None:
-    """On the event loop: wake each submitter with its outcome."""
-    for (_, _, result), outcome in zip(batch, outcomes, strict=True):
-        if isinstance(outcome, BaseException):
-            result.set_exception(outcome)
-        else:
-            result.set(outcome)
-
-
 def _savepoint(
     connection: apsw.Connection, work: Callable[[], Any], keep_result: bool = False
 ) -> Any:
     """Run `work` under a savepoint: its result (or None), or the exception it raised,
-    with its changes undone."""
+    with its changes undone. Raises _TransactionLost if SQLite rolled back the whole
+    transaction while `work` ran: then there is no savepoint left to return to."""
     connection.execute("SAVEPOINT unit")
     try:
         result = work()
     except Exception as error:
+        if connection.get_autocommit():
+            raise _TransactionLost(error) from None
         connection.execute("ROLLBACK TO unit")
         connection.execute("RELEASE unit")
         return error
+    if connection.get_autocommit():
+        raise _TransactionLost(DatabaseError("the transaction ended inside a unit of work"))
     connection.execute("RELEASE unit")
     return result if keep_result else None

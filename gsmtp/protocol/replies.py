@@ -71,6 +71,7 @@ TOO_MANY_NEW_CONNECTIONS_FROM = _r(421, "4.7.0", "Too many new connections from"
 SPOOL_ERROR = _r(451, "4.3.0", "Local error in processing, message not accepted, try again")
 TEMPORARY_LOOKUP_FAILURE = _r(451, "4.3.0", "Temporary lookup failure, try again")
 TOO_MANY_RECIPIENTS = _r(452, "4.5.3", "Too many recipients")
+INSUFFICIENT_STORAGE = _r(452, "4.3.1", "Insufficient system storage")
 
 # 5xx: syntax and sequence
 UNKNOWN_COMMAND = _r(500, "5.5.1", "Command unrecognized")

@@ -3,11 +3,12 @@
 Theory of operation. The I/O shell feeds received bytes with `receive_data` and asks
 `next_event` what happened. Commands the session can answer alone (syntax, sequence,
 NOOP, RSET, HELP, QUIT, EHLO) are answered into the output buffer at once; commands that
-need a decision from outside (a recipient to check, a message to store, a VRFY, a TLS
-switch) come back as an event, and the shell answers each with exactly one `respond`.
-`NEED_DATA` means: flush `data_to_send()` (all pipelined replies in one write, RFC 2920)
-and feed more bytes. The session owns the three buffers of the original design
-(sender, recipients, data) and resets them on RSET, on HELO/EHLO and after each message.
+need a decision from outside (a sender to admit, a recipient to check, a message to
+store, a VRFY, a TLS switch) come back as an event, and the shell answers each with
+exactly one `respond`. `NEED_DATA` means: flush `data_to_send()` (all pipelined replies
+in one write, RFC 2920) and feed more bytes. The session owns the three buffers of the
+original design (sender, recipients, data) and resets them on RSET, on HELO/EHLO and
+after each message.
 
 No I/O, no clock, no randomness. A peer's mistake becomes a reply; a caller's misuse of
 this class (`LocalProtocolError`) is a bug and raises.
@@ -140,6 +141,18 @@ NEED_DATA = NeedData()
 
 
 @dataclass(frozen=True, slots=True)
+class MailFrom:
+    """A syntactically valid MAIL; the shell answers SENDER_OK, or a refusal such as
+    INSUFFICIENT_STORAGE (the free-space reserve, which the session cannot see).
+    `size` is the client's SIZE= announcement (RFC 1870), None without one."""
+
+    sender: Address
+    smtputf8: bool
+    size: int | None
+    dsn: MailDsn = field(default_factory=MailDsn)  # RFC 3461 RET/ENVID
+
+
+@dataclass(frozen=True, slots=True)
 class RcptTo:
     """A syntactically valid recipient; the shell answers with the policy's reply."""
 
@@ -165,7 +178,7 @@ class MessageReceived:
     envelope: Envelope
 
 
-Event = RcptTo | VerifyRequested | StartTlsRequested | MessageReceived
+Event = MailFrom | RcptTo | VerifyRequested | StartTlsRequested | MessageReceived
 
 
 class SmtpSession:
@@ -262,7 +275,13 @@ class SmtpSession:
         if event is not self._pending:
             raise LocalProtocolError(f"{event!r} is not the pending event")
         self._pending = None
-        if isinstance(event, RcptTo):
+        if isinstance(event, MailFrom):
+            if reply.is_positive:
+                self._sender = event.sender
+                self._smtputf8 = event.smtputf8
+                self._mail_dsn = event.dsn
+                self._state = State.MAIL
+        elif isinstance(event, RcptTo):
             self._rcpt_attempted = True
             if reply.is_positive and event.address not in self._recipients:
                 self._recipients.append(event.address)
@@ -397,12 +416,8 @@ class SmtpSession:
         if isinstance(sender, AddressError):
             self._send(replies.BAD_SENDER.with_text(f"Bad sender address syntax: {sender.reason}"))
             return None
-        self._sender = sender
-        self._smtputf8 = smtputf8
-        self._mail_dsn = dsn
-        self._state = State.MAIL
-        self._send(replies.SENDER_OK)
-        return None
+        size = split.parameters.get("SIZE")
+        return MailFrom(sender, smtputf8, int(size) if size is not None else None, dsn)
 
     def _check_mail_parameters(self, split: PathArgument) -> Reply | None:
         for key, value in split.parameters.items():

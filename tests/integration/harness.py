@@ -82,10 +82,11 @@ class GsmtpProcess:
         self.proxy_protocol = bool(sections["server"].get("proxy_protocol", False))
         self.config = directory / "gsmtp.toml"
         self.config.write_text("\n".join(lines) + "\n")
-        self.spool_path = directory / "spool.sqlite"
+        self.spool_path = directory / sections["spool"]["path"]  # an absolute path wins
         self.maildir = directory / "mail"
         self.log_path = directory / "gsmtp.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
 
     # -- CLI --------------------------------------------------------------------------
 
@@ -113,6 +114,7 @@ class GsmtpProcess:
 
     def start(self) -> None:
         log = self.log_path.open("ab")
+        self._log_offset = log.tell()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gsmtp.cli", "serve", "-c", str(self.config)],
             stdout=log,
@@ -129,6 +131,10 @@ class GsmtpProcess:
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(f"gsmtp exited {self.process.returncode}: {self.log()}")
+        # Our own process must say so: a 220 alone may come from another test run's
+        # server that took the same free port first (ours then failed to listen).
+        if b'"event":"server_started"' not in self.log_path.read_bytes()[self._log_offset :]:
+            return False
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
                 if self.proxy_protocol:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
 from gsmtp.accounts import AccountsSnapshot
 from gsmtp.policy import Client, Policy
@@ -11,6 +12,7 @@ from gsmtp.protocol.session import (
     NEED_DATA,
     Envelope,
     Limits,
+    MailFrom,
     MessageReceived,
     RcptTo,
     SmtpSession,
@@ -36,9 +38,15 @@ class SessionWire:
     """A `dialog.Wire` over a bare session: send feeds bytes, read_reply parses output."""
 
     def __init__(
-        self, limits: Limits | None = None, *, trusted: bool = False, greeted: bool = False
+        self,
+        limits: Limits | None = None,
+        *,
+        trusted: bool = False,
+        greeted: bool = False,
+        has_room: Callable[[int | None], bool] = lambda size: True,
     ) -> None:
         self.session = SmtpSession(limits or Limits(), hostname="mx.foo.com")
+        self.has_room = has_room
         self.policy = make_policy(trusted)
         self.client = Client(ipaddress.ip_address("192.0.2.7"))
         self.stored: list[Envelope] = []
@@ -56,7 +64,10 @@ class SessionWire:
             event = session.next_event()
             if event is NEED_DATA:
                 break
-            if isinstance(event, RcptTo):
+            if isinstance(event, MailFrom):
+                ok = self.has_room(event.size)
+                session.respond(event, replies.SENDER_OK if ok else replies.INSUFFICIENT_STORAGE)
+            elif isinstance(event, RcptTo):
                 session.respond(event, self.policy.check_recipient(event.address, self.client))
             elif isinstance(event, MessageReceived):
                 self.stored.append(event.envelope)

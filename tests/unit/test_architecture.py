@@ -66,3 +66,19 @@ def test_delivery_depends_on_base_and_protocol_values(path: Path) -> None:
             assert name.startswith(
                 ("gsmtp.delivery", "gsmtp.message", "gsmtp.protocol", "gsmtp.log", "gsmtp.metrics")
             ), f"{path.name} imports {name}"
+
+
+# The supervisor owns components without knowing them (they are registered by name);
+# the spool's safety modules take their values as arguments, never from Config.
+_SUPERVISION_DEPENDS_ON = {"gsmtp.metrics", "gsmtp.log"}
+_NO_CONFIG = ["supervision.py", "housekeeping.py", "diskspace.py", "lockfile.py", "backup.py"]
+
+
+def test_supervision_knows_no_component() -> None:
+    ours = {n for n in imports_of(PACKAGE / "supervision.py") if n.startswith("gsmtp")}
+    assert ours <= _SUPERVISION_DEPENDS_ON, ours
+
+
+@pytest.mark.parametrize("name", _NO_CONFIG)
+def test_spool_safety_modules_read_no_config(name: str) -> None:
+    assert "gsmtp.config" not in imports_of(PACKAGE / name)

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from gsmtp.config import Config, ConfigError, load, parse, parse_duration, parse_size
+from gsmtp.config import (
+    Config,
+    ConfigError,
+    load,
+    parse,
+    parse_duration,
+    parse_size,
+    spool_reserve,
+)
 
 SHIPPED = Path(__file__).parents[2] / "configuration.toml"
 
@@ -107,3 +115,23 @@ def test_proxy_protocol_and_client_network_keys(tmp_path: Path) -> None:
     assert server.proxy_protocol is True
     assert [str(n) for n in server.proxy_networks] == ["10.0.0.0/24"]
     assert (server.ipv4_prefix, server.ipv6_prefix, server.max_connection_rate) == (24, 56, 60)
+
+
+@pytest.mark.parametrize(
+    ("text", "reserve"),
+    [
+        ("", 2 * 20 * 1024**2),  # the default: twice the largest message
+        ('min_free = ""', 2 * 20 * 1024**2),
+        ('min_free = "0"', 0),
+        ("min_free = 0", 0),
+        ('min_free = "1GB"', 1024**3),
+    ],
+)
+def test_spool_min_free(tmp_path: Path, text: str, reserve: int) -> None:
+    path = write(tmp_path, f'[server]\nmax_message_size = "20MB"\n[spool]\n{text}\n')
+    assert spool_reserve(load(path)) == reserve
+
+
+def test_spool_min_free_must_be_a_size(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[spool\] min_free: expected a size"):
+        load(write(tmp_path, '[spool]\nmin_free = "plenty"\n'))

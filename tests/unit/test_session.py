@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gsmtp.protocol.session import Limits, LocalProtocolError, SmtpSession
+from gsmtp.protocol import replies
+from gsmtp.protocol.session import NEED_DATA, Limits, LocalProtocolError, MailFrom, SmtpSession
 from tests.unit import session_driver
 
 ENV = b"EHLO c.example\r\n"
@@ -391,3 +392,28 @@ def test_rejected_commands_are_reported_for_the_log_but_not_policy_decisions() -
     rejected = [(verb, reply.code) for verb, reply in wire.session.rejected_commands()]
     assert rejected == [("?", 500), ("MAIL", 555)]
     assert wire.session.rejected_commands() == []
+
+
+def test_mail_is_an_event_the_shell_answers() -> None:
+    """The free-space reserve is outside the session: MAIL comes back as MailFrom with
+    the SIZE= announcement; a refusal leaves the session without a transaction."""
+    session = SmtpSession(Limits(), hostname="mx.foo.com")
+    session.receive_data(b"EHLO c.example\r\n")
+    assert session.next_event() is NEED_DATA
+    session.data_to_send()
+    session.receive_data(b"MAIL FROM:<b@remote.example> SIZE=1234 SMTPUTF8\r\n")
+    event = session.next_event()
+    assert isinstance(event, MailFrom)
+    assert (str(event.sender), event.size, event.smtputf8) == ("b@remote.example", 1234, True)
+    session.respond(event, replies.INSUFFICIENT_STORAGE)
+    assert not session.in_transaction
+    session.receive_data(b"MAIL FROM:<>\r\n")
+    event = session.next_event()
+    assert isinstance(event, MailFrom) and event.size is None
+    session.respond(event, replies.SENDER_OK)
+    assert session.in_transaction
+    assert session.data_to_send().split(b"\r\n") == [
+        b"452 4.3.1 Insufficient system storage",
+        b"250 2.1.0 Sender ok",
+        b"",
+    ]

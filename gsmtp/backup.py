@@ -1,0 +1,105 @@
+"""`gsmtp spool backup DEST`: a consistent copy of the spool, taken while the server runs.
+
+SQLite's online backup API copies the database from one read snapshot, in one step: a
+server committing in another process meanwhile can then not make it start over, and in
+WAL mode that server is never held up (readers do not block writers). The copy holds
+every message committed before the backup began. DEST is a directory, so that later
+spool shards and other spool-owned files fit beside the copy; the copy is named after
+the spool file. It is written under a temporary name, checked (quick_check), switched
+to a self-contained rollback journal, fsynced, and only then given its name: a file
+under that name is always a complete copy. An existing copy is replaced only when asked
+(`overwrite`, the CLI's --force): a backup run twice must not silently replace a good
+copy.
+
+Never opens and closes the spool file outside SQLite (see `gsmtp.db`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import apsw
+
+from gsmtp import db
+
+
+class BackupError(Exception):
+    """The backup was not made; the message says why, for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackupCopy:
+    path: str
+    size: int
+
+
+def backup(spool_path: str, destination: str, *, overwrite: bool = False) -> BackupCopy:
+    spool = Path(spool_path)
+    if not spool.is_file():
+        raise BackupError(f"no spool at {spool_path}")
+    directory = Path(destination)
+    target = directory / spool.name
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        raise BackupError(f"cannot create {directory}: {error.strerror}") from None
+    if target.exists() and not overwrite:
+        raise BackupError(f"{target} exists; remove it or use --force to replace it")
+    temporary = directory / f".{spool.name}.{os.getpid()}.tmp"
+    try:
+        _copy(spool_path, temporary)
+        _publish(temporary, target, overwrite=overwrite)
+    except apsw.Error as error:
+        raise BackupError(f"{spool_path}: {error}") from None
+    except OSError as error:
+        raise BackupError(f"{target}: {error.strerror}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+    return BackupCopy(str(target), target.stat().st_size)
+
+
+def _copy(spool_path: str, temporary: Path) -> None:
+    # Read-write without CREATE: a missing spool is an error, and a WAL left by a crash
+    # can be recovered; nothing is written to the spool.
+    source = apsw.Connection(spool_path, flags=apsw.SQLITE_OPEN_READWRITE)
+    try:
+        source.set_busy_timeout(db.BUSY_TIMEOUT_MS)
+        descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.close(descriptor)  # a new file: no connection to it exists yet
+        copy = apsw.Connection(str(temporary))
+        try:
+            with copy.backup("main", source, "main") as step:
+                step.step(-1)  # all pages from one snapshot: never restarted by writers
+            verdict = db.check_integrity(copy)
+            if verdict != "ok":
+                raise BackupError(f"the copy failed its integrity check: {verdict}")
+            copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+        finally:
+            copy.close()
+    finally:
+        source.close()
+
+
+def _publish(temporary: Path, target: Path, *, overwrite: bool) -> None:
+    """fsync the copy, give it its name (atomically), fsync the directory."""
+    descriptor = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    if overwrite:
+        os.replace(temporary, target)
+    else:
+        try:
+            os.link(temporary, target)  # fails if a copy appeared meanwhile
+        except FileExistsError:
+            raise BackupError(f"{target} exists; remove it or use --force to replace it") from None
+    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

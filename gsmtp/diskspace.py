@@ -1,0 +1,80 @@
+"""The free-space reserve: refuse new mail (452 4.3.1) before the spool's disk is full.
+
+A full disk is worse than a refusal. A message fails only after its whole body has
+arrived; worse, a WAL that cannot be checkpointed (the database file cannot grow) never
+restarts, so even the small writes delivery needs fail and the space never comes back.
+A refusal at MAIL costs the client nothing and lets mail already queued leave. Postfix
+refuses MAIL below 1.5 × message_size_limit free (smtpd_check_queue); gsmtp keeps
+`spool.min_free` (default 2 × max_message_size) free on the spool's file system, and
+also refuses a MAIL whose SIZE= would eat into that reserve.
+
+What counts as free: what statvfs says an unprivileged process may use, less the WAL
+file (its frames are copied into the database file at the next checkpoint, so until
+then a message takes its room twice), less twice what the server stored since the last
+measurement. Measured at most once per CACHE_SECONDS: it is asked on every MAIL.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+CACHE_SECONDS = 1.0
+
+
+def spool_free_space(path: str) -> int:
+    """Bytes the spool at `path` can still grow by (see the module docstring)."""
+    stat = os.statvfs(Path(path).parent)
+    try:
+        wal = os.stat(path + "-wal").st_size
+    except FileNotFoundError:
+        wal = 0
+    return int(stat.f_bavail) * int(stat.f_frsize) - wal
+
+
+class SpaceReserve:
+    """`has_room(size)`: is there room for a message of `size` (None: not announced)
+    and the reserve on top? A reserve of 0 turns the check off."""
+
+    def __init__(
+        self,
+        path: str,
+        reserve: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        measure: Callable[[str], int] = spool_free_space,
+    ) -> None:
+        self._path = path
+        self.reserve = reserve
+        self._clock = clock
+        self._measure = measure
+        self._free: int | None = None
+        self._spent = 0  # bytes stored since the last measurement
+        self._measured_at = float("-inf")
+
+    def has_room(self, size: int | None) -> bool:
+        if self.reserve <= 0:
+            return True
+        free = self.free_bytes()
+        if free is None:
+            return True  # cannot tell: the spool itself will say if it cannot store
+        return free >= self.reserve + (size or 0)
+
+    def spend(self, size: int) -> None:
+        """The server stored a message of `size` bytes: in the WAL now, in the database
+        file after the next checkpoint."""
+        if self.reserve > 0:
+            self._spent += 2 * size
+
+    def free_bytes(self) -> int | None:
+        now = self._clock()
+        if now - self._measured_at >= CACHE_SECONDS:
+            self._measured_at = now
+            self._spent = 0
+            try:
+                self._free = self._measure(self._path)
+            except OSError:
+                self._free = None
+        return None if self._free is None else self._free - self._spent

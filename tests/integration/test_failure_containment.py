@@ -1,0 +1,222 @@
+"""No zombie process: a full disk is survived, the reserve refuses in time and clears when
+mail leaves, a dead component ends the process so that systemd restarts it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Factory
+from tests.integration.harness import (
+    GsmtpProcess,
+    SmtpWire,
+    _checkout_path,
+    wait_for,
+)
+
+MB = 1024 * 1024
+LINE = b"x" * 998 + b"\r\n"
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """A real, small file system: a tmpfs of the given size (needs root)."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        directory = tmp_path / f"fs{len(mounted)}"
+        directory.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(directory)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(
+                "mounting a tmpfs is not permitted here (needs root with CAP_SYS_ADMIN): "
+                + (result.stderr.strip() or f"mount exited {result.returncode}")
+            )
+        mounted.append(directory)
+        return directory
+
+    yield mount
+    for directory in reversed(mounted):
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+
+
+def mail_from(wire: SmtpWire, parameters: str = "") -> str:
+    return wire.command(f"MAIL FROM:<a@remote.example>{parameters}")
+
+
+def send(port: int, size: int, subject: str = "big") -> str:
+    """A message of about `size` bytes to jones@foo.com: the reply to MAIL if refused,
+    else the reply to the final dot."""
+    with SmtpWire(port, timeout=60) as wire:
+        wire.read_reply()
+        wire.command("EHLO c.example")
+        reply = mail_from(wire)
+        if not reply.startswith("250"):
+            return reply
+        assert wire.command("RCPT TO:<jones@foo.com>").startswith("250")
+        assert wire.command("DATA").startswith("354")
+        wire.send(f"Subject: {subject}\r\n\r\n".encode() + LINE * (size // len(LINE)) + b".\r\n")
+        return wire.read_reply()[-1]
+
+
+def spool_bytes(gsmtp: GsmtpProcess) -> int:
+    """The spool's files on disk: the database and its WAL."""
+    return sum(
+        os.path.getsize(f"{gsmtp.spool_path}{suffix}")
+        for suffix in ("", "-wal")
+        if os.path.exists(f"{gsmtp.spool_path}{suffix}")
+    )
+
+
+def test_a_message_the_disk_cannot_hold_gets_451_and_the_next_one_250(
+    gsmtp_factory: Factory, small_filesystem: Callable[[str], Path]
+) -> None:
+    """Issue 7 item 6: a write error during a statement rolled the transaction back, the
+    writer thread died on `ROLLBACK TO unit`, and no client was ever answered again."""
+    disk = small_filesystem("8m")
+    gsmtp = gsmtp_factory(
+        {
+            "spool": {"path": str(disk / "spool.sqlite"), "min_free": "0"},
+            "server": {"max_message_size": "20MB"},
+        }
+    )
+    assert send(gsmtp.port, 12 * MB).startswith("451 4.3.0")
+    assert gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)]
+    assert send(gsmtp.port, 1000, subject="small").startswith("250 2.0.0")
+    wait_for(lambda: gsmtp.maildir_files("jones@foo.com"), what="the small message delivered")
+    gsmtp.signal(signal.SIGTERM)
+    assert gsmtp.wait(timeout=15) == 0
+    assert "component_died" not in gsmtp.log()
+
+
+def test_the_reserve_refuses_mail_in_time_and_clears_once_the_queue_drains(
+    gsmtp_factory: Factory, small_filesystem: Callable[[str], Path]
+) -> None:
+    """Issue 7 item 9 and "space comes back": below spool.min_free MAIL gets 452 4.3.1
+    (also a SIZE= that would eat into it), before the disk is full; delivery goes on,
+    the spool file shrinks (incremental vacuum) and MAIL is accepted again."""
+    disk = small_filesystem("96m")
+    gsmtp = gsmtp_factory(
+        {
+            "spool": {"path": str(disk / "spool.sqlite"), "min_free": "40MB"},
+            "server": {"max_message_size": "64MB"},  # so that SIZE= meets the reserve first
+        },
+        start=False,
+    )
+    gsmtp.maildir.write_text("not a directory: every delivery is deferred")
+    gsmtp.start()
+    with SmtpWire(gsmtp.port) as wire:
+        wire.read_reply()
+        wire.command("EHLO c.example")
+        stat = os.statvfs(disk)
+        free = stat.f_bavail * stat.f_frsize - os.path.getsize(f"{gsmtp.spool_path}-wal")
+        too_big = free - 40 * MB + MB
+        assert mail_from(wire, f" SIZE={too_big}") == "452 4.3.1 Insufficient system storage"
+
+    replies: list[str] = []
+    while len(replies) < 12 and not (replies and replies[-1].startswith("452")):
+        replies.append(send(gsmtp.port, 8 * MB))
+    accepted = [r for r in replies if r.startswith("250 2.0.0")]
+    assert len(accepted) >= 2 and replies[-1] == "452 4.3.1 Insufficient system storage", replies
+    wait_for(
+        lambda: os.path.getsize(gsmtp.spool_path) > (len(accepted) - 1) * 8 * MB,
+        what="the checkpoint to move the messages into the database file",
+    )
+
+    gsmtp.maildir.unlink()  # deliveries go through from the next retry on
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)],
+        timeout=30,
+        what="the queue to drain",
+    )
+    wait_for(
+        lambda: os.path.getsize(gsmtp.spool_path) < 8 * MB,
+        timeout=30,
+        what=f"the spool file to shrink (now {spool_bytes(gsmtp)} bytes with its WAL)",
+    )
+    assert os.path.getsize(f"{gsmtp.spool_path}-wal") <= 17 * MB  # journal_size_limit
+    wait_for(
+        lambda: send(gsmtp.port, 1000, subject="after").startswith("250 2.0.0"),
+        timeout=10,
+        what="MAIL to be accepted again",
+    )
+    assert "component_died" not in gsmtp.log()
+
+
+FAULT_INJECTION = """
+import sys
+from gevent import monkey
+
+monkey.patch_all()
+from pathlib import Path
+
+import gevent
+
+from gsmtp import app
+from gsmtp.config import load
+
+
+class InjectedFault(BaseException):
+    '''Not an Exception: no handler on its way swallows it, like a bug's would not.'''
+
+
+def inject(application, component):
+    while "listener" not in application.supervisor.names:  # started
+        gevent.sleep(0.01)
+    if component == "housekeeping":
+        application._housekeeper.kill(RuntimeError("injected fault"), block=False)
+    elif component == "writer":
+        def unit(connection):
+            raise InjectedFault("injected fault")
+        application._writer.submit(unit)
+
+
+def build(config):
+    application = app.Application(config)
+    gevent.spawn(inject, application, sys.argv[2])
+    return application
+
+
+sys.exit(app.serve(load(Path(sys.argv[1])), application_factory=build))
+"""
+
+
+@pytest.mark.parametrize("component", ["housekeeping", "writer"])
+def test_a_dead_component_ends_the_process_non_zero_naming_it(
+    gsmtp_factory: Factory, component: str
+) -> None:
+    """Issue 7 item 7: the runner or the housekeeping loop died silently and the process
+    lived on half-dead. Here one component dies of a bug (fault injection, like a
+    signal aimed at one component): logged with its traceback, exit 70."""
+    gsmtp = gsmtp_factory(start=False)
+    with gsmtp.log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", FAULT_INJECTION, str(gsmtp.config), component],
+            stdout=log,
+            stderr=log,
+            cwd=gsmtp.directory,
+            env={**os.environ, "PYTHONPATH": _checkout_path()},
+        )
+    try:
+        status = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log_text = gsmtp.log()
+    assert status == 70, log_text
+    died = [line for line in log_text.splitlines() if '"event":"component_died"' in line]
+    assert died, log_text
+    assert f'"component":"{component}"' in died[0]
+    assert "injected fault" in died[0] and "Traceback" in died[0]
+    assert '"event":"server_aborted"' in log_text

@@ -1,0 +1,96 @@
+"""The spool file itself: created safely, never unlinked under us, space that comes back."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import stat
+import subprocess
+from pathlib import Path
+
+import apsw
+import pytest
+
+from gsmtp import db
+
+
+@pytest.fixture
+def spool_path(tmp_path: Path) -> str:
+    return str(tmp_path / "spool" / "spool.sqlite")
+
+
+def test_a_second_connection_keeps_the_first_ones_locks(spool_path: str) -> None:
+    """Issue 7 item 5, in one process: connect() beside a live connection must not drop
+    its POSIX locks, or an outside reader checkpoints and unlinks -wal and -shm."""
+    if shutil.which("sqlite3") is None:
+        pytest.skip("the sqlite3 command is not installed (Debian package sqlite3)")
+    # Opened like the server opens its reader, writer and body reader; then a write.
+    connections = [db.connect(spool_path) for _ in range(3)]
+    connections[1].execute("INSERT INTO domains(name) VALUES ('foo.com')")
+    live_files = {suffix: os.stat(spool_path + suffix).st_ino for suffix in ("-wal", "-shm")}
+    outside = subprocess.run(
+        ["sqlite3", spool_path, "SELECT COUNT(*) FROM domains"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert outside.stdout.strip() == "1"
+    reader = sqlite3.connect(f"file:{spool_path}?mode=ro", uri=True)
+    assert reader.execute("SELECT COUNT(*) FROM domains").fetchone() == (1,)
+    reader.close()
+    # The very files the live connections use: not unlinked (and made anew by a reader).
+    for suffix, inode in live_files.items():
+        assert os.stat(spool_path + suffix).st_ino == inode, f"{suffix} was unlinked"
+    for connection in connections:
+        connection.close()
+
+
+def test_the_file_is_created_0600_whatever_the_umask(spool_path: str) -> None:
+    old = os.umask(0)
+    try:
+        connection = db.connect(spool_path)
+        connection.execute("INSERT INTO domains(name) VALUES ('foo.com')")
+    finally:
+        os.umask(old)
+    for suffix in ("", "-wal", "-shm"):
+        assert stat.S_IMODE(os.stat(spool_path + suffix).st_mode) == 0o600, suffix
+
+
+def test_new_spools_use_incremental_auto_vacuum_and_a_wal_size_limit(spool_path: str) -> None:
+    connection = db.connect(spool_path)
+    assert db.scalar(connection, "PRAGMA auto_vacuum") == db.AUTO_VACUUM_INCREMENTAL
+    assert db.scalar(connection, "PRAGMA journal_size_limit") == db.JOURNAL_SIZE_LIMIT
+    assert db.convert_to_incremental_vacuum(connection) is False  # nothing to do
+
+
+def test_an_old_spool_is_converted_once_and_keeps_its_data(spool_path: str) -> None:
+    Path(spool_path).parent.mkdir()
+    old = apsw.Connection(spool_path)  # made like gsmtp made spools before: no auto-vacuum
+    old.execute("PRAGMA journal_mode=WAL")
+    old.execute("CREATE TABLE t(x)")
+    old.close()
+    connection = db.connect(spool_path)
+    connection.execute("INSERT INTO domains(name) VALUES ('foo.com')")
+    assert db.scalar(connection, "PRAGMA auto_vacuum") == 0
+    assert db.convert_to_incremental_vacuum(connection) is True
+    assert db.scalar(connection, "PRAGMA auto_vacuum") == db.AUTO_VACUUM_INCREMENTAL
+    assert db.query(connection, "SELECT name FROM domains") == [("foo.com",)]
+    assert db.convert_to_incremental_vacuum(connection) is False
+
+
+def test_incremental_vacuum_gives_pages_back(spool_path: str) -> None:
+    connection = db.connect(spool_path)
+    connection.execute("CREATE TABLE blobs(b BLOB)")
+    connection.execute("INSERT INTO blobs VALUES (zeroblob(4000000))")
+    connection.execute("DELETE FROM blobs")
+    free = db.free_pages(connection)
+    assert free > 900
+    with db.transaction(connection):
+        left = db.incremental_vacuum(connection, 500)
+    assert left == free - 500
+    with db.transaction(connection):
+        assert db.incremental_vacuum(connection, free) == 0
+    connection.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+    assert os.path.getsize(spool_path) < 200_000

@@ -1,0 +1,138 @@
+"""The group-commit writer on a real SQLite file, with real SQLite errors."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import apsw
+import gevent
+import pytest
+
+from gsmtp import db
+from gsmtp.writer import GroupCommitter
+
+ROOM_PAGES = 50  # the spool may grow by this many pages: 200 KB
+
+
+def limited_connect(path: str) -> apsw.Connection:
+    """A writer connection on a "disk" with little room left: SQLite's page limit gives a
+    real SQLITE_FULL in the middle of a statement, which rolls the whole transaction
+    back, as a full file system or an I/O error does."""
+    connection = db.connect(path)
+    pages = db.scalar(connection, "PRAGMA page_count")
+    connection.execute(f"PRAGMA max_page_count={pages + ROOM_PAGES}")
+    return connection
+
+
+@pytest.fixture
+def committer(tmp_path: Path) -> Iterator[GroupCommitter]:
+    path = str(tmp_path / "spool.sqlite")
+    db.connect(path).execute("CREATE TABLE t(name TEXT, body BLOB)")
+    writer = GroupCommitter(path, open_connection=limited_connect)
+    yield writer
+    writer.stop(timeout=10)
+
+
+def insert(name: str, size: int = 10) -> Callable[[apsw.Connection], None]:
+    def work(connection: apsw.Connection) -> None:
+        connection.execute("INSERT INTO t VALUES (?, zeroblob(?))", (name, size))
+
+    return work
+
+
+def insert_items(connection: apsw.Connection, items: list[tuple[str, int]]) -> None:
+    """A batch function: many like items in one statement."""
+    db.execute_values(
+        connection, "INSERT INTO t SELECT column1, zeroblob(column2) FROM (VALUES {values})", items
+    )
+
+
+def names(committer: GroupCommitter) -> list[str]:
+    return sorted(committer.submit(lambda c: [row[0] for row in c.execute("SELECT name FROM t")]))
+
+
+def hold_the_writer(committer: GroupCommitter) -> tuple[gevent.Greenlet, threading.Event]:
+    """A unit that keeps the writer thread inside its transaction until released, so
+    that everything submitted meanwhile lands in the next batch, together."""
+    running, release = threading.Event(), threading.Event()
+
+    def work(connection: apsw.Connection) -> None:
+        running.set()
+        release.wait(10)
+        insert("holder")(connection)
+
+    holder = gevent.spawn(committer.submit, work)
+    while not running.is_set():  # a condition polled, not a guess at timing
+        gevent.sleep(0.001)
+    return holder, release
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["callables", "batch-function"])
+def test_a_statement_that_fills_the_disk_fails_its_batch_and_the_writer_goes_on(
+    committer: GroupCommitter, batched: bool
+) -> None:
+    """Issue 7 item 6: when SQLite rolls the whole transaction back under a unit, every
+    unit of the batch gets the error (their clients get 451 4.3.0), nothing of theirs is
+    stored, and the next batch commits normally. Whatever SQLite undoes (the statement
+    or the whole transaction), each unit's answer matches what is stored."""
+    holder, release = hold_the_writer(committer)
+    big = 5 * ROOM_PAGES * 4096
+    submit: Callable[[str, int], Any]
+    if batched:
+        submit = lambda name, size: committer.submit_item(insert_items, (name, size))  # noqa: E731
+    else:
+        submit = lambda name, size: committer.submit(insert(name, size))  # noqa: E731
+    small, too_big = gevent.spawn(submit, "small", 10), gevent.spawn(submit, "big", big)
+    gevent.sleep(0)  # both are submitted before the holder's batch ends
+    release.set()
+    holder.get(timeout=10)
+    for unit in (small, too_big):
+        unit.join(timeout=10)
+        assert unit.ready(), "the writer thread died: no answer"
+    assert isinstance(too_big.exception, apsw.FullError), too_big.exception
+    if not batched:
+        # Here SQLite lost the whole transaction (the case that killed the thread).
+        assert isinstance(small.exception, apsw.FullError), small.exception
+    stored = names(committer)
+    assert ("small" in stored) == small.successful()
+    assert "big" not in stored
+    assert not committer.done.ready()
+    committer.submit(insert("after"))
+    assert names(committer) == sorted(
+        ["after", "holder", *(["small"] if small.successful() else [])]
+    )
+
+
+def test_one_failing_unit_does_not_spoil_the_others(committer: GroupCommitter) -> None:
+    holder, release = hold_the_writer(committer)
+
+    def broken(connection: apsw.Connection) -> None:
+        connection.execute("INSERT INTO no_such_table VALUES (1)")
+
+    good, bad = (
+        gevent.spawn(committer.submit, insert("good")),
+        gevent.spawn(committer.submit, broken),
+    )
+    gevent.sleep(0)
+    release.set()
+    holder.get(timeout=10)
+    good.get(timeout=10)
+    bad.join(timeout=10)
+    assert isinstance(bad.exception, apsw.SQLError)
+    assert names(committer) == ["good", "holder"]
+
+
+def test_stop_reports_a_writer_that_does_not_finish(tmp_path: Path) -> None:
+    path = str(tmp_path / "spool.sqlite")
+    writer = GroupCommitter(path)
+    blocker = db.connect(path)
+    blocker.execute("BEGIN EXCLUSIVE")
+    waiting = gevent.spawn(writer.submit, lambda c: c.execute("DELETE FROM domains"))
+    gevent.sleep(0)  # submitted; the thread waits on the lock whether it began or not
+    assert writer.stop(timeout=0.05) is False
+    blocker.execute("ROLLBACK")
+    waiting.get(timeout=10)
+    assert writer.stop(timeout=10) is True
