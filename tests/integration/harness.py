@@ -14,6 +14,7 @@ from typing import Any
 
 import apsw
 
+REPOSITORY = Path(__file__).parents[2]
 LOCAL_DOMAIN = "foo.com"
 USERS = ("jones@foo.com", "brown@foo.com")
 
@@ -34,6 +35,13 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def environment() -> dict[str, str]:
+    """The environment for a gsmtp subprocess: the code under test, whatever the working
+    directory (an installed gsmtp elsewhere must not stand in for it)."""
+    paths = [str(REPOSITORY), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def toml_value(value: Any) -> str:
@@ -88,6 +96,7 @@ class GsmtpProcess:
             [sys.executable, "-m", "gsmtp.cli", *args, "-c", str(self.config)],
             input=stdin,
             capture_output=True,
+            env=environment(),
             text=True,
             timeout=60,
         )
@@ -109,6 +118,7 @@ class GsmtpProcess:
             stdout=log,
             stderr=log,
             cwd=self.directory,
+            env=environment(),
         )
         log.close()
         wait_for(self._accepting, timeout=20, what=f"gsmtp to listen on {self.port}")

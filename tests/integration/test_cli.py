@@ -8,7 +8,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.integration.harness import GsmtpProcess, SmtpWire, wait_for
+from tests.integration.harness import GsmtpProcess, SmtpWire, environment, wait_for
 
 ROOT = Path(__file__).parents[2]
 
@@ -20,6 +20,7 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
         text=True,
         timeout=60,
         cwd=cwd,
+        env=environment(),
     )
 
 
@@ -135,6 +136,7 @@ def test_output_into_a_closed_pipe_is_not_a_traceback(gsmtp: GsmtpProcess) -> No
         [sys.executable, "-m", "gsmtp.cli", "user", "list", "-c", str(gsmtp.config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env=environment(),
     )
     assert child.stdout is not None and child.stderr is not None
     child.stdout.close()
