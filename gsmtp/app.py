@@ -117,6 +117,7 @@ class Application:
                 max_recipients=config.server.max_recipients,
             ),
             idle_timeout=config.server.timeout,
+            greet_wait=config.server.greet_wait,
             max_connections=config.server.max_connections,
             max_connections_per_ip=config.server.max_connections_per_ip,
             policy=self.policy,

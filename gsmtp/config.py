@@ -55,6 +55,7 @@ class ServerConfig:
     )
     proxy_protocol: bool = False
     shutdown_grace: float = 30.0
+    greet_wait: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,15 +237,24 @@ def _port(value: Any) -> int:
     return port
 
 
-def parse_duration(value: Any) -> float:
-    """ "30s", "5m", "1h", "5d", "250ms" → seconds."""
+def _seconds(value: Any) -> float:
     match = _DURATION.match(_string(value).strip())
     if not match:
         raise ValueError(f'expected a duration like "30s", "5m", "1h" or "5d", got {value!r}')
-    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_duration(value: Any) -> float:
+    """ "30s", "5m", "1h", "5d", "250ms" → seconds."""
+    seconds = _seconds(value)
     if seconds <= 0:
         raise ValueError(f"must be longer than zero, got {value!r}")
     return seconds
+
+
+def _duration_or_zero(value: Any) -> float:
+    """A duration, or "0s" for off."""
+    return _seconds(value)
 
 
 def parse_size(value: Any) -> int:
@@ -331,6 +341,7 @@ _GENERIC: dict[str, Any] = {
     "trusted_networks": _list_of(_network),
     "proxy_protocol": _bool,
     "shutdown_grace": parse_duration,
+    "greet_wait": _duration_or_zero,
     "concurrency": _positive_int,
     "retry": _retry,
     "max_age": parse_duration,

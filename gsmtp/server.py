@@ -4,7 +4,8 @@ This is the I/O shell around `protocol.session`: it reads bytes, feeds the sessi
 answers its events (policy for RCPT, the spool for a finished message), and writes the
 replies — all replies of a pipelined batch in one send. Low-level errors (OSError,
 ssl.SSLError, timeouts) are translated here and nowhere else. Limits enforced here:
-idle timeout (also inside DATA), total and per-IP connections, early talkers. A graceful
+idle timeout (also inside DATA), total and per-IP connections, early talkers (with
+greet_wait, the greeting is held to catch them). A graceful
 stop closes idle sessions with 421 at once and lets open transactions finish.
 """
 
@@ -76,6 +77,7 @@ class SmtpServer:
         spool: Spool,
         on_queued: Callable[[], None],
         tls_context: ssl.SSLContext | None = None,
+        greet_wait: float = 0.0,
     ) -> None:
         self._listen = listen
         self._hostname = hostname
@@ -87,6 +89,7 @@ class SmtpServer:
         self._spool = spool
         self._on_queued = on_queued
         self._tls_context = tls_context
+        self._greet_wait = greet_wait
         self._pool = Pool(max_connections + _OVERFLOW_SLOTS)
         self._servers: list[StreamServer] = []
         self._per_ip: dict[str, int] = defaultdict(int)
@@ -244,9 +247,21 @@ class _Connection:
             self._log.info("connection_lost", error=printable(str(error)))
 
     def _talked_early(self) -> bool:
-        """RFC 5321 §4.3.1: the client waits for the greeting; bytes already here mean a
-        spam engine that does not listen (Postfix postscreen PREGREET). A non-blocking
-        peek on the OS socket (select() cannot take descriptors past 1023)."""
+        """RFC 5321 §4.3.1: the client waits for the greeting; bytes before it mean a
+        spam engine that does not listen (Postfix postscreen PREGREET). With greet_wait
+        the greeting is held that long while watching for such bytes; without it, only
+        bytes already here count: a non-blocking peek on the OS socket (select() cannot
+        take descriptors past 1023)."""
+        wait = self._server._greet_wait
+        if wait > 0:
+            previous = self._sock.gettimeout()
+            self._sock.settimeout(wait)
+            try:
+                return bool(self._sock.recv(1, socket.MSG_PEEK))
+            except OSError:  # the wait ran out (a time-out is an OSError), or a reset
+                return False
+            finally:
+                self._sock.settimeout(previous)
         raw = getattr(self._sock, "_sock", self._sock)
         try:
             return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -128,7 +129,8 @@ class GsmtpProcess:
         if self.process.poll() is not None:
             raise AssertionError(f"gsmtp exited {self.process.returncode}: {self.log()}")
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
+            # Long enough for a held greeting (server.greet_wait).
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as probe:
                 return probe.recv(100).startswith(b"220")
         except OSError:
             return False
@@ -156,6 +158,18 @@ class GsmtpProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self, name: str, **fields: Any) -> list[dict[str, Any]]:
+        """The JSON log lines of event `name` whose fields include `fields`."""
+        found = []
+        for line in self.log().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == name and fields.items() <= record.items():
+                found.append(record)
+        return found
 
     # -- what is on disk --------------------------------------------------------------
 

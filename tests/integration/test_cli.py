@@ -30,6 +30,7 @@ def test_check_config_prints_the_effective_configuration() -> None:
     assert 'hostname = "mail.example.test"' in result.stdout
     assert 'max_message_size = "35MB"' in result.stdout
     assert 'retry = ["1m", "5m", "15m", "30m", "1h"]' in result.stdout
+    assert 'greet_wait = "0s"' in result.stdout
 
 
 def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
