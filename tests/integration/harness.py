@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -138,6 +139,26 @@ class GsmtpProcess:
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)
+
+    def freeze(self) -> None:
+        """SIGSTOP, and wait until every thread of the process has stopped: from then
+        on the spool shows a fixed state."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{self.process.pid}/task")
+
+        def stopped() -> bool:
+            states = []
+            for task in tasks.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    # The state follows the command name, which is in parentheses.
+                    states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
+            return bool(states) and all(state in ("T", "t") for state in states)
+
+        wait_for(stopped, timeout=10, what="the process to stop")
+
+    def thaw(self) -> None:
+        self.signal(signal.SIGCONT)
 
     def wait(self, timeout: float = 30) -> int:
         assert self.process is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import smtplib
 import subprocess
 import sys
 import urllib.request
@@ -13,14 +14,21 @@ from tests.integration.harness import GsmtpProcess, SmtpWire, environment, wait_
 ROOT = Path(__file__).parents[2]
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, cwd: Path | None = None, gsmtp_config: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess; $GSMTP_CONFIG is set to `gsmtp_config`, or absent."""
+    env = environment()
+    env.pop("GSMTP_CONFIG", None)
+    if gsmtp_config is not None:
+        env["GSMTP_CONFIG"] = gsmtp_config
     return subprocess.run(
         [sys.executable, "-m", "gsmtp.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=cwd,
-        env=environment(),
+        env=env,
     )
 
 
@@ -43,8 +51,26 @@ def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
 
 
 def test_config_defaults_to_gsmtp_config_then_cwd(tmp_path: Path) -> None:
+    """-c wins over $GSMTP_CONFIG, which wins over ./configuration.toml, the fallback
+    when the variable is not in the environment at all."""
     (tmp_path / "configuration.toml").write_text('[server]\nhostname = "cwd.example"\n')
-    assert 'hostname = "cwd.example"' in run("check-config", cwd=tmp_path).stdout
+    from_env = tmp_path / "env.toml"
+    from_env.write_text('[server]\nhostname = "env.example"\n')
+    explicit = tmp_path / "explicit.toml"
+    explicit.write_text('[server]\nhostname = "explicit.example"\n')
+
+    def hostname(*args: str, gsmtp_config: str | None = None) -> str:
+        result = run("check-config", *args, cwd=tmp_path, gsmtp_config=gsmtp_config)
+        assert result.returncode == 0, result.stderr
+        (line,) = [line for line in result.stdout.splitlines() if line.startswith("hostname")]
+        return line
+
+    assert hostname("-c", str(explicit), gsmtp_config=str(from_env)) == (
+        'hostname = "explicit.example"'
+    )
+    assert hostname(gsmtp_config=str(from_env)) == 'hostname = "env.example"'
+    assert hostname() == 'hostname = "cwd.example"'
+    assert hostname(gsmtp_config="") == 'hostname = "cwd.example"'  # empty: unset
 
 
 def test_accounts_errors_are_one_clear_line(gsmtp: GsmtpProcess) -> None:
@@ -100,21 +126,43 @@ def test_queue_commands_while_the_server_runs(gsmtp_factory) -> None:  # type: i
     assert json.loads(gsmtp.cli("queue", "stats", "--json").stdout)["messages"] == 0
 
 
-def test_metrics_endpoint(gsmtp: GsmtpProcess) -> None:
-    with SmtpWire(gsmtp.port) as wire:
-        wire.read_reply()
+def scrape(gsmtp: GsmtpProcess) -> dict[str, float]:
+    """/metrics as {sample name with labels: value}."""
     with urllib.request.urlopen(
         f"http://127.0.0.1:{gsmtp.metrics_port}/metrics", timeout=10
     ) as page:
         text = page.read().decode()
-    for name in (
-        "gsmtp_connections_total",
-        "gsmtp_connections_active",
-        "gsmtp_queue_size",
-        "gsmtp_oldest_queued_seconds",
-        "gsmtp_accept_seconds_bucket",
-    ):
-        assert name in text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_endpoint(gsmtp: GsmtpProcess) -> None:
+    """The names of DESIGN.md, each counting what happened: two connections (the
+    harness's readiness probe and ours), one message queued and delivered locally."""
+    before = scrape(gsmtp)
+    with smtplib.SMTP("127.0.0.1", gsmtp.port, timeout=10) as client:
+        client.sendmail("a@remote.example", ["jones@foo.com"], "Subject: m\r\n\r\nx\r\n")
+    wait_for(lambda: gsmtp.maildir_files("jones@foo.com"), what="delivery")
+    delivered = 'gsmtp_deliveries_total{outcome="delivered",transport="local"}'
+
+    def settled() -> dict[str, float] | None:
+        samples = scrape(gsmtp)
+        done = samples.get(delivered) and samples["gsmtp_connections_active"] == 0
+        return samples if done else None
+
+    samples = wait_for(settled, what="the delivery counted and the connection closed")
+    assert samples["gsmtp_connections_total"] - before["gsmtp_connections_total"] == 1
+    assert samples["gsmtp_connections_active"] == 0
+    assert samples['gsmtp_messages_received_total{outcome="queued"}'] == 1
+    assert samples["gsmtp_accept_seconds_count"] == 1
+    assert samples[delivered] == 1
+    assert samples['gsmtp_delivery_seconds_count{transport="local"}'] == 1
+    assert samples['gsmtp_queue_size{status="queued"}'] == 0
+    assert samples["gsmtp_oldest_queued_seconds"] == 0
 
 
 def test_a_corrupt_spool_is_refused_not_replaced(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
