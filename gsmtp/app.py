@@ -89,6 +89,7 @@ class Application:
         self.config = config
         self._log = log.get_logger(component="app")
         self._reader = self._open_spool()
+        tls_context = self._tls_context()  # may refuse to start: before any thread
         self._writer = db.GroupCommitter(config.spool.path)
         self._bodies = db.ThreadReader(config.spool.path)
         self.spool = Spool(self._writer, self._reader, self._bodies)
@@ -123,7 +124,7 @@ class Application:
             policy=self.policy,
             spool=self.spool,
             on_queued=self.scheduler.wake,
-            tls_context=self._tls_context(),
+            tls_context=tls_context,
         )
         self._metrics_server: Any = None
         self._log_flusher: Any = None
@@ -280,7 +281,13 @@ class Application:
         gevent.signal_handler(signal.SIGTERM, stop_requested.set)
         gevent.signal_handler(signal.SIGINT, stop_requested.set)
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
-        self.start()
+        try:
+            self.start()
+        except StartupError:
+            # What did start (threads, a first listener) is stopped before the process
+            # exits: live writer threads at interpreter exit crashed it (SIGSEGV).
+            self.stop()
+            raise
         stop_requested.wait()
         self.stop()
 

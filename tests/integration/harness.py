@@ -22,7 +22,8 @@ USERS = ("jones@foo.com", "brown@foo.com")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
 
@@ -217,6 +218,7 @@ class SmtpWire:
     def __init__(
         self, port: int, host: str = "127.0.0.1", source: str | None = None, timeout: float = 10
     ) -> None:
+        # create_connection picks the family from the host ("::1" is IPv6).
         self.sock = socket.create_connection(
             (host, port), timeout=timeout, source_address=(source, 0) if source else None
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import smtplib
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -177,6 +178,29 @@ def test_a_corrupt_spool_is_refused_not_replaced(gsmtp_factory) -> None:  # type
     assert "cannot open the spool" in result.stderr and str(gsmtp.spool_path) in result.stderr
     assert "Traceback" not in result.stderr
     assert gsmtp.spool_path.read_bytes() == garbage
+
+
+def test_a_listener_that_cannot_be_bound_stops_what_started_and_exits_1(
+    gsmtp_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    """The second listener's port is taken: the first listener, the queue runner and
+    the spool threads are stopped (server_stopped) and the exit is a clean 1 with one
+    line naming the cause. Before, the writer threads were left running and the
+    interpreter's exit crashed now and then (SIGSEGV)."""
+    gsmtp = gsmtp_factory(start=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ipv4 = f'listen = ["127.0.0.1:{gsmtp.port}"]'
+        both = f'listen = ["127.0.0.1:{gsmtp.port}", "127.0.0.1:{busy}"]'
+        gsmtp.config.write_text(gsmtp.config.read_text().replace(ipv4, both))
+        for _ in range(3):
+            result = run("serve", "-c", str(gsmtp.config))
+            assert result.returncode == 1, result.stderr
+            assert '"event":"server_stopped"' in result.stderr
+            last_line = result.stderr.strip().splitlines()[-1]
+            assert last_line.startswith("gsmtp: cannot listen: Address already in use")
 
 
 def test_output_into_a_closed_pipe_is_not_a_traceback(gsmtp: GsmtpProcess) -> None:

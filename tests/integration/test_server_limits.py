@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import smtplib
 import socket
 import time
 
@@ -128,9 +129,27 @@ def test_sigterm_closes_idle_sessions_finishes_transactions_and_exits_0(
 
 def test_sighup_reloads_and_does_not_exit(gsmtp: GsmtpProcess) -> None:
     gsmtp.signal(signal.SIGHUP)
-    wait_for(lambda: "config_reloaded" in gsmtp.log(), what="reload log line")
+    wait_for(lambda: gsmtp.events("config_reloaded"), what="reload log line")
     with SmtpWire(gsmtp.port) as wire:
         assert wire.read_reply()[0].startswith("220")
+
+
+def test_sighup_with_a_broken_configuration_logs_and_keeps_serving(gsmtp: GsmtpProcess) -> None:
+    """SIGHUP never exits: a configuration that no longer parses is reported
+    (reload_failed, naming the file and the key) and the running settings stay."""
+    good = gsmtp.config.read_text()
+    gsmtp.config.write_text(good.replace('timeout = "30s"', 'timeout = "forever"'))
+    gsmtp.signal(signal.SIGHUP)
+    (failed,) = wait_for(lambda: gsmtp.events("reload_failed"), what="reload_failed")
+    assert f"{gsmtp.config}: [server] timeout: expected a duration" in failed["error"]
+    assert gsmtp.events("config_reloaded") == []
+    with smtplib.SMTP("127.0.0.1", gsmtp.port, timeout=10) as client:
+        client.sendmail("a@remote.example", ["jones@foo.com"], "Subject: after\r\n\r\nx\r\n")
+    wait_for(lambda: gsmtp.maildir_files("jones@foo.com"), what="delivery after the reload")
+    assert gsmtp.process is not None and gsmtp.process.poll() is None
+    gsmtp.config.write_text(good)
+    gsmtp.signal(signal.SIGHUP)
+    wait_for(lambda: gsmtp.events("config_reloaded"), what="a good reload afterwards")
 
 
 def test_no_traceback_reaches_the_client_or_the_log(gsmtp: GsmtpProcess) -> None:
