@@ -7,6 +7,8 @@ next host. EHLO, falling back to HELO; STARTTLS whenever offered (opportunistic:
 certificate check, and any plaintext the peer pushed before the handshake is dropped,
 D-29); MAIL/RCPT/DATA pipelined when the peer offers PIPELINING. 2xx → delivered,
 4xx or a broken connection → deferred, 5xx → failed. RFC 5321 §4.5.3.2 time-outs.
+Once the final dot is sent, a lost connection or a time-out defers the attempt and
+never moves on to the next host (the first may have taken the message).
 """
 
 from __future__ import annotations
@@ -285,7 +287,20 @@ class _Transaction:
             self._quit()
             return [results[r] for r in self._recipients]
         connection.send(client.encode_data(message.body))
-        final = connection.read(timeout=self._timeouts.data)
+        try:
+            final = connection.read(timeout=self._timeouts.data)
+        except _TransactionBroken as error:
+            # The final dot went out: the peer may have taken the message. Defer this
+            # attempt ("may be delivered twice"); the next MX now could deliver it twice.
+            for recipient in accepted:
+                results[recipient] = RecipientResult(
+                    recipient,
+                    Outcome.DEFERRED,
+                    "4.4.2",
+                    f"451 4.4.2 {self._host}: {error}",
+                    self._host,
+                )
+            return [results[r] for r in self._recipients]
         for recipient in accepted:
             results[recipient] = _result(recipient, final, self._host)
         self._quit()

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.integration.harness import GsmtpProcess, SmtpWire, environment, wait_for
+from tests.integration.remote import bounce_for, delivery_status
 
 ROOT = Path(__file__).parents[2]
 
@@ -125,6 +126,42 @@ def test_queue_commands_while_the_server_runs(gsmtp_factory) -> None:  # type: i
     assert gsmtp.cli("queue", "show", "NOPE", check=False).returncode != 0
     assert gsmtp.cli("queue", "delete", message_id).returncode == 0
     assert json.loads(gsmtp.cli("queue", "stats", "--json").stdout)["messages"] == 0
+
+
+def test_queue_flush_and_bounce_end_to_end(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
+    """`queue flush` makes deferred mail due now: a second attempt comes without waiting
+    out the 1 h retry. `queue bounce` returns the message to its sender: the runner
+    fails the recipient ("Bounced by the administrator", 5.0.0), the sender's Maildir
+    gets the RFC 3464 report and the spool empties."""
+    gsmtp = gsmtp_factory({"delivery": {"smarthost": "127.0.0.1:1", "retry": ["1h"]}})
+    with SmtpWire(gsmtp.port, source="127.0.0.2") as wire:  # a trusted network: relay
+        wire.read_reply()
+        wire.command("EHLO c.example")
+        wire.command("MAIL FROM:<jones@foo.com>")
+        wire.command("RCPT TO:<x@remote.example>")
+        wire.command("DATA")
+        wire.send(b"Subject: stuck\r\n\r\nbody\r\n.\r\n")
+        message_id = wire.read_reply()[0].rsplit(" ", 1)[1]
+
+    def attempts() -> int:
+        rows = gsmtp.spool_rows("SELECT attempts FROM recipients WHERE message_id = ?", message_id)
+        return int(rows[0][0]) if rows else -1
+
+    wait_for(lambda: attempts() == 1, what="the first attempt, deferred for 1 h")
+    flushed = json.loads(gsmtp.cli("queue", "flush", "--json").stdout)
+    assert flushed == {"action": "flushed", "id": None, "count": 1}
+    wait_for(lambda: attempts() == 2, timeout=20, what="a second attempt after the flush")
+    assert gsmtp.cli("queue", "bounce", message_id).stdout == f"bouncing: {message_id}\n"
+    bounce = bounce_for(gsmtp)
+    assert bounce["To"] == "<jones@foo.com>"
+    (block,) = delivery_status(bounce)
+    assert block["Final-Recipient"] == "rfc822; x@remote.example"
+    assert (block["Action"], block["Status"]) == ("failed", "5.0.0")
+    assert block["Diagnostic-Code"] == "smtp; Bounced by the administrator"
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool"
+    )
+    assert gsmtp.cli("queue", "bounce", message_id, check=False).returncode == 1
 
 
 def scrape(gsmtp: GsmtpProcess) -> dict[str, float]:
