@@ -6,6 +6,7 @@ import json
 import smtplib
 import socket
 import subprocess
+import sys
 import threading
 from email.message import EmailMessage
 
@@ -13,7 +14,15 @@ import apsw
 import pytest
 
 from tests import dialog
-from tests.integration.harness import GsmtpProcess, SmtpWire, environment_has, free_port, wait_for
+from tests.integration.harness import (
+    REPOSITORY,
+    GsmtpProcess,
+    SmtpWire,
+    environment,
+    environment_has,
+    free_port,
+    wait_for,
+)
 
 TRANSCRIPTS = sorted(p.name for p in dialog.TRANSCRIPTS.glob("*.txt"))
 
@@ -317,3 +326,63 @@ def test_ipv6_listener_on_loopback(gsmtp_factory) -> None:  # type: ignore[no-un
     (file,) = wait_for(lambda: gsmtp.maildir_files("jones@foo.com"), what="delivery")
     assert b"Received: from c.example (unknown [IPv6:::1])" in file.read_bytes()
     wait_for(lambda: gsmtp.events("connection_opened", peer="::1"), what="the peer logged")
+
+
+def test_the_pacer_shrinks_deliveries_under_client_load_and_recovers(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
+    """README's "acceptance first": while clients load the server (the load generator,
+    another process) the pacer allows fewer concurrent deliveries than configured,
+    never fewer than 2; when the load stops it returns to the configured number, and
+    the burst is delivered. Watched through gsmtp_delivery_concurrency_allowed."""
+    gsmtp = gsmtp_factory({"delivery": {"concurrency": 16}})
+    allowed = "gsmtp_delivery_concurrency_allowed"
+    wait_for(lambda: gsmtp.metrics().get(allowed) == 16, what="the pacer at rest")
+    load = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.load",
+            "--target",
+            f"127.0.0.1:{gsmtp.port}",
+            "-c",
+            "40",
+            "-m",
+            "100",
+            "-s",
+            "1KiB",
+            "--to",
+            "jones@foo.com",
+            "--max-seconds",
+            "30",
+            "--quiet",
+        ],
+        cwd=REPOSITORY,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    queued = 'gsmtp_messages_received_total{outcome="queued"}'
+    try:
+        wait_for(
+            lambda: gsmtp.metrics().get(queued, 0) >= 100, timeout=30, what="the clients' load"
+        )
+        seen: list[float] = []
+
+        def paced() -> bool:
+            samples = gsmtp.metrics()
+            seen.append(samples[allowed])
+            return samples[allowed] < 16 and load.poll() is None
+
+        wait_for(paced, timeout=30, what="fewer deliveries allowed while the clients send")
+    finally:
+        load.terminate()
+        load.wait(timeout=30)
+    assert min(seen) >= 2
+    wait_for(lambda: gsmtp.metrics()[allowed] == 16, timeout=30, what="the pacer to recover")
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)],
+        timeout=60,
+        what="the burst delivered",
+    )
+    samples = gsmtp.metrics()
+    delivered = samples['gsmtp_deliveries_total{outcome="delivered",transport="local"}']
+    assert delivered == samples[queued] >= 100

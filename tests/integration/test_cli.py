@@ -7,7 +7,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 from tests.integration.harness import GsmtpProcess, SmtpWire, environment, wait_for
@@ -164,31 +163,17 @@ def test_queue_flush_and_bounce_end_to_end(gsmtp_factory) -> None:  # type: igno
     assert gsmtp.cli("queue", "bounce", message_id, check=False).returncode == 1
 
 
-def scrape(gsmtp: GsmtpProcess) -> dict[str, float]:
-    """/metrics as {sample name with labels: value}."""
-    with urllib.request.urlopen(
-        f"http://127.0.0.1:{gsmtp.metrics_port}/metrics", timeout=10
-    ) as page:
-        text = page.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
 def test_metrics_endpoint(gsmtp: GsmtpProcess) -> None:
     """The names of DESIGN.md, each counting what happened: two connections (the
     harness's readiness probe and ours), one message queued and delivered locally."""
-    before = scrape(gsmtp)
+    before = gsmtp.metrics()
     with smtplib.SMTP("127.0.0.1", gsmtp.port, timeout=10) as client:
         client.sendmail("a@remote.example", ["jones@foo.com"], "Subject: m\r\n\r\nx\r\n")
     wait_for(lambda: gsmtp.maildir_files("jones@foo.com"), what="delivery")
     delivered = 'gsmtp_deliveries_total{outcome="delivered",transport="local"}'
 
     def settled() -> dict[str, float] | None:
-        samples = scrape(gsmtp)
+        samples = gsmtp.metrics()
         done = samples.get(delivered) and samples["gsmtp_connections_active"] == 0
         return samples if done else None
 
