@@ -5,8 +5,8 @@ answers its events (policy for RCPT, the spool for a finished message), and writ
 replies — all replies of a pipelined batch in one send. Low-level errors (OSError,
 ssl.SSLError, timeouts) are translated here and nowhere else. Limits enforced here:
 idle timeout (also inside DATA), total and per-IP connections, early talkers (with
-greet_wait, the greeting is held to catch them). A graceful
-stop closes idle sessions with 421 at once and lets open transactions finish.
+greet_wait the greeting is held to catch them). A graceful stop closes idle sessions
+with 421 at once and lets open transactions finish.
 """
 
 from __future__ import annotations
