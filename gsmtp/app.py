@@ -106,6 +106,7 @@ class Application:
         self._log = log.get_logger(component="app")
         self.supervisor = Supervisor()
         self._reader = self._open_spool()
+        tls_context = self._tls_context()  # may refuse to start: before any thread
         self._writer = writer.GroupCommitter(config.spool.path)
         self._bodies = writer.ThreadReader(config.spool.path)
         self._reserve = SpaceReserve(config.spool.path, spool_reserve(config))
@@ -138,6 +139,7 @@ class Application:
                 max_recipients=config.server.max_recipients,
             ),
             idle_timeout=config.server.timeout,
+            greet_wait=config.server.greet_wait,
             max_connections=config.server.max_connections,
             limiter=ConnectionLimiter(
                 max_per_network=config.server.max_connections_per_ip,
@@ -150,7 +152,7 @@ class Application:
             spool=self.spool,
             acceptor=self._acceptor,
             on_queued=self.scheduler.wake,
-            tls_context=self._tls_context(),
+            tls_context=tls_context,
             proxy_networks=(config.server.proxy_networks if config.server.proxy_protocol else None),
             reserve=self._reserve,
             spawn=self.supervisor.spawn,
@@ -379,7 +381,13 @@ class Application:
         gevent.signal_handler(signal.SIGTERM, stop_requested.set)
         gevent.signal_handler(signal.SIGINT, stop_requested.set)
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
-        self.start()
+        try:
+            self.start()
+        except StartupError:
+            # What did start (threads, a first listener) is stopped before the process
+            # exits: live writer threads at interpreter exit crashed it (SIGSEGV).
+            self.stop()
+            raise
         gevent.wait([stop_requested, self.supervisor.died], count=1)
         death = self.supervisor.death
         if death is not None:

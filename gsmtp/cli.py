@@ -151,6 +151,7 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
             "proxy_protocol": server.proxy_protocol,
             "proxy_networks": [str(n) for n in server.proxy_networks],
             "shutdown_grace": format_duration(server.shutdown_grace),
+            "greet_wait": format_duration(server.greet_wait),
         },
         "tls": {"cert": config.tls.cert, "key": config.tls.key},
         "submission": {"listen": [str(a) for a in config.submission.listen]},

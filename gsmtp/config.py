@@ -62,6 +62,7 @@ class ServerConfig:
         ipaddress.ip_network("::1/128"),
     )
     shutdown_grace: float = 30.0
+    greet_wait: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,15 +264,24 @@ def _port(value: Any) -> int:
     return port
 
 
-def parse_duration(value: Any) -> float:
-    """ "30s", "5m", "1h", "5d", "250ms" → seconds."""
+def _seconds(value: Any) -> float:
     match = _DURATION.match(_string(value).strip())
     if not match:
         raise ValueError(f'expected a duration like "30s", "5m", "1h" or "5d", got {value!r}')
-    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_duration(value: Any) -> float:
+    """ "30s", "5m", "1h", "5d", "250ms" → seconds."""
+    seconds = _seconds(value)
     if seconds <= 0:
         raise ValueError(f"must be longer than zero, got {value!r}")
     return seconds
+
+
+def _duration_or_zero(value: Any) -> float:
+    """A duration, or "0s" for off."""
+    return _seconds(value)
 
 
 def parse_size(value: Any) -> int:
@@ -372,6 +382,7 @@ _GENERIC: dict[str, Any] = {
     "proxy_protocol": _bool,
     "proxy_networks": _list_of(_network),
     "shutdown_grace": parse_duration,
+    "greet_wait": _duration_or_zero,
     "concurrency": _positive_int,
     "retry": _retry,
     "max_age": parse_duration,

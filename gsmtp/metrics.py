@@ -38,6 +38,10 @@ DELIVERY_SECONDS = Histogram(
     ["transport"],
     buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
 )
+DELIVERY_CONCURRENCY_ALLOWED = Gauge(
+    "gsmtp_delivery_concurrency_allowed",
+    "Concurrent deliveries the pacer allows now (delivery.concurrency when the loop is idle)",
+)
 INTERNAL_ERRORS = Counter("gsmtp_internal_errors", "Unexpected exceptions caught", ["where"])
 
 

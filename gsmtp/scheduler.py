@@ -72,8 +72,10 @@ class DeliveryPacer:
             self.allowed = min(self.maximum, self.allowed + 1)
 
     def run(self) -> None:
-        """Probe the loop forever (the scheduler owns and kills this greenlet)."""
+        """Probe the loop forever (the scheduler owns and kills this greenlet); the
+        allowance is exported as gsmtp_delivery_concurrency_allowed."""
         while True:
+            metrics.DELIVERY_CONCURRENCY_ALLOWED.set(self.allowed)
             started = time.monotonic()
             gevent.sleep(self.interval)
             self.observe(time.monotonic() - started - self.interval)

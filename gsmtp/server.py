@@ -6,9 +6,10 @@ finished message), and writes the replies — all replies of a pipelined batch i
 send. Low-level errors (OSError, ssl.SSLError, timeouts) are translated here and nowhere
 else. Limits enforced here: idle timeout (also inside DATA), total connections,
 connections and new connections per client network (`limits.ConnectionLimiter`), early
-talkers. A graceful stop closes idle sessions with 421 at once, lets open transactions
-run for the grace period, then cuts them with 421 4.3.2; a session waiting for its
-message's commit is never cut (its outcome would be unknown), it gets its answer first.
+talkers (with greet_wait the greeting is held to catch them). A graceful stop closes
+idle sessions with 421 at once, lets open transactions run for the grace period, then
+cuts them with 421 4.3.2; a session waiting for its message's commit is never cut (its
+outcome would be unknown), it gets its answer first.
 
 With `proxy_networks` set (server.proxy_protocol), every connection must begin with a
 HAProxy PROXY v1/v2 header from one of those networks, read within
@@ -99,6 +100,7 @@ class SmtpServer:
         proxy_networks: Sequence[IPNetwork] | None = None,
         reserve: SpaceReserve | None = None,
         spawn: Callable[..., gevent.Greenlet] | None = None,
+        greet_wait: float = 0.0,
     ) -> None:
         self._listen = listen
         self._hostname = hostname
@@ -117,6 +119,7 @@ class SmtpServer:
         # Long-lived greenlets are started through `spawn(name, fn)`: the supervisor's,
         # which notices their death.
         self._spawn = spawn or (lambda name, function, *args: gevent.spawn(function, *args))
+        self._greet_wait = greet_wait
         self._pool = Pool(max_connections + _OVERFLOW_SLOTS)
         self._servers: list[StreamServer] = []
         self._active = 0
@@ -356,9 +359,21 @@ class _Connection:
             self._log.info("connection_lost", error=printable(str(error)))
 
     def _talked_early(self) -> bool:
-        """RFC 5321 §4.3.1: the client waits for the greeting; bytes already here mean a
-        spam engine that does not listen (Postfix postscreen PREGREET). A non-blocking
-        peek on the OS socket (select() cannot take descriptors past 1023)."""
+        """RFC 5321 §4.3.1: the client waits for the greeting; bytes before it mean a
+        spam engine that does not listen (Postfix postscreen PREGREET). With greet_wait
+        the greeting is held that long while watching for such bytes; without it, only
+        bytes already here count: a non-blocking peek on the OS socket (select() cannot
+        take descriptors past 1023)."""
+        wait = self._server._greet_wait
+        if wait > 0:
+            previous = self._sock.gettimeout()
+            self._sock.settimeout(wait)
+            try:
+                return bool(self._sock.recv(1, socket.MSG_PEEK))
+            except OSError:  # the wait ran out (a time-out is an OSError), or a reset
+                return False
+            finally:
+                self._sock.settimeout(previous)
         raw = getattr(self._sock, "_sock", self._sock)
         try:
             return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))

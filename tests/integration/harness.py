@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import apsw
 
+REPOSITORY = Path(__file__).parents[2]
 LOCAL_DOMAIN = "foo.com"
 USERS = ("jones@foo.com", "brown@foo.com")
 
 
-def _checkout_path() -> str:
-    root = str(Path(__file__).resolve().parents[2])
-    inherited = os.environ.get("PYTHONPATH")
-    return f"{root}{os.pathsep}{inherited}" if inherited else root
-
-
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
 
@@ -40,6 +39,13 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def environment() -> dict[str, str]:
+    """The environment for a gsmtp subprocess: the code under test, whatever the working
+    directory (an installed gsmtp elsewhere must not stand in for it)."""
+    paths = [str(REPOSITORY), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def toml_value(value: Any) -> str:
@@ -99,7 +105,7 @@ class GsmtpProcess:
             capture_output=True,
             text=True,
             timeout=60,
-            env={**os.environ, "PYTHONPATH": _checkout_path()},
+            env=environment(),
         )
         if check and result.returncode != 0:
             raise AssertionError(f"gsmtp {' '.join(args)} failed: {result.stderr}")
@@ -120,9 +126,7 @@ class GsmtpProcess:
             stdout=log,
             stderr=log,
             cwd=self.directory,
-            # The gsmtp under test, not whichever one the virtualenv has installed: run
-            # from its own directory, `-m` would not find this checkout.
-            env={**os.environ, "PYTHONPATH": _checkout_path()},
+            env=environment(),
         )
         log.close()
         wait_for(self._accepting, timeout=20, what=f"gsmtp to listen on {self.port}")
@@ -136,7 +140,8 @@ class GsmtpProcess:
         if b'"event":"server_started"' not in self.log_path.read_bytes()[self._log_offset :]:
             return False
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
+            # Long enough for a held greeting (server.greet_wait).
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as probe:
                 if self.proxy_protocol:
                     probe.sendall(b"PROXY UNKNOWN\r\n")
                 return probe.recv(100).startswith(b"220")
@@ -146,6 +151,26 @@ class GsmtpProcess:
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)
+
+    def freeze(self) -> None:
+        """SIGSTOP, and wait until every thread of the process has stopped: from then
+        on the spool shows a fixed state."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{self.process.pid}/task")
+
+        def stopped() -> bool:
+            states = []
+            for task in tasks.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    # The state follows the command name, which is in parentheses.
+                    states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
+            return bool(states) and all(state in ("T", "t") for state in states)
+
+        wait_for(stopped, timeout=10, what="the process to stop")
+
+    def thaw(self) -> None:
+        self.signal(signal.SIGCONT)
 
     def wait(self, timeout: float = 30) -> int:
         assert self.process is not None
@@ -166,6 +191,30 @@ class GsmtpProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics as {sample name with its labels: value}."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as page:
+            text = page.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def events(self, name: str, **fields: Any) -> list[dict[str, Any]]:
+        """The JSON log lines of event `name` whose fields include `fields`."""
+        found = []
+        for line in self.log().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == name and fields.items() <= record.items():
+                found.append(record)
+        return found
 
     # -- what is on disk --------------------------------------------------------------
 
@@ -192,6 +241,7 @@ class SmtpWire:
     def __init__(
         self, port: int, host: str = "127.0.0.1", source: str | None = None, timeout: float = 10
     ) -> None:
+        # create_connection picks the family from the host ("::1" is IPv6).
         self.sock = socket.create_connection(
             (host, port), timeout=timeout, source_address=(source, 0) if source else None
         )

@@ -1,23 +1,34 @@
 """Real remote parts for delivery tests: dnsmasq as the DNS server, aiosmtpd sinks as MX
 hosts on 127.0.0.x, each able to answer 4xx/5xx for its first N attempts, to offer
-STARTTLS with a self-signed certificate, or to offer DSN (RFC 3461). Every sink records
-the MAIL and RCPT commands it was sent, parameters and all."""
+STARTTLS with a self-signed certificate, or to offer DSN (RFC 3461); every sink records
+the MAIL and RCPT commands it was sent, parameters and all. Scripted raw peers for the
+misbehaviour aiosmtpd cannot show; a DNS server that answers SERVFAIL or nothing."""
 
 from __future__ import annotations
 
+import contextlib
+import email
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
-from tests.integration.harness import free_port, self_signed_certificate, wait_for
+from tests.integration.harness import (
+    GsmtpProcess,
+    SmtpWire,
+    free_port,
+    self_signed_certificate,
+    wait_for,
+)
 
 
 class Dnsmasq:
@@ -220,3 +231,221 @@ def self_signed_context(directory: Path) -> ssl.SSLContext:
 def wait_received(sink: Sink, count: int = 1, timeout: float = 15.0) -> list[Received]:
     wait_for(lambda: len(sink.received) >= count, timeout=timeout, what=f"{count} at {sink.host}")
     return sink.received
+
+
+def start_sink(sinks: dict[str, Sink], host: str, port: int, **kwargs: Any) -> Sink:
+    sink = Sink(host, port, **kwargs)
+    sinks[host] = sink
+    return sink
+
+
+def send(gsmtp: GsmtpProcess, sender: str, recipients: list[str], subject: str = "hello") -> str:
+    """One message through gsmtp; returns its queue id."""
+    with SmtpWire(gsmtp.port) as wire:
+        wire.read_reply()
+        wire.command("EHLO client.example")
+        assert wire.command(f"MAIL FROM:<{sender}>").startswith("250")
+        for recipient in recipients:
+            reply = wire.command(f"RCPT TO:<{recipient}>")
+            assert reply.startswith("250"), reply
+        assert wire.command("DATA").startswith("354")
+        headers = f"Subject: {subject}\r\nMessage-ID: <{subject}@client.example>\r\n"
+        wire.send(headers.encode() + b"\r\nbody\r\n.\r\n")
+        reply = wire.read_reply()[0]
+        assert reply.startswith("250 2.0.0"), reply
+        return reply.rsplit(" ", 1)[1]
+
+
+def bounce_for(gsmtp: GsmtpProcess, user: str = "jones@foo.com") -> Message:
+    (file,) = wait_for(lambda: gsmtp.maildir_files(user), timeout=20, what="a bounce")
+    return email.message_from_bytes(file.read_bytes())
+
+
+def delivery_status(bounce: Message) -> list[Message]:
+    """The per-recipient blocks of the message/delivery-status part."""
+    report = [
+        part for part in bounce.walk() if part.get_content_type() == "message/delivery-status"
+    ]
+    assert len(report) == 1
+    payload = report[0].get_payload()
+    assert isinstance(payload, list)
+    return payload[1:]
+
+
+class Conversation:
+    """One connection to a ScriptedPeer: the script reads lines and writes replies."""
+
+    def __init__(self, sock: socket.socket, stopping: threading.Event) -> None:
+        self.sock = sock
+        self.commands: list[str] = []  # every line read as a command
+        self.data = b""  # message data read after a 354
+        self.after_starttls = b""  # bytes the client sent once STARTTLS was answered
+        self.finished = threading.Event()  # the script is done and the socket closed
+        self._buffer = b""
+        self._stopping = stopping
+
+    def reply(self, text: str) -> None:
+        self.sock.sendall(text.encode())
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self._buffer += chunk
+        return bool(chunk)
+
+    def read_line(self) -> str:
+        """The next command line without CRLF; "" once the client has closed."""
+        while b"\r\n" not in self._buffer:
+            if not self._fill():
+                return ""
+        line, self._buffer = self._buffer.split(b"\r\n", 1)
+        text = line.decode("utf-8", "replace")
+        self.commands.append(text)
+        return text
+
+    def read_until(self, marker: bytes) -> bytes:
+        while marker not in self._buffer:
+            if not self._fill():
+                raise AssertionError(f"closed before {marker!r}: {self._buffer!r}")
+        head, self._buffer = self._buffer.split(marker, 1)
+        return head + marker
+
+    def hold(self) -> None:
+        """Answer nothing more; keep the connection until the peer is stopped."""
+        self._stopping.wait()
+
+    def drain(self) -> bytes:
+        """Everything the client sends until it closes (or the peer is stopped)."""
+        self.sock.settimeout(0.2)
+        received = self._buffer
+        while not self._stopping.is_set():
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+Script = Callable[[Conversation], None]
+
+
+class ScriptedPeer:
+    """A raw SMTP peer on host:port whose every connection is played by `script` in a
+    thread: for what aiosmtpd cannot be made to do (refuse EHLO, leave out 8BITMIME,
+    withhold a reply, push plaintext behind its STARTTLS reply, insist on pipelining).
+    A failing script is recorded in `errors`."""
+
+    def __init__(self, host: str, port: int, script: Script) -> None:
+        self.conversations: list[Conversation] = []
+        self.errors: list[BaseException] = []
+        self._script = script
+        self._stopping = threading.Event()
+        self._listener = socket.create_server((host, port))
+        self._listener.settimeout(0.1)
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.settimeout(30)
+            conversation = Conversation(sock, self._stopping)
+            self.conversations.append(conversation)
+            thread = threading.Thread(target=self._play, args=(conversation,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _play(self, conversation: Conversation) -> None:
+        try:
+            self._script(conversation)
+        except Exception as error:
+            self.errors.append(error)
+        finally:
+            conversation.sock.close()
+            conversation.finished.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for conversation in self.conversations:
+            with contextlib.suppress(OSError):
+                conversation.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._listener.close()
+
+
+def ehlo_reply(*extensions: str) -> str:
+    lines = ["peer.test greets you", *extensions]
+    return "".join(
+        f"250{'-' if i < len(lines) - 1 else ' '}{line}\r\n" for i, line in enumerate(lines)
+    )
+
+
+def accept_transaction(
+    conversation: Conversation, rcpt_replies: dict[str, str] | None = None
+) -> None:
+    """MAIL, RCPT..., DATA, the data and QUIT, one command at a time."""
+    replies = rcpt_replies or {}
+    while line := conversation.read_line():
+        verb = line[:4].upper()
+        if verb == "MAIL":
+            conversation.reply("250 2.1.0 Ok\r\n")
+        elif verb == "RCPT":
+            address = line.partition("<")[2].partition(">")[0]
+            conversation.reply(replies.get(address, "250 2.1.5 Ok") + "\r\n")
+        elif verb == "DATA":
+            conversation.reply("354 Go ahead\r\n")
+            conversation.data = conversation.read_until(b"\r\n.\r\n")
+            conversation.reply("250 2.0.0 Stored\r\n")
+        elif verb == "QUIT":
+            conversation.reply("221 2.0.0 Bye\r\n")
+            return
+        else:
+            conversation.reply("502 5.5.1 Not here\r\n")
+
+
+class BrokenDns:
+    """A DNS server on 127.0.0.1 (UDP) that answers SERVFAIL for names ending in
+    `servfail` and never answers any other: the two temporary DNS failures."""
+
+    def __init__(self, servfail: str) -> None:
+        self.queries: list[str] = []
+        self._servfail = servfail
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.settimeout(0.1)
+        self._stopping = threading.Event()
+        self.port = int(self._sock.getsockname()[1])
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import dns.message
+        import dns.rcode
+
+        while not self._stopping.is_set():
+            try:
+                data, client = self._sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            query = dns.message.from_wire(data)
+            name = query.question[0].name.to_text(omit_final_dot=True)
+            self.queries.append(name)
+            if name.endswith(self._servfail):
+                response = dns.message.make_response(query)
+                response.set_rcode(dns.rcode.SERVFAIL)
+                self._sock.sendto(response.to_wire(), client)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        self._sock.close()

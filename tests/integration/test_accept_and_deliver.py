@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import json
 import smtplib
+import socket
 import subprocess
+import sys
 import threading
 from email.message import EmailMessage
 
+import apsw
 import pytest
 
 from tests import dialog
-from tests.integration.harness import GsmtpProcess, SmtpWire, environment_has, wait_for
+from tests.integration.harness import (
+    REPOSITORY,
+    GsmtpProcess,
+    SmtpWire,
+    environment,
+    environment_has,
+    free_port,
+    wait_for,
+)
 
 TRANSCRIPTS = sorted(p.name for p in dialog.TRANSCRIPTS.glob("*.txt"))
 
@@ -237,3 +248,141 @@ def test_user_changes_apply_without_restart(gsmtp: GsmtpProcess) -> None:
     gsmtp.cli("domain", "add", "bar.org")
     gsmtp.cli("user", "add", "x@bar.org")
     assert rcpt("x@bar.org").startswith("250")
+
+
+def test_a_failed_spool_write_answers_451_and_stores_nothing(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
+    """README's first promise, the other half: when the commit fails the client gets
+    451 4.3.0 and nothing is stored. A trigger in the spool (added by the test, a real
+    SQLite failure inside gsmtp's own transaction) refuses one sender's messages; the
+    session goes on and the next message is stored."""
+    gsmtp = gsmtp_factory(start=False)
+    connection = apsw.Connection(str(gsmtp.spool_path))
+    connection.execute(
+        "CREATE TRIGGER refuse_doomed BEFORE INSERT ON recipients"
+        " WHEN NEW.message_id IN (SELECT id FROM messages WHERE sender = 'doomed@remote.example')"
+        " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+    )
+    connection.close()
+    gsmtp.start()
+    with SmtpWire(gsmtp.port) as wire:
+        wire.read_reply()
+        wire.command("EHLO c.example")
+        for sender, expected in (
+            ("doomed@remote.example", "451 4.3.0 "),
+            ("fine@remote.example", "250 2.0.0 Ok: queued as "),
+        ):
+            assert wire.command(f"MAIL FROM:<{sender}>").startswith("250")
+            assert wire.command("RCPT TO:<jones@foo.com>").startswith("250")
+            assert wire.command("DATA").startswith("354")
+            wire.send(f"Subject: from {sender}\r\n\r\nbody\r\n.\r\n".encode())
+            assert wire.read_reply()[0].startswith(expected)
+    (file,) = wait_for(lambda: gsmtp.maildir_files("jones@foo.com"), what="the second message")
+    assert b"Subject: from fine@remote.example" in file.read_bytes()
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool"
+    )
+    assert gsmtp.spool_rows("SELECT COUNT(*) FROM recipients") == [(0,)]
+    (refused,) = wait_for(lambda: gsmtp.events("message_not_stored"), what="the failure logged")
+    assert "disk on fire" in refused["error"]
+    gsmtp.stop()
+    assert len(gsmtp.maildir_files("jones@foo.com")) == 1
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="::1 is not configured on this machine")
+def test_ipv6_listener_on_loopback(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
+    """A listener on [::1] beside the IPv4 one: the client's IPv6 address is what
+    trusted_networks, the log and the Received: header see."""
+    gsmtp = gsmtp_factory({"server": {"trusted_networks": ["::1/128"]}}, start=False)
+    port6 = free_port("::1")
+    ipv4 = f'listen = ["127.0.0.1:{gsmtp.port}"]'
+    both = f'listen = ["127.0.0.1:{gsmtp.port}", "[::1]:{port6}"]'
+    gsmtp.config.write_text(gsmtp.config.read_text().replace(ipv4, both))
+    gsmtp.start()
+    with SmtpWire(gsmtp.port) as wire:  # IPv4 loopback is not trusted here
+        wire.read_reply()
+        wire.command("EHLO c.example")
+        wire.command("MAIL FROM:<a@remote.example>")
+        assert wire.command("RCPT TO:<x@remote.example>").startswith("554 5.7.1")
+    with SmtpWire(port6, host="::1") as wire:
+        assert wire.read_reply() == ["220 mx.foo.com ESMTP gsmtp"]
+        wire.command("EHLO c.example")
+        assert wire.command("MAIL FROM:<a@remote.example>").startswith("250")
+        assert wire.command("RCPT TO:<x@remote.example>").startswith("250 2.1.5")  # ::1/128
+        assert wire.command("RSET").startswith("250")  # relay granted; nothing sent out
+        wire.command("MAIL FROM:<a@remote.example>")
+        assert wire.command("RCPT TO:<jones@foo.com>").startswith("250")
+        assert wire.command("DATA").startswith("354")
+        wire.send(b"Subject: v6\r\n\r\nbody\r\n.\r\n")
+        assert wire.read_reply()[0].startswith("250 2.0.0")
+    (file,) = wait_for(lambda: gsmtp.maildir_files("jones@foo.com"), what="delivery")
+    assert b"Received: from c.example (unknown [IPv6:::1])" in file.read_bytes()
+    wait_for(lambda: gsmtp.events("connection_opened", peer="::1"), what="the peer logged")
+
+
+def test_the_pacer_shrinks_deliveries_under_client_load_and_recovers(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
+    """README's "acceptance first": while clients load the server (the load generator,
+    another process) the pacer allows fewer concurrent deliveries than configured,
+    never fewer than 2; when the load stops it returns to the configured number, and
+    the burst is delivered. Watched through gsmtp_delivery_concurrency_allowed."""
+    gsmtp = gsmtp_factory({"delivery": {"concurrency": 16}})
+    allowed = "gsmtp_delivery_concurrency_allowed"
+    wait_for(lambda: gsmtp.metrics().get(allowed) == 16, what="the pacer at rest")
+    load = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.load",
+            "--target",
+            f"127.0.0.1:{gsmtp.port}",
+            "-c",
+            "40",
+            "-m",
+            "100",
+            "-s",
+            "1KiB",
+            "--to",
+            "jones@foo.com",
+            "--max-seconds",
+            "30",
+            "--quiet",
+        ],
+        cwd=REPOSITORY,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    queued = 'gsmtp_messages_received_total{outcome="queued"}'
+    try:
+        wait_for(
+            lambda: gsmtp.metrics().get(queued, 0) >= 100, timeout=30, what="the clients' load"
+        )
+        seen: list[float] = []
+
+        def paced() -> bool:
+            samples = gsmtp.metrics()
+            seen.append(samples[allowed])
+            return samples[allowed] < 16 and load.poll() is None
+
+        wait_for(paced, timeout=30, what="fewer deliveries allowed while the clients send")
+    finally:
+        load.terminate()
+        load.wait(timeout=30)
+    assert min(seen) >= 2
+    wait_for(lambda: gsmtp.metrics()[allowed] == 16, timeout=30, what="the pacer to recover")
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)],
+        timeout=60,
+        what="the burst delivered",
+    )
+    samples = gsmtp.metrics()
+    delivered = samples['gsmtp_deliveries_total{outcome="delivered",transport="local"}']
+    assert delivered == samples[queued] >= 100

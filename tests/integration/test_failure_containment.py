@@ -16,7 +16,7 @@ from tests.integration.conftest import Factory
 from tests.integration.harness import (
     GsmtpProcess,
     SmtpWire,
-    _checkout_path,
+    environment,
     wait_for,
 )
 
@@ -205,7 +205,7 @@ def test_a_dead_component_ends_the_process_non_zero_naming_it(
             stdout=log,
             stderr=log,
             cwd=gsmtp.directory,
-            env={**os.environ, "PYTHONPATH": _checkout_path()},
+            env=environment(),
         )
     try:
         status = process.wait(timeout=30)

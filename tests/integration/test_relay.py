@@ -2,121 +2,19 @@
 
 from __future__ import annotations
 
-import email
 import threading
-from collections.abc import Iterator
-from email.message import Message
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-from tests.integration.harness import GsmtpProcess, SmtpWire, environment_has, free_port, wait_for
+from tests.integration.harness import SmtpWire, wait_for
 from tests.integration.remote import (
-    Dnsmasq,
-    Sink,
     SinkBehaviour,
+    bounce_for,
+    delivery_status,
     self_signed_context,
+    send,
+    start_sink,
     wait_received,
 )
-
-pytestmark = pytest.mark.skipif(
-    not environment_has("dnsmasq"), reason="dnsmasq is not installed (apt-get install dnsmasq-base)"
-)
-
-RECORDS = [
-    "--mx-host=pref.test,mx1.pref.test,10",
-    "--mx-host=pref.test,mx2.pref.test,20",
-    "--host-record=mx1.pref.test,127.0.0.2",
-    "--host-record=mx2.pref.test,127.0.0.3",
-    "--mx-host=down.test,dead.down.test,10",
-    "--mx-host=down.test,alive.down.test,20",
-    "--host-record=dead.down.test,127.0.0.7",
-    "--host-record=alive.down.test,127.0.0.3",
-    "--host-record=implicit.test,127.0.0.4",
-    "--dns-rr=null.test,15,000000",
-    "--host-record=null.test,127.0.0.2",
-    "--mx-host=remote.test,mx.remote.test,10",
-    "--host-record=mx.remote.test,127.0.0.2",
-    "--mx-host=tls.test,mx.tls.test,10",
-    "--host-record=mx.tls.test,127.0.0.6",
-]
-
-
-@pytest.fixture(scope="module")
-def dns_server() -> Iterator[Dnsmasq]:
-    server = Dnsmasq(RECORDS)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def mx_port() -> int:
-    return free_port("127.0.0.2")
-
-
-@pytest.fixture
-def sinks(mx_port: int) -> Iterator[dict[str, Sink]]:
-    started: dict[str, Sink] = {}
-    yield started
-    for sink in started.values():
-        sink.stop()
-
-
-def start_sink(sinks: dict[str, Sink], host: str, port: int, **kwargs: Any) -> Sink:
-    sink = Sink(host, port, **kwargs)
-    sinks[host] = sink
-    return sink
-
-
-@pytest.fixture
-def relay(gsmtp_factory, dns_server: Dnsmasq, mx_port: int):  # type: ignore[no-untyped-def]
-    def make(**delivery: Any) -> GsmtpProcess:
-        settings = {
-            "server": {"trusted_networks": ["127.0.0.1/32"]},
-            "delivery": {
-                "nameservers": [f"127.0.0.1:{dns_server.port}"],
-                "port": mx_port,
-                "retry": ["1s"],
-                "connect_timeout": "2s",
-                **delivery,
-            },
-        }
-        return gsmtp_factory(settings)
-
-    return make
-
-
-def send(gsmtp: GsmtpProcess, sender: str, recipients: list[str], subject: str = "hello") -> str:
-    with SmtpWire(gsmtp.port) as wire:
-        wire.read_reply()
-        wire.command("EHLO client.example")
-        assert wire.command(f"MAIL FROM:<{sender}>").startswith("250")
-        for recipient in recipients:
-            reply = wire.command(f"RCPT TO:<{recipient}>")
-            assert reply.startswith("250"), reply
-        assert wire.command("DATA").startswith("354")
-        headers = f"Subject: {subject}\r\nMessage-ID: <{subject}@client.example>\r\n"
-        wire.send(headers.encode() + b"\r\nbody\r\n.\r\n")
-        reply = wire.read_reply()[0]
-        assert reply.startswith("250 2.0.0"), reply
-        return reply.rsplit(" ", 1)[1]
-
-
-def bounce_for(gsmtp: GsmtpProcess, user: str = "jones@foo.com") -> Message:
-    (file,) = wait_for(lambda: gsmtp.maildir_files(user), timeout=20, what="a bounce")
-    return email.message_from_bytes(file.read_bytes())
-
-
-def delivery_status(bounce: Message) -> list[Message]:
-    """The per-recipient blocks of the message/delivery-status part."""
-    report = [
-        part for part in bounce.walk() if part.get_content_type() == "message/delivery-status"
-    ]
-    assert len(report) == 1
-    payload = report[0].get_payload()
-    assert isinstance(payload, list)
-    return payload[1:]
 
 
 def test_lowest_preference_mx_is_chosen(relay, sinks, mx_port: int) -> None:  # type: ignore[no-untyped-def]

@@ -52,3 +52,24 @@ def test_plaintext_sent_with_starttls_is_discarded(tls_gsmtp: GsmtpProcess) -> N
     tls.sendall(b"MAIL FROM:<a@remote.example>\r\n")
     assert tls.recv(1024).startswith(b"503 5.5.1")
     tls.close()
+
+
+def test_starttls_inside_a_transaction_and_a_second_starttls_get_503(
+    tls_gsmtp: GsmtpProcess,
+) -> None:
+    """RFC 3207 §4: STARTTLS only outside a transaction (503, and the transaction
+    stands), and only once: under TLS it is neither offered nor accepted."""
+    with smtplib.SMTP("127.0.0.1", tls_gsmtp.port, timeout=10) as client:
+        client.ehlo()
+        assert client.docmd("MAIL FROM:<a@remote.example>")[0] == 250
+        code, text = client.docmd("STARTTLS")
+        assert (code, text[:5]) == (503, b"5.5.1")
+        assert client.docmd("RCPT TO:<jones@foo.com>")[0] == 250  # still in the transaction
+        assert client.docmd("RSET")[0] == 250
+        client.starttls(context=client_context())
+        client.ehlo()
+        assert not client.has_extn("starttls")
+        assert client.docmd("STARTTLS") == (503, b"5.5.1 TLS already active")
+        client.sendmail("a@remote.example", ["jones@foo.com"], "Subject: once\r\n\r\nx\r\n")
+    (file,) = wait_for(lambda: tls_gsmtp.maildir_files("jones@foo.com"), what="delivery")
+    assert b"with ESMTPS id" in file.read_bytes()

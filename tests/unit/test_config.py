@@ -47,6 +47,15 @@ def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
+@pytest.mark.parametrize(("text", "seconds"), [("0s", 0.0), ("0ms", 0.0), ("250ms", 0.25)])
+def test_greet_wait_may_be_zero(text: str, seconds: float) -> None:
+    """server.greet_wait "0s" is off (today's behaviour); other durations must be > 0."""
+    config = parse({"server": {"greet_wait": text}}, SHIPPED)
+    assert config.server.greet_wait == seconds
+    with pytest.raises(ConfigError, match="must be longer than zero"):
+        parse({"server": {"timeout": "0s"}}, SHIPPED)
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "gsmtp.toml"
     path.write_text(text)
@@ -59,6 +68,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ('[server]\nhostnme = "x"\n', "unknown key [server] hostnme"),
         ("[srever]\n", "unknown section [srever]"),
         ('[server]\ntimeout = "5 minutes"\n', "[server] timeout: expected a duration"),
+        ('[server]\ngreet_wait = "-1s"\n', "[server] greet_wait: expected a duration"),
         ("[server]\ntimeout = 5\n", "[server] timeout: expected a string"),
         ('[server]\nmax_message_size = "lots"\n', "[server] max_message_size: expected a size"),
         ("[server]\nmax_recipients = 0\n", "[server] max_recipients: must be at least 1"),

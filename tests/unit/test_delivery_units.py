@@ -48,7 +48,10 @@ def test_mx_lowest_preference_first_and_equal_ones_shuffled() -> None:
 
 
 def test_mx_list_is_capped_and_deduplicated() -> None:
-    records = [MxRecord(i, f"h{i}") for i in range(10)] + [MxRecord(50, "h0")]
+    """A host listed twice is tried once, at its best preference, and does not take one
+    of the MAX_MX_HOSTS places; the cap applies after that."""
+    records = [MxRecord(10, "h0"), MxRecord(20, "h1"), MxRecord(30, "h0")]
+    records += [MxRecord(40 + i, f"h{i}") for i in range(2, 10)]
     assert order_mx(records, lambda _: None) == ["h0", "h1", "h2", "h3", "h4"]
 
 

@@ -23,8 +23,19 @@ def deliverer(root: Path, exists: bool = True) -> MaildirDeliverer:
     return MaildirDeliverer(str(root), resolve_mailbox=lambda a: a.lower() if exists else None)
 
 
-def test_delivers_into_new_with_trace_headers_and_lf(tmp_path: Path) -> None:
-    os.umask(0o022)  # the writer must not depend on the process umask
+@pytest.fixture
+def permissive_umask() -> Iterator[None]:
+    """umask 0, the most permissive: the writer must set its modes itself."""
+    previous = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def test_delivers_into_new_with_trace_headers_and_lf(
+    tmp_path: Path, permissive_umask: None
+) -> None:
     (result,) = deliverer(tmp_path).deliver(MESSAGE, ["Alice@local.example"])
     assert result.outcome is Outcome.DELIVERED
     box = tmp_path / "local.example" / "alice"

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gsmtp.policy import client_from_ip
 from gsmtp.protocol import replies
 from gsmtp.protocol.session import NEED_DATA, Limits, LocalProtocolError, MailFrom, SmtpSession
 from tests.unit import session_driver
@@ -276,14 +277,63 @@ def test_ehlo_must_end_a_pipelined_group() -> None:
 
 
 def test_second_ehlo_resets_the_transaction() -> None:
-    """P-27."""
+    """P-27: after a second EHLO a new MAIL is no nested MAIL, and DATA needs a new RCPT."""
     wire = SessionWire()
     wire.send(ENV)
     wire.send(b"MAIL FROM:<a@remote.example>\r\n")
     wire.send(b"RCPT TO:<jones@foo.com>\r\n")
     wire.send(ENV)
+    wire.send(b"MAIL FROM:<b@remote.example>\r\n")
+    assert wire.all_replies()[-1].startswith("250 2.1.0")
     wire.send(b"DATA\r\n")
-    assert wire.all_replies()[-1].startswith("503 5.5.1")
+    assert wire.all_replies() == ["503 5.5.1 Need RCPT command"]
+
+
+@pytest.mark.parametrize(
+    "clear",
+    [(b"RSET\r\n",), (b"EHLO again.example\r\n",), (b"DATA\r\n", b"first\r\n.\r\n")],
+    ids=["rset", "second-ehlo", "after-a-message"],
+)
+def test_the_envelope_is_cleared_for_the_next_transaction(clear: tuple[bytes, ...]) -> None:
+    """The session's three buffers (sender, recipients, data) start empty again after
+    RSET, after a second EHLO and after each message: the next message carries only its
+    own sender and recipients."""
+    wire = SessionWire()
+    wire.send(ENV)
+    wire.send(b"MAIL FROM:<first@remote.example> SMTPUTF8\r\n")
+    wire.send(b"RCPT TO:<jones@foo.com>\r\n")
+    for write in clear:
+        wire.send(write)
+    wire.send(b"MAIL FROM:<second@remote.example>\r\n")
+    wire.send(b"RCPT TO:<brown@foo.com>\r\n")
+    wire.send(b"DATA\r\n")
+    wire.send(b"second\r\n.\r\n")
+    assert wire.all_replies()[-1].startswith("250 2.0.0 Ok: queued as")
+    last = wire.stored[-1]
+    assert str(last.sender) == "second@remote.example"
+    assert [str(r) for r in last.recipients] == ["brown@foo.com"]
+    assert last.smtputf8 is False
+    assert last.content == b"second\r\n"
+
+
+@pytest.mark.parametrize(
+    ("peer", "reply"),
+    [
+        ("::ffff:192.0.2.7", "250 2.1.5"),
+        ("192.0.2.7", "250 2.1.5"),
+        ("::ffff:198.51.100.7", "554 5.7.1"),
+        ("2001:db8::c000:207", "554 5.7.1"),
+    ],
+)
+def test_ipv4_mapped_client_is_matched_against_ipv4_trusted_networks(peer: str, reply: str) -> None:
+    """R-15: a dual-stack socket shows an IPv4 client as ::ffff:a.b.c.d; the IPv4
+    trusted networks (here 192.0.2.0/24) must apply to it, and to nothing else."""
+    wire = SessionWire(trusted=True)
+    wire.client = client_from_ip(peer)
+    wire.send(ENV)
+    wire.send(b"MAIL FROM:<a@remote.example>\r\n")
+    wire.send(b"RCPT TO:<someone@elsewhere.example>\r\n")
+    assert wire.all_replies()[-1].startswith(reply)
 
 
 def test_lower_case_verbs_are_accepted() -> None:
@@ -348,40 +398,131 @@ def test_any_byte_stream_yields_only_well_formed_replies(chunks: list[bytes]) ->
 
 _COMMANDS = st.sampled_from(
     [
-        b"EHLO x\r\n",
-        b"HELO x\r\n",
-        b"MAIL FROM:<a@b.example>\r\n",
-        b"MAIL FROM:<>\r\n",
-        b"RCPT TO:<jones@foo.com>\r\n",
-        b"RCPT TO:<nobody@foo.com>\r\n",
-        b"DATA\r\n",
-        b"RSET\r\n",
-        b"NOOP\r\n",
-        b"x\r\n.\r\n",
-        b".\r\n",
-        b"\n.\n",
-        b"VRFY a\r\n",
-        b"QUIT\r\n",
+        (b"EHLO x\r\n",),
+        (b"HELO x\r\n",),
+        (b"MAIL FROM:<a@b.example>\r\n",),
+        (b"MAIL FROM:<>\r\n",),
+        (b"RCPT TO:<jones@foo.com>\r\n",),
+        (b"RCPT TO:<nobody@foo.com>\r\n",),
+        (b"DATA\r\n",),
+        (b"RSET\r\n",),
+        (b"NOOP\r\n",),
+        (b"x\r\n.\r\n",),
+        (b".\r\n",),
+        (b"\n.\n",),
+        (b"VRFY a\r\n",),
+        (b"QUIT\r\n",),
+        # Whole transactions as a pipelining client sends them: each tuple item is one
+        # write after which the client waits (RFC 2920: DATA ends a group).
+        (
+            b"MAIL FROM:<a@b.example>\r\nRCPT TO:<jones@foo.com>\r\nDATA\r\n",
+            b"Subject: x\r\n\r\n..dot\r\n.\r\n",
+        ),
+        (b"MAIL FROM:<>\r\nRCPT TO:<nobody@foo.com>\r\nRCPT TO:<brown@foo.com>\r\nDATA\r\n",),
+        (b"MAIL FROM:<a@b.example>\r\nRCPT TO:<nobody@foo.com>\r\nDATA\r\n", b"x\r\n.\r\n"),
     ]
 )
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(_COMMANDS, max_size=25), st.integers(min_value=1, max_value=7))
-def test_grammar_fuzz_one_reply_per_command_and_stores_only_after_250(
-    commands: list[bytes], split: int
+_CLOSING = ("221 ", "554 5.5.0", "554 5.7.0", "521 ")
+_END_OF_DATA = ("250 2.0.0 Ok: queued as ", "550 5.5.2", "552 5.3.4", "554 5.4.6")
+
+
+def _pieces(stream: bytes) -> list[tuple[bytes, int]]:
+    """The stream cut after every LF: (piece, offset of its LF). A trailing piece
+    without LF is not complete and is left out."""
+    pieces, start = [], 0
+    while (newline := stream.find(b"\n", start)) >= 0:
+        pieces.append((stream[start : newline + 1], newline))
+        start = newline + 1
+    return pieces
+
+
+def _check_one_reply_per_command(
+    stream: bytes, chunk_ends: list[int], wire: session_driver.SessionWire
 ) -> None:
-    """Commands in any order, split at any byte: no exception, no message stored unless
-    its final reply was 250."""
-    wire = SessionWire()
-    stream = b"".join(commands)
-    for index in range(0, len(stream), split):
-        if wire.session.closed:
-            break
-        wire.send(stream[index : index + split])
+    """Walk the input beside the replies: outside DATA every CRLF line gets exactly one
+    reply; a line with a bare LF gets one 500 5.5.2 for all of it that had arrived when
+    it was read; after a 354 the data up to the real end gets exactly one reply; the
+    only reply not caused by input is the 421 after too many errors, and it closes."""
     replies = wire.all_replies()
-    queued = [r for r in replies if "queued as" in r]
-    assert len(queued) == len(wire.stored)
+    pieces = _pieces(stream)
+    index, in_data, closed, queued = 0, False, False, 0
+    for number, reply in enumerate(replies):
+        context = f"reply {number} {reply!r} after {pieces[:index]!r}"
+        assert not closed, f"{context}: a reply after the close"
+        if reply.startswith("421 4.7.0 Too many errors"):
+            closed = True
+            continue
+        if in_data:
+            previous_crlf = True  # the 354 ended a CRLF line
+            for end in range(index, len(pieces)):
+                piece = pieces[end][0]
+                if piece == b".\r\n" and previous_crlf:
+                    break
+                previous_crlf = piece.endswith(b"\r\n")
+            else:
+                raise AssertionError(f"{context}: a reply inside DATA before its end")
+            assert reply.startswith(_END_OF_DATA), context
+            queued += reply.startswith(_END_OF_DATA[0])
+            index, in_data = end + 1, False
+            continue
+        assert index < len(pieces), f"{context}: a reply with no command line left"
+        piece, newline = pieces[index]
+        assert "queued as" not in reply, f"{context}: 250 for a message outside DATA"
+        if piece.endswith(b"\r\n"):
+            index += 1
+            in_data = reply.startswith("354")
+            assert not in_data or piece == b"DATA\r\n", context
+            closed = reply.startswith(_CLOSING)
+            continue
+        # A bare LF: the line runs on to the next CRLF if that had arrived already.
+        assert reply == "500 5.5.2 Line must end in <CR><LF>", context
+        received = next(end for end in chunk_ends if end > newline)
+        index += 1
+        for later in range(index, len(pieces)):
+            later_piece, later_newline = pieces[later]
+            if later_piece.endswith(b"\r\n"):
+                if later_newline < received:
+                    index = later + 1
+                break
+    if not closed and not in_data:
+        assert index == len(pieces), f"unanswered: {pieces[index:]!r}"
+    assert wire.session.closed == closed
+    assert queued == len(wire.stored)
+    assert all(envelope.recipients for envelope in wire.stored)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from([(), (b"EHLO x\r\n",), (b"HELO x\r\n",)]),
+    st.lists(_COMMANDS, max_size=25),
+    st.integers(min_value=1, max_value=7),
+    st.booleans(),
+)
+def test_grammar_fuzz_one_reply_per_command_and_stores_only_after_250(
+    greeting: tuple[bytes, ...],
+    commands: list[tuple[bytes, ...]],
+    split: int,
+    whole_writes: bool,
+) -> None:
+    """Commands in any order, the stream split every `split` bytes (or each of the
+    client's writes split so, as a client that waits for replies sends them): no
+    exception, one reply per command line outside DATA and one per message, nothing
+    stored but what got its 250 after a 354, and every stored message has a recipient."""
+    writes = [write for element in [greeting, *commands] for write in element]
+    stream = b"".join(writes)
+    chunks = [stream[i : i + split] for i in range(0, len(stream), split)]
+    if whole_writes:
+        chunks = [w[i : i + split] for w in writes for i in range(0, len(w), split)]
+    wire = SessionWire()
+    chunk_ends, sent = [], 0
+    for chunk in chunks:
+        sent += len(chunk)
+        chunk_ends.append(sent)
+        if not wire.session.closed:
+            wire.send(chunk)
+    _check_one_reply_per_command(stream, chunk_ends, wire)
 
 
 def test_rejected_commands_are_reported_for_the_log_but_not_policy_decisions() -> None:

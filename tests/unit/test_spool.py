@@ -73,9 +73,29 @@ def test_concurrent_enqueues_share_commits(spool: Spool, spool_path: str) -> Non
 
 
 def test_a_failing_unit_does_not_spoil_its_batch(spool: Spool, spool_path: str) -> None:
+    """Three enqueues committed as one transaction, one of them a duplicate id: it fails
+    alone, the other two are stored. The writer is held busy until all three wait, so
+    they are certainly one batch (one commit)."""
+    from gevent.monkey import get_original
+
+    thread_event = get_original("threading", "Event")
     spool.enqueue(message(1))
+    writer = spool._writer
+    started, release = thread_event(), thread_event()
+
+    def hold(connection: Any) -> None:  # runs on the writer thread
+        started.set()
+        release.wait(10)
+
+    holder = gevent.spawn(writer.submit, hold)
+    gevent.sleep(0)
+    assert started.wait(10)
+    before = writer.commits
     jobs = [gevent.spawn(spool.enqueue, message(i)) for i in (1, 2, 3)]  # 1 is a duplicate id
-    gevent.joinall(jobs)
+    gevent.sleep(0)  # all three are submitted and waiting behind the held unit
+    release.set()
+    gevent.joinall([holder, *jobs])
+    assert writer.commits - before == 2  # the held unit, then the three together
     assert jobs[0].exception is not None
     assert jobs[1].successful() and jobs[2].successful()
     assert SpoolAdmin(db.connect(spool_path)).stats()["messages"] == 3
@@ -126,9 +146,14 @@ def test_release_leases_frees_what_a_dead_process_held(spool: Spool) -> None:
 
 
 def test_message_ids_are_unique_and_ordered() -> None:
-    ids = [new_message_id(1000.0 + i / 1000) for i in range(1000)]
-    assert len(set(ids)) == 1000
-    assert [i[:13] for i in ids] == sorted(i[:13] for i in ids)
+    """Ids made in the same microsecond differ (the sequence part); ids from later
+    times sort later (the time part comes first)."""
+    same_time = [new_message_id(1000.0) for _ in range(1000)]
+    assert len(set(same_time)) == 1000
+    assert {i[:13] for i in same_time} == {same_time[0][:13]}
+    later = [new_message_id(1000.0 + i / 1000) for i in range(1000)]
+    assert [i[:13] for i in later] == sorted(i[:13] for i in later)
+    assert len({i[:13] for i in later}) == 1000
 
 
 def test_writer_stops_after_finishing_what_was_submitted(spool_path: str) -> None:
