@@ -31,8 +31,8 @@ from gsmtp.delivery.mx import DnsResolver
 from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
 from gsmtp.policy import Policy
 from gsmtp.protocol.session import Limits
+from gsmtp.queue import Notices, NoticeSettings, QueueManager, RetryPolicy
 from gsmtp.routing import Router
-from gsmtp.scheduler import RetryPolicy, Scheduler
 from gsmtp.server import SmtpServer
 from gsmtp.spool import Spool
 
@@ -94,14 +94,25 @@ class Application:
         self._router = Router(self.policy)
         self._acceptor = Acceptor(config.server.hostname)
         self._file_pool = ThreadPool(MAILDIR_THREADS)
-        self.scheduler = Scheduler(
+        delivery = config.delivery
+        self.queue = QueueManager(
             spool=self.spool,
             deliverers=self._deliverers(),
             route=self._router.route,
-            retry=RetryPolicy(config.delivery.retry, config.delivery.max_age),
-            acceptor=self._acceptor,
-            concurrency=config.delivery.concurrency,
-            max_per_domain=config.delivery.max_per_domain,
+            retry=RetryPolicy(delivery.retry, delivery.max_age),
+            notices=Notices(
+                spool=self.spool,
+                writer=self._acceptor,
+                settings=NoticeSettings(
+                    postmaster=f"postmaster@{config.server.hostname}",
+                    delay_warning=delivery.delay_warning,
+                    max_age=delivery.max_age,
+                ),
+                clock=time.time,
+            ),
+            concurrency=delivery.concurrency,
+            max_per_domain=delivery.max_per_domain,
+            active_limit=delivery.active_limit,
         )
         self.server = SmtpServer(
             listen=tuple((a.host, a.port) for a in config.server.listen),
@@ -116,7 +127,7 @@ class Application:
             policy=self.policy,
             spool=self.spool,
             acceptor=self._acceptor,
-            on_queued=self.scheduler.wake,
+            on_queued=self.queue.wake,
             tls_context=self._tls_context(),
         )
         self._metrics_server: Any = None
@@ -182,7 +193,7 @@ class Application:
         released = self.spool.release_leases()
         if released:
             self._log.info("leases_released", count=released)
-        self.scheduler.start()
+        self.queue.start()
         self._start_metrics()
         try:
             self.server.start()
@@ -227,8 +238,9 @@ class Application:
     def stop(self) -> None:
         grace = self.config.server.shutdown_grace
         self._log.info("server_stopping", grace_seconds=grace)
+        self.queue.stop_claiming()  # at once: no new deliveries while clients drain
         self.server.stop(grace)
-        self.scheduler.stop(timeout=min(grace, 5.0))
+        self.queue.stop(timeout=min(grace, 5.0))
         if self._metrics_server is not None:
             self._metrics_server.stop(timeout=1)
         self._writer.stop()

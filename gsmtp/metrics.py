@@ -33,6 +33,11 @@ DELIVERY_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
 )
 INTERNAL_ERRORS = Counter("gsmtp_internal_errors", "Unexpected exceptions caught", ["where"])
+DELIVERIES_IN_FLIGHT = Gauge("gsmtp_deliveries_in_flight", "Deliveries running now")
+DEAD_DESTINATIONS = Gauge(
+    "gsmtp_dead_destinations", "Destinations none of whose hosts could be reached, for now"
+)
+NOTICES = Counter("gsmtp_notices", "Notices queued (bounce, delay, postmaster)", ["kind"])
 
 
 def make_app(refresh: Callable[[], None]) -> Callable[..., object]:

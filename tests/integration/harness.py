@@ -18,6 +18,12 @@ LOCAL_DOMAIN = "foo.com"
 USERS = ("jones@foo.com", "brown@foo.com")
 
 
+def _checkout_path() -> str:
+    root = str(Path(__file__).resolve().parents[2])
+    inherited = os.environ.get("PYTHONPATH")
+    return f"{root}{os.pathsep}{inherited}" if inherited else root
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
@@ -90,6 +96,7 @@ class GsmtpProcess:
             capture_output=True,
             text=True,
             timeout=60,
+            env={**os.environ, "PYTHONPATH": _checkout_path()},
         )
         if check and result.returncode != 0:
             raise AssertionError(f"gsmtp {' '.join(args)} failed: {result.stderr}")
@@ -109,6 +116,9 @@ class GsmtpProcess:
             stdout=log,
             stderr=log,
             cwd=self.directory,
+            # The gsmtp under test, not whichever one the virtualenv has installed: run
+            # from its own directory, `-m` would not find this checkout.
+            env={**os.environ, "PYTHONPATH": _checkout_path()},
         )
         log.close()
         wait_for(self._accepting, timeout=20, what=f"gsmtp to listen on {self.port}")
