@@ -59,7 +59,7 @@ def build_bounce(
                 "It is attached below.",
             ),
             action="failed",
-            status_class="45",
+            status_class="54",
             headers_description="Undelivered message headers",
         ),
         hostname=hostname,

@@ -98,6 +98,7 @@ class QueueManager:
         initial_window: int = INITIAL_WINDOW,
         idle_poll: float = IDLE_POLL,
         error_pause: float = ERROR_PAUSE,
+        pacer: DeliveryPacer | None = None,
     ) -> None:
         self._spool = spool
         self._deliverers = deliverers
@@ -110,7 +111,7 @@ class QueueManager:
         self._idle_poll = idle_poll
         self._error_pause = error_pause
         self._pool = Pool(concurrency)
-        self._pacer = DeliveryPacer(concurrency)
+        self._pacer = pacer or DeliveryPacer(concurrency)
         self._destinations = Destinations(max_window=max_per_domain, initial_window=initial_window)
         self._budget = BodyBudget(body_budget)
         self.held = 0  # recipients in memory: claimed, waiting or running
@@ -312,8 +313,9 @@ class QueueManager:
             for batch, _ in batches:
                 self.held -= len(batch.recipients)
         for batch, updates in by_batch:
-            if self._notices.worth_a_look(updates, batch.claim.received_at):
-                self._notices.settle_later(batch.claim.message_id)
+            message_id = batch.claim.message_id
+            if self._notices.worth_a_look(message_id, updates, batch.claim.received_at):
+                self._notices.settle_later(message_id)
 
     # -- one delivery (in a sender greenlet) --------------------------------------------
 
@@ -330,8 +332,9 @@ class QueueManager:
             if self._destinations.finished(destination, reached=reached):
                 self._look_again()
             self._wake.set()
-        if self._notices.worth_a_look(updates, batch.claim.received_at):
-            self._notices.settle(batch.claim.message_id)
+        message_id = batch.claim.message_id
+        if self._notices.worth_a_look(message_id, updates, batch.claim.received_at):
+            self._notices.settle(message_id)
 
     def _attempt(self, batch: Batch) -> tuple[list[RecipientUpdate], bool | None]:
         """Deliver and record. Whatever goes wrong before the results are recorded, the

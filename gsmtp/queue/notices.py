@@ -122,14 +122,21 @@ class Notices:
         self._settings = settings
         self._clock = clock
         self._busy: set[str] = set()
+        self._owed: set[str] = set()  # messages with a pending notice (this process)
         self._again: set[str] = set()
         self._group = Group()
         self._log = get_logger(component="notices")
         self.on_queued: Callable[[], None] = _nothing  # the queue manager's wake-up
 
-    def worth_a_look(self, updates: Sequence[RecipientUpdate], received_at: float) -> bool:
-        """After a delivery: could this message owe a notice now? (Spares a read.)"""
+    def worth_a_look(
+        self, message_id: MessageId, updates: Sequence[RecipientUpdate], received_at: float
+    ) -> bool:
+        """After a delivery: could this message owe a notice now? (Spares a read.) A
+        failure found while the rest of its message was in flight is owed until the
+        last delivery of the message ends."""
         if any(update.notice for update in updates):
+            self._owed.add(message_id)
+        if message_id in self._owed:
             return True
         warn_after = self._settings.delay_warning
         return (
@@ -172,6 +179,8 @@ class Notices:
     def _settle(self, message_id: MessageId) -> None:
         for _ in range(SETTLE_ATTEMPTS):
             state = self._spool.notice_state(message_id)
+            if state is None or not any(r.notice_pending for r in state.recipients):
+                self._owed.discard(message_id)
             if state is None:
                 return
             now = self._clock()
@@ -186,6 +195,7 @@ class Notices:
                 warned_at=now if decision.delayed else None,
             )
             if stored:
+                self._owed.discard(message_id)
                 self._logged(state, decision, notices)
                 if notices:
                     self.on_queued()
