@@ -110,7 +110,10 @@ def test_no_delay_warning_when_turned_off(qw: QueueWorld) -> None:
     qw.clock.now += DEFAULTS.retry[0] + 1
     manager.wake()
     wait_until(lambda: qw.rows("SELECT attempts FROM recipients") == [(2,)])
+    manager.stop(1.0)  # any notice step of the second attempt has run
+    assert qw.rows("SELECT delay_warned_at FROM messages") == [(None,)]
     assert qw.rows("SELECT COUNT(*) FROM messages") == [(1,)]  # no notice was queued
+    assert qw.notices_to(SENDER) == []
 
 
 def test_the_null_sender_never_gets_a_notice(qw: QueueWorld) -> None:
