@@ -254,13 +254,23 @@ class QueueManager:
             limit,
             caps=self._destinations.caps(),
             default_cap=self._destinations.default_room,
-            scan=max(MIN_SCAN, limit * CLAIM_FACTOR),
+            scan=max(MIN_SCAN, 2 * limit),
         )
         for aside in result.set_aside:
             self._log.error("message_set_aside", msg_id=aside.message_id, reason=aside.reason)
         suspended: list[tuple[Batch, Destination]] = []
         for claim in result.claims:
-            for batch in self._batches(claim):
+            try:
+                batches = self._batches(claim)
+            except Exception:  # a routing bug: defer the message, never leave it owned
+                metrics.INTERNAL_ERRORS.labels("queue").inc()
+                self._log.exception("routing_failed", msg_id=claim.message_id)
+                batch = Batch(claim, ("", ""), claim.recipients)
+                self._record(
+                    attempt.updates_for(batch, attempt.internal_error(batch), now, self._retry)
+                )
+                continue
+            for batch in batches:
                 self.held += len(batch.recipients)
                 destination = self._destinations.get(batch.key)
                 if destination.dead_until is None:
@@ -303,7 +313,12 @@ class QueueManager:
         for batch, destination in batches:
             results = attempt.suspended(batch, destination.dead_reason)
             updates = attempt.updates_for(
-                batch, results, now, self._retry, not_before=destination.dead_until
+                batch,
+                results,
+                now,
+                self._retry,
+                not_before=destination.dead_until,
+                attempted=False,  # no connection was made: not an attempt
             )
             attempt.log_results(self._log, batch, updates)
             by_batch.append((batch, updates))
