@@ -25,7 +25,7 @@ from gsmtp.queue.notices import needs_notice
 from gsmtp.queue.retry import RetryPolicy
 from gsmtp.spool import RecipientUpdate
 
-ADMIN_BOUNCE = "Bounced by the administrator"
+ADMIN_BOUNCE_REPLY = "550 5.0.0 Bounced by the administrator"
 INTERNAL_ERROR = "451 4.3.0 Internal error"
 _REPLY_CODES = re.compile(r"\A\d{3}[ -](?:[245]\.\d{1,3}\.\d{1,3} )?")
 _LOG_EVENTS = {
@@ -41,7 +41,7 @@ def run(
     """Deliver the batch (or fail what the administrator bounced); one result each."""
     requested = [r.address for r in batch.recipients if r.bounce_requested]
     to_deliver = [r.address for r in batch.recipients if not r.bounce_requested]
-    results = results_for_all(requested, Outcome.FAILED, "5.0.0", f"550 5.0.0 {ADMIN_BOUNCE}")
+    results = results_for_all(requested, Outcome.FAILED, "5.0.0", ADMIN_BOUNCE_REPLY)
     if not to_deliver:
         return results
     transport = batch.key[0]
@@ -51,9 +51,7 @@ def run(
     except Exception:
         metrics.INTERNAL_ERRORS.labels("delivery").inc()
         log.exception("delivery_crashed", msg_id=message.id, transport=transport)
-        delivered = results_for_all(
-            to_deliver, Outcome.DEFERRED, "4.3.0", "451 4.3.0 Internal error"
-        )
+        delivered = results_for_all(to_deliver, Outcome.DEFERRED, "4.3.0", INTERNAL_ERROR)
     finally:
         metrics.DELIVERY_SECONDS.labels(transport).observe(time.monotonic() - started)
     returned = {result.address for result in delivered}
@@ -61,7 +59,8 @@ def run(
     delivered += results_for_all(
         missing, Outcome.DEFERRED, "4.3.0", "451 4.3.0 No result from transport"
     )
-    return results + [r for r in delivered if r.address in set(to_deliver)]
+    wanted = set(to_deliver)
+    return results + [r for r in delivered if r.address in wanted]
 
 
 def internal_error(batch: Batch) -> list[RecipientResult]:
@@ -73,6 +72,7 @@ def internal_error(batch: Batch) -> list[RecipientResult]:
 def reached(results: Sequence[RecipientResult]) -> bool | None:
     """What the attempt says about the destination: False when no host could be
     reached, True when one answered, None when nothing was learned."""
+    results = [r for r in results if r.reply != ADMIN_BOUNCE_REPLY]  # no backend call
     if not results:
         return None
     if any(result.unreachable for result in results):

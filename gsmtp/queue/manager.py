@@ -362,6 +362,7 @@ class QueueManager:
                 # reader yet: whatever is left is due again, not owned by nobody.
                 self._log.info("message_vanished", msg_id=message_id)
                 self._spool.release([(message_id, r.address) for r in batch.recipients])
+                self._look_again()
                 return [], None
             if isinstance(message, Unreadable):
                 self._spool.set_aside(message_id, message.reason)

@@ -85,3 +85,12 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     config = load(write(tmp_path, '[spool]\npath = "q/spool.sqlite"\n'))
     assert config.spool.path == str(tmp_path / "q/spool.sqlite")
     assert config.maildir.root == str(tmp_path / "var/mail")
+
+
+def test_delay_warning_is_a_duration_or_empty_for_none(tmp_path: Path) -> None:
+    assert parse({}, tmp_path / "x.toml").delivery.delay_warning == 4 * 3600
+    off = write(tmp_path, '[delivery]\ndelay_warning = ""\nactive_limit = 500\n')
+    assert load(off).delivery.delay_warning is None
+    assert load(off).delivery.active_limit == 500
+    with pytest.raises(ConfigError, match=r"\[delivery\] delay_warning: expected a duration"):
+        load(write(tmp_path, '[delivery]\ndelay_warning = "soon"\n'))
