@@ -69,6 +69,8 @@ _MIGRATIONS: tuple[str, ...] = (
     # per recipient, delay warnings recorded, unreadable messages set aside, flush signal.
     """
     ALTER TABLE recipients RENAME COLUMN lease_until TO claimed_due;
+    UPDATE recipients SET next_attempt_at = claimed_due - 3600, claimed_due = NULL
+        WHERE claimed_due IS NOT NULL;  -- old one-hour leases: due from their claim
     ALTER TABLE recipients ADD COLUMN notice_pending INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE recipients ADD COLUMN last_status TEXT;
     ALTER TABLE recipients ADD COLUMN remote_mta TEXT;
