@@ -2,8 +2,8 @@
 
 No I/O, no clock (time comes in as an argument). A message accepted from a client gets
 its id, its Received: header (RFC 5321 §4.4) and its stored envelope here; a notice
-gsmtp writes itself (a bounce) is built here too, so there is one producer of stored
-mail and every stored message has the same shape.
+gsmtp writes itself (a bounce, a delay warning) is built here too, so there is one
+producer of stored mail and every stored message has the same shape.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gsmtp.delivery import dsn
-from gsmtp.message import NewMessage, QueuedMessage, RecipientResult, new_message_id
+from gsmtp.message import MessageId, NewMessage, QueuedMessage, RecipientResult, new_message_id
 from gsmtp.protocol.session import Envelope
 from gsmtp.protocol.trace import received_header, rfc5322_date
 
@@ -51,11 +51,30 @@ class Acceptor:
         )
 
     def bounce(
-        self, message: QueuedMessage, failed: Sequence[RecipientResult], *, now: float
+        self,
+        message: QueuedMessage,
+        failed: Sequence[RecipientResult],
+        *,
+        now: float,
+        recipient: str | None = None,
     ) -> NewMessage:
-        """The RFC 3464 failure notice to the sender of `message` (never called for
-        the null sender: a bounce is never bounced)."""
-        return self.notice(message, [(result, dsn.Action.FAILED) for result in failed], now=now)
+        """The RFC 3464 failure notice to the sender of `message`, or to `recipient` (the
+        postmaster, when the failed message was a notice itself). Never called for the
+        null sender: a bounce is never bounced (RFC 5321 §6.1)."""
+        entries = [(result, dsn.Action.FAILED) for result in failed]
+        return self.notice(message, entries, now=now, recipient=recipient)
+
+    def delay_warning(
+        self,
+        message: QueuedMessage,
+        delayed: Sequence[RecipientResult],
+        *,
+        now: float,
+        retry_until: float,
+    ) -> NewMessage:
+        """The RFC 3464 `Action: delayed` notice to the sender of `message`."""
+        entries = [(result, dsn.Action.DELAYED) for result in delayed]
+        return self.notice(message, entries, now=now, retry_until=retry_until)
 
     def notice(
         self,
@@ -64,11 +83,14 @@ class Acceptor:
         *,
         now: float,
         retry_until: float | None = None,
+        recipient: str | None = None,
     ) -> NewMessage:
         """An RFC 3464 notice of one kind (failed; delayed; delivered or relayed) to the
-        sender of `message`, each recipient with the action `dsn.notice_due` gave it
-        (never called for the null sender: a notice is never answered with one)."""
+        sender of `message` (or to `recipient`), each recipient with the action
+        `dsn.notice_due` gave it (never called for the null sender: a notice is never
+        answered with one)."""
         notice_id = new_message_id(now)
+        to = message.sender if recipient is None else recipient
         content = dsn.build_notice(
             message,
             entries,
@@ -76,16 +98,23 @@ class Acceptor:
             notice_id=notice_id,
             now=now,
             retry_until=retry_until,
+            to=to,
         )
+        return self._notice(notice_id, to, content, now, message.smtputf8)
+
+    def _notice(
+        self, notice_id: MessageId, to: str, content: bytes, now: float, smtputf8: bool
+    ) -> NewMessage:
+        """A notice is stored like any message, from the null sender."""
         return NewMessage(
             id=notice_id,
             sender="",
-            recipients=(message.sender,),
+            recipients=(to,),
             body=content,
             received_at=now,
             client="localhost",
             helo=self.hostname,
-            smtputf8=message.smtputf8,
+            smtputf8=smtputf8,
         )
 
     def _date(self, now: float) -> str:

@@ -43,8 +43,8 @@ from gsmtp.housekeeping import Housekeeping, Task
 from gsmtp.limits import ConnectionLimiter
 from gsmtp.policy import Policy
 from gsmtp.protocol.session import Limits
+from gsmtp.queue import Notices, NoticeSettings, QueueManager, RetryPolicy
 from gsmtp.routing import Router
-from gsmtp.scheduler import RetryPolicy, Scheduler
 from gsmtp.server import CUT_SECONDS, SmtpServer
 from gsmtp.spool import Spool
 from gsmtp.supervision import EXIT_COMPONENT_DIED, Progress, Supervisor
@@ -122,14 +122,26 @@ class Application:
         self._acceptor = Acceptor(config.server.hostname)
         self._file_pool = ThreadPool(MAILDIR_THREADS)
         self._file_progress = Progress()
-        self.scheduler = Scheduler(
+        delivery = config.delivery
+        self.queue = QueueManager(
             spool=self.spool,
             deliverers=self._deliverers(),
             route=self._router.route,
-            retry=RetryPolicy(config.delivery.retry, config.delivery.max_age),
-            acceptor=self._acceptor,
-            concurrency=config.delivery.concurrency,
-            max_per_domain=config.delivery.max_per_domain,
+            retry=RetryPolicy(delivery.retry, delivery.max_age),
+            notices=Notices(
+                spool=self.spool,
+                writer=self._acceptor,
+                settings=NoticeSettings(
+                    postmaster=f"postmaster@{config.server.hostname}",
+                    delay_warning=delivery.delay_warning,
+                    max_age=delivery.max_age,
+                ),
+                clock=time.time,
+            ),
+            concurrency=delivery.concurrency,
+            max_per_domain=delivery.max_per_domain,
+            active_limit=delivery.active_limit,
+            spawn=self.supervisor.spawn,
         )
         self.server = SmtpServer(
             listen=tuple((a.host, a.port) for a in config.server.listen),
@@ -151,7 +163,7 @@ class Application:
             policy=self.policy,
             spool=self.spool,
             acceptor=self._acceptor,
-            on_queued=self.scheduler.wake,
+            on_queued=self.queue.wake,
             tls_context=tls_context,
             proxy_networks=(config.server.proxy_networks if config.server.proxy_protocol else None),
             reserve=self._reserve,
@@ -245,7 +257,7 @@ class Application:
         released = self.spool.release_leases()
         if released:
             self._log.info("leases_released", count=released)
-        self.scheduler.start()
+        self.queue.start()
         self._start_metrics()
         try:
             self.server.start()
@@ -256,7 +268,8 @@ class Application:
 
     def _supervise(self) -> None:
         """Register what has no greenlet spawned through the supervisor: threads, the
-        stall checks, the listeners. (The queue runner registers itself.)"""
+        stall checks, the listeners. (The queue runner and the pacer are spawned through
+        the supervisor.)"""
         supervisor = self.supervisor
         supervisor.watch_thread("writer", self._writer.done)
         supervisor.watch_progress("writer", self._writer.progress)
@@ -325,10 +338,11 @@ class Application:
         deadline = time.monotonic() + grace + 2 * CUT_SECONDS + WRITER_STOP_SECONDS
         self._log.info("server_stopping", grace_seconds=grace)
         self.supervisor.stop()
+        self.queue.stop_claiming()  # at once: no new deliveries while clients drain
         # Side by side, not one after the other: each is bounded by the grace.
         steps = [
             gevent.spawn(self.server.stop, grace),
-            gevent.spawn(self.scheduler.stop, timeout=grace),
+            gevent.spawn(self.queue.stop, timeout=grace),
         ]
         if self._metrics_server is not None:
             steps.append(gevent.spawn(self._metrics_server.stop, timeout=min(grace, 1.0)))

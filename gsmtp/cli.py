@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action, help_text, takes_id in (
         ("list", "one block per message, like mailq", False),
         ("stats", "counts by status", False),
-        ("flush", "make all queued mail due now", False),
+        ("flush", "make all queued mail due now, forget dead destinations", False),
         ("show", "envelope and headers of one message", True),
         ("delete", "delete a message without notice", True),
         ("bounce", "return a message to its sender now", True),
@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         child = leaf(queue, action, help_text)
         if takes_id:
             child.add_argument("id")
+        if action == "list":
+            child.add_argument(
+                "--corrupt", action="store_true", help="messages set aside as unreadable"
+            )
         child.add_argument("--json", action="store_true", help="machine-readable output")
 
     spool = commands.add_parser("spool", help="the spool file itself").add_subparsers(
@@ -173,6 +177,12 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
             "command_timeout": format_duration(config.delivery.command_timeout),
             "data_timeout": format_duration(config.delivery.data_timeout),
             "max_per_domain": config.delivery.max_per_domain,
+            "active_limit": config.delivery.active_limit,
+            "delay_warning": (
+                format_duration(config.delivery.delay_warning)
+                if config.delivery.delay_warning is not None
+                else ""
+            ),
         },
         "metrics": {"listen": config.metrics.listen},
         "log": {"level": config.log.level, "format": config.log.format},
@@ -242,7 +252,7 @@ def _when(timestamp: float) -> str:
 
 
 def _queue(args: argparse.Namespace, config: Any) -> int:
-    from gsmtp.spool import SpoolAdmin
+    from gsmtp.spool_admin import SpoolAdmin
 
     admin = SpoolAdmin(_open_db(config))
     action: Callable[[SpoolAdmin, argparse.Namespace], int] = _QUEUE_ACTIONS[args.action]
@@ -250,17 +260,19 @@ def _queue(args: argparse.Namespace, config: Any) -> int:
 
 
 def _queue_list(admin: Any, args: argparse.Namespace) -> int:
-    messages = admin.messages()
+    messages = admin.messages(corrupt=args.corrupt)
     if args.json:
         print(json.dumps([asdict(m) for m in messages], indent=2))
         return 0
     if not messages:
-        print("Mail queue is empty")
+        print("No corrupt messages" if args.corrupt else "Mail queue is empty")
         return 0
     for message in messages:
         print(
             f"{message.id:<20} {message.size:>8} {_when(message.received_at)}  <{message.sender}>"
         )
+        if message.corrupt:
+            print(f"{'':<20} corrupt: {message.corrupt}")
         for rcpt in message.recipients:
             error = f"  ({rcpt.last_error})" if rcpt.last_error else ""
             print(f"{'':<20} {rcpt.status:<9} attempts={rcpt.attempts}  <{rcpt.address}>{error}")

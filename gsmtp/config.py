@@ -104,6 +104,8 @@ class DeliveryConfig:
     data_timeout: float = 600.0
     attempt_timeout: float = 1800.0
     max_per_domain: int = 20
+    active_limit: int = 10000  # recipients the queue manager holds in memory
+    delay_warning: float | None = 4 * 3600.0  # None: no delay warnings
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +286,11 @@ def _duration_or_zero(value: Any) -> float:
     return _seconds(value)
 
 
+def _optional_duration(value: Any) -> float | None:
+    """A duration, or "" for none."""
+    return parse_duration(value) if _string(value).strip() else None
+
+
 def parse_size(value: Any) -> int:
     """ "10KB", "35MB" → bytes (KB = 1024)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -394,6 +401,8 @@ _GENERIC: dict[str, Any] = {
     "data_timeout": parse_duration,
     "attempt_timeout": parse_duration,
     "max_per_domain": _positive_int,
+    "active_limit": _positive_int,
+    "delay_warning": _optional_duration,
     "level": _one_of(*_LOG_LEVELS),
     "format": _one_of(*_LOG_FORMATS),
 }

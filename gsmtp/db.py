@@ -90,6 +90,21 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE recipients ADD COLUMN dsn_notify TEXT;
     ALTER TABLE recipients ADD COLUMN dsn_orcpt TEXT;
     """,
+    # The queue manager (issue 7): ownership instead of expiring leases, notices collected
+    # per recipient, delay warnings recorded, unreadable messages set aside, flush signal.
+    """
+    ALTER TABLE recipients RENAME COLUMN lease_until TO claimed_due;
+    UPDATE recipients SET next_attempt_at = claimed_due - 3600, claimed_due = NULL
+        WHERE claimed_due IS NOT NULL;  -- old one-hour leases: due from their claim
+    ALTER TABLE recipients ADD COLUMN notice_pending INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE recipients ADD COLUMN last_status TEXT;
+    ALTER TABLE recipients ADD COLUMN remote_mta TEXT;
+    ALTER TABLE messages ADD COLUMN notice_kind TEXT;
+    ALTER TABLE messages ADD COLUMN delay_warned_at REAL;
+    ALTER TABLE messages ADD COLUMN corrupt TEXT;
+    CREATE INDEX recipients_notice ON recipients(message_id) WHERE notice_pending = 1;
+    INSERT OR IGNORE INTO meta(key, value) VALUES ('flush_serial', 0);
+    """,
 )
 
 

@@ -43,6 +43,11 @@ DELIVERY_CONCURRENCY_ALLOWED = Gauge(
     "Concurrent deliveries the pacer allows now (delivery.concurrency when the loop is idle)",
 )
 INTERNAL_ERRORS = Counter("gsmtp_internal_errors", "Unexpected exceptions caught", ["where"])
+DELIVERIES_IN_FLIGHT = Gauge("gsmtp_deliveries_in_flight", "Deliveries running now")
+DEAD_DESTINATIONS = Gauge(
+    "gsmtp_dead_destinations", "Destinations none of whose hosts could be reached, for now"
+)
+NOTICES = Counter("gsmtp_notices", "Notices queued (bounce, delay, postmaster)", ["kind"])
 
 
 def make_app(refresh: Callable[[], None]) -> Callable[..., object]:

@@ -1,42 +1,98 @@
-"""Mail in flight: enqueue, claim what is due (with leases), record results, administer.
+"""Mail at rest: enqueue, claim what is due, record results and notices (the operator's
+side, `gsmtp queue ...`, is spool_admin.py).
 
 Theory of operation. A message is one `messages` row (envelope sender, the body with its
 Received: header, arrival time) and one `recipients` row per recipient, each `queued`,
 `delivered` or `failed`, with its attempt count, next attempt time and last error.
 Accepting a message is one transaction through the group committer, so the 250 follows
-the fsync. The queue runner *claims* due recipients by stamping a lease on them; a
-lease keeps a second sender off the same recipient while one works on it, and leases
-left by a dead process are released at start-up, so a crash mid-delivery means
-delivery again after restart (at least once, never lost). A message is deleted once no
-recipient is left queued.
+the fsync.
+
+The queue manager *claims* due recipients: the running process owns what it claimed
+until it records a result or releases it. Ownership does not expire (a lease that
+lapses under a live delivery let a second sender take the same recipient); it is safe
+because one process serves a spool (the single-instance lock), and whatever a dead
+process owned is released when the next one starts: at least once, never lost. A
+claimed row keeps the due time it had in `claimed_due` and moves its `next_attempt_at`
+to UNSCHEDULED, so the due range of the index holds only claimable work. Rows of a
+message that cannot be read are set aside the same way, without an owner, and the
+message is marked `corrupt` (Postfix's corrupt/ queue): kept for inspection, never
+retried in a loop. Bodies are not read at claim time but when a delivery starts.
+
+A failed recipient keeps `notice_pending` until the notice step writes the bounce that
+lists it; a message is deleted once no recipient is queued and no notice is pending.
+`gsmtp queue flush` (another process) makes everything due now and bumps a serial in
+`meta` that the running queue manager polls.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import apsw
 
-from gsmtp.db import execute_values, query, scalar, transaction
+from gsmtp.db import execute_values, query, scalar
 from gsmtp.message import MessageId, NewMessage, Outcome, QueuedMessage, RecipientDsn, Ret
 from gsmtp.protocol.dsnparams import notify_text, parse_notify
 from gsmtp.writer import GroupCommitter, ThreadReader
 
-LEASE_SECONDS = 3600.0
+UNSCHEDULED = 1e18  # next_attempt_at of a row nobody may claim: owned, or set aside
+# What a notice quotes of the original: its headers, or with RET=FULL the whole message
+# up to 100 KiB (dsn.MAX_RETURNED_MESSAGE); one byte more tells that it is larger.
+NOTICE_HEADERS_LIMIT = 100 * 1024 + 1
+# The destination domain of a stored address: what follows its last "@".
+_DOMAIN = "lower(substr(address, length(rtrim(address, replace(address, '@', ''))) + 1))"
+
+
+def domain_of(address: str) -> str:
+    """The destination domain as the claim query computes it (keys must agree)."""
+    return address.rpartition("@")[2].lower()
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRecipient:
+    address: str
+    attempts: int
+    bounce_requested: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """Recipients of one message handed to the queue runner."""
+    """Recipients of one message now owned by this process; the body is read later."""
 
-    message: QueuedMessage
-    recipients: tuple[str, ...]
-    attempts: dict[str, int]
-    bounce_requested: frozenset[str] = frozenset()
+    message_id: MessageId
+    received_at: float
+    size: int
+    recipients: tuple[ClaimedRecipient, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """A message (or a stray row) that could not be read, and why."""
+
+    message_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """What one claim took, what it set aside, and whether it took every due row of the
+    domains it was allowed (`exhausted`: nothing more is claimable until new mail, a due
+    time, a flush, or room for a destination that was skipped as full)."""
+
+    claims: list[Claim]
+    set_aside: list[SetAside]
+    exhausted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """`load_message`'s answer for a message whose row or body is not what was stored."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +102,35 @@ class RecipientUpdate:
     outcome: Outcome
     error: str
     next_attempt_at: float
+    status: str = ""  # RFC 3463 code of the result, quoted by notices
+    remote_mta: str = ""
+    notice: bool = False  # a notice must report this result
+    attempted: bool = True  # False: deferred without an attempt (dead destination)
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientState:
+    """One recipient as the notice step sees it."""
+
+    address: str
+    status: str
+    notice_pending: bool
+    in_flight: bool
+    next_attempt_at: float
+    last_error: str
+    last_status: str
+    remote_mta: str
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeState:
+    """A message and its recipients, for deciding its notices. `message.body` holds only
+    the first NOTICE_HEADERS_LIMIT bytes (a notice quotes the headers)."""
+
+    message: QueuedMessage
+    kind: str  # "" for mail from outside; else the kind of notice this message is
+    delay_warned: bool
+    recipients: tuple[RecipientState, ...]
 
 
 def insert_messages(connection: apsw.Connection, messages: list[NewMessage]) -> None:
@@ -94,43 +179,50 @@ def insert_message(connection: apsw.Connection, message: NewMessage) -> None:
     insert_messages(connection, [message])
 
 
-def apply_results(
-    connection: apsw.Connection,
-    batch: list[tuple[tuple[RecipientUpdate, ...], tuple[NewMessage, ...]]],
-) -> None:
+def apply_results(connection: apsw.Connection, batch: list[tuple[RecipientUpdate, ...]]) -> None:
     """Results of many deliveries in a few statements (the group-commit fast path)."""
-    updates = [update for unit, _ in batch for update in unit]
+    updates = [update for unit in batch for update in unit]
     execute_values(
         connection,
-        "UPDATE recipients SET status = v.column1, attempts = attempts + 1,"
-        " next_attempt_at = v.column2, last_error = v.column3, lease_until = NULL"
+        "UPDATE recipients SET status = v.column1, attempts = attempts + v.column2,"
+        " next_attempt_at = v.column3, last_error = v.column4, last_status = v.column5,"
+        " remote_mta = v.column6, notice_pending = v.column7, claimed_due = NULL"
         " FROM (VALUES {values}) AS v"
-        " WHERE recipients.message_id = v.column4 AND recipients.address = v.column5",
+        " WHERE recipients.message_id = v.column8 AND recipients.address = v.column9",
         [
             (
-                "queued" if u.outcome is Outcome.DEFERRED else u.outcome.value,
+                u.outcome.status.value,
+                int(u.attempted),
                 u.next_attempt_at,
                 u.error,
+                u.status or None,
+                u.remote_mta or None,
+                int(u.notice),
                 u.message_id,
                 u.address,
             )
             for u in updates
         ],
     )
-    # `+status`: find the message's recipients by the primary key; the status index
-    # would scan every queued recipient in the spool.
+    _delete_finished(connection, {u.message_id for u in updates})
+
+
+def _delete_finished(connection: apsw.Connection, message_ids: Iterable[str]) -> None:
+    """Delete the messages with nothing queued and no notice pending. `+status`: find a
+    message's recipients by the primary key; the status index would scan every queued
+    recipient in the spool."""
     execute_values(
         connection,
         "DELETE FROM messages WHERE id IN (SELECT column1 FROM (VALUES {values}))"
-        " AND NOT EXISTS (SELECT 1 FROM recipients"
-        " WHERE message_id = messages.id AND +status = 'queued')",
-        [(message_id,) for message_id in {u.message_id for u in updates}],
+        " AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = messages.id"
+        " AND (+status = 'queued' OR notice_pending = 1))",
+        [(message_id,) for message_id in message_ids],
     )
-    insert_messages(connection, [bounce for _, bounces in batch for bounce in bounces])
 
 
 class Spool:
-    """The server's view of the spool: writes go through the group committer."""
+    """The server's view of the spool: writes go through the group committer, bodies
+    through the body reader's thread."""
 
     def __init__(
         self, writer: GroupCommitter, reader: apsw.Connection, bodies: ThreadReader | None = None
@@ -144,109 +236,284 @@ class Spool:
         self._writer.submit_item(insert_messages, message)
         return message.id
 
+    # -- ownership ----------------------------------------------------------------------
+
     def release_leases(self) -> int:
-        """At start-up: whatever a previous process held is free again."""
+        """At start-up: whatever a previous process owned is due again, at the time it
+        was due when claimed (the single-instance lock says no one else owns it)."""
 
         def work(connection: apsw.Connection) -> int:
             connection.execute(
-                # Due again from when it was claimed (the lease began LEASE_SECONDS
-                # before it ends).
-                "UPDATE recipients SET next_attempt_at = lease_until - :lease,"
-                " lease_until = NULL WHERE lease_until IS NOT NULL",
-                {"lease": LEASE_SECONDS},
+                "UPDATE recipients SET next_attempt_at = claimed_due, claimed_due = NULL"
+                " WHERE status = 'queued' AND next_attempt_at = :unscheduled"
+                " AND claimed_due IS NOT NULL",
+                {"unscheduled": UNSCHEDULED},
             )
             return int(connection.changes())
 
         return int(self._writer.submit(work))
 
-    def claim_due(self, now: float, limit: int) -> list[Claim]:
-        """Lease up to `limit` due recipients, grouped by message, oldest due first.
+    def claim_due(
+        self,
+        now: float,
+        limit: int,
+        *,
+        caps: Mapping[str, int] | None = None,
+        default_cap: int | None = None,
+        scan: int | None = None,
+    ) -> ClaimResult:
+        """Own up to `limit` due recipients, oldest due first, grouped by message.
 
-        The writer thread runs three single-step statements (choose, lease, describe,
-        the last aggregated to one JSON row); the bodies are read afterwards by the
-        body reader's thread (or the reader connection when there is none)."""
-
-        def work(connection: apsw.Connection) -> str:
-            params = {"lease": now + LEASE_SECONDS, "now": now, "limit": limit}
-            chosen = scalar(
-                connection,
-                "SELECT json_group_array(rowid) FROM (SELECT rowid FROM recipients"
-                " WHERE status = 'queued' AND next_attempt_at <= :now"
-                " ORDER BY next_attempt_at LIMIT :limit)",
-                params,
-            )
-            # The lease also moves next_attempt_at past the lease, so the due range of
-            # the index holds only unclaimed work and a claim never re-reads it.
-            connection.execute(
-                "UPDATE recipients SET lease_until = :lease, next_attempt_at = :lease"
-                " WHERE rowid IN (SELECT value FROM json_each(:chosen))",
-                {**params, "chosen": chosen},
-            )
-            return str(
-                scalar(
-                    connection,
-                    "SELECT json_group_array(json_array(message_id, address, attempts,"
-                    " bounce_requested)) FROM recipients"
-                    " WHERE rowid IN (SELECT value FROM json_each(:chosen))",
-                    {"chosen": chosen},
+        `caps` bounds how many rows of a destination domain one claim takes (0: none,
+        the queue manager holds enough for it), `default_cap` that of any other domain;
+        the per-domain count looks at the first `scan` due rows of the domains not
+        capped at 0. Rows that do not decode are set aside with their message and
+        returned as SetAside, never as claims."""
+        caps = dict(caps or {})
+        params = {
+            "now": now,
+            "limit": limit,
+            "scan": scan or limit,
+            "full": json.dumps(full)
+            if (full := [d for d, cap in caps.items() if cap <= 0])
+            else "",
+            "caps": json.dumps(caps),
+            "default_cap": default_cap if default_cap is not None else limit,
+            "unscheduled": UNSCHEDULED,
+        }
+        scanned, capped, rows = json.loads(
+            self._writer.submit(lambda connection: _claim(connection, params))
+        )
+        claims: dict[str, list[ClaimedRecipient]] = {}
+        heads: dict[str, tuple[float, int]] = {}
+        broken: dict[str, str] = {}
+        stray: list[int] = []
+        for rowid, message_id, address, attempts, bounce, size, received_at in rows:
+            if not isinstance(message_id, str):
+                stray.append(rowid)
+            elif not isinstance(address, str) or not isinstance(attempts, int):
+                broken[message_id] = "recipient row does not decode"
+            elif not isinstance(size, int) or not isinstance(received_at, int | float):
+                broken[message_id] = "message row missing or does not decode"
+            else:
+                claims.setdefault(message_id, []).append(
+                    ClaimedRecipient(address, attempts, bool(bounce))
                 )
-            )
+                heads[message_id] = (float(received_at), size)
+        set_aside = [SetAside(m, reason) for m, reason in broken.items()]
+        set_aside += [SetAside(f"rowid {r}", "recipient row without a message id") for r in stray]
+        if broken or stray:
+            self._writer.submit(lambda connection: _set_aside(connection, broken, stray))
+        return ClaimResult(
+            [
+                Claim(MessageId(m), heads[m][0], heads[m][1], tuple(recipients))
+                for m, recipients in claims.items()
+                if m not in broken
+            ],
+            set_aside,
+            exhausted=scanned < params["scan"] and not capped and len(rows) < limit,
+        )
 
-        rows = json.loads(self._writer.submit(work))
-        by_message: dict[str, list[tuple[str, int]]] = {}
-        bounce_requested: set[str] = set()
-        for message_id, address, attempts, bounce in rows:
-            by_message.setdefault(message_id, []).append((address, attempts))
-            if bounce:
-                bounce_requested.add(address)
-        ids = list(by_message)
-        if self._bodies is not None:
-            messages = self._bodies.run(lambda connection: _load_messages(connection, ids))
-        else:
-            messages = _load_messages(self._reader, ids)
-        missing = [message_id for message_id in by_message if message_id not in messages]
-        if missing:
-            self._release(missing, now)
-        claims = []
-        for message_id, recipients in by_message.items():
-            message = messages.get(message_id)
-            if message is None:
-                continue
-            claims.append(
-                Claim(
-                    message,
-                    tuple(address for address, _ in recipients),
-                    dict(recipients),
-                    frozenset(a for a, _ in recipients if a in bounce_requested),
-                )
-            )
-        return claims
-
-    def _release(self, message_ids: list[str], now: float) -> None:
-        """Claimed recipients whose message could not be read: due again now rather
-        than held by the lease (a message deleted meanwhile took its rows with it)."""
-
+    def release(self, owned: Sequence[tuple[str, str]]) -> None:
+        """Give back claimed (message id, address) pairs not started: due again when they
+        were due before."""
         self._writer.submit(
-            lambda connection: connection.execute(
-                "UPDATE recipients SET lease_until = NULL, next_attempt_at = :now"
-                " WHERE message_id IN (SELECT value FROM json_each(:ids))",
-                {"now": now, "ids": json.dumps(message_ids)},
+            lambda connection: execute_values(
+                connection,
+                "UPDATE recipients SET next_attempt_at = claimed_due, claimed_due = NULL"
+                " FROM (VALUES {values}) AS v WHERE recipients.message_id = v.column1"
+                " AND recipients.address = v.column2 AND claimed_due IS NOT NULL",
+                [tuple(pair) for pair in owned],
             )
         )
 
-    def record_results(
-        self, updates: Sequence[RecipientUpdate], bounces: Sequence[NewMessage] = ()
-    ) -> None:
-        """Apply delivery outcomes and enqueue any bounces, in one transaction (shared
-        with the results of other senders that finish meanwhile)."""
-        self._writer.submit_item(apply_results, (tuple(updates), tuple(bounces)))
+    def set_aside(self, message_id: str, reason: str) -> None:
+        """Mark a message corrupt and unschedule its queued recipients."""
+        self._writer.submit(lambda connection: _set_aside(connection, {message_id: reason}, []))
+
+    def load_message(self, message_id: str) -> QueuedMessage | Unreadable | None:
+        """The message a delivery is about to send (None: deleted meanwhile)."""
+
+        def work(connection: apsw.Connection) -> QueuedMessage | Unreadable | None:
+            rows = query(
+                connection,
+                "SELECT sender, body, received_at, smtputf8, size, dsn_ret, dsn_envid"
+                " FROM messages WHERE id = ?",
+                (message_id,),
+            )
+            if not rows:
+                return None
+            message = _decode_message(message_id, rows[0])
+            if isinstance(message, QueuedMessage):
+                dsn = load_recipient_dsn(connection, [message_id]).get(message_id, {})
+                message = dataclasses.replace(message, dsn=dsn)
+            return message
+
+        if self._bodies is not None:
+            return self._bodies.run(work)
+        return work(self._reader)
+
+    # -- results --------------------------------------------------------------------------
+
+    def record_results(self, updates: Sequence[RecipientUpdate]) -> None:
+        """Apply delivery outcomes in one transaction (shared with the results of other
+        senders that finish meanwhile); the rows are no longer owned."""
+        self._writer.submit_item(apply_results, tuple(updates))
 
     def next_due_at(self) -> float | None:
         value = scalar(
             self._reader,
-            "SELECT MIN(next_attempt_at) FROM recipients WHERE status = 'queued'",
+            "SELECT MIN(next_attempt_at) FROM recipients"
+            " WHERE status = 'queued' AND next_attempt_at < ?",
+            (UNSCHEDULED,),
         )
         return float(value) if value is not None else None
+
+    def next_due_after(self, after: float) -> float | None:
+        """The earliest retry later than `after` (what became due since the last claim
+        looked)."""
+        value = scalar(
+            self._reader,
+            "SELECT MIN(next_attempt_at) FROM recipients"
+            " WHERE status = 'queued' AND next_attempt_at > ? AND next_attempt_at < ?",
+            (after, UNSCHEDULED),
+        )
+        return float(value) if value is not None else None
+
+    def cap_schedule(self, latest: float) -> int:
+        """Bring every retry later than `latest` forward to it: after the clock was set
+        back, a time stored before would otherwise park the recipient (D-43). A cheap
+        indexed read first; the write only when something is out of range."""
+        beyond = scalar(
+            self._reader,
+            "SELECT COUNT(*) FROM recipients WHERE status = 'queued'"
+            " AND next_attempt_at > ? AND next_attempt_at < ?",
+            (latest, UNSCHEDULED),
+        )
+        if not beyond:
+            return 0
+
+        def work(connection: apsw.Connection) -> int:
+            connection.execute(
+                "UPDATE recipients SET next_attempt_at = :latest WHERE status = 'queued'"
+                " AND next_attempt_at > :latest AND next_attempt_at < :unscheduled",
+                {"latest": latest, "unscheduled": UNSCHEDULED},
+            )
+            return int(connection.changes())
+
+        return int(self._writer.submit(work))
+
+    def flush_serial(self) -> int:
+        """Bumped by every `gsmtp queue flush`."""
+        return int(scalar(self._reader, "SELECT value FROM meta WHERE key = 'flush_serial'") or 0)
+
+    # -- notices --------------------------------------------------------------------------
+
+    def notice_state(self, message_id: str) -> NoticeState | None:
+        """The message's envelope, headers and recipients (None: gone or unreadable)."""
+        rows = query(
+            self._reader,
+            "SELECT sender, substr(body, 1, ?), received_at, smtputf8, notice_kind,"
+            " delay_warned_at, dsn_ret, dsn_envid FROM messages WHERE id = ? AND corrupt IS NULL",
+            (NOTICE_HEADERS_LIMIT, message_id),
+        )
+        if not rows:
+            return None
+        sender, head, received_at, smtputf8, kind, warned, ret, envid = rows[0]
+        if not isinstance(sender, str) or not isinstance(received_at, int | float):
+            return None
+        message = QueuedMessage(
+            MessageId(message_id),
+            sender,
+            head if isinstance(head, bytes) else b"",
+            float(received_at),
+            bool(smtputf8),
+            ret=_ret(ret),
+            envid=envid if isinstance(envid, str) else None,
+            dsn=load_recipient_dsn(self._reader, [message_id]).get(message_id, {}),
+        )
+        recipients = query(
+            self._reader,
+            "SELECT address, status, notice_pending, claimed_due IS NOT NULL, next_attempt_at,"
+            " last_error, last_status, remote_mta FROM recipients WHERE message_id = ?",
+            (message_id,),
+        )
+        return NoticeState(
+            message,
+            str(kind or ""),
+            warned is not None,
+            tuple(
+                RecipientState(
+                    str(a),
+                    str(s),
+                    bool(p),
+                    bool(f),
+                    float(t),
+                    str(e or ""),
+                    str(c or ""),
+                    str(r or ""),
+                )
+                for a, s, p, f, t, e, c, r in recipients
+            ),
+        )
+
+    def store_notices(
+        self,
+        message_id: str,
+        *,
+        reported: frozenset[str],
+        notices: Sequence[tuple[NewMessage, str]],
+        warned_at: float | None,
+    ) -> bool:
+        """Enqueue `notices` (message, kind), clear the pending notices of `reported` and
+        record a delay warning, all or nothing; False (and nothing done) when the state
+        changed since it was read: exactly `reported` must still be pending, and no delay
+        warning recorded when one is being sent."""
+
+        def work(connection: apsw.Connection) -> bool:
+            pending = {
+                str(row[0])
+                for row in query(
+                    connection,
+                    "SELECT address FROM recipients WHERE message_id = ? AND notice_pending = 1",
+                    (message_id,),
+                )
+            }
+            if pending != reported:
+                return False
+            if warned_at is not None:
+                connection.execute(
+                    "UPDATE messages SET delay_warned_at = ? WHERE id = ?"
+                    " AND delay_warned_at IS NULL",
+                    (warned_at, message_id),
+                )
+                if not connection.changes():
+                    return False
+            insert_messages(connection, [notice for notice, _ in notices])
+            for notice, kind in notices:
+                connection.execute(
+                    "UPDATE messages SET notice_kind = ? WHERE id = ?", (kind, notice.id)
+                )
+            connection.execute(
+                "UPDATE recipients SET notice_pending = 0"
+                " WHERE message_id = ? AND notice_pending = 1",
+                (message_id,),
+            )
+            _delete_finished(connection, [message_id])
+            return True
+
+        return bool(self._writer.submit(work))
+
+    def pending_notice_messages(self, limit: int = 100) -> list[MessageId]:
+        """Messages with a notice still to write (one left behind by a crash, say)."""
+        rows = query(
+            self._reader,
+            "SELECT DISTINCT message_id FROM recipients WHERE notice_pending = 1 LIMIT ?",
+            (limit,),
+        )
+        return [MessageId(str(row[0])) for row in rows]
+
+    # -- gauges ---------------------------------------------------------------------------
 
     def counts_by_status(self) -> dict[str, int]:
         rows = query(self._reader, "SELECT status, COUNT(*) FROM recipients GROUP BY status")
@@ -258,32 +525,7 @@ class Spool:
             "SELECT MIN(m.received_at) FROM messages m JOIN recipients r ON r.message_id = m.id"
             " WHERE r.status = 'queued'",
         )
-        return float(value) if value is not None else None
-
-
-def _load_messages(connection: apsw.Connection, ids: list[str]) -> dict[str, QueuedMessage]:
-    found: dict[str, QueuedMessage] = {}
-    for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
-        chunk = ids[start : start + 500]
-        rows = query(
-            connection,
-            "SELECT id, sender, body, received_at, smtputf8, dsn_ret, dsn_envid FROM messages"
-            f" WHERE id IN ({','.join('?' * len(chunk))})",
-            chunk,
-        )
-        dsn = load_recipient_dsn(connection, chunk)
-        for message_id, sender, body, received_at, smtputf8, ret, envid in rows:
-            found[message_id] = QueuedMessage(
-                MessageId(message_id),
-                sender,
-                bytes(body),
-                float(received_at),
-                bool(smtputf8),
-                ret=Ret(ret) if ret is not None else None,
-                envid=envid,
-                dsn=dsn.get(message_id, {}),
-            )
-    return found
+        return float(value) if isinstance(value, int | float) else None
 
 
 def load_recipient_dsn(
@@ -307,106 +549,88 @@ def load_recipient_dsn(
     return found
 
 
-# -- administration (CLI: works beside a running server, WAL lets both in) -------------
+def _claim(connection: apsw.Connection, params: dict[str, Any]) -> str:
+    """In the writer thread: choose, own and describe, three single-step statements (the
+    last aggregated to one JSON row, so the thread needs the GIL only a few times).
+    Only the values JSON can hold are described; anything else comes back as null and
+    is set aside by the caller. Returns `[rows scanned, rows left by a cap, [[row], ...]]`."""
+    # Skipping full domains costs a look at each of their due rows: only when there are.
+    skip = f" AND {_DOMAIN} NOT IN (SELECT value FROM json_each(:full))" if params["full"] else ""
+    chosen = scalar(
+        connection,
+        "WITH caps AS MATERIALIZED (SELECT key, value AS cap FROM json_each(:caps)),"
+        f" due AS MATERIALIZED (SELECT rowid AS id, message_id AS m,"
+        f" next_attempt_at AS due, {_DOMAIN} AS d FROM recipients"
+        f" WHERE status = 'queued' AND next_attempt_at <= :now{skip}"
+        " ORDER BY next_attempt_at LIMIT :scan),"
+        # Caps count messages (one delivery each), not recipients; ids are time-ordered.
+        " ranked AS MATERIALIZED (SELECT id, due, d, n <= coalesce(cap, :default_cap) AS ok"
+        " FROM (SELECT id, due, d, dense_rank() OVER (PARTITION BY d ORDER BY m) AS n"
+        " FROM due) LEFT JOIN caps ON key = d)"
+        " SELECT json_array((SELECT count(*) FROM due), (SELECT count(*) FROM ranked"
+        " WHERE NOT ok), json((SELECT json_group_array(id) FROM (SELECT id FROM ranked"
+        " WHERE ok ORDER BY due, id LIMIT :limit))))",
+        params,
+    )
+    scanned, capped, ids = json.loads(chosen)
+    chosen_ids = json.dumps(ids)
+    connection.execute(
+        "UPDATE recipients SET claimed_due = next_attempt_at, next_attempt_at = :unscheduled"
+        " WHERE rowid IN (SELECT value FROM json_each(:chosen))",
+        {**params, "chosen": chosen_ids},
+    )
+    rows = scalar(
+        connection,
+        "SELECT json_group_array(json_array(r.rowid,"
+        " CASE typeof(r.message_id) WHEN 'text' THEN r.message_id END,"
+        " CASE typeof(r.address) WHEN 'text' THEN r.address END,"
+        " CASE typeof(r.attempts) WHEN 'integer' THEN r.attempts END,"
+        " CASE typeof(r.bounce_requested) WHEN 'integer' THEN r.bounce_requested END,"
+        " CASE typeof(m.size) WHEN 'integer' THEN m.size END,"
+        " CASE WHEN typeof(m.received_at) IN ('real', 'integer') THEN m.received_at END))"
+        " FROM recipients r LEFT JOIN messages m ON m.id = r.message_id"
+        " WHERE r.rowid IN (SELECT value FROM json_each(:chosen))",
+        {"chosen": chosen_ids},
+    )
+    return f"[{int(scanned)}, {int(capped)}, {rows}]"
 
 
-@dataclass(frozen=True, slots=True)
-class RecipientRow:
-    address: str
-    status: str
-    attempts: int
-    next_attempt_at: float
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class MessageRow:
-    id: str
-    sender: str
-    size: int
-    received_at: float
-    client: str
-    helo: str
-    recipients: tuple[RecipientRow, ...]
-
-
-class SpoolAdmin:
-    """`gsmtp queue ...`: list, show, stats, flush, delete, bounce."""
-
-    def __init__(self, connection: apsw.Connection) -> None:
-        self._db = connection
-
-    def messages(self) -> list[MessageRow]:
-        rows = query(
-            self._db,
-            "SELECT id, sender, size, received_at, client, helo FROM messages ORDER BY received_at",
+def _set_aside(connection: apsw.Connection, broken: Mapping[str, str], stray: list[int]) -> None:
+    for message_id, reason in broken.items():
+        connection.execute("UPDATE messages SET corrupt = ? WHERE id = ?", (reason, message_id))
+        connection.execute(
+            "UPDATE recipients SET next_attempt_at = ?, claimed_due = NULL"
+            " WHERE message_id = ? AND status = 'queued'",
+            (UNSCHEDULED, message_id),
         )
-        return [self._message_row(row) for row in rows]
-
-    def message(self, message_id: str) -> MessageRow | None:
-        rows = query(
-            self._db,
-            "SELECT id, sender, size, received_at, client, helo FROM messages WHERE id = ?",
-            (message_id,),
+    for rowid in stray:
+        connection.execute(
+            "UPDATE recipients SET next_attempt_at = ?, claimed_due = NULL WHERE rowid = ?",
+            (UNSCHEDULED, rowid),
         )
-        return self._message_row(rows[0]) if rows else None
 
-    def headers(self, message_id: str) -> bytes:
-        value = scalar(self._db, "SELECT body FROM messages WHERE id = ?", (message_id,))
-        if value is None:
-            return b""
-        body = bytes(value)
-        end = body.find(b"\r\n\r\n")
-        return body if end < 0 else body[: end + 2]
 
-    def stats(self) -> dict[str, int]:
-        messages = scalar(self._db, "SELECT COUNT(*) FROM messages")
-        recipients = scalar(self._db, "SELECT COUNT(*) FROM recipients")
-        by_status = dict(query(self._db, "SELECT status, COUNT(*) FROM recipients GROUP BY status"))
-        result = {"messages": int(messages), "recipients": int(recipients)}
-        for status in ("queued", "delivered", "failed"):
-            result[status] = int(by_status.get(status, 0))
-        return result
+def _decode_message(message_id: str, row: tuple[Any, ...]) -> QueuedMessage | Unreadable:
+    sender, body, received_at, smtputf8, size, ret, envid = row
+    if not isinstance(body, bytes):
+        return Unreadable(f"body is {type(body).__name__}, not a blob")
+    if not isinstance(size, int) or size != len(body):
+        return Unreadable(f"body has {len(body)} bytes, {size!r} were stored")
+    if not isinstance(sender, str):
+        return Unreadable("sender does not decode")
+    if not isinstance(received_at, int | float) or not isinstance(smtputf8, int):
+        return Unreadable("envelope does not decode")
+    return QueuedMessage(
+        MessageId(message_id),
+        sender,
+        body,
+        float(received_at),
+        bool(smtputf8),
+        ret=_ret(ret),
+        envid=envid if isinstance(envid, str) else None,
+    )
 
-    def flush(self, now: float | None = None) -> int:
-        """Make every queued recipient due now (like `postqueue -f`)."""
-        with transaction(self._db):
-            self._db.execute(
-                "UPDATE recipients SET next_attempt_at = ?"
-                " WHERE status = 'queued' AND lease_until IS NULL",
-                (now if now is not None else time.time(),),
-            )
-            return int(self._db.changes())
 
-    def delete(self, message_id: str) -> bool:
-        with transaction(self._db):
-            self._db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-            return bool(self._db.changes())
-
-    def bounce(self, message_id: str, now: float | None = None) -> int:
-        """Expire a message's queued recipients so the runner bounces them at once."""
-        with transaction(self._db):
-            self._db.execute(
-                "UPDATE recipients SET next_attempt_at = ?, bounce_requested = 1"
-                " WHERE message_id = ? AND status = 'queued' AND lease_until IS NULL",
-                (now if now is not None else time.time(), message_id),
-            )
-            return int(self._db.changes())
-
-    def _message_row(self, row: tuple[Any, ...]) -> MessageRow:
-        message_id, sender, size, received_at, client, helo = row
-        recipients = query(
-            self._db,
-            "SELECT address, status, attempts, next_attempt_at, last_error FROM recipients"
-            " WHERE message_id = ? ORDER BY address",
-            (message_id,),
-        )
-        return MessageRow(
-            str(message_id),
-            str(sender),
-            int(size),
-            float(received_at),
-            str(client),
-            str(helo),
-            tuple(RecipientRow(a, s, int(n), float(t), e) for a, s, n, t, e in recipients),
-        )
+def _ret(value: Any) -> Ret | None:
+    """messages.dsn_ret (a CHECK keeps it FULL, HDRS or NULL)."""
+    return Ret(value) if value in ("FULL", "HDRS") else None

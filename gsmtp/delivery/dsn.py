@@ -182,14 +182,17 @@ def build_bounce(
     hostname: str,
     bounce_id: str,
     now: float,
+    recipient: str | None = None,
 ) -> bytes:
-    """The failure notice for these recipients (every one of them reported failed)."""
+    """The failure notice for these recipients (every one of them reported failed); to
+    the sender unless `recipient` says otherwise (a failed notice goes to postmaster)."""
     return build_notice(
         message,
         [(result, Action.FAILED) for result in failed],
         hostname=hostname,
         notice_id=bounce_id,
         now=now,
+        to=recipient,
     )
 
 
@@ -201,12 +204,15 @@ def build_notice(
     notice_id: str,
     now: float,
     retry_until: float | None = None,
+    to: str | None = None,
 ) -> bytes:
     """The complete notice, CRLF line endings, ready for the spool.
 
     `entries`: each recipient reported with its action (from `notice_due`); all of one
     kind (failed; delayed; delivered or relayed), since each kind is its own notice.
-    `retry_until`: for a delay warning, when the queue gives up (Will-Retry-Until)."""
+    `retry_until`: for a delay warning, when the queue gives up (Will-Retry-Until).
+    `to`: the notice's recipient when it is not the sender (postmaster, for a notice
+    about a notice that failed)."""
     kinds = {_KINDS[action] for _, action in entries}
     if len(kinds) != 1:
         raise ValueError(f"a notice reports one kind of event, got {len(kinds)}")
@@ -214,7 +220,7 @@ def build_notice(
     whole = kind is _FAILURE and message.ret is Ret.FULL
     too_big = whole and len(message.body) > MAX_RETURNED_MESSAGE
     boundary = f"{notice_id}/{secrets.token_hex(8)}/{hostname}"
-    sender = one_line(message.sender, 512)
+    sender = one_line(message.sender if to is None else to, 512)
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{sender}>",

@@ -22,6 +22,12 @@ LOCAL_DOMAIN = "foo.com"
 USERS = ("jones@foo.com", "brown@foo.com")
 
 
+def _checkout_path() -> str:
+    root = str(Path(__file__).resolve().parents[2])
+    inherited = os.environ.get("PYTHONPATH")
+    return f"{root}{os.pathsep}{inherited}" if inherited else root
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:

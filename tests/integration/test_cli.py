@@ -156,7 +156,7 @@ def test_queue_flush_and_bounce_end_to_end(gsmtp_factory) -> None:  # type: igno
     (block,) = delivery_status(bounce)
     assert block["Final-Recipient"] == "rfc822; x@remote.example"
     assert (block["Action"], block["Status"]) == ("failed", "5.0.0")
-    assert block["Diagnostic-Code"] == "smtp; Bounced by the administrator"
+    assert block["Diagnostic-Code"] == "smtp; 550 5.0.0 Bounced by the administrator"
     wait_for(
         lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool"
     )

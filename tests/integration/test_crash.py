@@ -93,7 +93,7 @@ def leased(gsmtp: GsmtpProcess) -> list[str]:
     """Recipients a sender has claimed and not yet settled: deliveries in flight."""
     try:
         rows = gsmtp.spool_rows(
-            "SELECT message_id FROM recipients WHERE status = 'queued' AND lease_until IS NOT NULL"
+            "SELECT message_id FROM recipients WHERE status = 'queued' AND claimed_due IS NOT NULL"
         )
     except apsw.BusyError:
         return []

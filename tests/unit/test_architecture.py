@@ -71,10 +71,17 @@ def test_protocol_uses_the_standard_library_only(path: Path) -> None:
             assert name.startswith("gsmtp.protocol"), f"{path.name} imports {name}"
 
 
-def test_scheduler_never_imports_a_concrete_deliverer() -> None:
-    names = imports_of(PACKAGE / "scheduler.py")
-    for module in ("gsmtp.delivery.maildir", "gsmtp.delivery.smtp", "gsmtp.server"):
-        assert not imports_module(names, module), f"scheduler.py imports {module}"
+@pytest.mark.parametrize("path", modules("queue"), ids=lambda p: p.name)
+def test_the_queue_manager_never_imports_a_concrete_deliverer(path: Path) -> None:
+    names = imports_of(path)
+    for module in ("gsmtp.delivery.maildir", "gsmtp.delivery.smtp", "gsmtp.server", "gsmtp.app"):
+        assert not imports_module(names, module), f"{path.name} imports {module}"
+    assert not imports_module(names, "gsmtp.config")
+
+
+@pytest.mark.parametrize("name", ["spool.py", "spool_admin.py", "db.py", "writer.py"])
+def test_storage_never_imports_the_queue_manager(name: str) -> None:
+    assert not imports_module(imports_of(PACKAGE / name), "gsmtp.queue")
 
 
 @pytest.mark.parametrize("name", ["server.py", "policy.py", "spool.py", "accounts.py", "db.py"])

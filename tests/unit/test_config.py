@@ -145,3 +145,12 @@ def test_spool_min_free(tmp_path: Path, text: str, reserve: int) -> None:
 def test_spool_min_free_must_be_a_size(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\[spool\] min_free: expected a size"):
         load(write(tmp_path, '[spool]\nmin_free = "plenty"\n'))
+
+
+def test_delay_warning_is_a_duration_or_empty_for_none(tmp_path: Path) -> None:
+    assert parse({}, tmp_path / "x.toml").delivery.delay_warning == 4 * 3600
+    off = write(tmp_path, '[delivery]\ndelay_warning = ""\nactive_limit = 500\n')
+    assert load(off).delivery.delay_warning is None
+    assert load(off).delivery.active_limit == 500
+    with pytest.raises(ConfigError, match=r"\[delivery\] delay_warning: expected a duration"):
+        load(write(tmp_path, '[delivery]\ndelay_warning = "soon"\n'))

@@ -13,7 +13,7 @@ from gsmtp.delivery.mx import MxRecord, order_mx
 from gsmtp.message import MessageId, Outcome, QueuedMessage, RecipientResult
 from gsmtp.protocol import client
 from gsmtp.protocol.client import ReplyError, ReplyParser
-from gsmtp.scheduler import RetryPolicy
+from gsmtp.queue import RetryPolicy
 
 # -- retry schedule ----------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ def test_commands_refuse_line_breaks() -> None:
 
 
 def test_pacer_halves_on_lag_and_recovers_slowly() -> None:
-    from gsmtp.scheduler import DeliveryPacer
+    from gsmtp.queue import DeliveryPacer
 
     pacer = DeliveryPacer(100, minimum=2)
     for _ in range(10):

@@ -10,7 +10,7 @@ import pytest
 
 from gsmtp import db
 from gsmtp.acceptance import Acceptor
-from gsmtp.message import MessageId, NewMessage, Notify, RecipientDsn, Ret
+from gsmtp.message import MessageId, NewMessage, Notify, QueuedMessage, RecipientDsn, Ret
 from gsmtp.protocol.address import Address
 from gsmtp.protocol.dsnparams import NEVER
 from gsmtp.protocol.session import Envelope
@@ -63,18 +63,19 @@ def test_stored_in_their_columns(spool: Spool, spool_path: str) -> None:
     ) == [("brown@foo.com", "NEVER", None), ("jones@foo.com", "SUCCESS,FAILURE", "rfc822;a@b")]
 
 
-def test_a_claimed_message_carries_them_to_delivery(spool: Spool) -> None:
+def test_a_message_loaded_for_delivery_carries_them(spool: Spool) -> None:
     plain = NewMessage(
         MessageId("M2"), "s@r.example", ("c@foo.com",), b"S: y\r\n\r\n", 100.0, "c", "h"
     )
     asked = accepted()
     spool.enqueue(asked)
     spool.enqueue(plain)
-    claims = {claim.message.id: claim.message for claim in spool.claim_due(now=200.0, limit=10)}
-    message = claims[asked.id]
+    message = spool.load_message(asked.id)
+    assert isinstance(message, QueuedMessage)
     assert (message.ret, message.envid) == (Ret.HDRS, "x")
     assert message.recipient_dsn("jones@foo.com") == JONES
     assert message.recipient_dsn("brown@foo.com") == RecipientDsn(NEVER)
-    other = claims[MessageId("M2")]
+    other = spool.load_message(MessageId("M2"))
+    assert isinstance(other, QueuedMessage)
     assert (other.ret, other.envid, dict(other.dsn)) == (None, None, {})
     assert other.recipient_dsn("c@foo.com") == RecipientDsn()

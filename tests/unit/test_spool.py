@@ -13,7 +13,8 @@ import pytest
 
 from gsmtp import db
 from gsmtp.message import MessageId, NewMessage, Outcome, new_message_id
-from gsmtp.spool import RecipientUpdate, Spool, SpoolAdmin
+from gsmtp.spool import UNSCHEDULED, RecipientUpdate, Spool, Unreadable
+from gsmtp.spool_admin import SpoolAdmin
 from gsmtp.writer import GroupCommitter, ThreadReader
 
 
@@ -101,14 +102,17 @@ def test_a_failing_unit_does_not_spoil_its_batch(spool: Spool, spool_path: str) 
     assert SpoolAdmin(db.connect(spool_path)).stats()["messages"] == 3
 
 
-def test_claim_leases_and_results(spool: Spool, spool_path: str) -> None:
+def test_claim_owns_and_results_release(spool: Spool, spool_path: str) -> None:
     spool.enqueue(message(1, ("a@x.example", "b@x.example"), now=100.0))
     spool.enqueue(message(2, ("c@y.example",), now=200.0))
-    claims = spool.claim_due(now=150.0, limit=10)
-    assert [(c.message.id, c.recipients) for c in claims] == [
-        ("M00001", ("a@x.example", "b@x.example"))
+    claims = spool.claim_due(now=150.0, limit=10).claims
+    assert [(c.message_id, [r.address for r in c.recipients]) for c in claims] == [
+        ("M00001", ["a@x.example", "b@x.example"])
     ]
-    assert spool.claim_due(now=150.0, limit=10) == []  # leased: nobody else gets them
+    assert claims[0].received_at == 100.0 and claims[0].size == len(message(1).body)
+    # Owned: nobody else gets them, however long the delivery takes (no lease to lapse).
+    assert spool.claim_due(now=150.0 + 86400 * 30, limit=10).claims[0].message_id == "M00002"
+    assert spool.claim_due(now=150.0 + 86400 * 30, limit=10).claims == []
     spool.record_results(
         [
             RecipientUpdate(MessageId("M00001"), "a@x.example", Outcome.DELIVERED, "250 ok", 150.0),
@@ -124,7 +128,7 @@ def test_claim_leases_and_results(spool: Spool, spool_path: str) -> None:
     assert by_address["a@x.example"].status == "delivered"
     assert by_address["b@x.example"].last_error == "451 later"
     assert by_address["b@x.example"].attempts == 1
-    assert spool.next_due_at() == 200.0
+    assert spool.next_due_at() == 400.0  # M00002 is owned, not due
     spool.record_results(
         [RecipientUpdate(MessageId("M00001"), "b@x.example", Outcome.FAILED, "550 no", 500.0)]
     )
@@ -135,14 +139,127 @@ def test_claim_leases_and_results(spool: Spool, spool_path: str) -> None:
         "queued": 1,
         "delivered": 0,
         "failed": 0,
+        "corrupt": 0,
     }
 
 
 def test_release_leases_frees_what_a_dead_process_held(spool: Spool) -> None:
-    spool.enqueue(message(1))
-    assert len(spool.claim_due(now=2000.0, limit=10)) == 1
-    assert spool.release_leases() == 1
-    assert len(spool.claim_due(now=2000.0, limit=10)) == 1
+    spool.enqueue(message(1, now=100.0))
+    spool.enqueue(message(2, now=300.0))
+    assert len(spool.claim_due(now=2000.0, limit=10).claims) == 2
+    assert spool.release_leases() == 2
+    # Due again when they were due before, in the same order.
+    claims = spool.claim_due(now=2000.0, limit=1).claims
+    assert [c.message_id for c in claims] == ["M00001"]
+    assert spool.next_due_at() == 300.0
+
+
+def test_a_failure_keeps_its_message_until_the_notice_is_written(
+    spool: Spool, spool_path: str
+) -> None:
+    spool.enqueue(message(1, ("a@x.example",), now=100.0))
+    spool.claim_due(now=100.0, limit=10)
+    spool.record_results(
+        [
+            RecipientUpdate(
+                MessageId("M00001"), "a@x.example", Outcome.FAILED, "550 no", 100.0, notice=True
+            )
+        ]
+    )
+    admin = SpoolAdmin(db.connect(spool_path))
+    assert admin.message("M00001") is not None  # the bounce needs its headers
+    state = spool.notice_state("M00001")
+    assert state is not None and state.recipients[0].notice_pending
+    assert spool.pending_notice_messages() == ["M00001"]
+    bounce = message(2, ("s@remote.example",), now=101.0)
+    # Not what is pending: nothing is written.
+    assert not spool.store_notices(
+        "M00001", reported=frozenset({"x@x.example"}), notices=[(bounce, "bounce")], warned_at=None
+    )
+    assert admin.message("M00002") is None
+    assert spool.store_notices(
+        "M00001", reported=frozenset({"a@x.example"}), notices=[(bounce, "bounce")], warned_at=None
+    )
+    assert admin.message("M00001") is None  # reported: gone
+    assert admin.message("M00002") is not None
+    assert spool.pending_notice_messages() == []
+
+
+def test_claims_are_capped_per_destination_domain(spool: Spool) -> None:
+    for index in range(6):
+        spool.enqueue(message(index, (f"u{index}@slow.example",), now=10.0 + index))
+    for index in range(6, 9):
+        spool.enqueue(message(index, (f"u{index}@fast.example",), now=10.0 + index))
+    first = spool.claim_due(now=100.0, limit=50, caps={"slow.example": 2}, default_cap=1)
+    assert [c.message_id for c in first.claims] == ["M00000", "M00001", "M00006"]
+    assert not first.exhausted  # a cap left rows: ask again once there is room
+    # A domain capped at 0 is skipped, however much of it is due.
+    second = spool.claim_due(now=100.0, limit=50, caps={"slow.example": 0}, default_cap=5)
+    assert [c.message_id for c in second.claims] == ["M00007", "M00008"]
+    assert second.exhausted  # every due row of the domains allowed was taken
+    limited = spool.claim_due(now=100.0, limit=1)
+    assert len(limited.claims) == 1 and not limited.exhausted
+
+
+def test_unreadable_messages_are_set_aside_not_retried(spool: Spool, spool_path: str) -> None:
+    """Postfix's corrupt/ queue: kept, listed, excluded from claims and from flush."""
+    spool.enqueue(message(1, now=10.0))
+    spool.enqueue(message(2, now=10.0))
+    spool.enqueue(message(3, now=10.0))
+    outside = db.connect(spool_path)
+    outside.execute("UPDATE messages SET body = 42 WHERE id = 'M00001'")
+    outside.execute("UPDATE messages SET size = 'lots' WHERE id = 'M00002'")
+    result = spool.claim_due(now=20.0, limit=10)
+    # A row that does not decode is set aside at claim time...
+    assert [(a.message_id, a.reason) for a in result.set_aside] == [
+        ("M00002", "message row missing or does not decode")
+    ]
+    assert sorted(c.message_id for c in result.claims) == ["M00001", "M00003"]
+    # ...a body that does not, when a delivery reads it.
+    unreadable = spool.load_message("M00001")
+    assert isinstance(unreadable, Unreadable) and "int" in unreadable.reason
+    spool.set_aside("M00001", unreadable.reason)
+    loaded = spool.load_message("M00003")
+    assert not isinstance(loaded, Unreadable) and loaded is not None
+    assert loaded.body == message(3).body
+    admin = SpoolAdmin(outside)
+    assert admin.flush(now=30.0) == 0  # neither is made due again
+    assert spool.claim_due(now=40.0, limit=10).claims == []
+    assert spool.release_leases() == 1  # M00003 was owned; the corrupt ones are not
+    assert [m.id for m in admin.messages()] == ["M00003"]
+    corrupt = admin.messages(corrupt=True)
+    assert [(m.id, m.corrupt is not None) for m in corrupt] == [("M00001", True), ("M00002", True)]
+    assert admin.stats()["corrupt"] == 2
+    assert {
+        r
+        for (r,) in outside.execute(
+            "SELECT next_attempt_at FROM recipients WHERE message_id IN ('M00001', 'M00002')"
+        )
+    } == {UNSCHEDULED}
+
+
+def test_flush_makes_everything_due_and_bumps_the_serial(spool: Spool, spool_path: str) -> None:
+    spool.enqueue(message(1, now=10.0))
+    claims = spool.claim_due(now=10.0, limit=10).claims
+    spool.record_results(
+        [RecipientUpdate(claims[0].message_id, "a@x.example", Outcome.DEFERRED, "451", 5000.0)]
+    )
+    before = spool.flush_serial()
+    assert SpoolAdmin(db.connect(spool_path)).flush(now=20.0) == 1
+    assert spool.flush_serial() == before + 1
+    assert spool.next_due_at() == 20.0
+
+
+def test_retries_beyond_the_horizon_are_pulled_forward(spool: Spool) -> None:
+    """D-43: the clock was set back: a retry far ahead is capped at now + longest wait."""
+    spool.enqueue(message(1, now=10.0))
+    claims = spool.claim_due(now=10.0, limit=10).claims
+    spool.record_results(
+        [RecipientUpdate(claims[0].message_id, "a@x.example", Outcome.DEFERRED, "451", 9e9)]
+    )
+    assert spool.cap_schedule(latest=4000.0) == 1
+    assert spool.next_due_at() == 4000.0
+    assert spool.cap_schedule(latest=4000.0) == 0
 
 
 def test_message_ids_are_unique_and_ordered() -> None:
@@ -169,8 +286,8 @@ def test_writer_stops_after_finishing_what_was_submitted(spool_path: str) -> Non
 
 
 def test_body_reader_sees_messages_committed_after_a_checkpoint(spool_path: str) -> None:
-    """A checkpoint must not pin the body reader's snapshot: a claim whose body could
-    not be read would hold its recipients for the whole lease."""
+    """A checkpoint must not pin the body reader's snapshot: a delivery whose body could
+    not be read would find its message gone."""
     writer = GroupCommitter(spool_path)
     bodies = ThreadReader(spool_path)
     store = Spool(writer, db.connect(spool_path), bodies)
@@ -178,16 +295,19 @@ def test_body_reader_sees_messages_committed_after_a_checkpoint(spool_path: str)
         for index in range(1, 4):
             store.enqueue(message(index, now=10.0))
             bodies.checkpoint()
-        claims = store.claim_due(now=20.0, limit=10)
-        assert sorted(c.message.id for c in claims) == ["M00001", "M00002", "M00003"]
+        claims = store.claim_due(now=20.0, limit=10).claims
+        assert sorted(c.message_id for c in claims) == ["M00001", "M00002", "M00003"]
+        for claim in claims:
+            loaded = store.load_message(claim.message_id)
+            assert loaded is not None and not isinstance(loaded, Unreadable)
     finally:
         writer.stop()
         bodies.close()
 
 
-def test_a_claim_whose_body_cannot_be_read_is_released_not_held(spool_path: str) -> None:
-    """If the body reader's snapshot predates a message (as an open statement on its
-    connection once caused under load), the claim must not keep the recipient leased."""
+def test_released_claims_are_due_again_at_their_old_time(spool_path: str) -> None:
+    """If the body reader cannot see a claimed message (a snapshot pinned by an open
+    statement once did that under load), the claim is released, not held."""
     writer = GroupCommitter(spool_path)
     bodies = ThreadReader(spool_path)
     store = Spool(writer, db.connect(spool_path), bodies)
@@ -199,12 +319,15 @@ def test_a_claim_whose_body_cannot_be_read_is_released_not_held(spool_path: str)
             connection.execute("SELECT COUNT(*) FROM messages").fetchall()
 
         bodies.run(pin_snapshot)
-        store.enqueue(message(2, now=10.0))
-        first = store.claim_due(now=20.0, limit=10)
-        assert [c.message.id for c in first] == ["M00001"]  # M00002 is invisible to it
+        store.enqueue(message(2, now=12.0))
+        claims = store.claim_due(now=20.0, limit=10).claims
+        assert store.load_message("M00002") is None  # invisible to the pinned reader
+        store.release([(c.message_id, r.address) for c in claims for r in c.recipients])
         bodies.run(lambda connection: connection.execute("COMMIT"))
-        second = store.claim_due(now=20.0, limit=10)
-        assert [c.message.id for c in second] == ["M00002"]  # released, not leased for 1 h
+        assert store.next_due_at() == 10.0
+        again = store.claim_due(now=20.0, limit=10).claims
+        assert [c.message_id for c in again] == ["M00001", "M00002"]
+        assert store.load_message("M00002") is not None
     finally:
         writer.stop()
         bodies.close()

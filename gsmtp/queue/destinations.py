@@ -1,0 +1,208 @@
+"""Per-destination queues: a concurrency window each, round-robin between them, and the
+memory of destinations that cannot be reached.
+
+No I/O; time comes in as an argument. A destination is a (transport, domain) pair. Its
+queue holds the batches the queue manager claimed for it, FIFO; its window says how
+many deliveries to it may run at once. Following Postfix's qmgr, a window starts small
+(5) and moves by 1/N per delivery (N = the current window): up on every delivery that
+reached the destination, down on one that could not connect to any of its hosts — so
+the window moves by about one per "cohort" of N deliveries, and stays within
+[1, max_per_domain].
+
+A delivery that reached no host at all makes the destination dead until its retry
+time: the queue manager then defers every other message for it without connecting
+("delivery temporarily suspended"), instead of making each one wait for the same
+connect time-outs. `gsmtp queue flush` forgets every dead destination; a later success
+(a delivery started before it died) revives it too.
+
+Each destination can hold a window's worth of batches beyond those running
+(`capacity`): enough to start the next ones the moment others finish, not so many that
+a stalled destination fills the active set. The claim query takes at most `room()` more
+messages for it; a destination that was full asks for more once it has drained to half
+(`wants_more`), so a long backlog is claimed in chunks rather than one row per delivery.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from gsmtp.spool import Claim, ClaimedRecipient
+
+INITIAL_WINDOW = 5  # Postfix: initial_destination_concurrency
+
+Key = tuple[str, str]  # (transport, destination domain)
+
+
+@dataclass(eq=False, slots=True)
+class Batch:
+    """Recipients of one message for one destination: what one delivery takes."""
+
+    claim: Claim
+    key: Key
+    recipients: tuple[ClaimedRecipient, ...]
+
+    @property
+    def size(self) -> int:
+        return self.claim.size
+
+
+@dataclass(eq=False, slots=True)
+class Destination:
+    key: Key
+    window: float
+    running: int = 0
+    waiting: deque[Batch] = field(default_factory=deque)
+    dead_until: float | None = None
+    dead_reason: str = ""
+    was_full: bool = False
+    in_ready: bool = False
+
+    @property
+    def allowed(self) -> int:
+        """Deliveries that may run at once."""
+        return max(1, math.floor(self.window))
+
+    @property
+    def capacity(self) -> int:
+        """Batches held at once: the running window and one more window waiting."""
+        return self.allowed + math.ceil(self.window)
+
+    @property
+    def held(self) -> int:
+        return self.running + len(self.waiting)
+
+    def room(self) -> int:
+        return max(0, self.capacity - self.held)
+
+    def can_start(self) -> bool:
+        return self.dead_until is None and bool(self.waiting) and self.running < self.allowed
+
+
+class Destinations:
+    def __init__(self, *, max_window: int, initial_window: int = INITIAL_WINDOW) -> None:
+        self._max = max(1, max_window)
+        self._initial = min(initial_window, self._max)
+        self._all: dict[Key, Destination] = {}
+        self._ready: deque[Destination] = deque()
+
+    def __iter__(self) -> Iterator[Destination]:
+        return iter(list(self._all.values()))
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def get(self, key: Key) -> Destination:
+        destination = self._all.get(key)
+        if destination is None:
+            destination = self._all[key] = Destination(key, float(self._initial))
+        return destination
+
+    @property
+    def default_room(self) -> int:
+        """What a claim may take for a destination not seen yet."""
+        return Destination(("", ""), float(self._initial)).capacity
+
+    def add(self, batch: Batch) -> Destination:
+        destination = self.get(batch.key)
+        destination.waiting.append(batch)
+        self._mark_ready(destination)
+        return destination
+
+    def ready(self) -> Iterator[Destination]:
+        """Round-robin over destinations that can start a delivery: each turn yields the
+        next one; the caller starts at most one batch of it before asking again."""
+        while self._ready:
+            destination = self._ready.popleft()
+            destination.in_ready = False
+            if not destination.can_start():
+                continue
+            yield destination
+            self._mark_ready(destination)
+
+    def put_back(self, destination: Destination) -> None:
+        """The caller could not start it (no body budget yet): first in line next time."""
+        if not destination.in_ready:
+            destination.in_ready = True
+            self._ready.appendleft(destination)
+
+    def started(self, destination: Destination) -> Batch:
+        batch = destination.waiting.popleft()
+        destination.running += 1
+        return batch
+
+    def finished(self, destination: Destination, *, reached: bool | None) -> bool:
+        """A delivery to it ended: `reached` True (some host answered), False (none
+        could be reached) or None (nothing learned). True when the destination, full
+        before, has drained to half: time to claim more for it."""
+        destination.running -= 1
+        if reached is True:
+            destination.window = min(self._max, destination.window + 1 / destination.window)
+            destination.dead_until = None
+        elif reached is False:
+            destination.window = max(1.0, destination.window - 1 / destination.window)
+        self._mark_ready(destination)
+        drained = destination.was_full and destination.held <= destination.capacity // 2
+        if drained:
+            destination.was_full = False
+        self._forget_if_idle(destination)
+        return drained
+
+    def note_full(self) -> None:
+        """After a claim: remember which destinations are at capacity."""
+        for destination in self._all.values():
+            if destination.room() == 0:
+                destination.was_full = True
+
+    def kill(self, destination: Destination, until: float, reason: str) -> None:
+        destination.dead_until = until
+        destination.dead_reason = reason
+
+    def revive(self, now: float, longest_wait: float) -> list[Destination]:
+        """Dead destinations whose time has come (or whose time lies impossibly far
+        ahead: the clock was set back) may be tried again."""
+        revived = []
+        for destination in list(self._all.values()):
+            until = destination.dead_until
+            if until is not None and (until <= now or until > now + longest_wait):
+                destination.dead_until = None
+                revived.append(destination)
+                self._mark_ready(destination)
+                self._forget_if_idle(destination)
+        return revived
+
+    def forget_dead(self) -> int:
+        """`gsmtp queue flush`: every destination may be tried at once."""
+        dead = [d for d in self._all.values() if d.dead_until is not None]
+        for destination in dead:
+            destination.dead_until = None
+            self._mark_ready(destination)
+            self._forget_if_idle(destination)
+        return len(dead)
+
+    def dead_count(self) -> int:
+        return sum(1 for d in self._all.values() if d.dead_until is not None)
+
+    def next_revival(self) -> float | None:
+        times = [d.dead_until for d in self._all.values() if d.dead_until is not None]
+        return min(times) if times else None
+
+    def caps(self) -> dict[str, int]:
+        """Per domain, how many more messages a claim may take (0: none now)."""
+        caps: dict[str, int] = {}
+        for (_, domain), destination in self._all.items():
+            room = destination.room() if destination.dead_until is None else self._max
+            caps[domain] = min(room, caps.get(domain, room))
+        return caps
+
+    def _mark_ready(self, destination: Destination) -> None:
+        if not destination.in_ready and destination.can_start():
+            destination.in_ready = True
+            self._ready.append(destination)
+
+    def _forget_if_idle(self, destination: Destination) -> None:
+        """Forget an idle, living destination, as qmgr does: its window starts over."""
+        if destination.held == 0 and destination.dead_until is None:
+            self._all.pop(destination.key, None)

@@ -1,0 +1,440 @@
+"""The queue manager: a bounded active set, one dispatcher, a pool of senders.
+
+Theory of operation (Postfix's qmgr is the model). One greenlet, the dispatcher, owns
+everything here but the deliveries themselves. Each round it
+
+1. polls the spool's flush serial (`gsmtp queue flush` in another process: forget every
+   dead destination) and revives dead destinations whose time has come;
+2. claims due recipients — only what can start now or soon: no more than the free
+   senders can take, each destination capped at what its window can run plus one
+   window waiting, and never more than `active_limit` recipients in memory. A claim
+   reads no body; the rows are owned by this process until their results are
+   recorded (ownership does not lapse; a crash releases it at the next start);
+3. routes the claimed recipients into batches (one per message and destination) on
+   per-destination FIFO queues; batches for a dead destination are deferred at once,
+   without a connection;
+4. starts deliveries round-robin across destinations, each within its window, while
+   a sender is free and the bodies of running deliveries fit the byte budget (a body
+   larger than the whole budget runs alone).
+
+A delivery greenlet reads its body, calls the backend, records the results, and on
+its way out updates its destination's window (a destination none of whose hosts
+answered becomes dead, and its waiting batches are deferred), gives back its body
+bytes and its slot, wakes the dispatcher, and lets the notice step look at its
+message. It never starts another delivery, so no delivery ever waits for a slot of
+the pool it runs in (that deadlocked the old scheduler once the pool was full).
+
+The dispatcher sleeps until a delivery ends, new mail is queued, or at most
+`idle_poll` (1 s): often enough to see a flush at once and a due time on time. Retry
+times are wall time; no wait is longer than the longest retry step, and a time found
+further ahead (the clock was set back) is pulled forward. An exception in a round is
+logged and counted, and the dispatcher goes on after a pause; its greenlet is exposed
+(`greenlet`) for an owner to watch. `stop()` stops claiming at once, gives running
+deliveries their time, then kills them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Pool
+
+from gsmtp import metrics
+from gsmtp.delivery.base import Deliverer
+from gsmtp.log import get_logger
+from gsmtp.queue import attempt
+from gsmtp.queue.destinations import INITIAL_WINDOW, Batch, Destination, Destinations, Key
+from gsmtp.queue.notices import Notices
+from gsmtp.queue.pacer import DeliveryPacer
+from gsmtp.queue.retry import Clock, RetryPolicy
+from gsmtp.routing import Route
+from gsmtp.spool import Claim, ClaimedRecipient, RecipientUpdate, Spool, Unreadable, domain_of
+
+IDLE_POLL = 1.0  # seconds: the longest the dispatcher sleeps (a flush is seen this soon)
+ERROR_PAUSE = 1.0
+BODY_BUDGET = 64 * 1024 * 1024  # bytes of bodies held by running deliveries
+CLAIM_CHUNK = 25  # while senders are busy, wait until this many are free: fewer claims
+CLAIM_FACTOR = 4  # recipients claimed per free sender (messages have several)
+MIN_SCAN = 200
+SWEEP_SECONDS = 60.0
+LONG_AGO = -1e18  # "no due row looked at yet"
+
+
+class BodyBudget:
+    """Bytes of message bodies in memory for running deliveries."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def fits(self, size: int) -> bool:
+        return self.used + size <= self.limit or self.used == 0
+
+    def take(self, size: int) -> None:
+        self.used += size
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+class QueueManager:
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        deliverers: Mapping[str, Deliverer],
+        route: Callable[[str], Route],
+        retry: RetryPolicy,
+        notices: Notices,
+        concurrency: int,
+        max_per_domain: int,
+        active_limit: int = 10000,
+        body_budget: int = BODY_BUDGET,
+        clock: Clock = time.time,
+        initial_window: int = INITIAL_WINDOW,
+        idle_poll: float = IDLE_POLL,
+        error_pause: float = ERROR_PAUSE,
+        pacer: DeliveryPacer | None = None,
+        spawn: Callable[..., gevent.Greenlet] | None = None,
+    ) -> None:
+        self._spool = spool
+        # The runner and the pacer are started through `spawn(name, fn)`: the
+        # supervisor's, which notices their death (the process then exits).
+        self._spawn = spawn or (lambda name, function, *args: gevent.spawn(function, *args))
+        self._deliverers = deliverers
+        self._route = route
+        self._retry = retry
+        self._notices = notices
+        notices.on_queued = self.wake  # a notice is new mail
+        self._clock = clock
+        self._active_limit = active_limit
+        self._idle_poll = idle_poll
+        self._error_pause = error_pause
+        self._pool = Pool(concurrency)
+        self._pacer = pacer or DeliveryPacer(concurrency)
+        self._destinations = Destinations(max_window=max_per_domain, initial_window=initial_window)
+        self._budget = BodyBudget(body_budget)
+        self.held = 0  # recipients in memory: claimed, waiting or running
+        self._wake = Event()
+        self._more = True  # the spool may hold claimable work
+        self._looks = 0  # times something asked for another look (see _look_again)
+        self._claimed_through = LONG_AGO  # due rows up to here were looked at
+        self._flush_serial: int | None = None
+        self._last_now: float | None = None
+        self._next_cap = 0.0  # monotonic times of the periodic checks
+        self._next_sweep = 0.0
+        self._stopping = False
+        self._runner: gevent.Greenlet | None = None
+        self._pacer_greenlet: gevent.Greenlet | None = None
+        self._log = get_logger(component="queue")
+
+    @property
+    def greenlet(self) -> gevent.Greenlet | None:
+        """The dispatcher, for an owner to watch (None before start)."""
+        return self._runner
+
+    def start(self) -> None:
+        self._runner = self._spawn("queue_runner", self.run)
+        self._pacer_greenlet = self._spawn("delivery_pacer", self._pacer.run)
+
+    def wake(self) -> None:
+        """New mail was queued: look for due work now."""
+        self._look_again()
+        self._wake.set()
+
+    def _look_again(self) -> None:
+        """Something may have made more work claimable (new mail, a flush, room for a
+        destination). Counted, so a claim that was running meanwhile cannot undo it."""
+        self._more = True
+        self._looks += 1
+
+    def stop_claiming(self) -> None:
+        """SIGTERM: claim and start nothing more, from now on."""
+        self._stopping = True
+        self._wake.set()
+
+    def stop(self, timeout: float) -> None:
+        """Stop claiming, give running deliveries `timeout` seconds, then kill them
+        (what they owned is released at the next start, so nothing is lost)."""
+        self.stop_claiming()
+        if self._pacer_greenlet is not None:
+            self._pacer_greenlet.kill()
+        if self._runner is not None:
+            self._runner.join(timeout=1.0)
+            self._runner.kill()
+        self._release_waiting()
+        self._pool.join(timeout=timeout)
+        self._pool.kill(timeout=1.0)
+        self._notices.stop()
+
+    def run(self) -> None:
+        """The dispatcher's loop (runs until stopped; an owner may watch it)."""
+        while not self._stopping:
+            try:
+                timeout = self._round()
+            except Exception:
+                metrics.INTERNAL_ERRORS.labels("queue").inc()
+                self._log.exception("queue_round_failed")
+                gevent.sleep(self._error_pause)
+                continue
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    # -- one round ----------------------------------------------------------------------
+
+    def _round(self) -> float:
+        now = self._clock()
+        self._check_clock(now)
+        self._check_flush()
+        for destination in self._destinations.revive(now, self._retry.longest_wait):
+            self._log.info("destination_revived", destination=destination.key[1])
+        if time.monotonic() >= self._next_cap:
+            self._next_cap = time.monotonic() + self._idle_poll
+            if self._spool.cap_schedule(now + self._retry.longest_wait):
+                self._look_again()
+        next_due = None
+        if not self._more:
+            next_due = self._spool.next_due_after(self._claimed_through)
+            self._more = next_due is not None and next_due <= now
+        again = self._claim(now)
+        self._dispatch()
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_SECONDS
+            self._notices.sweep()
+        metrics.DELIVERIES_IN_FLIGHT.set(len(self._pool))
+        metrics.DEAD_DESTINATIONS.set(self._destinations.dead_count())
+        if again:
+            return 0.0
+        waits = [self._idle_poll]
+        if next_due is not None and not self._more:
+            waits.append(next_due - now)
+        revival = self._destinations.next_revival()
+        if revival is not None:
+            waits.append(revival - now)
+        return max(0.0, min(waits))
+
+    def _check_clock(self, now: float) -> None:
+        """The wall clock went back: look at every due row again, and pull retries that
+        now lie too far ahead forward at once."""
+        if self._last_now is not None and now < self._last_now - 1.0:
+            self._log.warning("clock_went_back", seconds=round(self._last_now - now, 3))
+            self._claimed_through = LONG_AGO
+            self._look_again()
+            self._next_cap = 0.0
+        self._last_now = now
+
+    def _check_flush(self) -> None:
+        serial = self._spool.flush_serial()
+        if self._flush_serial is not None and serial != self._flush_serial:
+            forgotten = self._destinations.forget_dead()
+            self._look_again()
+            self._claimed_through = LONG_AGO
+            self._log.info("queue_flushed", dead_destinations_forgotten=forgotten)
+        self._flush_serial = serial
+
+    def _claim(self, now: float) -> bool:
+        """Claim what can start now or soon; True to claim again at once."""
+        if self._stopping or not self._more:
+            return False
+        room = self._active_limit - self.held
+        running = len(self._pool)
+        startable = min(self._pool.free_count(), self._pacer.allowed - running)
+        ready = sum(
+            min(len(d.waiting), d.allowed - d.running) for d in self._destinations if d.can_start()
+        )
+        want = startable - ready
+        if room <= 0 or want <= 0:
+            return False
+        if want < min(CLAIM_CHUNK, self._pacer.allowed) and running > 0:
+            return False  # wait for more senders to come free: fewer, larger claims
+        limit = min(room, want * CLAIM_FACTOR)
+        looks = self._looks
+        result = self._spool.claim_due(
+            now,
+            limit,
+            caps=self._destinations.caps(),
+            default_cap=self._destinations.default_room,
+            scan=max(MIN_SCAN, 2 * limit),
+        )
+        for aside in result.set_aside:
+            self._log.error("message_set_aside", msg_id=aside.message_id, reason=aside.reason)
+        suspended: list[tuple[Batch, Destination]] = []
+        for claim in result.claims:
+            try:
+                batches = self._batches(claim)
+            except Exception:  # a routing bug: defer the message, never leave it owned
+                metrics.INTERNAL_ERRORS.labels("queue").inc()
+                self._log.exception("routing_failed", msg_id=claim.message_id)
+                batch = Batch(claim, ("", ""), claim.recipients)
+                self._record(
+                    attempt.updates_for(batch, attempt.internal_error(batch), now, self._retry)
+                )
+                continue
+            for batch in batches:
+                self.held += len(batch.recipients)
+                destination = self._destinations.get(batch.key)
+                if destination.dead_until is None:
+                    self._destinations.add(batch)
+                else:
+                    suspended.append((batch, destination))
+        self._destinations.note_full()
+        if suspended:
+            self._suspend(suspended, now)
+        if result.exhausted and looks == self._looks:
+            self._more = False
+            self._claimed_through = now
+        return not result.exhausted and bool(result.claims)
+
+    def _batches(self, claim: Claim) -> list[Batch]:
+        groups: dict[Key, list[ClaimedRecipient]] = defaultdict(list)
+        for recipient in claim.recipients:
+            route = self._route(recipient.address)
+            groups[(route.transport, domain_of(recipient.address))].append(recipient)
+        return [Batch(claim, key, tuple(recipients)) for key, recipients in groups.items()]
+
+    def _dispatch(self) -> None:
+        """Start deliveries round-robin while a sender and body bytes are free."""
+        for destination in self._destinations.ready():
+            if (
+                self._stopping
+                or self._pool.free_count() <= 0
+                or len(self._pool) >= self._pacer.allowed
+                or not self._budget.fits(destination.waiting[0].size)
+            ):
+                self._destinations.put_back(destination)  # FIFO: the same batch goes first
+                return
+            batch = self._destinations.started(destination)
+            self._budget.take(batch.size)
+            self._pool.spawn(self._deliver, batch, destination)
+
+    def _suspend(self, batches: Sequence[tuple[Batch, Destination]], now: float) -> None:
+        """Defer batches of dead destinations without calling the backend."""
+        by_batch = []
+        for batch, destination in batches:
+            results = attempt.suspended(batch, destination.dead_reason)
+            updates = attempt.updates_for(
+                batch,
+                results,
+                now,
+                self._retry,
+                not_before=destination.dead_until,
+                attempted=False,  # no connection was made: not an attempt
+            )
+            attempt.log_results(self._log, batch, updates)
+            by_batch.append((batch, updates))
+        try:
+            self._record([update for _, updates in by_batch for update in updates])
+        finally:
+            for batch, _ in batches:
+                self.held -= len(batch.recipients)
+        for batch, updates in by_batch:
+            message_id = batch.claim.message_id
+            if self._notices.worth_a_look(message_id, updates, batch.claim.received_at):
+                self._notices.settle_later(message_id)
+
+    # -- one delivery (in a sender greenlet) --------------------------------------------
+
+    def _deliver(self, batch: Batch, destination: Destination) -> None:
+        reached: bool | None = None
+        updates: list[RecipientUpdate] = []
+        try:
+            updates, reached = self._attempt(batch)
+        finally:
+            self._budget.give(batch.size)
+            self.held -= len(batch.recipients)
+            if reached is False and destination.dead_until is None:
+                self._declare_dead(destination, updates)
+            if self._destinations.finished(destination, reached=reached):
+                self._look_again()
+            self._wake.set()
+        message_id = batch.claim.message_id
+        if self._notices.worth_a_look(message_id, updates, batch.claim.received_at):
+            self._notices.settle(message_id)
+
+    def _attempt(self, batch: Batch) -> tuple[list[RecipientUpdate], bool | None]:
+        """Deliver and record. Whatever goes wrong before the results are recorded, the
+        recipients are deferred (451 4.3.0), never left owned by nobody."""
+        message_id = batch.claim.message_id
+        try:
+            message = self._spool.load_message(message_id)
+            if message is None:
+                # Deleted meanwhile (its rows went with it), or not visible to the body
+                # reader yet: whatever is left is due again, not owned by nobody.
+                self._log.info("message_vanished", msg_id=message_id)
+                self._spool.release([(message_id, r.address) for r in batch.recipients])
+                self._look_again()
+                return [], None
+            if isinstance(message, Unreadable):
+                self._spool.set_aside(message_id, message.reason)
+                self._log.error("message_set_aside", msg_id=message_id, reason=message.reason)
+                return [], None
+            results = attempt.run(self._deliverers[batch.key[0]], message, batch, self._log)
+            updates = attempt.updates_for(
+                batch, results, self._clock(), self._retry, message=message
+            )
+        except Exception:
+            metrics.INTERNAL_ERRORS.labels("delivery").inc()
+            self._log.exception("delivery_crashed", msg_id=message_id)
+            results = attempt.internal_error(batch)
+            updates = attempt.updates_for(batch, results, self._clock(), self._retry)
+        try:
+            self._record(updates)
+        except Exception:
+            metrics.INTERNAL_ERRORS.labels("spool").inc()
+            self._log.exception("results_not_recorded", msg_id=message_id)
+            return [], None  # still owned: delivered again after a restart
+        attempt.log_results(self._log, batch, updates, results)
+        return updates, attempt.reached(results)
+
+    def _declare_dead(self, destination: Destination, updates: Sequence[RecipientUpdate]) -> None:
+        """No host of it answered: dead until the retry time of what just failed; the
+        batches waiting for it are deferred without connecting."""
+        now = self._clock()
+        deferred = [u for u in updates if u.next_attempt_at > now]
+        until = min((u.next_attempt_at for u in deferred), default=None)
+        if until is None:
+            until = self._retry.next_attempt_at(1, now)
+        reason = deferred[0].error if deferred else "no host could be reached"
+        self._destinations.kill(destination, until, reason)
+        self._log.warning(
+            "destination_dead", destination=destination.key[1], until=until, reason=reason
+        )
+        waiting = list(destination.waiting)
+        destination.waiting.clear()
+        if waiting:
+            try:
+                self._suspend([(batch, destination) for batch in waiting], now)
+            except Exception:
+                metrics.INTERNAL_ERRORS.labels("spool").inc()
+                self._log.exception("results_not_recorded", count=len(waiting))
+
+    def _record(self, updates: Sequence[RecipientUpdate]) -> None:
+        """Record results; one retry after a pause. If the spool still refuses, the rows
+        stay owned and are delivered again after a restart (never lost)."""
+        if not updates:
+            return
+        try:
+            self._spool.record_results(updates)
+        except Exception:
+            self._log.warning("results_not_recorded", retrying=True, exc_info=True)
+            gevent.sleep(self._error_pause)
+            self._spool.record_results(updates)
+
+    def _release_waiting(self) -> None:
+        """At stop: give back what was claimed but not started."""
+        owned = [
+            (batch.claim.message_id, recipient.address)
+            for destination in self._destinations
+            for batch in destination.waiting
+            for recipient in batch.recipients
+        ]
+        if not owned:
+            return
+        try:
+            self._spool.release(owned)
+        except Exception:
+            self._log.warning("claims_not_released", count=len(owned), exc_info=True)

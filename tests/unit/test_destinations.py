@@ -1,0 +1,78 @@
+"""Per-destination windows, round-robin and dead destinations, without I/O."""
+
+from __future__ import annotations
+
+from gsmtp.message import MessageId
+from gsmtp.queue.destinations import INITIAL_WINDOW, Batch, Destinations
+from gsmtp.spool import Claim, ClaimedRecipient
+from tests.unit.queue_harness import DEFAULTS
+
+
+def batch(domain: str, number: int) -> Batch:
+    recipient = ClaimedRecipient(f"u{number}@{domain}", 0)
+    claim = Claim(MessageId(f"M{number:05d}"), 0.0, 100, (recipient,))
+    return Batch(claim, ("smtp", domain), (recipient,))
+
+
+def start_all(destinations: Destinations) -> list[str]:
+    started = []
+    for destination in destinations.ready():
+        started.append(destinations.started(destination).claim.message_id)
+    return started
+
+
+def test_the_window_starts_at_5_grows_by_one_per_cohort_and_stops_at_the_cap() -> None:
+    destinations = Destinations(max_window=DEFAULTS.max_per_domain)
+    destination = destinations.get(("smtp", "x.example"))
+    assert destination.window == INITIAL_WINDOW
+    for _ in range(INITIAL_WINDOW):  # one cohort of 5 successes: about one more
+        destination.running += 1
+        destinations.finished(destination, reached=True)
+    assert round(destination.window, 1) == 5.9
+    destination.waiting.append(batch("x.example", 0))  # keep it from being forgotten
+    for _ in range(1000):
+        destination.running += 1
+        destinations.finished(destination, reached=True)
+    assert destination.window == DEFAULTS.max_per_domain
+    destination.running += 1
+    destinations.finished(destination, reached=False)
+    assert destination.window == DEFAULTS.max_per_domain - 1 / DEFAULTS.max_per_domain
+
+
+def test_round_robin_across_destinations_fifo_within_each() -> None:
+    destinations = Destinations(max_window=20)
+    for number in range(3):
+        destinations.add(batch("a.example", number))
+    for number in range(10, 12):
+        destinations.add(batch("b.example", number))
+    assert start_all(destinations) == ["M00000", "M00010", "M00001", "M00011", "M00002"]
+
+
+def test_only_a_window_runs_and_a_window_more_is_all_a_claim_may_add() -> None:
+    destinations = Destinations(max_window=20)
+    for number in range(12):
+        destinations.add(batch("a.example", number))
+    assert len(start_all(destinations)) == INITIAL_WINDOW
+    destination = destinations.get(("smtp", "a.example"))
+    assert destination.capacity == 2 * INITIAL_WINDOW
+    assert destinations.caps() == {"a.example": 0}  # 12 held: full
+    assert destinations.default_room == 2 * INITIAL_WINDOW
+
+
+def test_dead_until_its_time_a_flush_or_a_success() -> None:
+    destinations = Destinations(max_window=20)
+    destination = destinations.get(("smtp", "down.example"))
+    destinations.kill(destination, 100.0, "451 4.4.1 connect failed")
+    destinations.add(batch("down.example", 1))
+    assert start_all(destinations) == []  # dead: nothing starts
+    assert destinations.dead_count() == 1 and destinations.next_revival() == 100.0
+    assert destinations.revive(50.0, 3600.0) == []
+    assert destinations.revive(100.0, 3600.0) == [destination]
+    destinations.kill(destination, 200.0, "again")
+    assert destinations.revive(50.0 - 10 * 86400, 3600.0) == [destination]  # clock set back
+    destinations.kill(destination, 300.0, "again")
+    assert destinations.forget_dead() == 1 and destinations.dead_count() == 0
+    destinations.kill(destination, 400.0, "again")
+    destination.running += 1
+    destinations.finished(destination, reached=True)  # started before it died, got through
+    assert destination.dead_until is None

@@ -1,0 +1,316 @@
+"""The queue manager over a real spool file, with fake deliverers and a fake clock,
+in the default shape (pool 100, windows up to 20, 10,000 recipients held)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+from gevent.event import Event
+
+from gsmtp import metrics
+from gsmtp.message import Outcome
+from gsmtp.queue import INITIAL_WINDOW
+from gsmtp.spool import Spool
+from tests.unit.queue_harness import (
+    DEFAULTS,
+    UNREACHABLE,
+    FakeClock,
+    QueueWorld,
+    reply,
+    wait_until,
+    world,
+)
+
+REMOTE = [f"d{n}.example" for n in range(5)]
+
+
+@pytest.fixture
+def qw(tmp_path: Path) -> Iterator[QueueWorld]:
+    with world(tmp_path) as queue_world:
+        yield queue_world
+
+
+def test_a_backlog_across_five_domains_and_local_mail_drains_after_a_flush(qw: QueueWorld) -> None:
+    """Issue 7 item 1: 300 messages for 5 remote domains (more waiting batches than
+    senders) plus local mail, all deferred, then a flush: everything is delivered. The
+    old scheduler spawned the next batch from a finishing sender into its own full pool
+    and stopped after 100."""
+    first = qw.enqueue(["first@local.example"])  # delivered first: due rows looked at
+    later = qw.clock() + 3600
+    for index in range(300):
+        qw.enqueue([f"u{index}@{REMOTE[index % 5]}"])
+    for index in range(40):
+        qw.enqueue([f"user{index}@local.example"])
+    qw.rows("UPDATE recipients SET next_attempt_at = ? WHERE message_id > ?", later, first)
+    qw.remote.delay = 0.005
+    manager = qw.manager()
+    manager.start()
+    wait_until(lambda: qw.messages_left() == 340)
+    # The fake clock stands still: the flushed rows are due at the very time the last
+    # claim looked, so only the flush itself (seen by polling, no wake-up) brings them.
+    qw.admin.flush(now=qw.clock())  # as `gsmtp queue flush` does, from outside
+    wait_until(lambda: qw.messages_left() == 0, timeout=30, what="the backlog to drain")
+    assert len(qw.remote.calls) == 300 and len(qw.local.calls) == 41
+    assert max(qw.remote.max_active.values()) <= DEFAULTS.max_per_domain
+    assert qw.remote.max_total + qw.local.max_total <= DEFAULTS.concurrency
+    assert qw.remote.overlaps == []
+
+
+def test_a_stalled_destination_holds_only_what_it_runs(qw: QueueWorld) -> None:
+    """Issue 7 item 2: 100 large messages for a destination that never answers: the
+    claims stop at its window plus one window waiting, bodies are read only by running
+    deliveries, and mail for other destinations still flows."""
+    qw.remote.hold["stalled.example"] = Event()
+    body = b"Subject: big\r\n\r\n" + b"x" * 300_000 + b"\r\n"
+    for index in range(100):
+        qw.enqueue([f"u{index}@stalled.example"], body=body)
+    manager = qw.manager()
+    manager.start()
+    wait_until(lambda: qw.remote.active["stalled.example"] == INITIAL_WINDOW)
+    for index in range(10):
+        qw.enqueue([f"v{index}@flowing.example"])
+    manager.wake()
+    wait_until(lambda: len(qw.remote.calls_for("flowing.example")) == 10)
+    assert qw.remote.active["stalled.example"] == INITIAL_WINDOW  # its window: no growth
+    assert qw.owned("stalled.example") == 2 * INITIAL_WINDOW  # running + one window waiting
+    wait_until(lambda: manager.held == 2 * INITIAL_WINDOW)  # the flowing ones are done
+    assert len(qw.remote.calls_for("stalled.example")) == INITIAL_WINDOW  # bodies read
+    qw.remote.hold["stalled.example"].set()
+    wait_until(lambda: qw.messages_left() == 0, timeout=30)
+    assert len(qw.remote.calls_for("stalled.example")) == 100
+
+
+def test_the_window_grows_with_success_up_to_max_per_domain(qw: QueueWorld) -> None:
+    """Slow start: 5 at once at first, one more per window's worth of successes, never
+    more than max_per_domain: after 300 deliveries, the next ones (held) run 20 at once."""
+    gate = Event()
+    delivered = reply(Outcome.DELIVERED)
+
+    def after_300_wait(message: Any, rcpts: Any) -> Any:
+        if int(message.id[1:]) > 300:
+            gate.wait()
+        return delivered(message, rcpts)
+
+    qw.remote.behaviours["busy.example"] = after_300_wait
+    for index in range(360):
+        qw.enqueue([f"u{index}@busy.example"])
+    manager = qw.manager()
+    manager.start()
+    wait_until(lambda: qw.remote.active["busy.example"] == DEFAULTS.max_per_domain)
+    assert qw.remote.max_active["busy.example"] == DEFAULTS.max_per_domain
+    first_calls = qw.remote.calls[: INITIAL_WINDOW + 1]
+    assert len(first_calls) == INITIAL_WINDOW + 1
+    gate.set()
+    wait_until(lambda: qw.messages_left() == 0, timeout=30)
+    assert qw.remote.max_active["busy.example"] == DEFAULTS.max_per_domain
+
+
+def test_the_active_set_is_bounded_by_active_limit(qw: QueueWorld) -> None:
+    qw.remote.hold["slow.example"] = Event()
+    for index in range(20):
+        qw.enqueue([f"a{index}@slow.example", f"b{index}@slow.example"])
+    manager = qw.manager(active_limit=6)
+    manager.start()
+    wait_until(lambda: qw.remote.active["slow.example"] == 3)
+    gevent.sleep(0.05)  # rounds run meanwhile; none may claim past the limit
+    assert manager.held <= 6 and qw.owned() <= 6
+    qw.remote.hold["slow.example"].set()
+    wait_until(lambda: qw.messages_left() == 0, timeout=30)
+
+
+def test_bodies_stay_within_the_byte_budget_and_a_huge_one_runs_alone(qw: QueueWorld) -> None:
+    gate = Event()
+    for domain in ("a.example", "b.example", "c.example", "d.example"):
+        qw.remote.hold[domain] = gate
+    small = b"Subject: s\r\n\r\n" + b"s" * 370 + b"\r\n"  # 400 bytes
+    huge = b"Subject: h\r\n\r\n" + b"h" * 2970 + b"\r\n"  # 3000 bytes
+    qw.enqueue(["x@a.example"], body=small)
+    qw.enqueue(["x@b.example"], body=small)
+    qw.enqueue(["x@c.example"], body=small)
+    qw.enqueue(["x@d.example"], body=huge)
+    manager = qw.manager(body_budget=1000)
+    manager.start()
+    wait_until(lambda: qw.remote.total_active == 2)
+    gevent.sleep(0.05)
+    assert qw.remote.total_active == 2  # 800 of 1000 bytes: the third does not fit
+    gate.set()
+    wait_until(lambda: qw.messages_left() == 0)
+    assert qw.remote.max_total == 2
+
+
+def test_a_dead_destination_is_not_called_again_until_a_flush(qw: QueueWorld) -> None:
+    """Item 4: every host unreachable: the destination is dead, the rest of its mail is
+    deferred without calling the backend; a flush (seen within a second, no wake-up)
+    forgets it."""
+    qw.remote.behaviours["down.example"] = UNREACHABLE
+    qw.remote.delay = 0.02
+    for index in range(40):
+        qw.enqueue([f"u{index}@down.example"])
+    manager = qw.manager()
+    manager.start()
+    wait_until(
+        lambda: not qw.rows("SELECT 1 FROM recipients WHERE last_error IS NULL"),
+        what="every recipient deferred once",
+    )
+    assert 1 <= len(qw.remote.calls) <= INITIAL_WINDOW  # the first cohort only
+    suspended = qw.rows(
+        "SELECT COUNT(*), MAX(attempts) FROM recipients"
+        " WHERE last_error LIKE '451 4.4.1 delivery temporarily suspended%'"
+    )
+    assert suspended == [(40 - len(qw.remote.calls), 0)]  # deferred without an attempt
+    assert metrics.DEAD_DESTINATIONS._value.get() == 1
+    del qw.remote.behaviours["down.example"]
+    qw.admin.flush(now=qw.clock())  # the fake clock stands still: only the flush helps
+    wait_until(lambda: qw.messages_left() == 0, timeout=5, what="delivery after the flush")
+
+
+def test_a_success_revives_and_the_clock_ends_a_dead_spell(qw: QueueWorld) -> None:
+    qw.remote.behaviours["down.example"] = UNREACHABLE
+    qw.enqueue(["a@down.example"])
+    manager = qw.manager()
+    manager.start()
+    wait_until(lambda: qw.rows("SELECT attempts FROM recipients") == [(1,)])
+    del qw.remote.behaviours["down.example"]
+    qw.enqueue(["b@down.example"])
+    manager.wake()
+    wait_until(
+        lambda: qw.rows("SELECT last_error FROM recipients WHERE address LIKE 'b%'") != [(None,)]
+    )
+    assert len(qw.remote.calls) == 1  # suspended, not called
+    qw.clock.now += DEFAULTS.retry[0] + 1  # the retry time of the destination has come
+    wait_until(lambda: qw.messages_left() == 0, timeout=5)
+    assert len(qw.remote.calls) == 3
+
+
+def test_a_recipient_is_never_in_two_deliveries_even_past_any_lease(qw: QueueWorld) -> None:
+    """Item 3: a delivery slower than any lease (the clock moves a day while it runs)
+    keeps its recipients: no second delivery starts for them."""
+    qw.remote.hold["slow.example"] = Event()
+    qw.enqueue(["a@slow.example"])
+    manager = qw.manager()
+    manager.start()
+    wait_until(lambda: len(qw.remote.calls) == 1)
+    for _ in range(5):
+        qw.clock.now += 86400
+        qw.admin.flush(now=qw.clock())
+        manager.wake()
+        gevent.sleep(0.02)
+    assert len(qw.remote.calls) == 1 and qw.remote.overlaps == []
+    assert qw.owned() == 1
+    qw.remote.hold["slow.example"].set()
+    wait_until(lambda: qw.messages_left() == 0)
+    assert len(qw.remote.calls) == 1
+
+
+class FlakySpool(Spool):
+    """A spool whose reads fail for a while (a locked or broken database)."""
+
+    def __init__(self, inner: Spool, failures: int) -> None:
+        super().__init__(inner._writer, inner._reader)
+        self.failures = failures
+
+    def flush_serial(self) -> int:
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("spool read failed")
+        return super().flush_serial()
+
+
+def test_an_exception_in_a_round_is_counted_and_the_runner_goes_on(qw: QueueWorld) -> None:
+    """Item 7: the runner used to die silently when a read raised."""
+    flaky = FlakySpool(qw.spool, failures=3)
+    errors = metrics.INTERNAL_ERRORS.labels("queue")
+    before = errors._value.get()
+    qw.enqueue(["a@x.example"])
+    manager = qw.manager(spool=flaky, error_pause=0.01)
+    manager.start()
+    wait_until(lambda: qw.messages_left() == 0)
+    assert errors._value.get() - before == 3
+    assert manager.greenlet is not None and not manager.greenlet.dead
+
+
+def test_stop_claims_nothing_more_and_gives_back_what_did_not_start(qw: QueueWorld) -> None:
+    qw.remote.hold["slow.example"] = Event()
+    for index in range(8):
+        qw.enqueue([f"u{index}@slow.example"])
+    manager = qw.manager()
+    manager.start()
+    wait_until(lambda: qw.remote.active["slow.example"] == INITIAL_WINDOW)
+    manager.stop_claiming()
+    qw.enqueue(["late@other.example"])
+    manager.wake()
+    gevent.sleep(0.05)
+    assert qw.remote.calls_for("other.example") == []
+    started = gevent.get_hub().loop.now()
+    manager.stop(timeout=0.2)
+    assert gevent.get_hub().loop.now() - started < 2.0
+    # The 3 waiting ones are free again; the 5 killed mid-delivery stay owned until the
+    # next start releases them.
+    assert qw.owned() == INITIAL_WINDOW
+    assert qw.spool.release_leases() == INITIAL_WINDOW
+
+
+def test_a_clock_set_back_does_not_park_the_queue(tmp_path: Path) -> None:
+    """D-43: a retry stored before the clock went back 10 days is due within the
+    longest retry step, not in 10 days."""
+    clock = FakeClock()
+    with world(tmp_path, clock) as qw:
+        qw.remote.behaviours["x.example"] = reply(Outcome.DEFERRED)
+        qw.enqueue(["a@x.example"])
+        manager = qw.manager()
+        manager.start()
+        wait_until(lambda: qw.rows("SELECT attempts FROM recipients") == [(1,)])
+        del qw.remote.behaviours["x.example"]
+        clock.now -= 10 * 86400
+        manager.wake()
+        longest = max(DEFAULTS.retry) * 1.1
+        wait_until(lambda: qw.spool.next_due_at() <= clock() + longest + 1)  # type: ignore[operator]
+        clock.now += longest + 1
+        wait_until(lambda: qw.messages_left() == 0, timeout=5)
+
+
+def test_expiry_counts_from_arrival(qw: QueueWorld) -> None:
+    qw.remote.behaviours["x.example"] = reply(Outcome.DEFERRED)
+    qw.enqueue(["a@x.example"], received_at=qw.clock() - DEFAULTS.max_age - 1)
+    manager = qw.manager()
+    manager.start()
+    wait_until(lambda: qw.notices_to("sender@local.example"))
+    (notice,) = qw.notices_to("sender@local.example")
+    assert "4.4.7" in notice.as_string()
+
+
+def test_an_unreadable_body_is_set_aside_and_the_rest_flows(qw: QueueWorld) -> None:
+    broken = qw.enqueue(["a@x.example"])
+    qw.enqueue(["b@x.example"])
+    qw.rows("UPDATE messages SET body = 'not a blob' WHERE id = ?", broken)
+    manager = qw.manager()
+    manager.start()
+    wait_until(lambda: qw.messages_left() == 1)
+    assert [c[1] for c in qw.remote.calls] == [("b@x.example",)]
+    (row,) = qw.admin.messages(corrupt=True)
+    assert row.id == broken and "str" in (row.corrupt or "")
+    qw.admin.flush(now=qw.clock())
+    manager.wake()
+    gevent.sleep(0.05)
+    assert len(qw.remote.calls) == 1  # never retried
+
+
+def test_a_crashing_transport_defers_and_the_queue_goes_on(qw: QueueWorld) -> None:
+    """D-44: one poison message does not stop the others."""
+
+    def explode(message: Any, rcpts: Any) -> Any:
+        raise RuntimeError("poison")
+
+    qw.remote.behaviours["poison.example"] = explode
+    qw.enqueue(["a@poison.example"])
+    qw.enqueue(["b@fine.example"])
+    manager = qw.manager()
+    manager.start()
+    wait_until(lambda: qw.messages_left() == 1)
+    wait_until(lambda: qw.rows("SELECT attempts FROM recipients") == [(1,)])
+    ((error,),) = qw.rows("SELECT last_error FROM recipients")
+    assert error.startswith("451 4.3.0")
