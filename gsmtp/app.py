@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import ssl
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,9 @@ from gsmtp.policy import Policy
 from gsmtp.protocol.session import Limits
 from gsmtp.routing import Router
 from gsmtp.scheduler import RetryPolicy, Scheduler
-from gsmtp.server import SmtpServer
+from gsmtp.server import Deadlines, SmtpServer
 from gsmtp.spool import Spool
+from gsmtp.tls import ServerTls, TlsError
 
 # One thread writes all Maildir files. More threads, each giving up and retaking the GIL
 # around every file syscall, starve the event loop (a GIL convoy): measured with
@@ -95,6 +95,7 @@ class Application:
         )
         self._router = Router(self.policy)
         self._acceptor = Acceptor(config.server.hostname)
+        self._tls = self._server_tls()
         self._file_pool = ThreadPool(MAILDIR_THREADS)
         self.scheduler = Scheduler(
             spool=self.spool,
@@ -111,6 +112,8 @@ class Application:
             limits=Limits(
                 max_message_size=config.server.max_message_size,
                 max_recipients=config.server.max_recipients,
+                soft_error_limit=config.server.soft_error_limit,
+                junk_command_limit=config.server.junk_command_limit,
             ),
             idle_timeout=config.server.timeout,
             max_connections=config.server.max_connections,
@@ -119,7 +122,13 @@ class Application:
             spool=self.spool,
             acceptor=self._acceptor,
             on_queued=self.scheduler.wake,
-            tls_context=self._tls_context(),
+            tls=self._tls,
+            deadlines=Deadlines(
+                command=config.server.command_deadline,
+                min_data_rate=config.server.min_data_rate,
+                data_rate_grace=config.server.min_data_rate_grace,
+            ),
+            error_sleep=config.server.error_sleep,
         )
         self._metrics_server: Any = None
         self._log_flusher: Any = None
@@ -134,17 +143,14 @@ class Application:
             raise StartupError(f"{self.config.spool.path}: integrity check failed: {verdict}")
         return connection
 
-    def _tls_context(self) -> ssl.SSLContext | None:
+    def _server_tls(self) -> ServerTls | None:
         tls = self.config.tls
         if not tls.enabled:
             return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            context.load_cert_chain(tls.cert, tls.key)
-        except (OSError, ssl.SSLError) as error:
-            raise StartupError(f"[tls] cannot load cert/key: {error}") from None
-        return context
+            return ServerTls(tls.cert, tls.key, tls.min_version)
+        except TlsError as error:
+            raise StartupError(f"[tls] {error}") from None
 
     def _deliverers(self) -> dict[str, Deliverer]:
         def in_thread(work: Any) -> Any:
@@ -227,13 +233,11 @@ class Application:
     def _start_metrics(self) -> None:
         if not self.config.metrics.listen:
             return
-        from gevent.pywsgi import WSGIServer
-
         address = parse_host_port(self.config.metrics.listen)
-        app = metrics.make_app(self._refresh_gauges)
-        self._metrics_server = WSGIServer((address.host, address.port), app, log=None)
         try:
-            self._metrics_server.start()
+            self._metrics_server = metrics.start_server(
+                address.host, address.port, self._refresh_gauges
+            )
         except OSError as error:
             raise StartupError(f"[metrics] cannot listen on {address}: {error.strerror}") from None
 
@@ -267,14 +271,26 @@ class Application:
             fresh = load(Path(self.config.path))
         except ConfigError as error:
             self._log.error("reload_failed", error=str(error))
+            metrics.RELOADS.labels("failed").inc()
             return
+        tls_applied = self._reload_tls(fresh)
         changed = [
             name
             for name in ("server", "tls", "spool", "maildir", "delivery", "metrics", "log")
             if getattr(fresh, name) != getattr(self.config, name)
+            and not (name == "tls" and tls_applied is not None)
         ]
         self._accounts.get()
+        metrics.RELOADS.labels("failed" if tls_applied is False else "ok").inc()
         self._log.info("config_reloaded", restart_needed_for=changed or None)
+
+    def _reload_tls(self, fresh: Config) -> bool | None:
+        """Load the certificate and key again, for new handshakes: a renewed pair at the
+        same paths, or new paths. True: loaded; False: it failed and the old pair is
+        still served; None: TLS is being turned on or off, which needs a restart."""
+        if self._tls is None or not fresh.tls.enabled:
+            return None
+        return self._tls.reload(fresh.tls.cert, fresh.tls.key, fresh.tls.min_version)
 
     def serve_forever(self) -> None:
         """Run until SIGTERM/SIGINT; SIGHUP reloads."""
