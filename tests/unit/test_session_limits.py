@@ -24,8 +24,9 @@ MESSAGE = (
 class Shell:
     """Feeds one line at a time and answers events; remembers the delays per batch."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, stored: replies.Reply = replies.queued("ID")) -> None:
         self.session = SmtpSession(limits, hostname="mx.foo.com")
+        self._stored = stored
         self.session.start()
         self.replies: list[str] = []
         self.delays: list[int] = []
@@ -38,7 +39,7 @@ class Shell:
             if isinstance(event, RcptTo):
                 session.respond(event, replies.RECIPIENT_OK)
             elif isinstance(event, MessageReceived):
-                session.respond(event, replies.queued("ID"))
+                session.respond(event, self._stored)
             else:
                 session.respond(event, replies.CANNOT_VRFY)  # type: ignore[arg-type]
         self.delays.append(session.error_delays())
@@ -120,12 +121,12 @@ def test_an_accepted_message_forgives_earlier_errors() -> None:
     assert shell.session.closed
 
 
-def test_a_refused_message_forgives_nothing() -> None:
-    shell = Shell(Limits(max_message_size=10))
+def test_a_message_not_stored_forgives_nothing() -> None:
+    shell = Shell(Limits(), stored=replies.SPOOL_ERROR)
     shell.send(b"XYZZY\r\n" * 18)
     for line in MESSAGE:
         shell.send(line)
-    assert shell.replies[-1].startswith("552")  # the 19th error
+    assert shell.replies[-1].startswith("451 4.3.0")  # the 19th error
     shell.send(b"XYZZY\r\n")
     assert shell.replies[-2:] == [
         "500 5.5.1 Command unrecognized",
