@@ -13,6 +13,7 @@ from gsmtp.protocol.session import (
     SmtpSession,
 )
 
+QUEUED = replies.queued("ID")
 MESSAGE = (
     b"MAIL FROM:<a@remote.example>\r\n",
     b"RCPT TO:<jones@foo.com>\r\n",
@@ -24,7 +25,7 @@ MESSAGE = (
 class Shell:
     """Feeds one line at a time and answers events; remembers the delays per batch."""
 
-    def __init__(self, limits: Limits, stored: replies.Reply = replies.queued("ID")) -> None:
+    def __init__(self, limits: Limits, stored: replies.Reply = QUEUED) -> None:
         self.session = SmtpSession(limits, hostname="mx.foo.com")
         self._stored = stored
         self.session.start()
