@@ -9,6 +9,13 @@ switch) come back as an event, and the shell answers each with exactly one `resp
 and feed more bytes. The session owns the three buffers of the original design
 (sender, recipients, data) and resets them on RSET, on HELO/EHLO and after each message.
 
+Errors are counted here, as Postfix smtpd counts them: every error reply, and past
+`junk_command_limit` every NOOP/RSET/VRFY/HELP (still answered normally). Past
+`soft_error_limit` each one adds to `error_delays()`, which the shell turns into a wait
+before it sends (the tarpit: time is not the session's business); at `max_errors` the
+session answers 421 and closes before reading another command. An accepted message
+forgives both counts.
+
 No I/O, no clock, no randomness. A peer's mistake becomes a reply; a caller's misuse of
 this class (`LocalProtocolError`) is a bug and raises.
 """
