@@ -8,6 +8,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,17 @@ def tls_server(gsmtp_factory, pair: tuple[Path, Path], **tls: str) -> GsmtpProce
     return gsmtp_factory({"tls": {"cert": str(cert), "key": str(key), **tls}})  # type: ignore[no-any-return]
 
 
+@pytest.fixture(scope="module")
+def intermediate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GsmtpProcess]:
+    """One server with the default TLS settings for the cipher tests (read-only)."""
+    directory = tmp_path_factory.mktemp("intermediate")
+    cert, key = self_signed_certificate(directory, "mx.foo.com")
+    gsmtp = GsmtpProcess(directory, {"tls": {"cert": str(cert), "key": str(key)}})
+    gsmtp.start()
+    yield gsmtp
+    gsmtp.stop()
+
+
 CBC_SUITES = [
     "ECDHE-RSA-AES128-SHA256",  # accepted by Python's default server list before
     "ECDHE-RSA-AES256-SHA384",
@@ -88,8 +100,8 @@ CBC_SUITES = [
 
 
 @pytest.mark.parametrize("suite", CBC_SUITES)
-def test_tls12_without_aead_and_ecdhe_is_refused(gsmtp_factory, pair, suite: str) -> None:  # type: ignore[no-untyped-def]
-    gsmtp = tls_server(gsmtp_factory, pair)
+def test_tls12_without_aead_and_ecdhe_is_refused(intermediate: GsmtpProcess, suite: str) -> None:
+    gsmtp = intermediate
     with pytest.raises((ssl.SSLError, OSError)):
         starttls(gsmtp.port, client_context(suite, ssl.TLSVersion.TLSv1_2)).close()
     with SmtpWire(gsmtp.port) as wire:  # the server lives on
@@ -100,8 +112,8 @@ def test_tls12_without_aead_and_ecdhe_is_refused(gsmtp_factory, pair, suite: str
     "suite",
     ["ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-RSA-CHACHA20-POLY1305"],
 )
-def test_tls12_with_an_aead_suite_works(gsmtp_factory, pair, suite: str) -> None:  # type: ignore[no-untyped-def]
-    gsmtp = tls_server(gsmtp_factory, pair)
+def test_tls12_with_an_aead_suite_works(intermediate: GsmtpProcess, suite: str) -> None:
+    gsmtp = intermediate
     with starttls(gsmtp.port, client_context(suite, ssl.TLSVersion.TLSv1_2)) as tls:
         assert tls.version() == "TLSv1.2"
         assert tls.cipher()[0] == suite  # type: ignore[index]
@@ -110,8 +122,8 @@ def test_tls12_with_an_aead_suite_works(gsmtp_factory, pair, suite: str) -> None
 
 
 @pytest.mark.skipif(not environment_has("openssl"), reason="openssl is not installed")
-def test_openssl_s_client_with_a_cbc_suite_is_refused(gsmtp_factory, pair) -> None:  # type: ignore[no-untyped-def]
-    gsmtp = tls_server(gsmtp_factory, pair)
+def test_openssl_s_client_with_a_cbc_suite_is_refused(intermediate: GsmtpProcess) -> None:
+    gsmtp = intermediate
 
     def s_client(*options: str) -> str:
         address = f"127.0.0.1:{gsmtp.port}"
