@@ -4,6 +4,7 @@ planted delivery headers removed, the CLI's escapes, and the bounded /metrics en
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import gevent
 import pytest
@@ -147,10 +148,10 @@ def test_controls_are_escaped_for_the_terminal() -> None:
 def metrics_server():  # type: ignore[no-untyped-def]
     servers = []
 
-    def start(**kwargs: float) -> int:
+    def start(**kwargs: float) -> Any:
         server = metrics.start_server("127.0.0.1", 0, lambda: None, **kwargs)  # type: ignore[arg-type]
         servers.append(server)
-        return int(server.server_port)
+        return server
 
     yield start
     for server in servers:
@@ -170,7 +171,7 @@ def _closed_within(sock: gsocket.socket, seconds: float) -> bool:
 
 
 def test_a_slow_metrics_client_is_cut(metrics_server) -> None:  # type: ignore[no-untyped-def]
-    port = metrics_server(request_timeout=0.5)
+    port = metrics_server(request_timeout=0.5).server_port
     slow = gsocket.create_connection(("127.0.0.1", port))
     slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the end of it
     assert _closed_within(slow, 10)
@@ -187,9 +188,12 @@ def test_a_slow_metrics_client_is_cut(metrics_server) -> None:  # type: ignore[n
 def test_metrics_connections_beyond_the_cap_wait_for_a_slot(metrics_server) -> None:  # type: ignore[no-untyped-def]
     """With one slot held by a silent client, a second client is answered only once the
     first has been cut, not beside it."""
-    port = metrics_server(request_timeout=0.5, max_connections=1)
+    server = metrics_server(request_timeout=0.5, max_connections=1)
+    port = server.server_port
     holder = gsocket.create_connection(("127.0.0.1", port))
-    gevent.sleep(0.1)  # let the server take it into its only slot
+    with gevent.Timeout(5):
+        while not len(server.pool):  # until the server has taken it into a greenlet
+            gevent.sleep(0.005)
     waiting = gsocket.create_connection(("127.0.0.1", port))
     waiting.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
     assert waiting.recv(12).startswith(b"HTTP/1.1 200")
