@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench bench-deps clean
+.PHONY: run test lint fuzz bench bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,17 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# atheris (libFuzzer) over the protocol session and the address parser, FUZZ_SECONDS each.
+# A crash is saved as var/fuzz/crash-<sha1>; `python tests/fuzz/fuzz_session.py FILE` replays
+# it; copy it to tests/fuzz/crashes/session-<name> to keep it as a pytest regression.
+FUZZ_SECONDS ?= 30
+fuzz: $(STAMP)
+	mkdir -p var/fuzz/session var/fuzz/address
+	$(BIN)/python tests/fuzz/fuzz_session.py -max_total_time=$(FUZZ_SECONDS) \
+		-artifact_prefix=var/fuzz/ -dict=tests/fuzz/smtp.dict var/fuzz/session tests/fuzz/seeds/session
+	$(BIN)/python tests/fuzz/fuzz_address.py -max_total_time=$(FUZZ_SECONDS) \
+		-artifact_prefix=var/fuzz/ var/fuzz/address tests/fuzz/seeds/address
 
 lint: $(STAMP)
 	$(BIN)/ruff check gsmtp tests bench

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import signal
-import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -45,9 +44,10 @@ from gsmtp.policy import Policy
 from gsmtp.protocol.session import Limits
 from gsmtp.queue import Notices, NoticeSettings, QueueManager, RetryPolicy
 from gsmtp.routing import Router
-from gsmtp.server import CUT_SECONDS, SmtpServer
+from gsmtp.server import CUT_SECONDS, Deadlines, SmtpServer
 from gsmtp.spool import Spool
 from gsmtp.supervision import EXIT_COMPONENT_DIED, Progress, Supervisor
+from gsmtp.tls import ServerTls, TlsError
 
 # One thread writes all Maildir files. More threads, each giving up and retaking the GIL
 # around every file syscall, starve the event loop (a GIL convoy): measured with
@@ -106,7 +106,7 @@ class Application:
         self._log = log.get_logger(component="app")
         self.supervisor = Supervisor()
         self._reader = self._open_spool()
-        tls_context = self._tls_context()  # may refuse to start: before any thread
+        self._tls = self._server_tls()  # may refuse to start: before any thread
         self._writer = writer.GroupCommitter(config.spool.path)
         self._bodies = writer.ThreadReader(config.spool.path)
         self._reserve = SpaceReserve(config.spool.path, spool_reserve(config))
@@ -149,6 +149,8 @@ class Application:
             limits=Limits(
                 max_message_size=config.server.max_message_size,
                 max_recipients=config.server.max_recipients,
+                soft_error_limit=config.server.soft_error_limit,
+                junk_command_limit=config.server.junk_command_limit,
             ),
             idle_timeout=config.server.timeout,
             greet_wait=config.server.greet_wait,
@@ -164,10 +166,16 @@ class Application:
             spool=self.spool,
             acceptor=self._acceptor,
             on_queued=self.queue.wake,
-            tls_context=tls_context,
+            tls=self._tls,
             proxy_networks=(config.server.proxy_networks if config.server.proxy_protocol else None),
             reserve=self._reserve,
             spawn=self.supervisor.spawn,
+            deadlines=Deadlines(
+                command=config.server.command_deadline,
+                min_data_rate=config.server.min_data_rate,
+                data_rate_grace=config.server.min_data_rate_grace,
+            ),
+            error_sleep=config.server.error_sleep,
         )
         self._metrics_server: Any = None
         self._housekeeper: gevent.Greenlet | None = None
@@ -193,17 +201,14 @@ class Application:
                 self._log.info("spool_vacuumed", auto_vacuum="incremental", duration_ms=elapsed)
         return connection
 
-    def _tls_context(self) -> ssl.SSLContext | None:
+    def _server_tls(self) -> ServerTls | None:
         tls = self.config.tls
         if not tls.enabled:
             return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            context.load_cert_chain(tls.cert, tls.key)
-        except (OSError, ssl.SSLError) as error:
-            raise StartupError(f"[tls] cannot load cert/key: {error}") from None
-        return context
+            return ServerTls(tls.cert, tls.key, tls.min_version)
+        except TlsError as error:
+            raise StartupError(f"[tls] {error}") from None
 
     def _deliverers(self) -> dict[str, Deliverer]:
         def in_thread(work: Any) -> Any:
@@ -310,13 +315,11 @@ class Application:
     def _start_metrics(self) -> None:
         if not self.config.metrics.listen:
             return
-        from gevent.pywsgi import WSGIServer
-
         address = parse_host_port(self.config.metrics.listen)
-        app = metrics.make_app(self._refresh_gauges)
-        self._metrics_server = WSGIServer((address.host, address.port), app, log=None)
         try:
-            self._metrics_server.start()
+            self._metrics_server = metrics.start_server(
+                address.host, address.port, self._refresh_gauges
+            )
         except OSError as error:
             raise StartupError(f"[metrics] cannot listen on {address}: {error.strerror}") from None
 
@@ -379,14 +382,26 @@ class Application:
             fresh = load(Path(self.config.path))
         except ConfigError as error:
             self._log.error("reload_failed", error=str(error))
+            metrics.RELOADS.labels("failed").inc()
             return
+        tls_applied = self._reload_tls(fresh)
         changed = [
             name
             for name in ("server", "tls", "spool", "maildir", "delivery", "metrics", "log")
             if getattr(fresh, name) != getattr(self.config, name)
+            and not (name == "tls" and tls_applied is not None)
         ]
         self._accounts.get()
+        metrics.RELOADS.labels("failed" if tls_applied is False else "ok").inc()
         self._log.info("config_reloaded", restart_needed_for=changed or None)
+
+    def _reload_tls(self, fresh: Config) -> bool | None:
+        """Load the certificate and key again, for new handshakes: a renewed pair at the
+        same paths, or new paths. True: loaded; False: it failed and the old pair is
+        still served; None: TLS is being turned on or off, which needs a restart."""
+        if self._tls is None or not fresh.tls.enabled:
+            return None
+        return self._tls.reload(fresh.tls.cert, fresh.tls.key, fresh.tls.min_version)
 
     def serve_forever(self) -> int:
         """Run until SIGTERM/SIGINT (exit status 0) or the death of a component

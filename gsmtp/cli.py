@@ -11,11 +11,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
+
+# What a terminal could take for a command: C0 controls (ESC starts escape sequences),
+# DEL, C1 controls (U+009B is a one-character CSI), and the Unicode line separators and
+# bidirectional overrides that rearrange what is shown (CVE-2021-42574, "Trojan Source").
+_BIDI_AND_SEPARATORS = r"\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNSAFE_IN_LINE = re.compile(rf"[\x00-\x1f\x7f-\x9f{_BIDI_AND_SEPARATORS}]")
+_UNSAFE_IN_TEXT = re.compile(rf"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI_AND_SEPARATORS}]")  # \t \n kept
+
+
+def shown(text: object, *, multiline: bool = False) -> str:
+    """Text from the spool (a client's HELO, a remote reply, headers) made safe to print:
+    each control character becomes `\\xNN` (`\\uNNNN` above U+00FF). `multiline` keeps
+    tabs and line feeds (header folding). --json output is escaped by JSON itself."""
+    pattern = _UNSAFE_IN_TEXT if multiline else _UNSAFE_IN_LINE
+    return pattern.sub(_escape, str(text))
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def _add_config_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -102,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(path)
     except ConfigError as error:
-        print(f"gsmtp: {error}", file=sys.stderr)
+        print(f"gsmtp: {shown(error)}", file=sys.stderr)
         return 2
     handler = _HANDLERS[args.command]
     import apsw
@@ -112,10 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status
     except _CliError as error:
-        print(f"gsmtp: {error}", file=sys.stderr)
+        print(f"gsmtp: {shown(error)}", file=sys.stderr)
         return 1
     except apsw.Error as error:
-        print(f"gsmtp: spool {config.spool.path}: {error}", file=sys.stderr)
+        print(f"gsmtp: spool {shown(config.spool.path)}: {shown(error)}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # The reader went away (`gsmtp queue list | head`): stop quietly, as cat does.
@@ -136,13 +157,16 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
 def _check_config(args: argparse.Namespace, config: Any) -> int:
     from gsmtp.config import format_duration, format_size
 
-    print(f"# effective configuration from {config.path}")
+    print(f"# effective configuration from {shown(config.path)}")
     server = config.server
     sections: dict[str, dict[str, Any]] = {
         "server": {
             "hostname": server.hostname,
             "listen": [str(a) for a in server.listen],
             "timeout": format_duration(server.timeout),
+            "command_deadline": format_duration(server.command_deadline),
+            "min_data_rate": format_size(server.min_data_rate) if server.min_data_rate else "0",
+            "min_data_rate_grace": format_duration(server.min_data_rate_grace),
             "max_connections": server.max_connections,
             "max_connections_per_ip": server.max_connections_per_ip,
             "ipv4_prefix": server.ipv4_prefix,
@@ -150,6 +174,9 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
             "max_connection_rate": server.max_connection_rate,
             "max_message_size": format_size(server.max_message_size),
             "max_recipients": server.max_recipients,
+            "soft_error_limit": server.soft_error_limit,
+            "error_sleep": format_duration(server.error_sleep),
+            "junk_command_limit": server.junk_command_limit,
             "vrfy": server.vrfy,
             "trusted_networks": [str(n) for n in server.trusted_networks],
             "proxy_protocol": server.proxy_protocol,
@@ -157,7 +184,11 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
             "shutdown_grace": format_duration(server.shutdown_grace),
             "greet_wait": format_duration(server.greet_wait),
         },
-        "tls": {"cert": config.tls.cert, "key": config.tls.key},
+        "tls": {
+            "cert": config.tls.cert,
+            "key": config.tls.key,
+            "min_version": config.tls.min_version,
+        },
         "submission": {"listen": [str(a) for a in config.submission.listen]},
         "spool": {
             "path": config.spool.path,
@@ -209,12 +240,12 @@ def _domain(args: argparse.Namespace, config: Any) -> int:
     accounts = Accounts(_open_db(config))
     try:
         if args.action == "add":
-            print(f"domain {accounts.add_domain(args.name)} added")
+            print(f"domain {shown(accounts.add_domain(args.name))} added")
         elif args.action == "remove":
-            print(f"domain {accounts.remove_domain(args.name)} removed (with its users)")
+            print(f"domain {shown(accounts.remove_domain(args.name))} removed (with its users)")
         else:
             for name in accounts.list_domains():
-                print(name)
+                print(shown(name))
     except AccountError as error:
         raise _CliError(str(error)) from None
     return 0
@@ -234,14 +265,15 @@ def _user(args: argparse.Namespace, config: Any) -> int:
     try:
         if args.action == "add":
             password = _read_password() if args.password_stdin else None
-            print(f"user {accounts.add_user(args.address, password)} added")
+            print(f"user {shown(accounts.add_user(args.address, password))} added")
         elif args.action == "remove":
-            print(f"user {accounts.remove_user(args.address)} removed")
+            print(f"user {shown(accounts.remove_user(args.address))} removed")
         elif args.action == "passwd":
-            print(f"password of {accounts.set_password(args.address, _read_password())} set")
+            address = accounts.set_password(args.address, _read_password())
+            print(f"password of {shown(address)} set")
         else:
             for address in accounts.list_users(args.domain):
-                print(address)
+                print(shown(address))
     except AccountError as error:
         raise _CliError(str(error)) from None
     return 0
@@ -268,14 +300,14 @@ def _queue_list(admin: Any, args: argparse.Namespace) -> int:
         print("No corrupt messages" if args.corrupt else "Mail queue is empty")
         return 0
     for message in messages:
-        print(
-            f"{message.id:<20} {message.size:>8} {_when(message.received_at)}  <{message.sender}>"
-        )
+        sender = shown(message.sender)
+        print(f"{shown(message.id):<20} {message.size:>8} {_when(message.received_at)}  <{sender}>")
         if message.corrupt:
-            print(f"{'':<20} corrupt: {message.corrupt}")
+            print(f"{'':<20} corrupt: {shown(message.corrupt)}")
         for rcpt in message.recipients:
-            error = f"  ({rcpt.last_error})" if rcpt.last_error else ""
-            print(f"{'':<20} {rcpt.status:<9} attempts={rcpt.attempts}  <{rcpt.address}>{error}")
+            error = f"  ({shown(rcpt.last_error)})" if rcpt.last_error else ""
+            address = shown(rcpt.address)
+            print(f"{'':<20} {rcpt.status:<9} attempts={rcpt.attempts}  <{address}>{error}")
         print()
     total = sum(m.size for m in messages)
     print(f"-- {total // 1024} Kbytes in {len(messages)} Requests.")
@@ -288,7 +320,7 @@ def _queue_stats(admin: Any, args: argparse.Namespace) -> int:
         print(json.dumps(stats))
     else:
         for key, value in stats.items():
-            print(f"{key}: {value}")
+            print(f"{shown(key)}: {shown(value)}")
     return 0
 
 
@@ -300,13 +332,14 @@ def _queue_show(admin: Any, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**asdict(message), "headers": headers}, indent=2))
         return 0
-    print(f"id: {message.id}\nsender: <{message.sender}>\nsize: {message.size}")
-    print(f"arrived: {_when(message.received_at)}\nclient: {message.client}\nhelo: {message.helo}")
+    print(f"id: {shown(message.id)}\nsender: <{shown(message.sender)}>\nsize: {message.size}")
+    print(f"arrived: {_when(message.received_at)}\nclient: {shown(message.client)}")
+    print(f"helo: {shown(message.helo)}")
     for rcpt in message.recipients:
-        error = f" ({rcpt.last_error})" if rcpt.last_error else ""
-        print(f"recipient: <{rcpt.address}> {rcpt.status} attempts={rcpt.attempts}{error}")
+        error = f" ({shown(rcpt.last_error)})" if rcpt.last_error else ""
+        print(f"recipient: <{shown(rcpt.address)}> {rcpt.status} attempts={rcpt.attempts}{error}")
     print()
-    print(headers.replace("\r\n", "\n"), end="")
+    print(shown(headers.replace("\r\n", "\n"), multiline=True), end="")
     return 0
 
 
@@ -319,7 +352,7 @@ def _queue_change(verb: str, method: str) -> Callable[[Any, argparse.Namespace],
         if args.json:
             print(json.dumps({"action": verb, "id": target, "count": int(result)}))
         else:
-            print(f"{verb}: {target or int(result)}")
+            print(f"{verb}: {shown(target) if target else int(result)}")
         return 0
 
     return run

@@ -44,6 +44,9 @@ class ServerConfig:
     hostname: str = "mail.example.test"
     listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 2525),)
     timeout: float = 300.0
+    command_deadline: float = 300.0
+    min_data_rate: int = 1024
+    min_data_rate_grace: float = 30.0
     max_connections: int = 10000
     max_connections_per_ip: int = 50  # per client network of the prefixes below
     ipv4_prefix: int = 32
@@ -51,6 +54,9 @@ class ServerConfig:
     max_connection_rate: int = 0  # new connections per network per minute; 0 = no limit
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
+    soft_error_limit: int = 10
+    error_sleep: float = 1.0
+    junk_command_limit: int = 100
     vrfy: bool = False
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
         ipaddress.ip_network("127.0.0.0/8"),
@@ -69,6 +75,7 @@ class ServerConfig:
 class TlsConfig:
     cert: str = ""
     key: str = ""
+    min_version: str = "TLSv1.2"
 
     @property
     def enabled(self) -> bool:
@@ -291,6 +298,15 @@ def _optional_duration(value: Any) -> float | None:
     return parse_duration(value) if _string(value).strip() else None
 
 
+def _size_or_zero(value: Any) -> int:
+    """A size where "0" (or 0) turns the feature off."""
+    if (isinstance(value, int) and not isinstance(value, bool) and value == 0) or (
+        isinstance(value, str) and value.strip() in ("0", "0B", "0KB")
+    ):
+        return 0
+    return parse_size(value)
+
+
 def parse_size(value: Any) -> int:
     """ "10KB", "35MB" → bytes (KB = 1024)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -327,10 +343,21 @@ def _list_of(item: Any) -> Any:
 
 
 def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A network in CIDR form. Host bits set after the prefix are an error, not silently
+    cleared: "203.0.113.7/0" would otherwise be 0.0.0.0/0, an open relay by typo."""
+    text = _string(value)
     try:
-        return ipaddress.ip_network(_string(value), strict=False)
+        network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ValueError(f"not a network in CIDR form: {value!r}") from None
+    address = ipaddress.ip_interface(text).ip
+    if network.network_address != address:
+        raise ValueError(
+            f"{value!r} has host bits set after the /{network.prefixlen} prefix: that is "
+            f"{network}; write {network} if that is meant, or {address}/{address.max_prefixlen} "
+            "for the one address"
+        )
+    return network
 
 
 def _hostname(value: Any) -> str:
@@ -377,6 +404,13 @@ def _retry(value: Any) -> tuple[float, ...]:
 _GENERIC: dict[str, Any] = {
     "hostname": _hostname,
     "timeout": parse_duration,
+    "command_deadline": parse_duration,
+    "min_data_rate": _size_or_zero,
+    "min_data_rate_grace": parse_duration,
+    "soft_error_limit": _positive_int,
+    "error_sleep": _duration_or_zero,
+    "junk_command_limit": _positive_int,
+    "min_version": _one_of("TLSv1.2", "TLSv1.3"),
     "max_connections": _positive_int,
     "max_connections_per_ip": _positive_int,
     "ipv4_prefix": _prefix(32),

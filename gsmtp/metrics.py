@@ -1,14 +1,25 @@
 """Prometheus collectors and the /metrics endpoint.
 
 Metric names are part of the outside (DESIGN.md); labels come from small fixed sets,
-never an address or a domain.
+never an address or a domain. The endpoint is a gevent WSGI server with a bounded pool
+(while it is full no more connections are accepted) and a deadline for each connection,
+so a scraper that stalls, or a stranger trickling a request, cannot pile up greenlets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import gevent
+from gevent.pool import Pool
+from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+
+# A scrape takes milliseconds; a connection still open after this is cut.
+REQUEST_TIMEOUT = 10.0
+# Connections served at once (Prometheus uses one per scrape).
+MAX_CONNECTIONS = 16
 
 CONNECTIONS = Counter("gsmtp_connections_total", "SMTP connections accepted")
 CONNECTIONS_REFUSED = Counter(
@@ -48,6 +59,17 @@ DEAD_DESTINATIONS = Gauge(
     "gsmtp_dead_destinations", "Destinations none of whose hosts could be reached, for now"
 )
 NOTICES = Counter("gsmtp_notices", "Notices queued (bounce, delay, postmaster)", ["kind"])
+RELOADS = Counter(
+    "gsmtp_reloads", "SIGHUP reloads, by outcome (failed: config or TLS pair)", ["outcome"]
+)
+SLOW_CLIENTS = Counter(
+    "gsmtp_slow_clients",
+    "Connections closed with 421 4.4.2, by limit (idle, command_deadline, min_data_rate)",
+    ["limit"],
+)
+TARPIT_DELAYS = Counter(
+    "gsmtp_tarpit_delays", "Replies delayed by error_sleep past soft_error_limit"
+)
 
 
 def make_app(refresh: Callable[[], None]) -> Callable[..., object]:
@@ -59,3 +81,33 @@ def make_app(refresh: Callable[[], None]) -> Callable[..., object]:
         return inner(environ, start_response)
 
     return app
+
+
+class _DeadlineHandler(WSGIHandler):  # type: ignore[misc]
+    """One connection, keep-alive requests included, gets `server.request_timeout`."""
+
+    def handle(self) -> None:
+        with gevent.Timeout(self.server.request_timeout, False):
+            super().handle()
+
+
+def start_server(
+    host: str,
+    port: int,
+    refresh: Callable[[], None],
+    *,
+    request_timeout: float = REQUEST_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+) -> Any:
+    """Serve /metrics on host:port; returns the started WSGIServer (stop() it).
+    Raises OSError when the address cannot be bound."""
+    server = WSGIServer(
+        (host, port),
+        make_app(refresh),
+        spawn=Pool(max_connections),
+        handler_class=_DeadlineHandler,
+        log=None,
+    )
+    server.request_timeout = request_timeout
+    server.start()
+    return server

@@ -4,9 +4,14 @@ This is the I/O shell around `protocol.session`: it reads bytes, feeds the sessi
 answers its events (the free-space reserve for MAIL, policy for RCPT, the spool for a
 finished message), and writes the replies — all replies of a pipelined batch in one
 send. Low-level errors (OSError, ssl.SSLError, timeouts) are translated here and nowhere
-else. Limits enforced here: idle timeout (also inside DATA), total connections,
-connections and new connections per client network (`limits.ConnectionLimiter`), early
-talkers (with greet_wait the greeting is held to catch them). A graceful stop closes
+else. Limits enforced here: total connections, connections and new connections per
+client network (`limits.ConnectionLimiter`), early talkers (with greet_wait the greeting
+is held to catch them), and the deadlines of a connection blocked on its peer — the
+idle timeout (also inside DATA), the command deadline (a whole command line, however it
+trickles) and the minimum data rate in DATA — all checked by one sweeper greenlet rather
+than a timer per read; each ends the session with 421 4.4.2. Replies to commands the
+session counted as errors past its soft limit are held back `error_sleep` each (the
+tarpit). A graceful stop closes
 idle sessions with 421 at once, lets open transactions run for the grace period, then
 cuts them with 421 4.3.2; a session waiting for its message's commit is never cut (its
 outcome would be unknown), it gets its answer first.
@@ -25,6 +30,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -56,6 +62,7 @@ from gsmtp.protocol.session import (
     Event as SessionEvent,
 )
 from gsmtp.spool import Spool
+from gsmtp.tls import ServerTls
 
 RECV_SIZE = 256 * 1024
 # Connections past max_connections still get a prompt 421 instead of waiting in the
@@ -70,8 +77,32 @@ EARLY_TALKER = Reply(554, "5.5.0", "SMTP synchronization error: talked before th
 PROXY_HEADER_DEADLINE = 5.0
 
 
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """How long a client may take (Postfix smtpd_per_request_deadline and
+    smtpd_min_data_rate). `min_data_rate` is in bytes per second over the whole of DATA,
+    measured once `data_rate_grace` has passed since the 354; 0 turns it off."""
+
+    command: float = 300.0
+    min_data_rate: int = 1024
+    data_rate_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Limit:
+    """Which deadline a connection is held to now: its name (logs, metrics) and reply."""
+
+    name: str
+    reply: Reply
+
+
+_IDLE = _Limit("idle", replies.IDLE_TIMEOUT)
+_COMMAND = _Limit("command_deadline", replies.COMMAND_TIMEOUT)
+_DATA_RATE = _Limit("min_data_rate", replies.DATA_TOO_SLOW)
+
+
 class _IdleTimeout(Exception):
-    pass
+    """Raised into a connection by the sweeper: its current deadline has passed."""
 
 
 class _ShutdownRequested(Exception):
@@ -96,11 +127,13 @@ class SmtpServer:
         spool: Spool,
         acceptor: Acceptor,
         on_queued: Callable[[], None],
-        tls_context: ssl.SSLContext | None = None,
         proxy_networks: Sequence[IPNetwork] | None = None,
         reserve: SpaceReserve | None = None,
         spawn: Callable[..., gevent.Greenlet] | None = None,
         greet_wait: float = 0.0,
+        tls: ServerTls | None = None,
+        deadlines: Deadlines = Deadlines(),
+        error_sleep: float = 1.0,
     ) -> None:
         self._listen = listen
         self._hostname = hostname
@@ -114,12 +147,14 @@ class SmtpServer:
         self._spool = spool
         self._acceptor = acceptor
         self._on_queued = on_queued
-        self._tls_context = tls_context
         self._reserve = reserve
         # Long-lived greenlets are started through `spawn(name, fn)`: the supervisor's,
         # which notices their death.
         self._spawn = spawn or (lambda name, function, *args: gevent.spawn(function, *args))
         self._greet_wait = greet_wait
+        self._tls = tls
+        self._deadlines = deadlines
+        self._error_sleep = error_sleep
         self._pool = Pool(max_connections + _OVERFLOW_SLOTS)
         self._servers: list[StreamServer] = []
         self._active = 0
@@ -128,6 +163,11 @@ class SmtpServer:
         self._stopping = Event()
         self._ids = itertools.count(1)
         self._log = get_logger(component="server")
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The context for handshakes starting now (replaced by a certificate reload)."""
+        return self._tls.context if self._tls is not None else None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -162,7 +202,7 @@ class SmtpServer:
         """One timer for all connections: end those blocked on the peer past their
         deadline (idle between commands, inside DATA, or not reading our replies).
         Cheaper than arming a timeout around every read."""
-        tick = min(1.0, self._idle_timeout / 4)
+        tick = min(1.0, self._idle_timeout / 4, self._deadlines.command / 4)
         while True:
             gevent.sleep(tick)
             now = time.monotonic()
@@ -320,12 +360,18 @@ class _Connection:
         self._log = log
         self._tls = False
         self.deadline = _NEVER  # monotonic time by which the peer must have acted
+        self.limit = _IDLE  # the deadline's kind, for the reply when it passes
         self.idle = False  # waiting for a command outside a transaction
         self.storing = False  # waiting for the spool to commit a message
+        self._last_read_at = time.monotonic()
+        self._line_started: float | None = None  # first byte of an unfinished command line
+        self._data_started: float | None = None  # the 354 of the DATA being received
+        self._data_bytes = 0
+        self._tarpitted = False
         self._session = SmtpSession(
             server._limits,
             hostname=server._hostname,
-            tls_available=server._tls_context is not None,
+            tls_available=server._tls is not None,
         )
 
     def run(self) -> None:
@@ -347,8 +393,10 @@ class _Connection:
                     self._answer(event)
             self._flush()
         except _IdleTimeout:
-            self._log.info("connection_timed_out")
-            session.close_with(replies.IDLE_TIMEOUT)
+            limit = self.limit
+            self._log.info("connection_timed_out", limit=limit.name)
+            metrics.SLOW_CLIENTS.labels(limit.name).inc()
+            session.close_with(limit.reply)
             self._flush_quietly()
         except _ShutdownRequested:
             session.close_with(replies.SHUTTING_DOWN)
@@ -388,20 +436,61 @@ class _Connection:
         if server._stopping.is_set() and not session.in_transaction:
             raise _ShutdownRequested
         self.idle = not session.in_transaction
-        self.deadline = time.monotonic() + server._idle_timeout
+        self._arm_deadline(time.monotonic())
         try:
             data = self._sock.recv(RECV_SIZE)
         finally:
             self.idle = False
             self.deadline = _NEVER
+        self._last_read_at = time.monotonic()
+        if session.receiving_data:
+            self._data_bytes += len(data)
         session.receive_data(data)
+        if not session.receiving_data:
+            self._data_started = None  # its end was in this chunk; the next DATA is new
+
+    def _arm_deadline(self, now: float) -> None:
+        """The earliest of the deadlines that hold while we wait for the peer: the idle
+        timeout from now; the command deadline from the first byte of an unfinished
+        command line (it arrived in the last read); in DATA, the time by which the bytes
+        received so far fall under the minimum rate, never before the grace period."""
+        session = self._session
+        server = self._server
+        deadline, limit = now + server._idle_timeout, _IDLE
+        if session.awaiting_line_end:
+            if self._line_started is None:
+                self._line_started = self._last_read_at
+            command = self._line_started + server._deadlines.command
+            if command < deadline:
+                deadline, limit = command, _COMMAND
+        else:
+            self._line_started = None
+        if session.receiving_data:
+            if self._data_started is None:
+                self._data_started, self._data_bytes = now, 0
+            rate = server._deadlines.min_data_rate
+            if rate:
+                allowed = max(server._deadlines.data_rate_grace, self._data_bytes / rate)
+                if self._data_started + allowed < deadline:
+                    deadline, limit = self._data_started + allowed, _DATA_RATE
+        self.deadline, self.limit = deadline, limit
 
     def _flush(self) -> None:
         for verb, reply in self._session.rejected_commands():
             self._log.info("command_rejected", verb=verb, reply=f"{reply.code} {reply.enhanced}")
+        delays = self._session.error_delays()
         data = self._session.data_to_send()
+        if delays and self._server._error_sleep:
+            # The tarpit (Postfix smtpd_error_sleep_time): a client past the soft error
+            # limit waits for each error reply, so harvesting and junk cost it time.
+            if not self._tarpitted:
+                self._tarpitted = True
+                self._log.info("client_tarpitted", error_sleep=self._server._error_sleep)
+            metrics.TARPIT_DELAYS.inc(delays)
+            gevent.sleep(delays * self._server._error_sleep)
         if data:
             self.deadline = time.monotonic() + self._server._idle_timeout
+            self.limit = _IDLE
             try:
                 self._sock.sendall(data)
             finally:
@@ -435,11 +524,12 @@ class _Connection:
             self._start_tls(event)
 
     def _start_tls(self, event: StartTlsRequested) -> None:
-        context = self._server._tls_context
+        context = self._server.tls_context
         assert context is not None
         self._session.respond(event, replies.READY_FOR_TLS)
         self._flush()
         self.deadline = time.monotonic() + self._server._idle_timeout
+        self.limit = _IDLE
         try:
             self._sock = context.wrap_socket(self._sock, server_side=True)
         finally:

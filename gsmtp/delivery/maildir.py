@@ -4,7 +4,9 @@ Each copy is written to `tmp/` under a unique name (O_EXCL, O_NOFOLLOW, mode 060
 fsynced, linked into `new/`, and `new/` itself is fsynced before the recipient counts as
 delivered: a file in `new/` is always complete, and survives power loss. Mail is stored
 with LF line endings, as qmail, Postfix and Dovecot write it, beginning with
-`Return-Path:` and `Delivered-To:`. A crash after the link and before the spool update
+`Return-Path:` and `Delivered-To:`; copies of those two fields in the message's own
+header section are removed first (a client planted them; relayed mail keeps them, as
+RFC 5321 §4.4 forbids a relay to look for them). A crash after the link and before the spool update
 delivers again after restart: at least once, never lost (a duplicate is possible).
 
 Every file operation is relative to directory descriptors opened with O_NOFOLLOW, so a
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from gsmtp.message import Outcome, QueuedMessage, RecipientResult
+from gsmtp.protocol.trace import without_fields
 
 T = TypeVar("T")
 _counter = itertools.count(1)
@@ -134,9 +137,10 @@ class MaildirDeliverer:
     def _store(
         self, recipient: str, domain: str, local: str, header: bytes, body: bytes
     ) -> RecipientResult:
-        """In the writer thread (the copy to LF line endings too: off the event loop)."""
+        """In the writer thread (the copies without planted delivery fields and to LF line
+        endings too: off the event loop)."""
         try:
-            self._writer.write(domain, local, header + to_lf(body))
+            self._writer.write(domain, local, header + to_lf(without_fields(body)))
         except OSError as error:
             # Disk full, permissions, a symlink planted in the way: try again later, never
             # bounce for a local fault (RFC 5321 §6.1: no loss "for frivolous reasons").

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import dns.exception
+import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
@@ -133,7 +134,10 @@ class DnsResolver:
         if cached is not None and cached[0] > now:
             return cached[1]
         try:
-            answer = self._resolver.resolve(name, rdtype, search=False)
+            # IDNA2008 + UTS #46, like the address parser (dnspython's IDNA2003 would
+            # look up `fass.example` for `faß.example`); A-labels pass through unchanged.
+            qname = dns.name.from_text(name, idna_codec=dns.name.IDNA_2008_Practical)
+            answer = self._resolver.resolve(qname, rdtype, search=False)
         except dns.resolver.NXDOMAIN as error:
             self._cache[key] = (now + _NEGATIVE_TTL, error)
             return error

@@ -1,9 +1,12 @@
 """RFC 5321 paths: parse `<local@domain>` into a validated, normalised Address.
 
-No I/O. Accepts quoted local-parts, address literals ([1.2.3.4], [IPv6:...]), source
-routes (ignored, RFC 5321 §3.6.1), the null path `<>` (MAIL only) and UTF-8 (only when
-the transaction declared SMTPUTF8, RFC 6531). Anything else is a value, `AddressError`,
-carrying the reply to send; nothing here raises on bad input.
+No I/O. Domains are normalised to A-labels by IDNA2008 with the UTS #46 mapping (the
+`idna` package, pure Python; Python's own "idna" codec is IDNA2003, which turns
+`faß.example` into another domain, `fass.example`). Accepts quoted local-parts, address
+literals ([1.2.3.4], [IPv6:...]), source routes (ignored, RFC 5321 §3.6.1), the null path
+`<>` (MAIL only) and UTF-8 (only when the transaction declared SMTPUTF8, RFC 6531).
+Anything else is a value, `AddressError`, carrying the reply to send; nothing here raises
+on bad input.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import ipaddress
 import re
 import unicodedata
 from dataclasses import dataclass
+
+import idna
 
 # RFC 5321 §4.5.3.1: size limits.
 MAX_LOCAL_PART = 64
@@ -145,10 +150,12 @@ def parse_domain(domain: str) -> str | AddressError:
     if not domain or len(domain) > MAX_DOMAIN:
         return AddressError("bad domain length")
     if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            return AddressError("bad internationalised domain")
+        domain_or_error = to_a_labels(domain)
+        if isinstance(domain_or_error, AddressError):
+            return domain_or_error
+        domain = domain_or_error
+        if len(domain) > MAX_DOMAIN:
+            return AddressError("bad domain length")
     labels = domain.split(".")
     if not all(_LABEL.match(label) for label in labels):
         return AddressError("bad domain syntax")
@@ -157,10 +164,20 @@ def parse_domain(domain: str) -> str | AddressError:
     return domain.lower()
 
 
-def _valid_a_label(label: str) -> bool:
+def to_a_labels(domain: str) -> str | AddressError:
+    """A U-label domain in its ASCII form: UTS #46 mapping (non-transitional, so `ß`
+    stays `ß`: `faß.example` → `xn--fa-hia.example`), then IDNA2008 (RFC 5891)."""
     try:
-        label.encode("ascii").decode("idna")
-    except UnicodeError:
+        return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        return AddressError("bad internationalised domain")
+
+
+def _valid_a_label(label: str) -> bool:
+    """An `xn--` label must decode to a valid IDNA2008 U-label (RFC 5891 §5.4)."""
+    try:
+        idna.decode(label)
+    except (idna.IDNAError, UnicodeError):
         return False
     return True
 

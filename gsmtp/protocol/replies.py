@@ -64,6 +64,8 @@ READY_FOR_TLS = _r(220, "2.0.0", "Ready to start TLS")
 # 4xx
 SHUTTING_DOWN = _r(421, "4.3.2", "Service shutting down, closing transmission channel")
 IDLE_TIMEOUT = _r(421, "4.4.2", "Timeout exceeded, closing transmission channel")
+COMMAND_TIMEOUT = _r(421, "4.4.2", "Command not completed in time, closing transmission channel")
+DATA_TOO_SLOW = _r(421, "4.4.2", "Data rate too low, closing transmission channel")
 TOO_MANY_ERRORS = _r(421, "4.7.0", "Too many errors, closing transmission channel")
 TOO_MANY_CONNECTIONS = _r(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_CONNECTIONS_FROM = _r(421, "4.7.0", "Too many connections from")

@@ -10,6 +10,13 @@ in one write, RFC 2920) and feed more bytes. The session owns the three buffers 
 original design (sender, recipients, data) and resets them on RSET, on HELO/EHLO and
 after each message.
 
+Errors are counted here, as Postfix smtpd counts them: every error reply, and past
+`junk_command_limit` every NOOP/RSET/VRFY/HELP (still answered normally). Past
+`soft_error_limit` each one adds to `error_delays()`, which the shell turns into a wait
+before it sends (the tarpit: time is not the session's business); at `max_errors` the
+session answers 421 and closes before reading another command. An accepted message
+forgives both counts.
+
 No I/O, no clock, no randomness. A peer's mistake becomes a reply; a caller's misuse of
 this class (`LocalProtocolError`) is a bug and raises.
 """
@@ -107,12 +114,23 @@ _OUT_OF_SEQUENCE: dict[tuple[State, Verb], Reply] = {
 }
 
 
+# Postfix smtpd_junk_command_limit: commands that cost the server little and give a
+# client a way to hold a connection; past the limit each one counts as an error.
+_JUNK_VERBS = frozenset({Verb.NOOP, Verb.RSET, Verb.VRFY, Verb.HELP})
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """Postfix's defaults: smtpd_hard_error_limit 20 (then 421 and close),
+    smtpd_soft_error_limit 10 (then each error reply is delayed, see `error_delays`),
+    smtpd_junk_command_limit 100. Both counts are forgiven when a message is accepted."""
+
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
     max_errors: int = 20
     max_received_headers: int = 100
+    soft_error_limit: int = 10
+    junk_command_limit: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +221,9 @@ class SmtpSession:
         self._data_reader: DataReader | None = None
         self._data_result: DataResult | None = None
         self._pending: Event | None = None
-        self._errors = 0
+        self._errors = 0  # since the last accepted message (Postfix error_count)
+        self._junk_commands = 0  # NOOP/RSET/VRFY/HELP since the last accepted message
+        self._delays = 0  # replies in the output past the soft error limit
         self._verb = ""  # of the command being answered, for rejected_commands
         self._rejected: list[tuple[str, Reply]] = []
         self.helo = ""
@@ -220,6 +240,29 @@ class SmtpSession:
     def in_transaction(self) -> bool:
         """True between MAIL and the end of DATA: a graceful stop lets these finish."""
         return self._state in (State.MAIL, State.DATA)
+
+    @property
+    def awaiting_line_end(self) -> bool:
+        """Part of a command line has arrived and its CRLF has not: the shell holds the
+        whole line to a deadline (Postfix smtpd_per_request_deadline), so a client
+        trickling a byte at a time cannot keep the connection forever."""
+        return (
+            self._data_reader is None
+            and self._state is not State.CLOSED
+            and (bool(self._input) or self._discarding_long_line)
+        )
+
+    @property
+    def receiving_data(self) -> bool:
+        """Between the 354 and the end of data: the shell holds the client to a minimum
+        data rate (Postfix smtpd_min_data_rate)."""
+        return self._data_reader is not None and self._data_result is None
+
+    def error_delays(self) -> int:
+        """How many replies waiting in `data_to_send()` answer a command that counted as
+        an error past `soft_error_limit` (the tarpit): the shell waits its error sleep
+        once for each before sending them. The count starts over at `data_to_send()`."""
+        return self._delays
 
     def start(self) -> bytes:
         """The 220 greeting."""
@@ -245,6 +288,7 @@ class SmtpSession:
     def data_to_send(self) -> bytes:
         out = b"".join(self._output)
         self._output.clear()
+        self._delays = 0
         return out
 
     def close_with(self, reply: Reply) -> None:
@@ -256,6 +300,12 @@ class SmtpSession:
         if self._pending is not None:
             raise LocalProtocolError(f"{self._pending!r} has not been answered")
         while self._state is not State.CLOSED:
+            if self._errors >= self._limits.max_errors:
+                # Postfix smtpd_hard_error_limit, checked before the next command is read
+                # (so the reply that made the last error goes out first).
+                self._output.append(replies.TOO_MANY_ERRORS.to_bytes())
+                self._state = State.CLOSED
+                break
             if self._data_reader is not None:
                 if self._data_result is None:
                     return NEED_DATA
@@ -290,6 +340,12 @@ class SmtpSession:
         elif isinstance(event, MessageReceived):
             self._reset_transaction()
             self._state = State.READY
+            if reply.is_positive:
+                # Postfix: "Forgive any previous client errors when a message was
+                # received successfully" (the junk count too), so a client sending many
+                # messages over one connection is never punished for its volume.
+                self._errors = 0
+                self._junk_commands = 0
         elif isinstance(event, StartTlsRequested) and reply.is_positive:
             self._send(reply, decided=True)
             self._start_tls()
@@ -351,6 +407,10 @@ class SmtpSession:
         if verb in (Verb.EXPN, Verb.AUTH):
             self._send(replies.NOT_IMPLEMENTED)
             return None
+        if verb in _JUNK_VERBS:
+            self._junk_commands += 1
+            if self._junk_commands > self._limits.junk_command_limit:
+                self._count_error()  # its own reply is still the normal one (Postfix)
         if verb not in ALLOWED[self._state]:
             self._send(_OUT_OF_SEQUENCE.get((self._state, verb), replies.HELO_FIRST))
             return None
@@ -592,10 +652,14 @@ class SmtpSession:
         if reply.is_error and not decided and len(self._rejected) < 100:
             self._rejected.append((self._verb or "?", reply))
         if count_error and reply.is_error and reply.code != 421:
-            self._errors += 1
-            if self._errors >= self._limits.max_errors and self._state is not State.CLOSED:
-                self._output.append(replies.TOO_MANY_ERRORS.to_bytes())
-                self._state = State.CLOSED
+            self._count_error()
+
+    def _count_error(self) -> None:
+        """One more error. Past the soft limit the reply being built is tarpitted; at the
+        hard limit `next_event` closes before reading another command."""
+        self._errors += 1
+        if self._errors > self._limits.soft_error_limit:
+            self._delays += 1
 
 
 _HANDLERS = {
