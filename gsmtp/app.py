@@ -24,12 +24,13 @@ from gevent.threadpool import ThreadPool
 from gsmtp import accounts, db, log, metrics, routing, writer
 from gsmtp.acceptance import Acceptor
 from gsmtp.accounts import AccountsSnapshot
+from gsmtp.auth import Authenticator
 from gsmtp.config import Config, ConfigError, load, parse_host_port
 from gsmtp.delivery.base import Deliverer
 from gsmtp.delivery.maildir import MaildirDeliverer
 from gsmtp.delivery.mx import DnsResolver
 from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
-from gsmtp.policy import Policy
+from gsmtp.policy import Client, IPAddress, Policy
 from gsmtp.protocol.session import Limits
 from gsmtp.routing import Router
 from gsmtp.scheduler import RetryPolicy, Scheduler
@@ -105,8 +106,19 @@ class Application:
             concurrency=config.delivery.concurrency,
             max_per_domain=config.delivery.max_per_domain,
         )
+        self._authenticator = Authenticator(
+            snapshot=self._accounts.get,
+            store_hash=self._store_password_hash,
+            failure_limit=config.server.auth_failure_limit,
+            is_exempt=self._is_trusted,
+        )
+        submission = config.submission
         self.server = SmtpServer(
             listen=tuple((a.host, a.port) for a in config.server.listen),
+            submission_listen=tuple((a.host, a.port) for a in submission.listen),
+            submission_tls_listen=tuple((a.host, a.port) for a in submission.tls_listen),
+            plaintext_auth=submission.allow_plaintext_auth,
+            authenticator=self._authenticator,
             hostname=config.server.hostname,
             limits=Limits(
                 max_message_size=config.server.max_message_size,
@@ -123,6 +135,15 @@ class Application:
         )
         self._metrics_server: Any = None
         self._log_flusher: Any = None
+
+    def _store_password_hash(self, user: str, old: str, new: str) -> bool:
+        """A rehashed password (AUTH), written by the spool's writer thread."""
+        return self._writer.submit(
+            lambda connection: accounts.replace_password_hash(connection, user, old, new)
+        )
+
+    def _is_trusted(self, ip: IPAddress) -> bool:
+        return self.policy.is_trusted(Client(ip))
 
     def _open_spool(self) -> apsw.Connection:
         try:
@@ -251,6 +272,7 @@ class Application:
         self.scheduler.stop(timeout=min(grace, 5.0))
         if self._metrics_server is not None:
             self._metrics_server.stop(timeout=1)
+        self._authenticator.close()
         self._writer.stop()
         self._bodies.close()
         self._file_pool.kill()
@@ -270,7 +292,16 @@ class Application:
             return
         changed = [
             name
-            for name in ("server", "tls", "spool", "maildir", "delivery", "metrics", "log")
+            for name in (
+                "server",
+                "tls",
+                "submission",
+                "spool",
+                "maildir",
+                "delivery",
+                "metrics",
+                "log",
+            )
             if getattr(fresh, name) != getattr(self.config, name)
         ]
         self._accounts.get()

@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     add = leaf(user, "add", "add a mailbox")
     add.add_argument("address")
     add.add_argument("--password-stdin", action="store_true", help="read a password for AUTH")
+    _add_may_send_as(add)
+    modify = leaf(user, "modify", "change what a user may send as")
+    modify.add_argument("address")
+    _add_may_send_as(modify)
+    modify.add_argument(
+        "--no-may-send-as", action="store_true", help="only the user's own address from now on"
+    )
+    leaf(user, "disable", "refuse the user's AUTH (mail to it is still delivered)").add_argument(
+        "address"
+    )
+    leaf(user, "enable", "allow the user's AUTH again").add_argument("address")
     leaf(user, "remove", "remove a mailbox").add_argument("address")
     passwd = leaf(user, "passwd", "set a mailbox's password (read from stdin)")
     passwd.add_argument("address")
@@ -76,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
             child.add_argument("id")
         child.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def _add_may_send_as(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--may-send-as",
+        action="append",
+        default=[],
+        metavar="ADDRESS|@DOMAIN",
+        help="after AUTH, MAIL FROM may also be this address or any of this domain "
+        "(repeatable; modify replaces the list)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,9 +162,14 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
             "trusted_networks": [str(n) for n in server.trusted_networks],
             "proxy_protocol": server.proxy_protocol,
             "shutdown_grace": format_duration(server.shutdown_grace),
+            "auth_failure_limit": server.auth_failure_limit,
         },
         "tls": {"cert": config.tls.cert, "key": config.tls.key},
-        "submission": {"listen": [str(a) for a in config.submission.listen]},
+        "submission": {
+            "listen": [str(a) for a in config.submission.listen],
+            "tls_listen": [str(a) for a in config.submission.tls_listen],
+            "allow_plaintext_auth": config.submission.allow_plaintext_auth,
+        },
         "spool": {"path": config.spool.path},
         "maildir": {"root": config.maildir.root},
         "delivery": {
@@ -160,6 +187,11 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
         "metrics": {"listen": config.metrics.listen},
         "log": {"level": config.log.level, "format": config.log.format},
     }
+    if config.submission.listen and not config.tls.enabled:
+        print(
+            "# warning: [submission] listen without [tls]: AUTH without encryption, "
+            "safe only behind a TLS-terminating proxy (allow_plaintext_auth = true)"
+        )
     for name, values in sections.items():
         print(f"\n[{name}]")
         for key, value in values.items():
@@ -207,14 +239,26 @@ def _user(args: argparse.Namespace, config: Any) -> int:
     try:
         if args.action == "add":
             password = _read_password() if args.password_stdin else None
-            print(f"user {accounts.add_user(args.address, password)} added")
+            print(f"user {accounts.add_user(args.address, password, args.may_send_as)} added")
+        elif args.action == "modify":
+            if not args.may_send_as and not args.no_may_send_as:
+                raise _CliError("nothing to change: give --may-send-as or --no-may-send-as")
+            if args.may_send_as and args.no_may_send_as:
+                raise _CliError("--may-send-as and --no-may-send-as contradict each other")
+            key = accounts.set_may_send_as(args.address, args.may_send_as)
+            _, grants = accounts.user_details(key)
+            print(f"user {key} may send as: {' '.join([key, *grants])}")
+        elif args.action in ("disable", "enable"):
+            key = accounts.set_disabled(args.address, args.action == "disable")
+            print(f"user {key} {args.action}d")
         elif args.action == "remove":
             print(f"user {accounts.remove_user(args.address)} removed")
         elif args.action == "passwd":
             print(f"password of {accounts.set_password(args.address, _read_password())} set")
         else:
-            for address in accounts.list_users(args.domain):
-                print(address)
+            for address, disabled, grants in accounts.list_user_details(args.domain):
+                notes = (["disabled"] if disabled else []) + [f"may-send-as={g}" for g in grants]
+                print("  ".join([address, *notes]))
     except AccountError as error:
         raise _CliError(str(error)) from None
     return 0

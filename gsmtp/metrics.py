@@ -32,6 +32,7 @@ DELIVERY_SECONDS = Histogram(
     ["transport"],
     buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
 )
+AUTH_ATTEMPTS = Counter("gsmtp_auth", "AUTH attempts by outcome", ["outcome"])
 INTERNAL_ERRORS = Counter("gsmtp_internal_errors", "Unexpected exceptions caught", ["where"])
 
 
