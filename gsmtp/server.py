@@ -211,6 +211,7 @@ class SmtpServer:
                 connection.run()
             finally:
                 del self._connections[current]
+                connection.close()
         except Exception:
             metrics.INTERNAL_ERRORS.labels("connection").inc()
             log.exception("connection_crashed")
@@ -288,6 +289,11 @@ class _Connection:
             self._flush_quietly()
         except (OSError, ssl.SSLError) as error:
             self._log.info("connection_lost", error=printable(str(error)))
+
+    def close(self) -> None:
+        """Close the socket as it is now: after a TLS handshake the original socket
+        object no longer owns the descriptor, the TLS one does."""
+        _close_quietly(self._sock)
 
     def _talked_early(self) -> bool:
         """RFC 5321 §4.3.1: the client waits for the greeting; bytes already here mean a
