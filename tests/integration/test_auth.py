@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import smtplib
 import ssl
 import subprocess
@@ -182,7 +183,9 @@ def test_wrong_password_is_535_and_logged_without_the_password(server: AuthServe
         what="two auth_failed lines",
     )
     failed = [line for line in log.splitlines() if '"event":"auth_failed"' in line]
-    assert '"peer":"127.0.0.1"' in failed[0] and '"username":"jones@foo.com"' in failed[0]
+    # README's fail2ban failregex, with <HOST> as fail2ban fills it in.
+    assert all(re.search(r'"peer":"127\.0\.0\.1".*"event":"auth_failed"', f) for f in failed)
+    assert '"username":"jones@foo.com"' in failed[0]
     assert '"username":"ghost\\\\x1b[2J@foo.com"' in failed[1]  # escaped, one line
     for secret in (WRONG, PASSWORD, base64.b64encode(WRONG.encode()).decode()):
         assert secret not in log
@@ -378,3 +381,27 @@ def test_swaks_auth_plain_over_starttls(server: AuthServer, sink: Sink) -> None:
     assert "235 2.7.0" in result.stdout
     (received,) = wait_received(sink)
     assert received.recipients == ["far@remote.example"]
+
+
+def test_user_commands_for_auth(gsmtp_factory: Callable[..., GsmtpProcess]) -> None:
+    process = gsmtp_factory(start=False)
+    added = process.cli(
+        "user", "add", "sales@foo.com", "--may-send-as", "@Sales.Example",
+        "--may-send-as", "Info@foo.com", "--password-stdin", stdin=PASSWORD + "\n",
+    )  # fmt: skip
+    assert added.stdout.strip() == "user sales@foo.com added"
+    process.cli("user", "disable", "SALES@foo.com")
+    assert process.cli("user", "list").stdout.splitlines() == [
+        "brown@foo.com",
+        "jones@foo.com",
+        "sales@foo.com  disabled  may-send-as=@sales.example  may-send-as=info@foo.com",
+    ]
+    for args, message in [
+        (("user", "modify", "jones@foo.com"), "nothing to change"),
+        (("user", "modify", "ghost@foo.com", "--no-may-send-as"), "no such user: ghost@foo.com"),
+        (("user", "disable", "ghost@foo.com"), "no such user"),
+        (("user", "modify", "jones@foo.com", "--may-send-as", "@@x"), "not a valid domain"),
+    ]:
+        result = process.cli(*args, check=False)
+        assert result.returncode == 1 and message in result.stderr, result
+        assert "Traceback" not in result.stderr
