@@ -261,3 +261,13 @@ def test_an_authenticated_sender_must_be_owned(
     w = wire(tls=True, rules=rules)
     assert say(w, "AUTH PLAIN " + plain("jones@foo.com", "jones-secret")).startswith("235")
     assert say(w, f"MAIL FROM:<{sender}>").startswith(code)
+
+
+def test_auth_never_relays_to_address_literals() -> None:
+    """S-18 / R-10: an authenticated client still cannot relay to an address literal."""
+    w = wire()
+    assert say(w, "AUTH PLAIN " + plain("jones@foo.com", "jones-secret")).startswith("235")
+    assert say(w, "MAIL FROM:<jones@foo.com>").startswith("250")
+    for literal in ("[127.0.0.1]", "[169.254.169.254]", "[IPv6:::1]"):
+        assert say(w, f"RCPT TO:<x@{literal}>").startswith("554 5.7.1"), literal
+    assert say(w, "RCPT TO:<x@remote.example>").startswith("250")
