@@ -23,7 +23,17 @@ class Acceptor:
         self.hostname = hostname
         self._date_cache = (-1, "")
 
-    def accept(self, envelope: Envelope, *, client_ip: str, tls: bool, now: float) -> NewMessage:
+    def accept(
+        self,
+        envelope: Envelope,
+        *,
+        client_ip: str,
+        tls: bool,
+        now: float,
+        authenticated: bool = False,
+    ) -> NewMessage:
+        """`authenticated`: the client used AUTH; the Received header then says so
+        (RFC 3848: ESMTPA, ESMTPSA with TLS), without naming the user."""
         message_id = new_message_id(now)
         recipients = tuple(str(r) for r in envelope.recipients)
         trace = received_header(
@@ -31,7 +41,9 @@ class Acceptor:
             client_ip=client_ip,
             client_name="unknown",
             hostname=self.hostname,
-            protocol=("ESMTP" if envelope.esmtp else "SMTP") + ("S" if tls else ""),
+            protocol=("ESMTP" if envelope.esmtp else "SMTP")
+            + ("S" if tls else "")
+            + ("A" if authenticated else ""),
             message_id=message_id,
             recipient=recipients[0] if len(recipients) == 1 else None,
             date=self._date(now),

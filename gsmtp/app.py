@@ -32,6 +32,7 @@ from gevent.threadpool import ThreadPool
 from gsmtp import accounts, db, lockfile, log, metrics, routing, writer
 from gsmtp.acceptance import Acceptor
 from gsmtp.accounts import AccountsSnapshot
+from gsmtp.auth import Authenticator
 from gsmtp.config import Config, ConfigError, load, parse_host_port, spool_reserve
 from gsmtp.delivery.base import Deliverer
 from gsmtp.delivery.maildir import MaildirDeliverer
@@ -40,7 +41,7 @@ from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
 from gsmtp.diskspace import SpaceReserve
 from gsmtp.housekeeping import Housekeeping, Task
 from gsmtp.limits import ConnectionLimiter
-from gsmtp.policy import Policy
+from gsmtp.policy import Client, IPAddress, Policy
 from gsmtp.protocol.session import Limits
 from gsmtp.queue import Notices, NoticeSettings, QueueManager, RetryPolicy
 from gsmtp.routing import Router
@@ -143,8 +144,21 @@ class Application:
             active_limit=delivery.active_limit,
             spawn=self.supervisor.spawn,
         )
+        self._authenticator = Authenticator(
+            snapshot=self._accounts.get,
+            store_hash=self._store_password_hash,
+            failure_limit=config.server.auth_failure_limit,
+            is_exempt=self._is_trusted,
+            ipv4_prefix=config.server.ipv4_prefix,
+            ipv6_prefix=config.server.ipv6_prefix,
+        )
+        submission = config.submission
         self.server = SmtpServer(
             listen=tuple((a.host, a.port) for a in config.server.listen),
+            submission_listen=tuple((a.host, a.port) for a in submission.listen),
+            submission_tls_listen=tuple((a.host, a.port) for a in submission.tls_listen),
+            plaintext_auth=submission.allow_plaintext_auth,
+            authenticator=self._authenticator,
             hostname=config.server.hostname,
             limits=Limits(
                 max_message_size=config.server.max_message_size,
@@ -179,6 +193,15 @@ class Application:
         )
         self._metrics_server: Any = None
         self._housekeeper: gevent.Greenlet | None = None
+
+    def _store_password_hash(self, user: str, old: str, new: str) -> bool:
+        """A rehashed password (AUTH), written by the spool's writer thread."""
+        return self._writer.submit(
+            lambda connection: accounts.replace_password_hash(connection, user, old, new)
+        )
+
+    def _is_trusted(self, ip: IPAddress) -> bool:
+        return self.policy.is_trusted(Client(ip))
 
     def _open_spool(self) -> apsw.Connection:
         try:
@@ -356,6 +379,7 @@ class Application:
                 step.kill(block=False)
             elif step.exception is not None:
                 self._log.error("stop_step_failed", error=repr(step.exception))
+        self._authenticator.close()
         if self._housekeeper is not None:
             self._housekeeper.kill()
         finished = self._writer.stop(timeout=max(deadline - time.monotonic(), 0.1))
@@ -387,7 +411,16 @@ class Application:
         tls_applied = self._reload_tls(fresh)
         changed = [
             name
-            for name in ("server", "tls", "spool", "maildir", "delivery", "metrics", "log")
+            for name in (
+                "server",
+                "tls",
+                "submission",
+                "spool",
+                "maildir",
+                "delivery",
+                "metrics",
+                "log",
+            )
             if getattr(fresh, name) != getattr(self.config, name)
             and not (name == "tls" and tls_applied is not None)
         ]

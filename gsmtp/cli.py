@@ -75,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     add = leaf(user, "add", "add a mailbox")
     add.add_argument("address")
     add.add_argument("--password-stdin", action="store_true", help="read a password for AUTH")
+    _add_may_send_as(add)
+    modify = leaf(user, "modify", "change what a user may send as")
+    modify.add_argument("address")
+    _add_may_send_as(modify)
+    modify.add_argument(
+        "--no-may-send-as", action="store_true", help="only the user's own address from now on"
+    )
+    leaf(user, "disable", "refuse the user's AUTH (mail to it is still delivered)").add_argument(
+        "address"
+    )
+    leaf(user, "enable", "allow the user's AUTH again").add_argument("address")
     leaf(user, "remove", "remove a mailbox").add_argument("address")
     passwd = leaf(user, "passwd", "set a mailbox's password (read from stdin)")
     passwd.add_argument("address")
@@ -108,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("destination", metavar="DEST", help="directory for the copy")
     backup.add_argument("--force", action="store_true", help="replace an existing copy")
     return parser
+
+
+def _add_may_send_as(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--may-send-as",
+        action="append",
+        default=[],
+        metavar="ADDRESS|@DOMAIN",
+        help="after AUTH, MAIL FROM may also be this address or any of this domain "
+        "(repeatable; modify replaces the list)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,13 +205,18 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
             "proxy_networks": [str(n) for n in server.proxy_networks],
             "shutdown_grace": format_duration(server.shutdown_grace),
             "greet_wait": format_duration(server.greet_wait),
+            "auth_failure_limit": server.auth_failure_limit,
         },
         "tls": {
             "cert": config.tls.cert,
             "key": config.tls.key,
             "min_version": config.tls.min_version,
         },
-        "submission": {"listen": [str(a) for a in config.submission.listen]},
+        "submission": {
+            "listen": [str(a) for a in config.submission.listen],
+            "tls_listen": [str(a) for a in config.submission.tls_listen],
+            "allow_plaintext_auth": config.submission.allow_plaintext_auth,
+        },
         "spool": {
             "path": config.spool.path,
             "min_free": ""
@@ -218,6 +245,11 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
         "metrics": {"listen": config.metrics.listen},
         "log": {"level": config.log.level, "format": config.log.format},
     }
+    if config.submission.listen and not config.tls.enabled:
+        print(
+            "# warning: [submission] listen without [tls]: AUTH without encryption, "
+            "safe only behind a TLS-terminating proxy (allow_plaintext_auth = true)"
+        )
     for name, values in sections.items():
         print(f"\n[{name}]")
         for key, value in values.items():
@@ -265,15 +297,29 @@ def _user(args: argparse.Namespace, config: Any) -> int:
     try:
         if args.action == "add":
             password = _read_password() if args.password_stdin else None
-            print(f"user {shown(accounts.add_user(args.address, password))} added")
+            print(
+                f"user {shown(accounts.add_user(args.address, password, args.may_send_as))} added"
+            )
+        elif args.action == "modify":
+            if not args.may_send_as and not args.no_may_send_as:
+                raise _CliError("nothing to change: give --may-send-as or --no-may-send-as")
+            if args.may_send_as and args.no_may_send_as:
+                raise _CliError("--may-send-as and --no-may-send-as contradict each other")
+            key = accounts.set_may_send_as(args.address, args.may_send_as)
+            _, grants = accounts.user_details(key)
+            print(f"user {shown(key)} may send as: {shown(' '.join([key, *grants]))}")
+        elif args.action in ("disable", "enable"):
+            key = accounts.set_disabled(args.address, args.action == "disable")
+            print(f"user {shown(key)} {args.action}d")
         elif args.action == "remove":
             print(f"user {shown(accounts.remove_user(args.address))} removed")
         elif args.action == "passwd":
             address = accounts.set_password(args.address, _read_password())
             print(f"password of {shown(address)} set")
         else:
-            for address in accounts.list_users(args.domain):
-                print(shown(address))
+            for address, disabled, grants in accounts.list_user_details(args.domain):
+                notes = (["disabled"] if disabled else []) + [f"may-send-as={g}" for g in grants]
+                print(shown("  ".join([address, *notes])))
     except AccountError as error:
         raise _CliError(str(error)) from None
     return 0

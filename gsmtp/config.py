@@ -69,6 +69,7 @@ class ServerConfig:
     )
     shutdown_grace: float = 30.0
     greet_wait: float = 0.0
+    auth_failure_limit: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,8 @@ class TlsConfig:
 @dataclass(frozen=True, slots=True)
 class SubmissionConfig:
     listen: tuple[HostPort, ...] = ()
+    tls_listen: tuple[HostPort, ...] = ()
+    allow_plaintext_auth: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,10 +191,14 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
 def _check_consistency(config: Config, path: Path) -> None:
     if bool(config.tls.cert) != bool(config.tls.key):
         raise ConfigError(f"{path}: [tls] cert and key must be set together")
-    if config.submission.listen:
+    submission = config.submission
+    if submission.tls_listen and not config.tls.enabled:
+        raise ConfigError(f"{path}: [submission] tls_listen: implicit TLS needs [tls] cert and key")
+    if submission.listen and not config.tls.enabled and not submission.allow_plaintext_auth:
         raise ConfigError(
-            f"{path}: [submission] listen: submission needs AUTH, which this version "
-            "does not offer yet; leave it empty"
+            f"{path}: [submission] listen: without [tls] cert and key, passwords would "
+            "cross the network in clear; set [tls] cert and key, or set [submission] "
+            "allow_plaintext_auth = true if a TLS-terminating proxy is in front"
         )
     if config.server.proxy_protocol and not config.server.proxy_networks:
         raise ConfigError(
@@ -424,6 +431,9 @@ _GENERIC: dict[str, Any] = {
     "proxy_networks": _list_of(_network),
     "shutdown_grace": parse_duration,
     "greet_wait": _duration_or_zero,
+    "auth_failure_limit": _positive_int,
+    "tls_listen": _list_of(parse_host_port),
+    "allow_plaintext_auth": _bool,
     "concurrency": _positive_int,
     "retry": _retry,
     "max_age": parse_duration,

@@ -105,6 +105,16 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX recipients_notice ON recipients(message_id) WHERE notice_pending = 1;
     INSERT OR IGNORE INTO meta(key, value) VALUES ('flush_serial', 0);
     """,
+    # AUTH and submission: a disabled user cannot log in; may_send_as is a JSON list of
+    # normalised addresses and "@domain" entries it may use as MAIL FROM besides its own.
+    # Any change to a user (password, flag, senders) bumps the serial, so a running
+    # server sees it within AccountsCache.REFRESH_SECONDS.
+    """
+    ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE users ADD COLUMN may_send_as TEXT NOT NULL DEFAULT '[]';
+    CREATE TRIGGER users_changed_update AFTER UPDATE ON users
+        BEGIN UPDATE meta SET value = value + 1 WHERE key = 'accounts_serial'; END;
+    """,
 )
 
 

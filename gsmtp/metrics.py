@@ -53,6 +53,7 @@ DELIVERY_CONCURRENCY_ALLOWED = Gauge(
     "gsmtp_delivery_concurrency_allowed",
     "Concurrent deliveries the pacer allows now (delivery.concurrency when the loop is idle)",
 )
+AUTH_ATTEMPTS = Counter("gsmtp_auth", "AUTH attempts by outcome", ["outcome"])
 INTERNAL_ERRORS = Counter("gsmtp_internal_errors", "Unexpected exceptions caught", ["where"])
 DELIVERIES_IN_FLIGHT = Gauge("gsmtp_deliveries_in_flight", "Deliveries running now")
 DEAD_DESTINATIONS = Gauge(

@@ -1,9 +1,11 @@
-"""Who may send what to whom: recipient checks, relay rights, VRFY.
+"""Who may send what to whom: recipient checks, relay rights, senders after AUTH, VRFY.
 
 Plain functions over an accounts snapshot; no I/O of their own. Relay is granted only by
-the client's network (trusted_networks) or, later, authentication — never by anything
-the client says (MAIL FROM, HELO): the seed's `mail_allowed OR rcpt_allowed` rule made
-an open relay for forged local senders, and is gone.
+the client's network (trusted_networks) or by authentication as an enabled user — never
+by anything the client says (MAIL FROM, HELO): the seed's `mail_allowed OR rcpt_allowed`
+rule made an open relay for forged local senders, and is gone. An authenticated client
+may use only its own address, or one it was given (`--may-send-as`), as MAIL FROM
+(R-17, Postfix's reject_sender_login_mismatch), on every listener.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 @dataclass(frozen=True, slots=True)
 class Client:
     ip: IPAddress
-    authenticated: bool = False
+    # The user this session authenticated as (a normalised address), None before AUTH.
+    user: str | None = None
+
+    @property
+    def authenticated(self) -> bool:
+        return self.user is not None
 
 
 def client_from_ip(text: str) -> Client:
@@ -96,9 +103,30 @@ class Policy:
         if address.domain.startswith("["):
             # R-10 / S-18: never relay to an address literal.
             return replies.RELAY_DENIED
-        if client.authenticated or self.is_trusted(client):
+        if self.is_trusted(client) or self._may_log_in(client, snapshot):
             return replies.RECIPIENT_OK
         return replies.RELAY_DENIED
+
+    @staticmethod
+    def _may_log_in(client: Client, snapshot: AccountsSnapshot) -> bool:
+        """Authenticated as a user that still exists and is not disabled: `gsmtp user
+        disable` takes relay rights from sessions already open, too."""
+        if client.user is None:
+            return False
+        login = snapshot.login(client.user)
+        return login is not None and not login.disabled
+
+    def check_sender(self, sender: Address, client: Client) -> Reply:
+        """MAIL FROM. Unauthenticated clients may name any sender (port 25: relaying
+        is decided per recipient). An authenticated one may use its own address, one it
+        may send as, or the null sender (MDNs and bounces a client composes)."""
+        if client.user is None or sender.is_null:
+            return replies.SENDER_OK
+        if self._snapshot().may_use_sender(client.user, sender):
+            return replies.SENDER_OK
+        if self._snapshot(fresh=True).may_use_sender(client.user, sender):
+            return replies.SENDER_OK
+        return replies.SENDER_NOT_OWNED
 
     def verify(self, argument: str) -> Reply:
         """VRFY: 252 for everyone unless `vrfy = true` (RFC 5321 §3.5.3, §7.3)."""

@@ -1,20 +1,25 @@
 """The SMTP listener: a gevent StreamServer with a Pool, one greenlet per connection.
 
 This is the I/O shell around `protocol.session`: it reads bytes, feeds the session,
-answers its events (the free-space reserve for MAIL, policy for RCPT, the spool for a
-finished message), and writes the replies — all replies of a pipelined batch in one
-send. Low-level errors (OSError, ssl.SSLError, timeouts) are translated here and nowhere
-else. Limits enforced here: total connections, connections and new connections per
-client network (`limits.ConnectionLimiter`), early talkers (with greet_wait the greeting
-is held to catch them), and the deadlines of a connection blocked on its peer — the
-idle timeout (also inside DATA), the command deadline (a whole command line, however it
-trickles) and the minimum data rate in DATA — all checked by one sweeper greenlet rather
-than a timer per read; each ends the session with 421 4.4.2. Replies to commands the
-session counted as errors past its soft limit are held back `error_sleep` each (the
-tarpit). A graceful stop closes
-idle sessions with 421 at once, lets open transactions run for the grace period, then
-cuts them with 421 4.3.2; a session waiting for its message's commit is never cut (its
-outcome would be unknown), it gets its answer first.
+answers its events (the free-space reserve and policy for MAIL, policy for RCPT, the
+authenticator for AUTH, the spool for a finished message), and writes the replies — all
+replies of a pipelined batch in one send. Low-level errors (OSError, ssl.SSLError,
+timeouts) are translated here and nowhere else. Limits enforced here: total
+connections, connections and new connections per client network
+(`limits.ConnectionLimiter`), early talkers (with greet_wait the greeting is held to
+catch them), a delay after each failed AUTH, and the deadlines of a connection blocked
+on its peer — the idle timeout (also inside DATA), the command deadline (a whole command
+line, however it trickles) and the minimum data rate in DATA — all checked by one
+sweeper greenlet rather than a timer per read; each ends the session with 421 4.4.2.
+Replies to commands the session counted as errors past its soft limit are held back
+`error_sleep` each (the tarpit). A graceful stop closes idle sessions with 421 at once,
+lets open transactions run for the grace period, then cuts them with 421 4.3.2; a
+session waiting for its message's commit is never cut (its outcome would be unknown),
+it gets its answer first.
+
+Three kinds of listener: `listen` (port 25: STARTTLS offered, AUTH only under TLS),
+`submission_listen` (587: STARTTLS, then AUTH, then MAIL) and `submission_tls_listen`
+(465: TLS from the first byte, RFC 8314).
 
 With `proxy_networks` set (server.proxy_protocol), every connection must begin with a
 HAProxy PROXY v1/v2 header from one of those networks, read within
@@ -30,7 +35,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gevent
@@ -40,6 +45,7 @@ from gevent.server import StreamServer
 
 from gsmtp import metrics
 from gsmtp.acceptance import Acceptor
+from gsmtp.auth import Authenticator, AuthOutcome
 from gsmtp.diskspace import SpaceReserve
 from gsmtp.limits import Admitted, ConnectionLimiter, Refused
 from gsmtp.log import get_logger, printable
@@ -48,8 +54,10 @@ from gsmtp.protocol import replies
 from gsmtp.protocol.proxy import V2_MAX_LENGTH, NeedMore, ProxyError, ProxyHeaderParser
 from gsmtp.protocol.replies import Reply
 from gsmtp.protocol.session import (
+    AuthRequested,
     Envelope,
     Limits,
+    ListenerRules,
     MailFrom,
     MessageReceived,
     NeedData,
@@ -113,6 +121,14 @@ class _OutcomeUnknown(Exception):
     """Interrupted while the spool committed the message: the client gets no reply."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Listener:
+    host: str
+    port: int
+    rules: ListenerRules
+    implicit_tls: bool = False
+
+
 class SmtpServer:
     def __init__(
         self,
@@ -134,8 +150,22 @@ class SmtpServer:
         tls: ServerTls | None = None,
         deadlines: Deadlines = Deadlines(),
         error_sleep: float = 1.0,
+        submission_listen: tuple[tuple[str, int], ...] = (),
+        submission_tls_listen: tuple[tuple[str, int], ...] = (),
+        plaintext_auth: bool = False,
+        authenticator: Authenticator | None = None,
+        auth_failure_delay: float = 1.0,
     ) -> None:
-        self._listen = listen
+        auth = authenticator is not None
+        self._listen = [_Listener(host, port, ListenerRules(auth=auth)) for host, port in listen]
+        submission = ListenerRules(auth=auth, plaintext_auth=plaintext_auth, submission=True)
+        self._listen += [_Listener(host, port, submission) for host, port in submission_listen]
+        self._listen += [
+            _Listener(host, port, submission, implicit_tls=True)
+            for host, port in submission_tls_listen
+        ]
+        self._authenticator = authenticator
+        self._auth_failure_delay = auth_failure_delay
         self._hostname = hostname
         self._limits = limits
         self._idle_timeout = idle_timeout
@@ -174,7 +204,8 @@ class SmtpServer:
         return [server.address[:2] for server in self._servers]
 
     def start(self) -> None:
-        for host, port in self._listen:
+        for kind in self._listen:
+            host, port = kind.host, kind.port
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             listener = socket.socket(family, socket.SOCK_STREAM)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -182,10 +213,20 @@ class SmtpServer:
                 listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             listener.bind((host, port))
             listener.listen(1024)
-            server = StreamServer(listener, self._handle, spawn=self._pool)
+
+            def handle(sock: socket.socket, address: Any, kind: _Listener = kind) -> None:
+                self._handle(sock, address, kind)
+
+            server = StreamServer(listener, handle, spawn=self._pool)
             server.start()
             self._servers.append(server)
-            self._log.info("listener_started", host=host, port=port)
+            self._log.info(
+                "listener_started",
+                host=host,
+                port=port,
+                submission=kind.rules.submission,
+                implicit_tls=kind.implicit_tls,
+            )
         self._sweeper = self._spawn("sweeper", self._sweep_idle)
 
     def health(self) -> str | None:
@@ -237,7 +278,7 @@ class SmtpServer:
 
     # -- one connection ---------------------------------------------------------------
 
-    def _handle(self, sock: socket.socket, address: Any) -> None:
+    def _handle(self, sock: socket.socket, address: Any, kind: _Listener) -> None:
         peer_ip = str(address[0])
         conn_id = next(self._ids)
         log = self._log.bind(conn_id=conn_id, peer=peer_ip)
@@ -258,17 +299,19 @@ class SmtpServer:
             verdict = self._admit(client_ip)
             if isinstance(verdict, Reply):
                 log.info("connection_refused", reply=verdict.text)
-                _send_quietly(sock, verdict.to_bytes())
+                if not kind.implicit_tls:  # a TLS client could not read it
+                    _send_quietly(sock, verdict.to_bytes())
                 return
             admitted = verdict
             log.info("connection_opened")
-            connection = _Connection(self, sock, client_ip, log)
+            connection = _Connection(self, sock, client_ip, log, kind)
             current = gevent.getcurrent()
             self._connections[current] = connection
             try:
                 connection.run()
             finally:
                 del self._connections[current]
+                connection.close()
         except Exception:
             metrics.INTERNAL_ERRORS.labels("connection").inc()
             log.exception("connection_crashed")
@@ -352,13 +395,17 @@ class SmtpServer:
 class _Connection:
     """Drives one SmtpSession over one socket."""
 
-    def __init__(self, server: SmtpServer, sock: socket.socket, peer_ip: str, log: Any) -> None:
+    def __init__(
+        self, server: SmtpServer, sock: socket.socket, peer_ip: str, log: Any, kind: _Listener
+    ) -> None:
         self._server = server
         self._sock: Any = sock
         self._peer_ip = peer_ip
         self._client: Client = client_from_ip(peer_ip)
+        self._user: str | None = None  # whom AUTH verified; valid while the session agrees
         self._log = log
         self._tls = False
+        self._implicit_tls = kind.implicit_tls
         self.deadline = _NEVER  # monotonic time by which the peer must have acted
         self.limit = _IDLE  # the deadline's kind, for the reply when it passes
         self.idle = False  # waiting for a command outside a transaction
@@ -371,16 +418,21 @@ class _Connection:
         self._session = SmtpSession(
             server._limits,
             hostname=server._hostname,
-            tls_available=server._tls is not None,
+            tls_available=server._tls is not None and not kind.implicit_tls,
+            tls_active=kind.implicit_tls,
+            rules=kind.rules,
         )
 
     def run(self) -> None:
         session = self._session
-        if self._talked_early():
+        # With implicit TLS the client speaks first (its ClientHello): not an early talker.
+        if not self._implicit_tls and self._talked_early():
             self._log.info("early_talker_dropped")
             _send_quietly(self._sock, EARLY_TALKER.to_bytes())
             return
         try:
+            if self._implicit_tls:
+                self._wrap_tls()
             self._sock.sendall(session.start())
             while not session.closed:
                 event = session.next_event()
@@ -405,6 +457,11 @@ class _Connection:
             pass  # the connection closes without a reply
         except (OSError, ssl.SSLError) as error:
             self._log.info("connection_lost", error=printable(str(error)))
+
+    def close(self) -> None:
+        """Close the socket as it is now: after a TLS handshake the original socket
+        object no longer owns the descriptor, the TLS one does."""
+        _close_quietly(self._sock)
 
     def _talked_early(self) -> bool:
         """RFC 5321 §4.3.1: the client waits for the greeting; bytes before it mean a
@@ -500,17 +557,34 @@ class _Connection:
         with contextlib.suppress(OSError, ssl.SSLError, _IdleTimeout):
             self._flush()
 
+    def _current_client(self) -> Client:
+        """The client with the user it authenticated as, while the session still says
+        so (STARTTLS makes it forget, RFC 3207 §4.2)."""
+        if self._session.authenticated and self._user is not None:
+            return replace(self._client, user=self._user)
+        return self._client
+
     def _answer(self, event: SessionEvent) -> None:
         session = self._session
         if isinstance(event, MailFrom):
             reserve = self._server._reserve
-            if reserve is None or reserve.has_room(event.size):
-                session.respond(event, replies.SENDER_OK)
-            else:
+            if reserve is not None and not reserve.has_room(event.size):
                 self._log.info("sender_rejected", reply=replies.INSUFFICIENT_STORAGE.text)
                 session.respond(event, replies.INSUFFICIENT_STORAGE)
+                return
+            reply = self._server._policy.check_sender(event.sender, self._current_client())
+            if not reply.is_positive:
+                self._log.info(
+                    "sender_rejected",
+                    sender=printable(str(event.sender)),
+                    user=self._user,
+                    reply=reply.text,
+                )
+            session.respond(event, reply)
+        elif isinstance(event, AuthRequested):
+            session.respond(event, self._authenticate(event))
         elif isinstance(event, RcptTo):
-            reply = self._server._policy.check_recipient(event.address, self._client)
+            reply = self._server._policy.check_recipient(event.address, self._current_client())
             if not reply.is_positive:
                 self._log.info(
                     "recipient_rejected", rcpt=printable(str(event.address)), reply=reply.text
@@ -523,11 +597,42 @@ class _Connection:
         elif isinstance(event, StartTlsRequested):
             self._start_tls(event)
 
+    def _authenticate(self, event: AuthRequested) -> Reply:
+        """Verify off the event loop; log every failure with the peer (bound) and the
+        username, never the password; make the client wait before a 535."""
+        authenticator = self._server._authenticator
+        assert authenticator is not None  # the session offers AUTH only with one
+        credentials = event.credentials
+        result = authenticator.authenticate(credentials, self._client.ip)
+        metrics.AUTH_ATTEMPTS.labels(result.outcome.value).inc()
+        if result.outcome is AuthOutcome.SUCCEEDED:
+            self._user = result.user
+            self._log.info("auth_succeeded", user=result.user, mechanism=credentials.mechanism)
+            return replies.AUTH_SUCCEEDED
+        username = printable(credentials.username)
+        if result.outcome is AuthOutcome.BLOCKED:
+            self._log.warning("auth_blocked", username=username, failures=result.failures)
+            return replies.AUTH_TOO_MANY_FAILURES
+        self._log.warning(
+            "auth_failed",
+            username=username,
+            mechanism=credentials.mechanism,
+            reason=result.reason,
+            failures=result.failures,
+        )
+        gevent.sleep(self._server._auth_failure_delay)  # Postfix smtpd_error_sleep_time
+        return replies.AUTH_FAILED
+
     def _start_tls(self, event: StartTlsRequested) -> None:
-        context = self._server.tls_context
-        assert context is not None
         self._session.respond(event, replies.READY_FOR_TLS)
         self._flush()
+        self._wrap_tls()
+        self._user = None
+
+    def _wrap_tls(self) -> None:
+        """The TLS handshake, within the idle timeout."""
+        context = self._server.tls_context
+        assert context is not None
         self.deadline = time.monotonic() + self._server._idle_timeout
         self.limit = _IDLE
         try:
@@ -540,7 +645,11 @@ class _Connection:
     def _store(self, envelope: Envelope) -> Reply:
         started = time.monotonic()
         message = self._server._acceptor.accept(
-            envelope, client_ip=self._peer_ip, tls=self._tls, now=time.time()
+            envelope,
+            client_ip=self._peer_ip,
+            tls=self._tls,
+            authenticated=self._current_client().authenticated,
+            now=time.time(),
         )
         message_id = message.id
         self.storing = True

@@ -60,6 +60,7 @@ HELP = _r(
 )
 START_MAIL_INPUT = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 READY_FOR_TLS = _r(220, "2.0.0", "Ready to start TLS")
+AUTH_SUCCEEDED = _r(235, "2.7.0", "Authentication successful")
 
 # 4xx
 SHUTTING_DOWN = _r(421, "4.3.2", "Service shutting down, closing transmission channel")
@@ -74,6 +75,10 @@ SPOOL_ERROR = _r(451, "4.3.0", "Local error in processing, message not accepted,
 TEMPORARY_LOOKUP_FAILURE = _r(451, "4.3.0", "Temporary lookup failure, try again")
 TOO_MANY_RECIPIENTS = _r(452, "4.5.3", "Too many recipients")
 INSUFFICIENT_STORAGE = _r(452, "4.3.1", "Insufficient system storage")
+AUTH_TOO_MANY_FAILURES = _r(
+    421, "4.7.0", "Too many failed authentication attempts, closing transmission channel"
+)
+AUTH_TEMPORARY_FAILURE = _r(454, "4.7.0", "Temporary authentication failure, try again")
 
 # 5xx: syntax and sequence
 UNKNOWN_COMMAND = _r(500, "5.5.1", "Command unrecognized")
@@ -98,6 +103,21 @@ NEED_MAIL = _r(503, "5.5.1", "Need MAIL command")
 NEED_RCPT = _r(503, "5.5.1", "Need RCPT command")
 TLS_ALREADY_ACTIVE = _r(503, "5.5.1", "TLS already active")
 UNKNOWN_PARAMETER = _r(555, "5.5.4", "Unsupported option")
+ALREADY_AUTHENTICATED = _r(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = _r(503, "5.5.1", "AUTH not permitted during a mail transaction")
+AUTH_NEEDS_EHLO = _r(503, "5.5.1", "Send EHLO first")
+
+# 5xx: AUTH (RFC 4954 §4, §6)
+AUTH_MECHANISM_UNKNOWN = _r(504, "5.5.4", "Unrecognized authentication type")
+AUTH_CANCELLED = _r(501, "5.7.0", "Authentication cancelled")
+AUTH_BAD_BASE64 = _r(501, "5.5.2", "Cannot decode the response as base64")
+AUTH_MALFORMED = _r(501, "5.5.2", "Malformed authentication response")
+AUTH_LINE_TOO_LONG = _r(500, "5.5.6", "Authentication exchange line is too long")
+AUTH_FAILED = _r(535, "5.7.8", "Authentication credentials invalid")
+AUTH_NEEDS_TLS = _r(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_REQUIRED = _r(530, "5.7.0", "Authentication required")
+TLS_REQUIRED = _r(530, "5.7.0", "Must issue a STARTTLS command first")
+SENDER_NOT_OWNED = _r(553, "5.7.1", "Sender address not owned by the authenticated user")
 BDAT_NOT_OFFERED = _r(521, "5.5.1", "CHUNKING is not offered, closing connection")
 NOT_SMTP = _r(554, "5.7.0", "This is an SMTP server, closing connection")
 PIPELINING_VIOLATION = _r(554, "5.5.0", "Protocol synchronization error, closing connection")
@@ -134,6 +154,11 @@ def too_many_new_connections_from(client: str) -> Reply:
     return TOO_MANY_NEW_CONNECTIONS_FROM.with_text(
         f"Too many new connections from {client}, try again later"
     )
+
+
+def auth_challenge(data: str) -> Reply:
+    """`334 <base64>`: a SASL challenge (RFC 4954 §4); no enhanced code on a 3xx."""
+    return Reply(334, "", data)
 
 
 def greeting(hostname: str) -> Reply:

@@ -4,11 +4,11 @@ Theory of operation. The I/O shell feeds received bytes with `receive_data` and 
 `next_event` what happened. Commands the session can answer alone (syntax, sequence,
 NOOP, RSET, HELP, QUIT, EHLO) are answered into the output buffer at once; commands that
 need a decision from outside (a sender to admit, a recipient to check, a message to
-store, a VRFY, a TLS switch) come back as an event, and the shell answers each with
-exactly one `respond`. `NEED_DATA` means: flush `data_to_send()` (all pipelined replies
-in one write, RFC 2920) and feed more bytes. The session owns the three buffers of the
-original design (sender, recipients, data) and resets them on RSET, on HELO/EHLO and
-after each message.
+store, a VRFY, a TLS switch, credentials to verify) come back as an event, and the shell
+answers each with exactly one `respond`. `NEED_DATA` means: flush `data_to_send()` (all
+pipelined replies in one write, RFC 2920) and feed more bytes. The session owns the
+three buffers of the original design (sender, recipients, data) and resets them on
+RSET, on HELO/EHLO and after each message.
 
 Errors are counted here, as Postfix smtpd counts them: every error reply, and past
 `junk_command_limit` every NOOP/RSET/VRFY/HELP (still answered normally). Past
@@ -16,6 +16,12 @@ Errors are counted here, as Postfix smtpd counts them: every error reply, and pa
 before it sends (the tarpit: time is not the session's business); at `max_errors` the
 session answers 421 and closes before reading another command. An accepted message
 forgives both counts.
+
+AUTH (RFC 4954) runs as a state of its own: while a SASL exchange is open every line is
+a response for `protocol.sasl`, never a command. What a listener demands (TLS before
+AUTH, AUTH before MAIL on submission, RFC 6409) comes in as `ListenerRules` and is
+checked in `_handle_command` against the tables below. Authentication survives RSET and
+EHLO, and is forgotten with everything else at STARTTLS (RFC 3207 §4.2).
 
 No I/O, no clock, no randomness. A peer's mistake becomes a reply; a caller's misuse of
 this class (`LocalProtocolError`) is a bug and raises.
@@ -48,6 +54,7 @@ from gsmtp.protocol.dsnparams import (
     parse_rcpt_parameters,
 )
 from gsmtp.protocol.replies import Reply
+from gsmtp.protocol.sasl import MAX_RESPONSE_LINE, Challenge, Credentials, SaslExchange, Step
 
 MAX_COMMAND_LINE = 512  # octets including CRLF, RFC 5321 §4.5.3.1.4
 # RFC 3461 §4: DSN raises the limit for MAIL (RET, ENVID of up to 100) and RCPT (NOTIFY,
@@ -66,6 +73,7 @@ class State(enum.Enum):
     READY = "ready"  # HELO/EHLO done, no transaction
     MAIL = "mail"  # MAIL accepted, collecting recipients
     DATA = "data"  # reading message content
+    AUTH = "auth"  # in a SASL exchange: lines are responses, not commands
     CLOSED = "closed"
 
 
@@ -85,6 +93,7 @@ ALLOWED: dict[State, frozenset[Verb]] = {
             Verb.HELP,
             Verb.VRFY,
             Verb.STARTTLS,
+            Verb.AUTH,
         }
     ),
     State.MAIL: frozenset(
@@ -100,6 +109,7 @@ ALLOWED: dict[State, frozenset[Verb]] = {
             Verb.VRFY,
         }
     ),
+    State.AUTH: frozenset(),
 }
 
 # The reply when a verb arrives in a state that does not accept it.
@@ -111,7 +121,27 @@ _OUT_OF_SEQUENCE: dict[tuple[State, Verb], Reply] = {
     (State.READY, Verb.DATA): replies.NEED_MAIL,
     (State.MAIL, Verb.MAIL): replies.NESTED_MAIL,
     (State.MAIL, Verb.STARTTLS): replies.NESTED_MAIL.with_text("STARTTLS inside a transaction"),
+    # RFC 4954 §4: "The AUTH command is not permitted during a mail transaction."
+    (State.MAIL, Verb.AUTH): replies.AUTH_IN_TRANSACTION,
 }
+
+# A listener that requires TLS (submission without allow_plaintext_auth) answers every
+# other verb with 530 5.7.0 until STARTTLS (RFC 3207 §4; RFC 6409 §4.3). AUTH is let
+# through so that it gets its own 538 5.7.11 (RFC 4954 §4).
+BEFORE_TLS: frozenset[Verb] = frozenset(
+    {
+        Verb.EHLO,
+        Verb.HELO,
+        Verb.STARTTLS,
+        Verb.NOOP,
+        Verb.RSET,
+        Verb.QUIT,
+        Verb.HELP,
+        Verb.AUTH,
+    }
+)
+# On submission these need an authenticated session first (RFC 6409 §4.3: 530 5.7.0).
+NEED_AUTH_ON_SUBMISSION: frozenset[Verb] = frozenset({Verb.MAIL})
 
 
 # Postfix smtpd_junk_command_limit: commands that cost the server little and give a
@@ -131,6 +161,23 @@ class Limits:
     max_received_headers: int = 100
     soft_error_limit: int = 10
     junk_command_limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerRules:
+    """What the listener a session arrived on offers and demands.
+
+    `auth`: AUTH can be verified here (offered under TLS only, unless
+    `plaintext_auth`). `submission`: a message submission listener (RFC 6409): AUTH
+    before MAIL and, unless `plaintext_auth`, TLS before anything else."""
+
+    auth: bool = False
+    plaintext_auth: bool = False
+    submission: bool = False
+
+    @property
+    def requires_tls(self) -> bool:
+        return self.submission and not self.plaintext_auth
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,13 +208,23 @@ NEED_DATA = NeedData()
 @dataclass(frozen=True, slots=True)
 class MailFrom:
     """A syntactically valid MAIL; the shell answers SENDER_OK, or a refusal such as
-    INSUFFICIENT_STORAGE (the free-space reserve, which the session cannot see).
+    INSUFFICIENT_STORAGE (the free-space reserve, which the session cannot see), or
+    SENDER_NOT_OWNED (an authenticated user's sender, decided by policy).
     `size` is the client's SIZE= announcement (RFC 1870), None without one."""
 
     sender: Address
     smtputf8: bool
     size: int | None
     dsn: MailDsn = field(default_factory=MailDsn)  # RFC 3461 RET/ENVID
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRequested:
+    """Credentials to verify (the password is left out of the repr). Answer
+    AUTH_SUCCEEDED, AUTH_FAILED, AUTH_TEMPORARY_FAILURE or AUTH_TOO_MANY_FAILURES
+    (421: the session closes)."""
+
+    credentials: Credentials
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +253,7 @@ class MessageReceived:
     envelope: Envelope
 
 
-Event = MailFrom | RcptTo | VerifyRequested | StartTlsRequested | MessageReceived
+Event = MailFrom | RcptTo | VerifyRequested | StartTlsRequested | MessageReceived | AuthRequested
 
 
 class SmtpSession:
@@ -209,11 +266,14 @@ class SmtpSession:
         hostname: str,
         tls_available: bool = False,
         tls_active: bool = False,
+        rules: ListenerRules = ListenerRules(),
     ) -> None:
         self._limits = limits
         self._hostname = hostname
         self._tls_available = tls_available
         self._tls_active = tls_active
+        self._rules = rules
+        self._sasl: SaslExchange | None = None
         self._state = State.CONNECTED
         self._input = bytearray()
         self._output: list[bytes] = []
@@ -228,6 +288,8 @@ class SmtpSession:
         self._rejected: list[tuple[str, Reply]] = []
         self.helo = ""
         self.esmtp = False
+        # True after a successful AUTH; who it was the shell knows (it verified them).
+        self.authenticated = False
         self._reset_transaction()
 
     # -- public surface ---------------------------------------------------------------
@@ -331,6 +393,14 @@ class SmtpSession:
                 self._smtputf8 = event.smtputf8
                 self._mail_dsn = event.dsn
                 self._state = State.MAIL
+        elif isinstance(event, AuthRequested):
+            self._state = State.READY
+            if reply.is_positive:
+                self.authenticated = True
+            elif reply.code == 421:
+                self._send(reply, decided=True)
+                self._state = State.CLOSED
+                return
         elif isinstance(event, RcptTo):
             self._rcpt_attempted = True
             if reply.is_positive and event.address not in self._recipients:
@@ -366,7 +436,7 @@ class SmtpSession:
             self._discarding_long_line = False
             return replies.LINE_TOO_LONG
         if newline < 0:
-            if len(buffer) > MAX_MAIL_RCPT_LINE:
+            if len(buffer) > self._longest_line():
                 buffer.clear()
                 self._discarding_long_line = True
             return None
@@ -378,14 +448,25 @@ class SmtpSession:
             return replies.BARE_LINE_ENDING
         line = bytes(buffer[: newline - 1])
         del buffer[: newline + 1]
-        long_allowed = line[:5].upper() in _LONG_LINE_VERBS
-        if len(line) + 2 > (MAX_MAIL_RCPT_LINE if long_allowed else MAX_COMMAND_LINE):
+        if self._state is State.AUTH:
+            limit = MAX_RESPONSE_LINE
+        elif line[:5].upper() in _LONG_LINE_VERBS:
+            limit = MAX_MAIL_RCPT_LINE
+        else:
+            limit = MAX_COMMAND_LINE
+        if len(line) + 2 > limit:
             return replies.LINE_TOO_LONG
         if b"\r" in line:
             return replies.BARE_LINE_ENDING
         return line
 
+    def _longest_line(self) -> int:
+        return MAX_RESPONSE_LINE if self._state is State.AUTH else MAX_MAIL_RCPT_LINE
+
     def _handle_line(self, line: bytes | Reply) -> Event | None:
+        if self._state is State.AUTH:
+            self._verb = "AUTH"
+            return self._continue_auth(line)
         parsed = line if isinstance(line, Reply) else parse_command(line)
         self._verb = parsed.verb.value if isinstance(parsed, Command) else "?"
         if isinstance(parsed, Reply):
@@ -404,15 +485,21 @@ class SmtpSession:
             # Postfix: the next input would be raw content; never run it as commands.
             self.close_with(replies.BDAT_NOT_OFFERED)
             return None
-        if verb in (Verb.EXPN, Verb.AUTH):
+        if verb is Verb.EXPN:
             self._send(replies.NOT_IMPLEMENTED)
             return None
         if verb in _JUNK_VERBS:
             self._junk_commands += 1
             if self._junk_commands > self._limits.junk_command_limit:
                 self._count_error()  # its own reply is still the normal one (Postfix)
+        if self._rules.requires_tls and not self._tls_active and verb not in BEFORE_TLS:
+            self._send(replies.TLS_REQUIRED)
+            return None
         if verb not in ALLOWED[self._state]:
             self._send(_OUT_OF_SEQUENCE.get((self._state, verb), replies.HELO_FIRST))
+            return None
+        if self._rules.submission and not self.authenticated and verb in NEED_AUTH_ON_SUBMISSION:
+            self._send(replies.AUTH_REQUIRED)
             return None
         handler = _HANDLERS[verb]
         return handler(self, command.argument)
@@ -452,6 +539,8 @@ class SmtpSession:
         ]
         if self._tls_available and not self._tls_active:
             extensions.append("STARTTLS")
+        if self._auth_offered():
+            extensions.append("AUTH PLAIN LOGIN")
         extensions.append("HELP")
         return extensions
 
@@ -583,6 +672,53 @@ class SmtpSession:
             return None
         return StartTlsRequested()
 
+    # -- AUTH (RFC 4954) ----------------------------------------------------------------
+
+    def _auth_offered(self) -> bool:
+        """RFC 4954 §4 / RFC 8314: passwords only over TLS, unless the operator says a
+        proxy in front already encrypts (submission.allow_plaintext_auth)."""
+        return self._rules.auth and (self._tls_active or self._rules.plaintext_auth)
+
+    def _auth(self, argument: str) -> Event | None:
+        if not self._rules.auth:
+            self._send(replies.NOT_IMPLEMENTED)
+            return None
+        if not self.esmtp:
+            self._send(replies.AUTH_NEEDS_EHLO)  # AUTH is an EHLO extension
+            return None
+        if not self._auth_offered():
+            # P-59: refused before any credentials are read, so none are checked.
+            self._send(replies.AUTH_NEEDS_TLS)
+            return None
+        if self.authenticated:
+            self._send(replies.ALREADY_AUTHENTICATED)  # RFC 4954 §4
+            return None
+        exchange, step = SaslExchange.begin(argument)
+        self._sasl = exchange
+        return self._auth_step(step)
+
+    def _continue_auth(self, line: bytes | Reply) -> Event | None:
+        assert self._sasl is not None
+        if isinstance(line, Reply):
+            self._sasl = None
+            self._state = State.READY
+            self._send(replies.AUTH_LINE_TOO_LONG if line is replies.LINE_TOO_LONG else line)
+            return None
+        return self._auth_step(self._sasl.feed(line))
+
+    def _auth_step(self, step: Step) -> Event | None:
+        if isinstance(step, Challenge):
+            self._state = State.AUTH
+            self._send(step.reply)
+            return None
+        self._sasl = None
+        if isinstance(step, Credentials):
+            self._state = State.AUTH  # until the shell answers
+            return AuthRequested(step)
+        self._state = State.READY
+        self._send(step)
+        return None
+
     # -- DATA -------------------------------------------------------------------------
 
     def _feed_data(self, data: bytes) -> None:
@@ -646,6 +782,8 @@ class SmtpSession:
         self._reset_transaction()
         self._state = State.CONNECTED
         self.helo = ""
+        self.esmtp = False
+        self.authenticated = False
 
     def _send(self, reply: Reply, *, count_error: bool = True, decided: bool = False) -> None:
         self._output.append(reply.to_bytes())
@@ -674,4 +812,5 @@ _HANDLERS = {
     Verb.HELP: SmtpSession._help,
     Verb.VRFY: SmtpSession._vrfy,
     Verb.STARTTLS: SmtpSession._starttls,
+    Verb.AUTH: SmtpSession._auth,
 }
