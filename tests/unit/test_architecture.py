@@ -135,3 +135,64 @@ def test_imports_are_recorded_by_name_and_relative_imports_resolved() -> None:
         "gsmtp.spool.Spool",
     ):
         assert imports_module(names, module), module
+
+
+# -- the arrows of issue 7's restructuring ---------------------------------------------
+
+_IO_MODULES = ("gevent", "socket", "ssl", "apsw", "dns", "time", "os", "threading", "select")
+
+
+def test_the_shared_vocabulary_depends_on_protocol_values_only() -> None:
+    """message.py is what storage, delivery and the accept step share: it may use
+    protocol values (DSN parameters), nothing that does I/O or holds state."""
+    for name in imports_of(PACKAGE / "message.py"):
+        assert name.split(".")[0] not in _IO_MODULES, name
+        if name.startswith("gsmtp."):
+            assert imports_module({name}, "gsmtp.protocol.dsnparams"), name
+
+
+@pytest.mark.parametrize("name", ["spool.py", "spool_admin.py", "db.py", "writer.py"])
+def test_storage_never_imports_its_consumers(name: str) -> None:
+    """The spool's vocabulary comes from message.py, not from delivery or the server."""
+    names = imports_of(PACKAGE / name)
+    for consumer in ("gsmtp.delivery", "gsmtp.server", "gsmtp.app", "gsmtp.acceptance"):
+        assert not imports_module(names, consumer), f"{name} imports {consumer}"
+
+
+def test_threads_live_in_writer_not_in_db() -> None:
+    """db.py is apsw and SQL only; the writer thread and its gevent plumbing are in
+    writer.py, imported at the top of the file so the arrow shows."""
+    assert not imports_module(imports_of(PACKAGE / "db.py"), "gevent")
+    tree = ast.parse((PACKAGE / "writer.py").read_text())
+    top_level = {
+        alias.name.split(".")[0] if isinstance(node, ast.Import) else (node.module or "")
+        for node in tree.body
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert any(name.startswith("gevent") for name in top_level)
+    nested = [
+        node
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef)
+        for node in ast.walk(function)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+    ]
+    assert nested == [], "imports hidden inside functions"
+
+
+@pytest.mark.parametrize("name", ["acceptance.py", "routing.py"])
+def test_the_accept_step_and_routing_do_no_io(name: str) -> None:
+    for imported in imports_of(PACKAGE / name):
+        assert imported.split(".")[0] not in _IO_MODULES, f"{name} imports {imported}"
+
+
+def test_the_server_leaves_the_accept_step_to_acceptance() -> None:
+    """Message ids and the Received: header are made in acceptance.py (which bounces
+    use too), routing in routing.py: not in the listener or the composition root."""
+    names = imports_of(PACKAGE / "server.py")
+    assert not imports_module(names, "gsmtp.protocol.trace")
+    assert not imports_module(names, "gsmtp.message.new_message_id")
+    assert imports_module(names, "gsmtp.acceptance")
+    app = (PACKAGE / "app.py").read_text()
+    assert "def _route(" not in app and "def _resolve_mailbox(" not in app
