@@ -214,8 +214,7 @@ def test_a_second_serve_reaching_the_spool_through_a_symlink_exits_2(
     assert refused.returncode == 2, refused.stderr
     real_lock = os.path.realpath(gsmtp.spool_path) + ".lock"
     assert refused.stderr == (
-        f"gsmtp: spool {alias} is already served by PID {gsmtp.process.pid}"
-        f" (lock {real_lock})\n"
+        f"gsmtp: spool {alias} is already served by PID {gsmtp.process.pid} (lock {real_lock})\n"
     )
     assert list(directory.glob("*.lock")) == []  # no lock file of its own
     assert gsmtp.process.poll() is None
