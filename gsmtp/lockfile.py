@@ -1,5 +1,11 @@
 """One `gsmtp serve` per spool: an flock on `<spool>.lock`, held for the life of the server.
 
+The lock file sits beside the real database file: `<spool.path>.lock` with every
+symlink in spool.path resolved (`os.path.realpath`), so a second server reaching the
+same file through another name (a symlinked file or directory) meets the same lock.
+(A hard link is not seen through; SQLite itself does not support them: its -wal and
+-shm files are named after the path.)
+
 Two servers on one spool would each release the other's leases at start-up and deliver
 the same recipients twice; so the lock is taken before the spool is opened, and a
 second server exits naming the holder's PID (written into the lock file). flock, not
@@ -40,7 +46,9 @@ class InstanceLock:
 
 
 def lock_path(spool_path: str) -> str:
-    return spool_path + ".lock"
+    """The lock of the database file `spool_path` names, through any symlinks (the
+    file need not exist yet)."""
+    return os.path.realpath(spool_path) + ".lock"
 
 
 def acquire(path: str) -> InstanceLock | HeldBy:

@@ -18,6 +18,15 @@ message that cannot be read are set aside the same way, without an owner, and th
 message is marked `corrupt` (Postfix's corrupt/ queue): kept for inspection, never
 retried in a loop. Bodies are not read at claim time but when a delivery starts.
 
+Rows written from outside (the `sqlite3` shell) may hold anything: TEXT that is not
+UTF-8 (apsw raises while decoding it, so text that may be corrupt is read as bytes,
+`raw_text`, and decoded here, `decoded`), envelope addresses with control characters (a
+CR or LF would inject header fields into a Maildir file or a notice), recipient rows
+whose message was deleted with foreign keys off. Unreadable means set aside; recipient
+rows without a message are deleted when a claim meets them (`orphan_recipients_removed`),
+unless their message id itself does not decode: those may belong to a message whose
+rows were damaged, so they are set aside and listed, not deleted.
+
 A failed recipient keeps `notice_pending` until the notice step writes the bounce that
 lists it; a message is deleted once no recipient is queued and no notice is pending.
 `gsmtp queue flush` (another process) makes everything due now and bumps a serial in
@@ -36,6 +45,7 @@ import apsw
 
 from gsmtp.db import execute_values, query, scalar
 from gsmtp.message import MessageId, NewMessage, Outcome, QueuedMessage, RecipientDsn, Ret
+from gsmtp.protocol.address import has_control
 from gsmtp.protocol.dsnparams import notify_text, parse_notify
 from gsmtp.writer import GroupCommitter, ThreadReader
 
@@ -45,6 +55,23 @@ UNSCHEDULED = 1e18  # next_attempt_at of a row nobody may claim: owned, or set a
 NOTICE_HEADERS_LIMIT = 100 * 1024 + 1
 # The destination domain of a stored address: what follows its last "@".
 _DOMAIN = "lower(substr(address, length(rtrim(address, replace(address, '@', ''))) + 1))"
+
+
+def raw_text(column: str) -> str:
+    """SQL reading a TEXT column as the bytes stored (NULL when it holds no text): apsw
+    decodes TEXT as UTF-8 and raises on bytes that are not, which an outside writer can
+    store. Decode the value with `decoded`."""
+    return f"CASE typeof({column}) WHEN 'text' THEN CAST({column} AS BLOB) END"
+
+
+def decoded(value: Any) -> str | None:
+    """A value read with `raw_text` as text; None when absent or not valid UTF-8."""
+    if not isinstance(value, bytes):
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def domain_of(address: str) -> str:
@@ -86,6 +113,7 @@ class ClaimResult:
     claims: list[Claim]
     set_aside: list[SetAside]
     exhausted: bool
+    orphans_removed: int = 0  # recipient rows of a message that no longer exists
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +208,19 @@ def insert_message(connection: apsw.Connection, message: NewMessage) -> None:
 
 
 def apply_results(connection: apsw.Connection, batch: list[tuple[RecipientUpdate, ...]]) -> None:
-    """Results of many deliveries in a few statements (the group-commit fast path)."""
+    """Results of many deliveries in a few statements (the group-commit fast path).
+
+    A deferred recipient whose bounce the administrator asked for while it was being
+    delivered (`gsmtp queue bounce` sets bounce_requested on owned rows too) is due
+    again at once, at the time it was claimed or bounced, so that the next claim fails
+    it as asked rather than after the next retry step."""
     updates = [update for unit in batch for update in unit]
     execute_values(
         connection,
         "UPDATE recipients SET status = v.column1, attempts = attempts + v.column2,"
-        " next_attempt_at = v.column3, last_error = v.column4, last_status = v.column5,"
+        " next_attempt_at = CASE WHEN v.column1 = 'queued' AND bounce_requested = 1"
+        " THEN min(v.column3, coalesce(claimed_due, v.column3)) ELSE v.column3 END,"
+        " last_error = v.column4, last_status = v.column5,"
         " remote_mta = v.column6, notice_pending = v.column7, claimed_due = NULL"
         " FROM (VALUES {values}) AS v"
         " WHERE recipients.message_id = v.column8 AND recipients.address = v.column9",
@@ -286,32 +321,49 @@ class Spool:
         )
         claims: dict[str, list[ClaimedRecipient]] = {}
         heads: dict[str, tuple[float, int]] = {}
-        broken: dict[str, str] = {}
-        stray: list[int] = []
-        for rowid, message_id, address, attempts, bounce, size, received_at in rows:
-            if not isinstance(message_id, str):
-                stray.append(rowid)
-            elif not isinstance(address, str) or not isinstance(attempts, int):
-                broken[message_id] = "recipient row does not decode"
-            elif not isinstance(size, int) or not isinstance(received_at, int | float):
-                broken[message_id] = "message row missing or does not decode"
-            else:
-                claims.setdefault(message_id, []).append(
-                    ClaimedRecipient(address, attempts, bool(bounce))
-                )
-                heads[message_id] = (float(received_at), size)
-        set_aside = [SetAside(m, reason) for m, reason in broken.items()]
-        set_aside += [SetAside(f"rowid {r}", "recipient row without a message id") for r in stray]
-        if broken or stray:
-            self._writer.submit(lambda connection: _set_aside(connection, broken, stray))
+        broken: dict[int, tuple[str, str]] = {}  # message rowid: (shown id, reason)
+        stray: list[int] = []  # recipient rowids: no message, and an id that does not decode
+        orphans: list[int] = []  # recipient rowids: no message
+        for row in rows:
+            rowid, id_hex, address_hex, attempts, bounce, message_rowid, size, received_at = row
+            message_id = _from_hex(id_hex)
+            if message_rowid is None:
+                (orphans if message_id is not None else stray).append(rowid)
+                continue
+            if message_id is None:
+                broken[message_rowid] = (_shown_hex(id_hex), "message id is not valid UTF-8")
+                continue
+            address = _from_hex(address_hex)
+            if address is None or not isinstance(attempts, int):
+                broken.setdefault(message_rowid, (message_id, "recipient row does not decode"))
+                continue
+            reason = _unusable(address, size, received_at)
+            if reason is not None:
+                broken.setdefault(message_rowid, (message_id, reason))
+                continue
+            claims.setdefault(message_id, []).append(
+                ClaimedRecipient(address, attempts, bool(bounce))
+            )
+            heads[message_id] = (float(received_at), size)
+        set_aside = [SetAside(shown, reason) for shown, reason in broken.values()]
+        set_aside += [
+            SetAside(f"rowid {r}", "recipient row without a readable message id") for r in stray
+        ]
+        removed = 0
+        if broken or stray or orphans:
+            removed = self._writer.submit(
+                lambda connection: _set_aside_rows(connection, broken, stray, orphans)
+            )
+        unusable = {message_id for message_id, _ in broken.values()}
         return ClaimResult(
             [
                 Claim(MessageId(m), heads[m][0], heads[m][1], tuple(recipients))
                 for m, recipients in claims.items()
-                if m not in broken
+                if m not in unusable
             ],
             set_aside,
             exhausted=scanned < params["scan"] and not capped and len(rows) < limit,
+            orphans_removed=removed,
         )
 
     def release(self, owned: Sequence[tuple[str, str]]) -> None:
@@ -329,7 +381,7 @@ class Spool:
 
     def set_aside(self, message_id: str, reason: str) -> None:
         """Mark a message corrupt and unschedule its queued recipients."""
-        self._writer.submit(lambda connection: _set_aside(connection, {message_id: reason}, []))
+        self._writer.submit(lambda connection: _set_aside(connection, message_id, reason))
 
     def load_message(self, message_id: str) -> QueuedMessage | Unreadable | None:
         """The message a delivery is about to send (None: deleted meanwhile)."""
@@ -337,8 +389,8 @@ class Spool:
         def work(connection: apsw.Connection) -> QueuedMessage | Unreadable | None:
             rows = query(
                 connection,
-                "SELECT sender, body, received_at, smtputf8, size, dsn_ret, dsn_envid"
-                " FROM messages WHERE id = ?",
+                f"SELECT {raw_text('sender')}, body, received_at, smtputf8, size, dsn_ret,"
+                f" {raw_text('dsn_envid')} FROM messages WHERE id = ?",
                 (message_id,),
             )
             if not rows:
@@ -359,6 +411,18 @@ class Spool:
         """Apply delivery outcomes in one transaction (shared with the results of other
         senders that finish meanwhile); the rows are no longer owned."""
         self._writer.submit_item(apply_results, tuple(updates))
+
+    def bounce_pending(self, message_id: str) -> bool:
+        """True if a queued recipient of the message awaits the bounce the administrator
+        asked for (made due by `apply_results`: the queue manager must look again)."""
+        return bool(
+            scalar(
+                self._reader,
+                "SELECT 1 FROM recipients WHERE message_id = ? AND status = 'queued'"
+                " AND bounce_requested = 1 AND next_attempt_at < ? LIMIT 1",
+                (message_id, UNSCHEDULED),
+            )
+        )
 
     def next_due_at(self) -> float | None:
         value = scalar(
@@ -410,18 +474,45 @@ class Spool:
     # -- notices --------------------------------------------------------------------------
 
     def notice_state(self, message_id: str) -> NoticeState | None:
-        """The message's envelope, headers and recipients (None: gone or unreadable)."""
+        """The message's envelope, headers and recipients (None: gone or unreadable: a
+        sender or an address that does not decode or holds a control character)."""
         rows = query(
             self._reader,
-            "SELECT sender, substr(body, 1, ?), received_at, smtputf8, notice_kind,"
-            " delay_warned_at, dsn_ret, dsn_envid FROM messages WHERE id = ? AND corrupt IS NULL",
+            f"SELECT {raw_text('sender')}, substr(body, 1, ?), received_at, smtputf8,"
+            f" {raw_text('notice_kind')}, delay_warned_at, dsn_ret, {raw_text('dsn_envid')}"
+            " FROM messages WHERE id = ? AND corrupt IS NULL",
             (NOTICE_HEADERS_LIMIT, message_id),
         )
         if not rows:
             return None
-        sender, head, received_at, smtputf8, kind, warned, ret, envid = rows[0]
-        if not isinstance(sender, str) or not isinstance(received_at, int | float):
+        raw_sender, head, received_at, smtputf8, kind, warned, ret, envid = rows[0]
+        sender = decoded(raw_sender)
+        if sender is None or has_control(sender) or not isinstance(received_at, int | float):
             return None
+        recipients = query(
+            self._reader,
+            f"SELECT {raw_text('address')}, status, notice_pending, claimed_due IS NOT NULL,"
+            f" next_attempt_at, {raw_text('last_error')}, {raw_text('last_status')},"
+            f" {raw_text('remote_mta')} FROM recipients WHERE message_id = ?",
+            (message_id,),
+        )
+        states = []
+        for address, status, pending, in_flight, due, error, code, mta in recipients:
+            text = decoded(address)
+            if text is None or has_control(text):
+                return None
+            states.append(
+                RecipientState(
+                    text,
+                    str(status),
+                    bool(pending),
+                    bool(in_flight),
+                    float(due),
+                    _lenient(error),
+                    _lenient(code),
+                    _lenient(mta),
+                )
+            )
         message = QueuedMessage(
             MessageId(message_id),
             sender,
@@ -429,33 +520,10 @@ class Spool:
             float(received_at),
             bool(smtputf8),
             ret=_ret(ret),
-            envid=envid if isinstance(envid, str) else None,
+            envid=_printable(envid),
             dsn=load_recipient_dsn(self._reader, [message_id]).get(message_id, {}),
         )
-        recipients = query(
-            self._reader,
-            "SELECT address, status, notice_pending, claimed_due IS NOT NULL, next_attempt_at,"
-            " last_error, last_status, remote_mta FROM recipients WHERE message_id = ?",
-            (message_id,),
-        )
-        return NoticeState(
-            message,
-            str(kind or ""),
-            warned is not None,
-            tuple(
-                RecipientState(
-                    str(a),
-                    str(s),
-                    bool(p),
-                    bool(f),
-                    float(t),
-                    str(e or ""),
-                    str(c or ""),
-                    str(r or ""),
-                )
-                for a, s, p, f, t, e, c, r in recipients
-            ),
-        )
+        return NoticeState(message, _lenient(kind), warned is not None, tuple(states))
 
     def store_notices(
         self,
@@ -508,10 +576,11 @@ class Spool:
         """Messages with a notice still to write (one left behind by a crash, say)."""
         rows = query(
             self._reader,
-            "SELECT DISTINCT message_id FROM recipients WHERE notice_pending = 1 LIMIT ?",
+            f"SELECT DISTINCT {raw_text('message_id')} FROM recipients"
+            " WHERE notice_pending = 1 LIMIT ?",
             (limit,),
         )
-        return [MessageId(str(row[0])) for row in rows]
+        return [MessageId(text) for (raw,) in rows if (text := decoded(raw)) is not None]
 
     # -- gauges ---------------------------------------------------------------------------
 
@@ -532,19 +601,24 @@ def load_recipient_dsn(
     connection: apsw.Connection, message_ids: Sequence[str]
 ) -> dict[str, dict[str, RecipientDsn]]:
     """RFC 3461 NOTIFY/ORCPT of the recipients of these messages (at most 500 ids) that
-    gave any, by message id and address: the `dsn` of each QueuedMessage."""
+    gave any, by message id and address: the `dsn` of each QueuedMessage. A damaged
+    value counts as not given."""
     rows = query(
         connection,
-        "SELECT message_id, address, dsn_notify, dsn_orcpt FROM recipients"
+        f"SELECT {raw_text('message_id')}, {raw_text('address')}, {raw_text('dsn_notify')},"
+        f" {raw_text('dsn_orcpt')} FROM recipients"
         f" WHERE message_id IN ({','.join('?' * len(message_ids))})"
         " AND (dsn_notify IS NOT NULL OR dsn_orcpt IS NOT NULL)",
         list(message_ids),
     )
     found: dict[str, dict[str, RecipientDsn]] = {}
-    for message_id, address, notify, orcpt in rows:
+    for raw_id, raw_address, raw_notify, raw_orcpt in rows:
+        message_id, address, notify = decoded(raw_id), decoded(raw_address), decoded(raw_notify)
+        if message_id is None or address is None:
+            continue  # a damaged row: its recipient is set aside when claimed
         parsed = parse_notify(notify) if notify is not None else None
         found.setdefault(message_id, {})[address] = RecipientDsn(
-            parsed if isinstance(parsed, frozenset) else None, orcpt
+            parsed if isinstance(parsed, frozenset) else None, _printable(raw_orcpt)
         )
     return found
 
@@ -579,13 +653,16 @@ def _claim(connection: apsw.Connection, params: dict[str, Any]) -> str:
         " WHERE rowid IN (SELECT value FROM json_each(:chosen))",
         {**params, "chosen": chosen_ids},
     )
+    # Text as the hex of its stored bytes: JSON then holds only ASCII whatever the rows
+    # hold (text that is not UTF-8 made apsw raise on the whole claim), and the caller
+    # decodes each value alone.
     rows = scalar(
         connection,
         "SELECT json_group_array(json_array(r.rowid,"
-        " CASE typeof(r.message_id) WHEN 'text' THEN r.message_id END,"
-        " CASE typeof(r.address) WHEN 'text' THEN r.address END,"
+        f" {_hex_text('r.message_id')}, {_hex_text('r.address')},"
         " CASE typeof(r.attempts) WHEN 'integer' THEN r.attempts END,"
         " CASE typeof(r.bounce_requested) WHEN 'integer' THEN r.bounce_requested END,"
+        " m.rowid,"
         " CASE typeof(m.size) WHEN 'integer' THEN m.size END,"
         " CASE WHEN typeof(m.received_at) IN ('real', 'integer') THEN m.received_at END))"
         " FROM recipients r LEFT JOIN messages m ON m.id = r.message_id"
@@ -595,19 +672,76 @@ def _claim(connection: apsw.Connection, params: dict[str, Any]) -> str:
     return f"[{int(scanned)}, {int(capped)}, {rows}]"
 
 
-def _set_aside(connection: apsw.Connection, broken: Mapping[str, str], stray: list[int]) -> None:
-    for message_id, reason in broken.items():
-        connection.execute("UPDATE messages SET corrupt = ? WHERE id = ?", (reason, message_id))
+def _unusable(address: str, size: Any, received_at: Any) -> str | None:
+    """Why a claimed row whose texts decoded cannot be delivered, or None."""
+    if has_control(address):
+        return "recipient address has a control character"
+    if not isinstance(size, int) or not isinstance(received_at, int | float):
+        return "message row does not decode"
+    return None
+
+
+def _hex_text(column: str) -> str:
+    """SQL: the hex of a TEXT column's stored bytes, NULL when it holds no text."""
+    return f"CASE typeof({column}) WHEN 'text' THEN hex({column}) END"
+
+
+def _from_hex(value: Any) -> str | None:
+    """A `_hex_text` value as text; None when absent or not valid UTF-8."""
+    return decoded(bytes.fromhex(value)) if isinstance(value, str) else None
+
+
+def _shown_hex(value: Any) -> str:
+    """A `_hex_text` value for a log line, however broken (backslash escapes)."""
+    if not isinstance(value, str):
+        return "(no text)"
+    return bytes.fromhex(value).decode("utf-8", "backslashreplace")
+
+
+def _set_aside(connection: apsw.Connection, message_id: str, reason: str) -> None:
+    """Mark a message corrupt and unschedule its queued recipients (owned or not)."""
+    connection.execute("UPDATE messages SET corrupt = ? WHERE id = ?", (reason, message_id))
+    connection.execute(
+        "UPDATE recipients SET next_attempt_at = ?, claimed_due = NULL"
+        " WHERE message_id = ? AND status = 'queued'",
+        (UNSCHEDULED, message_id),
+    )
+
+
+def _set_aside_rows(
+    connection: apsw.Connection,
+    broken: Mapping[int, tuple[str, str]],
+    stray: Sequence[int],
+    orphans: Sequence[int],
+) -> int:
+    """What a claim could not use: messages (by rowid, their ids may not decode) set
+    aside, recipient rows without a readable message id unscheduled, recipient rows
+    whose message is gone deleted. Returns how many of those were deleted."""
+    for message_rowid, (_, reason) in broken.items():
+        connection.execute(
+            "UPDATE messages SET corrupt = ? WHERE rowid = ?", (reason, message_rowid)
+        )
         connection.execute(
             "UPDATE recipients SET next_attempt_at = ?, claimed_due = NULL"
-            " WHERE message_id = ? AND status = 'queued'",
-            (UNSCHEDULED, message_id),
+            " WHERE message_id = (SELECT id FROM messages WHERE rowid = ?) AND status = 'queued'",
+            (UNSCHEDULED, message_rowid),
         )
     for rowid in stray:
         connection.execute(
             "UPDATE recipients SET next_attempt_at = ?, claimed_due = NULL WHERE rowid = ?",
             (UNSCHEDULED, rowid),
         )
+    removed = 0
+    for rowid in orphans:
+        # Still without a message in this transaction (ids are never reused, but the
+        # claim's transaction has ended): then nothing can ever deliver the row.
+        connection.execute(
+            "DELETE FROM recipients WHERE rowid = ?"
+            " AND NOT EXISTS (SELECT 1 FROM messages WHERE id = recipients.message_id)",
+            (rowid,),
+        )
+        removed += connection.changes()
+    return removed
 
 
 def _decode_message(message_id: str, row: tuple[Any, ...]) -> QueuedMessage | Unreadable:
@@ -616,8 +750,11 @@ def _decode_message(message_id: str, row: tuple[Any, ...]) -> QueuedMessage | Un
         return Unreadable(f"body is {type(body).__name__}, not a blob")
     if not isinstance(size, int) or size != len(body):
         return Unreadable(f"body has {len(body)} bytes, {size!r} were stored")
-    if not isinstance(sender, str):
+    sender = decoded(sender)
+    if sender is None:
         return Unreadable("sender does not decode")
+    if has_control(sender):
+        return Unreadable("sender has a control character")
     if not isinstance(received_at, int | float) or not isinstance(smtputf8, int):
         return Unreadable("envelope does not decode")
     return QueuedMessage(
@@ -627,8 +764,21 @@ def _decode_message(message_id: str, row: tuple[Any, ...]) -> QueuedMessage | Un
         float(received_at),
         bool(smtputf8),
         ret=_ret(ret),
-        envid=envid if isinstance(envid, str) else None,
+        envid=_printable(envid),
     )
+
+
+def _lenient(raw: Any) -> str:
+    """Free text we stored (a reply, a status), read with `raw_text`: damaged bytes
+    become U+FFFD rather than an exception; notices quote it, nothing parses it."""
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
+
+
+def _printable(raw: Any) -> str | None:
+    """An optional RFC 3461 value (ENVID, ORCPT) read with `raw_text`: None when absent
+    or damaged (not UTF-8, a control character): the notice goes out without it."""
+    text = decoded(raw)
+    return None if text is None or has_control(text) else text
 
 
 def _ret(value: Any) -> Ret | None:

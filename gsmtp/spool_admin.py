@@ -2,9 +2,13 @@
 
 Runs in the CLI process on a connection of its own, beside a running server (WAL lets
 both in). Every reading tolerates rows that do not decode: a message set aside as
-corrupt must still be listed. A flush makes every queued recipient due now and bumps
-`flush_serial` in `meta`, which the running queue manager polls to forget its dead
-destinations.
+corrupt must still be listed. Text is read as the bytes stored (apsw raises on TEXT
+that is not UTF-8, which an outside writer can store) and decoded with U+FFFD for what
+does not decode; the CLI escapes control characters when it prints. Recipient rows
+without a message (deleted from outside with foreign keys off) are listed with the
+corrupt messages until the queue manager removes them. A flush makes every queued
+recipient due now and bumps `flush_serial` in `meta`, which the running queue manager
+polls to forget its dead destinations.
 """
 
 from __future__ import annotations
@@ -47,25 +51,26 @@ class SpoolAdmin:
         self._db = connection
 
     def messages(self, *, corrupt: bool = False) -> list[MessageRow]:
-        """Messages in the queue, or those set aside as corrupt."""
+        """Messages in the queue, or those set aside as corrupt (and after them, one
+        entry per message id that recipient rows name but no message has)."""
         rows = query(
             self._db,
-            "SELECT id, sender, size, received_at, client, helo, corrupt FROM messages"
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
             f" WHERE corrupt IS {'NOT ' if corrupt else ''}NULL ORDER BY received_at",
         )
-        return [self._message_row(row) for row in rows]
+        found = [self._message_row(row) for row in rows]
+        return found + self._without_message() if corrupt else found
 
     def message(self, message_id: str) -> MessageRow | None:
         rows = query(
-            self._db,
-            "SELECT id, sender, size, received_at, client, helo, corrupt FROM messages"
-            " WHERE id = ?",
-            (message_id,),
+            self._db, f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
         )
         return self._message_row(rows[0]) if rows else None
 
     def headers(self, message_id: str) -> bytes:
-        value = scalar(self._db, "SELECT body FROM messages WHERE id = ?", (message_id,))
+        value = scalar(
+            self._db, "SELECT CAST(body AS BLOB) FROM messages WHERE id = ?", (message_id,)
+        )
         if not isinstance(value, bytes):
             return b""
         end = value.find(b"\r\n\r\n")
@@ -105,23 +110,32 @@ class SpoolAdmin:
             return bool(self._db.changes())
 
     def bounce(self, message_id: str, now: float | None = None) -> int:
-        """Expire a message's queued recipients so the runner bounces them at once."""
+        """Ask the runner to bounce a message's queued recipients at once. Those being
+        delivered right now keep their delivery: if it ends deferred they are due again
+        at once (see spool.apply_results) and bounced then; if it delivers them, there
+        is nothing to bounce. Recipients set aside as corrupt are left alone."""
+        when = now if now is not None else time.time()
         with transaction(self._db):
             self._db.execute(
-                "UPDATE recipients SET next_attempt_at = ?, bounce_requested = 1"
-                " WHERE message_id = ? AND status = 'queued' AND next_attempt_at < ?",
-                (now if now is not None else time.time(), message_id, UNSCHEDULED),
+                "UPDATE recipients SET bounce_requested = 1,"
+                " next_attempt_at = CASE WHEN claimed_due IS NULL THEN :now"
+                " ELSE next_attempt_at END,"
+                " claimed_due = CASE WHEN claimed_due IS NULL THEN NULL"
+                " ELSE min(claimed_due, :now) END"
+                " WHERE message_id = :id AND status = 'queued'"
+                " AND (next_attempt_at < :unscheduled OR claimed_due IS NOT NULL)",
+                {"now": when, "id": message_id, "unscheduled": UNSCHEDULED},
             )
             return int(self._db.changes())
 
     def _message_row(self, row: tuple[Any, ...]) -> MessageRow:
         """Tolerant of what does not decode: a corrupt message must still be listed."""
-        message_id, sender, size, received_at, client, helo, corrupt = row
+        rowid, message_id, sender, size, received_at, client, helo, corrupt = row
         recipients = query(
             self._db,
-            "SELECT address, status, attempts, coalesce(claimed_due, next_attempt_at),"
-            " last_error FROM recipients WHERE message_id = ? ORDER BY address",
-            (message_id,),
+            f"SELECT {_RECIPIENT_COLUMNS} FROM recipients"
+            " WHERE message_id = (SELECT id FROM messages WHERE rowid = ?) ORDER BY address",
+            (rowid,),
         )
         return MessageRow(
             _text(message_id),
@@ -130,21 +144,61 @@ class SpoolAdmin:
             float(received_at) if isinstance(received_at, int | float) else 0.0,
             _text(client),
             _text(helo),
-            tuple(
-                RecipientRow(
-                    _text(a),
-                    _text(s),
-                    n if isinstance(n, int) else 0,
-                    float(t) if isinstance(t, int | float) else 0.0,
-                    e if isinstance(e, str) else None,
-                )
-                for a, s, n, t, e in recipients
-            ),
-            corrupt if isinstance(corrupt, str) else None,
+            tuple(_recipient_row(row[1:]) for row in recipients),
+            _text(corrupt) if corrupt is not None else None,
         )
+
+    def _without_message(self) -> list[MessageRow]:
+        """Recipient rows whose message does not exist, one entry per message id they
+        name (a scan of every recipient: for the operator's `queue list --corrupt`)."""
+        rows = query(
+            self._db,
+            f"SELECT {_RECIPIENT_COLUMNS} FROM recipients"
+            " WHERE NOT EXISTS (SELECT 1 FROM messages WHERE id = recipients.message_id)"
+            " ORDER BY message_id, address",
+        )
+        entries: dict[str, list[RecipientRow]] = {}
+        for row in rows:
+            entries.setdefault(_text(row[0]), []).append(_recipient_row(row[1:]))
+        return [
+            MessageRow(
+                message_id,
+                "",
+                0,
+                0.0,
+                "",
+                "",
+                tuple(recipients),
+                "recipient rows without a message",
+            )
+            for message_id, recipients in entries.items()
+        ]
+
+
+# Text columns read as stored bytes (see the module docstring).
+_MESSAGE_COLUMNS = (
+    "rowid, CAST(id AS BLOB), CAST(sender AS BLOB), size, received_at, CAST(client AS BLOB),"
+    " CAST(helo AS BLOB), CAST(corrupt AS BLOB)"
+)
+_RECIPIENT_COLUMNS = (
+    "CAST(message_id AS BLOB), CAST(address AS BLOB), CAST(status AS BLOB), attempts,"
+    " coalesce(claimed_due, next_attempt_at), CAST(last_error AS BLOB)"
+)
+
+
+def _recipient_row(row: tuple[Any, ...]) -> RecipientRow:
+    address, status, attempts, due, error = row
+    return RecipientRow(
+        _text(address),
+        _text(status),
+        attempts if isinstance(attempts, int) else 0,
+        float(due) if isinstance(due, int | float) else 0.0,
+        _text(error) if error is not None else None,
+    )
 
 
 def _text(value: Any) -> str:
+    """A value read with CAST(... AS BLOB): undecodable bytes become U+FFFD."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return "" if value is None else str(value)

@@ -4,7 +4,8 @@ Each copy is written to `tmp/` under a unique name (O_EXCL, O_NOFOLLOW, mode 060
 fsynced, linked into `new/`, and `new/` itself is fsynced before the recipient counts as
 delivered: a file in `new/` is always complete, and survives power loss. Mail is stored
 with LF line endings, as qmail, Postfix and Dovecot write it, beginning with
-`Return-Path:` and `Delivered-To:`; copies of those two fields in the message's own
+`Return-Path:` and `Delivered-To:` (never with a control character in them: a delivery
+that would write one is deferred); copies of those two fields in the message's own
 header section are removed first (a client planted them; relayed mail keeps them, as
 RFC 5321 §4.4 forbids a relay to look for them). A crash after the link and before the spool update
 delivers again after restart: at least once, never lost (a duplicate is possible).
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from gsmtp.message import Outcome, QueuedMessage, RecipientResult
+from gsmtp.protocol.address import has_control
 from gsmtp.protocol.trace import without_fields
 
 T = TypeVar("T")
@@ -128,6 +130,17 @@ class MaildirDeliverer:
             mailbox_path(self._root, mailbox)
         except MailboxPathError as error:
             return RecipientResult(recipient, Outcome.FAILED, "5.1.3", f"550 5.1.3 {error}")
+        for field, value in (("Return-Path", message.sender), ("Delivered-To", mailbox)):
+            if has_control(value):
+                # The spool and the accounts refuse such addresses; this is the last
+                # guard: a CR or LF here would add header fields to the stored mail.
+                return RecipientResult(
+                    recipient,
+                    Outcome.DEFERRED,
+                    "4.3.0",
+                    f"451 4.3.0 Refused to write a control character into {field}:"
+                    " the stored address is damaged",
+                )
         local, _, domain = mailbox.rpartition("@")
         header = f"Return-Path: <{message.sender}>\nDelivered-To: {mailbox}\n".encode()
         return self._run_blocking(

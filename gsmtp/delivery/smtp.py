@@ -460,7 +460,8 @@ class _Transaction:
             return [results[r] for r in self._recipients]
         # A failure while sending the body leaves the peer without a complete final dot:
         # it cannot have taken the message, so the next MX may be tried (raised on).
-        connection.send(client.encode_data(message.body))
+        for chunk in client.data_chunks(message.body):  # one chunk at a time, no copy
+            connection.send(chunk)
         try:
             final = connection.read(timeout=self._timeouts.data, after_dot=True)
         except _TransactionBroken as error:

@@ -28,6 +28,14 @@ _DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 _QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"\Z')
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 _ROUTE = re.compile(r"@[^,:]+(?:,@[^,:]+)*:")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def has_control(text: str) -> bool:
+    """True if `text` holds a C0 control character or DEL (CR and LF among them). No
+    path `parse_path` accepts has one, so a stored address with one was written from
+    outside; written into a header field (Return-Path:, a notice) it would inject more."""
+    return _CONTROL.search(text) is not None
 
 
 @dataclass(frozen=True, slots=True)

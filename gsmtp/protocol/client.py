@@ -4,12 +4,14 @@ dot-stuffed message data.
 No I/O. The delivery shell (`delivery/smtp.py`) decides what to send when; this module
 says how the bytes look. Outbound data is always clean: every line ends in CRLF (a stray
 CR or LF is turned into CRLF, so gsmtp never relays a smuggling vector, P-10) and every
-line that starts with a dot gets a second one (RFC 5321 §4.5.2).
+line that starts with a dot gets a second one (RFC 5321 §4.5.2). It is made a chunk at a
+time (`data_chunks`), so a large body is never copied whole.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from gsmtp.protocol.dsnparams import (
@@ -21,6 +23,7 @@ from gsmtp.protocol.dsnparams import (
 )
 
 MAX_REPLY_LINE = 2048
+DATA_CHUNK = 64 * 1024  # body bytes encoded at a time for DATA
 MAX_REPLY_LINES = 100
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*)")
 _STRAY_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
@@ -169,13 +172,40 @@ def is_8bit(data: bytes) -> bool:
     return not data.isascii()
 
 
+def data_chunks(body: bytes, size: int = DATA_CHUNK) -> Iterator[bytes]:
+    """Message data ready to send after 354, made from `size` bytes of the body at a
+    time: CRLF everywhere, dots doubled, the last line ended, and the terminating `.`
+    line. Lazy, so that sending holds the body and one chunk (at most 2 × size + 5
+    bytes: a bare LF becomes CRLF, a leading dot two), never a second copy of a 35 MB
+    body. The piece boundaries cannot be seen in the output: a CR that ends a piece
+    waits for the next one (it may begin with the LF of its CRLF), and whether a piece
+    begins a line is carried over (a dot there is doubled)."""
+    if size < 1:
+        raise ValueError("chunk size must be positive")
+    view = memoryview(body)
+    at_line_start = True  # what was sent so far ends with CRLF (or nothing was sent)
+    carried = b""
+    for start in range(0, len(view), size):
+        piece = carried + view[start : start + size]
+        last = start + size >= len(view)
+        if piece.endswith(b"\r") and not last:
+            carried, piece = piece[-1:], piece[:-1]
+        else:
+            carried = b""
+        # The lookbehind of _STRAY_EOL sees no byte before the piece: right, since a
+        # piece that follows a CR begins with that CR (carried).
+        out = _STRAY_EOL.sub(b"\r\n", piece).replace(b"\r\n.", b"\r\n..")
+        if at_line_start and out.startswith(b"."):
+            out = b"." + out  # RFC 5321 §4.5.2: a leading dot is doubled
+        if out:
+            at_line_start = out.endswith(b"\r\n")
+        if last:
+            out += (b"" if at_line_start else b"\r\n") + b".\r\n"
+        yield out
+    if not view:
+        yield b".\r\n"
+
+
 def encode_data(body: bytes) -> bytes:
-    """Message data ready to send after 354: CRLF everywhere, dots doubled, and the
-    terminating `.` line."""
-    clean = _STRAY_EOL.sub(b"\r\n", body)
-    if clean and not clean.endswith(b"\r\n"):
-        clean += b"\r\n"
-    stuffed = clean.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    return stuffed + b".\r\n"
+    """The whole of `data_chunks(body)` at once (for small bodies and tests)."""
+    return b"".join(data_chunks(body))

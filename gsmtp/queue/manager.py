@@ -28,9 +28,11 @@ The dispatcher sleeps until a delivery ends, new mail is queued, or at most
 `idle_poll` (1 s): often enough to see a flush at once and a due time on time. Retry
 times are wall time; no wait is longer than the longest retry step, and a time found
 further ahead (the clock was set back) is pulled forward. An exception in a round is
-logged and counted, and the dispatcher goes on after a pause; its greenlet is exposed
-(`greenlet`) for an owner to watch. `stop()` stops claiming at once, gives running
-deliveries their time, then kills them.
+logged and counted, and the dispatcher goes on after a pause; MAX_FAILED_ROUNDS failed
+in a row mean the runner is broken, not unlucky: it raises and dies, and its owner (the
+supervisor) ends the process for a restart rather than let it accept mail it never
+delivers. Its greenlet is exposed (`greenlet`) for an owner to watch. `stop()` stops
+claiming at once, gives running deliveries their time, then kills them.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from gevent.pool import Pool
 from gsmtp import metrics
 from gsmtp.delivery.base import Deliverer
 from gsmtp.log import get_logger
+from gsmtp.message import Outcome
 from gsmtp.queue import attempt
 from gsmtp.queue.destinations import INITIAL_WINDOW, Batch, Destination, Destinations, Key
 from gsmtp.queue.notices import Notices
@@ -56,6 +59,7 @@ from gsmtp.spool import Claim, ClaimedRecipient, RecipientUpdate, Spool, Unreada
 
 IDLE_POLL = 1.0  # seconds: the longest the dispatcher sleeps (a flush is seen this soon)
 ERROR_PAUSE = 1.0
+MAX_FAILED_ROUNDS = 30  # consecutive failed rounds (about 30 s): the runner is broken
 BODY_BUDGET = 64 * 1024 * 1024  # bytes of bodies held by running deliveries
 CLAIM_CHUNK = 25  # while senders are busy, wait until this many are free: fewer claims
 CLAIM_FACTOR = 4  # recipients claimed per free sender (messages have several)
@@ -98,6 +102,7 @@ class QueueManager:
         initial_window: int = INITIAL_WINDOW,
         idle_poll: float = IDLE_POLL,
         error_pause: float = ERROR_PAUSE,
+        max_failed_rounds: int = MAX_FAILED_ROUNDS,
         pacer: DeliveryPacer | None = None,
         spawn: Callable[..., gevent.Greenlet] | None = None,
     ) -> None:
@@ -114,6 +119,7 @@ class QueueManager:
         self._active_limit = active_limit
         self._idle_poll = idle_poll
         self._error_pause = error_pause
+        self._max_failed_rounds = max_failed_rounds
         self._pool = Pool(concurrency)
         self._pacer = pacer or DeliveryPacer(concurrency)
         self._destinations = Destinations(max_window=max_per_domain, initial_window=initial_window)
@@ -172,15 +178,22 @@ class QueueManager:
         self._notices.stop()
 
     def run(self) -> None:
-        """The dispatcher's loop (runs until stopped; an owner may watch it)."""
+        """The dispatcher's loop (runs until stopped; an owner may watch it). Raises the
+        last error once `max_failed_rounds` rounds in a row have failed."""
+        failed = 0
         while not self._stopping:
             try:
                 timeout = self._round()
             except Exception:
+                failed += 1
                 metrics.INTERNAL_ERRORS.labels("queue").inc()
-                self._log.exception("queue_round_failed")
+                self._log.exception("queue_round_failed", failed_in_a_row=failed)
+                if failed >= self._max_failed_rounds:
+                    self._log.error("queue_runner_broken", failed_in_a_row=failed)
+                    raise
                 gevent.sleep(self._error_pause)
                 continue
+            failed = 0
             self._wake.wait(timeout)
             self._wake.clear()
 
@@ -262,6 +275,8 @@ class QueueManager:
         )
         for aside in result.set_aside:
             self._log.error("message_set_aside", msg_id=aside.message_id, reason=aside.reason)
+        if result.orphans_removed:
+            self._log.warning("orphan_recipients_removed", count=result.orphans_removed)
         suspended: list[tuple[Batch, Destination]] = []
         for claim in result.claims:
             try:
@@ -333,6 +348,7 @@ class QueueManager:
                 self.held -= len(batch.recipients)
         for batch, updates in by_batch:
             message_id = batch.claim.message_id
+            self._check_bounce_requests(message_id, updates)
             if self._notices.worth_a_look(message_id, updates, batch.claim.received_at):
                 self._notices.settle_later(message_id)
 
@@ -388,7 +404,17 @@ class QueueManager:
             self._log.exception("results_not_recorded", msg_id=message_id)
             return [], None  # still owned: delivered again after a restart
         attempt.log_results(self._log, batch, updates, results)
+        self._check_bounce_requests(message_id, updates)
         return updates, attempt.reached(results)
+
+    def _check_bounce_requests(self, message_id: str, updates: Sequence[RecipientUpdate]) -> None:
+        """`gsmtp queue bounce` while the message was owned: a deferred recipient it
+        asked to bounce is due at once (apply_results), at a time a claim may already
+        have looked past; so look again."""
+        if any(u.outcome is Outcome.DEFERRED for u in updates) and self._spool.bounce_pending(
+            message_id
+        ):
+            self._look_again()
 
     def _declare_dead(self, destination: Destination, updates: Sequence[RecipientUpdate]) -> None:
         """No host of it answered: dead until the retry time of what just failed; the

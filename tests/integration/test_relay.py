@@ -191,3 +191,29 @@ def test_kill9_mid_delivery_is_delivered_after_restart(relay, sinks, mx_port: in
     wait_for(
         lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool"
     )
+
+
+def test_queue_bounce_during_a_delivery_bounces_once_it_defers(relay, sinks, mx_port: int) -> None:  # type: ignore[no-untyped-def]
+    """Red-team finding: `gsmtp queue bounce ID` while the message was being delivered
+    answered "no such message (or nothing queued)" and recorded nothing. Now the
+    request is recorded; the delivery, held at the dot, ends 451; the recipient is due
+    at once (not after the 1 h retry step) and bounced without another attempt."""
+    hold = threading.Event()
+    sink = start_sink(
+        sinks, "127.0.0.2", mx_port, behaviour=SinkBehaviour(hold_data=hold, fail_first=99)
+    )
+    gsmtp = relay(retry=["1h"])
+    message_id = send(gsmtp, "jones@foo.com", ["u@remote.test"])
+    wait_for(lambda: sink.attempts == 1, what="the delivery running")
+    try:
+        bounced = gsmtp.cli("queue", "bounce", message_id, check=False)
+    finally:
+        hold.set()
+    assert (bounced.returncode, bounced.stdout) == (0, f"bouncing: {message_id}\n"), bounced.stderr
+    (block,) = delivery_status(bounce_for(gsmtp))
+    assert block["Final-Recipient"] == "rfc822; u@remote.test"
+    assert block["Diagnostic-Code"] == "smtp; 550 5.0.0 Bounced by the administrator"
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)], what="empty spool"
+    )
+    assert sink.attempts == 1 and sink.received == []

@@ -160,7 +160,7 @@ def test_a_second_serve_on_the_same_spool_exits_2_naming_the_pid(
     assert refused.returncode == 2, stderr
     assert stderr == (
         f"gsmtp: spool {gsmtp.spool_path} is already served by PID {gsmtp.process.pid}"
-        f" (lock {gsmtp.spool_path}.lock)\n"
+        f" (lock {os.path.realpath(gsmtp.spool_path)}.lock)\n"
     )
     assert second.cli("queue", "stats").stdout.startswith("messages: "), "the CLI takes no lock"
     assert queue_id(send(gsmtp.port, "first server still serves"))
@@ -174,6 +174,50 @@ def test_a_second_serve_on_the_same_spool_exits_2_naming_the_pid(
         )
     finally:
         second.stop()
+
+
+def refused_serve(config: Path) -> subprocess.CompletedProcess[str]:
+    """`gsmtp serve -c config`, expected to exit at once (killed after 60 s if not)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gsmtp.cli", "serve", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        stderr += "\n(it started and was killed after 60 s)"
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("link", ["file", "directory"])
+def test_a_second_serve_reaching_the_spool_through_a_symlink_exits_2(
+    gsmtp: GsmtpProcess, tmp_path: Path, link: str
+) -> None:
+    """Red-team finding: the lock was keyed on the path string, so a second server whose
+    spool.path reached the same database through a symlink started beside the first,
+    and both delivered the same recipient."""
+    assert gsmtp.process is not None
+    directory = tmp_path / "second"
+    directory.mkdir()
+    if link == "file":
+        alias = directory / "alias.sqlite"
+        alias.symlink_to(gsmtp.spool_path)
+    else:
+        (directory / "spool-dir").symlink_to(gsmtp.spool_path.parent)
+        alias = directory / "spool-dir" / gsmtp.spool_path.name
+    second = GsmtpProcess(directory, {"spool": {"path": str(alias)}})
+    refused = refused_serve(second.config)
+    assert refused.returncode == 2, refused.stderr
+    real_lock = os.path.realpath(gsmtp.spool_path) + ".lock"
+    assert refused.stderr == (
+        f"gsmtp: spool {alias} is already served by PID {gsmtp.process.pid} (lock {real_lock})\n"
+    )
+    assert list(directory.glob("*.lock")) == []  # no lock file of its own
+    assert gsmtp.process.poll() is None
 
 
 def test_backup_while_serving_is_consistent_and_complete(

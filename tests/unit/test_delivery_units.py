@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import email
+import itertools
 import random
+import re
 from email.message import Message
 
 import pytest
@@ -156,6 +158,53 @@ def test_outbound_data_is_always_clean_crlf_and_stuffed() -> None:
     encoded = client.encode_data(b".start\r\nbare\nlf\rcr\r\n.\r\n..x\r\nlast")
     assert encoded == b"..start\r\nbare\r\nlf\r\ncr\r\n..\r\n...x\r\nlast\r\n.\r\n"
     assert encoded.count(b"\r\n.\r\n") == 1
+
+
+def _encode_data_whole(body: bytes) -> bytes:
+    """encode_data as it was before it streamed (one copy of the whole body): the
+    reference the chunked encoder must match byte for byte."""
+    clean = re.sub(rb"\r(?!\n)|(?<!\r)\n", b"\r\n", body)
+    if clean and not clean.endswith(b"\r\n"):
+        clean += b"\r\n"
+    stuffed = clean.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
+
+
+def test_chunked_data_matches_the_whole_body_encoding_at_every_boundary() -> None:
+    """Every body of up to 7 bytes over CR, LF, dot and a letter, cut into pieces of 1
+    to 4 bytes: boundaries fall inside CRLF, before a leading dot, after a lone CR."""
+    alphabet = [b"\r", b"\n", b".", b"a"]
+    bodies = [b""]
+    for length in range(1, 8):
+        bodies += [b"".join(p) for p in itertools.product(alphabet, repeat=length)]
+    for body in bodies:
+        expected = _encode_data_whole(body)
+        assert client.encode_data(body) == expected, body
+        for size in range(1, 5):
+            assert b"".join(client.data_chunks(body, size)) == expected, (body, size)
+
+
+def test_chunked_data_matches_on_large_random_bodies() -> None:
+    rng = random.Random(1)
+    pieces = [b"\r\n", b"\n", b"\r", b".", b"\r\n.", b"..", b"x" * 100, b"\xc3\xa9"]
+    for _ in range(50):
+        body = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 3000)))
+        expected = _encode_data_whole(body)
+        for size in (1, 7, 64, 1000, client.DATA_CHUNK):
+            assert b"".join(client.data_chunks(body, size)) == expected
+
+
+def test_chunked_data_holds_one_chunk_at_a_time() -> None:
+    """Lazy, and no chunk larger than twice its piece (+ a dot and the terminator)."""
+    body = (b"\n." * 100_000) + b"x" * 300_000
+    chunks = client.data_chunks(body, 65536)
+    first = next(chunks)
+    assert len(first) <= 2 * 65536 + 5
+    sizes = [len(first)] + [len(chunk) for chunk in chunks]
+    assert len(sizes) == -(-len(body) // 65536) and max(sizes) <= 2 * 65536 + 5
+    assert sum(sizes) == len(_encode_data_whole(body))
 
 
 def test_commands_refuse_line_breaks() -> None:

@@ -50,6 +50,29 @@ def test_delivers_into_new_with_trace_headers_and_lf(
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
 
 
+@pytest.mark.parametrize(
+    ("sender", "mailbox"),
+    [
+        ("evil\nX-Injected: yes", "alice@local.example"),
+        ("evil\r@remote.example", "alice@local.example"),
+        ("bob@remote.example", "alice\nX-Injected: yes@local.example"),
+    ],
+    ids=["sender-lf", "sender-cr", "mailbox-lf"],
+)
+def test_a_control_character_never_reaches_return_path_or_delivered_to(
+    tmp_path: Path, sender: str, mailbox: str
+) -> None:
+    """Red-team finding: a sender with a LF written into the spool from outside made
+    `Return-Path: <evil\nX-Injected: yes>`. The spool sets such messages aside; the
+    writer refuses on its own as well, and defers saying why."""
+    message = QueuedMessage(MessageId("M1"), sender, b"Subject: hi\r\n\r\nbody\r\n", 0.0, False)
+    d = MaildirDeliverer(str(tmp_path), resolve_mailbox=lambda a: mailbox)
+    (result,) = d.deliver(message, ["alice@local.example"])
+    assert result.outcome is Outcome.DEFERRED
+    assert result.reply.startswith("451 4.3.0 Refused to write a control character into")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
 def test_unique_names_for_many_copies(tmp_path: Path) -> None:
     d = deliverer(tmp_path)
     for _ in range(50):

@@ -14,7 +14,9 @@ from gevent.event import Event
 from gsmtp import metrics
 from gsmtp.message import Outcome
 from gsmtp.queue import INITIAL_WINDOW
+from gsmtp.queue.manager import MAX_FAILED_ROUNDS
 from gsmtp.spool import Spool
+from gsmtp.supervision import Supervisor
 from tests.unit.queue_harness import (
     DEFAULTS,
     UNREACHABLE,
@@ -231,6 +233,60 @@ def test_an_exception_in_a_round_is_counted_and_the_runner_goes_on(qw: QueueWorl
     wait_until(lambda: qw.messages_left() == 0)
     assert errors._value.get() - before == 3
     assert manager.greenlet is not None and not manager.greenlet.dead
+
+
+def test_a_runner_whose_rounds_keep_failing_dies_for_its_owner(qw: QueueWorld) -> None:
+    """Red-team finding: a claim that raised on every round (a row apsw could not
+    decode) left the runner logging `queue_round_failed` once a second forever while
+    the server went on accepting. MAX_FAILED_ROUNDS in a row: it dies, and its owner
+    (the supervisor, which ends the process with 70) learns of it."""
+    flaky = FlakySpool(qw.spool, failures=10**9)
+    errors = metrics.INTERNAL_ERRORS.labels("queue")
+    before = errors._value.get()
+    supervisor = Supervisor()
+    manager = qw.manager(spool=flaky, error_pause=0.0, spawn=supervisor.spawn)
+    manager.start()
+    assert supervisor.died.wait(timeout=10)
+    assert supervisor.death is not None and supervisor.death.component == "queue_runner"
+    assert "spool read failed" in supervisor.death.reason
+    assert errors._value.get() - before == MAX_FAILED_ROUNDS
+    assert manager.greenlet is not None and manager.greenlet.dead
+    supervisor.stop()
+
+
+def test_failed_rounds_count_only_in_a_row(qw: QueueWorld) -> None:
+    """Failures with a good round between them are bad luck, not a broken runner."""
+    flaky = FlakySpool(qw.spool, failures=MAX_FAILED_ROUNDS - 1)
+    manager = qw.manager(spool=flaky, error_pause=0.0)
+    manager.start()
+    wait_until(lambda: flaky.failures == 0)
+    qw.enqueue(["a@x.example"])
+    manager.wake()
+    wait_until(lambda: qw.messages_left() == 0)
+    flaky.failures = MAX_FAILED_ROUNDS - 1
+    wait_until(lambda: flaky.failures == 0)
+    gevent.sleep(0.05)
+    assert manager.greenlet is not None and not manager.greenlet.dead
+
+
+def test_a_bounce_asked_for_during_a_delivery_bounces_when_it_defers(qw: QueueWorld) -> None:
+    """Red-team finding: `queue bounce` while the delivery ran answered "nothing queued"
+    and recorded nothing. Now it is recorded on the owned row; the delivery ends
+    deferred, so the recipient is due at once and bounced, without another attempt."""
+    qw.remote.hold["slow.example"] = Event()
+    qw.remote.behaviours["slow.example"] = reply(Outcome.DEFERRED)
+    message_id = qw.enqueue(["a@slow.example"])
+    manager = qw.manager()
+    manager.start()
+    wait_until(lambda: len(qw.remote.calls) == 1)
+    gevent.sleep(0.05)  # the runner has looked at every due row meanwhile
+    assert qw.admin.bounce(message_id, now=qw.clock()) == 1
+    qw.remote.hold["slow.example"].set()
+    wait_until(lambda: qw.notices_to("sender@local.example"), what="the bounce")
+    (notice,) = qw.notices_to("sender@local.example")
+    assert "5.0.0" in notice.as_string() and "a@slow.example" in notice.as_string()
+    wait_until(lambda: qw.messages_left() == 0)
+    assert len(qw.remote.calls) == 1  # bounced, not attempted again
 
 
 def test_stop_claims_nothing_more_and_gives_back_what_did_not_start(qw: QueueWorld) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -278,6 +279,56 @@ def test_a_large_body_to_a_slow_but_working_peer_gets_through(peers: list[Peer],
     (result,) = deliverer(resolver, port, timeouts).deliver(message, ["a@dest.example"])
     assert result.outcome is Outcome.DELIVERED, result.reply
     assert len(slow_reader.bodies[0]) == len(body) + 3  # the body and ".\r\n"
+
+
+def discarding_peer(received: list[int]) -> Callable[[socket.socket], None]:
+    """An SMTP peer that counts the data it is sent and keeps none of it (so that what
+    the client allocates can be measured in this process)."""
+
+    def script(conn: socket.socket) -> None:
+        conn.sendall(b"220 peer.example ESMTP\r\n")
+        while True:
+            line = conn.recv(4096).upper()
+            if not line or line.startswith(b"QUIT"):
+                conn.sendall(b"221 bye\r\n")
+                return
+            if line.startswith(b"EHLO"):
+                conn.sendall(b"250-peer.example\r\n250 8BITMIME\r\n")
+            elif line.startswith(b"DATA"):
+                conn.sendall(b"354 go ahead\r\n")
+                tail, count = b"", 0
+                while not tail.endswith(b"\r\n.\r\n"):
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    count += len(data)
+                    tail = (tail + data)[-5:]
+                received.append(count)
+                conn.sendall(b"250 2.0.0 Stored\r\n")
+            else:
+                conn.sendall(b"250 ok\r\n")
+
+    return script
+
+
+def test_sending_a_body_does_not_copy_it_whole(peers: list[Peer], port: int) -> None:
+    """The DATA encoding is made a chunk at a time: sending a 16 MB body (bare LFs, so
+    every byte of it would be rewritten) allocates far less than the body, where the
+    whole-body encoding allocated two more copies of it."""
+    received: list[int] = []
+    peers.append(Peer("127.0.1.1", port, discarding_peer(received)))
+    resolver = StaticResolver({"dest.example": ["127.0.1.1"]}, {})
+    body = b"Subject: big\n\n" + (b"x" * 1023 + b"\n") * 16 * 1024
+    message = QueuedMessage(MessageId("M3"), "bob@here.example", body, 0.0, False)
+    tracemalloc.start()
+    try:
+        (result,) = deliverer(resolver, port).deliver(message, ["a@dest.example"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.outcome is Outcome.DELIVERED, result.reply
+    assert received == [len(body) + body.count(b"\n") + 3]  # LF became CRLF, and ".\r\n"
+    assert peak < len(body) // 4, f"{peak // 2**20} MB allocated to send {len(body) // 2**20} MB"
 
 
 # -- after the final dot -------------------------------------------------------------------

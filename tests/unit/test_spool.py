@@ -12,8 +12,8 @@ import gevent
 import pytest
 
 from gsmtp import db
-from gsmtp.message import MessageId, NewMessage, Outcome, new_message_id
-from gsmtp.spool import UNSCHEDULED, RecipientUpdate, Spool, Unreadable
+from gsmtp.message import MessageId, NewMessage, Outcome, QueuedMessage, new_message_id
+from gsmtp.spool import UNSCHEDULED, ClaimedRecipient, RecipientUpdate, Spool, Unreadable
 from gsmtp.spool_admin import SpoolAdmin
 from gsmtp.writer import GroupCommitter, ThreadReader
 
@@ -143,6 +143,130 @@ def test_claim_owns_and_results_release(spool: Spool, spool_path: str) -> None:
     }
 
 
+def outside(spool_path: str) -> Any:
+    """A connection like the `sqlite3` shell's: foreign keys off, anything goes."""
+    connection = db.connect(spool_path)
+    connection.execute("PRAGMA foreign_keys=OFF")
+    return connection
+
+
+NOT_UTF8 = "CAST(X'6AFF6F6E657340782E6578616D706C65' AS TEXT)"  # 'j\xffones@x.example'
+
+
+def test_text_that_is_not_utf8_is_set_aside_and_never_raised(spool: Spool, spool_path: str) -> None:
+    """Red-team finding: one recipient address stored as TEXT with invalid UTF-8 made
+    apsw raise on the whole claim, and every claim after it: the queue stood still. A
+    sender like it made load_message raise on every retry."""
+    for index in range(1, 6):
+        spool.enqueue(message(index, now=10.0))
+    sql = outside(spool_path)
+    sql.execute(f"UPDATE recipients SET address = {NOT_UTF8} WHERE message_id = 'M00001'")
+    sql.execute(f"UPDATE messages SET sender = {NOT_UTF8} WHERE id = 'M00002'")
+    sql.execute(  # a recipient row whose message id is damaged: its message is unknown
+        "UPDATE recipients SET message_id = CAST(X'4D30303030FF' AS TEXT)"
+        " WHERE message_id = 'M00003'"
+    )
+    sql.execute(f"UPDATE messages SET id = {NOT_UTF8} WHERE id = 'M00004'")
+    sql.execute(f"UPDATE recipients SET message_id = {NOT_UTF8} WHERE message_id = 'M00004'")
+    result = spool.claim_due(now=20.0, limit=10)
+    assert sorted(c.message_id for c in result.claims) == ["M00002", "M00005"]
+    assert sorted((a.message_id, a.reason) for a in result.set_aside) == [
+        ("M00001", "recipient row does not decode"),
+        ("j\\xffones@x.example", "message id is not valid UTF-8"),
+        ("rowid 3", "recipient row without a readable message id"),
+    ]
+    assert result.orphans_removed == 0  # the damaged id may be M00003's: kept, not deleted
+    unreadable = spool.load_message("M00002")
+    assert unreadable == Unreadable("sender does not decode")
+    assert spool.claim_due(now=30.0, limit=10).claims == []  # nothing comes back
+    admin = SpoolAdmin(sql)
+    corrupt = {m.id: m for m in admin.messages(corrupt=True)}
+    assert set(corrupt) == {"M00001", "j\ufffdones@x.example", "M0000\ufffd"}
+    assert corrupt["M00001"].recipients[0].address == "j\ufffdones@x.example"
+    assert corrupt["M0000\ufffd"].corrupt == "recipient rows without a message"
+    assert [r.address for r in corrupt["M0000\ufffd"].recipients] == ["a@x.example"]
+    shown = admin.message("M00001")
+    assert shown is not None and shown.recipients[0].address == "j\ufffdones@x.example"
+    assert [m.id for m in admin.messages()] == ["M00002", "M00003", "M00005"]
+    assert admin.stats()["corrupt"] == 2
+
+
+def test_envelope_addresses_with_control_characters_are_set_aside(
+    spool: Spool, spool_path: str
+) -> None:
+    """Red-team finding: a sender (or recipient) with a LF, written from outside, was
+    delivered and injected a header field into the Maildir file."""
+    for index in range(1, 5):
+        spool.enqueue(message(index, now=10.0))
+    sql = outside(spool_path)
+    sql.execute(
+        "UPDATE messages SET sender = 'evil' || char(10) || 'X-Injected: yes' WHERE id = 'M00001'"
+    )
+    sql.execute(
+        "UPDATE recipients SET address = 'a' || char(13) || '@x.example'"
+        " WHERE message_id = 'M00002'"
+    )
+    sql.execute("UPDATE messages SET dsn_envid = 'id' || char(10) || 'X: y' WHERE id = 'M00003'")
+    result = spool.claim_due(now=20.0, limit=10)
+    assert [(a.message_id, a.reason) for a in result.set_aside] == [
+        ("M00002", "recipient address has a control character")
+    ]
+    assert spool.load_message("M00001") == Unreadable("sender has a control character")
+    loaded = spool.load_message("M00003")  # an optional value that is damaged is dropped
+    assert isinstance(loaded, QueuedMessage) and loaded.envid is None
+
+
+def test_recipient_rows_without_a_message_are_listed_then_removed(
+    spool: Spool, spool_path: str
+) -> None:
+    """Red-team finding: a message deleted from outside with foreign keys off left its
+    recipient rows unscheduled forever, counted as queued and shown nowhere."""
+    spool.enqueue(message(1, ("a@x.example", "b@x.example"), now=10.0))
+    spool.enqueue(message(2, now=10.0))
+    sql = outside(spool_path)
+    sql.execute("DELETE FROM messages WHERE id = 'M00001'")
+    admin = SpoolAdmin(sql)
+    (listed,) = admin.messages(corrupt=True)
+    assert listed.id == "M00001" and len(listed.recipients) == 2
+    result = spool.claim_due(now=20.0, limit=10)
+    assert [c.message_id for c in result.claims] == ["M00002"]
+    assert result.orphans_removed == 2 and result.set_aside == []
+    assert sql.execute("SELECT COUNT(*) FROM recipients").fetchall() == [(1,)]
+    assert admin.messages(corrupt=True) == []
+
+
+def test_a_bounce_asked_for_during_a_delivery_that_defers_is_due_at_once(
+    spool: Spool, spool_path: str
+) -> None:
+    """Red-team finding: `queue bounce` while the message was being delivered found
+    nothing queued and recorded nothing."""
+    spool.enqueue(message(1, ("a@x.example", "b@x.example"), now=10.0))
+    assert len(spool.claim_due(now=20.0, limit=10).claims) == 1
+    admin = SpoolAdmin(db.connect(spool_path))
+    assert admin.bounce("M00001", now=30.0) == 2
+    assert not spool.bounce_pending("M00001")  # owned: the delivery decides first
+    spool.record_results(
+        [
+            RecipientUpdate(MessageId("M00001"), "a@x.example", Outcome.DEFERRED, "451", 900.0),
+            RecipientUpdate(MessageId("M00001"), "b@x.example", Outcome.DELIVERED, "250", 40.0),
+        ]
+    )
+    assert spool.bounce_pending("M00001")
+    assert spool.next_due_at() == 10.0  # not 900: due again at once, when it was due before
+    (claim,) = spool.claim_due(now=40.0, limit=10).claims
+    assert claim.recipients == (ClaimedRecipient("a@x.example", 1, bounce_requested=True),)
+    spool.record_results(
+        [RecipientUpdate(MessageId("M00001"), "a@x.example", Outcome.FAILED, "550", 40.0)]
+    )
+    # Released instead (a stop, or a message that vanished): due at once all the same.
+    spool.enqueue(message(2, now=10.0))
+    spool.claim_due(now=50.0, limit=10)
+    assert admin.bounce("M00002", now=60.0) == 1
+    assert spool.release_leases() == 1
+    (claim,) = spool.claim_due(now=60.0, limit=10).claims
+    assert claim.recipients[0].bounce_requested
+
+
 def test_release_leases_frees_what_a_dead_process_held(spool: Spool) -> None:
     spool.enqueue(message(1, now=100.0))
     spool.enqueue(message(2, now=300.0))
@@ -212,7 +336,7 @@ def test_unreadable_messages_are_set_aside_not_retried(spool: Spool, spool_path:
     result = spool.claim_due(now=20.0, limit=10)
     # A row that does not decode is set aside at claim time...
     assert [(a.message_id, a.reason) for a in result.set_aside] == [
-        ("M00002", "message row missing or does not decode")
+        ("M00002", "message row does not decode")
     ]
     assert sorted(c.message_id for c in result.claims) == ["M00001", "M00003"]
     # ...a body that does not, when a delivery reads it.
