@@ -247,9 +247,10 @@ class Application:
             resolve_mailbox=self._router.mailbox,
             run_blocking=in_thread,
         )
-        return {routing.LOCAL: local, routing.SMTP: self._remote_deliverer()}
+        self._remote = remote = self._remote_deliverer()
+        return {routing.LOCAL: local, routing.SMTP: remote}
 
-    def _remote_deliverer(self) -> Deliverer:
+    def _remote_deliverer(self) -> SmtpDeliverer:
         delivery = self.config.delivery
         smarthost = None
         if delivery.smarthost:
@@ -267,6 +268,13 @@ class Application:
                 delivery.attempt_timeout,
             ),
             listeners=[(a.host, a.port) for a in self.config.server.listen],
+            connection_reuse=delivery.connection_reuse,
+            connection_idle=delivery.connection_idle,
+            # A destination never runs more deliveries at once than its window's cap,
+            # nor the whole server more than its senders: more idle sessions are waste.
+            cache_per_destination=delivery.max_per_domain,
+            cache_limit=delivery.concurrency,
+            spawn=self.supervisor.spawn,
         )
 
     # -- running ----------------------------------------------------------------------
@@ -286,6 +294,7 @@ class Application:
         if released:
             self._log.info("leases_released", count=released)
         self.queue.start()
+        self._remote.start()
         self._start_metrics()
         try:
             self.server.start()
@@ -380,6 +389,7 @@ class Application:
             elif step.exception is not None:
                 self._log.error("stop_step_failed", error=repr(step.exception))
         self._authenticator.close()
+        self._remote.close()  # QUIT to idle outbound sessions (deliveries have ended)
         if self._housekeeper is not None:
             self._housekeeper.kill()
         finished = self._writer.stop(timeout=max(deadline - time.monotonic(), 0.1))

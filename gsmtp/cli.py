@@ -234,6 +234,8 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
             "connect_timeout": format_duration(config.delivery.connect_timeout),
             "command_timeout": format_duration(config.delivery.command_timeout),
             "data_timeout": format_duration(config.delivery.data_timeout),
+            "connection_reuse": config.delivery.connection_reuse,
+            "connection_idle": format_duration(config.delivery.connection_idle),
             "max_per_domain": config.delivery.max_per_domain,
             "active_limit": config.delivery.active_limit,
             "delay_warning": (

@@ -113,6 +113,8 @@ class DeliveryConfig:
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     attempt_timeout: float = 1800.0
+    connection_reuse: int = 100  # messages per outbound session; 1 = a connection each
+    connection_idle: float = 2.0  # an idle reusable session is closed (QUIT) after this
     max_per_domain: int = 20
     active_limit: int = 10000  # recipients the queue manager holds in memory
     delay_warning: float | None = 4 * 3600.0  # None: no delay warnings
@@ -444,6 +446,8 @@ _GENERIC: dict[str, Any] = {
     "command_timeout": parse_duration,
     "data_timeout": parse_duration,
     "attempt_timeout": parse_duration,
+    "connection_reuse": _positive_int,
+    "connection_idle": parse_duration,
     "max_per_domain": _positive_int,
     "active_limit": _positive_int,
     "delay_warning": _optional_duration,

@@ -49,6 +49,13 @@ DELIVERY_SECONDS = Histogram(
     ["transport"],
     buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
 )
+OUTBOUND_SESSIONS = Counter(
+    "gsmtp_outbound_sessions",
+    "Outbound SMTP sessions a delivery ran on: opened (a new connection), reused (an idle "
+    "cached session that answered RSET), stale (a cached session that failed; a new "
+    "connection was made instead)",
+    ["how"],
+)
 DELIVERY_CONCURRENCY_ALLOWED = Gauge(
     "gsmtp_delivery_concurrency_allowed",
     "Concurrent deliveries the pacer allows now (delivery.concurrency when the loop is idle)",

@@ -91,6 +91,11 @@ class ReplyParser:
                 replies.append(ServerReply(int(match.group(1)), tuple(self._lines)))
                 self._lines = []
 
+    @property
+    def idle(self) -> bool:
+        """Nothing half-read: every byte fed so far belongs to a reply already taken."""
+        return not self._buffer and not self._lines
+
     def discard_buffered(self) -> bool:
         """Drop unread bytes (after STARTTLS, D-29); True if there were any."""
         had = bool(self._buffer or self._lines)

@@ -1,7 +1,8 @@
 """Real remote parts for delivery tests: dnsmasq as the DNS server, aiosmtpd sinks as MX
 hosts on 127.0.0.x, each able to answer 4xx/5xx for its first N attempts, to offer
-STARTTLS with a self-signed certificate, or to offer DSN (RFC 3461); every sink records
-the MAIL and RCPT commands it was sent, parameters and all. Scripted raw peers for the
+STARTTLS with a self-signed certificate, to offer DSN (RFC 3461), or to drop idle
+connections; every sink records the MAIL and RCPT commands it was sent, parameters and
+all, and the verbs of each connection with their times. Scripted raw peers for the
 misbehaviour aiosmtpd cannot show; a DNS server that answers SERVFAIL or nothing."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
@@ -157,6 +159,24 @@ class _RecordingSMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._sink = sink
         self._dsn = dsn
+        # One instance per connection: its verbs, timed, and "<closed>" at the end.
+        self._transcript: list[tuple[float, str]] = []
+        sink.transcripts.append(self._transcript)
+        self._smtp_methods = {
+            verb: self._timed(verb, method) for verb, method in self._smtp_methods.items()
+        }
+
+    def _timed(self, verb: str, method: Any) -> Any:
+        async def run(arg: str | None) -> None:
+            self._transcript.append((time.monotonic(), verb))
+            await method(arg)
+
+        return run
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._transcript or self._transcript[-1][1] != CLOSED:
+            self._transcript.append((time.monotonic(), CLOSED))
+        super().connection_lost(error)
 
     def _record(self, verb: str, arg: str | None) -> str | None:
         self._sink.commands.append(f"{verb} {arg}")
@@ -182,9 +202,14 @@ class _Controller(Controller):
         return _RecordingSMTP(self.handler, sink=self._sink, dsn=self._dsn, **self.SMTP_kwargs)
 
 
+CLOSED = "<closed>"
+
+
 class Sink:
-    """An aiosmtpd MX host on host:port that records what it accepted, and every MAIL
-    and RCPT line in `commands` ("MAIL FROM:<a@b> SIZE=10 RET=HDRS")."""
+    """An aiosmtpd MX host on host:port that records what it accepted, every MAIL and
+    RCPT line in `commands` ("MAIL FROM:<a@b> SIZE=10 RET=HDRS"), and in `transcripts`
+    one list per connection of (monotonic time, verb), ending in CLOSED once closed.
+    `idle_timeout`: close a connection that sent no command for so many seconds."""
 
     def __init__(
         self,
@@ -195,11 +220,13 @@ class Sink:
         smtputf8: bool = True,
         dsn: bool = False,
         server_hostname: str | None = None,
+        idle_timeout: float = 300.0,
     ) -> None:
         self.host = host
         self.behaviour = behaviour or SinkBehaviour()
         self.received: list[Received] = []
         self.commands: list[str] = []
+        self.transcripts: list[list[tuple[float, str]]] = []
         self.attempts = 0
         self.controller = _Controller(
             (_DsnHandler if dsn else _Handler)(self),
@@ -212,8 +239,19 @@ class Sink:
             server_hostname=server_hostname or f"sink-{host}",
             decode_data=False,
             enable_SMTPUTF8=smtputf8,
+            timeout=idle_timeout,
         )
         self.controller.start()
+        # Controller.start() proves the server up with a connection of its own.
+        wait_for(
+            lambda: all(t and t[-1][1] == CLOSED for t in list(self.transcripts)),
+            what="the start-up probe to close",
+        )
+        self.transcripts.clear()
+
+    def verbs(self) -> list[list[str]]:
+        """The verbs of each connection so far, in order."""
+        return [[verb for _, verb in list(transcript)] for transcript in list(self.transcripts)]
 
     def stop(self) -> None:
         if self.behaviour.hold_data is not None:

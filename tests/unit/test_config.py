@@ -82,6 +82,8 @@ def write(tmp_path: Path, text: str) -> Path:
         ('[log]\nlevel = "loud"\n', "[log] level: must be one of"),
         ("[delivery]\nretry = []\n", "[delivery] retry: needs at least one step"),
         ("[delivery]\nport = 70000\n", "[delivery] port: port must be 1-65535"),
+        ("[delivery]\nconnection_reuse = 0\n", "[delivery] connection_reuse: must be at least 1"),
+        ('[delivery]\nconnection_idle = "0s"\n', "[delivery] connection_idle: must be longer"),
         ('[tls]\ncert = "a.pem"\n', "[tls] cert and key must be set together"),
         ("[server]\nipv4_prefix = 33\n", "[server] ipv4_prefix: a prefix length must be 1-32"),
         ("[server]\nipv6_prefix = 0\n", "[server] ipv6_prefix: must be at least 1"),

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gsmtp.delivery.mx import DnsTemporaryError, OwnListeners, mail_targets
 from gsmtp.delivery.smtp import MAY_BE_DELIVERED_TWICE, SmtpDeliverer, Timeouts
@@ -93,15 +94,22 @@ class Lines:
 @dataclass
 class Smtp:
     """A minimal SMTP server script: `final` answers the dot (None: drop the connection;
-    "hang": keep it open without a word); the first `slow_bytes` of the body are read
-    slowly."""
+    "hang": keep it open without a word), unless `finals` has an answer for this
+    transaction (taken in order, over all connections); `hang_up`: close right after
+    answering the dot; the first `slow_bytes` of the body are read slowly. Records the
+    verb of every command in `verbs` and sets `quit_seen` at a QUIT."""
 
     greeting: bytes = b"220 peer.example ESMTP\r\n"
     ehlo: bytes = b"250-peer.example\r\n250 8BITMIME\r\n"
     final: bytes | str | None = b"250 2.0.0 Stored\r\n"
+    finals: list[bytes | str | None] = field(default_factory=list)
+    rset: bytes = b"250 2.0.0 Ok\r\n"
+    hang_up: bool = False
     slow_bytes: int = 0
     bodies: list[bytes] = field(default_factory=list)
+    verbs: list[str] = field(default_factory=list)
     released: threading.Event = field(default_factory=threading.Event)
+    quit_seen: threading.Event = field(default_factory=threading.Event)
 
     def __call__(self, conn: socket.socket) -> None:
         lines = Lines(conn)
@@ -110,20 +118,27 @@ class Smtp:
             return
         while True:
             line = lines.until(b"\r\n").upper()
+            self.verbs.append(line.split(b" ")[0].strip().decode())
             if line.startswith((b"EHLO", b"HELO")):
                 conn.sendall(self.ehlo)
             elif line.startswith(b"DATA"):
                 conn.sendall(b"354 go ahead\r\n")
                 body = lines.until(b"\r\n.\r\n", slow_bytes=self.slow_bytes)
                 self.bodies.append(body)
-                if self.final is None:
+                final = self.finals.pop(0) if self.finals else self.final
+                if final is None:
                     return  # drop the connection without a reply
-                if self.final == "hang":
+                if final == "hang":
                     self.released.wait(30)
                     return
-                assert isinstance(self.final, bytes)
-                conn.sendall(self.final)
+                assert isinstance(final, bytes)
+                conn.sendall(final)
+                if self.hang_up:
+                    return
+            elif line.startswith(b"RSET"):
+                conn.sendall(self.rset)
             elif line.startswith(b"QUIT"):
+                self.quit_seen.set()
                 conn.sendall(b"221 bye\r\n")
                 return
             else:
@@ -145,14 +160,14 @@ class StaticResolver:
     """MX hosts per domain and addresses per host, from dictionaries; records lookups."""
 
     def __init__(self, mx: dict[str, list[str]], addresses: dict[str, list[str]]) -> None:
-        self._mx = mx
+        self.mx = mx
         self._addresses = addresses
         self.looked_up: list[str] = []
 
     def mail_hosts(self, domain: str) -> list[str]:
-        if domain not in self._mx:
+        if domain not in self.mx:
             raise DnsTemporaryError(f"SERVFAIL for {domain}")
-        return list(self._mx[domain])
+        return list(self.mx[domain])
 
     def addresses(self, host: str) -> list[str]:
         self.looked_up.append(host)
@@ -535,3 +550,190 @@ def test_a_dns_failure_is_not_unreachable(port: int) -> None:
     result = deliver(deliverer(StaticResolver({}, {}), port))
     assert (result.outcome, result.status) == (Outcome.DEFERRED, "4.4.3")
     assert not result.unreachable
+
+
+# -- session reuse ---------------------------------------------------------------------------
+
+EIGHT_BIT = QueuedMessage(
+    MessageId("M8"), "bob@here.example", "Subject: é\r\n\r\ncafé\r\n".encode(), 0.0, False
+)
+BIG = QueuedMessage(
+    MessageId("MB"), "bob@here.example", b"Subject: big\r\n\r\n" + b"x" * 2000, 0.0, False
+)
+
+
+def stale_sessions() -> float:
+    return REGISTRY.get_sample_value("gsmtp_outbound_sessions_total", {"how": "stale"}) or 0.0
+
+
+def one_host(peers: list[Peer], port: int, script: Smtp) -> StaticResolver:
+    peers.append(Peer("127.0.1.1", port, script))
+    return StaticResolver({"dest.example": ["mx.dest.example"]}, {"mx.dest.example": ["127.0.1.1"]})
+
+
+def reusing(
+    resolver: StaticResolver, port: int, reuse: int = 100, **kwargs: object
+) -> SmtpDeliverer:
+    kwargs.setdefault("timeouts", Timeouts(connect=1, command=5, data=5))
+    return deliverer(resolver, port, connection_reuse=reuse, **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_next_message_goes_over_the_same_session_after_rset(
+    peers: list[Peer], port: int
+) -> None:
+    script = Smtp()
+    d = reusing(one_host(peers, port, script), port)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    assert deliver(d, ("b@dest.example",)).outcome is Outcome.DELIVERED
+    assert peers[0].connections == 1 and len(script.bodies) == 2
+    assert script.verbs == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA"]
+    d.close()  # at shutdown the idle session gets its QUIT
+    assert script.quit_seen.wait(5)
+    assert deliver(d).outcome is Outcome.DELIVERED  # after close(): a connection each
+    assert peers[0].connections == 2
+
+
+@pytest.mark.parametrize(("reuse", "connections"), [(1, 5), (2, 3), (100, 1)])
+def test_connection_reuse_is_the_number_of_messages_per_session(
+    peers: list[Peer], port: int, reuse: int, connections: int
+) -> None:
+    script = Smtp()
+    d = reusing(one_host(peers, port, script), port, reuse=reuse)
+    for _ in range(5):
+        assert deliver(d).outcome is Outcome.DELIVERED
+    assert peers[0].connections == connections
+    assert script.verbs.count("RSET") == 5 - connections
+
+
+@pytest.mark.parametrize(
+    "stale",
+    [Smtp(hang_up=True), Smtp(rset=b"421 4.4.2 idle too long\r\n")],
+    ids=["closed-while-idle", "rset-refused"],
+)
+def test_a_stale_cached_session_is_replaced_without_a_deferral(
+    peers: list[Peer], port: int, stale: Smtp
+) -> None:
+    d = reusing(one_host(peers, port, stale), port)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    before = stale_sessions()
+    result = deliver(d, ("b@dest.example",))
+    assert result.outcome is Outcome.DELIVERED, result.reply
+    assert peers[0].connections == 2 and len(stale.bodies) == 2
+    assert stale_sessions() == before + 1  # the cached session was tried first
+
+
+@pytest.mark.parametrize(
+    ("first", "outcome", "connections"),
+    [
+        (b"554 5.6.0 rejected\r\n", Outcome.FAILED, 1),
+        (b"452 4.3.1 full\r\n", Outcome.DEFERRED, 1),
+        (b"421 4.3.2 closing\r\n", Outcome.DEFERRED, 2),
+        (None, Outcome.DEFERRED, 2),  # connection lost after the dot
+    ],
+    ids=["5xx", "4xx", "421", "broken"],
+)
+def test_a_session_is_reused_after_a_refused_message_but_not_after_421_or_a_break(
+    peers: list[Peer], port: int, first: bytes | None, outcome: Outcome, connections: int
+) -> None:
+    script = Smtp(finals=[first])
+    d = reusing(one_host(peers, port, script), port)
+    assert deliver(d).outcome is outcome
+    before = stale_sessions()
+    assert deliver(d, ("b@dest.example",)).outcome is Outcome.DELIVERED
+    assert peers[0].connections == connections
+    assert stale_sessions() == before  # an ended session was never cached
+    assert script.verbs.count("RSET") == 2 - connections
+
+
+def test_a_cached_session_lost_after_the_dot_is_not_retried_anywhere(
+    peers: list[Peer], port: int
+) -> None:
+    """The after-the-dot rule holds on a reused session: deferred, "may be delivered
+    twice", and neither a fresh connection nor the next MX is tried."""
+    first, second = Smtp(finals=[b"250 2.0.0 Stored\r\n", None]), Smtp()
+    d = reusing(two_hosts(peers, port, first, second), port)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    result = deliver(d, ("b@dest.example",))
+    assert result.outcome is Outcome.DEFERRED and result.status == "4.4.2"
+    assert result.reply.endswith(MAY_BE_DELIVERED_TWICE)
+    assert peers[0].connections == 1 and len(first.bodies) == 2
+    assert peers[1].connections == 0
+
+
+def test_each_attempt_has_its_own_deadline_on_a_cached_session(
+    peers: list[Peer], port: int
+) -> None:
+    """The session outlives the attempt that opened it: the next attempt, 31 minutes on,
+    runs within its own 30 minutes, not the first one's."""
+    clock = FakeClock()
+    d = reusing(one_host(peers, port, Smtp()), port, clock=clock, connection_idle=3600.0)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    clock.now += 31 * 60
+    result = deliver(d)
+    assert result.outcome is Outcome.DELIVERED, result.reply
+    assert peers[0].connections == 1
+
+
+def test_size_8bitmime_and_smtputf8_are_checked_per_message_on_a_cached_session(
+    peers: list[Peer], port: int
+) -> None:
+    script = Smtp(ehlo=b"250-peer.example\r\n250 SIZE 1000\r\n")
+    d = reusing(one_host(peers, port, script), port)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    (eight_bit,) = d.deliver(EIGHT_BIT, ["a@dest.example"])
+    assert (eight_bit.outcome, eight_bit.status) == (Outcome.FAILED, "5.6.3")
+    (big,) = d.deliver(BIG, ["a@dest.example"])
+    assert (big.outcome, big.status) == (Outcome.FAILED, "5.3.4")
+    (utf8,) = d.deliver(MESSAGE, ["josé@dest.example"])
+    assert (utf8.outcome, utf8.status) == (Outcome.FAILED, "5.6.7")
+    assert deliver(d).outcome is Outcome.DELIVERED
+    assert peers[0].connections == 1 and len(script.bodies) == 2
+
+
+def test_idle_sessions_are_closed_with_quit_after_connection_idle(
+    peers: list[Peer], port: int
+) -> None:
+    clock = FakeClock()
+    script = Smtp()
+    d = reusing(one_host(peers, port, script), port, clock=clock, connection_idle=2.0)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    clock.now += 1.9
+    assert d.sweep() == 0
+    clock.now += 0.1
+    assert d.sweep() == 1
+    assert script.quit_seen.wait(5)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    assert peers[0].connections == 2 and "RSET" not in script.verbs
+
+
+def test_a_session_is_used_only_while_its_address_is_a_target(peers: list[Peer], port: int) -> None:
+    """The domain's MX moved: the session to the old host is not used for it."""
+    old, new = Smtp(), Smtp()
+    resolver = two_hosts(peers, port, old, new)
+    d = reusing(resolver, port)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    resolver.mx["dest.example"] = ["mx2.dest.example"]
+    assert deliver(d).outcome is Outcome.DELIVERED
+    assert (len(old.bodies), len(new.bodies)) == (1, 1)
+    assert "RSET" not in old.verbs
+
+
+def test_sessions_are_shared_by_destination(peers: list[Peer], port: int) -> None:
+    """Two domains behind the same MX host each have their own sessions; through a
+    smarthost every domain shares."""
+    script = Smtp()
+    peers.append(Peer("127.0.1.1", port, script))
+    resolver = StaticResolver(
+        {"one.example": ["mx.example"], "two.example": ["mx.example"]},
+        {"mx.example": ["127.0.1.1"]},
+    )
+    by_mx = reusing(resolver, port)
+    deliver(by_mx, ("a@one.example",))
+    deliver(by_mx, ("a@two.example",))
+    assert peers[0].connections == 2
+    by_mx.close()
+    smarthost = reusing(resolver, port, smarthost=("127.0.1.1", port))
+    deliver(smarthost, ("a@one.example",))
+    deliver(smarthost, ("a@two.example",))
+    assert peers[0].connections == 3
+    assert [r.outcome for r in smarthost.deliver(MESSAGE, ["b@one.example"])] == [Outcome.DELIVERED]
