@@ -8,8 +8,18 @@ one check (against a dummy hash), so timing does not tell which users exist (S-0
 
 Failures are counted per client network (IPv4 /32, IPv6 /64 by default) over a sliding
 hour; past `failure_limit` the network's AUTH attempts are refused before any check
-(421 4.7.0 in the shell), like Postfix's smtpd_client_auth_rate_limit. Trusted networks
-are exempt from that limit (as Postfix exempts $mynetworks), not from the checks.
+(421 4.7.0 in the shell), like Postfix's smtpd_client_auth_rate_limit. A check still
+running counts as a failure until it ends (it may become one): otherwise parallel
+connections would all pass the test before the first failure was recorded, and one
+network could spend any number of checks per hour. Trusted networks are exempt from that
+limit (as Postfix exempts $mynetworks), not from the checks.
+
+The work waiting for the pool is bounded too: at most `max_pending_per_network` checks
+of one network and `max_pending` in all are running or queued; an attempt past either
+is answered at once with a temporary failure (THROTTLED, 454 4.7.0 in the shell) and
+costs no check, so a flood from a few networks cannot queue a legitimate login behind
+itself for long. Trusted networks are held to these caps like everyone else: they
+bound the pool's backlog, which a misbehaving host inside the network can fill too.
 
 A hash made with parameters weaker than today's is replaced after a successful login.
 Passwords are never logged, stored in a field that shows in a repr, or kept.
@@ -34,6 +44,9 @@ from gsmtp.protocol.sasl import Credentials
 
 T = TypeVar("T")
 AUTH_THREADS = 2
+# Checks of one client network, and of all, running or waiting for the pool at once.
+MAX_PENDING_PER_NETWORK = 2
+MAX_PENDING = 32
 FAILURE_WINDOW = 3600.0
 # Networks whose failures are remembered at most (a flood from many networks cannot
 # grow the table without bound; the oldest entries go first).
@@ -44,6 +57,7 @@ class AuthOutcome(enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     BLOCKED = "blocked"  # too many failures from this network: not checked at all
+    THROTTLED = "throttled"  # too many checks waiting: not checked, try again later
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +87,10 @@ class FailureCounter:
             return 0
         return len(times)
 
-    def blocked(self, network: IPNetwork, now: float) -> bool:
-        return self.count(network, now) >= self._limit
+    def blocked(self, network: IPNetwork, now: float, pending: int = 0) -> bool:
+        """Whether another check would exceed the limit, with `pending` checks of the
+        network still running (each may become a failure)."""
+        return self.count(network, now) + pending >= self._limit
 
     def record(self, network: IPNetwork, now: float) -> int:
         """Count one failure; the number in the window now."""
@@ -105,6 +121,8 @@ class Authenticator:
         rehash: Callable[[str], str] = accounts.hash_password,
         needs_rehash: Callable[[str], bool] = accounts.needs_rehash,
         clock: Callable[[], float] = time.monotonic,
+        max_pending_per_network: int = MAX_PENDING_PER_NETWORK,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         self._snapshot = snapshot
         self._store_hash = store_hash
@@ -120,6 +138,10 @@ class Authenticator:
         self._rehash = rehash
         self._needs_rehash = needs_rehash
         self._clock = clock
+        self._max_pending_per_network = max_pending_per_network
+        self._max_pending = max_pending
+        self._pending: dict[IPNetwork, int] = {}  # checks running or queued, per network
+        self._pending_total = 0
         self._dummy = accounts.dummy_hash()
         self._log = get_logger(component="auth")
 
@@ -131,8 +153,28 @@ class Authenticator:
         network = client_network(ip, *self._prefixes)
         exempt = self._is_exempt(ip)
         now = self._clock()
-        if not exempt and self._failures.blocked(network, now):
+        pending = self._pending.get(network, 0)
+        # Decided and counted without yielding to another greenlet, so parallel
+        # attempts see each other's pending checks.
+        if not exempt and self._failures.blocked(network, now, pending):
             return AuthResult(AuthOutcome.BLOCKED, failures=self._failures.count(network, now))
+        if pending >= self._max_pending_per_network or self._pending_total >= self._max_pending:
+            return AuthResult(AuthOutcome.THROTTLED, failures=self._failures.count(network, now))
+        self._pending[network] = pending + 1
+        self._pending_total += 1
+        try:
+            return self._check(credentials, network, exempt)
+        finally:
+            self._pending_total -= 1
+            left = self._pending[network] - 1
+            if left:
+                self._pending[network] = left
+            else:
+                del self._pending[network]
+
+    def _check(self, credentials: Credentials, network: IPNetwork, exempt: bool) -> AuthResult:
+        """One verification (in the pool); a failure is recorded before the check stops
+        counting as pending, so the limit never sees a gap."""
         user = accounts.login_name(credentials.username)
         login = self._snapshot(fresh=True).login(user) if user is not None else None
         stored = login.password_hash if login is not None else None

@@ -4,10 +4,16 @@ Metric names are part of the outside (DESIGN.md); labels come from small fixed s
 never an address or a domain. The endpoint is a gevent WSGI server with a bounded pool
 (while it is full no more connections are accepted) and a deadline for each connection,
 so a scraper that stalls, or a stranger trickling a request, cannot pile up greenlets.
+Two more bounds keep a few idle sockets from taking every slot: the request line and
+headers must arrive within HEADER_TIMEOUT (a scraper sends them at once), and one client
+address holds at most MAX_PER_PEER connections (more are closed as soon as accepted, so
+they never wait in the backlog in front of another client's scrape).
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +24,12 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 
 # A scrape takes milliseconds; a connection still open after this is cut.
 REQUEST_TIMEOUT = 10.0
-# Connections served at once (Prometheus uses one per scrape).
+# The request line and headers of each request (keep-alive ones too) must arrive within
+# this; the response then has the rest of REQUEST_TIMEOUT.
+HEADER_TIMEOUT = 2.0
+# Connections served at once (Prometheus uses one per scrape), and from one address.
 MAX_CONNECTIONS = 16
+MAX_PER_PEER = 4
 
 CONNECTIONS = Counter("gsmtp_connections_total", "SMTP connections accepted")
 CONNECTIONS_REFUSED = Counter(
@@ -92,11 +102,56 @@ def make_app(refresh: Callable[[], None]) -> Callable[..., object]:
 
 
 class _DeadlineHandler(WSGIHandler):  # type: ignore[misc]
-    """One connection, keep-alive requests included, gets `server.request_timeout`."""
+    """One connection, keep-alive requests included, gets `server.request_timeout`;
+    the head of each request (request line and headers) `server.header_timeout`."""
+
+    _head_deadline = 0.0
 
     def handle(self) -> None:
         with gevent.Timeout(self.server.request_timeout, False):
             super().handle()
+
+    def read_requestline(self) -> str:
+        """The request line, or "" (the connection closes) if it is not here in time."""
+        self._head_deadline = time.monotonic() + self.server.header_timeout
+        with gevent.Timeout(self.server.header_timeout, False):
+            return str(super().read_requestline())
+        return ""
+
+    def read_request(self, raw_requestline: str) -> bool:
+        """The headers, by the same deadline as the request line; past it the request
+        is answered 400 and the connection closed."""
+        remaining = max(self._head_deadline - time.monotonic(), 0.001)
+        with gevent.Timeout(remaining, False):
+            return bool(super().read_request(raw_requestline))
+        self.close_connection = True
+        return False
+
+
+class _MetricsServer(WSGIServer):  # type: ignore[misc]
+    """A WSGIServer that serves at most `max_per_peer` connections of one address."""
+
+    def __init__(self, *args: Any, max_per_peer: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_per_peer = max_per_peer
+        self._peers: dict[str, int] = {}
+
+    def handle(self, sock: Any, address: Any) -> None:
+        peer = str(address[0])
+        held = self._peers.get(peer, 0)
+        if held >= self.max_per_peer:
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        self._peers[peer] = held + 1
+        try:
+            super().handle(sock, address)
+        finally:
+            left = self._peers[peer] - 1
+            if left:
+                self._peers[peer] = left
+            else:
+                del self._peers[peer]
 
 
 def start_server(
@@ -105,17 +160,21 @@ def start_server(
     refresh: Callable[[], None],
     *,
     request_timeout: float = REQUEST_TIMEOUT,
+    header_timeout: float = HEADER_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
+    max_per_peer: int = MAX_PER_PEER,
 ) -> Any:
     """Serve /metrics on host:port; returns the started WSGIServer (stop() it).
     Raises OSError when the address cannot be bound."""
-    server = WSGIServer(
+    server = _MetricsServer(
         (host, port),
         make_app(refresh),
         spawn=Pool(max_connections),
         handler_class=_DeadlineHandler,
         log=None,
+        max_per_peer=max_per_peer,
     )
     server.request_timeout = request_timeout
+    server.header_timeout = header_timeout
     server.start()
     return server

@@ -412,6 +412,7 @@ class _Connection:
         self.storing = False  # waiting for the spool to commit a message
         self._last_read_at = time.monotonic()
         self._line_started: float | None = None  # first byte of an unfinished command line
+        self._read_ended_line = False  # the last read held a line end (LF)
         self._data_started: float | None = None  # the 354 of the DATA being received
         self._data_bytes = 0
         self._tarpitted = False
@@ -500,6 +501,7 @@ class _Connection:
             self.idle = False
             self.deadline = _NEVER
         self._last_read_at = time.monotonic()
+        self._read_ended_line = b"\n" in data
         if session.receiving_data:
             self._data_bytes += len(data)
         session.receive_data(data)
@@ -508,15 +510,19 @@ class _Connection:
 
     def _arm_deadline(self, now: float) -> None:
         """The earliest of the deadlines that hold while we wait for the peer: the idle
-        timeout from now; the command deadline from the first byte of an unfinished
-        command line (it arrived in the last read); in DATA, the time by which the bytes
-        received so far fall under the minimum rate, never before the grace period."""
+        timeout from now; the command deadline from the first byte of the unfinished
+        command line — the time of the last read if that read ended a line (a client
+        whose reads each finish one line and begin the next is held to each line, not
+        to the first), else of the read that began it; in DATA, the time by which the
+        bytes received so far fall under the minimum rate, never before the grace
+        period."""
         session = self._session
         server = self._server
         deadline, limit = now + server._idle_timeout, _IDLE
         if session.awaiting_line_end:
-            if self._line_started is None:
+            if self._line_started is None or self._read_ended_line:
                 self._line_started = self._last_read_at
+            self._read_ended_line = False
             command = self._line_started + server._deadlines.command
             if command < deadline:
                 deadline, limit = command, _COMMAND
@@ -613,6 +619,11 @@ class _Connection:
         if result.outcome is AuthOutcome.BLOCKED:
             self._log.warning("auth_blocked", username=username, failures=result.failures)
             return replies.AUTH_TOO_MANY_FAILURES
+        if result.outcome is AuthOutcome.THROTTLED:
+            # Too many checks of this network (or of all) waiting for the pool: answered
+            # at once, nothing checked; a 4xx, so it counts toward the error limits.
+            self._log.warning("auth_throttled", username=username, failures=result.failures)
+            return replies.AUTH_TEMPORARY_FAILURE
         self._log.warning(
             "auth_failed",
             username=username,

@@ -523,7 +523,7 @@ class SmtpSession:
         self.helo = argument
         self.esmtp = esmtp
         if esmtp:
-            self._send(replies.ehlo(self._hostname, argument, self._extensions()))
+            self._send(replies.ehlo(self._hostname, _echoed(argument), self._extensions()))
         else:
             self._send(replies.helo(self._hostname))
         return None
@@ -798,6 +798,17 @@ class SmtpSession:
         self._errors += 1
         if self._errors > self._limits.soft_error_limit:
             self._delays += 1
+
+
+def _echoed(name: str) -> str:
+    """The client's EHLO name as our reply may repeat it: printable ASCII as is, every
+    other character (controls, terminal escapes, non-ASCII) and the backslash escaped,
+    capped so the reply line stays within RFC 5321's 512 octets."""
+    shown = name.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= _MAX_ECHO else shown[: _MAX_ECHO - 3] + "..."
+
+
+_MAX_ECHO = 255
 
 
 _HANDLERS = {

@@ -6,12 +6,15 @@ needs AUTH. Relayed mail goes to an aiosmtpd sink set as the smarthost."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import re
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -405,3 +408,113 @@ def test_user_commands_for_auth(gsmtp_factory: Callable[..., GsmtpProcess]) -> N
         result = process.cli(*args, check=False)
         assert result.returncode == 1 and message in result.stderr, result
         assert "Traceback" not in result.stderr
+
+
+def implicit_tls_wire(port: int, source: str, timeout: float = 30) -> SmtpWire:
+    """A raw client on the 465-style listener from `source`, after the greeting and EHLO."""
+    wire = SmtpWire(port, source=source, timeout=timeout)
+    wire.sock = client_context().wrap_socket(wire.sock)
+    assert wire.read_reply()[0].startswith("220")
+    wire.command("EHLO c.example")
+    return wire
+
+
+def events(process: GsmtpProcess, name: str) -> list[str]:
+    return [line for line in process.log().splitlines() if f'"event":"{name}"' in line]
+
+
+def test_parallel_guesses_cannot_beat_the_failure_limit(
+    make_server: Callable[..., AuthServer],
+) -> None:
+    """S-09 against parallel connections: 30 connections from one address send a wrong
+    AUTH at the same moment, then again on every connection still open, until all are
+    closed. auth_failure_limit = 3 means 3 passwords checked (3 `auth_failed`), however
+    parallel: a check still running counts against the limit, so the others are refused
+    unchecked, 421 4.7.0 (closing) or, while the network's checks run, 454 4.7.0."""
+    server = make_server(auth_failure_limit=3)
+    wires = [implicit_tls_wire(server.implicit, "127.0.0.9") for _ in range(30)]
+    guess = "AUTH PLAIN " + plain("jones@foo.com", WRONG) + "\r\n"
+    codes: list[str] = []
+    try:
+        for _ in range(10):  # rounds; each is 30 attempts at once
+            for wire in wires:
+                wire.send(guess.encode())
+            answers = [wire.read_reply()[-1][:9] for wire in wires]
+            codes += answers
+            wires = [w for w, a in zip(wires, answers, strict=True) if a != "421 4.7.0"]
+            if not wires:
+                break
+    finally:
+        for wire in wires:
+            wire.close()
+    assert not wires, "connections still open after 10 rounds"
+    assert set(codes) <= {"535 5.7.8", "421 4.7.0", "454 4.7.0"}
+    assert codes.count("535 5.7.8") == 3
+    blocked = wait_for(
+        lambda: len(found := events(server.process, "auth_blocked")) == 30 and found,
+        what="30 auth_blocked lines",
+    )
+    assert len(blocked) == codes.count("421 4.7.0") == 30
+    assert len(events(server.process, "auth_failed")) == 3  # passwords actually checked
+
+
+def test_a_flood_of_auth_does_not_hold_up_a_legitimate_login(
+    make_server: Callable[..., AuthServer],
+) -> None:
+    """The checks waiting for the 2-thread pool are bounded (2 per client network, 32 in
+    all): 80 connections from 4 addresses keep sending wrong AUTHs, and past the caps
+    they get 454 4.7.0 at once (`auth_throttled`) instead of queueing. A login from
+    another address meanwhile gets 235 with only the few checks admitted before it
+    ahead of it (one queued check per flooding connection without the bound)."""
+    server = make_server(auth_failure_limit=10_000, max_connections_per_ip=30)
+    stop = threading.Event()
+    flood_codes: list[str] = []
+    floods: list[SmtpWire] = []
+
+    def flood(source: str) -> None:
+        guess = ("AUTH PLAIN " + plain("nobody@foo.com", WRONG) + "\r\n").encode()
+        with contextlib.suppress(OSError), implicit_tls_wire(server.implicit, source) as wire:
+            floods.append(wire)
+            while not stop.is_set():
+                wire.send(guess)
+                reply = wire.read_reply()
+                if not reply:
+                    return
+                flood_codes.append(reply[-1][:3])
+                if reply[-1].startswith("454"):
+                    time.sleep(0.05)  # a client retrying, not a spin
+
+    sources = [f"127.0.6.{n}" for n in range(1, 5) for _ in range(20)]
+    threads = [threading.Thread(target=flood, args=(source,)) for source in sources]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(floods) == len(sources), what="the flood's connections")
+        wait_for(lambda: len(events(server.process, "auth_failed")) >= 4, what="the flood's checks")
+        with implicit_tls_wire(server.implicit, "127.0.5.1", timeout=120) as wire:
+            assert wire.command("AUTH PLAIN " + plain("jones@foo.com", PASSWORD)).startswith(
+                "235 2.7.0"
+            )
+        flood_running = not stop.is_set() and any(thread.is_alive() for thread in threads)
+    finally:
+        stop.set()
+        for wire in floods:
+            with contextlib.suppress(OSError):
+                wire.sock.shutdown(socket.SHUT_RDWR)  # ends a flood thread waiting for a reply
+        for thread in threads:
+            thread.join(30)
+    assert flood_running
+    assert "454" in flood_codes
+    log = wait_for(
+        lambda: '"event":"auth_succeeded"' in (text := server.process.log()) and text,
+        what="the login in the log",
+    )
+    assert '"event":"auth_throttled"' in log
+    # Checks done between the legitimate client's TLS handshake and its success.
+    lines = log.splitlines()
+    started = next(
+        i for i, line in enumerate(lines) if '"peer":"127.0.5.1"' in line and "tls_started" in line
+    )
+    succeeded = next(i for i, line in enumerate(lines) if '"event":"auth_succeeded"' in line)
+    ahead = sum('"event":"auth_failed"' in line for line in lines[started:succeeded])
+    assert ahead <= 20, f"{ahead} checks of the flood ran before the login's"

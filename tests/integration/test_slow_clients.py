@@ -4,6 +4,7 @@ smtpd_error_sleep_time, and smtpd_junk_command_limit."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -59,6 +60,33 @@ def test_a_whole_line_within_the_deadline_passes_and_the_next_starts_afresh(
         wire.read_reply()
         for _ in range(3):  # 3 × 1.2 s of trickling: longer than the deadline in all
             assert trickle(wire, b"NOOP\r\n", every=0.2) == ["250 2.0.0 Ok"]
+
+
+def test_reads_that_end_one_line_and_begin_the_next_are_held_to_each_line(
+    gsmtp_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    """The deadline runs from the first byte of the line being received: a client whose
+    every read finishes one line and starts the next (`NOOP\\r\\nNO`, then every 2 s
+    `OP\\r\\nNO`) completes each line in 2 s of a 3 s deadline, 6 lines over 10 s, and
+    is never cut (a line trickled past the deadline is: the test above)."""
+    gsmtp: GsmtpProcess = gsmtp_factory({"server": {"command_deadline": "3s"}})
+    with SmtpWire(gsmtp.port) as wire:
+        wire.read_reply()
+
+        def send(data: bytes) -> list[str]:
+            with contextlib.suppress(OSError):  # if cut, its 421 is already here
+                wire.send(data)
+            return wire.read_reply()
+
+        answers = [send(b"NOOP\r\nNO")]
+        for _ in range(5):
+            time.sleep(2)  # the client's pace: each line is 2 s old when it ends
+            answers.append(send(b"OP\r\nNO"))
+        answers.append(send(b"OP\r\n"))
+        assert answers == [["250 2.0.0 Ok"]] * 7
+        assert wire.command("QUIT").startswith("221")
+    log = wait_for(lambda: '"connection_closed"' in (text := gsmtp.log()) and text, what="close")
+    assert "connection_timed_out" not in log
 
 
 def open_data(wire: SmtpWire) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.event
 
 from gsmtp import accounts
 from gsmtp.accounts import AccountsSnapshot, Login
@@ -259,3 +260,86 @@ def test_verification_runs_in_the_pool_never_on_the_hub() -> None:
         assert during >= 1
     finally:
         authenticator.close()
+
+
+class HeldChecks:
+    """A `run_blocking` whose checks wait until released: parallel attempts overlap
+    exactly as they do behind a busy pool."""
+
+    def __init__(self) -> None:
+        self.release = gevent.event.Event()
+        self.started = 0
+
+    def __call__(self, work: Callable[[], Any]) -> Any:
+        self.started += 1
+        self.release.wait()
+        return work()
+
+
+def attempt_all(authenticator: Authenticator, attempts: list[tuple[str, IPAddress]]) -> list[Any]:
+    """Start every attempt, let them all reach the pool, then return their greenlets."""
+    greenlets = [
+        gevent.spawn(authenticator.authenticate, creds("jones@foo.com", password), ip)
+        for password, ip in attempts
+    ]
+    gevent.sleep(0)  # each runs up to its check (or its refusal)
+    return greenlets
+
+
+def test_checks_still_running_count_against_the_failure_limit() -> None:
+    """30 parallel wrong AUTHs from one network, limit 3: 3 are checked, the other 27
+    are refused unchecked while those run; after them the network stays blocked."""
+    hasher = FakeHasher()
+    held = HeldChecks()
+    authenticator = make(hasher, limit=3, run_blocking=held, max_pending_per_network=100)
+    greenlets = attempt_all(authenticator, [(f"guess{n}", IP) for n in range(30)])
+    assert held.started == 3
+    blocked = [g.value for g in greenlets if g.ready()]
+    assert len(blocked) == 27 and {r.outcome for r in blocked} == {AuthOutcome.BLOCKED}
+    held.release.set()
+    gevent.joinall(greenlets)
+    assert [g.value.outcome for g in greenlets].count(AuthOutcome.FAILED) == 3
+    assert len(hasher.verified) == 3
+    late = authenticator.authenticate(creds("jones@foo.com", "right"), IP)
+    assert late.outcome is AuthOutcome.BLOCKED and len(hasher.verified) == 3
+
+
+def test_a_successful_check_frees_its_pending_place() -> None:
+    """A pending check blocks only while it runs: once it succeeds the network has its
+    whole allowance again."""
+    held = HeldChecks()
+    authenticator = make(FakeHasher(), limit=1, run_blocking=held)
+    first, second = attempt_all(authenticator, [("right", IP), ("right", IP)])
+    assert second.value.outcome is AuthOutcome.BLOCKED
+    held.release.set()
+    assert first.get().outcome is AuthOutcome.SUCCEEDED
+    assert authenticator.authenticate(creds("jones@foo.com", "right"), IP).user
+
+
+def test_waiting_checks_are_capped_per_network_and_in_all() -> None:
+    """Past 2 checks of one network, or 5 in all, running or queued, an attempt is
+    THROTTLED at once and costs no check; trusted (exempt) networks are held to the
+    caps too. Once the checks end, attempts are checked again."""
+    hasher = FakeHasher()
+    held = HeldChecks()
+    a, b, c, trusted = (ipaddress.ip_address(f"192.0.2.{n}") for n in (1, 2, 3, 4))
+    authenticator = make(
+        hasher,
+        limit=100,
+        run_blocking=held,
+        exempt=lambda ip: ip == trusted,
+        max_pending_per_network=2,
+        max_pending=5,
+    )
+    greenlets = attempt_all(authenticator, [("x", a)] * 3 + [("x", trusted)] * 3)
+    outcomes = [g.value.outcome if g.ready() else "pending" for g in greenlets]
+    throttled = AuthOutcome.THROTTLED
+    assert outcomes == ["pending", "pending", throttled, "pending", "pending", throttled]
+    more = attempt_all(authenticator, [("x", b), ("x", c)])  # 4 pending: one more place
+    assert [g.ready() for g in more] == [False, True]
+    assert more[1].value.outcome is throttled
+    assert held.started == 5
+    held.release.set()
+    gevent.joinall(greenlets + more)
+    assert len(hasher.verified) == 5
+    assert authenticator.authenticate(creds("jones@foo.com", "right"), c).user

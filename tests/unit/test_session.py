@@ -378,6 +378,19 @@ def test_ehlo_advertises_the_extensions() -> None:
     ]
 
 
+def test_the_ehlo_echo_escapes_what_is_not_printable_ascii() -> None:
+    """S-12 on the wire: the client's name in "greets" carries no terminal escape, bell
+    or C1 control to whoever reads the transcript; printable ASCII is unchanged."""
+    wire = SessionWire()
+    wire.send(b"EHLO evil\x1b[31mhost\x07\xc2\x9b2J\\x\r\n")
+    assert wire.read_reply()[0] == "250-mx.foo.com greets evil\\x1b[31mhost\\x07\\x9b2J\\\\x"
+    wire.send(b"EHLO " + b"\x1b" * 255 + b"\r\n")
+    greets = wire.read_reply()[0]
+    assert "\x1b" not in greets and len(greets) <= 512 - 2
+    wire.send(b"EHLO [192.0.2.7] mail-1.c.example\r\n")
+    assert wire.read_reply()[0] == "250-mx.foo.com greets [192.0.2.7] mail-1.c.example"
+
+
 _REPLY_LINE = rb"[2-5][0-9][0-9][ -][^\r\n]*\r\n"
 
 

@@ -200,3 +200,49 @@ def test_metrics_connections_beyond_the_cap_wait_for_a_slot(metrics_server) -> N
     assert _closed_within(holder, 0.01), "answered while the only slot was taken"
     holder.close()
     waiting.close()
+
+
+def _scrape(port: int, source: str) -> bytes:
+    client = gsocket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+    try:
+        client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+        return answer
+    finally:
+        client.close()
+
+
+def test_idle_sockets_from_one_address_do_not_starve_a_scrape(metrics_server) -> None:  # type: ignore[no-untyped-def]
+    """100 silent connections from 127.0.0.9 (each slot would be held for the 10 s
+    request timeout): that address gets at most MAX_PER_PEER slots, so a scrape from
+    127.0.0.1 is served while they are all open, within a Prometheus-like timeout."""
+    port = metrics_server().server_port
+    idle = [
+        gsocket.create_connection(("127.0.0.1", port), source_address=("127.0.0.9", 0))
+        for _ in range(100)
+    ]
+    try:
+        starved = AssertionError("no answer while the idle sockets were open")
+        with gevent.Timeout(8, starved):  # Prometheus' default scrape timeout is 10 s
+            answer = _scrape(port, "127.0.0.1")
+        assert answer.startswith(b"HTTP/1.1 200") and b"gsmtp_connections_total" in answer
+        # The over-cap sockets were closed; those kept are cut at the header deadline.
+        still_open = [sock for sock in idle if not _closed_within(sock, 0.01)]
+        assert len(still_open) <= metrics.MAX_PER_PEER
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_silent_metrics_client_is_cut_at_the_header_deadline(metrics_server) -> None:  # type: ignore[no-untyped-def]
+    """The head of a request has its own deadline, shorter than the request's: a client
+    that sends half a request line is cut by it, a complete request is still answered."""
+    port = metrics_server(header_timeout=0.2, request_timeout=60).server_port
+    for head in (b"GET /metr", b"GET /metrics HTTP/1.1\r\nHost: x\r\n"):
+        silent = gsocket.create_connection(("127.0.0.1", port))
+        silent.sendall(head)
+        assert _closed_within(silent, 10), f"not cut at the header deadline: {head!r}"
+        silent.close()
+    assert _scrape(port, "127.0.0.1").startswith(b"HTTP/1.1 200")
