@@ -27,6 +27,7 @@ lists it; a message is deleted once no recipient is queued and no notice is pend
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,10 +36,20 @@ from typing import Any
 import apsw
 
 from gsmtp.db import execute_values, query, scalar
-from gsmtp.message import MessageId, NewMessage, Outcome, QueuedMessage, RecipientDsn, Ret
+from gsmtp.message import (
+    MessageId,
+    NewMessage,
+    Outcome,
+    QueuedMessage,
+    RecipientDsn,
+    Ret,
+    SpooledContent,
+)
 from gsmtp.protocol.dsnparams import notify_text, parse_notify
 from gsmtp.writer import GroupCommitter, ThreadReader
 
+# Bodies up to this size may stay bound to a cached insert statement (see execute_values).
+CACHED_BODY_LIMIT = 16 * 1024
 UNSCHEDULED = 1e18  # next_attempt_at of a row nobody may claim: owned, or set aside
 # What a notice quotes of the original: its headers, or with RET=FULL the whole message
 # up to 100 KiB (dsn.MAX_RETURNED_MESSAGE); one byte more tells that it is larger.
@@ -134,27 +145,38 @@ class NoticeState:
 
 
 def insert_messages(connection: apsw.Connection, messages: list[NewMessage]) -> None:
-    """Many messages in two statements (the group-commit fast path)."""
+    """Many messages in two statements (the group-commit fast path); a third only when
+    one of them has spooled content (its last part goes in with it). The statement is
+    cached (prepared once) only while every body is small (see `execute_values`)."""
     execute_values(
         connection,
         "INSERT INTO messages(id, sender, body, size, received_at, client, helo, smtputf8,"
-        " dsn_ret, dsn_envid) VALUES {values}",
+        " dsn_ret, dsn_envid, parts) VALUES {values}",
         [
             (
                 m.id,
                 m.sender,
                 m.body,
-                len(m.body),
+                m.size,
                 m.received_at,
                 m.client,
                 m.helo,
                 int(m.smtputf8),
                 m.ret.value if m.ret is not None else None,
                 m.envid,
+                _part_count(m.spooled),
             )
             for m in messages
         ],
+        cache=all(len(m.body) <= CACHED_BODY_LIMIT for m in messages),
     )
+    last_parts = [
+        (m.id, m.spooled.count, m.spooled.last)
+        for m in messages
+        if m.spooled is not None and m.spooled.last
+    ]
+    if last_parts:
+        insert_parts(connection, last_parts)
     execute_values(
         connection,
         "INSERT OR IGNORE INTO recipients(message_id, address, status, next_attempt_at,"
@@ -165,6 +187,35 @@ def insert_messages(connection: apsw.Connection, messages: list[NewMessage]) -> 
             for m in messages
             for r in m.recipients
         ],
+    )
+
+
+def _part_count(spooled: SpooledContent | None) -> int:
+    if spooled is None:
+        return 0
+    return spooled.count + (1 if spooled.last else 0)
+
+
+def insert_parts(connection: apsw.Connection, parts: Sequence[tuple[str, int, bytes]]) -> None:
+    """Body parts (message id, number, bytes) of messages still arriving, in one
+    statement. Their message row comes later, with the last part."""
+    execute_values(
+        connection,
+        "INSERT INTO body_parts(message_id, seq, data) VALUES {values}",
+        list(parts),
+        cache=False,
+    )
+
+
+def discard_parts(connection: apsw.Connection, message_ids: Sequence[str]) -> None:
+    """Remove the parts of messages that were never stored. A message that was stored
+    keeps its parts: so this is safe after any outcome of its commit, even one the
+    server could not learn."""
+    execute_values(
+        connection,
+        "DELETE FROM body_parts WHERE message_id IN (SELECT column1 FROM (VALUES {values}))"
+        " AND NOT EXISTS (SELECT 1 FROM messages WHERE id = body_parts.message_id)",
+        [(message_id,) for message_id in message_ids],
     )
 
 
@@ -235,6 +286,30 @@ class Spool:
         """Store a message durably; returns once committed (raises if it was not)."""
         self._writer.submit_item(insert_messages, message)
         return message.id
+
+    # -- bodies as they arrive ------------------------------------------------------------
+
+    def write_part(self, message_id: MessageId, seq: int, data: bytes) -> None:
+        """Write part `seq` of a message still arriving; returns once committed (with
+        other work: the part needs no fsync of its own, only to be on disk before the
+        message's own commit, which it is). Raises if it was not written."""
+        self._writer.submit_item(insert_parts, (message_id, seq, data))
+
+    def discard_parts(self, message_id: MessageId) -> None:
+        """Drop the parts of a message that will not be stored (see `discard_parts`)."""
+        self._writer.submit_item(discard_parts, message_id)
+
+    def remove_orphan_parts(self) -> int:
+        """At start-up: parts without a message (its client went away, or the server
+        died, before the message was stored). Returns how many went."""
+
+        def work(connection: apsw.Connection) -> int:
+            connection.execute(
+                "DELETE FROM body_parts WHERE message_id NOT IN (SELECT id FROM messages)"
+            )
+            return int(connection.changes())
+
+        return int(self._writer.submit(work))
 
     # -- ownership ----------------------------------------------------------------------
 
@@ -337,13 +412,19 @@ class Spool:
         def work(connection: apsw.Connection) -> QueuedMessage | Unreadable | None:
             rows = query(
                 connection,
-                "SELECT sender, body, received_at, smtputf8, size, dsn_ret, dsn_envid"
+                "SELECT sender, body, received_at, smtputf8, size, dsn_ret, dsn_envid, parts"
                 " FROM messages WHERE id = ?",
                 (message_id,),
             )
             if not rows:
                 return None
-            message = _decode_message(message_id, rows[0])
+            *row, parts = rows[0]
+            if parts:
+                body = _with_parts(connection, message_id, row[1], parts)
+                if isinstance(body, Unreadable):
+                    return body
+                row[1] = body
+            message = _decode_message(message_id, tuple(row))
             if isinstance(message, QueuedMessage):
                 dsn = load_recipient_dsn(connection, [message_id]).get(message_id, {})
                 message = dataclasses.replace(message, dsn=dsn)
@@ -414,14 +495,17 @@ class Spool:
         rows = query(
             self._reader,
             "SELECT sender, substr(body, 1, ?), received_at, smtputf8, notice_kind,"
-            " delay_warned_at, dsn_ret, dsn_envid FROM messages WHERE id = ? AND corrupt IS NULL",
+            " delay_warned_at, dsn_ret, dsn_envid, parts FROM messages"
+            " WHERE id = ? AND corrupt IS NULL",
             (NOTICE_HEADERS_LIMIT, message_id),
         )
         if not rows:
             return None
-        sender, head, received_at, smtputf8, kind, warned, ret, envid = rows[0]
+        sender, head, received_at, smtputf8, kind, warned, ret, envid, parts = rows[0]
         if not isinstance(sender, str) or not isinstance(received_at, int | float):
             return None
+        if parts and isinstance(head, bytes):
+            head = read_head(self._reader, message_id, head, NOTICE_HEADERS_LIMIT)
         message = QueuedMessage(
             MessageId(message_id),
             sender,
@@ -608,6 +692,59 @@ def _set_aside(connection: apsw.Connection, broken: Mapping[str, str], stray: li
             "UPDATE recipients SET next_attempt_at = ?, claimed_due = NULL WHERE rowid = ?",
             (UNSCHEDULED, rowid),
         )
+
+
+def read_head(connection: apsw.Connection, message_id: str, body: bytes, limit: int) -> bytes:
+    """The first `limit` bytes of a message whose messages.body is `body`, its parts
+    read only as far as needed (a notice quotes the headers; `queue show` prints them).
+    Parts that do not decode are left out: the delivery that needs them sets the
+    message aside."""
+    head = [body[:limit]]
+    size = len(head[0])
+    cursor = connection.execute(
+        "SELECT substr(data, 1, ?) FROM body_parts WHERE message_id = ? ORDER BY seq",
+        (limit, message_id),
+    )
+    try:
+        for (data,) in cursor:
+            if size >= limit:
+                break
+            if isinstance(data, bytes):
+                head.append(data[: limit - size])
+                size += len(head[-1])
+    finally:
+        cursor.close()
+    return b"".join(head)
+
+
+def _with_parts(
+    connection: apsw.Connection, message_id: str, body: Any, count: Any
+) -> bytes | Unreadable:
+    """messages.body followed by the message's parts, all of which must be there. Put
+    together as they are read, one part at a time: the body is held once, not twice
+    (BytesIO hands over its buffer without a copy)."""
+    if not isinstance(body, bytes):
+        return Unreadable(f"body is {type(body).__name__}, not a blob")
+    if not isinstance(count, int) or count < 0:
+        return Unreadable(f"part count {count!r} does not decode")
+    whole = io.BytesIO()
+    whole.write(body)
+    found = 0
+    # Closed on every way out: an open statement would pin the reader's snapshot.
+    cursor = connection.execute(
+        "SELECT seq, data FROM body_parts WHERE message_id = ? ORDER BY seq", (message_id,)
+    )
+    try:
+        for seq, data in cursor:
+            if seq != found or not isinstance(data, bytes):
+                return Unreadable(f"body part {found} is missing or does not decode")
+            whole.write(data)
+            found += 1
+    finally:
+        cursor.close()
+    if found != count:
+        return Unreadable(f"{found} body parts of {count} were found")
+    return whole.getvalue()
 
 
 def _decode_message(message_id: str, row: tuple[Any, ...]) -> QueuedMessage | Unreadable:
