@@ -528,10 +528,12 @@ class _Connection:
             self._data_bytes += len(data)
         session.receive_data(data)
         del data  # not held while a part is written
-        if receiving:
-            self._take_content()
         if not session.receiving_data:
             self._data_started = None  # its end was in this chunk; the next DATA is new
+            if receiving:
+                self._memory.set(0)  # what is left of the body is charged by _store
+        elif receiving:
+            self._take_content()
 
     def _take_content(self) -> None:
         """After a read in DATA: write out what the session holds once it is large or
@@ -540,9 +542,7 @@ class _Connection:
         session = self._session
         if session.data_doomed:
             self._discard_body()
-        elif session.receiving_data and (
-            session.data_buffered >= SPOOL_THRESHOLD or self._server.data_memory.exceeded
-        ):
+        elif session.data_buffered >= SPOOL_THRESHOLD or self._server.data_memory.exceeded:
             content = session.take_data()
             if content:
                 self._memory.set(session.data_buffered + len(content))
@@ -763,15 +763,16 @@ class _Connection:
             self._memory.set(0)
         self._body = None  # its parts are the stored message's now
         metrics.ACCEPT_SECONDS.observe(time.monotonic() - started)
+        size = message.size
         if self._server._reserve is not None:
-            self._server._reserve.spend(message.size - (body.size if body is not None else 0))
+            self._server._reserve.spend(size - (body.size if body is not None else 0))
         metrics.MESSAGES_QUEUED.inc()
         self._log.info(
             "message_queued",
             msg_id=message_id,
             sender=printable(message.sender),
             rcpt_count=len(message.recipients),
-            size=message.size,
+            size=size,
         )
         self._server._on_queued()
         return replies.queued(message_id)

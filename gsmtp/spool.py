@@ -43,7 +43,6 @@ from gsmtp.message import (
     QueuedMessage,
     RecipientDsn,
     Ret,
-    SpooledContent,
 )
 from gsmtp.protocol.dsnparams import notify_text, parse_notify
 from gsmtp.writer import GroupCommitter, ThreadReader
@@ -148,33 +147,41 @@ def insert_messages(connection: apsw.Connection, messages: list[NewMessage]) -> 
     """Many messages in two statements (the group-commit fast path); a third only when
     one of them has spooled content (its last part goes in with it). The statement is
     cached (prepared once) only while every body is small (see `execute_values`)."""
-    execute_values(
-        connection,
-        "INSERT INTO messages(id, sender, body, size, received_at, client, helo, smtputf8,"
-        " dsn_ret, dsn_envid, parts) VALUES {values}",
-        [
+    rows = []
+    last_parts = []
+    largest = 0
+    for m in messages:
+        size = len(m.body)
+        largest = max(largest, size)
+        parts = 0
+        if m.spooled is not None:
+            size = m.size
+            parts = m.spooled.count
+            if m.spooled.last:
+                last_parts.append((m.id, parts, m.spooled.last))
+                parts += 1
+        rows.append(
             (
                 m.id,
                 m.sender,
                 m.body,
-                m.size,
+                size,
                 m.received_at,
                 m.client,
                 m.helo,
                 int(m.smtputf8),
                 m.ret.value if m.ret is not None else None,
                 m.envid,
-                _part_count(m.spooled),
+                parts,
             )
-            for m in messages
-        ],
-        cache=all(len(m.body) <= CACHED_BODY_LIMIT for m in messages),
+        )
+    execute_values(
+        connection,
+        "INSERT INTO messages(id, sender, body, size, received_at, client, helo, smtputf8,"
+        " dsn_ret, dsn_envid, parts) VALUES {values}",
+        rows,
+        cache=largest <= CACHED_BODY_LIMIT,
     )
-    last_parts = [
-        (m.id, m.spooled.count, m.spooled.last)
-        for m in messages
-        if m.spooled is not None and m.spooled.last
-    ]
     if last_parts:
         insert_parts(connection, last_parts)
     execute_values(
@@ -188,12 +195,6 @@ def insert_messages(connection: apsw.Connection, messages: list[NewMessage]) -> 
             for r in m.recipients
         ],
     )
-
-
-def _part_count(spooled: SpooledContent | None) -> int:
-    if spooled is None:
-        return 0
-    return spooled.count + (1 if spooled.last else 0)
 
 
 def insert_parts(connection: apsw.Connection, parts: Sequence[tuple[str, int, bytes]]) -> None:
@@ -418,13 +419,13 @@ class Spool:
             )
             if not rows:
                 return None
-            *row, parts = rows[0]
-            if parts:
-                body = _with_parts(connection, message_id, row[1], parts)
+            row = rows[0]
+            if row[7]:  # parts
+                body = _with_parts(connection, message_id, row[1], row[7])
                 if isinstance(body, Unreadable):
                     return body
-                row[1] = body
-            message = _decode_message(message_id, tuple(row))
+                row = (row[0], body, *row[2:])
+            message = _decode_message(message_id, row)
             if isinstance(message, QueuedMessage):
                 dsn = load_recipient_dsn(connection, [message_id]).get(message_id, {})
                 message = dataclasses.replace(message, dsn=dsn)
@@ -748,7 +749,7 @@ def _with_parts(
 
 
 def _decode_message(message_id: str, row: tuple[Any, ...]) -> QueuedMessage | Unreadable:
-    sender, body, received_at, smtputf8, size, ret, envid = row
+    sender, body, received_at, smtputf8, size, ret, envid, _ = row
     if not isinstance(body, bytes):
         return Unreadable(f"body is {type(body).__name__}, not a blob")
     if not isinstance(size, int) or size != len(body):

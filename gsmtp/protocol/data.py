@@ -117,74 +117,68 @@ class DataReader:
         """Take a chunk; return the result when the end was found, plus the bytes after
         it (pipelined commands), which belong to the command stream again."""
         raw = self._raw
-        scan_from = max(0, len(raw) - _KEEP)
+        scan_from = len(raw) - _KEEP if len(raw) > _KEEP else 0
         raw += data
         end = raw.find(_END, scan_from)
-        if end >= 0:
-            leftover = bytes(memoryview(raw)[end + len(_END) :])
-            self._process(end + len(_CRLF))  # the CRLF before the dot is content
-            self._raw = bytearray()
-            if self._too_big:
-                return DataResult(b"", too_big=True, bare_line_ending=False), leftover
-            return (
-                DataResult(
-                    self.take_content(),
-                    too_big=False,
-                    bare_line_ending=self._bare,
-                    received_headers=self._received,
-                    size=self._size,
-                ),
-                leftover,
-            )
-        last_line_end = raw.rfind(_CRLF, _CONTEXT)
-        if last_line_end >= 0:
-            self._process(last_line_end + len(_CRLF))
-        if len(raw) - _CONTEXT > self._line_piece:
-            # A long line: no CRLF is left past the context, so a cut here splits no
-            # pair and no marker; the last bytes stay, as they may begin either.
-            self._process(len(raw) - _KEEP)
-        return None, b""
+        if end < 0:
+            last_line_end = raw.rfind(_CRLF, _CONTEXT)
+            if last_line_end >= 0:
+                self._process(last_line_end + len(_CRLF))
+            if len(raw) - _CONTEXT > self._line_piece:
+                # A long line: no CRLF is left past the context, so a cut here splits
+                # no pair and no marker; the last bytes stay, as they may begin either.
+                self._process(len(raw) - _KEEP)
+            return None, b""
+        leftover = bytes(memoryview(raw)[end + len(_END) :]) if len(raw) > end + len(_END) else b""
+        self._process(end + len(_CRLF))  # the CRLF before the dot is content
+        self._raw = bytearray()
+        if self._too_big:
+            return DataResult(b"", too_big=True, bare_line_ending=False), leftover
+        pieces = self._pieces
+        content = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self._pieces = []
+        self._held = 0
+        return DataResult(content, False, self._bare, self._received, self._size), leftover
 
     def _process(self, cut: int) -> None:
         """Pass on raw[_CONTEXT:cut] as content; keep raw[cut - _CONTEXT:]."""
         raw = self._raw
         self._stuffed_size += cut - _CONTEXT
-        if self._stuffed_size > self._max_size and not self._too_big:
-            self._too_big = True
-        if not self.doomed:
+        if not (self._too_big or self._bare):
             crlf = raw.count(_CRLF, _CONTEXT, cut)
-            if raw.count(b"\n", _CONTEXT, cut) != crlf or raw.count(b"\r", _CONTEXT, cut) != crlf:
+            if self._stuffed_size > self._max_size:
+                self._too_big = True
+            elif raw.count(b"\n", _CONTEXT, cut) != crlf or raw.count(b"\r", _CONTEXT, cut) != crlf:
                 self._bare = True
-        if self.doomed:
-            self._pieces = []
-            self._held = 0
-        else:
-            if self._in_header:
-                self._count_received(cut)
-            piece = self._unstuff(cut)
-            if piece:
-                self._pieces.append(piece)
-                self._held += len(piece)
-                self._size += len(piece)
+            else:
+                if self._in_header:
+                    # RFC 5321 §6.3: count Received: fields up to the end of the header
+                    # section (its first empty line), if that is in this region.
+                    empty_line = raw.find(_EMPTY_LINE, 0, cut)
+                    if empty_line >= 0:
+                        self._in_header = False
+                        self._received += len(_RECEIVED.findall(raw, 0, empty_line + 2))
+                    else:
+                        self._received += len(_RECEIVED.findall(raw, 0, cut))
+                stuffed = raw.find(_STUFFED, 0, cut)
+                if stuffed < 0:
+                    piece = bytes(memoryview(raw)[_CONTEXT:cut])
+                else:
+                    piece = self._unstuff(cut, stuffed)
+                if piece:
+                    self._pieces.append(piece)
+                    self._held += len(piece)
+                    self._size += len(piece)
+            if self._too_big or self._bare:
+                self._pieces = []
+                self._held = 0
         del raw[: cut - _CONTEXT]
 
-    def _count_received(self, cut: int) -> None:
-        """Count `Received:` fields up to the end of the header section (its first
-        empty line), if that is in this region."""
-        raw = self._raw
-        empty_line = raw.find(_EMPTY_LINE, 0, cut)
-        if empty_line >= 0:
-            self._in_header = False
-            cut = empty_line + len(_CRLF)
-        self._received += len(_RECEIVED.findall(raw, 0, cut))
-
-    def _unstuff(self, cut: int) -> bytes:
-        """raw[_CONTEXT:cut] with the first dot of each line dropped; one copy."""
+    def _unstuff(self, cut: int, at: int) -> bytes:
+        """raw[_CONTEXT:cut] with the first dot of each line dropped (the first at
+        `at` + 2); one copy."""
         raw = self._raw
         view = memoryview(raw)
-        at = raw.find(_STUFFED, 0, cut)
-        if at < 0:
-            return bytes(view[_CONTEXT:cut])
         segments = []
         start = _CONTEXT
         while at >= 0:
