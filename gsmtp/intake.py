@@ -4,9 +4,9 @@ a large one into the spool as it comes.
 The session passes content on as it arrives (`SmtpSession.take_data`). A connection
 keeps a body in memory while it is small; past SPOOL_THRESHOLD, or whenever the bodies
 of all connections together are over `server.max_data_memory`, it writes what it holds
-to the spool as a body part (`Spool.write_part`: group-committed with other work, no
-fsync of its own; the message's commit before the 250 is on disk after it). The message
-row comes last, with the rest of the body, so a message is stored whole or not at all.
+to the spool as a body part (`Spool.write_part`, group-committed with other work; the
+message's own commit, whose fsync comes before the 250, follows it). The message row
+comes last, with the rest of the body, so a message is stored whole or not at all.
 The parts of one that is not (refused at its end, a spool error, the client gone, the
 server stopped) are discarded by its connection, or at the next start if the server died
 (`Spool.remove_orphan_parts`). Parts live in the spool database itself: on its file
@@ -15,8 +15,11 @@ system (so `spool.min_free` covers them), in its backups, and gone with their me
 Memory: each connection in DATA charges the budget with what it holds (content not yet
 written, raw bytes, a part being written) and, before each read, with the most that
 read may bring. A read is sized to the room left but never below MIN_READ, so nobody
-waits for room (a wait would let slow clients that hold memory stall everyone else) and
-the bodies in memory stay within max_data_memory plus MIN_READ per connection in DATA.
+waits for room (a wait would let slow clients that hold memory stall everyone else).
+Over budget, a connection writes out what it holds once that is MIN_READ or more (not
+after every small read: a trickling client must not turn each read into a part). So
+the bodies in memory stay within max_data_memory plus, per connection in DATA, a read
+(MIN_READ), less than MIN_READ of content and less than a line piece of raw bytes.
 
 No sockets, no greenlets: the server's connections call in.
 """
@@ -29,7 +32,8 @@ from gsmtp.spool import Spool
 # Content a connection holds before it writes it out. Small messages (nearly all) stay
 # in memory and are stored with their message in one statement, as before.
 SPOOL_THRESHOLD = 256 * 1024
-# A read in DATA always gets this much, however full the budget.
+# A read in DATA always gets this much, however full the budget; over budget, content
+# is written out once a connection holds this much.
 MIN_READ = 16 * 1024
 
 

@@ -47,7 +47,7 @@ from gsmtp import metrics
 from gsmtp.acceptance import Acceptor
 from gsmtp.auth import Authenticator, AuthOutcome
 from gsmtp.diskspace import SpaceReserve
-from gsmtp.intake import SPOOL_THRESHOLD, DataMemory, SpooledBody
+from gsmtp.intake import MIN_READ, SPOOL_THRESHOLD, DataMemory, SpooledBody
 from gsmtp.limits import Admitted, ConnectionLimiter, Refused
 from gsmtp.log import get_logger, printable
 from gsmtp.message import new_message_id
@@ -540,9 +540,10 @@ class _Connection:
         the bodies of all connections are over budget; drop at once what was written of
         a message that will be refused (too big, bare CR or LF)."""
         session = self._session
+        held = session.data_buffered
         if session.data_doomed:
             self._discard_body()
-        elif session.data_buffered >= SPOOL_THRESHOLD or self._server.data_memory.exceeded:
+        elif held >= SPOOL_THRESHOLD or (self._server.data_memory.exceeded and held >= MIN_READ):
             content = session.take_data()
             if content:
                 self._memory.set(session.data_buffered + len(content))

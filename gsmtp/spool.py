@@ -5,7 +5,10 @@ Theory of operation. A message is one `messages` row (envelope sender, the body 
 Received: header, arrival time) and one `recipients` row per recipient, each `queued`,
 `delivered` or `failed`, with its attempt count, next attempt time and last error.
 Accepting a message is one transaction through the group committer, so the 250 follows
-the fsync.
+the fsync. A large body is written while it arrives, as numbered `body_parts` rows that
+follow `messages.body` (then only the Received: header; `messages.parts` counts them):
+the message row comes last, with the final part, so a message is stored whole or not at
+all, and parts without a message row are debris to discard (see gsmtp.intake).
 
 The queue manager *claims* due recipients: the running process owns what it claimed
 until it records a result or releases it. Ownership does not expire (a lease that
@@ -291,9 +294,10 @@ class Spool:
     # -- bodies as they arrive ------------------------------------------------------------
 
     def write_part(self, message_id: MessageId, seq: int, data: bytes) -> None:
-        """Write part `seq` of a message still arriving; returns once committed (with
-        other work: the part needs no fsync of its own, only to be on disk before the
-        message's own commit, which it is). Raises if it was not written."""
+        """Write part `seq` of a message still arriving; returns once committed, in a
+        group commit with whatever else is being written (the message's own commit
+        comes later, so the 250 follows the fsync of every part). Raises if it was
+        not written."""
         self._writer.submit_item(insert_parts, (message_id, seq, data))
 
     def discard_parts(self, message_id: MessageId) -> None:
