@@ -301,8 +301,10 @@ class Spool:
         self._writer.submit_item(insert_parts, (message_id, seq, data))
 
     def discard_parts(self, message_id: MessageId) -> None:
-        """Drop the parts of a message that will not be stored (see `discard_parts`)."""
-        self._writer.submit_item(discard_parts, message_id)
+        """Drop the parts of a message that will not be stored (see `discard_parts`).
+        A unit of its own, not batched with like ones: the writer then applies it after
+        everything submitted before it, such as a part whose writer was interrupted."""
+        self._writer.submit(lambda connection: discard_parts(connection, [message_id]))
 
     def remove_orphan_parts(self) -> int:
         """At start-up: parts without a message (its client went away, or the server
