@@ -8,7 +8,10 @@ store, a VRFY, a TLS switch, credentials to verify) come back as an event, and t
 answers each with exactly one `respond`. `NEED_DATA` means: flush `data_to_send()` (all
 pipelined replies in one write, RFC 2920) and feed more bytes. The session owns the
 three buffers of the original design (sender, recipients, data) and resets them on
-RSET, on HELO/EHLO and after each message.
+RSET, on HELO/EHLO and after each message. The data need not be held whole: while it
+arrives the shell may `take_data()` what came so far (to write a large body out), and
+the message event then carries only the rest; the checks at the end (size, bare CR/LF,
+Received: count) still cover all of it.
 
 Errors are counted here, as Postfix smtpd counts them: every error reply, and past
 `junk_command_limit` every NOOP/RSET/VRFY/HELP (still answered normally). Past
