@@ -9,9 +9,17 @@ producer of stored mail and every stored message has the same shape.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from gsmtp.delivery import dsn
-from gsmtp.message import MessageId, NewMessage, QueuedMessage, RecipientResult, new_message_id
+from gsmtp.message import (
+    MessageId,
+    NewMessage,
+    QueuedMessage,
+    RecipientResult,
+    SpooledContent,
+    new_message_id,
+)
 from gsmtp.protocol.session import Envelope
 from gsmtp.protocol.trace import received_header, rfc5322_date
 
@@ -23,6 +31,11 @@ class Acceptor:
         self.hostname = hostname
         self._date_cache = (-1, "")
 
+    def new_id(self, now: float) -> MessageId:
+        """An id for a message whose body is written out before it is accepted (a large
+        body's parts are filed under it as they arrive)."""
+        return new_message_id(now)
+
     def accept(
         self,
         envelope: Envelope,
@@ -31,10 +44,19 @@ class Acceptor:
         tls: bool,
         now: float,
         authenticated: bool = False,
+        message_id: MessageId | None = None,
+        spooled: SpooledContent | None = None,
     ) -> NewMessage:
         """`authenticated`: the client used AUTH; the Received header then says so
-        (RFC 3848: ESMTPA, ESMTPSA with TLS), without naming the user."""
-        message_id = new_message_id(now)
+        (RFC 3848: ESMTPA, ESMTPSA with TLS), without naming the user. `spooled`: the
+        content the server wrote into the spool under `message_id` while it arrived
+        (`envelope.content` is then the rest of it): the Received header is
+        stored in front of it, the rest is stored after it, and no content is copied
+        into one buffer."""
+        if message_id is None:
+            message_id = new_message_id(now)
+        if spooled is not None:
+            spooled = replace(spooled, last=envelope.content)
         recipients = tuple(str(r) for r in envelope.recipients)
         trace = received_header(
             helo=envelope.helo,
@@ -52,7 +74,7 @@ class Acceptor:
             id=message_id,
             sender=str(envelope.sender),
             recipients=recipients,
-            body=trace + envelope.content,
+            body=trace if spooled is not None else trace + envelope.content,
             received_at=now,
             client=client_ip,
             helo=envelope.helo,
@@ -60,6 +82,7 @@ class Acceptor:
             ret=envelope.ret,
             envid=envelope.envid,
             dsn=envelope.dsn,
+            spooled=spooled,
         )
 
     def bounce(

@@ -190,6 +190,7 @@ class Application:
                 data_rate_grace=config.server.min_data_rate_grace,
             ),
             error_sleep=config.server.error_sleep,
+            max_data_memory=config.server.max_data_memory,
         )
         self._metrics_server: Any = None
         self._housekeeper: gevent.Greenlet | None = None
@@ -293,6 +294,9 @@ class Application:
         released = self.spool.release_leases()
         if released:
             self._log.info("leases_released", count=released)
+        orphans = self.spool.remove_orphan_parts()
+        if orphans:
+            self._log.info("orphan_body_parts_removed", count=orphans)
         self.queue.start()
         self._remote.start()
         self._start_metrics()

@@ -195,6 +195,7 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
             "ipv6_prefix": server.ipv6_prefix,
             "max_connection_rate": server.max_connection_rate,
             "max_message_size": format_size(server.max_message_size),
+            "max_data_memory": format_size(server.max_data_memory),
             "max_recipients": server.max_recipients,
             "soft_error_limit": server.soft_error_limit,
             "error_sleep": format_duration(server.error_sleep),

@@ -53,6 +53,7 @@ class ServerConfig:
     ipv6_prefix: int = 64
     max_connection_rate: int = 0  # new connections per network per minute; 0 = no limit
     max_message_size: int = 35 * 1024 * 1024
+    max_data_memory: int = 256 * 1024 * 1024  # bodies in memory, all connections together
     max_recipients: int = 100
     soft_error_limit: int = 10
     error_sleep: float = 1.0
@@ -426,6 +427,7 @@ _GENERIC: dict[str, Any] = {
     "ipv6_prefix": _prefix(128),
     "max_connection_rate": _non_negative_int,
     "max_message_size": parse_size,
+    "max_data_memory": parse_size,
     "max_recipients": _positive_int,
     "vrfy": _bool,
     "trusted_networks": _list_of(_network),

@@ -115,6 +115,22 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER users_changed_update AFTER UPDATE ON users
         BEGIN UPDATE meta SET value = value + 1 WHERE key = 'accounts_serial'; END;
     """,
+    # Bodies written as they arrive (bounded memory): a large message's content is in
+    # body_parts, numbered from 0, after messages.body (then its Received: header only);
+    # messages.parts says how many. Parts are written before their message row exists
+    # (so no foreign key); they go with their message (the trigger), and parts with no
+    # message (a client gone mid-DATA, a crash) are removed by the server.
+    """
+    ALTER TABLE messages ADD COLUMN parts INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE body_parts(
+        message_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (message_id, seq)
+    );
+    CREATE TRIGGER messages_parts_delete AFTER DELETE ON messages WHEN old.parts > 0
+        BEGIN DELETE FROM body_parts WHERE message_id = old.id; END;
+    """,
 )
 
 
@@ -124,12 +140,20 @@ def query(connection: apsw.Connection, sql: str, params: Any = ()) -> list[tuple
 
 
 def execute_values(
-    connection: apsw.Connection, statement: str, rows: list[tuple[Any, ...]]
+    connection: apsw.Connection,
+    statement: str,
+    rows: list[tuple[Any, ...]],
+    *,
+    cache: bool = True,
 ) -> None:
     """Run `statement` (containing one `{values}`) with all rows as a multi-row VALUES
     list. One statement is one step: apsw gives up the GIL once per step, so a single
     step instead of one per row keeps the writer thread from waiting on the event loop
-    for the GIL again and again."""
+    for the GIL again and again.
+
+    `cache=False` for large values (bodies): a statement in apsw's cache keeps the
+    values last bound to it until it runs again, and each number of rows is a statement
+    of its own, so cached inserts of large bodies would hold on to many of them."""
     if not rows:
         return
     width = len(rows[0])
@@ -138,7 +162,9 @@ def execute_values(
         chunk = rows[start : start + per_chunk]
         placeholders = ",".join(["(" + ",".join("?" * width) + ")"] * len(chunk))
         connection.execute(
-            statement.format(values=placeholders), [value for row in chunk for value in row]
+            statement.format(values=placeholders),
+            [value for row in chunk for value in row],
+            can_cache=cache,
         )
 
 

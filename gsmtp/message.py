@@ -58,6 +58,21 @@ class Outcome(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class SpooledContent:
+    """The content of a large message, written to the spool while it arrived: `count`
+    body parts (numbered from 0) of `size` bytes in all, and `last`, the rest of it,
+    which is stored as one more part together with the message."""
+
+    count: int
+    size: int
+    last: bytes = b""
+
+    @property
+    def total(self) -> int:
+        return self.size + len(self.last)
+
+
+@dataclass(frozen=True, slots=True)
 class NewMessage:
     """A message about to be stored: accepted from a client, or written by gsmtp
     itself (a bounce)."""
@@ -65,7 +80,9 @@ class NewMessage:
     id: MessageId
     sender: str  # "" is the null reverse-path
     recipients: tuple[str, ...]
-    body: bytes  # CRLF line endings, Received: already prepended
+    # CRLF line endings, Received: already prepended. With `spooled`, only what comes
+    # before the spooled content (the Received: header).
+    body: bytes
     received_at: float
     client: str
     helo: str
@@ -75,6 +92,12 @@ class NewMessage:
     ret: Ret | None = None
     envid: str | None = None
     dsn: Mapping[str, RecipientDsn] = field(default_factory=dict)
+    spooled: SpooledContent | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes of the whole body, spooled content included."""
+        return len(self.body) + (self.spooled.total if self.spooled is not None else 0)
 
 
 @dataclass(frozen=True, slots=True)

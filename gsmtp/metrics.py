@@ -88,6 +88,13 @@ SLOW_CLIENTS = Counter(
 TARPIT_DELAYS = Counter(
     "gsmtp_tarpit_delays", "Replies delayed by error_sleep past soft_error_limit"
 )
+DATA_MEMORY = Gauge(
+    "gsmtp_data_memory_bytes",
+    "Bytes of message bodies held in memory by connections receiving them (max_data_memory)",
+)
+BODY_PARTS = Counter(
+    "gsmtp_body_parts_written", "Parts of large message bodies written to the spool as they arrived"
+)
 
 
 def make_app(refresh: Callable[[], None]) -> Callable[..., object]:

@@ -47,6 +47,7 @@ from gsmtp import metrics
 from gsmtp.acceptance import Acceptor
 from gsmtp.auth import Authenticator, AuthOutcome
 from gsmtp.diskspace import SpaceReserve
+from gsmtp.intake import MIN_READ, SPOOL_THRESHOLD, DataMemory, SpooledBody
 from gsmtp.limits import Admitted, ConnectionLimiter, Refused
 from gsmtp.log import get_logger, printable
 from gsmtp.policy import Client, IPNetwork, Policy, client_from_ip
@@ -155,6 +156,7 @@ class SmtpServer:
         plaintext_auth: bool = False,
         authenticator: Authenticator | None = None,
         auth_failure_delay: float = 1.0,
+        max_data_memory: int = 256 * 1024 * 1024,
     ) -> None:
         auth = authenticator is not None
         self._listen = [_Listener(host, port, ListenerRules(auth=auth)) for host, port in listen]
@@ -185,6 +187,8 @@ class SmtpServer:
         self._tls = tls
         self._deadlines = deadlines
         self._error_sleep = error_sleep
+        # Bodies in memory, all connections together (see gsmtp.intake).
+        self.data_memory = DataMemory(max_data_memory)
         self._pool = Pool(max_connections + _OVERFLOW_SLOTS)
         self._servers: list[StreamServer] = []
         self._active = 0
@@ -228,6 +232,8 @@ class SmtpServer:
                 implicit_tls=kind.implicit_tls,
             )
         self._sweeper = self._spawn("sweeper", self._sweep_idle)
+        memory = self.data_memory
+        metrics.DATA_MEMORY.set_function(lambda: memory.used)
 
     def health(self) -> str | None:
         """None while every listener accepts; else which one stopped (a supervisor's
@@ -415,6 +421,8 @@ class _Connection:
         self._read_ended_line = False  # the last read held a line end (LF)
         self._data_started: float | None = None  # the 354 of the DATA being received
         self._data_bytes = 0
+        self._memory = server.data_memory.account()  # what this connection's body holds
+        self._body: SpooledBody | None = None  # parts of a large message written so far
         self._tarpitted = False
         self._session = SmtpSession(
             server._limits,
@@ -437,6 +445,12 @@ class _Connection:
             self._sock.sendall(session.start())
             while not session.closed:
                 event = session.next_event()
+                if (
+                    self._body is not None
+                    and not session.receiving_data
+                    and not isinstance(event, MessageReceived)
+                ):
+                    self._discard_body()  # its DATA ended, and the session refused it
                 if isinstance(event, NeedData):
                     self._flush()
                     if session.closed:
@@ -461,8 +475,11 @@ class _Connection:
 
     def close(self) -> None:
         """Close the socket as it is now: after a TLS handshake the original socket
-        object no longer owns the descriptor, the TLS one does."""
+        object no longer owns the descriptor, the TLS one does. Then drop what is left
+        of a message that was not stored, and give back its memory."""
         _close_quietly(self._sock)
+        self._discard_body()
+        self._memory.set(0)
 
     def _talked_early(self) -> bool:
         """RFC 5321 §4.3.1: the client waits for the greeting; bytes before it mean a
@@ -494,19 +511,90 @@ class _Connection:
         if server._stopping.is_set() and not session.in_transaction:
             raise _ShutdownRequested
         self.idle = not session.in_transaction
+        receiving = session.receiving_data
+        size = RECV_SIZE
+        if receiving:
+            # The most this read may bring is charged before it (gsmtp.intake).
+            size = server.data_memory.read_size(RECV_SIZE)
+            self._memory.set(session.data_buffered + size)
         self._arm_deadline(time.monotonic())
         try:
-            data = self._sock.recv(RECV_SIZE)
+            data = self._sock.recv(size)
         finally:
             self.idle = False
             self.deadline = _NEVER
         self._last_read_at = time.monotonic()
         self._read_ended_line = b"\n" in data
-        if session.receiving_data:
+        if receiving:
             self._data_bytes += len(data)
         session.receive_data(data)
+        del data  # not held while a part is written
         if not session.receiving_data:
             self._data_started = None  # its end was in this chunk; the next DATA is new
+            if receiving:
+                self._memory.set(0)  # what is left of the body is charged by _store
+        elif receiving:
+            self._take_content()
+
+    def _take_content(self) -> None:
+        """After a read in DATA: write out what the session holds once it is large or
+        the bodies of all connections are over budget; drop at once what was written of
+        a message that will be refused (too big, bare CR or LF)."""
+        session = self._session
+        held = session.data_buffered
+        if session.data_doomed:
+            self._discard_body()
+        elif held >= SPOOL_THRESHOLD or (self._server.data_memory.exceeded and held >= MIN_READ):
+            content = session.take_data()
+            if content:
+                self._memory.set(session.data_buffered + len(content))
+                self._write_part(content)
+        self._memory.set(session.data_buffered)
+
+    def _write_part(self, content: bytes) -> None:
+        """The next part of a large message, under the id it will be stored with. A
+        part that cannot be written fails the message (451 at its end); the rest of it
+        is read and dropped."""
+        body = self._body
+        if body is None:
+            body = self._body = SpooledBody(
+                self._server._spool, self._server._acceptor.new_id(time.time())
+            )
+        if body.failed:
+            return
+        started = time.monotonic()
+        try:
+            body.write(content)
+        except (_IdleTimeout, _ShutdownRequested):
+            raise
+        except Exception as error:
+            body.failed = True
+            self._log.error(
+                "body_part_not_stored", msg_id=body.message_id, error=printable(str(error))
+            )
+        else:
+            metrics.BODY_PARTS.inc()
+            if self._server._reserve is not None:
+                self._server._reserve.spend(len(content))
+        finally:
+            if self._data_started is not None:
+                # The server's time, not the client's: the minimum data rate waits.
+                self._data_started += time.monotonic() - started
+
+    def _discard_body(self) -> None:
+        """Drop the parts written of a message that will not be stored."""
+        body, self._body = self._body, None
+        if body is None or body.count == 0:
+            return
+        try:
+            body.discard()
+        except (_IdleTimeout, _ShutdownRequested):
+            raise
+        except Exception as error:
+            # Left for the next start (Spool.remove_orphan_parts).
+            self._log.warning(
+                "body_parts_not_discarded", msg_id=body.message_id, error=printable(str(error))
+            )
 
     def _arm_deadline(self, now: float) -> None:
         """The earliest of the deadlines that hold while we wait for the peer: the idle
@@ -655,15 +743,22 @@ class _Connection:
 
     def _store(self, envelope: Envelope) -> Reply:
         started = time.monotonic()
+        body = self._body  # discarded by the loop, or at close, unless stored
+        if body is not None and body.failed:
+            metrics.MESSAGES_RECEIVED.labels("spool_error").inc()
+            return replies.SPOOL_ERROR
         message = self._server._acceptor.accept(
             envelope,
             client_ip=self._peer_ip,
             tls=self._tls,
             authenticated=self._current_client().authenticated,
             now=time.time(),
+            message_id=body.message_id if body is not None else None,
+            spooled=body.content() if body is not None else None,
         )
         message_id = message.id
         self.storing = True
+        self._memory.set(len(envelope.content) + len(message.body))
         try:
             self._server._spool.enqueue(message)
         except (_IdleTimeout, _ShutdownRequested):
@@ -678,16 +773,19 @@ class _Connection:
             return replies.SPOOL_ERROR
         finally:
             self.storing = False
+            self._memory.set(0)
+        self._body = None  # its parts are the stored message's now
         metrics.ACCEPT_SECONDS.observe(time.monotonic() - started)
+        size = message.size
         if self._server._reserve is not None:
-            self._server._reserve.spend(len(message.body))
+            self._server._reserve.spend(size - (body.size if body is not None else 0))
         metrics.MESSAGES_QUEUED.inc()
         self._log.info(
             "message_queued",
             msg_id=message_id,
             sender=printable(message.sender),
             rcpt_count=len(message.recipients),
-            size=len(message.body),
+            size=size,
         )
         self._server._on_queued()
         return replies.queued(message_id)

@@ -5,7 +5,10 @@ Theory of operation. A message is one `messages` row (envelope sender, the body 
 Received: header, arrival time) and one `recipients` row per recipient, each `queued`,
 `delivered` or `failed`, with its attempt count, next attempt time and last error.
 Accepting a message is one transaction through the group committer, so the 250 follows
-the fsync.
+the fsync. A large body is written while it arrives, as numbered `body_parts` rows that
+follow `messages.body` (then only the Received: header; `messages.parts` counts them):
+the message row comes last, with the final part, so a message is stored whole or not at
+all, and parts without a message row are debris to discard (see gsmtp.intake).
 
 The queue manager *claims* due recipients: the running process owns what it claimed
 until it records a result or releases it. Ownership does not expire (a lease that
@@ -36,6 +39,7 @@ lists it; a message is deleted once no recipient is queued and no notice is pend
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,11 +48,20 @@ from typing import Any
 import apsw
 
 from gsmtp.db import execute_values, query, scalar
-from gsmtp.message import MessageId, NewMessage, Outcome, QueuedMessage, RecipientDsn, Ret
+from gsmtp.message import (
+    MessageId,
+    NewMessage,
+    Outcome,
+    QueuedMessage,
+    RecipientDsn,
+    Ret,
+)
 from gsmtp.protocol.address import has_control
 from gsmtp.protocol.dsnparams import notify_text, parse_notify
 from gsmtp.writer import GroupCommitter, ThreadReader
 
+# Bodies up to this size may stay bound to a cached insert statement (see execute_values).
+CACHED_BODY_LIMIT = 16 * 1024
 UNSCHEDULED = 1e18  # next_attempt_at of a row nobody may claim: owned, or set aside
 # What a notice quotes of the original: its headers, or with RET=FULL the whole message
 # up to 100 KiB (dsn.MAX_RETURNED_MESSAGE); one byte more tells that it is larger.
@@ -162,27 +175,46 @@ class NoticeState:
 
 
 def insert_messages(connection: apsw.Connection, messages: list[NewMessage]) -> None:
-    """Many messages in two statements (the group-commit fast path)."""
-    execute_values(
-        connection,
-        "INSERT INTO messages(id, sender, body, size, received_at, client, helo, smtputf8,"
-        " dsn_ret, dsn_envid) VALUES {values}",
-        [
+    """Many messages in two statements (the group-commit fast path); a third only when
+    one of them has spooled content (its last part goes in with it). The statement is
+    cached (prepared once) only while every body is small (see `execute_values`)."""
+    rows = []
+    last_parts = []
+    largest = 0
+    for m in messages:
+        size = len(m.body)
+        largest = max(largest, size)
+        parts = 0
+        if m.spooled is not None:
+            size = m.size
+            parts = m.spooled.count
+            if m.spooled.last:
+                last_parts.append((m.id, parts, m.spooled.last))
+                parts += 1
+        rows.append(
             (
                 m.id,
                 m.sender,
                 m.body,
-                len(m.body),
+                size,
                 m.received_at,
                 m.client,
                 m.helo,
                 int(m.smtputf8),
                 m.ret.value if m.ret is not None else None,
                 m.envid,
+                parts,
             )
-            for m in messages
-        ],
+        )
+    execute_values(
+        connection,
+        "INSERT INTO messages(id, sender, body, size, received_at, client, helo, smtputf8,"
+        " dsn_ret, dsn_envid, parts) VALUES {values}",
+        rows,
+        cache=largest <= CACHED_BODY_LIMIT,
     )
+    if last_parts:
+        insert_parts(connection, last_parts)
     execute_values(
         connection,
         "INSERT OR IGNORE INTO recipients(message_id, address, status, next_attempt_at,"
@@ -193,6 +225,29 @@ def insert_messages(connection: apsw.Connection, messages: list[NewMessage]) -> 
             for m in messages
             for r in m.recipients
         ],
+    )
+
+
+def insert_parts(connection: apsw.Connection, parts: Sequence[tuple[str, int, bytes]]) -> None:
+    """Body parts (message id, number, bytes) of messages still arriving, in one
+    statement. Their message row comes later, with the last part."""
+    execute_values(
+        connection,
+        "INSERT INTO body_parts(message_id, seq, data) VALUES {values}",
+        list(parts),
+        cache=False,
+    )
+
+
+def discard_parts(connection: apsw.Connection, message_ids: Sequence[str]) -> None:
+    """Remove the parts of messages that were never stored. A message that was stored
+    keeps its parts: so this is safe after any outcome of its commit, even one the
+    server could not learn."""
+    execute_values(
+        connection,
+        "DELETE FROM body_parts WHERE message_id IN (SELECT column1 FROM (VALUES {values}))"
+        " AND NOT EXISTS (SELECT 1 FROM messages WHERE id = body_parts.message_id)",
+        [(message_id,) for message_id in message_ids],
     )
 
 
@@ -270,6 +325,33 @@ class Spool:
         """Store a message durably; returns once committed (raises if it was not)."""
         self._writer.submit_item(insert_messages, message)
         return message.id
+
+    # -- bodies as they arrive ------------------------------------------------------------
+
+    def write_part(self, message_id: MessageId, seq: int, data: bytes) -> None:
+        """Write part `seq` of a message still arriving; returns once committed, in a
+        group commit with whatever else is being written (the message's own commit
+        comes later, so the 250 follows the fsync of every part). Raises if it was
+        not written."""
+        self._writer.submit_item(insert_parts, (message_id, seq, data))
+
+    def discard_parts(self, message_id: MessageId) -> None:
+        """Drop the parts of a message that will not be stored (see `discard_parts`).
+        A unit of its own, not batched with like ones: the writer then applies it after
+        everything submitted before it, such as a part whose writer was interrupted."""
+        self._writer.submit(lambda connection: discard_parts(connection, [message_id]))
+
+    def remove_orphan_parts(self) -> int:
+        """At start-up: parts without a message (its client went away, or the server
+        died, before the message was stored). Returns how many went."""
+
+        def work(connection: apsw.Connection) -> int:
+            connection.execute(
+                "DELETE FROM body_parts WHERE message_id NOT IN (SELECT id FROM messages)"
+            )
+            return int(connection.changes())
+
+        return int(self._writer.submit(work))
 
     # -- ownership ----------------------------------------------------------------------
 
@@ -390,12 +472,18 @@ class Spool:
             rows = query(
                 connection,
                 f"SELECT {raw_text('sender')}, body, received_at, smtputf8, size, dsn_ret,"
-                f" {raw_text('dsn_envid')} FROM messages WHERE id = ?",
+                f" {raw_text('dsn_envid')}, parts FROM messages WHERE id = ?",
                 (message_id,),
             )
             if not rows:
                 return None
-            message = _decode_message(message_id, rows[0])
+            row = rows[0]
+            if row[7]:  # parts
+                body = _with_parts(connection, message_id, row[1], row[7])
+                if isinstance(body, Unreadable):
+                    return body
+                row = (row[0], body, *row[2:])
+            message = _decode_message(message_id, row)
             if isinstance(message, QueuedMessage):
                 dsn = load_recipient_dsn(connection, [message_id]).get(message_id, {})
                 message = dataclasses.replace(message, dsn=dsn)
@@ -479,16 +567,18 @@ class Spool:
         rows = query(
             self._reader,
             f"SELECT {raw_text('sender')}, substr(body, 1, ?), received_at, smtputf8,"
-            f" {raw_text('notice_kind')}, delay_warned_at, dsn_ret, {raw_text('dsn_envid')}"
-            " FROM messages WHERE id = ? AND corrupt IS NULL",
+            f" {raw_text('notice_kind')}, delay_warned_at, dsn_ret, {raw_text('dsn_envid')},"
+            " parts FROM messages WHERE id = ? AND corrupt IS NULL",
             (NOTICE_HEADERS_LIMIT, message_id),
         )
         if not rows:
             return None
-        raw_sender, head, received_at, smtputf8, kind, warned, ret, envid = rows[0]
+        raw_sender, head, received_at, smtputf8, kind, warned, ret, envid, parts = rows[0]
         sender = decoded(raw_sender)
         if sender is None or has_control(sender) or not isinstance(received_at, int | float):
             return None
+        if parts and isinstance(head, bytes):
+            head = read_head(self._reader, message_id, head, NOTICE_HEADERS_LIMIT)
         recipients = query(
             self._reader,
             f"SELECT {raw_text('address')}, status, notice_pending, claimed_due IS NOT NULL,"
@@ -744,8 +834,61 @@ def _set_aside_rows(
     return removed
 
 
+def read_head(connection: apsw.Connection, message_id: str, body: bytes, limit: int) -> bytes:
+    """The first `limit` bytes of a message whose messages.body is `body`, its parts
+    read only as far as needed (a notice quotes the headers; `queue show` prints them).
+    Parts that do not decode are left out: the delivery that needs them sets the
+    message aside."""
+    head = [body[:limit]]
+    size = len(head[0])
+    cursor = connection.execute(
+        "SELECT substr(data, 1, ?) FROM body_parts WHERE message_id = ? ORDER BY seq",
+        (limit, message_id),
+    )
+    try:
+        for (data,) in cursor:
+            if size >= limit:
+                break
+            if isinstance(data, bytes):
+                head.append(data[: limit - size])
+                size += len(head[-1])
+    finally:
+        cursor.close()
+    return b"".join(head)
+
+
+def _with_parts(
+    connection: apsw.Connection, message_id: str, body: Any, count: Any
+) -> bytes | Unreadable:
+    """messages.body followed by the message's parts, all of which must be there. Put
+    together as they are read, one part at a time: the body is held once, not twice
+    (BytesIO hands over its buffer without a copy)."""
+    if not isinstance(body, bytes):
+        return Unreadable(f"body is {type(body).__name__}, not a blob")
+    if not isinstance(count, int) or count < 0:
+        return Unreadable(f"part count {count!r} does not decode")
+    whole = io.BytesIO()
+    whole.write(body)
+    found = 0
+    # Closed on every way out: an open statement would pin the reader's snapshot.
+    cursor = connection.execute(
+        "SELECT seq, data FROM body_parts WHERE message_id = ? ORDER BY seq", (message_id,)
+    )
+    try:
+        for seq, data in cursor:
+            if seq != found or not isinstance(data, bytes):
+                return Unreadable(f"body part {found} is missing or does not decode")
+            whole.write(data)
+            found += 1
+    finally:
+        cursor.close()
+    if found != count:
+        return Unreadable(f"{found} body parts of {count} were found")
+    return whole.getvalue()
+
+
 def _decode_message(message_id: str, row: tuple[Any, ...]) -> QueuedMessage | Unreadable:
-    sender, body, received_at, smtputf8, size, ret, envid = row
+    sender, body, received_at, smtputf8, size, ret, envid, _ = row
     if not isinstance(body, bytes):
         return Unreadable(f"body is {type(body).__name__}, not a blob")
     if not isinstance(size, int) or size != len(body):

@@ -68,12 +68,19 @@ class SpoolAdmin:
         return self._message_row(rows[0]) if rows else None
 
     def headers(self, message_id: str) -> bytes:
-        value = scalar(
-            self._db, "SELECT CAST(body AS BLOB) FROM messages WHERE id = ?", (message_id,)
+        rows = query(
+            self._db, "SELECT CAST(body AS BLOB), parts FROM messages WHERE id = ?", (message_id,)
         )
-        if not isinstance(value, bytes):
+        if not rows or not isinstance(rows[0][0], bytes):
             return b""
+        value: bytes = rows[0][0]
+        parts = rows[0][1]
         end = value.find(b"\r\n\r\n")
+        if end < 0 and parts:
+            # A large message: its content is in body parts; read them only up to the
+            # end of the header section.
+            value = _head_from_parts(self._db, message_id, value)
+            end = value.find(b"\r\n\r\n")
         return value if end < 0 else value[: end + 2]
 
     def stats(self) -> dict[str, int]:
@@ -195,6 +202,25 @@ def _recipient_row(row: tuple[Any, ...]) -> RecipientRow:
         float(due) if isinstance(due, int | float) else 0.0,
         _text(error) if error is not None else None,
     )
+
+
+def _head_from_parts(connection: apsw.Connection, message_id: str, body: bytes) -> bytes:
+    """`body` and as many parts as it takes to hold the end of the header section."""
+    head = bytearray(body)
+    cursor = connection.execute(
+        "SELECT data FROM body_parts WHERE message_id = ? ORDER BY seq", (message_id,)
+    )
+    try:
+        for (data,) in cursor:
+            if not isinstance(data, bytes):
+                break
+            searched = max(0, len(head) - 3)
+            head += data
+            if head.find(b"\r\n\r\n", searched) >= 0:
+                break
+    finally:
+        cursor.close()
+    return bytes(head)
 
 
 def _text(value: Any) -> str:

@@ -120,6 +120,8 @@ class GroupCommitter:
                 batch.append(self._pending.popleft())
             outcomes = self._commit([(batch_fn, payload) for batch_fn, payload, _ in batch])
             self._loop.run_callback_threadsafe(self._settle, batch, outcomes)
+            # Not kept while idle: the payloads may be large (body parts).
+            del batch, outcomes
 
     def _settle(self, batch: list[tuple[Any, Any, Any]], outcomes: list[Any]) -> None:
         """On the event loop: wake each submitter with its outcome."""

@@ -4,58 +4,186 @@ No I/O. Only `<CRLF>.<CRLF>` ends the data (RFC 5321 §4.1.1.4, §2.3.8): `<LF>.
 every other mix of bare CR and LF are message content, and their presence makes the
 message refused after the real end (SMTP smuggling, CVE-2023-51764 and kin). A message
 over the size cap is read on, and discarded, up to the real end before 552 is answered,
-so the rest of it is never run as commands. Memory stays bounded by the cap.
+so the rest of it is never run as commands.
+
+Content is passed on as it arrives: each chunk is unstuffed up to its last complete line
+(or, for a line longer than LINE_PIECE, up to a few bytes before its end) and kept as a
+piece the caller may `take_content()` at any time, so a large message never has to be
+held whole. What is not processed yet stays raw behind two bytes of context: the two
+bytes before it, a CRLF at a line start (a virtual one before the first line). Every
+check reads the raw bytes with that context in front, so no cut can hide anything:
+
+- the end marker: a cut is made only after a CRLF (a marker that began before it begins
+  with the kept CRLF), or in a long line with no CRLF left (the last bytes, which may
+  begin a marker or a pair, stay);
+- dot-stuffing: a leading dot is seen with the CRLF before it (the context);
+- bare CR and LF: a cut never falls inside a CRLF, so each region counts whole pairs;
+- the `Received:` hop count (RFC 5321 §6.3) reads only the header section, up to the
+  first empty line, and a header line's start is never far from its region's start.
+
+Memory stays bounded: what is not taken, plus less than one line piece of raw bytes;
+once the message is doomed (too big, or a bare line ending) nothing is kept at all.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 _END = b"\r\n.\r\n"
+_CRLF = b"\r\n"
+_STUFFED = b"\r\n."  # RFC 5321 §4.5.2: a leading dot on a line was doubled by the sender
+_EMPTY_LINE = b"\r\n\r\n"
+# In the raw bytes, so a stuffed ".Received:" (the client doubled a leading dot that was
+# never there: "..Received:" stays ".Received:") is read as it will be stored.
+_RECEIVED = re.compile(rb"\n\.?received:", re.IGNORECASE)
+_CONTEXT = 2  # bytes kept in front of the unprocessed ones
+# A line longer than this is passed on in pieces (a body need not have lines at all).
+LINE_PIECE = 8192
+_KEEP = len(_END) - 1  # raw bytes kept back in a mid-line cut: the start of a marker
+# The shortest line piece: a line's start and ".received:" always fit in its first one.
+_MIN_LINE_PIECE = 32
 
 
 @dataclass(frozen=True, slots=True)
 class DataResult:
-    """The message as received: `content` is unstuffed and ends with CRLF (or is empty)."""
+    """The message as received. `content` is unstuffed and ends with CRLF (or is
+    empty); it is what `take_content()` had not taken before the end. `size` counts
+    every unstuffed byte, taken or not; `received_headers` the `Received:` fields of
+    the header section."""
 
     content: bytes
     too_big: bool
     bare_line_ending: bool
+    received_headers: int = 0
+    size: int = 0
 
 
 class DataReader:
-    """Accumulates DATA bytes until the end marker. Feed chunks; get a result once."""
+    """Takes DATA bytes until the end marker. Feed chunks; take content whenever wanted;
+    get a result once."""
 
-    __slots__ = ("_buffer", "_max_size", "_scan_from", "_too_big")
+    __slots__ = (
+        "_bare",
+        "_held",
+        "_in_header",
+        "_line_piece",
+        "_max_size",
+        "_pieces",
+        "_raw",
+        "_received",
+        "_size",
+        "_stuffed_size",
+        "_too_big",
+    )
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, *, line_piece: int = LINE_PIECE) -> None:
         # A virtual CRLF before the first line lets one search find ".\r\n" at the very
         # start (the empty message) and treat the first line's leading dot like any other.
-        self._buffer = bytearray(b"\r\n")
+        self._raw = bytearray(_CRLF)
+        self._pieces: list[bytes] = []
+        self._held = 0  # bytes in _pieces
+        self._size = 0  # unstuffed content bytes so far, taken or not
+        self._stuffed_size = 0  # as received: what the size cap counts
         self._max_size = max_size
-        self._scan_from = 0
+        self._line_piece = max(line_piece, _MIN_LINE_PIECE)
         self._too_big = False
+        self._bare = False
+        self._in_header = True
+        self._received = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held: content not taken yet, and raw bytes not processed yet."""
+        return self._held + len(self._raw)
+
+    @property
+    def doomed(self) -> bool:
+        """The message will be refused at its end (over the size cap, or a bare CR or
+        LF): nothing of it is kept from now on."""
+        return self._too_big or self._bare
+
+    def take_content(self) -> bytes:
+        """The unstuffed content processed since the last take (possibly empty)."""
+        pieces = self._pieces
+        if not pieces:
+            return b""
+        content = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self._pieces = []
+        self._held = 0
+        return content
 
     def feed(self, data: bytes) -> tuple[DataResult | None, bytes]:
         """Take a chunk; return the result when the end was found, plus the bytes after
         it (pipelined commands), which belong to the command stream again."""
-        buffer = self._buffer
-        buffer += data
-        end = buffer.find(_END, self._scan_from)
+        raw = self._raw
+        scan_from = len(raw) - _KEEP if len(raw) > _KEEP else 0
+        raw += data
+        end = raw.find(_END, scan_from)
         if end < 0:
-            self._scan_from = max(0, len(buffer) - len(_END) + 1)
-            if len(buffer) - 2 > self._max_size:
-                # Keep only a tail long enough to see an end marker split across chunks.
-                self._too_big = True
-                del buffer[: len(buffer) - len(_END)]
-                self._scan_from = 0
+            last_line_end = raw.rfind(_CRLF, _CONTEXT)
+            if last_line_end >= 0:
+                self._process(last_line_end + len(_CRLF))
+            if len(raw) - _CONTEXT > self._line_piece:
+                # A long line: no CRLF is left past the context, so a cut here splits
+                # no pair and no marker; the last bytes stay, as they may begin either.
+                self._process(len(raw) - _KEEP)
             return None, b""
-        leftover = bytes(buffer[end + len(_END) :])
-        raw = bytes(buffer[: end + 2])
-        if self._too_big or len(raw) - 2 > self._max_size:
+        leftover = bytes(memoryview(raw)[end + len(_END) :]) if len(raw) > end + len(_END) else b""
+        self._process(end + len(_CRLF))  # the CRLF before the dot is content
+        self._raw = bytearray()
+        if self._too_big:
             return DataResult(b"", too_big=True, bare_line_ending=False), leftover
-        crlf = raw.count(b"\r\n")
-        bare = raw.count(b"\n") != crlf or raw.count(b"\r") != crlf
-        # RFC 5321 §4.5.2: a leading dot on a line was doubled by the sender; drop one.
-        content = raw.replace(b"\r\n.", b"\r\n")[2:]
-        return DataResult(content, too_big=False, bare_line_ending=bare), leftover
+        pieces = self._pieces
+        content = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self._pieces = []
+        self._held = 0
+        return DataResult(content, False, self._bare, self._received, self._size), leftover
+
+    def _process(self, cut: int) -> None:
+        """Pass on raw[_CONTEXT:cut] as content; keep raw[cut - _CONTEXT:]."""
+        raw = self._raw
+        self._stuffed_size += cut - _CONTEXT
+        if not (self._too_big or self._bare):
+            crlf = raw.count(_CRLF, _CONTEXT, cut)
+            if self._stuffed_size > self._max_size:
+                self._too_big = True
+            elif raw.count(b"\n", _CONTEXT, cut) != crlf or raw.count(b"\r", _CONTEXT, cut) != crlf:
+                self._bare = True
+            else:
+                if self._in_header:
+                    # RFC 5321 §6.3: count Received: fields up to the end of the header
+                    # section (its first empty line), if that is in this region.
+                    empty_line = raw.find(_EMPTY_LINE, 0, cut)
+                    if empty_line >= 0:
+                        self._in_header = False
+                        self._received += len(_RECEIVED.findall(raw, 0, empty_line + 2))
+                    else:
+                        self._received += len(_RECEIVED.findall(raw, 0, cut))
+                stuffed = raw.find(_STUFFED, 0, cut)
+                if stuffed < 0:
+                    piece = bytes(memoryview(raw)[_CONTEXT:cut])
+                else:
+                    piece = self._unstuff(cut, stuffed)
+                if piece:
+                    self._pieces.append(piece)
+                    self._held += len(piece)
+                    self._size += len(piece)
+            if self._too_big or self._bare:
+                self._pieces = []
+                self._held = 0
+        del raw[: cut - _CONTEXT]
+
+    def _unstuff(self, cut: int, at: int) -> bytes:
+        """raw[_CONTEXT:cut] with the first dot of each line dropped (the first at
+        `at` + 2); one copy."""
+        raw = self._raw
+        view = memoryview(raw)
+        segments = []
+        start = _CONTEXT
+        while at >= 0:
+            segments.append(view[start : at + len(_CRLF)])
+            start = at + len(_STUFFED)
+            at = raw.find(_STUFFED, start, cut)
+        segments.append(view[start:cut])
+        return b"".join(segments)

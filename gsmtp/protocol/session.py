@@ -8,7 +8,10 @@ store, a VRFY, a TLS switch, credentials to verify) come back as an event, and t
 answers each with exactly one `respond`. `NEED_DATA` means: flush `data_to_send()` (all
 pipelined replies in one write, RFC 2920) and feed more bytes. The session owns the
 three buffers of the original design (sender, recipients, data) and resets them on
-RSET, on HELO/EHLO and after each message.
+RSET, on HELO/EHLO and after each message. The data need not be held whole: while it
+arrives the shell may `take_data()` what came so far (to write a large body out), and
+the message event then carries only the rest; the checks at the end (size, bare CR/LF,
+Received: count) still cover all of it.
 
 Errors are counted here, as Postfix smtpd counts them: every error reply, and past
 `junk_command_limit` every NOOP/RSET/VRFY/HELP (still answered normally). Past
@@ -30,7 +33,6 @@ this class (`LocalProtocolError`) is a bug and raises.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -61,7 +63,6 @@ MAX_COMMAND_LINE = 512  # octets including CRLF, RFC 5321 §4.5.3.1.4
 # ORCPT of up to 500); RFC 5321 §4.5.3.1.4 lets extensions do so.
 MAX_MAIL_RCPT_LINE = 1024
 _LONG_LINE_VERBS = (b"MAIL ", b"RCPT ")
-_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 
 
 class LocalProtocolError(Exception):
@@ -187,6 +188,8 @@ class Envelope:
     helo: str
     sender: Address
     recipients: tuple[Address, ...]
+    # Unstuffed, CRLF line endings; only what followed the content the shell took with
+    # `SmtpSession.take_data` while it arrived (all of it when the shell took none).
     content: bytes
     smtputf8: bool
     esmtp: bool
@@ -319,6 +322,29 @@ class SmtpSession:
         """Between the 354 and the end of data: the shell holds the client to a minimum
         data rate (Postfix smtpd_min_data_rate)."""
         return self._data_reader is not None and self._data_result is None
+
+    @property
+    def data_buffered(self) -> int:
+        """Bytes of the message being received that the session holds in memory (0
+        outside DATA): what the shell counts against its memory budget."""
+        if self._data_reader is None or self._data_result is not None:
+            return 0
+        return self._data_reader.buffered
+
+    @property
+    def data_doomed(self) -> bool:
+        """The message being received will be refused at its end (over the size cap,
+        or a bare CR or LF): the session keeps nothing of it from now on, and what the
+        shell took of it will never be stored."""
+        return self.receiving_data and self._data_reader is not None and self._data_reader.doomed
+
+    def take_data(self) -> bytes:
+        """While receiving data: the (unstuffed) content that arrived since the last
+        call, for the shell to store as it arrives. What was taken is not repeated in
+        the envelope: `Envelope.content` is only what followed it."""
+        if not self.receiving_data or self._data_reader is None:
+            raise LocalProtocolError("take_data outside DATA")
+        return self._data_reader.take_content()
 
     def error_delays(self) -> int:
         """How many replies waiting in `data_to_send()` answer a command that counted as
@@ -739,7 +765,7 @@ class SmtpSession:
             reply = replies.MESSAGE_TOO_BIG
         elif result.bare_line_ending:
             reply = replies.BARE_LINE_ENDING_IN_DATA
-        elif self._count_received(result.content) > self._limits.max_received_headers:
+        elif result.received_headers > self._limits.max_received_headers:
             reply = replies.MAIL_LOOP
         else:
             envelope = Envelope(
@@ -758,12 +784,6 @@ class SmtpSession:
         self._state = State.READY
         self._send(reply)
         return None
-
-    @staticmethod
-    def _count_received(content: bytes) -> int:
-        header_end = content.find(b"\r\n\r\n")
-        header = content if header_end < 0 else content[: header_end + 2]
-        return len(_RECEIVED.findall(header))
 
     # -- helpers ----------------------------------------------------------------------
 

@@ -4,7 +4,9 @@
         var/fuzz/session tests/fuzz/seeds/session
 
 An input is: one byte of flags (bit 0: STARTTLS offered; bit 1: RCPTs to odd-length
-addresses refused; bit 2: the spool refuses messages; bit 3: small limits), one byte of
+addresses refused; bit 2: the spool refuses messages; bit 3: small limits; bit 4: the
+free-space reserve refuses MAIL; bit 5: the shell takes the content as it arrives, as
+the server does with a large body), one byte of
 chunk size (1-256), then the bytes a client sends. A failing input is written as
 `var/fuzz/crash-<sha1>`; `python tests/fuzz/fuzz_session.py var/fuzz/crash-<sha1>` runs it
 again, and `tests/unit/test_fuzz_seeds.py` runs every seed and crash file kept under
@@ -51,6 +53,7 @@ def check_one(data: bytes) -> None:
     session = SmtpSession(limits, hostname="mx.fuzz.example", tls_available=bool(flags & 1))
     output = bytearray(session.start())
     messages = 0
+    taken = bytearray()  # content taken during the DATA being received
     for start in range(0, len(stream), chunk):
         if session.closed:
             session.receive_data(stream[start : start + chunk])
@@ -58,6 +61,8 @@ def check_one(data: bytes) -> None:
             assert session.data_to_send() == b"", "output after the close"
             continue
         session.receive_data(stream[start : start + chunk])
+        if flags & 32 and session.receiving_data:
+            taken += session.take_data()
         while (event := session.next_event()) is not NEED_DATA:
             if isinstance(event, MailFrom):
                 full = flags & 16  # the free-space reserve refuses
@@ -67,22 +72,25 @@ def check_one(data: bytes) -> None:
                 session.respond(event, replies.NO_SUCH_USER if refuse else replies.RECIPIENT_OK)
             elif isinstance(event, MessageReceived):
                 messages += 1
-                check_envelope(event, limits)
+                check_envelope(event, limits, bytes(taken))
                 stored = replies.SPOOL_ERROR if flags & 4 else replies.queued("FUZZ")
                 session.respond(event, stored)
             elif isinstance(event, VerifyRequested):
                 session.respond(event, replies.CANNOT_VRFY)
             elif isinstance(event, StartTlsRequested):
                 session.respond(event, replies.READY_FOR_TLS)
+        if not session.receiving_data:
+            taken.clear()  # that DATA ended (its message checked above, or refused)
         assert session.error_delays() >= 0
         output += session.data_to_send()
     check_replies(bytes(output))
     assert messages <= stream.count(b"\r\n.\r\n"), "a message without its end of data"
 
 
-def check_envelope(event: MessageReceived, limits: Limits) -> None:
+def check_envelope(event: MessageReceived, limits: Limits, taken: bytes = b"") -> None:
+    """`taken`: what the shell took of the content before the envelope's rest."""
     envelope = event.envelope
-    content = envelope.content
+    content = taken + envelope.content
     assert envelope.recipients, "a message without recipients"
     assert len(content) <= limits.max_message_size
     assert content == b"" or content.endswith(b"\r\n")

@@ -571,3 +571,39 @@ def test_mail_is_an_event_the_shell_answers() -> None:
         b"250 2.1.0 Sender ok",
         b"",
     ]
+
+
+def test_content_taken_while_it_arrives_is_not_repeated_in_the_envelope() -> None:
+    """The shell may take the content as it arrives (to write it out); the envelope then
+    holds only the rest, and the Received: count still sees the whole header."""
+    wire = SessionWire()
+    open_data(wire)
+    session = wire.session
+    with pytest.raises(LocalProtocolError):
+        SmtpSession(Limits(), hostname="mx.foo.com").take_data()
+    wire.send(b"Received: a\r\n" * 60)
+    assert session.receiving_data and session.data_buffered > 0
+    taken = session.take_data()
+    assert taken == b"Received: a\r\n" * 60
+    assert session.data_buffered < 10
+    wire.send(b"Received: b\r\n" * 41 + b"\r\nbody\r\n.\r\n")
+    assert wire.all_replies()[0].startswith("554 5.4.6")  # 101 in all: a loop
+    assert session.data_buffered == 0
+    open_data(wire)
+    wire.send(b"Subject: x\r\n\r\n..first\r\n")
+    assert session.take_data() == b"Subject: x\r\n\r\n.first\r\n"
+    wire.send(b"second\r\n.\r\n")
+    assert wire.all_replies()[0].startswith("250")
+    assert wire.stored[-1].content == b"second\r\n"
+
+
+def test_a_doomed_message_is_known_before_its_end() -> None:
+    wire = SessionWire(Limits(max_message_size=1000))
+    open_data(wire)
+    wire.send(b"a" * 500 + b"\r\n")
+    assert not wire.session.data_doomed
+    wire.send(b"a" * 600 + b"\r\n")
+    assert wire.session.data_doomed and wire.session.take_data() == b""
+    wire.send(b".\r\n")
+    assert wire.all_replies()[0].startswith("552")
+    assert not wire.session.data_doomed
