@@ -152,6 +152,9 @@ class QueueManager:
         self._look_again()
         self._wake.set()
 
+    def _sender_left(self, _sender: gevent.Greenlet) -> None:
+        self._wake.set()
+
     def _look_again(self) -> None:
         """Something may have made more work claimable (new mail, a flush, room for a
         destination). Counted, so a claim that was running meanwhile cannot undo it."""
@@ -262,8 +265,10 @@ class QueueManager:
         want = startable - ready
         if room <= 0 or want <= 0:
             return False
-        if want < min(CLAIM_CHUNK, self._pacer.allowed) and running > 0:
-            return False  # wait for more senders to come free: fewer, larger claims
+        if want < min(CLAIM_CHUNK, max(1, self._pacer.allowed // 2)) and running > 0:
+            # Wait for more senders to come free: fewer, larger claims. Half the allowed
+            # senders at most, so a small pool never waits for the last one to finish.
+            return False
         limit = min(room, want * CLAIM_FACTOR)
         looks = self._looks
         result = self._spool.claim_due(
@@ -324,7 +329,10 @@ class QueueManager:
                 return
             batch = self._destinations.started(destination)
             self._budget.take(batch.size)
-            self._pool.spawn(self._deliver, batch, destination)
+            sender = self._pool.spawn(self._deliver, batch, destination)
+            # Look again once the sender has left the pool: its slot is free only then
+            # (a wake-up from inside `_deliver` comes while it still holds the slot).
+            sender.link(self._sender_left)
 
     def _suspend(self, batches: Sequence[tuple[Batch, Destination]], now: float) -> None:
         """Defer batches of dead destinations without calling the backend."""

@@ -370,3 +370,18 @@ def test_a_crashing_transport_defers_and_the_queue_goes_on(qw: QueueWorld) -> No
     wait_until(lambda: qw.rows("SELECT attempts FROM recipients") == [(1,)])
     ((error,),) = qw.rows("SELECT last_error FROM recipients")
     assert error.startswith("451 4.3.0")
+
+
+@pytest.mark.parametrize("concurrency", [1, 4, 16])
+def test_a_small_pool_keeps_claiming_as_senders_come_free(qw: QueueWorld, concurrency: int) -> None:
+    """A pool smaller than the claim chunk once waited for its last sender to leave the
+    pool, and nothing woke it when that happened: it claimed again only at the next idle
+    poll (10 messages a second with `delivery.concurrency = 16`). With the poll far away
+    the backlog must still drain, woken by senders as they come free."""
+    for index in range(200):
+        qw.enqueue([f"user{index}@local.example"])
+    manager = qw.manager(concurrency=concurrency, idle_poll=60.0)
+    manager.start()
+    wait_until(lambda: qw.messages_left() == 0, timeout=20, what="the backlog to drain")
+    assert len(qw.local.calls) == 200
+    assert qw.local.max_total <= concurrency
