@@ -125,6 +125,28 @@ class GsmtpProcess:
     # -- process ----------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start and wait for the greeting. free_port() only finds a port that was free
+        a moment ago: when another process took it meanwhile ("Address already in
+        use"), move to new ports and start again, rather than fail a test on a race of
+        the machine's."""
+        for attempt in range(3):
+            try:
+                self._start_once()
+                return
+            except AssertionError as error:
+                if "Address already in use" not in str(error) or attempt == 2:
+                    raise
+                self._move_ports()
+
+    def _move_ports(self) -> None:
+        text = self.config.read_text()
+        for name in ("port", "metrics_port"):
+            old, new = getattr(self, name), free_port()
+            text = text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")
+            setattr(self, name, new)
+        self.config.write_text(text)
+
+    def _start_once(self) -> None:
         log = self.log_path.open("ab")
         self._log_offset = log.tell()
         self.process = subprocess.Popen(
