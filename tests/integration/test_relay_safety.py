@@ -3,8 +3,6 @@ ourselves. Real DNS (dnsmasq), real remote MTAs (aiosmtpd on 127.0.0.x)."""
 
 from __future__ import annotations
 
-import re
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,14 +35,6 @@ def dns_server() -> Iterator[Dnsmasq]:
     server.stop()
 
 
-@pytest.fixture
-def sinks() -> Iterator[dict[str, Sink]]:
-    started: dict[str, Sink] = {}
-    yield started
-    for sink in started.values():
-        sink.stop()
-
-
 def settings(dns_server: Dnsmasq, port: int, **delivery: Any) -> dict[str, dict[str, Any]]:
     return {
         "server": {"trusted_networks": ["127.0.0.1/32"]},
@@ -58,12 +48,7 @@ def settings(dns_server: Dnsmasq, port: int, **delivery: Any) -> dict[str, dict[
 
 
 def connections_accepted(gsmtp: GsmtpProcess) -> int:
-    url = f"http://127.0.0.1:{gsmtp.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    match = re.search(r"^gsmtp_connections_total ([0-9.e+]+)$", text, re.MULTILINE)
-    assert match, "gsmtp_connections_total is missing"
-    return int(float(match.group(1)))
+    return int(gsmtp.metrics()["gsmtp_connections_total"])
 
 
 def test_connection_lost_after_the_dot_is_deferred_and_never_sent_to_the_next_mx(
