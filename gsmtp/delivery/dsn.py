@@ -141,28 +141,6 @@ _KINDS = {
 }
 
 
-def notices_due(
-    message: QueuedMessage, results: Sequence[RecipientResult], *, delay_warning: bool = False
-) -> list[list[tuple[RecipientResult, Action]]]:
-    """The notices these results of `message` call for: one list per kind due (failure,
-    delay, success, in that order) of the recipients it reports with their actions,
-    each list ready for `Acceptor.notice`. None for the null sender (RFC 5321 §6.1,
-    RFC 3461 §6.2). `delay_warning`: the deferred results are recipients whose delay
-    warning is due now (DeliveryEvent.DELAYED); otherwise a deferral is no event."""
-    if not message.sender:
-        return []
-    groups: dict[_Kind, list[tuple[RecipientResult, Action]]] = {}
-    for result in results:
-        if delay_warning and result.outcome is Outcome.DEFERRED:
-            event: DeliveryEvent | None = DeliveryEvent.DELAYED
-        else:
-            event = delivery_event(result)
-        action = notice_due(message.recipient_dsn(result.address).notify, event)
-        if action is not None:
-            groups.setdefault(_KINDS[action], []).append((result, action))
-    return [groups[kind] for kind in (_FAILURE, _DELAY, _SUCCESS) if kind in groups]
-
-
 def one_line(text: str, limit: int = 900) -> str:
     """Collapse CR, LF and other controls to a space, and cap the length."""
     flat = _UNPRINTABLE.sub(" ", text).strip()

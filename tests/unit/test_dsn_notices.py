@@ -103,38 +103,6 @@ def test_delivery_event_of_a_result(result: RecipientResult, event: DeliveryEven
     assert dsn.delivery_event(result) is event
 
 
-def test_notices_due_groups_a_message_s_results_by_kind() -> None:
-    message = QueuedMessage(
-        MessageId("M1"),
-        "alice@local.example",
-        b"Subject: x\r\n\r\n",
-        0.0,
-        False,
-        dsn={
-            "s@x": RecipientDsn(frozenset({Notify.SUCCESS, Notify.FAILURE})),
-            "n@x": RecipientDsn(NEVER),
-            "r@x": RecipientDsn(frozenset({Notify.SUCCESS})),
-            "d@x": RecipientDsn(frozenset({Notify.DELAY})),
-        },
-    )
-    delivered = RecipientResult("s@x", Outcome.DELIVERED, "2.0.0", "250 ok")
-    never = RecipientResult("n@x", Outcome.FAILED, "5.1.1", "550 no")
-    default = RecipientResult("f@x", Outcome.FAILED, "5.1.1", "550 no")
-    relayed = RecipientResult("r@x", Outcome.DELIVERED, "2.0.0", "250 ok", "mx", peer_dsn=False)
-    waiting = RecipientResult("d@x", Outcome.DEFERRED, "4.4.1", "451 later")
-    results = [delivered, never, default, relayed, waiting]
-    assert dsn.notices_due(message, results) == [
-        [(default, Action.FAILED)],
-        [(delivered, Action.DELIVERED), (relayed, Action.RELAYED)],
-    ]
-    assert dsn.notices_due(message, [waiting, default], delay_warning=True) == [
-        [(default, Action.FAILED)],
-        [(waiting, Action.DELAYED)],
-    ]
-    null_sender = QueuedMessage(MessageId("M2"), "", b"", 0.0, False)
-    assert dsn.notices_due(null_sender, [default]) == []
-
-
 # -- the bytes -----------------------------------------------------------------------------
 
 BODY = b"Received: from x\r\nSubject: the original\r\nMessage-Id: <o@x>\r\n\r\nsecret body\r\n"
