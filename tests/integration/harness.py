@@ -343,3 +343,50 @@ def self_signed_certificate(directory: Path, common_name: str) -> tuple[Path, Pa
         timeout=60,
     )
     return cert, key
+
+
+class TestCertificateAuthority:
+    """A throw-away certificate authority made with openssl, for tests of verified TLS
+    (MTA-STS, per-destination `verify`, a smarthost): `ca` is the file a client trusts
+    (`delivery.ca_file`); `issue(names)` makes a certificate valid for those DNS names
+    (subjectAltName) signed by it, and returns (certificate, key) paths."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ca, self._ca_key = directory / "ca.pem", directory / "ca-key.pem"
+        _openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=gsmtp test CA", "-keyout", self._ca_key, "-out", self.ca,
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        )  # fmt: skip
+        self._issued = 0
+
+    def issue(self, *names: str) -> tuple[Path, Path]:
+        """A leaf certificate for `names` (the first is also the CN) and its key."""
+        self._issued += 1
+        stem = self.directory / f"leaf-{self._issued}"
+        cert, key, request = (
+            stem.with_suffix(".pem"),
+            stem.with_suffix(".key"),
+            stem.with_suffix(".csr"),
+        )
+        extensions = stem.with_suffix(".ext")
+        alt = ",".join(f"DNS:{name}" for name in names)
+        extensions.write_text(f"subjectAltName={alt}\nextendedKeyUsage=serverAuth\n")
+        _openssl(
+            "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={names[0]}",
+            "-keyout", key, "-out", request,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", request, "-CA", self.ca, "-CAkey", self._ca_key,
+            "-CAcreateserial", "-days", "1", "-extfile", extensions, "-out", cert,
+        )  # fmt: skip
+        return cert, key
+
+
+def _openssl(*arguments: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, arguments)], check=True, capture_output=True, timeout=60)
