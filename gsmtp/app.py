@@ -66,6 +66,11 @@ VACUUM_SLACK_PAGES = 1024
 VACUUM_MAX_PAGES = 4096
 EXIT_ALREADY_RUNNING = 2
 WRITER_STOP_SECONDS = 0.5  # at SIGTERM, for the writer's last commits after the grace
+# The queue gauges are counted on the body reader's thread (never on the event loop, never
+# by a scrape) this often, and never for more than QUEUE_GAUGES_SHARE of that thread's
+# time: on a large queue the count takes longer, and is then made less often.
+QUEUE_GAUGES_SECONDS = 1.0
+QUEUE_GAUGES_SHARE = 0.1
 
 
 class StartupError(Exception):
@@ -194,6 +199,7 @@ class Application:
         )
         self._metrics_server: Any = None
         self._housekeeper: gevent.Greenlet | None = None
+        self._gauges_due = 0.0  # monotonic time of the next queue count
 
     def _store_password_hash(self, user: str, old: str, new: str) -> bool:
         """A rehashed password (AUTH), written by the spool's writer thread."""
@@ -287,6 +293,7 @@ class Application:
                 Task("checkpoint", CHECKPOINT_SECONDS, self._checkpoint),
                 Task("vacuum", VACUUM_SECONDS, self._give_back_space),
                 Task("maildir_tmp", MAILDIR_TMP_CLEAN_SECONDS, self._clean_maildir_tmp),
+                Task("queue_gauges", QUEUE_GAUGES_SECONDS, self._refresh_gauges),
             ],
             tick=log.FLUSH_SECONDS,
         )
@@ -353,18 +360,26 @@ class Application:
             return
         address = parse_host_port(self.config.metrics.listen)
         try:
-            self._metrics_server = metrics.start_server(
-                address.host, address.port, self._refresh_gauges
-            )
+            # A scrape reads what the queue_gauges task counted last: no query of its own.
+            self._metrics_server = metrics.start_server(address.host, address.port, lambda: None)
         except OSError as error:
             raise StartupError(f"[metrics] cannot listen on {address}: {error.strerror}") from None
 
     def _refresh_gauges(self) -> None:
-        counts = self.spool.counts_by_status()
+        """Count the queue for the gauges, on the reader thread (see QUEUE_GAUGES_SHARE)."""
+        started = time.monotonic()
+        if started < self._gauges_due:
+            return
+        shape = self.spool.queue_shape()
+        took = time.monotonic() - started
+        self._gauges_due = started + took / QUEUE_GAUGES_SHARE
         for status in ("queued", "delivered", "failed"):
-            metrics.QUEUE_SIZE.labels(status).set(counts.get(status, 0))
-        oldest = self.spool.oldest_queued_at()
-        metrics.OLDEST_QUEUED.set(time.time() - oldest if oldest else 0)
+            metrics.QUEUE_SIZE.labels(status).set(shape.by_status.get(status, 0))
+        for state in metrics.QUEUE_STATES:
+            metrics.QUEUE_MESSAGES.labels(state).set(shape.messages.get(state, 0))
+            metrics.QUEUE_BYTES.labels(state).set(shape.size.get(state, 0))
+        oldest = shape.oldest_received_at
+        metrics.OLDEST_QUEUED.set(max(time.time() - oldest, 0) if oldest else 0)
 
     def stop(self) -> bool:
         """SIGTERM: one deadline for everything. The queue runner stops claiming at

@@ -9,11 +9,16 @@ Events are past-tense names (`connection_opened`, `message_queued`, ...) with fi
 `conn_id`, `peer`, `msg_id`, `rcpt`, `outcome`; one `msg_id` greps a message's whole
 life. Never log AUTH payloads or message bodies. Text a peer chose is escaped and capped
 before it reaches a log line (log injection, CWE-117).
+
+Under systemd, when stderr is the journal's stream (JOURNAL_STREAM names its device and
+inode, systemd.exec(5)), each line starts with its syslog priority, `<3>` for error to
+`<7>` for debug (sd-daemon(3)), so `journalctl -p warning` shows warnings and errors.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, BinaryIO
 
@@ -68,8 +73,39 @@ class _BufferedLogger:
 
 _buffer: _LineBuffer | None = None
 
+# structlog level → syslog priority (RFC 5424 severities).
+PRIORITIES = {"critical": 2, "error": 3, "exception": 3, "warning": 4, "info": 6, "debug": 7}
 
-def configure(level: str = "info", fmt: str = "json") -> None:
+
+def under_journald(stream: Any = None) -> bool:
+    """True when `stream` (stderr) is the stream systemd connected to the journal:
+    JOURNAL_STREAM is "device:inode" of it. A child that inherited the variable but
+    writes elsewhere (a file, a pipe) is not under journald."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    if not expected:
+        return False
+    try:
+        status = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{status.st_dev}:{status.st_ino}"
+
+
+class _PriorityPrefixed:
+    """A renderer that puts the line's syslog priority (`<6>`) before what `render`
+    makes of it."""
+
+    def __init__(self, render: Any) -> None:
+        self._render = render
+
+    def __call__(self, logger: Any, name: str, event_dict: Any) -> bytes:
+        priority = PRIORITIES.get(str(event_dict.get("level", name)), 6)
+        return b"<%d>" % priority + bytes(self._render(logger, name, event_dict))
+
+
+def configure(level: str = "info", fmt: str = "json", *, journal: bool | None = None) -> None:
+    """Set up the process's logging; `journal` (default: `under_journald()`) puts the
+    syslog priority before each JSON line."""
     global _buffer  # the one logging set-up of the process (STYLE: allowed global)
     processors: list[Any] = [
         structlog.processors.add_log_level,
@@ -81,7 +117,10 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         processors.append(structlog.dev.ConsoleRenderer(colors=False))
         factory = structlog.PrintLoggerFactory(file=sys.stderr)
     else:
-        processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
+        render: Any = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        if journal if journal is not None else under_journald():
+            render = _PriorityPrefixed(render)
+        processors.append(render)
         _buffer = _LineBuffer(sys.stderr.buffer)
         buffer = _buffer
         factory = lambda *_: _BufferedLogger(buffer)  # noqa: E731

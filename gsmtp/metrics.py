@@ -8,6 +8,15 @@ Two more bounds keep a few idle sockets from taking every slot: the request line
 headers must arrive within HEADER_TIMEOUT (a scraper sends them at once), and one client
 address holds at most MAX_PER_PEER connections (more are closed as soon as accepted, so
 they never wait in the backlog in front of another client's scrape).
+
+Every labelled series is created at import with the value 0 (`_preset`), so a rate() or
+an alert sees a series from the first scrape rather than from its first event, and the
+`*_created` series prometheus_client adds by default are turned off (noise: one per
+series). Every Gauge names its `multiprocess_mode`, the way its value combines over
+worker processes in prometheus_client's multiprocess mode: counts of this process's
+own things sum ('livesum'), ages and process-wide facts (build, certificate) take the
+largest ('max'), so a scrape reads one value either way. A scrape itself does no
+spool query: the queue gauges are set by a background task (`app`), off the event loop.
 """
 
 from __future__ import annotations
@@ -20,7 +29,19 @@ from typing import Any
 import gevent
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    make_wsgi_app,
+)
+
+from gsmtp import __version__
+from gsmtp.auth import AuthOutcome
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # A scrape takes milliseconds; a connection still open after this is cut.
 REQUEST_TIMEOUT = 10.0
@@ -38,7 +59,9 @@ CONNECTIONS_REFUSED = Counter(
     "client network), rate (per client network), proxy (no valid PROXY header)",
     ["reason"],
 )
-CONNECTIONS_ACTIVE = Gauge("gsmtp_connections_active", "SMTP connections open now")
+CONNECTIONS_ACTIVE = Gauge(
+    "gsmtp_connections_active", "SMTP connections open now", multiprocess_mode="livesum"
+)
 MESSAGES_RECEIVED = Counter(
     "gsmtp_messages_received", "Messages at the end of DATA, by outcome", ["outcome"]
 )
@@ -46,8 +69,15 @@ DELIVERIES = Counter(
     "gsmtp_deliveries", "Delivery attempts per recipient", ["transport", "outcome"]
 )
 MESSAGES_QUEUED = MESSAGES_RECEIVED.labels("queued")  # the hot path's child, looked up once
-QUEUE_SIZE = Gauge("gsmtp_queue_size", "Recipients in the spool by status", ["status"])
-OLDEST_QUEUED = Gauge("gsmtp_oldest_queued_seconds", "Age of the oldest queued message")
+QUEUE_SIZE = Gauge(
+    "gsmtp_queue_size",
+    "Recipients in the spool by status",
+    ["status"],
+    multiprocess_mode="livesum",
+)
+OLDEST_QUEUED = Gauge(
+    "gsmtp_oldest_queued_seconds", "Age of the oldest queued message", multiprocess_mode="max"
+)
 ACCEPT_SECONDS = Histogram(
     "gsmtp_accept_seconds",
     "End of DATA to the reply: storing the message durably",
@@ -69,12 +99,17 @@ OUTBOUND_SESSIONS = Counter(
 DELIVERY_CONCURRENCY_ALLOWED = Gauge(
     "gsmtp_delivery_concurrency_allowed",
     "Concurrent deliveries the pacer allows now (delivery.concurrency when the loop is idle)",
+    multiprocess_mode="livesum",
 )
 AUTH_ATTEMPTS = Counter("gsmtp_auth", "AUTH attempts by outcome", ["outcome"])
 INTERNAL_ERRORS = Counter("gsmtp_internal_errors", "Unexpected exceptions caught", ["where"])
-DELIVERIES_IN_FLIGHT = Gauge("gsmtp_deliveries_in_flight", "Deliveries running now")
+DELIVERIES_IN_FLIGHT = Gauge(
+    "gsmtp_deliveries_in_flight", "Deliveries running now", multiprocess_mode="livesum"
+)
 DEAD_DESTINATIONS = Gauge(
-    "gsmtp_dead_destinations", "Destinations none of whose hosts could be reached, for now"
+    "gsmtp_dead_destinations",
+    "Destinations none of whose hosts could be reached, for now",
+    multiprocess_mode="livesum",
 )
 NOTICES = Counter("gsmtp_notices", "Notices queued (bounce, delay, postmaster)", ["kind"])
 RELOADS = Counter(
@@ -91,14 +126,133 @@ TARPIT_DELAYS = Counter(
 DATA_MEMORY = Gauge(
     "gsmtp_data_memory_bytes",
     "Bytes of message bodies held in memory by connections receiving them (max_data_memory)",
+    multiprocess_mode="livesum",
 )
 BODY_PARTS = Counter(
     "gsmtp_body_parts_written", "Parts of large message bodies written to the spool as they arrived"
 )
 
+# Why the server refused a connection, a command or a recipient (gsmtp_rejects_total).
+REJECT_REASONS = (
+    "relay_denied",
+    "unknown_user",
+    "size",
+    "bare_lf",
+    "loop",
+    "too_many_recipients",
+    "connection_limit",
+    "rate_limit",
+    "timeout",
+    "too_many_errors",
+    "junk_commands",
+    "early_talker",
+    "proxy_denied",
+    "storage",
+    "auth_required",
+    "auth_failed",
+    "sender_not_owned",
+)
+REJECTS = Counter(
+    "gsmtp_rejects",
+    "Connections, commands and recipients the server refused, by reason",
+    ["reason"],
+)
+# Protocol versions as ssl names them; anything else is "other" (bounded labels).
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3", "other")
+TLS_SESSIONS = Counter(
+    "gsmtp_tls_sessions", "Inbound TLS handshakes completed, by protocol version", ["version"]
+)
+# active: waiting for its first attempt or in delivery now; deferred: waiting for a
+# retry after a failed attempt; held: kept from delivery by the administrator.
+QUEUE_STATES = ("active", "deferred", "held")
+QUEUE_MESSAGES = Gauge(
+    "gsmtp_queue_messages",
+    "Messages with recipients still to deliver, by state",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+QUEUE_BYTES = Gauge(
+    "gsmtp_queue_bytes",
+    "Size of the messages with recipients still to deliver, by state",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+TIME_IN_QUEUE = Histogram(
+    "gsmtp_time_in_queue_seconds",
+    "From a message's arrival to the delivery of one recipient",
+    buckets=(1, 5, 30, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 2 * 86400, 5 * 86400),
+)
+MESSAGE_SIZE = Histogram(
+    "gsmtp_message_size_bytes",
+    "Size of each message accepted (stored with its trace header)",
+    buckets=tuple(float(2**n) for n in range(10, 28, 2)),  # 1 KiB .. 64 MiB
+)
+# rejected: a permanent error from the destination (or the Maildir); expired: still
+# deferred at delivery.max_age; admin: `gsmtp queue bounce`.
+BOUNCE_REASONS = ("rejected", "expired", "admin")
+BOUNCES = Counter(
+    "gsmtp_bounces", "Recipients that failed for good (each gets a bounce), by reason", ["reason"]
+)
+BUILD_INFO = Gauge(
+    "gsmtp_build_info",
+    "Always 1; the running gsmtp's version is the label",
+    ["version"],
+    multiprocess_mode="max",
+)
+TLS_CERT_NOT_AFTER = Gauge(
+    "gsmtp_tls_cert_not_after_timestamp_seconds",
+    "When the inbound TLS certificate served now expires (Unix time; 0 without TLS)",
+    multiprocess_mode="max",
+)
+
+
+def _preset() -> None:
+    """Create every labelled series with 0: the label values are fixed sets."""
+    labelled: list[tuple[Any, tuple[str, ...]]] = [
+        (REJECTS, REJECT_REASONS),
+        (TLS_SESSIONS, TLS_VERSIONS),
+        (QUEUE_MESSAGES, QUEUE_STATES),
+        (QUEUE_BYTES, QUEUE_STATES),
+        (BOUNCES, BOUNCE_REASONS),
+        (CONNECTIONS_REFUSED, ("total", "connections", "rate", "proxy")),
+        (MESSAGES_RECEIVED, ("queued", "spool_error")),
+        (QUEUE_SIZE, ("queued", "delivered", "failed")),
+        (OUTBOUND_SESSIONS, ("opened", "reused", "stale")),
+        (AUTH_ATTEMPTS, tuple(outcome.value for outcome in AuthOutcome)),
+        (
+            INTERNAL_ERRORS,
+            ("connection", "delivery", "housekeeping", "notices", "queue", "spool"),
+        ),
+        (NOTICES, ("bounce", "delay", "success", "postmaster")),
+        (RELOADS, ("ok", "failed")),
+        (SLOW_CLIENTS, ("idle", "command_deadline", "min_data_rate")),
+        (DELIVERY_SECONDS, TRANSPORTS),
+    ]
+    for metric, values in labelled:
+        for value in values:
+            metric.labels(value)
+    for transport in TRANSPORTS:
+        for outcome in ("delivered", "deferred", "failed"):
+            DELIVERIES.labels(transport, outcome)
+    BUILD_INFO.labels(__version__).set(1)
+
+
+TRANSPORTS = ("local", "smtp")
+
+
+def reject(reason: str) -> None:
+    """Count one refusal; `reason` is one of REJECT_REASONS."""
+    REJECTS.labels(reason).inc()
+
+
+def tls_session(version: str | None) -> None:
+    """Count one inbound TLS session by its protocol version."""
+    TLS_SESSIONS.labels(version if version in TLS_VERSIONS else "other").inc()
+
 
 def make_app(refresh: Callable[[], None]) -> Callable[..., object]:
-    """The WSGI /metrics app; `refresh` updates the spool gauges on each scrape."""
+    """The WSGI /metrics app; `refresh` runs before each scrape, on the event loop: it
+    must be cheap (no spool query; the queue gauges are counted in the background)."""
     inner = make_wsgi_app(REGISTRY)
 
     def app(environ: dict[str, object], start_response: Callable[..., object]) -> object:
@@ -185,3 +339,6 @@ def start_server(
     server.header_timeout = header_timeout
     server.start()
     return server
+
+
+_preset()

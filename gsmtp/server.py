@@ -84,6 +84,32 @@ EARLY_TALKER = Reply(554, "5.5.0", "SMTP synchronization error: talked before th
 # The PROXY header must arrive within this (or server.timeout if shorter). A balancer
 # sends it at once; anything slower is not a balancer.
 PROXY_HEADER_DEADLINE = 5.0
+# The refusals gsmtp_rejects_total counts, by the reply that says so (metrics.REJECT_REASONS).
+# Syntax and sequence errors are the client's bugs, not refusals: not counted.
+_REJECT_REASONS: dict[Reply, str] = {
+    replies.RELAY_DENIED: "relay_denied",
+    replies.NO_SUCH_USER: "unknown_user",
+    replies.MESSAGE_TOO_BIG: "size",
+    replies.BARE_LINE_ENDING: "bare_lf",
+    replies.BARE_LINE_ENDING_IN_DATA: "bare_lf",
+    replies.MAIL_LOOP: "loop",
+    replies.TOO_MANY_RECIPIENTS: "too_many_recipients",
+    replies.INSUFFICIENT_STORAGE: "storage",
+    replies.SPOOL_ERROR: "storage",
+    replies.AUTH_REQUIRED: "auth_required",
+    replies.AUTH_FAILED: "auth_failed",
+    replies.AUTH_TOO_MANY_FAILURES: "auth_failed",
+    replies.SENDER_NOT_OWNED: "sender_not_owned",
+}
+
+
+def _count_reject(reply: Reply) -> bool:
+    """Count `reply` in gsmtp_rejects_total if it is a refusal; True if it was."""
+    reason = _REJECT_REASONS.get(reply)
+    if reason is None:
+        return False
+    metrics.reject(reason)
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,12 +318,14 @@ class SmtpServer:
         self._active += 1
         metrics.CONNECTIONS_ACTIVE.inc()
         admitted: Admitted | None = None
+        summary: dict[str, object] = {}
         try:
             client_ip = peer_ip
             if self._proxy_networks is not None:
                 proxied = self._read_proxy_header(sock, peer_ip, log)
                 if proxied is None:
                     metrics.CONNECTIONS_REFUSED.labels("proxy").inc()
+                    metrics.reject("proxy_denied")
                     return  # closed without a greeting
                 if proxied != peer_ip:
                     client_ip = proxied
@@ -318,6 +346,7 @@ class SmtpServer:
             finally:
                 del self._connections[current]
                 connection.close()
+                summary = connection.summary()
         except Exception:
             metrics.INTERNAL_ERRORS.labels("connection").inc()
             log.exception("connection_crashed")
@@ -328,17 +357,19 @@ class SmtpServer:
                 self._limiter.release(admitted)
             metrics.CONNECTIONS_ACTIVE.dec()
             _close_quietly(sock)
-            log.info("connection_closed")
+            log.info("connection_closed", **summary)
 
     def _admit(self, client_ip: str) -> Admitted | Reply:
         if self._stopping.is_set():
             return replies.SHUTTING_DOWN
         if self._active > self._max_connections:
             metrics.CONNECTIONS_REFUSED.labels("total").inc()
+            metrics.reject("connection_limit")
             return replies.TOO_MANY_CONNECTIONS
         verdict = self._limiter.admit(client_from_ip(client_ip).ip)
         if isinstance(verdict, Refused):
             metrics.CONNECTIONS_REFUSED.labels(verdict.reason).inc()
+            metrics.reject("rate_limit" if verdict.reason == "rate" else "connection_limit")
             network = verdict.network
             name = (
                 str(network.network_address)
@@ -424,6 +455,11 @@ class _Connection:
         self._memory = server.data_memory.account()  # what this connection's body holds
         self._body: SpooledBody | None = None  # parts of a large message written so far
         self._tarpitted = False
+        # For the summary line at disconnect (Postfix's "disconnect from ...").
+        self.started = time.monotonic()
+        self.messages = 0
+        self.rejects = 0
+        self.tls_version: str | None = None
         self._session = SmtpSession(
             server._limits,
             hostname=server._hostname,
@@ -437,6 +473,8 @@ class _Connection:
         # With implicit TLS the client speaks first (its ClientHello): not an early talker.
         if not self._implicit_tls and self._talked_early():
             self._log.info("early_talker_dropped")
+            metrics.reject("early_talker")
+            self.rejects += 1
             _send_quietly(self._sock, EARLY_TALKER.to_bytes())
             return
         try:
@@ -463,6 +501,8 @@ class _Connection:
             limit = self.limit
             self._log.info("connection_timed_out", limit=limit.name)
             metrics.SLOW_CLIENTS.labels(limit.name).inc()
+            metrics.reject("timeout")
+            self.rejects += 1
             session.close_with(limit.reply)
             self._flush_quietly()
         except _ShutdownRequested:
@@ -472,6 +512,19 @@ class _Connection:
             pass  # the connection closes without a reply
         except (OSError, ssl.SSLError) as error:
             self._log.info("connection_lost", error=printable(str(error)))
+
+    def summary(self) -> dict[str, object]:
+        """The session in a few numbers, for its one closing log line (Postfix's
+        `disconnect from ... commands=N`): command lines read, messages accepted,
+        refusals (those counted in gsmtp_rejects_total), the TLS version or None, and
+        seconds since the connection was admitted."""
+        return {
+            "commands": self._session.commands,
+            "messages": self.messages,
+            "rejects": self.rejects,
+            "tls": self.tls_version,
+            "duration": round(time.monotonic() - self.started, 3),
+        }
 
     def close(self) -> None:
         """Close the socket as it is now: after a TLS handshake the original socket
@@ -629,6 +682,10 @@ class _Connection:
     def _flush(self) -> None:
         for verb, reply in self._session.rejected_commands():
             self._log.info("command_rejected", verb=verb, reply=f"{reply.code} {reply.enhanced}")
+            self._note_reply(reply)
+        for limit in self._session.limits_hit():
+            metrics.reject(limit)
+            self.rejects += 1
         delays = self._session.error_delays()
         data = self._session.data_to_send()
         if delays and self._server._error_sleep:
@@ -658,12 +715,18 @@ class _Connection:
             return replace(self._client, user=self._user)
         return self._client
 
+    def _note_reply(self, reply: Reply) -> None:
+        """Count a refusal for the metrics and the disconnect summary."""
+        if _count_reject(reply):
+            self.rejects += 1
+
     def _answer(self, event: SessionEvent) -> None:
         session = self._session
         if isinstance(event, MailFrom):
             reserve = self._server._reserve
             if reserve is not None and not reserve.has_room(event.size):
                 self._log.info("sender_rejected", reply=replies.INSUFFICIENT_STORAGE.text)
+                self._note_reply(replies.INSUFFICIENT_STORAGE)
                 session.respond(event, replies.INSUFFICIENT_STORAGE)
                 return
             reply = self._server._policy.check_sender(event.sender, self._current_client())
@@ -674,18 +737,27 @@ class _Connection:
                     user=self._user,
                     reply=reply.text,
                 )
+                self._note_reply(reply)
             session.respond(event, reply)
         elif isinstance(event, AuthRequested):
-            session.respond(event, self._authenticate(event))
+            reply = self._authenticate(event)
+            self._note_reply(reply)
+            session.respond(event, reply)
         elif isinstance(event, RcptTo):
             reply = self._server._policy.check_recipient(event.address, self._current_client())
             if not reply.is_positive:
                 self._log.info(
                     "recipient_rejected", rcpt=printable(str(event.address)), reply=reply.text
                 )
+                self._note_reply(reply)
             session.respond(event, reply)
         elif isinstance(event, MessageReceived):
-            session.respond(event, self._store(event.envelope))
+            reply = self._store(event.envelope)
+            if reply.is_positive:
+                self.messages += 1
+            else:
+                self._note_reply(reply)
+            session.respond(event, reply)
         elif isinstance(event, VerifyRequested):
             session.respond(event, self._server._policy.verify(event.argument))
         elif isinstance(event, StartTlsRequested):
@@ -739,7 +811,9 @@ class _Connection:
         finally:
             self.deadline = _NEVER
         self._tls = True
-        self._log.info("tls_started", version=self._sock.version())
+        self.tls_version = self._sock.version()
+        metrics.tls_session(self.tls_version)
+        self._log.info("tls_started", version=self.tls_version)
 
     def _store(self, envelope: Envelope) -> Reply:
         started = time.monotonic()
@@ -777,6 +851,7 @@ class _Connection:
         self._body = None  # its parts are the stored message's now
         metrics.ACCEPT_SECONDS.observe(time.monotonic() - started)
         size = message.size
+        metrics.MESSAGE_SIZE.observe(size)
         if self._server._reserve is not None:
             self._server._reserve.spend(size - (body.size if body is not None else 0))
         metrics.MESSAGES_QUEUED.inc()

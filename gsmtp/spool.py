@@ -110,6 +110,33 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueShape:
+    """The spool for the gauges: recipients by status, messages still to deliver and
+    their bytes by state ("active": waiting for a first attempt or in delivery now;
+    "deferred": waiting for a retry; "held": kept from delivery — set aside as
+    unreadable, or held by the administrator), and when the oldest such message came."""
+
+    by_status: dict[str, int]
+    messages: dict[str, int]
+    size: dict[str, int]
+    oldest_received_at: float | None
+
+
+# One row per message with recipients still queued, classified as QueueShape says.
+_QUEUE_STATES = (
+    "SELECT state, COUNT(*), TOTAL(size), MIN(received_at) FROM ("
+    " SELECT m.size AS size, m.received_at AS received_at, CASE"
+    " WHEN m.corrupt IS NOT NULL THEN 'held'"
+    " WHEN MAX(r.claimed_due IS NOT NULL) THEN 'active'"
+    " WHEN MAX(r.last_error IS NOT NULL) THEN 'deferred'"
+    " ELSE 'active' END AS state"
+    " FROM recipients r JOIN messages m ON m.id = r.message_id"
+    " WHERE r.status = 'queued' GROUP BY r.message_id"
+    ") GROUP BY state"
+)
+
+
+@dataclass(frozen=True, slots=True)
 class SetAside:
     """A message (or a stray row) that could not be read, and why."""
 
@@ -673,6 +700,33 @@ class Spool:
         return [MessageId(text) for (raw,) in rows if (text := decoded(raw)) is not None]
 
     # -- gauges ---------------------------------------------------------------------------
+
+    def queue_shape(self) -> QueueShape:
+        """Counts for the gauges, read on the body reader's thread (two passes over
+        the queue: never on the event loop)."""
+
+        def work(connection: apsw.Connection) -> QueueShape:
+            by_status = {
+                str(status): int(count)
+                for status, count in query(
+                    connection, "SELECT status, COUNT(*) FROM recipients GROUP BY status"
+                )
+            }
+            messages: dict[str, int] = {}
+            size: dict[str, int] = {}
+            oldest: float | None = None
+            for state, count, total, received_at in query(connection, _QUEUE_STATES):
+                messages[str(state)] = int(count)
+                size[str(state)] = int(total)
+                if isinstance(received_at, int | float) and (
+                    oldest is None or received_at < oldest
+                ):
+                    oldest = float(received_at)
+            return QueueShape(by_status, messages, size, oldest)
+
+        if self._bodies is not None:
+            return self._bodies.run(work)
+        return work(self._reader)
 
     def counts_by_status(self) -> dict[str, int]:
         rows = query(self._reader, "SELECT status, COUNT(*) FROM recipients GROUP BY status")

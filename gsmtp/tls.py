@@ -16,10 +16,12 @@ passes the paths.
 
 from __future__ import annotations
 
+import _ssl
 import hashlib
 import ssl
 from typing import Any
 
+from gsmtp import metrics
 from gsmtp.log import get_logger
 
 # Mozilla intermediate, TLS 1.2 part, in its order. The DHE-RSA suites are left out:
@@ -66,12 +68,32 @@ def certificate_fingerprint(cert: str) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def certificate_not_after(cert: str) -> float | None:
+    """The notAfter of the first certificate in a PEM file, as Unix time (None if it
+    cannot be read). OpenSSL decodes it: the stdlib's own certificate decoder, the one
+    CPython's tests use, since the ssl module offers no public one for a file."""
+    decode = getattr(_ssl, "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        not_after = decode(cert)["notAfter"]
+        return float(ssl.cert_time_to_seconds(not_after))
+    except (OSError, ssl.SSLError, KeyError, ValueError, TypeError):
+        return None
+
+
 class ServerTls:
-    """The context new handshakes use; `reload` replaces it when the new pair loads."""
+    """The context new handshakes use; `reload` replaces it when the new pair loads.
+    gsmtp_tls_cert_not_after_timestamp_seconds follows the certificate served."""
 
     def __init__(self, cert: str, key: str, min_version: str = "TLSv1.2") -> None:
         self.context = server_context(cert, key, min_version)
         self._log: Any = get_logger(component="tls")
+        self._publish_expiry(cert)
+
+    def _publish_expiry(self, cert: str) -> None:
+        not_after = certificate_not_after(cert)
+        metrics.TLS_CERT_NOT_AFTER.set(not_after or 0)
 
     def reload(self, cert: str, key: str, min_version: str = "TLSv1.2") -> bool:
         """Load the pair again (a renewed certificate at the same paths, or new paths);
@@ -82,6 +104,7 @@ class ServerTls:
             self._log.error("tls_reload_failed", error=str(error))
             return False
         self.context = context
+        self._publish_expiry(cert)
         self._log.info(
             "tls_reloaded", cert=cert, fingerprint=certificate_fingerprint(cert), min=min_version
         )

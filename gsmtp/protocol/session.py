@@ -289,6 +289,9 @@ class SmtpSession:
         self._delays = 0  # replies in the output past the soft error limit
         self._verb = ""  # of the command being answered, for rejected_commands
         self._rejected: list[tuple[str, Reply]] = []
+        self._limits_hit: list[str] = []
+        # Command lines read (AUTH responses not included), for the disconnect summary.
+        self.commands = 0
         self.helo = ""
         self.esmtp = False
         # True after a successful AUTH; who it was the shell knows (it verified them).
@@ -373,6 +376,14 @@ class SmtpSession:
         rejected, self._rejected = self._rejected, []
         return rejected
 
+    def limits_hit(self) -> list[str]:
+        """The session limits a client ran into since the last call, one entry each
+        time: "junk_commands" (a NOOP/RSET/VRFY/HELP past junk_command_limit, counted as
+        an error though answered normally) and "too_many_errors" (closed at max_errors).
+        The names are metrics.REJECT_REASONS."""
+        hit, self._limits_hit = self._limits_hit, []
+        return hit
+
     def data_to_send(self) -> bytes:
         out = b"".join(self._output)
         self._output.clear()
@@ -392,6 +403,7 @@ class SmtpSession:
                 # Postfix smtpd_hard_error_limit, checked before the next command is read
                 # (so the reply that made the last error goes out first).
                 self._output.append(replies.TOO_MANY_ERRORS.to_bytes())
+                self._limits_hit.append("too_many_errors")
                 self._state = State.CLOSED
                 break
             if self._data_reader is not None:
@@ -494,6 +506,7 @@ class SmtpSession:
             self._verb = "AUTH"
             return self._continue_auth(line)
         parsed = line if isinstance(line, Reply) else parse_command(line)
+        self.commands += 1
         self._verb = parsed.verb.value if isinstance(parsed, Command) else "?"
         if isinstance(parsed, Reply):
             self._send(parsed)
@@ -517,6 +530,7 @@ class SmtpSession:
         if verb in _JUNK_VERBS:
             self._junk_commands += 1
             if self._junk_commands > self._limits.junk_command_limit:
+                self._limits_hit.append("junk_commands")
                 self._count_error()  # its own reply is still the normal one (Postfix)
         if self._rules.requires_tls and not self._tls_active and verb not in BEFORE_TLS:
             self._send(replies.TLS_REQUIRED)

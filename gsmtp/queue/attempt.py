@@ -149,17 +149,37 @@ def suspended(batch: Batch, reason: str) -> list[RecipientResult]:
     )
 
 
+def bounce_reason(update: RecipientUpdate) -> str:
+    """Why a recipient failed for good, as gsmtp_bounces_total counts it."""
+    if update.error == ADMIN_BOUNCE_REPLY:
+        return "admin"
+    if update.status == "4.4.7":
+        return "expired"
+    return "rejected"
+
+
 def log_results(
     log: Any,
     batch: Batch,
     updates: Sequence[RecipientUpdate],
     results: Sequence[RecipientResult] = (),
+    *,
+    now: float,
 ) -> None:
-    """One line per recipient (the operator's log), and the delivery counters."""
+    """One line per recipient (the operator's log: `delay`, seconds from the message's
+    arrival to `now`, and `attempt`, which attempt this was — attempts made so far for
+    a deferral that made none, like Postfix's delays= and OpenSMTPD's retry count), and
+    the delivery metrics: outcomes, time in queue of each delivered recipient, bounces."""
     transport = batch.key[0]
     mx = {result.address: result.remote_mta for result in results}
+    attempts = {r.address: r.attempts for r in batch.recipients}
+    delay = max(now - batch.claim.received_at, 0.0)
     for update in updates:
         metrics.DELIVERIES.labels(transport, update.outcome.value).inc()
+        if update.outcome is Outcome.DELIVERED:
+            metrics.TIME_IN_QUEUE.observe(delay)
+        elif update.outcome is Outcome.FAILED:
+            metrics.BOUNCES.labels(bounce_reason(update)).inc()
         log.info(
             _LOG_EVENTS[update.outcome],
             msg_id=update.message_id,
@@ -168,4 +188,6 @@ def log_results(
             outcome=update.outcome.value,
             reply=update.error,
             mx=mx.get(update.address) or None,
+            delay=round(delay, 3),
+            attempt=attempts.get(update.address, 0) + int(update.attempted),
         )

@@ -347,7 +347,7 @@ class QueueManager:
                 not_before=destination.dead_until,
                 attempted=False,  # no connection was made: not an attempt
             )
-            attempt.log_results(self._log, batch, updates)
+            attempt.log_results(self._log, batch, updates, now=now)
             by_batch.append((batch, updates))
         try:
             self._record([update for _, updates in by_batch for update in updates])
@@ -411,7 +411,7 @@ class QueueManager:
             metrics.INTERNAL_ERRORS.labels("spool").inc()
             self._log.exception("results_not_recorded", msg_id=message_id)
             return [], None  # still owned: delivered again after a restart
-        attempt.log_results(self._log, batch, updates, results)
+        attempt.log_results(self._log, batch, updates, results, now=self._clock())
         self._check_bounce_requests(message_id, updates)
         return updates, attempt.reached(results)
 
