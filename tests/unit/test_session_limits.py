@@ -152,3 +152,16 @@ def test_awaiting_line_end_and_receiving_data() -> None:
     assert session.receiving_data and not session.awaiting_line_end
     shell.send(b"Subject: s\r\n\r\nbody\r\n.\r\n")
     assert not session.receiving_data
+
+
+def test_limits_hit_name_each_junk_command_past_the_limit_and_the_hard_limit() -> None:
+    """What the shell counts in gsmtp_rejects_total; `commands` feeds the summary line."""
+    shell = Shell(Limits(junk_command_limit=2, max_errors=4, soft_error_limit=10))
+    for _ in range(3):
+        shell.send(b"NOOP\r\n")
+    assert shell.session.limits_hit() == ["junk_commands"]
+    assert shell.session.limits_hit() == []  # each is reported once
+    shell.send(b"NOOP\r\nXYZZY\r\nXYZZY\r\n")  # errors 2, 3, 4: the hard limit
+    assert shell.session.limits_hit() == ["junk_commands", "too_many_errors"]
+    assert shell.replies[-1].startswith("421 4.7.0")
+    assert shell.session.commands == 1 + 3 + 3  # EHLO, three NOOPs, NOOP XYZZY XYZZY
