@@ -16,6 +16,7 @@ everything within one deadline: `shutdown_grace` for open sessions and deliverie
 
 from __future__ import annotations
 
+import grp
 import os
 import signal
 import sys
@@ -35,7 +36,7 @@ from gsmtp.accounts import AccountsSnapshot
 from gsmtp.auth import Authenticator
 from gsmtp.config import Config, ConfigError, load, parse_host_port, spool_reserve
 from gsmtp.delivery.base import Deliverer
-from gsmtp.delivery.maildir import MaildirDeliverer
+from gsmtp.delivery.maildir import MaildirDeliverer, Permissions
 from gsmtp.delivery.mx import DnsResolver
 from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
 from gsmtp.diskspace import SpaceReserve
@@ -113,6 +114,7 @@ class Application:
         self.supervisor = Supervisor()
         self._reader = self._open_spool()
         self._tls = self._server_tls()  # may refuse to start: before any thread
+        self._permissions = self._maildir_permissions()  # likewise
         self._writer = writer.GroupCommitter(config.spool.path)
         self._bodies = writer.ThreadReader(config.spool.path)
         self._reserve = SpaceReserve(config.spool.path, spool_reserve(config))
@@ -253,9 +255,21 @@ class Application:
             self.config.maildir.root,
             resolve_mailbox=self._router.mailbox,
             run_blocking=in_thread,
+            permissions=self._permissions,
         )
         self._remote = remote = self._remote_deliverer()
         return {routing.LOCAL: local, routing.SMTP: remote}
+
+    def _maildir_permissions(self) -> Permissions:
+        """maildir.mode and maildir.group; a group that does not exist stops the start."""
+        maildir = self.config.maildir
+        gid = None
+        if maildir.group:
+            try:
+                gid = grp.getgrnam(maildir.group).gr_gid
+            except KeyError:
+                raise StartupError(f"[maildir] group {maildir.group!r} does not exist") from None
+        return Permissions(maildir.mode, gid)
 
     def _remote_deliverer(self) -> SmtpDeliverer:
         delivery = self.config.delivery

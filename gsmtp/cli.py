@@ -224,7 +224,11 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
             if config.spool.min_free is None
             else str(config.spool.min_free and format_size(config.spool.min_free)),
         },
-        "maildir": {"root": config.maildir.root},
+        "maildir": {
+            "root": config.maildir.root,
+            "group": config.maildir.group,
+            "mode": f"{config.maildir.mode:04o}",
+        },
         "delivery": {
             "concurrency": config.delivery.concurrency,
             "retry": [format_duration(s) for s in config.delivery.retry],

@@ -100,6 +100,8 @@ class SpoolConfig:
 @dataclass(frozen=True, slots=True)
 class MaildirConfig:
     root: str = "var/mail"
+    group: str = ""  # group of what gsmtp creates in the root; "" = gsmtp's own
+    mode: int = 0o600  # of message files; directories get the matching execute bits
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,6 +467,22 @@ def _non_empty_string(value: Any) -> str:
     return text
 
 
+def _file_mode(value: Any) -> int:
+    """An octal file mode as a string ("0640"): owner read-write, the group and others
+    at most read (an IMAP server's user reads; only gsmtp writes)."""
+    text = _string(value)
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ValueError(f'must be an octal mode like "0600" or "0640"; got {value!r}') from None
+    if mode & 0o600 != 0o600 or mode & ~0o644:
+        raise ValueError(
+            f"must give the owner read and write and others at most read (0600, 0640, 0644);"
+            f" got {value!r}"
+        )
+    return mode
+
+
 def _server_listen(value: Any) -> tuple[HostPort, ...]:
     listen = _list_of(parse_host_port)(value)
     if not listen:
@@ -480,6 +498,8 @@ _SPECIFIC: dict[tuple[str, str], Any] = {
     ("spool", "path"): _non_empty_string,
     ("spool", "min_free"): _reserve,
     ("maildir", "root"): _non_empty_string,
+    ("maildir", "group"): _string,
+    ("maildir", "mode"): _file_mode,
     ("tls", "cert"): _string,
     ("tls", "key"): _string,
 }

@@ -15,6 +15,12 @@ symlink planted in a mailbox fails the delivery (deferred) instead of redirectin
 Blocking file work runs through `run_blocking` (one thread in the server) so the event
 loop never waits on the disk.
 
+Files are 0600 and directories 0700 unless `Permissions` says otherwise (maildir.mode,
+maildir.group): an IMAP server running as another user reads the mailboxes through a
+group, given to every file and directory gsmtp creates, with the group read bit on
+files and read and execute bits on directories. The modes are set with fchmod, so the
+server's umask (077) does not take them away.
+
 Nothing is left behind: a write that fails once its `tmp/` file exists (ENOSPC, EIO, any
 OSError) removes that file before the delivery is deferred; a directory made for a new
 mailbox (the domain, the mailbox, its tmp/new/cur) is fsynced into its parent, so the
@@ -47,6 +53,26 @@ _counter = itertools.count(1)
 STALE_TMP_SECONDS = 36 * 3600
 # Mailboxes whose tmp/ one `clean_tmp` call looks at; the next call goes on from there.
 CLEAN_TMP_MAILBOXES = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    """Mode of message files, and the group (a gid) of everything created; None keeps
+    the process's group. Directories get the execute bit wherever the file mode has the
+    read bit (0600 → 0700, 0640 → 0750)."""
+
+    file_mode: int = 0o600
+    gid: int | None = None
+
+    @property
+    def directory_mode(self) -> int:
+        return self.file_mode | ((self.file_mode & 0o444) >> 2)
+
+    def apply(self, fd: int, mode: int) -> None:
+        """Set `mode` and the group on an open file or directory."""
+        os.fchmod(fd, mode)
+        if self.gid is not None:
+            os.fchown(fd, -1, self.gid)
 
 
 class RunBlocking(Protocol):
@@ -101,9 +127,10 @@ class MaildirDeliverer:
         resolve_mailbox: Callable[[str], str | None],
         run_blocking: RunBlocking = _run_inline,
         fsync: Callable[[int], None] = os.fsync,
+        permissions: Permissions = Permissions(),
     ) -> None:
         self._root = os.path.abspath(root)
-        self._writer = MaildirWriter(self._root, fsync=fsync)
+        self._writer = MaildirWriter(self._root, fsync=fsync, permissions=permissions)
         self._resolve_mailbox = resolve_mailbox
         self._run_blocking = run_blocking
 
@@ -166,14 +193,21 @@ class MaildirDeliverer:
         )
 
 
+_PRIVATE = Permissions()  # the default: no extra system calls per message
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _open_directory(
-    name: str, parent: int, *, fsync: Callable[[int], None], create: bool = True
+    name: str,
+    parent: int,
+    *,
+    fsync: Callable[[int], None],
+    create: bool = True,
+    permissions: Permissions = Permissions(),
 ) -> int:
-    """A directory under `parent`, created 0700 whatever the umask if missing, and then
+    """A directory under `parent`, created with the permissions' directory mode (0700 by
+    default) and group whatever the umask if missing, and then
     fsynced into `parent` (its entry is durable before anything is stored in it).
     O_NOFOLLOW: a symlink planted in its place fails with ELOOP instead of being followed
     (S-05)."""
@@ -188,7 +222,7 @@ def _open_directory(
             made = True
         fd = os.open(name, _DIRECTORY, dir_fd=parent)
         try:
-            os.fchmod(fd, 0o700)
+            permissions.apply(fd, permissions.directory_mode)
             if made:
                 fsync(parent)
         except OSError:
@@ -217,8 +251,15 @@ class MaildirWriter:
 
     CACHED_MAILBOXES = 256
 
-    def __init__(self, root: str, *, fsync: Callable[[int], None] = os.fsync) -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        fsync: Callable[[int], None] = os.fsync,
+        permissions: Permissions = Permissions(),
+    ) -> None:
         self._root_path = root
+        self._permissions = permissions
         self._root: int | None = None
         self._open: OrderedDict[str, _Mailbox] = OrderedDict()
         self._fsync = fsync
@@ -271,20 +312,24 @@ class MaildirWriter:
                 finally:
                     os.close(parent_fd)
             self._root = os.open(self._root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if made:
+                self._permissions.apply(self._root, self._permissions.directory_mode)
         return self._root
 
     def _open_mailbox(self, root: int, domain: str, local: str) -> _Mailbox:
-        fsync = self._fsync
-        domain_fd = _open_directory(domain, root, fsync=fsync)
+        def opened(name: str, parent: int) -> int:
+            return _open_directory(name, parent, fsync=self._fsync, permissions=self._permissions)
+
+        domain_fd = opened(domain, root)
         try:
-            box = _open_directory(local, domain_fd, fsync=fsync)
+            box = opened(local, domain_fd)
         finally:
             os.close(domain_fd)
         try:
-            os.close(_open_directory("cur", box, fsync=fsync))
-            tmp = _open_directory("tmp", box, fsync=fsync)
+            os.close(opened("cur", box))
+            tmp = opened("tmp", box)
             try:
-                return _Mailbox(tmp, _open_directory("new", box, fsync=fsync))
+                return _Mailbox(tmp, opened("new", box))
             except OSError:
                 os.close(tmp)
                 raise
@@ -296,6 +341,8 @@ class MaildirWriter:
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=mailbox.tmp)
         try:
             try:
+                if self._permissions != _PRIVATE:
+                    self._permissions.apply(fd, self._permissions.file_mode)
                 view = memoryview(content)
                 while view:
                     view = view[os.write(fd, view) :]

@@ -156,3 +156,20 @@ def test_delay_warning_is_a_duration_or_empty_for_none(tmp_path: Path) -> None:
     assert load(off).delivery.active_limit == 500
     with pytest.raises(ConfigError, match=r"\[delivery\] delay_warning: expected a duration"):
         load(write(tmp_path, '[delivery]\ndelay_warning = "soon"\n'))
+
+
+@pytest.mark.parametrize("mode", ["0600", "0640", "0644"])
+def test_maildir_mode_accepts_owner_rw_and_read_for_others(tmp_path: Path, mode: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[maildir]\nmode = "{mode}"\ngroup = "mail"\n')
+    config = load(path)
+    assert config.maildir.mode == int(mode, 8)
+    assert config.maildir.group == "mail"
+
+
+@pytest.mark.parametrize("mode", ["0660", "0700", "0400", "rw", "0606"])
+def test_maildir_mode_refuses_write_or_execute_for_others(tmp_path: Path, mode: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[maildir]\nmode = "{mode}"\n')
+    with pytest.raises(ConfigError, match="maildir.mode"):
+        load(path)

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from gsmtp.delivery.maildir import MailboxPathError, MaildirDeliverer, mailbox_path
+from gsmtp.delivery.maildir import (
+    MailboxPathError,
+    MaildirDeliverer,
+    Permissions,
+    mailbox_path,
+)
 from gsmtp.message import MessageId, Outcome, QueuedMessage
 
 MESSAGE = QueuedMessage(
@@ -223,3 +228,38 @@ def test_new_directories_are_fsynced_into_their_parents(tmp_path: Path) -> None:
     fsync.paths.clear()
     d.deliver(MESSAGE, ["alice@local.example"])
     assert [p for p in fsync.paths if not p.startswith(str(box / "tmp"))] == [str(box / "new")]
+
+
+def test_mode_and_group_apply_to_everything_created(tmp_path: Path) -> None:
+    """maildir.mode "0640" and maildir.group: files 0640, directories 0750 (the root
+    gsmtp makes too), all in the group; under the server's umask 077."""
+    # A group other than the process's own, so that the chown shows.
+    others = [g for g in os.getgroups() if g != os.getgid()]
+    group = 65534 if os.geteuid() == 0 else (others[0] if others else None)
+    if group is None:
+        pytest.skip("this user belongs to no second group to give the files")
+    root = tmp_path / "mail"
+    previous = os.umask(0o077)
+    try:
+        writer = MaildirDeliverer(
+            str(root),
+            resolve_mailbox=str.lower,
+            permissions=Permissions(0o640, group),
+        )
+        (result,) = writer.deliver(MESSAGE, ["alice@local.example"])
+    finally:
+        os.umask(previous)
+    assert result.outcome is Outcome.DELIVERED
+    box = root / "local.example" / "alice"
+    (file,) = list((box / "new").iterdir())
+    assert stat.S_IMODE(file.stat().st_mode) == 0o640
+    assert file.stat().st_gid == group
+    for directory in (root, root / "local.example", box, box / "new", box / "tmp", box / "cur"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o750, directory
+        assert directory.stat().st_gid == group, directory
+
+
+def test_directory_modes_follow_the_file_mode() -> None:
+    assert Permissions().directory_mode == 0o700
+    assert Permissions(0o640).directory_mode == 0o750
+    assert Permissions(0o644).directory_mode == 0o755
