@@ -171,5 +171,5 @@ def test_maildir_mode_accepts_owner_rw_and_read_for_others(tmp_path: Path, mode:
 def test_maildir_mode_refuses_write_or_execute_for_others(tmp_path: Path, mode: str) -> None:
     path = tmp_path / "c.toml"
     path.write_text(f'[maildir]\nmode = "{mode}"\n')
-    with pytest.raises(ConfigError, match="maildir.mode"):
+    with pytest.raises(ConfigError, match=r"\[maildir\] mode"):
         load(path)
