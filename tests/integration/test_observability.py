@@ -373,3 +373,28 @@ def test_no_priority_prefix_when_stderr_is_not_the_journal(
     wait_for(lambda: "server_started" in gsmtp.log(), what="start-up logged")
     lines = gsmtp.log().splitlines()
     assert lines and all(line.startswith("{") for line in lines), lines[:3]
+
+
+def test_proxy_and_storage_refusals_are_counted(gsmtp_factory: Factory) -> None:
+    """proxy_denied: a peer that is not one of proxy_networks; storage: MAIL while the
+    free-space reserve is not there (spool.min_free larger than any disk)."""
+    gsmtp = gsmtp_factory(
+        {
+            "server": {"proxy_protocol": True, "proxy_networks": ["127.0.0.1/32"]},
+            "spool": {"min_free": "100000000GB"},
+        }
+    )
+    with SmtpWire(gsmtp.port, source="127.0.0.3") as stranger:
+        assert stranger.read_reply() == []  # closed without a greeting
+    with SmtpWire(gsmtp.port) as wire:
+        wire.send(b"PROXY TCP4 192.0.2.1 127.0.0.1 40000 25\r\n")
+        assert wire.read_reply()[0].startswith("220")
+        wire.command("EHLO client.example")
+        assert wire.command("MAIL FROM:<a@remote.example>").startswith("452 4.3.1")
+    wait_for(
+        lambda: (
+            (s := gsmtp.metrics())['gsmtp_rejects_total{reason="proxy_denied"}'] == 1
+            and s['gsmtp_rejects_total{reason="storage"}'] == 1
+        ),
+        what="proxy_denied and storage counted",
+    )
