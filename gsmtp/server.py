@@ -103,15 +103,6 @@ _REJECT_REASONS: dict[Reply, str] = {
 }
 
 
-def _count_reject(reply: Reply) -> bool:
-    """Count `reply` in gsmtp_rejects_total if it is a refusal; True if it was."""
-    reason = _REJECT_REASONS.get(reply)
-    if reason is None:
-        return False
-    metrics.reject(reason)
-    return True
-
-
 @dataclass(frozen=True, slots=True)
 class Deadlines:
     """How long a client may take (Postfix smtpd_per_request_deadline and
@@ -473,8 +464,7 @@ class _Connection:
         # With implicit TLS the client speaks first (its ClientHello): not an early talker.
         if not self._implicit_tls and self._talked_early():
             self._log.info("early_talker_dropped")
-            metrics.reject("early_talker")
-            self.rejects += 1
+            self._reject("early_talker")
             _send_quietly(self._sock, EARLY_TALKER.to_bytes())
             return
         try:
@@ -501,8 +491,7 @@ class _Connection:
             limit = self.limit
             self._log.info("connection_timed_out", limit=limit.name)
             metrics.SLOW_CLIENTS.labels(limit.name).inc()
-            metrics.reject("timeout")
-            self.rejects += 1
+            self._reject("timeout")
             session.close_with(limit.reply)
             self._flush_quietly()
         except _ShutdownRequested:
@@ -684,8 +673,7 @@ class _Connection:
             self._log.info("command_rejected", verb=verb, reply=f"{reply.code} {reply.enhanced}")
             self._note_reply(reply)
         for limit in self._session.limits_hit():
-            metrics.reject(limit)
-            self.rejects += 1
+            self._reject(limit)
         delays = self._session.error_delays()
         data = self._session.data_to_send()
         if delays and self._server._error_sleep:
@@ -716,9 +704,15 @@ class _Connection:
         return self._client
 
     def _note_reply(self, reply: Reply) -> None:
-        """Count a refusal for the metrics and the disconnect summary."""
-        if _count_reject(reply):
-            self.rejects += 1
+        """Count `reply` if it is a refusal (see _REJECT_REASONS)."""
+        reason = _REJECT_REASONS.get(reply)
+        if reason is not None:
+            self._reject(reason)
+
+    def _reject(self, reason: str) -> None:
+        """One refusal, for gsmtp_rejects_total and the disconnect summary."""
+        metrics.reject(reason)
+        self.rejects += 1
 
     def _answer(self, event: SessionEvent) -> None:
         session = self._session
