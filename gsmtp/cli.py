@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from gsmtp import queue_cli
+
 # What a terminal could take for a command: C0 controls (ESC starts escape sequences),
 # DEL, C1 controls (U+009B is a one-character CSI), and the Unicode line separators and
 # bidirectional overrides that rearrange what is shown (CVE-2021-42574, "Trojan Source").
@@ -96,11 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION"
     )
     for action, help_text, takes_id in (
-        ("list", "one block per message, like mailq", False),
+        ("list", "one block per message, like mailq (* in delivery, ! held)", False),
         ("stats", "counts by status", False),
-        ("flush", "make all queued mail due now, forget dead destinations", False),
         ("show", "envelope and headers of one message", True),
-        ("delete", "delete a message without notice", True),
         ("bounce", "return a message to its sender now", True),
     ):
         child = leaf(queue, action, help_text)
@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
             child.add_argument(
                 "--corrupt", action="store_true", help="messages set aside as unreadable"
             )
+            queue_cli.add_filter_options(child)
         child.add_argument("--json", action="store_true", help="machine-readable output")
+    queue_cli.add_commands(lambda name, help_text: leaf(queue, name, help_text))
 
     spool = commands.add_parser("spool", help="the spool file itself").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -335,24 +337,45 @@ def _when(timestamp: float) -> str:
 def _queue(args: argparse.Namespace, config: Any) -> int:
     from gsmtp.spool_admin import SpoolAdmin
 
+    if args.action not in _QUEUE_ACTIONS:
+        try:
+            return queue_cli.run(_open_db(config), config.spool.path, args)
+        except queue_cli.QueueCliError as error:
+            raise _CliError(str(error)) from None
     admin = SpoolAdmin(_open_db(config))
     action: Callable[[SpoolAdmin, argparse.Namespace], int] = _QUEUE_ACTIONS[args.action]
-    return action(admin, args)
+    status = action(admin, args)
+    if args.action == "bounce":
+        queue_cli.wake(config.spool.path)
+    return status
 
 
 def _queue_list(admin: Any, args: argparse.Namespace) -> int:
     messages = admin.messages(corrupt=args.corrupt)
+    selection = queue_cli.filter_from(args)
+    if not selection.empty:
+        chosen = set(admin.matching(selection, time.time()))
+        messages = [m for m in messages if m.id in chosen]
     if args.json:
-        print(json.dumps([asdict(m) for m in messages], indent=2))
+        print(json.dumps([_listed(m) for m in messages], indent=2))
         return 0
     if not messages:
         print("No corrupt messages" if args.corrupt else "Mail queue is empty")
         return 0
     for message in messages:
         sender = shown(message.sender)
-        print(f"{shown(message.id):<20} {message.size:>8} {_when(message.received_at)}  <{sender}>")
+        # mailq's marks: `*` being delivered now, `!` held, nothing: waiting.
+        mark = "!" if message.held else "*" if message.in_delivery else ""
+        print(
+            f"{shown(message.id) + mark:<20} {message.size:>8} {_when(message.received_at)}"
+            f"  <{sender}>"
+        )
         if message.corrupt:
             print(f"{'':<20} corrupt: {shown(message.corrupt)}")
+        elif message.held:
+            print(f"{'':<20} held: released by `gsmtp queue release {shown(message.id)}`")
+        elif message.next_attempt_at is not None:
+            print(f"{'':<20} next attempt: {_when(message.next_attempt_at)}")
         for rcpt in message.recipients:
             error = f"  ({shown(rcpt.last_error)})" if rcpt.last_error else ""
             address = shown(rcpt.address)
@@ -361,6 +384,15 @@ def _queue_list(admin: Any, args: argparse.Namespace) -> int:
     total = sum(m.size for m in messages)
     print(f"-- {total // 1024} Kbytes in {len(messages)} Requests.")
     return 0
+
+
+def _listed(message: Any) -> dict[str, Any]:
+    """A message of `queue list --json`, with its state and next attempt."""
+    return {
+        **asdict(message),
+        "in_delivery": message.in_delivery,
+        "next_attempt_at": message.next_attempt_at,
+    }
 
 
 def _queue_stats(admin: Any, args: argparse.Namespace) -> int:
@@ -411,8 +443,6 @@ _QUEUE_ACTIONS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "list": _queue_list,
     "stats": _queue_stats,
     "show": _queue_show,
-    "flush": _queue_change("flushed", "flush"),
-    "delete": _queue_change("deleted", "delete"),
     "bounce": _queue_change("bouncing", "bounce"),
 }
 
