@@ -149,6 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"gsmtp: {shown(error)}", file=sys.stderr)
         return 2
+    if args.command in _SPOOL_COMMANDS:
+        from gsmtp.spool_owner import Refused, adopt_spool_owner
+
+        _load_spool_modules()
+        adopted = adopt_spool_owner(config.spool.path)
+        if isinstance(adopted, Refused):
+            print(f"gsmtp: {shown(adopted.reason)}", file=sys.stderr)
+            return 1
     handler = _HANDLERS[args.command]
     import apsw
 
@@ -166,6 +174,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`gsmtp queue list | head`): stop quietly, as cat does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _load_spool_modules() -> None:
+    """Import what the spool commands run before a root CLI becomes the spool's owner:
+    the interpreter may live where only root can read (a pyenv under /root)."""
+    import gsmtp.accounts
+    import gsmtp.backup
+    import gsmtp.queue_cli
+    import gsmtp.queue_control
+    import gsmtp.spool_admin  # noqa: F401
+
+
+# Commands that open the spool: as root they run as its owner (gsmtp.spool_owner).
+_SPOOL_COMMANDS = frozenset({"domain", "user", "queue", "spool"})
 
 
 class _CliError(Exception):

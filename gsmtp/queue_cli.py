@@ -3,7 +3,8 @@
 The work is gsmtp.queue_control's (one spool connection in, a value out); this module
 only parses the command line, prints what came back and wakes the running server after
 a change (SIGUSR1, so it acts and logs at once). Errors are `QueueCliError`, shown by
-the CLI as one line.
+the CLI as one line. Nothing beyond the standard library and gsmtp.config is imported
+before a command runs: `gsmtp serve` must monkey-patch gevent first.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import apsw
-
-from gsmtp import queue_control
 from gsmtp.config import parse_duration
-from gsmtp.queue_control import Filter, Summary
+
+if TYPE_CHECKING:
+    import apsw
+
+    from gsmtp.queue_control import Filter, Summary
 
 
 class QueueCliError(Exception):
@@ -55,6 +58,8 @@ def add_commands(leaf: Callable[[str, str], argparse.ArgumentParser]) -> None:
 
 
 def filter_from(args: argparse.Namespace) -> Filter:
+    from gsmtp.queue_control import Filter
+
     older = getattr(args, "older_than", None)
     try:
         older_than = parse_duration(older) if older is not None else None
@@ -70,6 +75,8 @@ def filter_from(args: argparse.Namespace) -> Filter:
 
 def run(connection: apsw.Connection, spool_path: str, args: argparse.Namespace) -> int:
     """One of this module's actions against one spool; the exit status."""
+    from gsmtp import queue_control
+
     now = time.time()
     if args.action == "summary":
         print_summary(queue_control.summary(connection, now), as_json=args.json)
@@ -116,6 +123,8 @@ def print_summary(summary: Summary, *, as_json: bool) -> None:
 
 def wake(spool_path: str) -> None:
     """Tell the running server (if any) to act now; a note on stderr if it cannot be."""
+    from gsmtp import queue_control
+
     woken = queue_control.wake_server(spool_path)
     if isinstance(woken, queue_control.NotWoken) and woken.running:
         print(
