@@ -1,9 +1,9 @@
 """The `gsmtp` command: serve, check-config, domain, user, queue, spool.
 
 `-c FILE` works before or after the subcommand and defaults to $GSMTP_CONFIG, then
-./configuration.toml. Errors are one line on stderr naming what was wrong, with a
-non-zero exit; never a traceback. `serve` monkey-patches gevent before anything else
-is imported.
+./configuration.toml, then /etc/gsmtp/configuration.toml. Errors are one line on stderr
+naming what was wrong, with a non-zero exit; never a traceback. `serve` monkey-patches
+gevent before anything else is imported.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from gsmtp import queue_cli
+from gsmtp import __version__, queue_cli
 
 # What a terminal could take for a command: C0 controls (ESC starts escape sequences),
 # DEL, C1 controls (U+009B is a one-character CSI), and the Unicode line separators and
@@ -47,12 +47,14 @@ def _add_config_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
         "--config",
         metavar="FILE",
         default=None if top else argparse.SUPPRESS,
-        help="configuration file (default: $GSMTP_CONFIG, then ./configuration.toml)",
+        help="configuration file (default: $GSMTP_CONFIG, then ./configuration.toml, "
+        "then /etc/gsmtp/configuration.toml)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gsmtp", description="A durable SMTP mail server.")
+    parser.add_argument("--version", action="version", version=f"gsmtp {__version__}")
     _add_config_option(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -141,13 +143,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gevent import monkey
 
         monkey.patch_all()
-    from gsmtp.config import ConfigError, load, resolve_path
+    from gsmtp.config import SYSTEM_CONFIG, ConfigError, load, resolve_path
 
     path = resolve_path(args.config)
     try:
         config = load(path)
     except ConfigError as error:
-        print(f"gsmtp: {shown(error)}", file=sys.stderr)
+        problem = str(error)
+        if not args.config and not os.environ.get("GSMTP_CONFIG") and not path.exists():
+            problem = (
+                f"no configuration: neither ./{path} nor {SYSTEM_CONFIG} exists "
+                "(give -c FILE or set $GSMTP_CONFIG)"
+            )
+        print(f"gsmtp: {shown(problem)}", file=sys.stderr)
         return 2
     if args.command in _SPOOL_COMMANDS:
         from gsmtp.spool_owner import Refused, adopt_spool_owner

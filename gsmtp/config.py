@@ -13,11 +13,13 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG_NAME = "configuration.toml"
+SYSTEM_CONFIG = Path("/etc/gsmtp/configuration.toml")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE = re.compile(r"(\d+)\s*(B|KB|MB|GB)?\Z", re.IGNORECASE)
@@ -157,9 +159,22 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 
-def resolve_path(explicit: str | None) -> Path:
-    """`-c FILE`, else $GSMTP_CONFIG, else ./configuration.toml."""
-    return Path(explicit or os.environ.get("GSMTP_CONFIG") or DEFAULT_CONFIG_NAME)
+def resolve_path(
+    explicit: str | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    system: Path = SYSTEM_CONFIG,
+) -> Path:
+    """`-c FILE`, else $GSMTP_CONFIG (when set and not empty), else ./configuration.toml
+    when it exists, else `system` (/etc/gsmtp/configuration.toml) when it exists. When
+    none exists: ./configuration.toml, which `load` then reports as not found."""
+    chosen = explicit or (os.environ if environ is None else environ).get("GSMTP_CONFIG")
+    if chosen:
+        return Path(chosen)
+    local = Path(DEFAULT_CONFIG_NAME)
+    if not local.exists() and system.exists():
+        return system
+    return local
 
 
 def load(path: Path) -> Config:
