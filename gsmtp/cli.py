@@ -64,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         return child
 
     leaf(commands, "serve", "run the listeners, the queue runner and /metrics")
-    leaf(commands, "check-config", "validate and print the effective configuration")
+    check = leaf(commands, "check-config", "validate and print the effective configuration")
+    check.add_argument(
+        "-n",
+        dest="non_default",
+        action="store_true",
+        help="only settings that differ from the defaults",
+    )
 
     domain = commands.add_parser("domain", help="local domains").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -146,16 +152,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gsmtp.config import SYSTEM_CONFIG, ConfigError, load, resolve_path
 
     path = resolve_path(args.config)
+    if not args.config and not os.environ.get("GSMTP_CONFIG") and not path.exists():
+        print(
+            f"gsmtp: no configuration: neither ./{path} nor {SYSTEM_CONFIG} exists "
+            "(give -c FILE or set $GSMTP_CONFIG)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.command == "check-config":
+        return _check_config(args, path)
     try:
         config = load(path)
     except ConfigError as error:
-        problem = str(error)
-        if not args.config and not os.environ.get("GSMTP_CONFIG") and not path.exists():
-            problem = (
-                f"no configuration: neither ./{path} nor {SYSTEM_CONFIG} exists "
-                "(give -c FILE or set $GSMTP_CONFIG)"
-            )
-        print(f"gsmtp: {shown(problem)}", file=sys.stderr)
+        for problem in error.errors:
+            print(f"gsmtp: {shown(problem)}", file=sys.stderr)
         return 2
     if args.command in _SPOOL_COMMANDS:
         from gsmtp.spool_owner import Refused, adopt_spool_owner
@@ -208,10 +218,41 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
     return serve(config)
 
 
-def _check_config(args: argparse.Namespace, config: Any) -> int:
+def _check_config(args: argparse.Namespace, path: Any) -> int:
+    """Every problem at once (exit 2 for the file's, 1 for the machine's), or the
+    effective settings (`-n`: only those that differ from the defaults)."""
+    from gsmtp.config import load_collecting, parse
+    from gsmtp.config_check import environment_problems, non_default
+
+    config, errors = load_collecting(path)
+    for problem in errors:
+        print(f"gsmtp: {shown(problem)}", file=sys.stderr)
+    problems = environment_problems(config)
+    for problem in problems:
+        print(f"gsmtp: {shown(problem)}", file=sys.stderr)
+    if errors or problems:
+        return 2 if errors else 1
+    sections = _effective(config)
+    if args.non_default:
+        sections = non_default(sections, _effective(parse({}, path)))
+    else:
+        print(f"# effective configuration from {shown(config.path)}")
+    if config.submission.listen and not config.tls.enabled:
+        print(
+            "# warning: [submission] listen without [tls]: AUTH without encryption, "
+            "safe only behind a TLS-terminating proxy (allow_plaintext_auth = true)"
+        )
+    for number, (name, values) in enumerate(sections.items()):
+        print(f"{'' if number == 0 and args.non_default else chr(10)}[{name}]")
+        for key, value in values.items():
+            print(f"{key} = {json.dumps(value)}")
+    return 0
+
+
+def _effective(config: Any) -> dict[str, dict[str, Any]]:
+    """The settings as check-config prints them, by section."""
     from gsmtp.config import format_duration, format_size
 
-    print(f"# effective configuration from {shown(config.path)}")
     server = config.server
     sections: dict[str, dict[str, Any]] = {
         "server": {
@@ -280,16 +321,7 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
         "metrics": {"listen": config.metrics.listen},
         "log": {"level": config.log.level, "format": config.log.format},
     }
-    if config.submission.listen and not config.tls.enabled:
-        print(
-            "# warning: [submission] listen without [tls]: AUTH without encryption, "
-            "safe only behind a TLS-terminating proxy (allow_plaintext_auth = true)"
-        )
-    for name, values in sections.items():
-        print(f"\n[{name}]")
-        for key, value in values.items():
-            print(f"{key} = {json.dumps(value)}")
-    return 0
+    return sections
 
 
 def _open_db(config: Any) -> Any:
@@ -490,7 +522,6 @@ def _spool(args: argparse.Namespace, config: Any) -> int:
 
 _HANDLERS: dict[str, Callable[[argparse.Namespace, Any], int]] = {
     "serve": _serve,
-    "check-config": _check_config,
     "domain": _domain,
     "user": _user,
     "queue": _queue,
