@@ -70,6 +70,12 @@ NOTICE_HEADERS_LIMIT = 100 * 1024 + 1
 # The destination domain of a stored address: what follows its last "@".
 _DOMAIN = "lower(substr(address, length(rtrim(address, replace(address, '@', ''))) + 1))"
 DOMAIN_OF_ADDRESS = _DOMAIN  # for the operator's filters (queue_control)
+# A released claim is due when it was due, unless its message was held meanwhile (`gsmtp
+# queue hold`): then it stays unscheduled until the release.
+_DUE_UNLESS_HELD = (
+    f"CASE WHEN EXISTS (SELECT 1 FROM messages WHERE id = recipients.message_id AND held = 1)"
+    f" THEN {UNSCHEDULED!r} ELSE claimed_due END"
+)
 
 
 def raw_text(column: str) -> str:
@@ -366,8 +372,8 @@ class Spool:
 
         def work(connection: apsw.Connection) -> int:
             connection.execute(
-                "UPDATE recipients SET next_attempt_at = claimed_due, claimed_due = NULL"
-                " WHERE status = 'queued' AND next_attempt_at = :unscheduled"
+                f"UPDATE recipients SET next_attempt_at = {_DUE_UNLESS_HELD},"
+                " claimed_due = NULL WHERE status = 'queued' AND next_attempt_at = :unscheduled"
                 " AND claimed_due IS NOT NULL",
                 {"unscheduled": UNSCHEDULED},
             )
@@ -459,7 +465,7 @@ class Spool:
         self._writer.submit(
             lambda connection: execute_values(
                 connection,
-                "UPDATE recipients SET next_attempt_at = claimed_due, claimed_due = NULL"
+                f"UPDATE recipients SET next_attempt_at = {_DUE_UNLESS_HELD}, claimed_due = NULL"
                 " FROM (VALUES {values}) AS v WHERE recipients.message_id = v.column1"
                 " AND recipients.address = v.column2 AND claimed_due IS NOT NULL",
                 [tuple(pair) for pair in owned],

@@ -188,6 +188,20 @@ class Destinations:
             self._forget_if_idle(destination)
         return len(dead)
 
+    def drop_waiting(self, message_id: str) -> list[Batch]:
+        """`gsmtp queue hold`: take a message's batches that have not started out of line
+        (the caller gives their recipients back to the spool)."""
+        dropped: list[Batch] = []
+        for destination in list(self._all.values()):
+            mine = [b for b in destination.waiting if b.claim.message_id == message_id]
+            if mine:
+                dropped += mine
+                destination.waiting = deque(
+                    b for b in destination.waiting if b.claim.message_id != message_id
+                )
+                self._forget_if_idle(destination)
+        return dropped
+
     def dead_count(self) -> int:
         return sum(1 for d in self._all.values() if d.dead_until is not None)
 

@@ -276,10 +276,22 @@ class QueueManager:
                 fields["dead_destinations_forgotten"] = self._destinations.forget_dead(
                     action.domain
                 )
+            if action.action == "hold" and action.message_id is not None:
+                self._release_held(action.message_id)
             self._log.info(_AUDIT_EVENTS.get(action.action, "queue_changed"), **fields)
             if action.action in ("flush", "release", "bounce"):
                 self._look_again()
                 self._claimed_through = LONG_AGO
+
+    def _release_held(self, message_id: str) -> None:
+        """A message held after it was claimed: what has not started is given back (the
+        spool keeps a held message's rows unscheduled); a running delivery finishes."""
+        dropped = self._destinations.drop_waiting(message_id)
+        if dropped:
+            self._spool.release(
+                [(message_id, recipient.address) for b in dropped for recipient in b.recipients]
+            )
+            self.held -= sum(len(b.recipients) for b in dropped)
 
     def _claim(self, now: float) -> bool:
         """Claim what can start now or soon; True to claim again at once."""

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from gevent.event import Event
 
 from gsmtp import metrics, queue_control
 from gsmtp.message import AdminAction, Outcome
@@ -170,3 +171,35 @@ def test_wake_server_signals_only_a_holder_of_the_lock(tmp_path: Path) -> None:
     assert lockfile.holder(lockfile.lock_path(spool)) is None
     woken = queue_control.wake_server(spool)
     assert isinstance(woken, queue_control.NotWoken) and not woken.running
+
+
+def test_a_claimed_message_held_before_its_delivery_starts_is_given_back(
+    qw: QueueWorld,
+) -> None:
+    """One delivery at a time to slow.example: the second message waits in memory,
+    claimed. Held then, it is given back unscheduled and never delivered."""
+    gate = Event()
+    qw.remote.hold["slow.example"] = gate
+    first = qw.enqueue(["a@slow.example"])
+    second = qw.enqueue(["b@slow.example"])
+    manager = qw.manager(max_per_domain=1, initial_window=1, idle_poll=60.0)
+    manager.start()
+    wait_until(lambda: qw.owned("slow.example") == 2, what="both claimed, one running")
+    queue_control.hold(qw.admin._db, now=qw.clock(), ids=[second])
+    manager.admin_signalled()
+    wait_until(lambda: qw.owned("slow.example") == 1, what="the waiting one given back")
+    assert due_times(qw, second) == {UNSCHEDULED}
+    gate.set()
+    wait_until(lambda: qw.messages_left() == 1, what="the first delivered")
+    assert [call[0] for call in qw.remote.calls] == [first]
+    assert manager.held == 0
+
+
+def test_claims_released_at_start_up_stay_unscheduled_when_held(qw: QueueWorld) -> None:
+    message_id = qw.enqueue(["a@x.example"])
+    other = qw.enqueue(["b@x.example"])
+    assert len(qw.spool.claim_due(qw.clock(), 10).claims) == 2
+    queue_control.hold(qw.admin._db, now=qw.clock(), ids=[message_id])
+    assert qw.spool.release_leases() == 2
+    assert due_times(qw, message_id) == {UNSCHEDULED}
+    assert due_times(qw, other) == {qw.clock()}
