@@ -401,7 +401,7 @@ def _queue(args: argparse.Namespace, config: Any) -> int:
 
     if args.action not in _QUEUE_ACTIONS:
         try:
-            return queue_cli.run(_open_db(config), config.spool.path, args)
+            return queue_cli.run([_open_db(config)], config.spool.path, args)
         except queue_cli.QueueCliError as error:
             raise _CliError(str(error)) from None
     admin = SpoolAdmin(_open_db(config))

@@ -10,10 +10,11 @@ before a command runs: `gsmtp serve` must monkey-patch gevent first.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from gsmtp.config import parse_duration
@@ -73,17 +74,19 @@ def filter_from(args: argparse.Namespace) -> Filter:
     )
 
 
-def run(connection: apsw.Connection, spool_path: str, args: argparse.Namespace) -> int:
-    """One of this module's actions against one spool; the exit status."""
+def run(connections: Sequence[apsw.Connection], spool_path: str, args: argparse.Namespace) -> int:
+    """One of this module's actions against every spool shard in `connections` (their
+    results summed); the exit status. `spool_path` names the spool whose server is woken."""
     from gsmtp import queue_control
 
     now = time.time()
     if args.action == "summary":
-        print_summary(queue_control.summary(connection, now), as_json=args.json)
+        summaries = [queue_control.summary(c, now) for c in connections]
+        print_summary(functools.reduce(lambda a, b: a.merged(b), summaries), as_json=args.json)
         return 0
     if args.action == "flush":
         ids = args.ids or None
-        count = queue_control.flush(connection, now, ids=ids, domain=args.domain)
+        count = sum(queue_control.flush(c, now, ids=ids, domain=args.domain) for c in connections)
         wake(spool_path)
         if args.json:
             print(json.dumps({"action": "flushed", "id": args.ids or None, "count": count}))
@@ -94,7 +97,11 @@ def run(connection: apsw.Connection, spool_path: str, args: argparse.Namespace) 
     if not args.ids and not args.all and selection.empty:
         raise QueueCliError(f"queue {args.action}: give message ids, filters, or --all")
     change: Callable[..., list[str]] = getattr(queue_control, args.action)
-    changed = change(connection, selection, now, args.ids or None)
+    changed = [
+        message_id
+        for connection in connections
+        for message_id in change(connection, selection, now, args.ids or None)
+    ]
     wake(spool_path)
     verb = {"hold": "held", "release": "released", "delete": "deleted"}[args.action]
     if args.json:
