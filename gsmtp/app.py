@@ -486,6 +486,8 @@ class Application:
         gevent.signal_handler(signal.SIGTERM, stop_requested.set)
         gevent.signal_handler(signal.SIGINT, stop_requested.set)
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
+        # `gsmtp queue ...` changed the queue (gsmtp.queue_control.wake_server).
+        gevent.signal_handler(signal.SIGUSR1, self.queue.admin_signalled)
         try:
             self.start()
         except StartupError:
@@ -513,6 +515,9 @@ def serve(
     component ends the process from here with EXIT_COMPONENT_DIED."""
     os.umask(0o077)
     log.configure(config.log.level, config.log.format)
+    # The CLI signals the PID in the lock file once it is written; until the handler is
+    # installed (serve_forever), SIGUSR1 must not end the process (its default action).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     path = lockfile.lock_path(config.spool.path)
     try:
         lock = lockfile.acquire(path)

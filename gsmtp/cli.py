@@ -1,9 +1,9 @@
 """The `gsmtp` command: serve, check-config, domain, user, queue, spool.
 
 `-c FILE` works before or after the subcommand and defaults to $GSMTP_CONFIG, then
-./configuration.toml. Errors are one line on stderr naming what was wrong, with a
-non-zero exit; never a traceback. `serve` monkey-patches gevent before anything else
-is imported.
+./configuration.toml, then /etc/gsmtp/configuration.toml. Errors are one line on stderr
+naming what was wrong, with a non-zero exit; never a traceback. `serve` monkey-patches
+gevent before anything else is imported.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
+
+from gsmtp import __version__, queue_cli
 
 # What a terminal could take for a command: C0 controls (ESC starts escape sequences),
 # DEL, C1 controls (U+009B is a one-character CSI), and the Unicode line separators and
@@ -45,12 +47,14 @@ def _add_config_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
         "--config",
         metavar="FILE",
         default=None if top else argparse.SUPPRESS,
-        help="configuration file (default: $GSMTP_CONFIG, then ./configuration.toml)",
+        help="configuration file (default: $GSMTP_CONFIG, then ./configuration.toml, "
+        "then /etc/gsmtp/configuration.toml)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gsmtp", description="A durable SMTP mail server.")
+    parser.add_argument("--version", action="version", version=f"gsmtp {__version__}")
     _add_config_option(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -60,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         return child
 
     leaf(commands, "serve", "run the listeners, the queue runner and /metrics")
-    leaf(commands, "check-config", "validate and print the effective configuration")
+    check = leaf(commands, "check-config", "validate and print the effective configuration")
+    check.add_argument(
+        "-n",
+        dest="non_default",
+        action="store_true",
+        help="only settings that differ from the defaults",
+    )
 
     domain = commands.add_parser("domain", help="local domains").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -96,11 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION"
     )
     for action, help_text, takes_id in (
-        ("list", "one block per message, like mailq", False),
+        ("list", "one block per message, like mailq (* in delivery, ! held)", False),
         ("stats", "counts by status", False),
-        ("flush", "make all queued mail due now, forget dead destinations", False),
         ("show", "envelope and headers of one message", True),
-        ("delete", "delete a message without notice", True),
         ("bounce", "return a message to its sender now", True),
     ):
         child = leaf(queue, action, help_text)
@@ -110,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
             child.add_argument(
                 "--corrupt", action="store_true", help="messages set aside as unreadable"
             )
+            queue_cli.add_filter_options(child)
         child.add_argument("--json", action="store_true", help="machine-readable output")
+    queue_cli.add_commands(lambda name, help_text: leaf(queue, name, help_text))
 
     spool = commands.add_parser("spool", help="the spool file itself").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -139,14 +149,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gevent import monkey
 
         monkey.patch_all()
-    from gsmtp.config import ConfigError, load, resolve_path
+    from gsmtp.config import SYSTEM_CONFIG, ConfigError, load, resolve_path
 
     path = resolve_path(args.config)
+    if not args.config and not os.environ.get("GSMTP_CONFIG") and not path.exists():
+        print(
+            f"gsmtp: no configuration: neither ./{path} nor {SYSTEM_CONFIG} exists "
+            "(give -c FILE or set $GSMTP_CONFIG)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.command == "check-config":
+        return _check_config(args, path)
     try:
         config = load(path)
     except ConfigError as error:
-        print(f"gsmtp: {shown(error)}", file=sys.stderr)
+        for problem in error.errors:
+            print(f"gsmtp: {shown(problem)}", file=sys.stderr)
         return 2
+    if args.command in _SPOOL_COMMANDS:
+        from gsmtp.spool_owner import Refused, adopt_spool_owner
+
+        _load_spool_modules()
+        adopted = adopt_spool_owner(config.spool.path)
+        if isinstance(adopted, Refused):
+            print(f"gsmtp: {shown(adopted.reason)}", file=sys.stderr)
+            return 1
     handler = _HANDLERS[args.command]
     import apsw
 
@@ -166,6 +194,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _load_spool_modules() -> None:
+    """Import what the spool commands run before a root CLI becomes the spool's owner:
+    the interpreter may live where only root can read (a pyenv under /root)."""
+    import gsmtp.accounts
+    import gsmtp.backup
+    import gsmtp.queue_cli
+    import gsmtp.queue_control
+    import gsmtp.spool_admin  # noqa: F401
+
+
+# Commands that open the spool: as root they run as its owner (gsmtp.spool_owner).
+_SPOOL_COMMANDS = frozenset({"domain", "user", "queue", "spool"})
+
+
 class _CliError(Exception):
     pass
 
@@ -176,10 +218,41 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
     return serve(config)
 
 
-def _check_config(args: argparse.Namespace, config: Any) -> int:
+def _check_config(args: argparse.Namespace, path: Any) -> int:
+    """Every problem at once (exit 2 for the file's, 1 for the machine's), or the
+    effective settings (`-n`: only those that differ from the defaults)."""
+    from gsmtp.config import load_collecting, parse
+    from gsmtp.config_check import environment_problems, non_default
+
+    config, errors = load_collecting(path)
+    for problem in errors:
+        print(f"gsmtp: {shown(problem)}", file=sys.stderr)
+    problems = environment_problems(config)
+    for problem in problems:
+        print(f"gsmtp: {shown(problem)}", file=sys.stderr)
+    if errors or problems:
+        return 2 if errors else 1
+    sections = _effective(config)
+    if args.non_default:
+        sections = non_default(sections, _effective(parse({}, path)))
+    else:
+        print(f"# effective configuration from {shown(config.path)}")
+    if config.submission.listen and not config.tls.enabled:
+        print(
+            "# warning: [submission] listen without [tls]: AUTH without encryption, "
+            "safe only behind a TLS-terminating proxy (allow_plaintext_auth = true)"
+        )
+    for number, (name, values) in enumerate(sections.items()):
+        print(f"{'' if number == 0 and args.non_default else chr(10)}[{name}]")
+        for key, value in values.items():
+            print(f"{key} = {json.dumps(value)}")
+    return 0
+
+
+def _effective(config: Any) -> dict[str, dict[str, Any]]:
+    """The settings as check-config prints them, by section."""
     from gsmtp.config import format_duration, format_size
 
-    print(f"# effective configuration from {shown(config.path)}")
     server = config.server
     sections: dict[str, dict[str, Any]] = {
         "server": {
@@ -252,16 +325,7 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
         "metrics": {"listen": config.metrics.listen},
         "log": {"level": config.log.level, "format": config.log.format},
     }
-    if config.submission.listen and not config.tls.enabled:
-        print(
-            "# warning: [submission] listen without [tls]: AUTH without encryption, "
-            "safe only behind a TLS-terminating proxy (allow_plaintext_auth = true)"
-        )
-    for name, values in sections.items():
-        print(f"\n[{name}]")
-        for key, value in values.items():
-            print(f"{key} = {json.dumps(value)}")
-    return 0
+    return sections
 
 
 def _open_db(config: Any) -> Any:
@@ -339,24 +403,45 @@ def _when(timestamp: float) -> str:
 def _queue(args: argparse.Namespace, config: Any) -> int:
     from gsmtp.spool_admin import SpoolAdmin
 
+    if args.action not in _QUEUE_ACTIONS:
+        try:
+            return queue_cli.run([_open_db(config)], config.spool.path, args)
+        except queue_cli.QueueCliError as error:
+            raise _CliError(str(error)) from None
     admin = SpoolAdmin(_open_db(config))
     action: Callable[[SpoolAdmin, argparse.Namespace], int] = _QUEUE_ACTIONS[args.action]
-    return action(admin, args)
+    status = action(admin, args)
+    if args.action == "bounce":
+        queue_cli.wake(config.spool.path)
+    return status
 
 
 def _queue_list(admin: Any, args: argparse.Namespace) -> int:
     messages = admin.messages(corrupt=args.corrupt)
+    selection = queue_cli.filter_from(args)
+    if not selection.empty:
+        chosen = set(admin.matching(selection, time.time()))
+        messages = [m for m in messages if m.id in chosen]
     if args.json:
-        print(json.dumps([asdict(m) for m in messages], indent=2))
+        print(json.dumps([_listed(m) for m in messages], indent=2))
         return 0
     if not messages:
         print("No corrupt messages" if args.corrupt else "Mail queue is empty")
         return 0
     for message in messages:
         sender = shown(message.sender)
-        print(f"{shown(message.id):<20} {message.size:>8} {_when(message.received_at)}  <{sender}>")
+        # mailq's marks: `*` being delivered now, `!` held, nothing: waiting.
+        mark = "!" if message.held else "*" if message.in_delivery else ""
+        print(
+            f"{shown(message.id) + mark:<20} {message.size:>8} {_when(message.received_at)}"
+            f"  <{sender}>"
+        )
         if message.corrupt:
             print(f"{'':<20} corrupt: {shown(message.corrupt)}")
+        elif message.held:
+            print(f"{'':<20} held: released by `gsmtp queue release {shown(message.id)}`")
+        elif message.next_attempt_at is not None:
+            print(f"{'':<20} next attempt: {_when(message.next_attempt_at)}")
         for rcpt in message.recipients:
             error = f"  ({shown(rcpt.last_error)})" if rcpt.last_error else ""
             address = shown(rcpt.address)
@@ -365,6 +450,15 @@ def _queue_list(admin: Any, args: argparse.Namespace) -> int:
     total = sum(m.size for m in messages)
     print(f"-- {total // 1024} Kbytes in {len(messages)} Requests.")
     return 0
+
+
+def _listed(message: Any) -> dict[str, Any]:
+    """A message of `queue list --json`, with its state and next attempt."""
+    return {
+        **asdict(message),
+        "in_delivery": message.in_delivery,
+        "next_attempt_at": message.next_attempt_at,
+    }
 
 
 def _queue_stats(admin: Any, args: argparse.Namespace) -> int:
@@ -415,8 +509,6 @@ _QUEUE_ACTIONS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "list": _queue_list,
     "stats": _queue_stats,
     "show": _queue_show,
-    "flush": _queue_change("flushed", "flush"),
-    "delete": _queue_change("deleted", "delete"),
     "bounce": _queue_change("bouncing", "bounce"),
 }
 
@@ -434,7 +526,6 @@ def _spool(args: argparse.Namespace, config: Any) -> int:
 
 _HANDLERS: dict[str, Callable[[argparse.Namespace, Any], int]] = {
     "serve": _serve,
-    "check-config": _check_config,
     "domain": _domain,
     "user": _user,
     "queue": _queue,

@@ -9,15 +9,18 @@ configuration file's directory. Durations: "30s", "5m", "1h", "5d"; sizes: "10KB
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG_NAME = "configuration.toml"
+SYSTEM_CONFIG = Path("/etc/gsmtp/configuration.toml")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE = re.compile(r"(\d+)\s*(B|KB|MB|GB)?\Z", re.IGNORECASE)
@@ -27,7 +30,12 @@ _LOG_FORMATS = ("json", "console")
 
 
 class ConfigError(Exception):
-    """A configuration problem, phrased for the operator: file, key, what is wrong."""
+    """Configuration problems, phrased for the operator: file, key, what is wrong. `errors`
+    holds every problem found (one line each); the message joins them."""
+
+    def __init__(self, *errors: str) -> None:
+        super().__init__("\n".join(errors))
+        self.errors: tuple[str, ...] = errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,57 +167,96 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 
-def resolve_path(explicit: str | None) -> Path:
-    """`-c FILE`, else $GSMTP_CONFIG, else ./configuration.toml."""
-    return Path(explicit or os.environ.get("GSMTP_CONFIG") or DEFAULT_CONFIG_NAME)
+def resolve_path(
+    explicit: str | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    system: Path = SYSTEM_CONFIG,
+) -> Path:
+    """`-c FILE`, else $GSMTP_CONFIG (when set and not empty), else ./configuration.toml
+    when it exists, else `system` (/etc/gsmtp/configuration.toml) when it exists. When
+    none exists: ./configuration.toml, which `load` then reports as not found."""
+    chosen = explicit or (os.environ if environ is None else environ).get("GSMTP_CONFIG")
+    if chosen:
+        return Path(chosen)
+    local = Path(DEFAULT_CONFIG_NAME)
+    if not local.exists() and system.exists():
+        return system
+    return local
 
 
 def load(path: Path) -> Config:
+    """The configuration in `path`; ConfigError naming every problem at once."""
+    config, errors = load_collecting(path)
+    if errors:
+        raise ConfigError(*errors)
+    return config
+
+
+def load_collecting(path: Path) -> tuple[Config, list[str]]:
+    """The configuration with every key that could not be used left at its default, and
+    the problems found (`check-config` reports them all, then checks files)."""
     try:
         with path.open("rb") as handle:
             raw = tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        return Config(path=str(path)), [f"{path}: file not found"]
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+        return Config(path=str(path)), [f"{path}: cannot read: {error.strerror}"]
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    return parse(raw, path)
+        return Config(path=str(path)), [f"{path}: not valid TOML: {error}"]
+    return parse_collecting(raw, path)
 
 
 def parse(raw: dict[str, Any], path: Path) -> Config:
+    config, errors = parse_collecting(raw, path)
+    if errors:
+        raise ConfigError(*errors)
+    return config
+
+
+def parse_collecting(raw: dict[str, Any], path: Path) -> tuple[Config, list[str]]:
     reader = _Reader(path)
     sections: dict[str, Any] = {}
     for name, value in raw.items():
         if name not in _SECTIONS:
-            raise ConfigError(f"{path}: unknown section [{name}]")
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: [{name}] must be a table")
-        sections[name] = reader.section(name, value)
+            reader.errors.append(
+                f"{path}: unknown section [{name}]{_did_you_mean(name, _SECTIONS)}"
+            )
+        elif not isinstance(value, dict):
+            reader.errors.append(f"{path}: [{name}] must be a table")
+        else:
+            sections[name] = reader.section(name, value)
     for name in _SECTIONS:
         sections.setdefault(name, reader.section(name, {}))
     config = Config(path=str(path), **sections)
-    _check_consistency(config, path)
-    return config
+    return config, reader.errors + _consistency_errors(config, path)
 
 
-def _check_consistency(config: Config, path: Path) -> None:
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _consistency_errors(config: Config, path: Path) -> list[str]:
+    errors = []
     if bool(config.tls.cert) != bool(config.tls.key):
-        raise ConfigError(f"{path}: [tls] cert and key must be set together")
+        errors.append(f"{path}: [tls] cert and key must be set together")
     submission = config.submission
     if submission.tls_listen and not config.tls.enabled:
-        raise ConfigError(f"{path}: [submission] tls_listen: implicit TLS needs [tls] cert and key")
+        errors.append(f"{path}: [submission] tls_listen: implicit TLS needs [tls] cert and key")
     if submission.listen and not config.tls.enabled and not submission.allow_plaintext_auth:
-        raise ConfigError(
+        errors.append(
             f"{path}: [submission] listen: without [tls] cert and key, passwords would "
             "cross the network in clear; set [tls] cert and key, or set [submission] "
             "allow_plaintext_auth = true if a TLS-terminating proxy is in front"
         )
     if config.server.proxy_protocol and not config.server.proxy_networks:
-        raise ConfigError(
+        errors.append(
             f"{path}: [server] proxy_networks: proxy_protocol = true needs at least one "
             "network allowed to send the PROXY header"
         )
+    return errors
 
 
 class _Reader:
@@ -218,6 +265,7 @@ class _Reader:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._base = path.parent
+        self.errors: list[str] = []  # every problem found; its key keeps the default
 
     def section(self, name: str, values: dict[str, Any]) -> Any:
         cls = _SECTIONS[name]
@@ -225,12 +273,15 @@ class _Reader:
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
             if key not in known:
-                raise ConfigError(f"{self._path}: unknown key [{name}] {key}")
+                hint = _did_you_mean(key, known)
+                self.errors.append(f"{self._path}: unknown key [{name}] {key}{hint}")
+                continue
             converter = _SPECIFIC.get((name, key)) or _GENERIC[key]
             try:
                 converted = converter(value)
             except (ValueError, TypeError) as error:
-                raise ConfigError(f"{self._path}: [{name}] {key}: {error}") from None
+                self.errors.append(f"{self._path}: [{name}] {key}: {error}")
+                continue
             kwargs[key] = converted
         section = cls(**kwargs)
         for field_name in (key for (owner, key) in _PATH_KEYS if owner == name):
@@ -345,6 +396,19 @@ def parse_host_port(value: Any) -> HostPort:
     return HostPort(host, port)
 
 
+def _nameserver(value: Any) -> HostPort:
+    """ "ip:port" of a resolver: an IP address, since a name would need a resolver."""
+    address = parse_host_port(value)
+    try:
+        ipaddress.ip_address(address.host)
+    except ValueError:
+        raise ValueError(
+            f'a resolver must be an IP address ("192.0.2.53:53", "[2001:db8::53]:53"), '
+            f"got {value!r}"
+        ) from None
+    return address
+
+
 def _list_of(item: Any) -> Any:
     def convert(value: Any) -> tuple[Any, ...]:
         if not isinstance(value, list):
@@ -445,7 +509,7 @@ _GENERIC: dict[str, Any] = {
     "max_age": parse_duration,
     "port": _port,
     "smarthost": _optional_host_port,
-    "nameservers": _list_of(parse_host_port),
+    "nameservers": _list_of(_nameserver),
     "connect_timeout": parse_duration,
     "command_timeout": parse_duration,
     "data_timeout": parse_duration,

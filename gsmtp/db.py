@@ -131,6 +131,20 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER messages_parts_delete AFTER DELETE ON messages WHEN old.parts > 0
         BEGIN DELETE FROM body_parts WHERE message_id = old.id; END;
     """,
+    # Queue control (issue 11): a held message is kept until an operator releases it (its
+    # queued recipients are unscheduled meanwhile, their statuses kept); what the CLI
+    # did is left in admin_actions for the running server to act on and log (audit).
+    """
+    ALTER TABLE messages ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE admin_actions(
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        action TEXT NOT NULL,
+        message_id TEXT,
+        domain TEXT,
+        count INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 )
 
 

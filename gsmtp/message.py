@@ -148,3 +148,17 @@ def results_for_all(
 ) -> list[RecipientResult]:
     """One result copied to every recipient (a connection failure, a whole-message reply)."""
     return [RecipientResult(r, outcome, status, reply, remote_mta) for r in recipients]
+
+
+@dataclass(frozen=True, slots=True)
+class AdminAction:
+    """What an operator did to the queue from the CLI (`gsmtp queue hold|release|flush|
+    delete|bounce`), left in the spool for the running server to act on and log:
+    `action` is the verb, `message_id` the message (None: the whole queue or a domain),
+    `domain` the destination flushed, `count` the recipients a flush made due."""
+
+    at: float
+    action: str
+    message_id: str | None
+    domain: str | None
+    count: int

@@ -32,8 +32,8 @@ rows were damaged, so they are set aside and listed, not deleted.
 
 A failed recipient keeps `notice_pending` until the notice step writes the bounce that
 lists it; a message is deleted once no recipient is queued and no notice is pending.
-`gsmtp queue flush` (another process) makes everything due now and bumps a serial in
-`meta` that the running queue manager polls.
+`gsmtp queue ...` (another process, gsmtp.queue_control) leaves what it did in
+`admin_actions`, which the running queue manager takes, acts on and logs.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import apsw
 
 from gsmtp.db import execute_values, query, scalar
 from gsmtp.message import (
+    AdminAction,
     MessageId,
     NewMessage,
     Outcome,
@@ -68,6 +69,13 @@ UNSCHEDULED = 1e18  # next_attempt_at of a row nobody may claim: owned, or set a
 NOTICE_HEADERS_LIMIT = 100 * 1024 + 1
 # The destination domain of a stored address: what follows its last "@".
 _DOMAIN = "lower(substr(address, length(rtrim(address, replace(address, '@', ''))) + 1))"
+DOMAIN_OF_ADDRESS = _DOMAIN  # for the operator's filters (queue_control)
+# A released claim is due when it was due, unless its message was held meanwhile (`gsmtp
+# queue hold`): then it stays unscheduled until the release.
+_DUE_UNLESS_HELD = (
+    f"CASE WHEN EXISTS (SELECT 1 FROM messages WHERE id = recipients.message_id AND held = 1)"
+    f" THEN {UNSCHEDULED!r} ELSE claimed_due END"
+)
 
 
 def raw_text(column: str) -> str:
@@ -295,12 +303,15 @@ def apply_results(connection: apsw.Connection, batch: list[tuple[RecipientUpdate
     A deferred recipient whose bounce the administrator asked for while it was being
     delivered (`gsmtp queue bounce` sets bounce_requested on owned rows too) is due
     again at once, at the time it was claimed or bounced, so that the next claim fails
-    it as asked rather than after the next retry step."""
+    it as asked rather than after the next retry step. One of a message held while it
+    was being delivered (`gsmtp queue hold`) is unscheduled until the release."""
     updates = [update for unit in batch for update in unit]
     execute_values(
         connection,
         "UPDATE recipients SET status = v.column1, attempts = attempts + v.column2,"
-        " next_attempt_at = CASE WHEN v.column1 = 'queued' AND bounce_requested = 1"
+        " next_attempt_at = CASE WHEN v.column1 = 'queued' AND EXISTS (SELECT 1 FROM"
+        f" messages WHERE id = recipients.message_id AND held = 1) THEN {UNSCHEDULED!r}"
+        " WHEN v.column1 = 'queued' AND bounce_requested = 1"
         " THEN min(v.column3, coalesce(claimed_due, v.column3)) ELSE v.column3 END,"
         " last_error = v.column4, last_status = v.column5,"
         " remote_mta = v.column6, notice_pending = v.column7, claimed_due = NULL"
@@ -388,8 +399,8 @@ class Spool:
 
         def work(connection: apsw.Connection) -> int:
             connection.execute(
-                "UPDATE recipients SET next_attempt_at = claimed_due, claimed_due = NULL"
-                " WHERE status = 'queued' AND next_attempt_at = :unscheduled"
+                f"UPDATE recipients SET next_attempt_at = {_DUE_UNLESS_HELD},"
+                " claimed_due = NULL WHERE status = 'queued' AND next_attempt_at = :unscheduled"
                 " AND claimed_due IS NOT NULL",
                 {"unscheduled": UNSCHEDULED},
             )
@@ -481,7 +492,7 @@ class Spool:
         self._writer.submit(
             lambda connection: execute_values(
                 connection,
-                "UPDATE recipients SET next_attempt_at = claimed_due, claimed_due = NULL"
+                f"UPDATE recipients SET next_attempt_at = {_DUE_UNLESS_HELD}, claimed_due = NULL"
                 " FROM (VALUES {values}) AS v WHERE recipients.message_id = v.column1"
                 " AND recipients.address = v.column2 AND claimed_due IS NOT NULL",
                 [tuple(pair) for pair in owned],
@@ -582,9 +593,15 @@ class Spool:
 
         return int(self._writer.submit(work))
 
-    def flush_serial(self) -> int:
-        """Bumped by every `gsmtp queue flush`."""
-        return int(scalar(self._reader, "SELECT value FROM meta WHERE key = 'flush_serial'") or 0)
+    def admin_actions_waiting(self) -> bool:
+        """True when the CLI left actions (gsmtp.queue_control) for the server: a cheap
+        read, done every round of the queue manager."""
+        return bool(scalar(self._reader, "SELECT EXISTS (SELECT 1 FROM admin_actions)"))
+
+    def take_admin_actions(self) -> list[AdminAction]:
+        """The actions the CLI left, oldest first, removed from the spool as they are
+        taken (the server's log keeps them)."""
+        return list(self._writer.submit(_take_admin_actions))
 
     # -- notices --------------------------------------------------------------------------
 
@@ -814,6 +831,26 @@ def _claim(connection: apsw.Connection, params: dict[str, Any]) -> str:
         {"chosen": chosen_ids},
     )
     return f"[{int(scanned)}, {int(capped)}, {rows}]"
+
+
+def _take_admin_actions(connection: apsw.Connection) -> list[AdminAction]:
+    rows = query(
+        connection,
+        f"SELECT id, at, {raw_text('action')}, {raw_text('message_id')}, {raw_text('domain')},"
+        " count FROM admin_actions ORDER BY id",
+    )
+    if rows:
+        connection.execute("DELETE FROM admin_actions WHERE id <= ?", (rows[-1][0],))
+    return [
+        AdminAction(
+            float(at) if isinstance(at, int | float) else 0.0,
+            _lenient(action),
+            decoded(message_id),
+            decoded(domain),
+            count if isinstance(count, int) else 0,
+        )
+        for _, at, action, message_id, domain, count in rows
+    ]
 
 
 def _unusable(address: str, size: Any, received_at: Any) -> str | None:

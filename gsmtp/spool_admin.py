@@ -6,9 +6,9 @@ corrupt must still be listed. Text is read as the bytes stored (apsw raises on T
 that is not UTF-8, which an outside writer can store) and decoded with U+FFFD for what
 does not decode; the CLI escapes control characters when it prints. Recipient rows
 without a message (deleted from outside with foreign keys off) are listed with the
-corrupt messages until the queue manager removes them. A flush makes every queued
-recipient due now and bumps `flush_serial` in `meta`, which the running queue manager
-polls to forget its dead destinations.
+corrupt messages until the queue manager removes them. Changes (flush, delete, bounce,
+and hold/release in gsmtp.queue_control) are recorded in `admin_actions`, which the
+running queue manager takes, acts on (a flush forgets its dead destinations) and logs.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import apsw
 
+from gsmtp import queue_control
 from gsmtp.db import query, scalar, transaction
 from gsmtp.spool import UNSCHEDULED
 
@@ -30,6 +31,7 @@ class RecipientRow:
     attempts: int
     next_attempt_at: float
     last_error: str | None
+    in_delivery: bool = False  # owned by a running delivery right now
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,22 @@ class MessageRow:
     helo: str
     recipients: tuple[RecipientRow, ...]
     corrupt: str | None = None
+    held: bool = False
+
+    @property
+    def in_delivery(self) -> bool:
+        return any(r.in_delivery for r in self.recipients)
+
+    @property
+    def next_attempt_at(self) -> float | None:
+        """When the queue runner next tries a recipient not being delivered now (None:
+        none waits, e.g. held or set aside)."""
+        due = [
+            r.next_attempt_at
+            for r in self.recipients
+            if r.status == "queued" and not r.in_delivery and r.next_attempt_at < UNSCHEDULED
+        ]
+        return min(due, default=None)
 
 
 class SpoolAdmin:
@@ -60,6 +78,10 @@ class SpoolAdmin:
         )
         found = [self._message_row(row) for row in rows]
         return found + self._without_message() if corrupt else found
+
+    def matching(self, selection: queue_control.Filter, now: float) -> list[str]:
+        """Ids of the messages (corrupt ones too) `selection` selects: `queue list`'s filters."""
+        return queue_control.matching(self._db, selection, now, corrupt=True)
 
     def message(self, message_id: str) -> MessageRow | None:
         rows = query(
@@ -93,28 +115,16 @@ class SpoolAdmin:
         result["corrupt"] = int(
             scalar(self._db, "SELECT COUNT(*) FROM messages WHERE corrupt IS NOT NULL")
         )
+        result["held"] = queue_control.held_count(self._db)
         return result
 
     def flush(self, now: float | None = None) -> int:
         """Make every queued recipient due now and tell the running queue manager to
         forget its dead destinations (like `postqueue -f`)."""
-        with transaction(self._db):
-            self._db.execute(
-                "UPDATE recipients SET next_attempt_at = ?"
-                " WHERE status = 'queued' AND next_attempt_at < ?",
-                (now if now is not None else time.time(), UNSCHEDULED),
-            )
-            changed = int(self._db.changes())
-            self._db.execute(
-                "INSERT INTO meta(key, value) VALUES ('flush_serial', 1)"
-                " ON CONFLICT(key) DO UPDATE SET value = value + 1"
-            )
-            return changed
+        return queue_control.flush(self._db, now if now is not None else time.time())
 
     def delete(self, message_id: str) -> bool:
-        with transaction(self._db):
-            self._db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-            return bool(self._db.changes())
+        return bool(queue_control.delete(self._db, now=time.time(), ids=[message_id]))
 
     def bounce(self, message_id: str, now: float | None = None) -> int:
         """Ask the runner to bounce a message's queued recipients at once. Those being
@@ -133,11 +143,14 @@ class SpoolAdmin:
                 " AND (next_attempt_at < :unscheduled OR claimed_due IS NOT NULL)",
                 {"now": when, "id": message_id, "unscheduled": UNSCHEDULED},
             )
-            return int(self._db.changes())
+            changed = int(self._db.changes())
+            if changed:
+                queue_control.record(self._db, "bounce", when, [(message_id, None, changed)])
+            return changed
 
     def _message_row(self, row: tuple[Any, ...]) -> MessageRow:
         """Tolerant of what does not decode: a corrupt message must still be listed."""
-        rowid, message_id, sender, size, received_at, client, helo, corrupt = row
+        rowid, message_id, sender, size, received_at, client, helo, corrupt, held = row
         recipients = query(
             self._db,
             f"SELECT {_RECIPIENT_COLUMNS} FROM recipients"
@@ -153,6 +166,7 @@ class SpoolAdmin:
             _text(helo),
             tuple(_recipient_row(row[1:]) for row in recipients),
             _text(corrupt) if corrupt is not None else None,
+            held == 1,
         )
 
     def _without_message(self) -> list[MessageRow]:
@@ -185,22 +199,23 @@ class SpoolAdmin:
 # Text columns read as stored bytes (see the module docstring).
 _MESSAGE_COLUMNS = (
     "rowid, CAST(id AS BLOB), CAST(sender AS BLOB), size, received_at, CAST(client AS BLOB),"
-    " CAST(helo AS BLOB), CAST(corrupt AS BLOB)"
+    " CAST(helo AS BLOB), CAST(corrupt AS BLOB), held"
 )
 _RECIPIENT_COLUMNS = (
     "CAST(message_id AS BLOB), CAST(address AS BLOB), CAST(status AS BLOB), attempts,"
-    " coalesce(claimed_due, next_attempt_at), CAST(last_error AS BLOB)"
+    " coalesce(claimed_due, next_attempt_at), CAST(last_error AS BLOB), claimed_due IS NOT NULL"
 )
 
 
 def _recipient_row(row: tuple[Any, ...]) -> RecipientRow:
-    address, status, attempts, due, error = row
+    address, status, attempts, due, error, owned = row
     return RecipientRow(
         _text(address),
         _text(status),
         attempts if isinstance(attempts, int) else 0,
         float(due) if isinstance(due, int | float) else 0.0,
         _text(error) if error is not None else None,
+        owned == 1,
     )
 
 

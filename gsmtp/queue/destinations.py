@@ -12,7 +12,8 @@ the window moves by about one per "cohort" of N deliveries, and stays within
 A delivery that reached no host at all makes the destination dead until its retry
 time: the queue manager then defers every other message for it without connecting
 ("delivery temporarily suspended"), instead of making each one wait for the same
-connect time-outs. `gsmtp queue flush` forgets every dead destination; a later success
+connect time-outs. `gsmtp queue flush` forgets every dead destination (`--domain D`, or
+flushing a message, those of D or of the message's domains); a later success
 (a delivery started before it died) revives it too.
 
 Each destination can hold a window's worth of batches beyond those running
@@ -173,14 +174,33 @@ class Destinations:
                 self._forget_if_idle(destination)
         return revived
 
-    def forget_dead(self) -> int:
-        """`gsmtp queue flush`: every destination may be tried at once."""
-        dead = [d for d in self._all.values() if d.dead_until is not None]
+    def forget_dead(self, domain: str | None = None) -> int:
+        """`gsmtp queue flush [--domain D]`: every destination (those of `domain`) may be
+        tried at once."""
+        dead = [
+            d
+            for d in self._all.values()
+            if d.dead_until is not None and (domain is None or d.key[1] == domain)
+        ]
         for destination in dead:
             destination.dead_until = None
             self._mark_ready(destination)
             self._forget_if_idle(destination)
         return len(dead)
+
+    def drop_waiting(self, message_id: str) -> list[Batch]:
+        """`gsmtp queue hold`: take a message's batches that have not started out of line
+        (the caller gives their recipients back to the spool)."""
+        dropped: list[Batch] = []
+        for destination in list(self._all.values()):
+            mine = [b for b in destination.waiting if b.claim.message_id == message_id]
+            if mine:
+                dropped += mine
+                destination.waiting = deque(
+                    b for b in destination.waiting if b.claim.message_id != message_id
+                )
+                self._forget_if_idle(destination)
+        return dropped
 
     def dead_count(self) -> int:
         return sum(1 for d in self._all.values() if d.dead_until is not None)

@@ -3,8 +3,10 @@
 Theory of operation (Postfix's qmgr is the model). One greenlet, the dispatcher, owns
 everything here but the deliveries themselves. Each round it
 
-1. polls the spool's flush serial (`gsmtp queue flush` in another process: forget every
-   dead destination) and revives dead destinations whose time has come;
+1. takes what the CLI did to the queue (`gsmtp queue flush|hold|release|delete|bounce`
+   in another process, left in the spool's admin_actions), logs each as an audit line
+   and acts on it (a flush forgets the dead-destination memory of what it made due, and
+   all of it for a whole-queue flush), and revives dead destinations whose time has come;
 2. claims due recipients — only what can start now or soon: no more than the free
    senders can take, each destination capped at what its window can run plus one
    window waiting, and never more than `active_limit` recipients in memory. A claim
@@ -25,7 +27,8 @@ message. It never starts another delivery, so no delivery ever waits for a slot 
 the pool it runs in (that deadlocked the old scheduler once the pool was full).
 
 The dispatcher sleeps until a delivery ends, new mail is queued, or at most
-`idle_poll` (1 s): often enough to see a flush at once and a due time on time. Retry
+`idle_poll` (1 s): often enough to see a due time on time. The CLI sends SIGUSR1 after
+a change (`admin_signalled`), so a flush is acted on at once, not at the next poll. Retry
 times are wall time; no wait is longer than the longest retry step, and a time found
 further ahead (the clock was set back) is pulled forward. An exception in a round is
 logged and counted, and the dispatcher goes on after a pause; MAX_FAILED_ROUNDS failed
@@ -66,6 +69,14 @@ CLAIM_FACTOR = 4  # recipients claimed per free sender (messages have several)
 MIN_SCAN = 200
 SWEEP_SECONDS = 60.0
 LONG_AGO = -1e18  # "no due row looked at yet"
+# The audit line logged for each thing the CLI did (gsmtp.queue_control).
+_AUDIT_EVENTS = {
+    "hold": "message_held",
+    "release": "message_released",
+    "delete": "message_deleted",
+    "bounce": "message_bounce_requested",
+    "flush": "queue_flushed",
+}
 
 
 class BodyBudget:
@@ -129,7 +140,6 @@ class QueueManager:
         self._more = True  # the spool may hold claimable work
         self._looks = 0  # times something asked for another look (see _look_again)
         self._claimed_through = LONG_AGO  # due rows up to here were looked at
-        self._flush_serial: int | None = None
         self._last_now: float | None = None
         self._next_cap = 0.0  # monotonic times of the periodic checks
         self._next_sweep = 0.0
@@ -150,6 +160,11 @@ class QueueManager:
     def wake(self) -> None:
         """New mail was queued: look for due work now."""
         self._look_again()
+        self._wake.set()
+
+    def admin_signalled(self) -> None:
+        """SIGUSR1: the CLI changed the queue; take its actions now."""
+        self._log.info("queue_signalled", signal="SIGUSR1")
         self._wake.set()
 
     def _sender_left(self, _sender: gevent.Greenlet) -> None:
@@ -205,7 +220,7 @@ class QueueManager:
     def _round(self) -> float:
         now = self._clock()
         self._check_clock(now)
-        self._check_flush()
+        self._check_admin_actions()
         for destination in self._destinations.revive(now, self._retry.longest_wait):
             self._log.info("destination_revived", destination=destination.key[1])
         if time.monotonic() >= self._next_cap:
@@ -243,14 +258,40 @@ class QueueManager:
             self._next_cap = 0.0
         self._last_now = now
 
-    def _check_flush(self) -> None:
-        serial = self._spool.flush_serial()
-        if self._flush_serial is not None and serial != self._flush_serial:
-            forgotten = self._destinations.forget_dead()
-            self._look_again()
-            self._claimed_through = LONG_AGO
-            self._log.info("queue_flushed", dead_destinations_forgotten=forgotten)
-        self._flush_serial = serial
+    def _check_admin_actions(self) -> None:
+        """Audit and apply what the CLI did (a cheap read when it did nothing)."""
+        if not self._spool.admin_actions_waiting():
+            return
+        for action in self._spool.take_admin_actions():
+            fields: dict[str, object] = {"source": "cli", "at": action.at}
+            if action.message_id is not None:
+                fields["msg_id"] = action.message_id
+            if action.domain is not None:
+                fields["domain"] = action.domain
+            if action.action in ("flush", "bounce"):
+                fields["recipients"] = action.count
+            if action.action == "flush" and (
+                action.message_id is None or action.domain is not None
+            ):
+                fields["dead_destinations_forgotten"] = self._destinations.forget_dead(
+                    action.domain
+                )
+            if action.action == "hold" and action.message_id is not None:
+                self._release_held(action.message_id)
+            self._log.info(_AUDIT_EVENTS.get(action.action, "queue_changed"), **fields)
+            if action.action in ("flush", "release", "bounce"):
+                self._look_again()
+                self._claimed_through = LONG_AGO
+
+    def _release_held(self, message_id: str) -> None:
+        """A message held after it was claimed: what has not started is given back (the
+        spool keeps a held message's rows unscheduled); a running delivery finishes."""
+        dropped = self._destinations.drop_waiting(message_id)
+        if dropped:
+            self._spool.release(
+                [(message_id, recipient.address) for b in dropped for recipient in b.recipients]
+            )
+            self.held -= sum(len(b.recipients) for b in dropped)
 
     def _claim(self, now: float) -> bool:
         """Claim what can start now or soon; True to claim again at once."""

@@ -215,11 +215,11 @@ class FlakySpool(Spool):
         super().__init__(inner._writer, inner._reader)
         self.failures = failures
 
-    def flush_serial(self) -> int:
+    def admin_actions_waiting(self) -> bool:
         if self.failures > 0:
             self.failures -= 1
             raise RuntimeError("spool read failed")
-        return super().flush_serial()
+        return super().admin_actions_waiting()
 
 
 def test_an_exception_in_a_round_is_counted_and_the_runner_goes_on(qw: QueueWorld) -> None:

@@ -12,7 +12,14 @@ import gevent
 import pytest
 
 from gsmtp import db
-from gsmtp.message import MessageId, NewMessage, Outcome, QueuedMessage, new_message_id
+from gsmtp.message import (
+    AdminAction,
+    MessageId,
+    NewMessage,
+    Outcome,
+    QueuedMessage,
+    new_message_id,
+)
 from gsmtp.spool import UNSCHEDULED, ClaimedRecipient, RecipientUpdate, Spool, Unreadable
 from gsmtp.spool_admin import SpoolAdmin
 from gsmtp.writer import GroupCommitter, ThreadReader
@@ -140,6 +147,7 @@ def test_claim_owns_and_results_release(spool: Spool, spool_path: str) -> None:
         "delivered": 0,
         "failed": 0,
         "corrupt": 0,
+        "held": 0,
     }
 
 
@@ -362,15 +370,17 @@ def test_unreadable_messages_are_set_aside_not_retried(spool: Spool, spool_path:
     } == {UNSCHEDULED}
 
 
-def test_flush_makes_everything_due_and_bumps_the_serial(spool: Spool, spool_path: str) -> None:
+def test_flush_makes_everything_due_and_leaves_an_action(spool: Spool, spool_path: str) -> None:
     spool.enqueue(message(1, now=10.0))
     claims = spool.claim_due(now=10.0, limit=10).claims
     spool.record_results(
         [RecipientUpdate(claims[0].message_id, "a@x.example", Outcome.DEFERRED, "451", 5000.0)]
     )
-    before = spool.flush_serial()
+    assert not spool.admin_actions_waiting()
     assert SpoolAdmin(db.connect(spool_path)).flush(now=20.0) == 1
-    assert spool.flush_serial() == before + 1
+    assert spool.admin_actions_waiting()
+    assert spool.take_admin_actions() == [AdminAction(20.0, "flush", None, None, 1)]
+    assert not spool.admin_actions_waiting()
     assert spool.next_due_at() == 20.0
 
 

@@ -1,0 +1,82 @@
+"""`gsmtp check-config`: what the parser cannot see, and the settings that differ from the
+defaults (`postconf -n`).
+
+The parser (gsmtp.config) already reports every malformed or unknown key at once; this
+looks at the machine: TLS certificate and key files that cannot be read, a spool or
+Maildir directory that neither exists nor can be created. Each problem is one line
+naming the section and key. Reads files' metadata and opens the TLS files to read a
+byte; creates nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gsmtp.config import Config
+
+
+def environment_problems(config: Config) -> list[str]:
+    """Every problem with the files and directories the configuration names."""
+    problems = []
+    for key in ("cert", "key"):
+        path = getattr(config.tls, key)
+        if path:
+            problem = _unreadable(Path(path))
+            if problem:
+                problems.append(f"[tls] {key}: {problem}")
+    spool = Path(config.spool.path)
+    problem = _not_creatable(spool.parent) or _not_writable_file(spool)
+    if problem:
+        problems.append(f"[spool] path: {problem}")
+    problem = _not_creatable(Path(config.maildir.root))
+    if problem:
+        problems.append(f"[maildir] root: {problem}")
+    return [f"{config.path}: {problem}" for problem in problems]
+
+
+def non_default(
+    effective: Mapping[str, Mapping[str, Any]], defaults: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The settings (as printed) that differ from the defaults (as printed), by section."""
+    changed: dict[str, dict[str, Any]] = {}
+    for section, values in effective.items():
+        for key, value in values.items():
+            if defaults.get(section, {}).get(key) != value:
+                changed.setdefault(section, {})[key] = value
+    return changed
+
+
+def _unreadable(path: Path) -> str | None:
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as error:
+        return f"cannot read {path}: {error.strerror}"
+    return None
+
+
+def _not_creatable(directory: Path) -> str | None:
+    """None if `directory` exists and can be written, or could be created."""
+    probe = directory
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        if probe == directory:
+            return f"directory {directory} is not writable"
+        return (
+            f"directory {directory} does not exist and cannot be created ({probe} is not writable)"
+        )
+    return None
+
+
+def _not_writable_file(path: Path) -> str | None:
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return f"{path} cannot be read and written"
+    return None
