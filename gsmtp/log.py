@@ -67,11 +67,33 @@ class _BufferedLogger:
 
 
 _buffer: _LineBuffer | None = None
+# The lowest level written. A processor compares against it rather than a filtering
+# wrapper class, because loggers are bound once (at construction) and keep their class:
+# this way a reload's `set_level` reaches them all.
+_min_level = logging.INFO
+
+
+def _drop_below_level(_logger: Any, method: str, event: Any) -> Any:
+    if _LEVELS.get(method, logging.CRITICAL) < _min_level:
+        raise structlog.DropEvent
+    return event
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_LEVELS.update(warn=logging.WARNING, error=logging.ERROR, exception=logging.ERROR)
+
+
+def set_level(level: str) -> None:
+    """Change the level of every logger, those already bound included (SIGHUP)."""
+    global _min_level  # part of the one logging set-up
+    _min_level = getattr(logging, level.upper())
 
 
 def configure(level: str = "info", fmt: str = "json") -> None:
     global _buffer  # the one logging set-up of the process (STYLE: allowed global)
+    set_level(level)
     processors: list[Any] = [
+        _drop_below_level,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
@@ -87,7 +109,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         factory = lambda *_: _BufferedLogger(buffer)  # noqa: E731
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
