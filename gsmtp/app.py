@@ -452,7 +452,7 @@ class Application:
         try:
             fresh = load(Path(self.config.path))
         except ConfigError as error:
-            self._log.error("config_reload_failed", error=str(error))
+            self._log.error("reload_failed", error=str(error))
             return False
         restart = restart_needed(self.config, fresh)
         effective = in_effect(self.config, fresh, restart)
@@ -464,7 +464,7 @@ class Application:
                     effective.tls.cert, effective.tls.key, effective.tls.min_version
                 )
             except TlsError as error:
-                self._log.error("config_reload_failed", error=f"[tls] {error}")
+                self._log.error("reload_failed", error=f"[tls] {error}")
                 return False
         signer = self._build_signer(effective)
         # Nothing below can fail: the new settings go in together.

@@ -99,6 +99,11 @@ class GsmtpProcess:
         self.log_path = directory / "gsmtp.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
+        # Set before start(): more environment (NOTIFY_SOCKET…), and a listening
+        # socket handed over as systemd's socket activation does (fd 3, LISTEN_FDS=1,
+        # LISTEN_PID = the server's own PID).
+        self.env: dict[str, str] = {}
+        self.listen_socket: socket.socket | None = None
 
     # -- CLI --------------------------------------------------------------------------
 
@@ -149,12 +154,21 @@ class GsmtpProcess:
     def _start_once(self) -> None:
         log = self.log_path.open("ab")
         self._log_offset = log.tell()
+        command = [sys.executable, "-m", "gsmtp.cli", "serve", "-c", str(self.config)]
+        pass_fds: tuple[int, ...] = ()
+        if self.listen_socket is not None:
+            fd = self.listen_socket.fileno()
+            moves = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "
+            script = f'{moves}export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@"'
+            command = ["sh", "-c", script, "sh", *command]
+            pass_fds = (fd,)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gsmtp.cli", "serve", "-c", str(self.config)],
+            command,
             stdout=log,
             stderr=log,
             cwd=self.directory,
-            env=environment(),
+            env={**environment(), **self.env},
+            pass_fds=pass_fds,
         )
         log.close()
         wait_for(self._accepting, timeout=20, what=f"gsmtp to listen on {self.port}")
