@@ -64,6 +64,19 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# What systemd does between fork and exec for socket activation: the socket on fd 3,
+# LISTEN_FDS=1 and LISTEN_PID set to the PID the server will have (exec keeps it).
+_SOCKET_ACTIVATION = """
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 class GsmtpProcess:
     """Start, stop, kill -9 and restart one gsmtp; run its CLI against the same config."""
 
@@ -158,9 +171,7 @@ class GsmtpProcess:
         pass_fds: tuple[int, ...] = ()
         if self.listen_socket is not None:
             fd = self.listen_socket.fileno()
-            moves = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "
-            script = f'{moves}export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@"'
-            command = ["sh", "-c", script, "sh", *command]
+            command = [sys.executable, "-c", _SOCKET_ACTIVATION, str(fd), *command]
             pass_fds = (fd,)
         self.process = subprocess.Popen(
             command,
