@@ -466,6 +466,8 @@ class Application:
             except TlsError as error:
                 self._log.error("reload_failed", error=f"[tls] {error}")
                 return False
+        # DKIM: a signer that cannot be built (a key that does not load) fails the
+        # reload here, like the TLS pair: log reload_failed, return False.
         signer = self._build_signer(effective)
         # Nothing below can fail: the new settings go in together.
         self._apply(effective, tls_context, signer)
