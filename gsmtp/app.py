@@ -19,9 +19,11 @@ from __future__ import annotations
 import grp
 import os
 import signal
+import socket
+import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +47,13 @@ from gsmtp.limits import ConnectionLimiter
 from gsmtp.policy import Client, IPAddress, Policy
 from gsmtp.protocol.session import Limits
 from gsmtp.queue import Notices, NoticeSettings, QueueManager, RetryPolicy
+from gsmtp.reload import changed, in_effect, restart_needed
 from gsmtp.routing import Router
 from gsmtp.server import CUT_SECONDS, Deadlines, SmtpServer
 from gsmtp.spool import Spool
-from gsmtp.supervision import EXIT_COMPONENT_DIED, Progress, Supervisor
-from gsmtp.tls import ServerTls, TlsError
+from gsmtp.supervision import EXIT_COMPONENT_DIED, STALL_SECONDS, Progress, Supervisor
+from gsmtp.systemd import SystemdNotifier, listen_fds
+from gsmtp.tls import ServerTls, TlsError, server_context
 
 # One thread writes all Maildir files. More threads, each giving up and retaking the GIL
 # around every file syscall, starve the event loop (a GIL convoy): measured with
@@ -72,6 +76,8 @@ WRITER_STOP_SECONDS = 0.5  # at SIGTERM, for the writer's last commits after the
 # time: on a large queue the count takes longer, and is then made less often.
 QUEUE_GAUGES_SECONDS = 1.0
 QUEUE_GAUGES_SHARE = 0.1
+# How often systemd's STATUS= line (connections, queue size) is refreshed.
+STATUS_SECONDS = 5.0
 
 
 class StartupError(Exception):
@@ -108,9 +114,18 @@ def _call_captured(work: Any) -> tuple[bool, Any]:
 
 
 class Application:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        notifier: SystemdNotifier | None = None,
+        listen_sockets: Sequence[socket.socket] | None = None,
+    ) -> None:
+        """`notifier` and `listen_sockets` (socket activation) default to what the
+        environment says: $NOTIFY_SOCKET, $WATCHDOG_USEC, $LISTEN_FDS."""
         self.config = config
         self._log = log.get_logger(component="app")
+        self.notifier = notifier if notifier is not None else SystemdNotifier.from_environment()
         self.supervisor = Supervisor()
         self._reader = self._open_spool()
         self._tls = self._server_tls()  # may refuse to start: before any thread
@@ -126,6 +141,9 @@ class Application:
             snapshot=self._accounts.get,
             vrfy=config.server.vrfy,
         )
+        # DKIM: the signer object (built from the configuration, swapped whole on a
+        # reload) goes here; see `_build_signer` and `_apply`.
+        self._signer: object | None = self._build_signer(config)
         self._router = Router(self.policy)
         self._acceptor = Acceptor(config.server.hostname)
         self._file_pool = ThreadPool(MAILDIR_THREADS)
@@ -139,11 +157,7 @@ class Application:
             notices=Notices(
                 spool=self.spool,
                 writer=self._acceptor,
-                settings=NoticeSettings(
-                    postmaster=f"postmaster@{config.server.hostname}",
-                    delay_warning=delivery.delay_warning,
-                    max_age=delivery.max_age,
-                ),
+                settings=_notice_settings(config),
                 clock=time.time,
             ),
             concurrency=delivery.concurrency,
@@ -160,6 +174,13 @@ class Application:
             ipv6_prefix=config.server.ipv6_prefix,
         )
         submission = config.submission
+        self._limiter = ConnectionLimiter(
+            max_per_network=config.server.max_connections_per_ip,
+            max_rate=config.server.max_connection_rate,
+            v4_prefix=config.server.ipv4_prefix,
+            v6_prefix=config.server.ipv6_prefix,
+            exempt=config.server.trusted_networks,
+        )
         self.server = SmtpServer(
             listen=tuple((a.host, a.port) for a in config.server.listen),
             submission_listen=tuple((a.host, a.port) for a in submission.listen),
@@ -167,22 +188,11 @@ class Application:
             plaintext_auth=submission.allow_plaintext_auth,
             authenticator=self._authenticator,
             hostname=config.server.hostname,
-            limits=Limits(
-                max_message_size=config.server.max_message_size,
-                max_recipients=config.server.max_recipients,
-                soft_error_limit=config.server.soft_error_limit,
-                junk_command_limit=config.server.junk_command_limit,
-            ),
+            limits=_limits(config),
             idle_timeout=config.server.timeout,
             greet_wait=config.server.greet_wait,
             max_connections=config.server.max_connections,
-            limiter=ConnectionLimiter(
-                max_per_network=config.server.max_connections_per_ip,
-                max_rate=config.server.max_connection_rate,
-                v4_prefix=config.server.ipv4_prefix,
-                v6_prefix=config.server.ipv6_prefix,
-                exempt=config.server.trusted_networks,
-            ),
+            limiter=self._limiter,
             policy=self.policy,
             spool=self.spool,
             acceptor=self._acceptor,
@@ -191,17 +201,16 @@ class Application:
             proxy_networks=(config.server.proxy_networks if config.server.proxy_protocol else None),
             reserve=self._reserve,
             spawn=self.supervisor.spawn,
-            deadlines=Deadlines(
-                command=config.server.command_deadline,
-                min_data_rate=config.server.min_data_rate,
-                data_rate_grace=config.server.min_data_rate_grace,
-            ),
+            deadlines=_deadlines(config),
             error_sleep=config.server.error_sleep,
             max_data_memory=config.server.max_data_memory,
+            inherited=listen_fds() if listen_sockets is None else listen_sockets,
         )
         self._metrics_server: Any = None
         self._housekeeper: gevent.Greenlet | None = None
         self._gauges_due = 0.0  # monotonic time of the next queue count
+        self._queued = 0  # recipients queued, as last counted for STATUS=
+        self._watchdog: gevent.Greenlet | None = None
 
     def _store_password_hash(self, user: str, old: str, new: str) -> bool:
         """A rehashed password (AUTH), written by the spool's writer thread."""
@@ -273,21 +282,12 @@ class Application:
 
     def _remote_deliverer(self) -> SmtpDeliverer:
         delivery = self.config.delivery
-        smarthost = None
-        if delivery.smarthost:
-            address = parse_host_port(delivery.smarthost)
-            smarthost = (address.host, address.port)
         return SmtpDeliverer(
-            resolver=DnsResolver([(n.host, n.port) for n in delivery.nameservers]),
+            resolver=_resolver(self.config),
             helo_name=self.config.server.hostname,
             port=delivery.port,
-            smarthost=smarthost,
-            timeouts=Timeouts(
-                delivery.connect_timeout,
-                delivery.command_timeout,
-                delivery.data_timeout,
-                delivery.attempt_timeout,
-            ),
+            smarthost=_smarthost(self.config),
+            timeouts=_timeouts(self.config),
             listeners=[(a.host, a.port) for a in self.config.server.listen],
             connection_reuse=delivery.connection_reuse,
             connection_idle=delivery.connection_idle,
@@ -308,6 +308,11 @@ class Application:
                 Task("vacuum", VACUUM_SECONDS, self._give_back_space),
                 Task("maildir_tmp", MAILDIR_TMP_CLEAN_SECONDS, self._clean_maildir_tmp),
                 Task("queue_gauges", QUEUE_GAUGES_SECONDS, self._refresh_gauges),
+                *(
+                    [Task("systemd_status", STATUS_SECONDS, self._report_status)]
+                    if self.notifier.enabled
+                    else []
+                ),
             ],
             tick=log.FLUSH_SECONDS,
         )
@@ -326,7 +331,17 @@ class Application:
         except OSError as error:
             raise StartupError(f"cannot listen: {error.strerror} ({error})") from None
         self._supervise()
+        metrics.RELOAD_SUCCESSFUL.set(1)  # the configuration in effect loaded
+        metrics.RELOAD_SUCCESS_TIME.set(time.time())
         self._log.info("server_started", hostname=self.config.server.hostname)
+        # Listeners bound, spool open, every component running: systemd may now
+        # report the start as done (Type=notify), and the watchdog begins.
+        self._queued = self._bodies.run(_queued_recipients)
+        self.notifier.ready(self._status_text())
+        if self.notifier.watchdog_interval is not None:
+            self._watchdog = self.supervisor.spawn(
+                "watchdog", self.notifier.run_watchdog, self._liveness
+            )
 
     def _supervise(self) -> None:
         """Register what has no greenlet spawned through the supervisor: threads, the
@@ -405,6 +420,7 @@ class Application:
         # last commits: DESIGN.md promises an exit within grace + 2 s.
         deadline = time.monotonic() + grace + 2 * CUT_SECONDS + WRITER_STOP_SECONDS
         self._log.info("server_stopping", grace_seconds=grace)
+        self.notifier.stopping()
         self.supervisor.stop()
         self.queue.stop_claiming()  # at once: no new deliveries while clients drain
         # Side by side, not one after the other: each is bounded by the grace.
@@ -425,6 +441,8 @@ class Application:
         self._remote.close()  # QUIT to idle outbound sessions (deliveries have ended)
         if self._housekeeper is not None:
             self._housekeeper.kill()
+        if self._watchdog is not None:
+            self._watchdog.kill()
         finished = self._writer.stop(timeout=max(deadline - time.monotonic(), 0.1))
         if finished:
             self._close_quietly(self._bodies.close)
@@ -442,42 +460,112 @@ class Application:
         except db.DatabaseError as error:
             self._log.warning("spool_close_failed", error=str(error))
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the configuration and the accounts; never exit. Settings that
-        need new sockets or objects are reported, not applied."""
+    def reload(self) -> bool:
+        """SIGHUP: re-read the configuration and apply what needs no restart; never
+        exit. All or nothing: everything is loaded first (the file, the certificate
+        pair, the DKIM signer), and only when all of it loaded is it applied; else the
+        old settings stay, in full, and the reload counts as failed. Settings that need
+        a restart are named in a warning and keep their old values. True if applied."""
+        self.notifier.reloading()
+        try:
+            applied = self._reload()
+        finally:
+            self.notifier.ready(self._status_text())
+        metrics.RELOADS.labels("ok" if applied else "failed").inc()
+        metrics.RELOAD_SUCCESSFUL.set(1 if applied else 0)
+        if applied:
+            metrics.RELOAD_SUCCESS_TIME.set(time.time())
+        return applied
+
+    def _reload(self) -> bool:
         try:
             fresh = load(Path(self.config.path))
         except ConfigError as error:
             self._log.error("reload_failed", error=str(error))
-            metrics.RELOADS.labels("failed").inc()
-            return
-        tls_applied = self._reload_tls(fresh)
-        changed = [
-            name
-            for name in (
-                "server",
-                "tls",
-                "submission",
-                "spool",
-                "maildir",
-                "delivery",
-                "metrics",
-                "log",
-            )
-            if getattr(fresh, name) != getattr(self.config, name)
-            and not (name == "tls" and tls_applied is not None)
-        ]
-        self._accounts.get()
-        metrics.RELOADS.labels("failed" if tls_applied is False else "ok").inc()
-        self._log.info("config_reloaded", restart_needed_for=changed or None)
+            return False
+        restart = restart_needed(self.config, fresh)
+        effective = in_effect(self.config, fresh, restart)
+        tls_context: ssl.SSLContext | None = None
+        if self._tls is not None and effective.tls.enabled:
+            # Loaded again even at the same paths: a renewed pair (a certbot hook).
+            try:
+                tls_context = server_context(
+                    effective.tls.cert, effective.tls.key, effective.tls.min_version
+                )
+            except TlsError as error:
+                self._log.error("reload_failed", error=f"[tls] {error}")
+                return False
+        # DKIM: a signer that cannot be built (a key that does not load) fails the
+        # reload here, like the TLS pair: log reload_failed, return False.
+        signer = self._build_signer(effective)
+        # Nothing below can fail: the new settings go in together.
+        self._apply(effective, tls_context, signer)
+        applied = changed(self.config, effective)
+        self.config = effective
+        self._accounts.get(fresh=True)
+        if restart:
+            self._log.warning("config_restart_needed", settings=restart)
+        self._log.info("config_reloaded", applied=applied or None)
+        return True
 
-    def _reload_tls(self, fresh: Config) -> bool | None:
-        """Load the certificate and key again, for new handshakes: a renewed pair at the
-        same paths, or new paths. True: loaded; False: it failed and the old pair is
-        still served; None: TLS is being turned on or off, which needs a restart."""
-        if self._tls is None or not fresh.tls.enabled:
-            return None
-        return self._tls.reload(fresh.tls.cert, fresh.tls.key, fresh.tls.min_version)
+    def _build_signer(self, config: Config) -> object | None:
+        """The DKIM slot: build the one signer object from `config` (keys read and
+        checked here, so that a broken key fails the reload, like a broken certificate
+        pair, before anything is applied). None until DKIM signing lands."""
+        return None
+
+    def _apply(
+        self, config: Config, tls_context: ssl.SSLContext | None, signer: object | None
+    ) -> None:
+        """Hand each running component its new settings (values only; cannot fail)."""
+        server = config.server
+        self.policy.reconfigure(trusted_networks=server.trusted_networks, vrfy=server.vrfy)
+        self._limiter.reconfigure(
+            max_per_network=server.max_connections_per_ip,
+            max_rate=server.max_connection_rate,
+            exempt=server.trusted_networks,
+        )
+        self.server.reconfigure(
+            limits=_limits(config),
+            idle_timeout=server.timeout,
+            deadlines=_deadlines(config),
+            greet_wait=server.greet_wait,
+            error_sleep=server.error_sleep,
+            proxy_networks=server.proxy_networks,
+            max_data_memory=server.max_data_memory,
+        )
+        self._reserve.reserve = spool_reserve(config)
+        delivery = config.delivery
+        self.queue.reconfigure(
+            retry=RetryPolicy(delivery.retry, delivery.max_age),
+            notices=_notice_settings(config),
+        )
+        self._remote.reconfigure(
+            resolver=_resolver(config),
+            port=delivery.port,
+            smarthost=_smarthost(config),
+            timeouts=_timeouts(config),
+        )
+        if self._tls is not None and tls_context is not None:
+            self._tls.use(tls_context, config.tls.cert, config.tls.min_version)
+        self._signer = signer
+        log.set_level(config.log.level)
+
+    # -- systemd ----------------------------------------------------------------------
+
+    def _liveness(self) -> str | None:
+        """For the watchdog: None while the writer, the readers, the queue runner and
+        the other supervised components are alive (the event loop is, if this runs)."""
+        limit = self.notifier.watchdog_seconds or STALL_SECONDS
+        return self.supervisor.liveness(stall_limit=limit)
+
+    def _status_text(self) -> str:
+        return f"{self.server.connections} connections open, {self._queued} recipients queued"
+
+    def _report_status(self) -> None:
+        """STATUS= for `systemctl status`; the count is taken on the reader thread."""
+        self._queued = self._bodies.run(_queued_recipients)
+        self.notifier.status(self._status_text())
 
     def serve_forever(self) -> int:
         """Run until SIGTERM/SIGINT (exit status 0) or the death of a component
@@ -552,3 +640,58 @@ def _startup_failed(error: StartupError) -> int:
     log.flush()
     print(f"gsmtp: {error}", file=sys.stderr)
     return 1
+
+
+# -- settings for components, from the configuration (at start and at each reload) ---------
+
+
+def _limits(config: Config) -> Limits:
+    server = config.server
+    return Limits(
+        max_message_size=server.max_message_size,
+        max_recipients=server.max_recipients,
+        soft_error_limit=server.soft_error_limit,
+        junk_command_limit=server.junk_command_limit,
+    )
+
+
+def _deadlines(config: Config) -> Deadlines:
+    server = config.server
+    return Deadlines(
+        command=server.command_deadline,
+        min_data_rate=server.min_data_rate,
+        data_rate_grace=server.min_data_rate_grace,
+    )
+
+
+def _notice_settings(config: Config) -> NoticeSettings:
+    return NoticeSettings(
+        postmaster=f"postmaster@{config.server.hostname}",
+        delay_warning=config.delivery.delay_warning,
+        max_age=config.delivery.max_age,
+    )
+
+
+def _resolver(config: Config) -> DnsResolver:
+    return DnsResolver([(n.host, n.port) for n in config.delivery.nameservers])
+
+
+def _smarthost(config: Config) -> tuple[str, int] | None:
+    if not config.delivery.smarthost:
+        return None
+    address = parse_host_port(config.delivery.smarthost)
+    return (address.host, address.port)
+
+
+def _timeouts(config: Config) -> Timeouts:
+    delivery = config.delivery
+    return Timeouts(
+        delivery.connect_timeout,
+        delivery.command_timeout,
+        delivery.data_timeout,
+        delivery.attempt_timeout,
+    )
+
+
+def _queued_recipients(connection: apsw.Connection) -> int:
+    return int(db.scalar(connection, "SELECT COUNT(*) FROM recipients WHERE status = 'queued'"))

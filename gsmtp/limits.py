@@ -76,6 +76,14 @@ class ConnectionLimiter:
         # Oldest window first: a renewed window moves to the end.
         self._windows: OrderedDict[IPNetwork, _Window] = OrderedDict()
 
+    def reconfigure(
+        self, *, max_per_network: int, max_rate: int, exempt: Sequence[IPNetwork]
+    ) -> None:
+        """A reload: new limits for the next connection; counts already kept stay."""
+        self._max_per_network = max_per_network
+        self._max_rate = max_rate
+        self._exempt = tuple(exempt)
+
     def network_of(self, ip: IPAddress) -> IPNetwork:
         return client_network(ip, self._v4_prefix, self._v6_prefix)
 

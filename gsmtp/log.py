@@ -72,6 +72,26 @@ class _BufferedLogger:
 
 
 _buffer: _LineBuffer | None = None
+# The lowest level written. A processor compares against it rather than a filtering
+# wrapper class, because loggers are bound once (at construction) and keep their class:
+# this way a reload's `set_level` reaches them all.
+_min_level = logging.INFO
+
+
+def _drop_below_level(_logger: Any, method: str, event: Any) -> Any:
+    if _LEVELS.get(method, logging.CRITICAL) < _min_level:
+        raise structlog.DropEvent
+    return event
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_LEVELS.update(warn=logging.WARNING, error=logging.ERROR, exception=logging.ERROR)
+
+
+def set_level(level: str) -> None:
+    """Change the level of every logger, those already bound included (SIGHUP)."""
+    global _min_level  # part of the one logging set-up
+    _min_level = getattr(logging, level.upper())
 
 # structlog level → syslog priority (RFC 5424 severities).
 PRIORITIES = {"critical": 2, "error": 3, "exception": 3, "warning": 4, "info": 6, "debug": 7}
@@ -107,7 +127,9 @@ def configure(level: str = "info", fmt: str = "json", *, journal: bool | None = 
     """Set up the process's logging; `journal` (default: `under_journald()`) puts the
     syslog priority before each JSON line."""
     global _buffer  # the one logging set-up of the process (STYLE: allowed global)
+    set_level(level)
     processors: list[Any] = [
+        _drop_below_level,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
@@ -126,7 +148,7 @@ def configure(level: str = "info", fmt: str = "json", *, journal: bool | None = 
         factory = lambda *_: _BufferedLogger(buffer)  # noqa: E731
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )

@@ -115,6 +115,14 @@ NOTICES = Counter("gsmtp_notices", "Notices queued (bounce, delay, postmaster)",
 RELOADS = Counter(
     "gsmtp_reloads", "SIGHUP reloads, by outcome (failed: config or TLS pair)", ["outcome"]
 )
+RELOAD_SUCCESSFUL = Gauge(
+    "gsmtp_config_last_reload_successful",
+    "1 if the last configuration load (start or SIGHUP) was applied, 0 if it failed",
+)
+RELOAD_SUCCESS_TIME = Gauge(
+    "gsmtp_config_last_reload_success_timestamp_seconds",
+    "When the configuration in effect was loaded (start or the last applied SIGHUP)",
+)
 SLOW_CLIENTS = Counter(
     "gsmtp_slow_clients",
     "Connections closed with 421 4.4.2, by limit (idle, command_deadline, min_data_rate)",

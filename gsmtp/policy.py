@@ -68,6 +68,12 @@ class Policy:
         self._snapshot = snapshot
         self._vrfy = vrfy
 
+    def reconfigure(self, *, trusted_networks: Sequence[IPNetwork], vrfy: bool) -> None:
+        """A reload: relay rights and VRFY from the next decision on (a removed
+        network can no longer relay, even on a session already open)."""
+        self._trusted = tuple(trusted_networks)
+        self._vrfy = vrfy
+
     def snapshot(self) -> AccountsSnapshot:
         """The accounts as they are now (re-read at most every few milliseconds)."""
         return self._snapshot()

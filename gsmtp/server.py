@@ -30,6 +30,7 @@ names is the client for everything after: relay rights, limits, logs, Received:.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import itertools
 import socket
 import ssl
@@ -174,6 +175,7 @@ class SmtpServer:
         authenticator: Authenticator | None = None,
         auth_failure_delay: float = 1.0,
         max_data_memory: int = 256 * 1024 * 1024,
+        inherited: Sequence[socket.socket] = (),
     ) -> None:
         auth = authenticator is not None
         self._listen = [_Listener(host, port, ListenerRules(auth=auth)) for host, port in listen]
@@ -183,6 +185,9 @@ class SmtpServer:
             _Listener(host, port, submission, implicit_tls=True)
             for host, port in submission_tls_listen
         ]
+        # Listening sockets systemd passed (socket activation), used instead of binding
+        # the listener with the same address.
+        self._inherited = list(inherited)
         self._authenticator = authenticator
         self._auth_failure_delay = auth_failure_delay
         self._hostname = hostname
@@ -215,10 +220,39 @@ class SmtpServer:
         self._ids = itertools.count(1)
         self._log = get_logger(component="server")
 
+    def reconfigure(
+        self,
+        *,
+        limits: Limits,
+        idle_timeout: float,
+        deadlines: Deadlines,
+        greet_wait: float,
+        error_sleep: float,
+        proxy_networks: Sequence[IPNetwork] | None,
+        max_data_memory: int,
+    ) -> None:
+        """A reload: sessions that start from now on get these limits and deadlines
+        (EHLO advertises the new SIZE); open sessions keep the limits they began with.
+        Whether PROXY headers are required at all is fixed at start."""
+        self._limits = limits
+        self._idle_timeout = idle_timeout
+        self._proxy_deadline = min(PROXY_HEADER_DEADLINE, idle_timeout)
+        self._deadlines = deadlines
+        self._greet_wait = greet_wait
+        self._error_sleep = error_sleep
+        if self._proxy_networks is not None and proxy_networks is not None:
+            self._proxy_networks = tuple(proxy_networks)
+        self.data_memory.limit = max_data_memory
+
     @property
     def tls_context(self) -> ssl.SSLContext | None:
         """The context for handshakes starting now (replaced by a certificate reload)."""
         return self._tls.context if self._tls is not None else None
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (systemd STATUS=)."""
+        return self._active
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -227,13 +261,10 @@ class SmtpServer:
     def start(self) -> None:
         for kind in self._listen:
             host, port = kind.host, kind.port
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            listener = socket.socket(family, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            listener.bind((host, port))
-            listener.listen(1024)
+            listener = self._take_inherited(host, port)
+            inherited = listener is not None
+            if listener is None:
+                listener = _bind(host, port)
 
             def handle(sock: socket.socket, address: Any, kind: _Listener = kind) -> None:
                 self._handle(sock, address, kind)
@@ -247,10 +278,23 @@ class SmtpServer:
                 port=port,
                 submission=kind.rules.submission,
                 implicit_tls=kind.implicit_tls,
+                inherited=inherited,
             )
+        for unused in self._inherited:
+            self._log.warning("inherited_socket_unused", address=str(unused.getsockname()))
+            unused.close()
+        self._inherited.clear()
         self._sweeper = self._spawn("sweeper", self._sweep_idle)
         memory = self.data_memory
         metrics.DATA_MEMORY.set_function(lambda: memory.used)
+
+    def _take_inherited(self, host: str, port: int) -> socket.socket | None:
+        """The socket systemd passed for this address, if any (matched by the address
+        it is bound to: ListenStream= must name the address `listen` names)."""
+        for index, candidate in enumerate(self._inherited):
+            if _bound_to(candidate, host, port):
+                return self._inherited.pop(index)
+        return None
 
     def health(self) -> str | None:
         """None while every listener accepts; else which one stopped (a supervisor's
@@ -858,6 +902,29 @@ class _Connection:
         )
         self._server._on_queued()
         return replies.queued(message_id)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    listener.bind((host, port))
+    listener.listen(1024)
+    return listener
+
+
+def _bound_to(sock: socket.socket, host: str, port: int) -> bool:
+    try:
+        name = sock.getsockname()
+        return (
+            isinstance(name, tuple)
+            and name[1] == port
+            and ipaddress.ip_address(name[0]) == ipaddress.ip_address(host)
+        )
+    except (OSError, ValueError):
+        return False
 
 
 def _recv_exactly(sock: Any, size: int) -> None:

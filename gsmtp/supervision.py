@@ -99,6 +99,7 @@ class Supervisor:
         self._clock = clock
         self._check_seconds = check_seconds
         self._checks: list[tuple[str, Callable[[float], str | None]]] = []
+        self._progress: list[tuple[str, Progress]] = []
         self._names: list[str] = []
         self._stopping = False
         self._checker: gevent.Greenlet | None = None
@@ -135,6 +136,7 @@ class Supervisor:
             return f"no progress for {stalled:.0f}s with {progress.outstanding} request(s) pending"
 
         self._add_check(name, check)
+        self._progress.append((name, progress))
 
     def watch_health(self, name: str, check: Callable[[], str | None]) -> None:
         """`check()` returns None while all is well, else what is wrong."""
@@ -160,6 +162,21 @@ class Supervisor:
             reason = check(now)
             if reason is not None:
                 self._die(name, reason, None)
+
+    def liveness(self, stall_limit: float) -> str | None:
+        """None while every component is alive: none has died, and none with work
+        pending has gone `stall_limit` without progress (stricter than the limit that
+        kills: this is for the systemd watchdog, which stops pinging first). Else what
+        is wrong, naming the component."""
+        if self.death is not None:
+            return f"{self.death.component} died: {self.death.reason}"
+        now = self._clock()
+        for name, progress in self._progress:
+            stalled = progress.stalled_for(now)
+            if stalled > stall_limit:
+                pending = progress.outstanding
+                return f"{name}: no progress for {stalled:.0f}s with {pending} request(s) pending"
+        return None
 
     def _check_forever(self) -> None:
         while True:

@@ -103,9 +103,14 @@ class ServerTls:
         except TlsError as error:
             self._log.error("tls_reload_failed", error=str(error))
             return False
+        self.use(context, cert, min_version)
+        return True
+
+    def use(self, context: ssl.SSLContext, cert: str, min_version: str) -> None:
+        """Swap in a context already built by `server_context` (a reload that loads
+        everything first and applies only when all of it loaded)."""
         self.context = context
         self._publish_expiry(cert)
         self._log.info(
             "tls_reloaded", cert=cert, fingerprint=certificate_fingerprint(cert), min=min_version
         )
-        return True

@@ -142,6 +142,21 @@ class SmtpDeliverer:
         self._spawn = spawn or (lambda name, function, *args: gevent.spawn(function, *args))
         self._sweeper: gevent.Greenlet | None = None
 
+    def reconfigure(
+        self,
+        *,
+        resolver: Resolver,
+        port: int,
+        smarthost: tuple[str, int] | None,
+        timeouts: Timeouts,
+    ) -> None:
+        """A reload: name servers, port, smarthost and timeouts for the next delivery
+        (running ones finish as they began; cached sessions stay usable)."""
+        self._resolver = resolver
+        self._port = port
+        self._smarthost = smarthost
+        self._timeouts = timeouts
+
     def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
         domain = recipients[0].rpartition("@")[2]
         try:

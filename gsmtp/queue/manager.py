@@ -54,7 +54,7 @@ from gsmtp.log import get_logger
 from gsmtp.message import Outcome
 from gsmtp.queue import attempt
 from gsmtp.queue.destinations import INITIAL_WINDOW, Batch, Destination, Destinations, Key
-from gsmtp.queue.notices import Notices
+from gsmtp.queue.notices import Notices, NoticeSettings
 from gsmtp.queue.pacer import DeliveryPacer
 from gsmtp.queue.retry import Clock, RetryPolicy
 from gsmtp.routing import Route
@@ -156,6 +156,12 @@ class QueueManager:
     def start(self) -> None:
         self._runner = self._spawn("queue_runner", self.run)
         self._pacer_greenlet = self._spawn("delivery_pacer", self._pacer.run)
+
+    def reconfigure(self, *, retry: RetryPolicy, notices: NoticeSettings) -> None:
+        """A reload: retry steps, max_age and notice settings for the next attempt's
+        outcome (retries already scheduled keep their time)."""
+        self._retry = retry
+        self._notices.reconfigure(notices)
 
     def wake(self) -> None:
         """New mail was queued: look for due work now."""

@@ -186,6 +186,10 @@ class Notices:
         self._log = get_logger(component="notices")
         self.on_queued: Callable[[], None] = _nothing  # the queue manager's wake-up
 
+    def reconfigure(self, settings: NoticeSettings) -> None:
+        """A reload: delay_warning and max_age for the next decision."""
+        self._settings = settings
+
     def worth_a_look(
         self, message_id: MessageId, updates: Sequence[RecipientUpdate], received_at: float
     ) -> bool:

@@ -64,6 +64,19 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# What systemd does between fork and exec for socket activation: the socket on fd 3,
+# LISTEN_FDS=1 and LISTEN_PID set to the PID the server will have (exec keeps it).
+_SOCKET_ACTIVATION = """
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 class GsmtpProcess:
     """Start, stop, kill -9 and restart one gsmtp; run its CLI against the same config."""
 
@@ -99,6 +112,11 @@ class GsmtpProcess:
         self.log_path = directory / "gsmtp.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
+        # Set before start(): more environment (NOTIFY_SOCKET…), and a listening
+        # socket handed over as systemd's socket activation does (fd 3, LISTEN_FDS=1,
+        # LISTEN_PID = the server's own PID).
+        self.env: dict[str, str] = {}
+        self.listen_socket: socket.socket | None = None
 
     # -- CLI --------------------------------------------------------------------------
 
@@ -149,12 +167,19 @@ class GsmtpProcess:
     def _start_once(self) -> None:
         log = self.log_path.open("ab")
         self._log_offset = log.tell()
+        command = [sys.executable, "-m", "gsmtp.cli", "serve", "-c", str(self.config)]
+        pass_fds: tuple[int, ...] = ()
+        if self.listen_socket is not None:
+            fd = self.listen_socket.fileno()
+            command = [sys.executable, "-c", _SOCKET_ACTIVATION, str(fd), *command]
+            pass_fds = (fd,)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gsmtp.cli", "serve", "-c", str(self.config)],
+            command,
             stdout=log,
             stderr=log,
             cwd=self.directory,
-            env=environment(),
+            env={**environment(), **self.env},
+            pass_fds=pass_fds,
         )
         log.close()
         wait_for(self._accepting, timeout=20, what=f"gsmtp to listen on {self.port}")

@@ -179,13 +179,12 @@ def test_sighup_with_a_broken_pair_keeps_the_old_certificate(
     other_cert, _ = make_pair(tmp_path, "other")
     shutil.copy(other_cert, cert)  # the certificate renewed, the key not: a mismatch
     gsmtp.signal(signal.SIGHUP)
-    wait_for(lambda: "tls_reload_failed" in gsmtp.log(), what="the failure in the log")
-    assert '"level":"error"' in next(
-        line for line in gsmtp.log().splitlines() if "tls_reload_failed" in line
-    )
+    (failed,) = wait_for(lambda: gsmtp.events("reload_failed"), what="the failure in the log")
+    assert failed["level"] == "error"
     assert served_fingerprint(gsmtp.port) == old
     metrics = wait_for(lambda: _scrape(gsmtp), what="/metrics")
     assert 'gsmtp_reloads_total{outcome="failed"} 1.0' in metrics
+    assert "gsmtp_config_last_reload_successful 0.0" in metrics
 
 
 def _scrape(gsmtp: GsmtpProcess) -> str:
