@@ -135,10 +135,6 @@ def _add_may_send_as(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.umask(0o077)
-    if args.command == "serve":
-        from gevent import monkey
-
-        monkey.patch_all()
     from gsmtp.config import ConfigError, load, resolve_path
 
     path = resolve_path(args.config)
@@ -171,6 +167,18 @@ class _CliError(Exception):
 
 
 def _serve(args: argparse.Namespace, config: Any) -> int:
+    from gsmtp.config import worker_count
+
+    count = worker_count(config)
+    if count > 1:
+        # The supervisor forks the workers before gevent is imported; each worker
+        # monkey-patches itself.
+        from gsmtp import workers
+
+        return workers.serve(config, count)
+    from gevent import monkey
+
+    monkey.patch_all()  # first, before anything imports socket or ssl
     from gsmtp.app import serve
 
     return serve(config)
@@ -185,6 +193,7 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
         "server": {
             "hostname": server.hostname,
             "listen": [str(a) for a in server.listen],
+            "workers": "auto" if server.workers is None else server.workers,
             "timeout": format_duration(server.timeout),
             "command_deadline": format_duration(server.command_deadline),
             "min_data_rate": format_size(server.min_data_rate) if server.min_data_rate else "0",
@@ -333,11 +342,19 @@ def _when(timestamp: float) -> str:
 
 
 def _queue(args: argparse.Namespace, config: Any) -> int:
-    from gsmtp.spool_admin import SpoolAdmin
+    """Every queue command acts on every spool shard (one per worker)."""
+    from gsmtp import db, shards
+    from gsmtp.spool_admin import EveryShard, SpoolAdmin
 
-    admin = SpoolAdmin(_open_db(config))
-    action: Callable[[SpoolAdmin, argparse.Namespace], int] = _QUEUE_ACTIONS[args.action]
-    return action(admin, args)
+    admins = [SpoolAdmin(_open_db(config))]
+    for index, path in shards.existing(config.spool.path):
+        if index:
+            try:
+                admins.append(SpoolAdmin(db.connect(path)))
+            except db.DatabaseError as error:
+                raise _CliError(f"cannot open the spool shard: {error}") from None
+    action: Callable[[Any, argparse.Namespace], int] = _QUEUE_ACTIONS[args.action]
+    return action(EveryShard(admins), args)
 
 
 def _queue_list(admin: Any, args: argparse.Namespace) -> int:
@@ -418,13 +435,15 @@ _QUEUE_ACTIONS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
 
 
 def _spool(args: argparse.Namespace, config: Any) -> int:
+    from gsmtp import shards
     from gsmtp.backup import BackupError, backup
 
-    try:
-        copy = backup(config.spool.path, args.destination, overwrite=args.force)
-    except BackupError as error:
-        raise _CliError(f"backup failed: {error}") from None
-    print(f"spool copied to {copy.path} ({copy.size} bytes)")
+    for _, path in shards.existing(config.spool.path):
+        try:
+            copy = backup(path, args.destination, overwrite=args.force)
+        except BackupError as error:
+            raise _CliError(f"backup failed: {error}") from None
+        print(f"spool copied to {copy.path} ({copy.size} bytes)")
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 import orjson
@@ -69,13 +70,19 @@ class _BufferedLogger:
 _buffer: _LineBuffer | None = None
 
 
-def configure(level: str = "info", fmt: str = "json") -> None:
+def configure(
+    level: str = "info", fmt: str = "json", fields: Mapping[str, Any] | None = None
+) -> None:
+    """`fields` go on every line of this process (a worker's `worker=<n>`)."""
     global _buffer  # the one logging set-up of the process (STYLE: allowed global)
     processors: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
     ]
+    if fields:
+        constant = dict(fields)
+        processors.insert(0, lambda _logger, _name, event: {**event, **constant})
     factory: Any
     if fmt == "console" and sys.stderr.isatty():
         processors.append(structlog.dev.ConsoleRenderer(colors=False))

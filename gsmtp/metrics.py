@@ -20,7 +20,15 @@ from typing import Any
 import gevent
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+    multiprocess,
+)
 
 # A scrape takes milliseconds; a connection still open after this is cut.
 REQUEST_TIMEOUT = 10.0
@@ -38,7 +46,9 @@ CONNECTIONS_REFUSED = Counter(
     "client network), rate (per client network), proxy (no valid PROXY header)",
     ["reason"],
 )
-CONNECTIONS_ACTIVE = Gauge("gsmtp_connections_active", "SMTP connections open now")
+CONNECTIONS_ACTIVE = Gauge(
+    "gsmtp_connections_active", "SMTP connections open now", multiprocess_mode="livesum"
+)
 MESSAGES_RECEIVED = Counter(
     "gsmtp_messages_received", "Messages at the end of DATA, by outcome", ["outcome"]
 )
@@ -46,8 +56,17 @@ DELIVERIES = Counter(
     "gsmtp_deliveries", "Delivery attempts per recipient", ["transport", "outcome"]
 )
 MESSAGES_QUEUED = MESSAGES_RECEIVED.labels("queued")  # the hot path's child, looked up once
-QUEUE_SIZE = Gauge("gsmtp_queue_size", "Recipients in the spool by status", ["status"])
-OLDEST_QUEUED = Gauge("gsmtp_oldest_queued_seconds", "Age of the oldest queued message")
+QUEUE_SIZE = Gauge(
+    "gsmtp_queue_size",
+    "Recipients in the spool by status",
+    ["status"],
+    multiprocess_mode="livesum",
+)
+OLDEST_QUEUED = Gauge(
+    "gsmtp_oldest_queued_seconds",
+    "Age of the oldest queued message",
+    multiprocess_mode="livemax",
+)
 ACCEPT_SECONDS = Histogram(
     "gsmtp_accept_seconds",
     "End of DATA to the reply: storing the message durably",
@@ -69,12 +88,18 @@ OUTBOUND_SESSIONS = Counter(
 DELIVERY_CONCURRENCY_ALLOWED = Gauge(
     "gsmtp_delivery_concurrency_allowed",
     "Concurrent deliveries the pacer allows now (delivery.concurrency when the loop is idle)",
+    multiprocess_mode="livesum",
 )
 AUTH_ATTEMPTS = Counter("gsmtp_auth", "AUTH attempts by outcome", ["outcome"])
 INTERNAL_ERRORS = Counter("gsmtp_internal_errors", "Unexpected exceptions caught", ["where"])
-DELIVERIES_IN_FLIGHT = Gauge("gsmtp_deliveries_in_flight", "Deliveries running now")
+DELIVERIES_IN_FLIGHT = Gauge(
+    "gsmtp_deliveries_in_flight", "Deliveries running now", multiprocess_mode="livesum"
+)
 DEAD_DESTINATIONS = Gauge(
-    "gsmtp_dead_destinations", "Destinations none of whose hosts could be reached, for now"
+    "gsmtp_dead_destinations",
+    "Destinations none of whose hosts could be reached, for now",
+    # Each worker learns of a dead destination alone; most learn of the same ones.
+    multiprocess_mode="livemax",
 )
 NOTICES = Counter("gsmtp_notices", "Notices queued (bounce, delay, postmaster)", ["kind"])
 RELOADS = Counter(
@@ -91,15 +116,34 @@ TARPIT_DELAYS = Counter(
 DATA_MEMORY = Gauge(
     "gsmtp_data_memory_bytes",
     "Bytes of message bodies held in memory by connections receiving them (max_data_memory)",
+    multiprocess_mode="livesum",
 )
 BODY_PARTS = Counter(
     "gsmtp_body_parts_written", "Parts of large message bodies written to the spool as they arrived"
 )
 
 
-def make_app(refresh: Callable[[], None]) -> Callable[..., object]:
+def multiprocess_registry() -> CollectorRegistry:
+    """A registry that reads every worker's samples from PROMETHEUS_MULTIPROC_DIR (set
+    by the workers' supervisor before any worker imported prometheus_client): counters
+    and histograms summed, each gauge by its multiprocess_mode above, chosen so that the
+    node's value means what one process's value meant (counts summed, ages the max;
+    "live" modes leave out workers that died, whose files the supervisor removes)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def default_registry() -> CollectorRegistry:
+    """The process's own registry (one process: no files)."""
+    return REGISTRY
+
+
+def make_app(
+    refresh: Callable[[], None], registry: CollectorRegistry = REGISTRY
+) -> Callable[..., object]:
     """The WSGI /metrics app; `refresh` updates the spool gauges on each scrape."""
-    inner = make_wsgi_app(REGISTRY)
+    inner = make_wsgi_app(registry)
 
     def app(environ: dict[str, object], start_response: Callable[..., object]) -> object:
         refresh()
@@ -170,12 +214,15 @@ def start_server(
     header_timeout: float = HEADER_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
     max_per_peer: int = MAX_PER_PEER,
+    registry: CollectorRegistry = REGISTRY,
+    listener: Any = None,
 ) -> Any:
-    """Serve /metrics on host:port; returns the started WSGIServer (stop() it).
-    Raises OSError when the address cannot be bound."""
+    """Serve /metrics on host:port (or on `listener`, a socket already bound there);
+    returns the started WSGIServer (stop() it). Raises OSError when the address cannot
+    be bound."""
     server = _MetricsServer(
-        (host, port),
-        make_app(refresh),
+        listener if listener is not None else (host, port),
+        make_app(refresh, registry),
         spawn=Pool(max_connections),
         handler_class=_DeadlineHandler,
         log=None,

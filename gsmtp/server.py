@@ -34,7 +34,7 @@ import itertools
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -70,6 +70,7 @@ from gsmtp.protocol.session import (
 from gsmtp.protocol.session import (
     Event as SessionEvent,
 )
+from gsmtp.sockets import bind_listener
 from gsmtp.spool import Spool
 from gsmtp.tls import ServerTls
 
@@ -84,6 +85,8 @@ EARLY_TALKER = Reply(554, "5.5.0", "SMTP synchronization error: talked before th
 # The PROXY header must arrive within this (or server.timeout if shorter). A balancer
 # sends it at once; anything slower is not a balancer.
 PROXY_HEADER_DEADLINE = 5.0
+# Connections one worker accepts per turn of its loop from a listener it shares.
+SHARED_MAX_ACCEPT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +160,11 @@ class SmtpServer:
         authenticator: Authenticator | None = None,
         auth_failure_delay: float = 1.0,
         max_data_memory: int = 256 * 1024 * 1024,
+        sockets: Mapping[tuple[str, int], socket.socket] | None = None,
     ) -> None:
+        # Listening sockets bound by the workers' supervisor, by address; the others
+        # are bound here.
+        self._sockets = dict(sockets or {})
         auth = authenticator is not None
         self._listen = [_Listener(host, port, ListenerRules(auth=auth)) for host, port in listen]
         submission = ListenerRules(auth=auth, plaintext_auth=plaintext_auth, submission=True)
@@ -204,24 +211,28 @@ class SmtpServer:
         return self._tls.context if self._tls is not None else None
 
     @property
+    def active(self) -> int:
+        """Connections open now."""
+        return self._active
+
+    @property
     def addresses(self) -> list[tuple[str, int]]:
         return [server.address[:2] for server in self._servers]
 
     def start(self) -> None:
         for kind in self._listen:
             host, port = kind.host, kind.port
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            listener = socket.socket(family, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            listener.bind((host, port))
-            listener.listen(1024)
+            inherited = self._sockets.get((host, port))
+            listener = inherited if inherited is not None else bind_listener(host, port)
 
             def handle(sock: socket.socket, address: Any, kind: _Listener = kind) -> None:
                 self._handle(sock, address, kind)
 
             server = StreamServer(listener, handle, spawn=self._pool)
+            if inherited is not None:
+                # Shared with the other workers: take a few connections per turn of the
+                # loop, so the first worker to wake does not take a whole burst.
+                server.max_accept = SHARED_MAX_ACCEPT
             server.start()
             self._servers.append(server)
             self._log.info(
