@@ -272,9 +272,19 @@ class Workers:
         for descriptor in (self._wake_read, self._wake_write):
             os.set_blocking(descriptor, False)
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
-        for signum in _SIGNALS:
-            signal.signal(signum, self._on_signal)
-        signal.set_wakeup_fd(self._wake_write)
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in _SIGNALS}
+        previous_wakeup = signal.set_wakeup_fd(self._wake_write)
+        try:
+            return self._run()
+        finally:
+            signal.set_wakeup_fd(previous_wakeup)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self._selector.close()
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+
+    def _run(self) -> int:
         self._log.info("workers_starting", workers=len(self._workers))
         for worker in self._workers:
             self._start(worker)

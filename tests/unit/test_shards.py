@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import time
 from pathlib import Path
 
 import apsw
 import pytest
 
-from gsmtp import db, shards
+from gsmtp import db, lockfile, shards
 from gsmtp.config import Config, ServerConfig, split_limits
-from gsmtp.worker_link import ALIVE, READY, Lines, Report, Reporter
+from gsmtp.worker_link import ALIVE, READY, Lines, Report, Reporter, Role
+from gsmtp.workers import NodeHealth, Workers
 
 
 def put(connection: apsw.Connection, message_id: str, *, received_at: float = 1.0) -> None:
@@ -127,3 +130,41 @@ def test_node_wide_limits_are_divided_rounded_up() -> None:
     assert one.server.max_recipients == config.server.max_recipients
     assert split_limits(config, 1) == config
     assert dataclasses.replace(one, server=config.server, delivery=config.delivery) == config
+
+
+def _fake_worker(config: Config, role: Role) -> int:
+    """A worker that only speaks on its pipe: ready, then alive with a count, until
+    SIGTERM (in a forked child of the test process)."""
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    assert role.report is not None
+    reporter = Reporter(role.report)
+    reporter.send(READY)
+    while not stopping:
+        reporter.send(ALIVE, {"connections": role.index + 1})
+        time.sleep(0.05)
+    return 0
+
+
+def test_the_node_is_ready_and_alive_when_every_worker_is(tmp_path: Path) -> None:
+    """`Workers.on_health` (what a systemd notifier reads): ready once every worker
+    said so, alive while every worker reports, counts summed; SIGTERM ends the node."""
+    seen: list[NodeHealth] = []
+    deadline = time.monotonic() + 20
+
+    def on_health(health: NodeHealth) -> None:
+        seen.append(health)
+        done = health.alive and health.status.get("connections") == 1 + 2
+        if done or time.monotonic() > deadline:  # the assertions below then tell
+            os.kill(os.getpid(), signal.SIGTERM)  # to the supervisor: stop the node
+
+    lock = lockfile.acquire(str(tmp_path / "spool.sqlite.lock"))
+    assert isinstance(lock, lockfile.InstanceLock)
+    node = Workers(
+        Config(), 2, {}, lock, str(tmp_path), run_worker=_fake_worker, on_health=on_health
+    )
+    assert node.run() == 0
+    lock.release()
+    final = seen[-1]
+    assert final.ready and final.alive and final.status == {"connections": 3}
+    assert [w.index for w in final.workers] == [0, 1]
