@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import apsw
-import pytest
 
 from tests.integration.harness import GsmtpProcess, SmtpWire, environment, free_port, wait_for
 from tests.integration.remote import Sink
@@ -152,6 +151,15 @@ def test_every_worker_accepts_and_delivers_and_the_group_stops_together(
     )
     assert second.returncode == 2
     assert f"PID {gsmtp.process.pid}" in second.stderr
+    # SIGHUP reaches every worker: each reloads, and finds nothing that needs a restart
+    # (its divided limits and its shard are worked out again, not taken for changes).
+    gsmtp.signal(signal.SIGHUP)
+    reloads = wait_for(
+        lambda: len(found := gsmtp.events("config_reloaded")) == COUNT and found,
+        what="every worker to reload",
+    )
+    assert sorted(e["worker"] for e in reloads) == list(range(COUNT))
+    assert all(e["restart_needed_for"] is None for e in reloads)
     # SIGTERM to the supervisor stops every worker, then the supervisor: exit 0.
     gsmtp.signal(signal.SIGTERM)
     assert gsmtp.wait(timeout=30) == 0
@@ -276,9 +284,8 @@ def test_queue_and_backup_see_every_shard_and_a_lowered_count_adopts_the_orphans
         sink.stop()
 
 
-@pytest.mark.parametrize("workers", [1])
-def test_one_worker_is_one_process(gsmtp_factory: Any, workers: int) -> None:
+def test_one_worker_is_one_process(gsmtp_factory: Any) -> None:
     """`workers = 1` is today's single process: no supervisor, no worker field."""
-    gsmtp = gsmtp_factory({"server": {"workers": workers}})
+    gsmtp = gsmtp_factory({"server": {"workers": 1}})
     assert not gsmtp.events("workers_started")
     assert "worker" not in gsmtp.events("server_started")[0]
