@@ -110,9 +110,17 @@ class _Worker:
     killed: bool = False
 
 
-def serve(config: Config, count: int, *, run_worker: RunWorker | None = None) -> int:
+def serve(
+    config: Config,
+    count: int,
+    *,
+    run_worker: RunWorker | None = None,
+    on_health: Callable[[NodeHealth], None] | None = None,
+) -> int:
     """`gsmtp serve` with `count` workers: the exit status (0 stopped, 1 could not
-    start, 2 the spool is served already)."""
+    start, 2 the spool is served already). `on_health` gets the node's health after
+    every turn of the supervisor's loop (at least every TICK_SECONDS): where a systemd
+    notifier hooks in."""
     os.umask(0o077)
     log.configure(config.log.level, config.log.format)
     path = lockfile.lock_path(config.spool.path)
@@ -134,7 +142,9 @@ def serve(config: Config, count: int, *, run_worker: RunWorker | None = None) ->
         lock.release()
         return _failed(str(error))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    node = Workers(config, count, sockets, lock, metrics_dir, run_worker=run_worker)
+    node = Workers(
+        config, count, sockets, lock, metrics_dir, run_worker=run_worker, on_health=on_health
+    )
     try:
         return node.run()
     finally:

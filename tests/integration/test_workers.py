@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,15 @@ def test_queue_and_backup_see_every_shard_and_a_lowered_count_adopts_the_orphans
         {"server": {"workers": WORKERS}, "delivery": {"smarthost": closed, "retry": ["1h"]}}
     )
     ids = send_until_every_worker_queued(gsmtp, "x@remote.example", source="127.0.0.2")
+    wait_for(
+        lambda: all(
+            r["last_error"]
+            for m in json.loads(gsmtp.cli("queue", "list", "--json").stdout)
+            for r in m["recipients"]
+        ),
+        timeout=30,
+        what="every first attempt deferred",
+    )
     by_shard = {
         index: {row[0] for row in rows(shard(gsmtp, index), "SELECT id FROM messages")}
         for index in range(COUNT)
@@ -249,7 +259,16 @@ def test_queue_and_backup_see_every_shard_and_a_lowered_count_adopts_the_orphans
     left = set(ids) - {in_shard_0, in_shard_1}
     assert json.loads(gsmtp.cli("queue", "stats", "--json").stdout)["messages"] == len(left)
     flushed = json.loads(gsmtp.cli("queue", "flush", "--json").stdout)
-    assert flushed["count"] == len(left)
+    assert flushed["count"] == len(left)  # every shard's
+    wait_for(
+        lambda: all(
+            r["next_attempt_at"] > time.time() + 60  # deferred again, for 1h
+            for m in json.loads(gsmtp.cli("queue", "list", "--json").stdout)
+            for r in m["recipients"]
+        ),
+        timeout=30,
+        what="every worker to try its flushed mail again",
+    )
 
     copy = tmp_path / "backup"
     printed = gsmtp.cli("spool", "backup", str(copy)).stdout
@@ -276,7 +295,8 @@ def test_queue_and_backup_see_every_shard_and_a_lowered_count_adopts_the_orphans
         for index in range(1, COUNT):
             assert not shard(gsmtp, index).exists()
         assert json.loads(gsmtp.cli("queue", "stats", "--json").stdout)["messages"] == len(left)
-        gsmtp.cli("queue", "flush")
+        flushed = json.loads(gsmtp.cli("queue", "flush", "--json").stdout)
+        assert flushed["count"] == len(left)
         wait_for(lambda: len(sink.received) == len(left), timeout=30, what="the sink to get all")
         got = {m.data.split(b"Subject: ")[1].split(b"\r\n")[0] for m in sink.received}
         assert len(got) == len(left)
