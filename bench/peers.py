@@ -7,6 +7,7 @@ harness can check that every accepted message was really stored.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -87,6 +88,7 @@ class Peer:
 class Gsmtp(Peer):
     name = "gsmtp"
     description = "gsmtp (this repository): SQLite spool, fsync before 250, then Maildir delivery"
+    workers: int | str = 1  # server.workers ("auto": one per CPU); each has a spool shard
 
     def start(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -96,6 +98,7 @@ class Gsmtp(Peer):
             "[server]\n"
             'hostname = "gsmtp.bench"\n'
             f'listen = ["127.0.0.1:{self.port}"]\n'
+            f"workers = {json.dumps(self.workers)}\n"
             "max_connections = 20000\n"
             "max_connections_per_ip = 20000\n"
             '[spool]\npath = "spool.sqlite"\n'
@@ -108,9 +111,11 @@ class Gsmtp(Peer):
         self._spawn([*gsmtp, "serve", "-c", str(config)], workdir / "gsmtp.log")
 
     def stored(self) -> int:
-        spool = sqlite3.connect(f"file:{self.workdir / 'spool.sqlite'}?mode=ro", uri=True)
-        queued = spool.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
-        spool.close()
+        queued = 0
+        for shard in self.workdir.glob("spool*.sqlite"):  # spool.sqlite, spool-1.sqlite, ...
+            spool = sqlite3.connect(f"file:{shard}?mode=ro", uri=True)
+            queued += spool.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+            spool.close()
         delivered = 0
         box = self.workdir / "mail" / "bench.test" / "user"
         for sub in ("new", "cur"):

@@ -16,6 +16,7 @@ everything within one deadline: `shutdown_grace` for open sessions and deliverie
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import os
 import signal
@@ -32,11 +33,18 @@ import gevent
 from gevent.event import Event
 from gevent.threadpool import ThreadPool
 
-from gsmtp import accounts, db, lockfile, log, metrics, routing, writer
+from gsmtp import accounts, db, lockfile, log, metrics, routing, shards, writer
 from gsmtp.acceptance import Acceptor
 from gsmtp.accounts import AccountsSnapshot
 from gsmtp.auth import Authenticator
-from gsmtp.config import Config, ConfigError, load, parse_host_port, spool_reserve
+from gsmtp.config import (
+    Config,
+    ConfigError,
+    load,
+    parse_host_port,
+    split_limits,
+    spool_reserve,
+)
 from gsmtp.delivery.base import Deliverer
 from gsmtp.delivery.maildir import MaildirDeliverer, Permissions
 from gsmtp.delivery.mx import DnsResolver
@@ -54,6 +62,7 @@ from gsmtp.spool import Spool
 from gsmtp.supervision import EXIT_COMPONENT_DIED, STALL_SECONDS, Progress, Supervisor
 from gsmtp.systemd import SystemdNotifier, listen_fds
 from gsmtp.tls import ServerTls, TlsError, server_context
+from gsmtp.worker_link import ALIVE, HEARTBEAT_SECONDS, READY, SINGLE_PROCESS, Reporter, Role
 
 # One thread writes all Maildir files. More threads, each giving up and retaking the GIL
 # around every file syscall, starve the event loop (a GIL convoy): measured with
@@ -73,7 +82,8 @@ EXIT_ALREADY_RUNNING = 2
 WRITER_STOP_SECONDS = 0.5  # at SIGTERM, for the writer's last commits after the grace
 # The queue gauges are counted on the body reader's thread (never on the event loop, never
 # by a scrape) this often, and never for more than QUEUE_GAUGES_SHARE of that thread's
-# time: on a large queue the count takes longer, and is then made less often.
+# time: on a large queue the count takes longer, and is then made less often. With
+# several workers each counts its own shard; a scrape reads every worker's files.
 QUEUE_GAUGES_SECONDS = 1.0
 QUEUE_GAUGES_SHARE = 0.1
 # How often systemd's STATUS= line (connections, queue size) is refreshed.
@@ -113,20 +123,41 @@ def _call_captured(work: Any) -> tuple[bool, Any]:
         return False, error
 
 
+def worker_config(config: Config, role: Role) -> Config:
+    """What one worker runs with: its spool shard as `spool.path`, and every node-wide
+    limit divided among the workers (`split_limits`)."""
+    shard = shards.shard_path(config.spool.path, role.index)
+    config = split_limits(config, role.count)
+    return dataclasses.replace(config, spool=dataclasses.replace(config.spool, path=shard))
+
+
 class Application:
     def __init__(
         self,
         config: Config,
         *,
+        role: Role = SINGLE_PROCESS,
         notifier: SystemdNotifier | None = None,
         listen_sockets: Sequence[socket.socket] | None = None,
     ) -> None:
-        """`notifier` and `listen_sockets` (socket activation) default to what the
-        environment says: $NOTIFY_SOCKET, $WATCHDOG_USEC, $LISTEN_FDS."""
+        """`config` is the node's; `role` says which worker this process is (see
+        gsmtp.workers), by default the only one. `notifier` and `listen_sockets` (socket
+        activation) default to what the environment says: $NOTIFY_SOCKET,
+        $WATCHDOG_USEC, $LISTEN_FDS; a worker of several leaves systemd to its
+        supervisor (gsmtp.workers) and gets its listeners from it."""
+        self.role = role
+        self._accounts_path = config.spool.path  # shard 0 holds the accounts
+        config = worker_config(config, role)
         self.config = config
         self._log = log.get_logger(component="app")
-        self.notifier = notifier if notifier is not None else SystemdNotifier.from_environment()
+        if notifier is None:  # a worker of several: its supervisor speaks to systemd
+            notifier = (
+                SystemdNotifier(None) if role.count > 1 else SystemdNotifier.from_environment()
+            )
+        self.notifier = notifier
         self.supervisor = Supervisor()
+        self._reporter = Reporter(role.report) if role.report is not None else None
+        self._stop_requested = Event()
         self._reader = self._open_spool()
         self._tls = self._server_tls()  # may refuse to start: before any thread
         self._permissions = self._maildir_permissions()  # likewise
@@ -134,7 +165,7 @@ class Application:
         self._bodies = writer.ThreadReader(config.spool.path)
         self._reserve = SpaceReserve(config.spool.path, spool_reserve(config))
         self.spool = Spool(self._writer, self._reader, self._bodies)
-        self._accounts = AccountsCache(self._reader)
+        self._accounts = AccountsCache(self._open_accounts())
         self.policy = Policy(
             hostname=config.server.hostname,
             trusted_networks=config.server.trusted_networks,
@@ -204,6 +235,10 @@ class Application:
             deadlines=_deadlines(config),
             error_sleep=config.server.error_sleep,
             max_data_memory=config.server.max_data_memory,
+            sockets={
+                address: socket.socket(fileno=descriptor)
+                for address, descriptor in role.listeners.items()
+            },
             inherited=listen_fds() if listen_sockets is None else listen_sockets,
         )
         self._metrics_server: Any = None
@@ -212,8 +247,22 @@ class Application:
         self._queued = 0  # recipients queued, as last counted for STATUS=
         self._watchdog: gevent.Greenlet | None = None
 
+    def _open_accounts(self) -> apsw.Connection:
+        """The connection accounts are read from: the spool's own in worker 0, a
+        connection to shard 0 in the others (SQLite's locking is all they share)."""
+        if self.role.index == 0:
+            return self._reader
+        try:
+            return db.connect(self._accounts_path)
+        except db.DatabaseError as error:
+            raise StartupError(f"cannot open the accounts: {error}") from None
+
     def _store_password_hash(self, user: str, old: str, new: str) -> bool:
-        """A rehashed password (AUTH), written by the spool's writer thread."""
+        """A rehashed password (AUTH), written by the spool's writer thread. Only worker
+        0's spool holds the accounts: the other workers leave the rehash to it (the
+        next login that worker 0 answers), rather than write shard 0 from the loop."""
+        if self.role.index != 0:
+            return False
         return self._writer.submit(
             lambda connection: accounts.replace_password_hash(connection, user, old, new)
         )
@@ -229,6 +278,7 @@ class Application:
         verdict = db.check_integrity(connection)
         if verdict != "ok":
             raise StartupError(f"{self.config.spool.path}: integrity check failed: {verdict}")
+        self._adopt_orphans(connection)
         started = time.monotonic()
         try:
             converted = db.convert_to_incremental_vacuum(connection)
@@ -241,6 +291,35 @@ class Application:
                 elapsed = round((time.monotonic() - started) * 1000)
                 self._log.info("spool_vacuumed", auto_vacuum="incremental", duration_ms=elapsed)
         return connection
+
+    def _adopt_orphans(self, connection: apsw.Connection) -> None:
+        """Take in the mail of shards left without a worker (`workers` was lowered):
+        this worker adopts shard k when k mod workers is its number (gsmtp.shards)."""
+        node_spool = self._accounts_path
+        for orphan in shards.orphans(node_spool, self.role.index, self.role.count):
+            lock = lockfile.acquire(lockfile.lock_path(orphan))
+            if isinstance(lock, lockfile.HeldBy):
+                self._log.warning("shard_not_adopted", shard=orphan, held_by=lock.pid)
+                continue
+            try:
+                try:
+                    check = db.connect(orphan)  # its schema brought up to ours
+                    verdict = db.check_integrity(check)
+                    check.close()
+                except db.DatabaseError as error:
+                    verdict = str(error)
+                if verdict != "ok":
+                    self._log.error("shard_not_adopted", shard=orphan, error=verdict)
+                    continue
+                try:
+                    adopted = shards.adopt(connection, orphan)
+                except (shards.AdoptionRefused, apsw.Error) as error:
+                    self._log.error("shard_not_adopted", shard=orphan, error=str(error))
+                    continue
+                shards.remove(orphan)
+                self._log.info("shard_adopted", shard=orphan, messages=adopted.messages)
+            finally:
+                lock.release()
 
     def _server_tls(self) -> ServerTls | None:
         tls = self.config.tls
@@ -342,6 +421,23 @@ class Application:
             self._watchdog = self.supervisor.spawn(
                 "watchdog", self.notifier.run_watchdog, self._liveness
             )
+        if self._reporter is not None:
+            self._reporter.send(READY)
+            self.supervisor.spawn("heartbeat", self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        """Tell the workers' supervisor this worker is alive while no component has
+        died (gsmtp.worker_link); stop when the supervisor is gone."""
+        assert self._reporter is not None
+        while True:
+            gevent.sleep(HEARTBEAT_SECONDS)
+            if self.supervisor.death is not None:
+                continue  # the process is on its way out: no more "alive"
+            status = {"connections": self.server.connections}
+            if not self._reporter.send(ALIVE, status):
+                self._log.error("supervisor_gone")
+                self._stop_requested.set()
+                return
 
     def _supervise(self) -> None:
         """Register what has no greenlet spawned through the supervisor: threads, the
@@ -388,9 +484,16 @@ class Application:
         if not self.config.metrics.listen:
             return
         address = parse_host_port(self.config.metrics.listen)
+        shared = self.role.metrics is not None
         try:
             # A scrape reads what the queue_gauges task counted last: no query of its own.
-            self._metrics_server = metrics.start_server(address.host, address.port, lambda: None)
+            self._metrics_server = metrics.start_server(
+                address.host,
+                address.port,
+                lambda: None,
+                registry=metrics.multiprocess_registry() if shared else metrics.default_registry(),
+                listener=socket.socket(fileno=self.role.metrics) if shared else None,
+            )
         except OSError as error:
             raise StartupError(f"[metrics] cannot listen on {address}: {error.strerror}") from None
 
@@ -409,6 +512,8 @@ class Application:
             metrics.QUEUE_BYTES.labels(state).set(shape.size.get(state, 0))
         oldest = shape.oldest_received_at
         metrics.OLDEST_QUEUED.set(max(time.time() - oldest, 0) if oldest else 0)
+        if self.role.count > 1:  # one process reads it live (set_function)
+            metrics.DATA_MEMORY.set(self.server.data_memory.used)
 
     def stop(self) -> bool:
         """SIGTERM: one deadline for everything. The queue runner stops claiming at
@@ -479,7 +584,7 @@ class Application:
 
     def _reload(self) -> bool:
         try:
-            fresh = load(Path(self.config.path))
+            fresh = worker_config(load(Path(self.config.path)), self.role)
         except ConfigError as error:
             self._log.error("reload_failed", error=str(error))
             return False
@@ -570,7 +675,7 @@ class Application:
     def serve_forever(self) -> int:
         """Run until SIGTERM/SIGINT (exit status 0) or the death of a component
         (EXIT_COMPONENT_DIED, at once, without a graceful stop); SIGHUP reloads."""
-        stop_requested = Event()
+        stop_requested = self._stop_requested
         gevent.signal_handler(signal.SIGTERM, stop_requested.set)
         gevent.signal_handler(signal.SIGINT, stop_requested.set)
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
@@ -597,16 +702,26 @@ class Application:
 
 
 def serve(
-    config: Config, *, application_factory: Callable[[Config], Application] = Application
+    config: Config,
+    *,
+    application_factory: Callable[..., Application] = Application,
+    role: Role = SINGLE_PROCESS,
 ) -> int:
-    """`gsmtp serve`: the exit status (0, 1 start-up failed, 2 already running); a dead
-    component ends the process from here with EXIT_COMPONENT_DIED."""
+    """`gsmtp serve`, or one worker of it: the exit status (0, 1 start-up failed, 2
+    already running); a dead component ends the process from here with
+    EXIT_COMPONENT_DIED. The single process takes the spool's lock; a worker takes its
+    shard's, but worker 0, whose shard is the spool itself, runs under the lock its
+    supervisor holds (and keeps the inherited descriptor open)."""
     os.umask(0o077)
-    log.configure(config.log.level, config.log.format)
-    # The CLI signals the PID in the lock file once it is written; until the handler is
-    # installed (serve_forever), SIGUSR1 must not end the process (its default action).
+    fields = {"worker": role.index} if role.count > 1 else None
+    log.configure(config.log.level, config.log.format, fields)
+    # The CLI signals the PID in the lock file once it is written (a supervisor forwards
+    # it); until the handler is installed (serve_forever), SIGUSR1 must not end the
+    # process (its default action).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    path = lockfile.lock_path(config.spool.path)
+    if role.count > 1 and role.index == 0:
+        return _run(application_factory, config, role, None)
+    path = lockfile.lock_path(shards.shard_path(config.spool.path, role.index))
     try:
         lock = lockfile.acquire(path)
     except OSError as error:
@@ -618,11 +733,21 @@ def serve(
             file=sys.stderr,
         )
         return EXIT_ALREADY_RUNNING
+    return _run(application_factory, config, role, lock)
+
+
+def _run(
+    application_factory: Callable[..., Application],
+    config: Config,
+    role: Role,
+    lock: lockfile.InstanceLock | None,
+) -> int:
     try:
-        application = application_factory(config)
+        application = application_factory(config, role=role)
         status = application.serve_forever()
     except StartupError as error:
-        lock.release()
+        if lock is not None:
+            lock.release()
         return _startup_failed(error)
     if application.supervisor.death is not None:
         # Like a crash, on purpose: a graceful stop could wait forever on the hung or
@@ -631,7 +756,8 @@ def serve(
         log.flush()
         sys.stderr.flush()
         os._exit(status)
-    lock.release()
+    if lock is not None:
+        lock.release()
     return status
 
 

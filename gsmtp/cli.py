@@ -145,10 +145,6 @@ def _add_may_send_as(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.umask(0o077)
-    if args.command == "serve":
-        from gevent import monkey
-
-        monkey.patch_all()
     from gsmtp.config import SYSTEM_CONFIG, ConfigError, load, resolve_path
 
     path = resolve_path(args.config)
@@ -213,6 +209,18 @@ class _CliError(Exception):
 
 
 def _serve(args: argparse.Namespace, config: Any) -> int:
+    from gsmtp.config import worker_count
+
+    count = worker_count(config)
+    if count > 1:
+        # The supervisor forks the workers before gevent is imported; each worker
+        # monkey-patches itself.
+        from gsmtp import workers
+
+        return workers.serve(config, count)
+    from gevent import monkey
+
+    monkey.patch_all()  # first, before anything imports socket or ssl
     from gsmtp.app import serve
 
     return serve(config)
@@ -258,6 +266,7 @@ def _effective(config: Any) -> dict[str, dict[str, Any]]:
         "server": {
             "hostname": server.hostname,
             "listen": [str(a) for a in server.listen],
+            "workers": "auto" if server.workers is None else server.workers,
             "timeout": format_duration(server.timeout),
             "command_deadline": format_duration(server.command_deadline),
             "min_data_rate": format_size(server.min_data_rate) if server.min_data_rate else "0",
@@ -401,19 +410,33 @@ def _when(timestamp: float) -> str:
 
 
 def _queue(args: argparse.Namespace, config: Any) -> int:
-    from gsmtp.spool_admin import SpoolAdmin
+    """Every queue command acts on every spool shard (one per worker)."""
+    from gsmtp.spool_admin import EveryShard, SpoolAdmin
 
     if args.action not in _QUEUE_ACTIONS:
         try:
-            return queue_cli.run([_open_db(config)], config.spool.path, args)
+            return queue_cli.run(_open_shards(config), config.spool.path, args)
         except queue_cli.QueueCliError as error:
             raise _CliError(str(error)) from None
-    admin = SpoolAdmin(_open_db(config))
-    action: Callable[[SpoolAdmin, argparse.Namespace], int] = _QUEUE_ACTIONS[args.action]
-    status = action(admin, args)
+    action: Callable[[Any, argparse.Namespace], int] = _QUEUE_ACTIONS[args.action]
+    status = action(EveryShard([SpoolAdmin(c) for c in _open_shards(config)]), args)
     if args.action == "bounce":
         queue_cli.wake(config.spool.path)
     return status
+
+
+def _open_shards(config: Any) -> list[Any]:
+    """A connection to every spool shard that exists: shard 0 (spool.path) first."""
+    from gsmtp import db, shards
+
+    connections = [_open_db(config)]
+    for index, path in shards.existing(config.spool.path):
+        if index:
+            try:
+                connections.append(db.connect(path))
+            except db.DatabaseError as error:
+                raise _CliError(f"cannot open the spool shard: {error}") from None
+    return connections
 
 
 def _queue_list(admin: Any, args: argparse.Namespace) -> int:
@@ -514,13 +537,15 @@ _QUEUE_ACTIONS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
 
 
 def _spool(args: argparse.Namespace, config: Any) -> int:
+    from gsmtp import shards
     from gsmtp.backup import BackupError, backup
 
-    try:
-        copy = backup(config.spool.path, args.destination, overwrite=args.force)
-    except BackupError as error:
-        raise _CliError(f"backup failed: {error}") from None
-    print(f"spool copied to {copy.path} ({copy.size} bytes)")
+    for _, path in shards.existing(config.spool.path):
+        try:
+            copy = backup(path, args.destination, overwrite=args.force)
+        except BackupError as error:
+            raise _CliError(f"backup failed: {error}") from None
+        print(f"spool copied to {copy.path} ({copy.size} bytes)")
     return 0
 
 

@@ -51,6 +51,7 @@ class HostPort:
 class ServerConfig:
     hostname: str = "mail.example.test"
     listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 2525),)
+    workers: int | None = None  # processes, one spool shard each; None = "auto" (every CPU)
     timeout: float = 300.0
     command_deadline: float = 300.0
     min_data_rate: int = 1024
@@ -524,6 +525,15 @@ _GENERIC: dict[str, Any] = {
 }
 
 
+def _workers(value: Any) -> int | None:
+    """ "auto" (one per CPU) → None, else a whole number of processes."""
+    if value == "auto":
+        return None
+    if isinstance(value, str):
+        raise ValueError(f'expected "auto" or a whole number, got {value!r}')
+    return _positive_int(value)
+
+
 def _non_empty_string(value: Any) -> str:
     text = _string(value)
     if not text:
@@ -557,6 +567,7 @@ def _server_listen(value: Any) -> tuple[HostPort, ...]:
 # Keys whose meaning differs between sections.
 _SPECIFIC: dict[tuple[str, str], Any] = {
     ("server", "listen"): _server_listen,
+    ("server", "workers"): _workers,
     ("submission", "listen"): _list_of(parse_host_port),
     ("metrics", "listen"): _optional_host_port,
     ("spool", "path"): _non_empty_string,
@@ -590,3 +601,40 @@ def format_size(size: int) -> str:
         if size % factor == 0:
             return f"{size // factor}{unit}"
     return f"{size}B"
+
+
+def worker_count(config: Config) -> int:
+    """How many worker processes `server.workers` asks for ("auto": one per CPU)."""
+    return config.server.workers or os.cpu_count() or 1
+
+
+def _share(limit: int, workers: int) -> int:
+    return max(1, -(-limit // workers))  # rounded up, at least 1
+
+
+def split_limits(config: Config, workers: int) -> Config:
+    """One worker's configuration: every node-wide limit divided among `workers`
+    (rounded up, at least 1; 0 = "no limit" stays 0). The limits of one session or one
+    message (sizes, recipients, errors, timeouts) and the free-space reserve (one file
+    system for every shard) are not divided. README lists the divided keys."""
+    if workers == 1:
+        return config
+    server, delivery = config.server, config.delivery
+    rate = server.max_connection_rate
+    return dataclasses.replace(
+        config,
+        server=dataclasses.replace(
+            server,
+            max_connections=_share(server.max_connections, workers),
+            max_connections_per_ip=_share(server.max_connections_per_ip, workers),
+            max_connection_rate=_share(rate, workers) if rate else 0,
+            max_data_memory=_share(server.max_data_memory, workers),
+            auth_failure_limit=_share(server.auth_failure_limit, workers),
+        ),
+        delivery=dataclasses.replace(
+            delivery,
+            concurrency=_share(delivery.concurrency, workers),
+            max_per_domain=_share(delivery.max_per_domain, workers),
+            active_limit=_share(delivery.active_limit, workers),
+        ),
+    )

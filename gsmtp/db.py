@@ -272,10 +272,15 @@ def _migrate(connection: apsw.Connection) -> None:
     version = int(scalar(connection, "PRAGMA user_version"))
     if version > len(_MIGRATIONS):
         raise DatabaseError(f"schema version {version} is newer than this gsmtp knows")
-    for number in range(version, len(_MIGRATIONS)):
+    while version < len(_MIGRATIONS):
         with transaction(connection):
-            connection.execute(_MIGRATIONS[number])
-            connection.execute(f"PRAGMA user_version={number + 1}")
+            # Read again under the write lock: another process (a worker opening shard 0
+            # for its accounts) may have applied this step meanwhile.
+            version = int(scalar(connection, "PRAGMA user_version"))
+            if version < len(_MIGRATIONS):
+                connection.execute(_MIGRATIONS[version])
+                connection.execute(f"PRAGMA user_version={version + 1}")
+                version += 1
 
 
 def check_integrity(connection: apsw.Connection) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 import orjson
@@ -93,6 +94,7 @@ def set_level(level: str) -> None:
     global _min_level  # part of the one logging set-up
     _min_level = getattr(logging, level.upper())
 
+
 # structlog level → syslog priority (RFC 5424 severities).
 PRIORITIES = {"critical": 2, "error": 3, "exception": 3, "warning": 4, "info": 6, "debug": 7}
 
@@ -123,9 +125,16 @@ class _PriorityPrefixed:
         return b"<%d>" % priority + bytes(self._render(logger, name, event_dict))
 
 
-def configure(level: str = "info", fmt: str = "json", *, journal: bool | None = None) -> None:
-    """Set up the process's logging; `journal` (default: `under_journald()`) puts the
-    syslog priority before each JSON line."""
+def configure(
+    level: str = "info",
+    fmt: str = "json",
+    fields: Mapping[str, Any] | None = None,
+    *,
+    journal: bool | None = None,
+) -> None:
+    """Set up the process's logging: `fields` go on every line of this process (a
+    worker's `worker=<n>`); `journal` (default: `under_journald()`) puts the syslog
+    priority before each JSON line."""
     global _buffer  # the one logging set-up of the process (STYLE: allowed global)
     set_level(level)
     processors: list[Any] = [
@@ -134,6 +143,9 @@ def configure(level: str = "info", fmt: str = "json", *, journal: bool | None = 
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
     ]
+    if fields:
+        constant = dict(fields)
+        processors.insert(0, lambda _logger, _name, event: {**event, **constant})
     factory: Any
     if fmt == "console" and sys.stderr.isatty():
         processors.append(structlog.dev.ConsoleRenderer(colors=False))

@@ -31,11 +31,13 @@ from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import (
     REGISTRY,
+    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     disable_created_metrics,
     make_wsgi_app,
+    multiprocess,
 )
 
 from gsmtp import __version__
@@ -76,7 +78,9 @@ QUEUE_SIZE = Gauge(
     multiprocess_mode="livesum",
 )
 OLDEST_QUEUED = Gauge(
-    "gsmtp_oldest_queued_seconds", "Age of the oldest queued message", multiprocess_mode="max"
+    "gsmtp_oldest_queued_seconds",
+    "Age of the oldest queued message",
+    multiprocess_mode="livemax",
 )
 ACCEPT_SECONDS = Histogram(
     "gsmtp_accept_seconds",
@@ -109,7 +113,8 @@ DELIVERIES_IN_FLIGHT = Gauge(
 DEAD_DESTINATIONS = Gauge(
     "gsmtp_dead_destinations",
     "Destinations none of whose hosts could be reached, for now",
-    multiprocess_mode="livesum",
+    # Each worker learns of a dead destination alone; most learn of the same ones.
+    multiprocess_mode="livemax",
 )
 NOTICES = Counter("gsmtp_notices", "Notices queued (bounce, delay, postmaster)", ["kind"])
 RELOADS = Counter(
@@ -118,10 +123,12 @@ RELOADS = Counter(
 RELOAD_SUCCESSFUL = Gauge(
     "gsmtp_config_last_reload_successful",
     "1 if the last configuration load (start or SIGHUP) was applied, 0 if it failed",
+    multiprocess_mode="livemin",  # one worker that failed makes the node's 0
 )
 RELOAD_SUCCESS_TIME = Gauge(
     "gsmtp_config_last_reload_success_timestamp_seconds",
     "When the configuration in effect was loaded (start or the last applied SIGHUP)",
+    multiprocess_mode="livemin",  # the worker whose settings are oldest
 )
 SLOW_CLIENTS = Counter(
     "gsmtp_slow_clients",
@@ -205,12 +212,12 @@ BUILD_INFO = Gauge(
     "gsmtp_build_info",
     "Always 1; the running gsmtp's version is the label",
     ["version"],
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 TLS_CERT_NOT_AFTER = Gauge(
     "gsmtp_tls_cert_not_after_timestamp_seconds",
     "When the inbound TLS certificate served now expires (Unix time; 0 without TLS)",
-    multiprocess_mode="max",
+    multiprocess_mode="livemin",  # the soonest expiry any worker serves
 )
 
 
@@ -258,10 +265,28 @@ def tls_session(version: str | None) -> None:
     TLS_SESSIONS.labels(version if version in TLS_VERSIONS else "other").inc()
 
 
-def make_app(refresh: Callable[[], None]) -> Callable[..., object]:
+def multiprocess_registry() -> CollectorRegistry:
+    """A registry that reads every worker's samples from PROMETHEUS_MULTIPROC_DIR (set
+    by the workers' supervisor before any worker imported prometheus_client): counters
+    and histograms summed, each gauge by its multiprocess_mode above, chosen so that the
+    node's value means what one process's value meant (counts summed, ages the max;
+    "live" modes leave out workers that died, whose files the supervisor removes)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def default_registry() -> CollectorRegistry:
+    """The process's own registry (one process: no files)."""
+    return REGISTRY
+
+
+def make_app(
+    refresh: Callable[[], None], registry: CollectorRegistry = REGISTRY
+) -> Callable[..., object]:
     """The WSGI /metrics app; `refresh` runs before each scrape, on the event loop: it
     must be cheap (no spool query; the queue gauges are counted in the background)."""
-    inner = make_wsgi_app(REGISTRY)
+    inner = make_wsgi_app(registry)
 
     def app(environ: dict[str, object], start_response: Callable[..., object]) -> object:
         refresh()
@@ -332,12 +357,15 @@ def start_server(
     header_timeout: float = HEADER_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
     max_per_peer: int = MAX_PER_PEER,
+    registry: CollectorRegistry = REGISTRY,
+    listener: Any = None,
 ) -> Any:
-    """Serve /metrics on host:port; returns the started WSGIServer (stop() it).
-    Raises OSError when the address cannot be bound."""
+    """Serve /metrics on host:port (or on `listener`, a socket already bound there);
+    returns the started WSGIServer (stop() it). Raises OSError when the address cannot
+    be bound."""
     server = _MetricsServer(
-        (host, port),
-        make_app(refresh),
+        listener if listener is not None else (host, port),
+        make_app(refresh, registry),
         spawn=Pool(max_connections),
         handler_class=_DeadlineHandler,
         log=None,

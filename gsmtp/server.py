@@ -35,7 +35,7 @@ import itertools
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -71,6 +71,7 @@ from gsmtp.protocol.session import (
 from gsmtp.protocol.session import (
     Event as SessionEvent,
 )
+from gsmtp.sockets import bind_listener
 from gsmtp.spool import Spool
 from gsmtp.tls import ServerTls
 
@@ -102,6 +103,8 @@ _REJECT_REASONS: dict[Reply, str] = {
     replies.AUTH_TOO_MANY_FAILURES: "auth_failed",
     replies.SENDER_NOT_OWNED: "sender_not_owned",
 }
+# Connections one worker accepts per turn of its loop from a listener it shares.
+SHARED_MAX_ACCEPT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +179,11 @@ class SmtpServer:
         auth_failure_delay: float = 1.0,
         max_data_memory: int = 256 * 1024 * 1024,
         inherited: Sequence[socket.socket] = (),
+        sockets: Mapping[tuple[str, int], socket.socket] | None = None,
     ) -> None:
+        # Listening sockets bound by the workers' supervisor, by address; the others
+        # are bound here.
+        self._sockets = dict(sockets or {})
         auth = authenticator is not None
         self._listen = [_Listener(host, port, ListenerRules(auth=auth)) for host, port in listen]
         submission = ListenerRules(auth=auth, plaintext_auth=plaintext_auth, submission=True)
@@ -251,7 +258,7 @@ class SmtpServer:
 
     @property
     def connections(self) -> int:
-        """Connections open now (systemd STATUS=)."""
+        """Connections open now (systemd STATUS=, a worker's heartbeat)."""
         return self._active
 
     @property
@@ -261,15 +268,20 @@ class SmtpServer:
     def start(self) -> None:
         for kind in self._listen:
             host, port = kind.host, kind.port
-            listener = self._take_inherited(host, port)
-            inherited = listener is not None
+            listener = self._take_inherited(host, port)  # systemd's socket activation
+            shared = self._sockets.get((host, port))  # the workers' supervisor's
+            inherited = listener is not None or shared is not None
             if listener is None:
-                listener = _bind(host, port)
+                listener = shared if shared is not None else bind_listener(host, port)
 
             def handle(sock: socket.socket, address: Any, kind: _Listener = kind) -> None:
                 self._handle(sock, address, kind)
 
             server = StreamServer(listener, handle, spawn=self._pool)
+            if shared is not None:
+                # Shared with the other workers: take a few connections per turn of the
+                # loop, so the first worker to wake does not take a whole burst.
+                server.max_accept = SHARED_MAX_ACCEPT
             server.start()
             self._servers.append(server)
             self._log.info(
@@ -902,17 +914,6 @@ class _Connection:
         )
         self._server._on_queued()
         return replies.queued(message_id)
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    listener.bind((host, port))
-    listener.listen(1024)
-    return listener
 
 
 def _bound_to(sock: socket.socket, host: str, port: int) -> bool:

@@ -1,5 +1,7 @@
 """The operator's view of the spool: `gsmtp queue list|show|stats|flush|delete|bounce`.
 
+`EveryShard` gives the same view of every spool shard together (server.workers).
+
 Runs in the CLI process on a connection of its own, beside a running server (WAL lets
 both in). Every reading tolerates rows that do not decode: a message set aside as
 corrupt must still be listed. Text is read as the bytes stored (apsw raises on TEXT
@@ -14,6 +16,7 @@ running queue manager takes, acts on (a flush forgets its dead destinations) and
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,3 +246,43 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return "" if value is None else str(value)
+
+
+class EveryShard:
+    """`gsmtp queue ...` over every spool shard (gsmtp.shards) at once: lists merged by
+    arrival, counts summed, an id looked for in each (ids are unique across shards)."""
+
+    def __init__(self, admins: Sequence[SpoolAdmin]) -> None:
+        self._admins = tuple(admins)
+
+    def messages(self, *, corrupt: bool = False) -> list[MessageRow]:
+        found = [row for admin in self._admins for row in admin.messages(corrupt=corrupt)]
+        return sorted(found, key=lambda row: row.received_at)
+
+    def message(self, message_id: str) -> MessageRow | None:
+        return next(
+            (row for admin in self._admins if (row := admin.message(message_id)) is not None),
+            None,
+        )
+
+    def headers(self, message_id: str) -> bytes:
+        return next(
+            (admin.headers(message_id) for admin in self._admins if admin.message(message_id)),
+            b"",
+        )
+
+    def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for admin in self._admins:
+            for key, value in admin.stats().items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def flush(self, now: float | None = None) -> int:
+        return sum(admin.flush(now) for admin in self._admins)
+
+    def delete(self, message_id: str) -> bool:
+        return any([admin.delete(message_id) for admin in self._admins])
+
+    def bounce(self, message_id: str, now: float | None = None) -> int:
+        return sum(admin.bounce(message_id, now) for admin in self._admins)

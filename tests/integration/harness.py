@@ -88,6 +88,8 @@ class GsmtpProcess:
             "server": {
                 "hostname": "mx.foo.com",
                 "listen": [f"127.0.0.1:{self.port}"],
+                # One process unless a test asks for more: most tests read one spool.
+                "workers": 1,
                 "trusted_networks": ["127.0.0.2/32"],
                 "timeout": "30s",
                 "shutdown_grace": "5s",
@@ -105,6 +107,12 @@ class GsmtpProcess:
             lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
         # A proxy_protocol listener greets only after a PROXY header.
         self.proxy_protocol = bool(sections["server"].get("proxy_protocol", False))
+        # Several workers: started once the supervisor says every one is ready.
+        self.started_event = (
+            b'"event":"server_started"'
+            if sections["server"]["workers"] == 1
+            else b'"event":"workers_started"'
+        )
         self.config = directory / "gsmtp.toml"
         self.config.write_text("\n".join(lines) + "\n")
         self.spool_path = directory / sections["spool"]["path"]  # an absolute path wins
@@ -190,7 +198,7 @@ class GsmtpProcess:
             raise AssertionError(f"gsmtp exited {self.process.returncode}: {self.log()}")
         # Our own process must say so: a 220 alone may come from another test run's
         # server that took the same free port first (ours then failed to listen).
-        if b'"event":"server_started"' not in self.log_path.read_bytes()[self._log_offset :]:
+        if self.started_event not in self.log_path.read_bytes()[self._log_offset :]:
             return False
         try:
             # Long enough for a held greeting (server.greet_wait).

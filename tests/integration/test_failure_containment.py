@@ -181,8 +181,8 @@ def inject(application, component):
         application._writer.submit(unit)
 
 
-def build(config):
-    application = app.Application(config)
+def build(config, **options):
+    application = app.Application(config, **options)
     gevent.spawn(inject, application, sys.argv[2])
     return application
 

@@ -1,0 +1,528 @@
+"""The supervisor of a node's worker processes (`server.workers` > 1): start, watch, restart.
+
+Theory of operation. Each worker is a whole gsmtp (gsmtp.app with a `Role`): its own
+event loop, its own spool shard (gsmtp.shards) with its own writer and queue runner.
+This process only binds, forks, watches and forwards; it runs no event loop and never
+opens a spool, so there is little in it to go wrong:
+
+- It takes the node's lock `<spool.path>.lock` first (a second `serve` exits 2 naming
+  this process's PID), then binds every listener (SMTP, submission, /metrics) once;
+  the workers inherit the sockets. Bound here rather than with SO_REUSEPORT in each
+  worker: a port already in use or not allowed fails the start once, clearly; no other
+  process of the same user can join the port and take connections (SO_REUSEPORT lets
+  it, and a test harness's "free" port raced by two servers would be shared silently
+  instead of failing); and connections waiting in the backlog are not reset when a
+  worker dies: the others accept them. Each worker takes a few connections per turn
+  of its loop (server.SHARED_MAX_ACCEPT), so a worker with a free loop takes more.
+- Workers are forked from this process before it imports gevent, and monkey-patch in
+  the child; they stay in this process group (systemd and test harnesses stop the
+  group) and get SIGTERM should this process die (PR_SET_PDEATHSIG; their heartbeat
+  also fails then). Worker 0 serves shard 0, the spool file itself, under the node lock
+  it inherits; worker k takes `<shard k>.lock`, so a restarted worker never shares its
+  shard with a worker of an earlier supervisor still draining.
+- Every worker writes "ready" then "alive" lines on a pipe (gsmtp.worker_link).
+  `Workers.health()` turns them into one `NodeHealth` (ready: every worker ready; alive:
+  every worker heard from within ALIVE_SECONDS; status: counts summed), and `on_health`
+  receives it after every change: the one place a systemd notifier reads.
+- A worker that ends while the node is not stopping is restarted, after a back-off
+  that doubles with each quick death (BACKOFF_FIRST to BACKOFF_MAX) so a crash loop
+  does not spin; that includes exit 70, the death of a component inside it. A ready
+  worker silent for HANG_SECONDS (its event loop stuck) is killed and restarted. A
+  worker that fails before the node has started at all fails the start (exit 1).
+- SIGTERM or SIGINT: forwarded, and the node exits once every worker has (SIGKILL
+  after shutdown_grace + STOP_MARGIN). SIGHUP and SIGUSR1 are forwarded.
+- /metrics: prometheus_client's multiprocess mode. PROMETHEUS_MULTIPROC_DIR is a
+  private directory beside the spool (`<spool.path>.metrics`), emptied at start under
+  the node lock; a dead worker's "live" gauge files are removed, its counters and
+  histograms stay (node-wide counters never go back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import selectors
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+
+from gsmtp import lockfile, log
+from gsmtp.config import Config, parse_host_port
+from gsmtp.sockets import bind_listener
+from gsmtp.worker_link import ALIVE, HEARTBEAT_SECONDS, READY, Lines, Role
+
+EXIT_STARTUP_FAILED = 1
+EXIT_ALREADY_RUNNING = 2
+EXIT_WORKER_FAILED = 70  # a worker did not stop cleanly at SIGTERM
+BACKOFF_FIRST = 0.25
+BACKOFF_MAX = 30.0
+STEADY_SECONDS = 60.0  # a worker that ran this long restarts after BACKOFF_FIRST again
+HANG_SECONDS = 60.0  # a ready worker not heard from for this long is killed
+ALIVE_SECONDS = 3 * HEARTBEAT_SECONDS  # heard from within this: alive
+STOP_MARGIN = 3.0  # after a worker's own deadline (shutdown_grace + 2 s): SIGKILL
+TICK_SECONDS = 1.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
+
+RunWorker = Callable[[Config, Role], int]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    index: int
+    pid: int | None  # None while waiting to be restarted
+    ready: bool
+    alive: bool
+    status: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHealth:
+    """The node as systemd's notifier needs it: READY=1 once `ready` (every worker
+    ready), WATCHDOG=1 only while `alive` (every worker heard from lately), STATUS=
+    from `status` (each worker's counts summed)."""
+
+    ready: bool
+    alive: bool
+    status: Mapping[str, int]
+    workers: tuple[WorkerState, ...]
+
+
+@dataclass(slots=True)
+class _Worker:
+    index: int
+    pid: int | None = None
+    pipe: int | None = None
+    lines: Lines = field(default_factory=Lines)
+    ready: bool = False
+    heard_at: float = 0.0
+    started_at: float = 0.0
+    status: dict[str, int] = field(default_factory=dict)
+    quick_deaths: int = 0
+    restart_at: float | None = None
+    killed: bool = False
+
+
+def serve(
+    config: Config,
+    count: int,
+    *,
+    run_worker: RunWorker | None = None,
+    on_health: Callable[[NodeHealth], None] | None = None,
+) -> int:
+    """`gsmtp serve` with `count` workers: the exit status (0 stopped, 1 could not
+    start, 2 the spool is served already). `on_health` gets the node's health after
+    every turn of the supervisor's loop (at least every TICK_SECONDS): where a systemd
+    notifier hooks in."""
+    os.umask(0o077)
+    log.configure(config.log.level, config.log.format)
+    path = lockfile.lock_path(config.spool.path)
+    try:
+        lock = lockfile.acquire(path)
+    except OSError as error:
+        return _failed(f"cannot take the lock {path}: {error.strerror}")
+    if isinstance(lock, lockfile.HeldBy):
+        holder = f"PID {lock.pid}" if lock.pid is not None else "another process"
+        print(
+            f"gsmtp: spool {config.spool.path} is already served by {holder} (lock {path})",
+            file=sys.stderr,
+        )
+        return EXIT_ALREADY_RUNNING
+    try:
+        metrics_dir = _metrics_directory(config.spool.path)
+        sockets = _bind(config)
+    except _StartError as error:
+        lock.release()
+        return _failed(str(error))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    node = Workers(
+        config, count, sockets, lock, metrics_dir, run_worker=run_worker, on_health=on_health
+    )
+    try:
+        return node.run()
+    finally:
+        for listener in sockets.values():
+            listener.close()
+        lock.release()
+
+
+class _StartError(Exception):
+    pass
+
+
+def _failed(message: str) -> int:
+    log.get_logger(component="workers").error("startup_failed", error=message)
+    log.flush()
+    print(f"gsmtp: {message}", file=sys.stderr)
+    return EXIT_STARTUP_FAILED
+
+
+def _metrics_directory(spool_path: str) -> str:
+    """A private, empty directory for the workers' metric files (see the docstring)."""
+    directory = os.path.realpath(spool_path) + ".metrics"
+    try:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as error:
+        raise _StartError(f"cannot create {directory}: {error.strerror}") from None
+    return directory
+
+
+def _bind(config: Config) -> dict[tuple[str, int] | str, socket.socket]:
+    """Every listener of the node, by address; "metrics" for the /metrics one."""
+    addresses = [
+        *config.server.listen,
+        *config.submission.listen,
+        *config.submission.tls_listen,
+    ]
+    bound: dict[tuple[str, int] | str, socket.socket] = {}
+    try:
+        for address in addresses:
+            bound[(address.host, address.port)] = _bind_one(address.host, address.port)
+        if config.metrics.listen:
+            address = parse_host_port(config.metrics.listen)
+            bound["metrics"] = _bind_one(address.host, address.port, "[metrics] ")
+    except _StartError:
+        for listener in bound.values():
+            listener.close()
+        raise
+    return bound
+
+
+def _bind_one(host: str, port: int, what: str = "") -> socket.socket:
+    try:
+        return bind_listener(host, port)
+    except OSError as error:
+        raise _StartError(f"{what}cannot listen on {host}:{port}: {error.strerror}") from None
+
+
+def _run_worker(config: Config, role: Role) -> int:
+    """In the child: become a gevent process, then a whole gsmtp on one shard."""
+    from gevent import monkey
+
+    monkey.patch_all()
+    from gsmtp import app
+
+    return app.serve(config, role=role)
+
+
+class Workers:
+    """The running node (see the module docstring). `on_health` is called with the
+    node's `NodeHealth` after every report and every change of a worker."""
+
+    def __init__(
+        self,
+        config: Config,
+        count: int,
+        sockets: Mapping[tuple[str, int] | str, socket.socket],
+        lock: lockfile.InstanceLock,
+        metrics_dir: str,
+        *,
+        run_worker: RunWorker | None = None,
+        on_health: Callable[[NodeHealth], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._sockets = sockets
+        self._lock = lock
+        self._metrics_dir = metrics_dir
+        self._run_worker = run_worker or _run_worker
+        self.on_health = on_health
+        self._clock = clock
+        self._workers = [_Worker(index) for index in range(count)]
+        self._log = log.get_logger(component="workers")
+        self._selector = selectors.DefaultSelector()
+        self._pending: list[int] = []
+        self._stopping = False
+        self._kill_at = 0.0
+        self._started = False  # every worker has been ready once
+        self._status = 0
+        self._pid = os.getpid()
+        self._wake_read, self._wake_write = os.pipe()
+
+    # -- the node's health: the one place a notifier reads ---------------------------
+
+    def health(self) -> NodeHealth:
+        now = self._clock()
+        states = tuple(
+            WorkerState(
+                worker.index,
+                worker.pid,
+                worker.ready and worker.pid is not None,
+                worker.ready and worker.pid is not None and now - worker.heard_at <= ALIVE_SECONDS,
+                dict(worker.status),
+            )
+            for worker in self._workers
+        )
+        summed: dict[str, int] = {}
+        for state in states:
+            for key, value in state.status.items():
+                summed[key] = summed.get(key, 0) + value
+        return NodeHealth(
+            ready=all(s.ready for s in states),
+            alive=all(s.alive for s in states),
+            status=summed,
+            workers=states,
+        )
+
+    def _publish(self) -> None:
+        if self.on_health is not None:
+            self.on_health(self.health())
+
+    # -- running ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        for descriptor in (self._wake_read, self._wake_write):
+            os.set_blocking(descriptor, False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in _SIGNALS}
+        previous_wakeup = signal.set_wakeup_fd(self._wake_write)
+        try:
+            return self._run()
+        finally:
+            signal.set_wakeup_fd(previous_wakeup)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self._selector.close()
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+
+    def _run(self) -> int:
+        self._log.info("workers_starting", workers=len(self._workers))
+        for worker in self._workers:
+            self._start(worker)
+        while True:
+            for key, _ in self._selector.select(self._timeout()):
+                if key.data is None:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_read, 4096)
+                else:
+                    self._read(key.data)
+            self._handle_signals()
+            self._reap()
+            log.flush()  # this process has no housekeeping loop: after every turn
+            now = self._clock()
+            if self._stopping:
+                if all(worker.pid is None for worker in self._workers):
+                    break
+                if now >= self._kill_at:
+                    self._kill_remaining()
+                continue
+            self._check_hangs(now)
+            for worker in self._workers:
+                if (
+                    worker.pid is None
+                    and worker.restart_at is not None
+                    and now >= worker.restart_at
+                ):
+                    self._start(worker)
+            self._publish()
+        self._log.info("workers_stopped", exit_status=self._status)
+        log.flush()
+        return self._status
+
+    def _timeout(self) -> float:
+        now = self._clock()
+        deadlines = [now + TICK_SECONDS]
+        if self._stopping:
+            deadlines.append(self._kill_at)
+        else:
+            deadlines += [w.restart_at for w in self._workers if w.restart_at is not None]
+        return max(0.0, min(deadlines) - now)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._pending.append(signum)  # handled in the loop (the wake-up fd woke it)
+
+    def _handle_signals(self) -> None:
+        pending, self._pending = self._pending, []
+        for signum in pending:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self._stop(signum)
+            elif signum in (signal.SIGHUP, signal.SIGUSR1):
+                self._log.info("signal_forwarded", signal=signal.Signals(signum).name)
+                self._signal_all(signum)
+
+    def _stop(self, signum: int = signal.SIGTERM) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self._config.server.shutdown_grace
+        self._kill_at = self._clock() + grace + 2.0 + STOP_MARGIN
+        self._log.info("workers_stopping", grace_seconds=grace)
+        for worker in self._workers:
+            worker.restart_at = None
+        self._signal_all(signal.SIGTERM)
+
+    def _signal_all(self, signum: int) -> None:
+        for worker in self._workers:
+            if worker.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signum)
+
+    def _kill_remaining(self) -> None:
+        for worker in self._workers:
+            if worker.pid is not None and not worker.killed:
+                self._log.error("worker_killed", worker=worker.index, reason="did not stop")
+                worker.killed = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
+
+    def _check_hangs(self, now: float) -> None:
+        for worker in self._workers:
+            silent = now - worker.heard_at
+            if worker.pid is None or not worker.ready or worker.killed or silent <= HANG_SECONDS:
+                continue
+            self._log.error("worker_hung", worker=worker.index, pid=worker.pid, silent=silent)
+            worker.killed = True
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
+
+    # -- one worker -------------------------------------------------------------------
+
+    def _start(self, worker: _Worker) -> None:
+        read, write = os.pipe()
+        role = Role(
+            index=worker.index,
+            count=len(self._workers),
+            listeners={
+                address: listener.fileno()
+                for address, listener in self._sockets.items()
+                if isinstance(address, tuple)
+            },
+            metrics=self._sockets["metrics"].fileno() if "metrics" in self._sockets else None,
+            report=write,
+        )
+        log.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child never returns from here
+            status = EXIT_WORKER_FAILED
+            try:
+                os.close(read)
+                self._become_worker(worker.index)
+                status = self._run_worker(self._config, role)
+            except SystemExit as exit:
+                status = exit.code if isinstance(exit.code, int) else EXIT_STARTUP_FAILED
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        os.close(write)
+        os.set_blocking(read, False)
+        now = self._clock()
+        worker.pid, worker.pipe, worker.lines = pid, read, Lines()
+        worker.ready, worker.killed, worker.status = False, False, {}
+        worker.started_at = worker.heard_at = now
+        worker.restart_at = None
+        self._selector.register(read, selectors.EVENT_READ, worker)
+        self._log.info("worker_started", worker=worker.index, pid=pid)
+
+    def _become_worker(self, index: int) -> None:
+        """In the child, before anything else: die with the supervisor, drop what is
+        the supervisor's (signal handlers, its loop, the other workers' pipes, and the
+        node lock unless this is worker 0)."""
+        if sys.platform == "linux":
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != self._pid:
+            os._exit(0)  # the supervisor died before prctl: nothing to serve for
+        signal.set_wakeup_fd(-1)
+        for signum in _SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        self._selector.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+        for other in self._workers:
+            if other.pipe is not None:
+                os.close(other.pipe)
+        if index != 0:
+            self._lock.release()  # this copy only: the supervisor's keeps the lock
+
+    def _read(self, worker: _Worker) -> None:
+        assert worker.pipe is not None
+        try:
+            data = os.read(worker.pipe, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self._close_pipe(worker)
+            return
+        now = self._clock()
+        for report in worker.lines.feed(data):
+            worker.heard_at = now
+            if report.state == READY and not worker.ready:
+                worker.ready = True
+                self._log.info("worker_ready", worker=worker.index, pid=worker.pid)
+                if not self._started and all(w.ready for w in self._workers):
+                    self._started = True
+                    pids = [w.pid for w in self._workers]
+                    self._log.info("workers_started", workers=len(self._workers), pids=pids)
+            elif report.state == ALIVE:
+                worker.status = dict(report.status)
+
+    def _close_pipe(self, worker: _Worker) -> None:
+        if worker.pipe is not None:
+            self._selector.unregister(worker.pipe)
+            os.close(worker.pipe)
+            worker.pipe = None
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = next((w for w in self._workers if w.pid == pid), None)
+            if worker is not None:
+                self._ended(worker, os.waitstatus_to_exitcode(wait_status))
+
+    def _ended(self, worker: _Worker, code: int) -> None:
+        self._close_pipe(worker)
+        self._forget_live_gauges(worker.pid)
+        pid, worker.pid, worker.ready = worker.pid, None, False
+        now = self._clock()
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+        if self._stopping:
+            self._log.info("worker_stopped", worker=worker.index, pid=pid, exit=how)
+            if code != 0 and self._status == 0:
+                self._status = EXIT_WORKER_FAILED
+            return
+        if not self._started:
+            # Not every worker has started yet: this is the node failing to start
+            # (the worker's own log line says why), not a crash to ride out.
+            self._log.error("worker_failed_to_start", worker=worker.index, pid=pid, exit=how)
+            self._status = EXIT_STARTUP_FAILED
+            self._stop()
+            return
+        if now - worker.started_at >= STEADY_SECONDS:
+            worker.quick_deaths = 0
+        delay = min(BACKOFF_FIRST * 2**worker.quick_deaths, BACKOFF_MAX)
+        worker.quick_deaths += 1
+        worker.restart_at = now + delay
+        self._log.error(
+            "worker_died", worker=worker.index, pid=pid, exit=how, restart_in=round(delay, 2)
+        )
+
+    def _forget_live_gauges(self, pid: int | None) -> None:
+        """What prometheus_client.multiprocess.mark_process_dead does (that module is
+        not imported here, before the fork: it imports ssl, which gevent must patch
+        first): the dead process's "live" gauge files go; counters stay."""
+        if pid is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self._metrics_dir):
+                if name.startswith("gauge_live") and name.endswith(f"_{pid}.db"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self._metrics_dir, name))

@@ -1,0 +1,311 @@
+"""`server.workers` at its default ("auto": one worker per CPU, 2 on the test machine):
+shared-nothing workers, each on its own spool shard, under one supervisor.
+
+End to end: mail accepted by every worker is delivered; `gsmtp queue` and `spool
+backup` see every shard; a worker killed with SIGKILL is restarted and every message
+answered 250 is delivered; SIGTERM stops the whole group; a second `serve` names the
+supervisor; a shard left without a worker is adopted; /metrics sums the workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+from tests.integration.harness import GsmtpProcess, SmtpWire, environment, free_port, wait_for
+from tests.integration.remote import Sink
+
+# The default, as an operator gets it; a one-CPU machine would run one process with
+# "auto", and these tests are about several.
+WORKERS: Any = "auto" if (os.cpu_count() or 1) >= 2 else 2
+COUNT: int = (os.cpu_count() or 1) if WORKERS == "auto" else WORKERS
+
+
+def send(port: int, rcpt: str, subject: str, source: str | None = None) -> str | None:
+    """One message on a connection of its own: the queue id of a 250, else None."""
+    try:
+        with SmtpWire(port, source=source, timeout=20) as wire:
+            return _transaction(wire, rcpt, subject)
+    except (OSError, AssertionError, IndexError):  # cut off: the worker was killed
+        return None
+
+
+def _transaction(wire: SmtpWire, rcpt: str, subject: str) -> str | None:
+    if not wire.read_reply():
+        return None
+    wire.command("EHLO c.example")
+    wire.command("MAIL FROM:<a@remote.example>")
+    wire.command(f"RCPT TO:<{rcpt}>")
+    wire.command("DATA")
+    wire.send(f"Subject: {subject}\r\n\r\nbody\r\n.\r\n".encode())
+    reply = wire.read_reply()
+    return reply[0].rsplit(" ", 1)[1] if reply and reply[0].startswith("250") else None
+
+
+def send_until_every_worker_queued(
+    gsmtp: GsmtpProcess, rcpt: str, source: str | None = None, prefix: str = "m"
+) -> list[str]:
+    """Rounds of 8 connections opened together, until each worker has queued mail
+    (which worker accepts a connection is the kernel's and the loops' business)."""
+    ids: list[str] = []
+    for round_number in range(40):
+        wires = [SmtpWire(gsmtp.port, source=source) for _ in range(8)]
+        try:
+            for number, wire in enumerate(wires):
+                queued = _transaction(wire, rcpt, f"{prefix}-{round_number}-{number}")
+                assert queued is not None
+                ids.append(queued)
+        finally:
+            for wire in wires:
+                wire.close()
+        if all(gsmtp.events("message_queued", worker=k) for k in range(COUNT)):
+            return ids
+    raise AssertionError("one worker never queued anything")
+
+
+def shard(gsmtp: GsmtpProcess, index: int) -> Path:
+    spool = gsmtp.spool_path
+    return spool if index == 0 else spool.with_name(f"{spool.stem}-{index}{spool.suffix}")
+
+
+def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    connection = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return list(connection.execute(sql).fetchall())
+    finally:
+        connection.close()
+
+
+def subjects(gsmtp: GsmtpProcess, address: str) -> list[str]:
+    found = []
+    for path in gsmtp.maildir_files(address):
+        for line in path.read_bytes().splitlines():
+            if line.startswith(b"Subject: "):
+                found.append(line[9:].decode())
+                break
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except FileNotFoundError:
+        return "zombie"
+
+
+def worker_pids(gsmtp: GsmtpProcess) -> dict[int, int]:
+    """The latest PID of each worker, from the supervisor's log."""
+    return {event["worker"]: event["pid"] for event in gsmtp.events("worker_started")}
+
+
+def test_every_worker_accepts_and_delivers_and_the_group_stops_together(
+    gsmtp_factory: Any,
+) -> None:
+    gsmtp = gsmtp_factory({"server": {"workers": WORKERS}})
+    pids = worker_pids(gsmtp)
+    assert sorted(pids) == list(range(COUNT)) and COUNT >= 2
+    ids = send_until_every_worker_queued(gsmtp, "jones@foo.com")
+    wait_for(
+        lambda: len(gsmtp.maildir_files("jones@foo.com")) == len(ids),
+        timeout=30,
+        what="every message in the Maildir",
+    )
+    # Each worker stored its mail in its own shard (rows are gone once delivered; the
+    # files are there), and logged its number.
+    for index in range(COUNT):
+        assert shard(gsmtp, index).exists()
+        assert all(e["worker"] == index for e in gsmtp.events("message_queued", worker=index))
+    # One /metrics endpoint sums every worker's counters.
+    samples = wait_for(
+        lambda: (
+            (m := gsmtp.metrics())['gsmtp_deliveries_total{outcome="delivered",transport="local"}']
+            == len(ids)
+            and m
+        ),
+        what="deliveries counted",
+    )
+    assert samples['gsmtp_messages_received_total{outcome="queued"}'] == len(ids)
+    assert samples['gsmtp_queue_size{status="queued"}'] == 0
+    # A second serve on the same spool names the supervisor and exits 2.
+    second = subprocess.run(
+        [sys.executable, "-m", "gsmtp.cli", "serve", "-c", str(gsmtp.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment(),
+    )
+    assert second.returncode == 2
+    assert f"PID {gsmtp.process.pid}" in second.stderr
+    # SIGHUP reaches every worker: each reloads, and finds nothing that needs a restart
+    # (its divided limits and its shard are worked out again, not taken for changes).
+    gsmtp.signal(signal.SIGHUP)
+    reloads = wait_for(
+        lambda: len(found := gsmtp.events("config_reloaded")) == COUNT and found,
+        what="every worker to reload",
+    )
+    assert sorted(e["worker"] for e in reloads) == list(range(COUNT))
+    assert all(e["restart_needed_for"] is None for e in reloads)
+    # SIGTERM to the supervisor stops every worker, then the supervisor: exit 0.
+    gsmtp.signal(signal.SIGTERM)
+    assert gsmtp.wait(timeout=30) == 0
+    wait_for(lambda: not any(alive(pid) for pid in pids.values()), what="the workers to end")
+    assert [e["worker"] for e in gsmtp.events("worker_stopped")].count(0) == 1
+
+
+def test_a_killed_worker_is_restarted_and_what_it_answered_250_is_delivered(
+    gsmtp_factory: Any,
+) -> None:
+    gsmtp = gsmtp_factory({"server": {"workers": WORKERS}})
+    victim = worker_pids(gsmtp)[1]
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        number = 0
+        while not stop.is_set():
+            number += 1
+            subject = f"k-{threading.get_ident()}-{number}"
+            if send(gsmtp.port, "brown@foo.com", subject) is not None:
+                accepted.append(subject)
+
+    senders = [threading.Thread(target=client) for _ in range(4)]
+    for thread in senders:
+        thread.start()
+    try:
+        wait_for(
+            lambda: len(gsmtp.events("message_queued", worker=1)) >= 10,
+            timeout=30,
+            what="worker 1 to queue mail",
+        )
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: gsmtp.events("worker_died", worker=1), what="the supervisor to notice")
+        wait_for(
+            lambda: len(gsmtp.events("worker_ready", worker=1)) == 2,
+            timeout=30,
+            what="worker 1 restarted",
+        )
+        restarted = worker_pids(gsmtp)[1]
+        assert restarted != victim
+        wait_for(
+            lambda: any(e.get("worker") == 1 for e in gsmtp.events("message_queued")[-20:]),
+            timeout=30,
+            what="the restarted worker to take mail",
+        )
+    finally:
+        stop.set()
+        for thread in senders:
+            thread.join(timeout=60)
+    assert accepted
+    wait_for(
+        lambda: set(accepted) <= set(subjects(gsmtp, "brown@foo.com")),
+        timeout=60,
+        what="every message answered 250 in the Maildir",
+    )
+    delivered = subjects(gsmtp, "brown@foo.com")
+    duplicates = len(delivered) - len(set(delivered))
+    print(f"accepted {len(accepted)}, delivered {len(delivered)}, duplicates {duplicates}")
+    assert gsmtp.events("worker_died", worker=1)[0]["exit"] == "signal SIGKILL"
+
+
+def test_queue_and_backup_see_every_shard_and_a_lowered_count_adopts_the_orphans(
+    gsmtp_factory: Any, tmp_path: Path
+) -> None:
+    # Relayed through a smarthost nobody listens on: the mail stays queued.
+    closed = f"127.0.0.1:{free_port()}"
+    gsmtp = gsmtp_factory(
+        {"server": {"workers": WORKERS}, "delivery": {"smarthost": closed, "retry": ["1h"]}}
+    )
+    ids = send_until_every_worker_queued(gsmtp, "x@remote.example", source="127.0.0.2")
+    wait_for(
+        lambda: all(
+            r["last_error"]
+            for m in json.loads(gsmtp.cli("queue", "list", "--json").stdout)
+            for r in m["recipients"]
+        ),
+        timeout=30,
+        what="every first attempt deferred",
+    )
+    by_shard = {
+        index: {row[0] for row in rows(shard(gsmtp, index), "SELECT id FROM messages")}
+        for index in range(COUNT)
+    }
+    assert all(by_shard.values()) and set().union(*by_shard.values()) == set(ids)
+
+    stats = json.loads(gsmtp.cli("queue", "stats", "--json").stdout)
+    assert stats["messages"] == len(ids) and stats["queued"] == len(ids)
+    listed = {m["id"] for m in json.loads(gsmtp.cli("queue", "list", "--json").stdout)}
+    assert listed == set(ids)
+    in_shard_1 = sorted(by_shard[1])[0]
+    assert "Subject: m-" in gsmtp.cli("queue", "show", in_shard_1).stdout
+    assert gsmtp.cli("queue", "delete", in_shard_1).returncode == 0
+    in_shard_0 = sorted(by_shard[0])[0]
+    assert gsmtp.cli("queue", "delete", in_shard_0).returncode == 0
+    left = set(ids) - {in_shard_0, in_shard_1}
+    assert json.loads(gsmtp.cli("queue", "stats", "--json").stdout)["messages"] == len(left)
+    flushed = json.loads(gsmtp.cli("queue", "flush", "--json").stdout)
+    assert flushed["count"] == len(left)  # every shard's
+    wait_for(
+        lambda: all(
+            r["next_attempt_at"] > time.time() + 60  # deferred again, for 1h
+            for m in json.loads(gsmtp.cli("queue", "list", "--json").stdout)
+            for r in m["recipients"]
+        ),
+        timeout=30,
+        what="every worker to try its flushed mail again",
+    )
+
+    copy = tmp_path / "backup"
+    printed = gsmtp.cli("spool", "backup", str(copy)).stdout
+    assert printed.count("spool copied to") == COUNT
+    copied = set()
+    for index in range(COUNT):
+        copied |= {
+            row[0] for row in rows(copy / shard(gsmtp, index).name, "SELECT id FROM messages")
+        }
+    assert copied == left
+
+    # Down to one worker: it adopts every other shard at start, and delivers its mail.
+    gsmtp.stop()
+    sink = Sink("127.0.0.3", free_port("127.0.0.3"))
+    try:
+        text = gsmtp.config.read_text()
+        text = text.replace(f'"{closed}"', f'"127.0.0.3:{sink.controller.port}"')
+        text = text.replace(f"workers = {json.dumps(WORKERS)}", "workers = 1")
+        gsmtp.config.write_text(text)
+        gsmtp.started_event = b'"event":"server_started"'
+        gsmtp.start()
+        adopted = gsmtp.events("shard_adopted")
+        assert len(adopted) == COUNT - 1
+        for index in range(1, COUNT):
+            assert not shard(gsmtp, index).exists()
+        assert json.loads(gsmtp.cli("queue", "stats", "--json").stdout)["messages"] == len(left)
+        flushed = json.loads(gsmtp.cli("queue", "flush", "--json").stdout)
+        assert flushed["count"] == len(left)
+        wait_for(lambda: len(sink.received) == len(left), timeout=30, what="the sink to get all")
+        got = {m.data.split(b"Subject: ")[1].split(b"\r\n")[0] for m in sink.received}
+        assert len(got) == len(left)
+    finally:
+        sink.stop()
+
+
+def test_one_worker_is_one_process(gsmtp_factory: Any) -> None:
+    """`workers = 1` is today's single process: no supervisor, no worker field."""
+    gsmtp = gsmtp_factory({"server": {"workers": 1}})
+    assert not gsmtp.events("workers_started")
+    assert "worker" not in gsmtp.events("server_started")[0]
