@@ -66,6 +66,9 @@ RESTART = frozenset(
         "submission.allow_plaintext_auth",
         "spool.path",
         "maildir.root",
+        "maildir.group",  # the Maildir deliverer's file permissions, set at start
+        "maildir.mode",
+        "server.workers",  # the worker processes and their shards
         "delivery.concurrency",  # the sender pool
         "delivery.max_per_domain",
         "delivery.active_limit",

@@ -259,6 +259,9 @@ class EveryShard:
         found = [row for admin in self._admins for row in admin.messages(corrupt=corrupt)]
         return sorted(found, key=lambda row: row.received_at)
 
+    def matching(self, selection: queue_control.Filter, now: float) -> list[str]:
+        return [id_ for admin in self._admins for id_ in admin.matching(selection, now)]
+
     def message(self, message_id: str) -> MessageRow | None:
         return next(
             (row for admin in self._admins if (row := admin.message(message_id)) is not None),
