@@ -373,19 +373,10 @@ class MaildirWriter:
         self._fsync = fsync
         self._sweep: Generator[int, None, None] | None = None
 
-    def write(self, domain: str, local: str, content: bytes) -> None:
-        """Store `content` in `<domain>/<local>/new/` durably, or raise OSError."""
-        job = FileJob(domain, local, b"", content)
-        self.create([job], prepared=True)
-        self.sync_files([job])
-        self.sync_directories(self.link([job]))
-        if job.error is not None:
-            raise job.error
-
-    def create(self, jobs: Sequence[FileJob], *, prepared: bool = False) -> None:
-        """Create and write each job's file in its Maildir's tmp/ (not yet fsynced). The
-        copy is the header, then the body without planted delivery fields and with LF
-        line endings (unless `prepared`: the body as it is)."""
+    def create(self, jobs: Sequence[FileJob]) -> None:
+        """Create and write each job's file in its Maildir's tmp/ (not yet fsynced): the
+        header, then the body without planted delivery fields and with LF line endings
+        (made here, off the event loop)."""
         self._close_retired()
         try:
             root = self._open_root()
@@ -394,7 +385,7 @@ class MaildirWriter:
                 job.error = error
             return
         for job in jobs:
-            content = job.body if prepared else job.header + to_lf(without_fields(job.body))
+            content = job.header + to_lf(without_fields(job.body))
             try:
                 self._create(root, job, content)
             except OSError as error:
