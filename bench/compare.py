@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import peers
 from bench.peers import RECIPIENT, Gsmtp, Peer, all_peers
 
 HERE = Path(__file__).parent
@@ -91,35 +92,17 @@ def tree_cpu_seconds(pid: int) -> float:
 def run_load(peer: Peer, cell: Cell, seconds: float) -> Measurement:
     cpu_before = tree_cpu_seconds(peer.pid)
     started = time.monotonic()
-    output = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.load",
-            "--json",
-            "--quiet",
-            "--target",
-            f"127.0.0.1:{peer.port}",
-            "-c",
-            str(cell.connections),
-            "-m",
-            str(cell.messages),
-            "-s",
-            str(cell.size),
-            "--to",
-            RECIPIENT,
-            "--duration",
-            str(seconds),
-            "--max-seconds",
-            str(seconds + 30),
-        ],
-        capture_output=True,
-        text=True,
+    result = peers.run_load(
+        peer.port,
+        connections=cell.connections,
+        messages=cell.messages,
+        size=cell.size,
+        to=RECIPIENT,
+        options=["--duration", str(seconds), "--max-seconds", str(seconds + 30)],
         timeout=seconds + 120,
     )
     elapsed = time.monotonic() - started
     cpu = (tree_cpu_seconds(peer.pid) - cpu_before) / elapsed * 100
-    result = json.loads(output.stdout.strip().splitlines()[-1])
     return Measurement(
         result["msgs_per_s"],
         result["sessions_per_s"],

@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.peers import (
     E2E_LOCAL,
@@ -38,6 +39,7 @@ from bench.peers import (
     Gsmtp,
     Peer,
     Postfix,
+    run_load,
 )
 
 KiB = 1024
@@ -59,39 +61,20 @@ class EndToEnd:
     note: str = ""
 
 
-def _load(port: int, to: str, messages: int, connections: int, per_session: int, size: int) -> dict:  # type: ignore[type-arg]
+def _load(
+    port: int, to: str, messages: int, connections: int, per_session: int, size: int
+) -> dict[str, Any]:
     limit = max(300.0, messages / 20)
-    output = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.load",
-            "--json",
-            "--quiet",
-            "--target",
-            f"127.0.0.1:{port}",
-            "-c",
-            str(connections),
-            "-m",
-            str(per_session),
-            "-s",
-            str(size),
-            "--to",
-            to,
-            "--mailboxes",
-            str(MAILBOXES),
-            "--total",
-            str(messages),
-            "--max-seconds",
-            str(limit),
-        ],
-        capture_output=True,
-        text=True,
+    options = ["--mailboxes", str(MAILBOXES), "--total", str(messages)]
+    return run_load(
+        port,
+        connections=connections,
+        messages=per_session,
+        size=size,
+        to=to,
+        options=[*options, "--max-seconds", str(limit)],
         timeout=limit + 120,
     )
-    if not output.stdout.strip():
-        raise RuntimeError(f"bench.load failed: {output.stderr.strip()[-300:]}")
-    return json.loads(output.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def run_cell(

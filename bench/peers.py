@@ -7,6 +7,7 @@ harness can check that every accepted message was really stored.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -51,6 +52,47 @@ def wait_listening(
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing answered on port {port} within {timeout}s")
+
+
+def run_load(
+    port: int,
+    *,
+    connections: int,
+    messages: int,
+    size: int,
+    to: str,
+    options: list[str],
+    timeout: float,
+) -> dict[str, Any]:
+    """bench.load against 127.0.0.1:`port` in a process of its own (it monkey-patches
+    gevent); its JSON result. `options`: --duration, --total, --mailboxes, …"""
+    output = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.load",
+            "--json",
+            "--quiet",
+            "--target",
+            f"127.0.0.1:{port}",
+            "-c",
+            str(connections),
+            "-m",
+            str(messages),
+            "-s",
+            str(size),
+            "--to",
+            to,
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if not output.stdout.strip():
+        raise RuntimeError(f"bench.load failed: {output.stderr.strip()[-300:]}")
+    result: dict[str, Any] = json.loads(output.stdout.strip().splitlines()[-1])
+    return result
 
 
 def maildir_state(boxes: list[Path]) -> tuple[int, float]:
