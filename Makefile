@@ -45,6 +45,8 @@ lint: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.compare
 
+# Postfix: the discard, local(8) Maildir and relaying peers, smtp-sink and smtp-source
+# (the end-to-end cells need nothing else: the sink and the probe are in bench/).
 bench-deps:
 	echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix

@@ -1,11 +1,14 @@
 """Side-by-side benchmark: gsmtp against the peers a user would pick instead, one run.
 
-    make bench            (or: python -m bench.compare [--quick] [--no-idle])
+    make bench            (or: python -m bench.compare [--quick] [--no-idle] [--no-e2e])
 
 Starts each peer in turn on a free loopback port, runs the same matrix of loads
 (C connections × M messages per session × S bytes, each cell a few seconds, sessions
 repeated), repeats the key cells three times and keeps the median, checks that every
-message a durable peer accepted is stored, measures idle-connection memory, and writes
+message a durable peer accepted is stored, measures idle-connection memory, runs the
+`workers` cells (gsmtp with server.workers = 2 and = 1, where gsmtp has that setting)
+and the end-to-end cells of bench.e2e (N messages delivered into Maildirs, or relayed
+to a sink, timed to the last delivery; the physical probe beside them), and writes
 bench/RESULTS.md (ratios, since these machines are noisy) and bench/results.png.
 """
 
@@ -24,11 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.peers import RECIPIENT, Peer, all_peers
+from bench import peers
+from bench.peers import RECIPIENT, Gsmtp, Peer, all_peers
 
 HERE = Path(__file__).parent
 KiB = 1024
 KEY_CELLS = [(100, 100, KiB), (100, 1, KiB), (10, 100, 100 * KiB)]
+E2E_MESSAGES = 30000
+E2E_MESSAGES_QUICK = 5000
 
 
 @dataclass
@@ -86,35 +92,17 @@ def tree_cpu_seconds(pid: int) -> float:
 def run_load(peer: Peer, cell: Cell, seconds: float) -> Measurement:
     cpu_before = tree_cpu_seconds(peer.pid)
     started = time.monotonic()
-    output = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.load",
-            "--json",
-            "--quiet",
-            "--target",
-            f"127.0.0.1:{peer.port}",
-            "-c",
-            str(cell.connections),
-            "-m",
-            str(cell.messages),
-            "-s",
-            str(cell.size),
-            "--to",
-            RECIPIENT,
-            "--duration",
-            str(seconds),
-            "--max-seconds",
-            str(seconds + 30),
-        ],
-        capture_output=True,
-        text=True,
+    result = peers.run_load(
+        peer.port,
+        connections=cell.connections,
+        messages=cell.messages,
+        size=cell.size,
+        to=RECIPIENT,
+        options=["--duration", str(seconds), "--max-seconds", str(seconds + 30)],
         timeout=seconds + 120,
     )
     elapsed = time.monotonic() - started
     cpu = (tree_cpu_seconds(peer.pid) - cpu_before) / elapsed * 100
-    result = json.loads(output.stdout.strip().splitlines()[-1])
     return Measurement(
         result["msgs_per_s"],
         result["sessions_per_s"],
@@ -201,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=10000, help="idle connections to hold")
     parser.add_argument("--peers", default="", help="comma-separated subset of peer names")
     parser.add_argument("--out", default=str(HERE), help="where RESULTS.md and results.png go")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end cells")
+    parser.add_argument(
+        "--e2e-messages",
+        type=int,
+        default=0,
+        help=f"messages per end-to-end cell ({E2E_MESSAGES}; {E2E_MESSAGES_QUICK} with --quick)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         cells = [Cell(*key) for key in KEY_CELLS]
@@ -208,8 +203,21 @@ def main(argv: list[str] | None = None) -> int:
         cells = [Cell(c, m, s) for s in (KiB, 100 * KiB) for m in (1, 100) for c in (1, 10, 100)]
     repeats = 1 if args.quick else 3
     wanted = {name.strip() for name in args.peers.split(",") if name.strip()}
-    report: dict[str, Any] = {"skipped": {}, "results": {}, "idle": {}, "descriptions": {}}
-    for peer in all_peers():
+    report: dict[str, Any] = {
+        "skipped": {},
+        "results": {},
+        "idle": {},
+        "descriptions": {},
+        "durable": {},
+        "e2e": [],
+        "e2e_skipped": {},
+        "e2e_descriptions": {},
+        "machine": machine(),
+    }
+    # The workers cells: acknowledged rate at the first key cell, gsmtp with two
+    # worker processes against one (skipped while gsmtp has no server.workers).
+    workers = [Gsmtp("gsmtp-w2", workers=2), Gsmtp("gsmtp-w1", workers=1)]
+    for peer in all_peers() + workers:
         if wanted and peer.name not in wanted:
             continue
         reason = peer.missing()
@@ -218,11 +226,13 @@ def main(argv: list[str] | None = None) -> int:
             report["skipped"][peer.name] = reason
             continue
         report["descriptions"][peer.name] = peer.description
+        report["durable"][peer.name] = peer.durable
+        peer_cells = [Cell(*KEY_CELLS[0])] if peer in workers else cells
         with tempfile.TemporaryDirectory(prefix=f"bench-{peer.name}-") as workdir:
             print(f"{peer.name}: {peer.description}", flush=True)
             try:
                 peer.start(Path(workdir))
-                report["results"][peer.name] = measure_peer(peer, cells, args.seconds, repeats)
+                report["results"][peer.name] = measure_peer(peer, peer_cells, args.seconds, repeats)
                 if not args.no_idle and peer.name in ("gsmtp", "aiosmtpd-discard", "gevent-sink"):
                     report["idle"][peer.name] = measure_idle(peer, args.idle)
             except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as error:
@@ -230,11 +240,22 @@ def main(argv: list[str] | None = None) -> int:
                 report["skipped"][peer.name] = f"failed: {error}"
             finally:
                 peer.stop()
+    if not args.no_e2e:
+        from bench import e2e
+
+        count = args.e2e_messages or (E2E_MESSAGES_QUICK if args.quick else E2E_MESSAGES)
+        print(f"end to end: {count:,} messages of 1 KiB at C=100 M=100 per cell", flush=True)
+        found, skipped, descriptions = e2e.measure(count, wanted=wanted)
+        report["e2e"], report["e2e_skipped"], report["e2e_descriptions"] = (
+            found,
+            skipped,
+            descriptions,
+        )
     cross = {} if args.quick else cross_check(report)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from bench.report import write_plot, write_results
 
-    write_results(Path(args.out) / "RESULTS.md", report, cells, cross, machine())
+    write_results(Path(args.out) / "RESULTS.md", report, cells, cross, report["machine"])
     write_plot(Path(args.out) / "results.png", report)
     print(f"wrote {Path(args.out) / 'RESULTS.md'}")
     return 0
@@ -287,9 +308,21 @@ def machine() -> dict[str, str]:
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cores": str(os.cpu_count()),
+        "cpu": _cpu_model(),
         "python": platform.python_version(),
         "kernel": platform.release(),
+        "host": platform.node(),
     }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ class Result:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     server_cpu_percent: float | None = None
+    started_at: float = 0.0  # wall clock, before the first connect
+    finished_at: float = 0.0  # wall clock, after the last reply
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -122,6 +124,22 @@ class Plan:
     repeat: bool
     result: Result
     latencies: list[float] = field(default_factory=list)
+    mailboxes: int = 1  # >1: the recipient's local part gets a number, message by message
+    total: int = 0  # >0: sessions repeat until this many messages were sent
+    sent: int = 0  # messages started (counts towards `total`)
+
+    def recipient(self) -> str:
+        if self.mailboxes <= 1:
+            return self.rcpt
+        local, _, domain = self.rcpt.rpartition("@")
+        return f"{local}{self.sent % self.mailboxes}@{domain}"
+
+    def take(self) -> bool:
+        """One more message may be sent (bounded by `total`)."""
+        if self.total and self.sent >= self.total:
+            return False
+        self.sent += 1
+        return True
 
 
 def worker(plan: Plan) -> None:
@@ -129,12 +147,18 @@ def worker(plan: Plan) -> None:
     the deadline (how M=1 measures connection set-up)."""
     while True:
         session(plan)
-        if not plan.repeat or time.monotonic() > plan.deadline or plan.result.errors > 100:
+        finished = plan.total and plan.sent >= plan.total
+        if (
+            finished
+            or not plan.repeat
+            or time.monotonic() > plan.deadline
+            or plan.result.errors > 100
+        ):
             return
 
 
 def session(plan: Plan) -> None:
-    target, messages, body, rcpt = plan.target, plan.messages, plan.body, plan.rcpt
+    target, messages, body = plan.target, plan.messages, plan.body
     result, latencies, deadline = plan.result, plan.latencies, plan.deadline
     family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -153,15 +177,18 @@ def session(plan: Plan) -> None:
         sock.sendall(b"EHLO bench.test\r\n")
         ehlo = reader.reply_lines()
         pipelining = any(b"PIPELINING" in line.upper() for line in ehlo)
-        envelope = [
-            b"MAIL FROM:<load@bench.test>\r\n",
-            f"RCPT TO:<{rcpt}>\r\n".encode(),
-            b"DATA\r\n",
-        ]
         data = body + b".\r\n"
         for _ in range(messages):
             if time.monotonic() > deadline:
                 break
+            rcpt = plan.recipient()
+            if not plan.take():
+                break
+            envelope = [
+                b"MAIL FROM:<load@bench.test>\r\n",
+                f"RCPT TO:<{rcpt}>\r\n".encode(),
+                b"DATA\r\n",
+            ]
             if pipelining:
                 sock.sendall(b"".join(envelope))
                 for code in ("250", "250", "354"):
@@ -220,10 +247,15 @@ def run(
     server_pid: int | None = None,
     progress: bool = True,
     duration: float | None = None,
+    mailboxes: int = 1,
+    total: int = 0,
 ) -> Result:
     """Run the load. With `duration`, every client repeats sessions for that long
-    (bounded by max_seconds too); without, each runs one session."""
+    (bounded by max_seconds too); with `total`, until that many messages were sent
+    (bounded by max_seconds too); else each runs one session. `mailboxes` > 1 spreads
+    the messages over that many recipients (`user0@…`, `user1@…`, …)."""
     result = Result(f"{target[0]}:{target[1]}", connections, messages, size)
+    result.started_at = time.time()
     latencies: list[float] = []
     body = make_body(size, 0)
     pool = Pool(connections)
@@ -231,14 +263,17 @@ def run(
     started = time.monotonic()
     deadline = started + min(max_seconds, duration or max_seconds)
     stop = gevent.event.Event()
-    expected = connections * messages if duration is None else 0
+    expected = total or (connections * messages if duration is None else 0)
     reporter = gevent.spawn(_progress, result, started, expected, stop) if progress else None
-    plan = Plan(target, messages, body, rcpt, deadline, duration is not None, result, latencies)
+    repeat = duration is not None or total > 0
+    plan = Plan(target, messages, body, rcpt, deadline, repeat, result, latencies)
+    plan.mailboxes, plan.total = mailboxes, total
     for _ in range(connections):
         pool.spawn(worker, plan)
     pool.join(timeout=max_seconds + 30)
     pool.kill()
     elapsed = time.monotonic() - started
+    result.finished_at = time.time()
     stop.set()
     if reporter is not None:
         reporter.join()
@@ -272,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--duration", type=float, help="repeat sessions for this many seconds (bounded)"
     )
+    parser.add_argument(
+        "--mailboxes", type=int, default=1, help="spread over N recipients: user0@…, user1@…"
+    )
+    parser.add_argument(
+        "--total", type=int, default=0, help="repeat sessions until N messages were sent"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     parser.add_argument("--pid", type=int, help="server PID, to report its CPU use")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -288,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         server_pid=args.pid,
         progress=not args.quiet,
         duration=args.duration,
+        mailboxes=args.mailboxes,
+        total=args.total,
     )
     if args.json:
         print(json.dumps(asdict(result)))

@@ -73,6 +73,13 @@ def _targets(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         )
     else:
         check("10,000 idle connections ≤ 12 KiB each", "not measured", None)
+    _e2e_targets(report, check)
+    w2, w1 = _rate(report, "gsmtp-w2", key1), _rate(report, "gsmtp-w1", key1)
+    check(
+        "Acknowledged, C=100 M=100 1 KiB: workers = 2 ≥ 1.3× workers = 1",
+        _ratio(w2, w1) if w2 and w1 else "not measured (no server.workers)",
+        bool(w2 and w1 and w2 >= 1.3 * w1) if w2 and w1 else None,
+    )
     results = report["results"].get(g, {})
     if "stored" in results:
         check(
@@ -81,6 +88,50 @@ def _targets(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             results["stored"] >= results["accepted"],
         )
     return rows
+
+
+def _e2e(report: dict[str, Any], kind: str, peer: str) -> Any:
+    return next(
+        (c for c in report.get("e2e", []) if c.kind == kind and c.peer == peer),
+        None,
+    )
+
+
+def _e2e_targets(report: dict[str, Any], check: Any) -> None:
+    if not report.get("e2e"):
+        check("End-to-end cells", "not run", None)
+        return
+    gsmtp, postfix = _e2e(report, "local", "gsmtp"), _e2e(report, "local", "postfix-local")
+    probe = _e2e(report, "probe", "probe (fsync)")
+    if gsmtp is not None:
+        wanted = [x for x in (postfix and 2 * postfix.delivered_per_s,) if x]
+        if probe is not None:
+            wanted.append(0.8 * probe.delivered_per_s)
+        bar = min(wanted) if wanted else None
+        of_postfix = postfix.delivered_per_s if postfix else None
+        of_probe = probe.delivered_per_s if probe else None
+        check(
+            "End to end, local, 1 KiB C=100 M=100: ≥ 2× Postfix local(8)"
+            " or ≥ 0.8 of the probe, whichever is lower",
+            f"{gsmtp.delivered_per_s:,.0f} msg/s ({_ratio(gsmtp.delivered_per_s, of_postfix)}"
+            f" Postfix, {_ratio(gsmtp.delivered_per_s, of_probe)} probe)",
+            None if bar is None else gsmtp.delivered_per_s >= bar,
+        )
+        check(
+            "… every accepted message in a Maildir exactly once",
+            f"{gsmtp.accepted:,} accepted, {gsmtp.delivered:,} delivered",
+            gsmtp.delivered == gsmtp.accepted,
+        )
+    relay, postfix_relay = _e2e(report, "relay", "gsmtp"), _e2e(report, "relay", "postfix-relay")
+    if relay is not None:
+        check(
+            "End to end, relay to a sink: ≥ 2× Postfix relaying to the same sink",
+            f"{relay.delivered_per_s:,.0f} msg/s"
+            f" ({_ratio(relay.delivered_per_s, postfix_relay and postfix_relay.delivered_per_s)})",
+            None
+            if postfix_relay is None
+            else relay.delivered_per_s >= 2 * postfix_relay.delivered_per_s,
+        )
 
 
 def write_results(
@@ -104,10 +155,17 @@ def write_results(
         "## Peers",
         "",
     ]
+    durable = report.get("durable", {})
     for name, description in report["descriptions"].items():
-        lines.append(f"- **{name}**: {description}")
+        kind = "durable" if durable.get(name) else "not durable"
+        lines.append(f"- **{name}** ({kind}): {description}")
     for name, reason in report["skipped"].items():
         lines.append(f"- **{name}**: skipped, {reason}")
+    lines += [
+        "",
+        "*Durable*: the peer has the message on disk (fsynced) before it answers 250."
+        " The others acknowledge from memory: they are ceilings, not competitors.",
+    ]
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, value, ok in _targets(report):
         mark = "yes" if ok else ("n/a" if ok is None else "**no**")
@@ -126,6 +184,7 @@ def write_results(
         row += f" | {gsmtp_cell.p99_ms:.1f}" if gsmtp_cell else " | –"
         row += f" | {gsmtp_cell.cpu_percent:.0f} |" if gsmtp_cell else " | – |"
         lines.append(row)
+    lines += _e2e_section(report)
     lines += ["", "## Latency, end of DATA to the reply (p50 / p99 ms)", ""]
     lines.append("| cell | " + " | ".join(peers) + " |")
     lines.append("|" + "---|" * (len(peers) + 1))
@@ -169,6 +228,66 @@ def write_results(
     path.write_text("\n".join(lines) + "\n")
 
 
+def _e2e_section(report: dict[str, Any]) -> list[str]:
+    cells = report.get("e2e") or []
+    if not cells and not report.get("e2e_skipped"):
+        return []
+    count = max((c.messages for c in cells), default=0)
+    lines = [
+        "",
+        "## End to end: acknowledged and delivered",
+        "",
+        f"{count:,} messages of 1 KiB at C=100 M=100 (bench.load --total), spread over 100"
+        " mailboxes. *Acknowledged*: accepted messages ÷ the load's own time. *Delivered*:"
+        " messages ÷ the time from the first connect to the last file linked into a new/"
+        " (local) or the last message the sink received (relay). The probe makes the same"
+        " number of durable Maildir files with no server in the way, on the same file"
+        " system: the physical ceiling of local delivery.",
+        "",
+        "| cell | peer | durable | accepted | delivered | acknowledged msgs/s"
+        " | delivered msgs/s | delivered ÷ Postfix | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        postfix = _e2e(report, cell.kind, f"postfix-{cell.kind}")
+        ratio = "–"
+        if cell.kind != "probe" and postfix is not None:
+            ratio = _ratio(cell.delivered_per_s, postfix.delivered_per_s)
+        acknowledged = "–" if cell.kind == "probe" else f"{cell.acknowledged_per_s:,.0f}"
+        lines.append(
+            f"| {cell.kind} | {cell.peer} | {'yes' if cell.durable else 'no'}"
+            f" | {cell.accepted:,} | {cell.delivered:,} | {acknowledged}"
+            f" | {cell.delivered_per_s:,.0f} | {ratio} | {cell.note} |"
+        )
+    descriptions = report.get("e2e_descriptions", {})
+    if descriptions:
+        lines.append("")
+        for name, description in descriptions.items():
+            lines.append(f"- {name}: {description}")
+    for name, reason in report.get("e2e_skipped", {}).items():
+        lines.append(f"- {name}: skipped, {reason}")
+    return lines
+
+
+def _series(
+    results: dict[Any, Any], messages: int, size: int
+) -> tuple[list[int], list[float], list[list[float]]]:
+    """x, y and asymmetric error bars (the spread of repeated runs) of one peer's line."""
+    xs: list[int] = []
+    ys: list[float] = []
+    low: list[float] = []
+    high: list[float] = []
+    for connections in (1, 10, 100):
+        cell = results.get((connections, messages, size))
+        if cell is not None:
+            runs = cell.runs or [cell.msgs_per_s]
+            xs.append(connections)
+            ys.append(cell.msgs_per_s)
+            low.append(cell.msgs_per_s - min(runs))
+            high.append(max(runs) - cell.msgs_per_s)
+    return xs, ys, [low, high]
+
+
 def write_plot(path: Path, report: dict[str, Any]) -> None:
     try:
         import matplotlib
@@ -178,23 +297,72 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for axis, messages in zip(axes, (100, 1), strict=True):
+    durable = report.get("durable", {})
+    figure, axes = plt.subplots(2, 3, figsize=(16, 9))
+    panels = [
+        (axes[0][0], True, 100, KiB, "durable peers: 1 KiB, 100 per session"),
+        (axes[0][1], True, 1, KiB, "durable peers: 1 KiB, 1 per session"),
+        (axes[0][2], True, 100, 100 * KiB, "durable peers: 100 KiB, 100 per session"),
+        (axes[1][0], False, 100, KiB, "not durable (ceilings): 1 KiB, 100 per session"),
+        (axes[1][1], False, 100, 100 * KiB, "not durable (ceilings): 100 KiB, 100 per session"),
+    ]
+    for axis, want_durable, messages, size, title in panels:
         for peer, results in report["results"].items():
-            xs, ys = [], []
-            for connections in (1, 10, 100):
-                cell = results.get((connections, messages, KiB))
-                if cell is not None:
-                    xs.append(connections)
-                    ys.append(cell.msgs_per_s)
-            if xs:
-                axis.plot(xs, ys, marker="o", label=peer)
+            if bool(durable.get(peer)) != want_durable:
+                continue
+            xs, ys, errors = _series(results, messages, size)
+            if len(xs) > 1:
+                axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=peer)
+            elif xs:  # the workers cells: one point
+                axis.errorbar(xs, ys, yerr=errors, marker="s", capsize=3, ls="", label=peer)
         axis.set_xscale("log")
         axis.set_xticks([1, 10, 100], ["1", "10", "100"])
         axis.set_xlabel("concurrent connections")
-        axis.set_ylabel("accepted messages / s")
-        axis.set_title(f"1 KiB messages, {messages} per session")
+        axis.set_ylabel("acknowledged messages / s")
+        axis.set_title(title, fontsize=10)
+        axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.tight_layout()
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    _plot_e2e(axes[1][2], report)
+    machine = report.get("machine")
+    if machine:
+        figure.text(
+            0.5,
+            0.005,
+            f"bench.compare, {machine['date']}: {machine['cores']} cores"
+            f" ({machine.get('cpu', '')}), Linux {machine['kernel']},"
+            f" Python {machine['python']}. Error bars: spread of the repeated key cells.",
+            ha="center",
+            fontsize=8,
+        )
+    figure.tight_layout(rect=(0, 0.02, 1, 1))
     figure.savefig(path, dpi=110)
+
+
+def _plot_e2e(axis: Any, report: dict[str, Any]) -> None:
+    """Acknowledged and delivered rates side by side; the probe as the ceiling."""
+    cells = [c for c in report.get("e2e", []) if c.kind != "probe"]
+    probes = [c for c in report.get("e2e", []) if c.kind == "probe"]
+    labels = [f"{c.kind}\n{c.peer}" for c in cells]
+    positions = list(range(len(cells)))
+    axis.bar(
+        [x - 0.2 for x in positions],
+        [c.acknowledged_per_s for c in cells],
+        width=0.4,
+        label="acknowledged",
+    )
+    axis.bar(
+        [x + 0.2 for x in positions],
+        [c.delivered_per_s for c in cells],
+        width=0.4,
+        label="delivered (end to end)",
+    )
+    for probe, style in zip(probes, ("--", ":"), strict=False):
+        axis.axhline(probe.delivered_per_s, ls=style, color="grey", label=probe.peer)
+    axis.set_xticks(positions, labels, fontsize=7)
+    axis.set_ylabel("messages / s")
+    axis.set_title("end to end, 1 KiB, C=100 M=100", fontsize=10)
+    axis.grid(alpha=0.3, axis="y")
+    if cells or probes:
+        axis.legend(fontsize=7)

@@ -2,6 +2,9 @@
 against. Answers every command at once, reads DATA in bulk.
 
     python -m bench.sink --listen 127.0.0.1:2700
+
+As the relay cells' MX it counts what it received: `XSTA` (a verb of its own) answers
+`250 <messages> <wall-clock time of the last one>`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import socket  # noqa: E402
+import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 from gevent.server import StreamServer  # noqa: E402
@@ -20,6 +24,13 @@ _EHLO = (
     b"250-sink.bench\r\n250-PIPELINING\r\n250-SIZE 104857600\r\n250-8BITMIME\r\n"
     b"250 ENHANCEDSTATUSCODES\r\n"
 )
+
+
+class Received:
+    """Messages received so far, and when the last one was (wall clock)."""
+
+    count = 0
+    last = 0.0
 
 
 def handle(sock: socket.socket, _address: Any) -> None:
@@ -40,6 +51,8 @@ def handle(sock: socket.socket, _address: Any) -> None:
                     break
                 buffer = buffer[end + 5 :]
                 in_data = False
+                Received.count += 1
+                Received.last = time.time()
                 out.append(b"250 2.0.0 Ok\r\n")
                 continue
             newline = buffer.find(b"\r\n")
@@ -53,6 +66,8 @@ def handle(sock: socket.socket, _address: Any) -> None:
                 out.append(b"354 go\r\n")
                 in_data = True
                 buffer = b"\r\n" + buffer  # the first line may be the end
+            elif verb == b"XSTA":
+                out.append(f"250 {Received.count} {Received.last:.6f}\r\n".encode())
             elif verb == b"QUIT":
                 sock.sendall(b"".join(out) + b"221 bye\r\n")
                 return

@@ -64,10 +64,14 @@ from gsmtp.systemd import SystemdNotifier, listen_fds
 from gsmtp.tls import ServerTls, TlsError, server_context
 from gsmtp.worker_link import ALIVE, HEARTBEAT_SECONDS, READY, SINGLE_PROCESS, Reporter, Role
 
-# One thread writes all Maildir files. More threads, each giving up and retaking the GIL
-# around every file syscall, starve the event loop (a GIL convoy): measured with
-# `bench.load -c 100 -m 100`, 8 threads accepted half as much mail as 1.
+# One thread creates, writes and links all Maildir files. More threads, each giving up and
+# retaking the GIL around every file syscall, starve the event loop (a GIL convoy):
+# measured with `bench.load -c 100 -m 100`, 8 threads accepted half as much mail as 1.
 MAILDIR_THREADS = 1
+# The fsyncs of a batch of Maildir files (and of its new/ directories) are spread over
+# these threads so that they overlap on the disk; each does one long system call per
+# file, so they hardly contend for the GIL.
+MAILDIR_FSYNC_THREADS = 8
 CHECKPOINT_SECONDS = 0.5
 # How often stale files in Maildir tmp/ are looked for (a bounded batch of mailboxes each).
 MAILDIR_TMP_CLEAN_SECONDS = 600.0
@@ -178,6 +182,7 @@ class Application:
         self._router = Router(self.policy)
         self._acceptor = Acceptor(config.server.hostname)
         self._file_pool = ThreadPool(MAILDIR_THREADS)
+        self._fsync_pool = ThreadPool(MAILDIR_FSYNC_THREADS)
         self._file_progress = Progress()
         delivery = config.delivery
         self.queue = QueueManager(
@@ -339,11 +344,20 @@ class Application:
                 raise value
             return value
 
+        def in_parallel(works: Sequence[Callable[[], None]]) -> None:
+            with self._file_progress.track():
+                pending = [self._fsync_pool.spawn(_call_captured, work) for work in works]
+                for ok, value in (result.get() for result in pending):
+                    if not ok:
+                        raise value
+
         self._local = local = MaildirDeliverer(
             self.config.maildir.root,
             resolve_mailbox=self._router.mailbox,
             run_blocking=in_thread,
             permissions=self._permissions,
+            run_parallel=in_parallel,
+            fsync_threads=MAILDIR_FSYNC_THREADS,
         )
         self._remote = remote = self._remote_deliverer()
         return {routing.LOCAL: local, routing.SMTP: remote}
@@ -554,6 +568,7 @@ class Application:
         else:
             self._log.error("writer_not_stopped", error="submitted work did not finish in time")
         self._file_pool.kill()
+        self._fsync_pool.kill()
         self._local.close()
         self._log.info("server_stopped")
         log.flush()

@@ -143,6 +143,13 @@ DATA_MEMORY = Gauge(
     "Bytes of message bodies held in memory by connections receiving them (max_data_memory)",
     multiprocess_mode="livesum",
 )
+MAILDIR_BATCHES = Counter(
+    "gsmtp_maildir_batches", "Batches of Maildir files written (one fsync per new/ each)"
+)
+MAILDIR_FILES = Counter("gsmtp_maildir_files", "Maildir files attempted in batches")
+MAILDIR_DIRECTORY_FSYNCS = Counter(
+    "gsmtp_maildir_directory_fsyncs", "fsyncs of Maildir new/ directories (one per batch each)"
+)
 BODY_PARTS = Counter(
     "gsmtp_body_parts_written", "Parts of large message bodies written to the spool as they arrived"
 )

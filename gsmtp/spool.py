@@ -535,8 +535,9 @@ class Spool:
 
     def record_results(self, updates: Sequence[RecipientUpdate]) -> None:
         """Apply delivery outcomes in one transaction (shared with the results of other
-        senders that finish meanwhile); the rows are no longer owned."""
-        self._writer.submit_item(apply_results, tuple(updates))
+        senders that finish meanwhile, and always with those recorded in the same pass
+        of the event loop: a Maildir batch's); the rows are no longer owned."""
+        self._writer.submit_gathered(apply_results, tuple(updates))
 
     def bounce_pending(self, message_id: str) -> bool:
         """True if a queued recipient of the message awaits the bounce the administrator

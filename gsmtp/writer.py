@@ -61,6 +61,7 @@ class GroupCommitter:
     ) -> None:
         self._connection = open_connection(path)
         self._pending: deque[tuple[BatchFn | None, Any, Any]] = deque()
+        self._gathered: list[tuple[BatchFn | None, Any, Any]] = []
         self._work_ready = get_original("threading", "Event")()
         self._loop = gevent.get_hub().loop
         self._stopping = False
@@ -82,6 +83,32 @@ class GroupCommitter:
         """Apply `batch_fn` to `item` (together with like items submitted meanwhile)
         inside a committed transaction; raise if it was not committed."""
         self._wait(batch_fn, item)
+
+    def submit_gathered(self, batch_fn: BatchFn, item: Any) -> None:
+        """`submit_item`, but the items submitted by greenlets that run in the same pass
+        of the event loop reach the writer together, so they share one transaction: the
+        results of a batch of deliveries, answered at once, cost one commit. (The
+        writer thread could otherwise take the first before the others are submitted.)"""
+        if self._stopping:
+            raise DatabaseError("spool writer is stopped")
+        result: AsyncResult = AsyncResult()
+        if not self._gathered:
+            # Runs after the callbacks already queued: those wake the other greenlets.
+            self._loop.run_callback(self._hand_gathered)
+        self._gathered.append((batch_fn, item, result))
+        result.get()
+
+    def _hand_gathered(self) -> None:
+        gathered, self._gathered = self._gathered, []
+        if self._stopping:  # the thread may have ended: it would never answer
+            for _, _, result in gathered:
+                result.set_exception(DatabaseError("spool writer is stopped"))
+            return
+        for _ in gathered:
+            self.progress.begin()
+        self._pending.extend(gathered)  # at once: the writer takes them in one batch
+        if not self._work_ready.is_set():
+            self._work_ready.set()
 
     def _wait(self, batch_fn: BatchFn | None, payload: Any) -> Any:
         if self._stopping:

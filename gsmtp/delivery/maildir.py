@@ -20,6 +20,16 @@ maildir.group): an IMAP server running as another user reads the mailboxes throu
 group, given to every file and directory gsmtp creates, with the group read bit on
 files and read and execute bits on directories. The modes are set with fchmod, so the
 server's umask (077) does not take them away.
+Deliveries are made in batches, as a database commits in groups: while one batch is on
+the disk, the deliveries that arrive wait, and the next batch takes all of them (up to
+`max_batch` files). A batch creates and writes every file in `tmp/` on the Maildir
+thread, fsyncs them through `run_parallel` (several threads: the fsyncs of different
+files overlap on the disk), links them into `new/`, and fsyncs each `new/` directory
+once, whatever the number of files linked into it. Only then is any of its recipients
+delivered; their results are answered together, so the queue records them in one
+spool commit. A failure of one file (its write, fsync or link) defers its recipient
+only; a failed fsync of a `new/` defers the recipients linked into that directory (a
+copy may then be delivered twice, never lost).
 
 Nothing is left behind: a write that fails once its `tmp/` file exists (ENOSPC, EIO, any
 OSError) removes that file before the delivery is deferred; a directory made for a new
@@ -38,21 +48,28 @@ import os
 import secrets
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol, TypeVar
 
+from gevent.event import AsyncResult
+
+from gsmtp import metrics
 from gsmtp.message import Outcome, QueuedMessage, RecipientResult
 from gsmtp.protocol.address import has_control
 from gsmtp.protocol.trace import without_fields
 
 T = TypeVar("T")
+U = TypeVar("U")
 _counter = itertools.count(1)
 # maildir(5): a file in tmp/ untouched this long was left by a crashed delivery.
 STALE_TMP_SECONDS = 36 * 3600
 # Mailboxes whose tmp/ one `clean_tmp` call looks at; the next call goes on from there.
 CLEAN_TMP_MAILBOXES = 1000
+# Files one batch writes at most (their bodies are in memory anyway, held by senders).
+MAX_BATCH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +99,20 @@ class RunBlocking(Protocol):
     def __call__(self, work: Callable[[], T], /) -> T: ...
 
 
+class RunParallel(Protocol):
+    """Runs each piece of work on a thread of its own (as many as there are threads) and
+    returns when all are done; raises what one of them raised."""
+
+    def __call__(self, works: Sequence[Callable[[], None]], /) -> None: ...
+
+
 def _run_inline(work: Callable[[], T]) -> T:
     return work()
+
+
+def _run_all_inline(works: Sequence[Callable[[], None]]) -> None:
+    for work in works:
+        work()
 
 
 class MailboxPathError(Exception):
@@ -118,7 +147,10 @@ def to_lf(body: bytes) -> bytes:
 
 class MaildirDeliverer:
     """The `local` transport. `resolve_mailbox` maps a recipient to its canonical
-    mailbox name (`jones@foo.com` for `Jones@FOO.com`), or None if there is none."""
+    mailbox name (`jones@foo.com` for `Jones@FOO.com`), or None if there is none.
+
+    `run_blocking` runs the file work of a batch that must stay in order (create, write,
+    link); `run_parallel` the fsyncs, spread over `fsync_threads` pieces of work."""
 
     def __init__(
         self,
@@ -126,6 +158,9 @@ class MaildirDeliverer:
         *,
         resolve_mailbox: Callable[[str], str | None],
         run_blocking: RunBlocking = _run_inline,
+        run_parallel: RunParallel = _run_all_inline,
+        fsync_threads: int = 1,
+        max_batch: int = MAX_BATCH,
         fsync: Callable[[int], None] = os.fsync,
         permissions: Permissions = Permissions(),
     ) -> None:
@@ -133,9 +168,19 @@ class MaildirDeliverer:
         self._writer = MaildirWriter(self._root, fsync=fsync, permissions=permissions)
         self._resolve_mailbox = resolve_mailbox
         self._run_blocking = run_blocking
+        self._run_parallel = run_parallel
+        self._fsync_threads = max(1, fsync_threads)
+        self._batches = _GroupWriter(self._write_batch, max_batch)
 
     def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
-        return [self._deliver_one(message, recipient) for recipient in recipients]
+        prepared = [self._prepare(message, recipient) for recipient in recipients]
+        jobs = [job for job in prepared if isinstance(job, FileJob)]
+        if jobs:
+            self._batches.run(jobs)
+        return [
+            _stored(recipient, job) if isinstance(job, FileJob) else job
+            for recipient, job in zip(recipients, prepared, strict=True)
+        ]
 
     def clean_tmp(self, now: float, *, max_mailboxes: int = CLEAN_TMP_MAILBOXES) -> int:
         """Remove files in `<mailbox>/tmp/` last modified more than 36 hours before `now`
@@ -147,7 +192,8 @@ class MaildirDeliverer:
     def close(self) -> None:
         self._writer.close()
 
-    def _deliver_one(self, message: QueuedMessage, recipient: str) -> RecipientResult:
+    def _prepare(self, message: QueuedMessage, recipient: str) -> FileJob | RecipientResult:
+        """The copy to write for `recipient`, or why there is none."""
         mailbox = self._resolve_mailbox(recipient)
         if mailbox is None:
             return RecipientResult(
@@ -170,27 +216,109 @@ class MaildirDeliverer:
                 )
         local, _, domain = mailbox.rpartition("@")
         header = f"Return-Path: <{message.sender}>\nDelivered-To: {mailbox}\n".encode()
-        return self._run_blocking(
-            lambda: self._store(recipient, domain, local, header, message.body)
-        )
+        return FileJob(domain, local, header, message.body)
 
-    def _store(
-        self, recipient: str, domain: str, local: str, header: bytes, body: bytes
-    ) -> RecipientResult:
-        """In the writer thread (the copies without planted delivery fields and to LF line
-        endings too: off the event loop)."""
-        try:
-            self._writer.write(domain, local, header + to_lf(without_fields(body)))
-        except OSError as error:
-            # Disk full, permissions, a symlink planted in the way: try again later, never
-            # bounce for a local fault (RFC 5321 §6.1: no loss "for frivolous reasons").
-            code = errno.errorcode.get(error.errno or 0, "EIO")
-            return RecipientResult(
-                recipient, Outcome.DEFERRED, "4.3.0", f"451 4.3.0 Maildir write failed: {code}"
+    def _write_batch(self, jobs: list[FileJob]) -> None:
+        """One batch, in the leader's greenlet: write all, fsync all (in parallel), link
+        all, fsync each new/ once. Each job ends with `error` None only if its file and
+        its directory entry are durable."""
+        writer, pieces = self._writer, self._fsync_threads
+        self._run_blocking(lambda: writer.create(jobs))
+        written = [job for job in jobs if job.error is None]
+        if written:
+            self._run_parallel(
+                [partial(writer.sync_files, part) for part in _split(written, pieces)]
             )
+        directories = self._run_blocking(lambda: writer.link(jobs))
+        if directories:
+            self._run_parallel(
+                [partial(writer.sync_directories, part) for part in _split(directories, pieces)]
+            )
+        metrics.MAILDIR_BATCHES.inc()
+        metrics.MAILDIR_FILES.inc(len(jobs))
+        metrics.MAILDIR_DIRECTORY_FSYNCS.inc(len(directories))
+
+
+def _stored(recipient: str, job: FileJob) -> RecipientResult:
+    if job.error is not None:
+        # Disk full, permissions, a symlink planted in the way: try again later, never
+        # bounce for a local fault (RFC 5321 §6.1: no loss "for frivolous reasons").
+        code = errno.errorcode.get(job.error.errno or 0, "EIO")
         return RecipientResult(
-            recipient, Outcome.DELIVERED, "2.0.0", "250 2.0.0 Delivered to Maildir"
+            recipient, Outcome.DEFERRED, "4.3.0", f"451 4.3.0 Maildir write failed: {code}"
         )
+    return RecipientResult(recipient, Outcome.DELIVERED, "2.0.0", "250 2.0.0 Delivered to Maildir")
+
+
+def _split(items: Sequence[U], pieces: int) -> list[list[U]]:
+    """`items` dealt round-robin into at most `pieces` non-empty lists."""
+    return [list(items[start::pieces]) for start in range(min(pieces, len(items)))]
+
+
+_LEAD = object()  # a waiting delivery's answer: "the batch is yours to run"
+
+
+class _GroupWriter:
+    """Batches concurrent deliveries, like a database's group commit. The first caller
+    (the leader) writes its jobs at once; callers arriving meanwhile wait; when a batch
+    is done, its followers are answered together and the first waiting caller leads the
+    next batch, with everything that waits (up to `max_batch` jobs). No greenlet of its
+    own: the leader is a delivery greenlet, so nothing here needs an owner."""
+
+    def __init__(self, write: Callable[[list[FileJob]], None], max_batch: int) -> None:
+        self._write = write
+        self._max_batch = max(1, max_batch)
+        self._waiting: deque[tuple[list[FileJob], AsyncResult]] = deque()
+        self._busy = False
+
+    def run(self, jobs: list[FileJob]) -> None:
+        """Write `jobs` (each ends with its `error` set or None); returns once they are
+        durable or failed."""
+        mine: tuple[list[FileJob], AsyncResult] = (jobs, AsyncResult())
+        self._waiting.append(mine)
+        if self._busy:
+            try:
+                if mine[1].get() is not _LEAD:
+                    return  # written by another caller's batch
+            except BaseException:
+                self._leave(mine)
+                raise
+        self._busy = True
+        taken = [self._waiting.popleft()]  # a leader's own entry is always the first
+        count = len(jobs)
+        while self._waiting and count + len(self._waiting[0][0]) <= self._max_batch:
+            count += len(self._waiting[0][0])
+            taken.append(self._waiting.popleft())
+        try:
+            self._write([job for entry, _ in taken for job in entry])
+        except BaseException as error:
+            # Killed or crashed mid-batch: the followers defer (a copy may be in new/
+            # already: delivered twice at worst, never lost).
+            failure = error if isinstance(error, Exception) else OSError(errno.EINTR, "stopped")
+            for _, done in taken[1:]:
+                done.set_exception(failure)
+            raise
+        else:
+            for _, done in taken[1:]:
+                done.set(None)
+        finally:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._waiting:
+            self._waiting[0][1].set(_LEAD)
+        else:
+            self._busy = False
+
+    def _leave(self, entry: tuple[list[FileJob], AsyncResult]) -> None:
+        """A waiting caller was killed: forget it; if it had just been made leader, the
+        next waiting caller leads instead."""
+        for index, waiting in enumerate(self._waiting):
+            if waiting is entry:
+                del self._waiting[index]
+                if entry[1].ready() and entry[1].successful() and entry[1].value is _LEAD:
+                    self._hand_over()
+                return
 
 
 _PRIVATE = Permissions()  # the default: no extra system calls per message
@@ -244,10 +372,27 @@ class _Mailbox:
         os.close(self.new)
 
 
+@dataclass(slots=True, eq=False)
+class FileJob:
+    """One copy to store in `<domain>/<local>/new/`; the writer fills in the rest as the
+    batch goes, and `error` says at the end whether it was stored (None) or why not."""
+
+    domain: str
+    local: str
+    header: bytes
+    body: bytes  # as spooled: CRLF line endings, possibly planted delivery fields
+    name: str = ""
+    fd: int = -1
+    mailbox: _Mailbox | None = None
+    error: OSError | None = None
+
+
 class MaildirWriter:
-    """Writes message files; keeps the directories of recently used Maildirs open, so a
-    delivery costs seven system calls: create, write, fsync, close, link, unlink and the
-    fsync of new/. Used from one thread at a time."""
+    """Writes message files in batches; keeps the directories of recently used Maildirs
+    open, so a file costs create, write, fsync, close, link and unlink, and a batch one
+    fsync per new/ directory it touched. `create` and `link` run on one thread, one
+    batch at a time; `sync_files` and `sync_directories` on several threads at once,
+    each on its own part of the batch."""
 
     CACHED_MAILBOXES = 256
 
@@ -262,43 +407,146 @@ class MaildirWriter:
         self._permissions = permissions
         self._root: int | None = None
         self._open: OrderedDict[str, _Mailbox] = OrderedDict()
+        # Mailboxes dropped from the cache during a batch: its jobs may still use their
+        # descriptors, so they are closed when the next batch starts.
+        self._retired: list[_Mailbox] = []
         self._fsync = fsync
         self._sweep: Generator[int, None, None] | None = None
 
-    def write(self, domain: str, local: str, content: bytes) -> None:
-        """Store `content` in `<domain>/<local>/new/` durably, or raise OSError."""
-        root = self._open_root()
-        key = f"{domain}/{local}"
-        mailbox = self._open.pop(key, None)
+    def create(self, jobs: Sequence[FileJob]) -> None:
+        """Create and write each job's file in its Maildir's tmp/ (not yet fsynced): the
+        header, then the body without planted delivery fields and with LF line endings
+        (made here, off the event loop)."""
+        self._close_retired()
         try:
-            if mailbox is None:
-                mailbox = self._open_mailbox(root, domain, local)
-            self._write_file(mailbox, content)
-        except FileNotFoundError:
-            # The Maildir was removed while its directories were open: open it afresh.
-            if mailbox is not None:
-                mailbox.close()
-            mailbox = self._open_mailbox(root, domain, local)
-            self._write_file(mailbox, content)
-        except OSError:
-            if mailbox is not None:
-                mailbox.close()
-            raise
-        self._open[key] = mailbox
-        if len(self._open) > self.CACHED_MAILBOXES:
-            _, oldest = self._open.popitem(last=False)
-            oldest.close()
+            root = self._open_root()
+        except OSError as error:
+            for job in jobs:
+                job.error = error
+            return
+        for job in jobs:
+            content = job.header + to_lf(without_fields(job.body))
+            try:
+                self._create(root, job, content)
+            except OSError as error:
+                self._abandon(job, error)
+
+    def sync_files(self, jobs: Sequence[FileJob]) -> None:
+        """fsync each written file (on one of several threads)."""
+        for job in jobs:
+            if job.error is None:
+                try:
+                    self._fsync(job.fd)
+                except OSError as error:
+                    job.error = error
+
+    def link(self, jobs: Sequence[FileJob]) -> list[tuple[int, list[FileJob]]]:
+        """Close each file, link the fsynced ones into new/, remove every tmp/ name; the
+        new/ directories linked into (a descriptor each) with their jobs."""
+        directories: dict[int, list[FileJob]] = {}
+        for job in jobs:
+            if job.fd < 0 or job.mailbox is None:
+                continue  # failed before its file existed, or cleaned up already
+            mailbox, fd = job.mailbox, job.fd
+            job.fd = -1
+            try:
+                os.close(fd)
+                if job.error is None:
+                    os.link(job.name, job.name, src_dir_fd=mailbox.tmp, dst_dir_fd=mailbox.new)
+                    directories.setdefault(mailbox.new, []).append(job)
+            except OSError as error:
+                job.error = error
+            finally:
+                # Linked into new/ or failed on the way (ENOSPC, EIO...): the tmp/ name
+                # goes either way, so a failed write leaves no partial file behind.
+                try:
+                    os.unlink(job.name, dir_fd=mailbox.tmp)
+                except FileNotFoundError:
+                    pass
+                except OSError as error:
+                    job.error = job.error or error
+        return list(directories.items())
+
+    def sync_directories(self, directories: Sequence[tuple[int, list[FileJob]]]) -> None:
+        """fsync each new/ once for all the files just linked into it (on one of several
+        threads); if it fails, none of those files counts as stored."""
+        for directory, jobs in directories:
+            try:
+                self._fsync(directory)
+            except OSError as error:
+                for job in jobs:
+                    job.error = job.error or error
 
     def close(self) -> None:
         if self._sweep is not None:
             self._sweep.close()
             self._sweep = None
+        self._close_retired()
         for mailbox in self._open.values():
             mailbox.close()
         self._open.clear()
         if self._root is not None:
             os.close(self._root)
             self._root = None
+
+    def _create(self, root: int, job: FileJob, content: bytes) -> None:
+        key = f"{job.domain}/{job.local}"
+        mailbox = self._open.get(key)
+        try:
+            if mailbox is None:
+                mailbox = self._mailbox(root, key, job)
+            else:
+                self._open.move_to_end(key)
+            self._start_file(mailbox, job, content)
+        except FileNotFoundError:
+            # The Maildir was removed while its directories were open: open it afresh.
+            if mailbox is None:
+                raise
+            self._retire(key)
+            self._start_file(self._mailbox(root, key, job), job, content)
+        except OSError:
+            self._retire(key)
+            raise
+
+    def _mailbox(self, root: int, key: str, job: FileJob) -> _Mailbox:
+        mailbox = self._open_mailbox(root, job.domain, job.local)
+        self._open[key] = mailbox
+        return mailbox
+
+    def _retire(self, key: str) -> None:
+        mailbox = self._open.pop(key, None)
+        if mailbox is not None:
+            self._retired.append(mailbox)
+
+    def _close_retired(self) -> None:
+        """Between batches: close what was dropped, and what the cache holds too many."""
+        while len(self._open) > self.CACHED_MAILBOXES:
+            self._retired.append(self._open.popitem(last=False)[1])
+        for mailbox in self._retired:
+            mailbox.close()
+        self._retired.clear()
+
+    def _start_file(self, mailbox: _Mailbox, job: FileJob, content: bytes) -> None:
+        job.name = unique_name(time.time())
+        job.fd = os.open(job.name, _NEW_FILE, 0o600, dir_fd=mailbox.tmp)
+        job.mailbox = mailbox
+        if self._permissions != _PRIVATE:
+            self._permissions.apply(job.fd, self._permissions.file_mode)
+        view = memoryview(content)
+        while view:
+            view = view[os.write(job.fd, view) :]
+
+    def _abandon(self, job: FileJob, error: OSError) -> None:
+        """A failed job: its file (if made) closed and removed, its error noted."""
+        job.error = error
+        if job.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(job.fd)
+            job.fd = -1
+            if job.mailbox is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(job.name, dir_fd=job.mailbox.tmp)
+        job.mailbox = None
 
     def _open_root(self) -> int:
         if self._root is None:
@@ -335,27 +583,6 @@ class MaildirWriter:
                 raise
         finally:
             os.close(box)
-
-    def _write_file(self, mailbox: _Mailbox, content: bytes) -> None:
-        name = unique_name(time.time())
-        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=mailbox.tmp)
-        try:
-            try:
-                if self._permissions != _PRIVATE:
-                    self._permissions.apply(fd, self._permissions.file_mode)
-                view = memoryview(content)
-                while view:
-                    view = view[os.write(fd, view) :]
-                self._fsync(fd)
-            finally:
-                os.close(fd)
-            os.link(name, name, src_dir_fd=mailbox.tmp, dst_dir_fd=mailbox.new)
-        finally:
-            # Linked into new/ or failed on the way (ENOSPC, EIO...): the tmp/ name goes
-            # either way, so a failed write leaves no partial file behind.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=mailbox.tmp)
-        self._fsync(mailbox.new)
 
     # -- tmp/ clean-up ----------------------------------------------------------------------
 

@@ -83,9 +83,19 @@ class Destination:
 
 
 class Destinations:
-    def __init__(self, *, max_window: int, initial_window: int = INITIAL_WINDOW) -> None:
+    def __init__(
+        self,
+        *,
+        max_window: int,
+        initial_window: int = INITIAL_WINDOW,
+        full_window: frozenset[str] = frozenset(),
+    ) -> None:
         self._max = max(1, max_window)
         self._initial = min(initial_window, self._max)
+        # Transports whose destinations start at the full window: slow start probes a
+        # remote server's capacity; a local one (the Maildir) is ours, and writes its
+        # files in batches that grow with the deliveries running at once.
+        self._full_window = full_window
         self._all: dict[Key, Destination] = {}
         self._ready: deque[Destination] = deque()
 
@@ -98,7 +108,8 @@ class Destinations:
     def get(self, key: Key) -> Destination:
         destination = self._all.get(key)
         if destination is None:
-            destination = self._all[key] = Destination(key, float(self._initial))
+            window = self._max if key[0] in self._full_window else self._initial
+            destination = self._all[key] = Destination(key, float(window))
         return destination
 
     @property

@@ -57,7 +57,7 @@ from gsmtp.queue.destinations import INITIAL_WINDOW, Batch, Destination, Destina
 from gsmtp.queue.notices import Notices, NoticeSettings
 from gsmtp.queue.pacer import DeliveryPacer
 from gsmtp.queue.retry import Clock, RetryPolicy
-from gsmtp.routing import Route
+from gsmtp.routing import LOCAL, Route
 from gsmtp.spool import Claim, ClaimedRecipient, RecipientUpdate, Spool, Unreadable, domain_of
 
 IDLE_POLL = 1.0  # seconds: the longest the dispatcher sleeps (a flush is seen this soon)
@@ -133,7 +133,11 @@ class QueueManager:
         self._max_failed_rounds = max_failed_rounds
         self._pool = Pool(concurrency)
         self._pacer = pacer or DeliveryPacer(concurrency)
-        self._destinations = Destinations(max_window=max_per_domain, initial_window=initial_window)
+        self._destinations = Destinations(
+            max_window=max_per_domain,
+            initial_window=initial_window,
+            full_window=frozenset({LOCAL}),
+        )
         self._budget = BodyBudget(body_budget)
         self.held = 0  # recipients in memory: claimed, waiting or running
         self._wake = Event()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +93,8 @@ def test_compare_writes_results_for_the_peers_it_ran(tmp_path: Path) -> None:
             "0.5",
             "--peers",
             "gsmtp,gevent-sink",
+            "--e2e-messages",
+            "300",
             "--out",
             str(tmp_path),
         ],
@@ -102,9 +106,67 @@ def test_compare_writes_results_for_the_peers_it_ran(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     report = (tmp_path / "RESULTS.md").read_text()
     assert "| C=100 M=100 1 KiB |" in report and "gevent-sink" in report
+    assert "- **gsmtp** (durable)" in report and "- **gevent-sink** (not durable)" in report
     assert "every accepted message stored" in report
     stored_line = next(line for line in report.splitlines() if line.startswith("- gsmtp:"))
     accepted, stored = [
         int(part.split()[0].replace(",", "")) for part in stored_line[8:].split(", ")
     ]
     assert stored >= accepted > 0
+    # The end-to-end cells: everything accepted was delivered, once (counts, never speed).
+    rows = e2e_rows(report)
+    assert rows["local", "gsmtp"][:2] == (300, 300)
+    assert rows["relay", "gsmtp"][:2] == (300, 300)
+    assert rows["probe", "probe (fsync)"][:2] == (300, 300)
+    assert rows["probe", "probe (syncfs)"][:2] == (300, 300)
+    assert all(delivered_rate > 0 for _, _, delivered_rate in rows.values())
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def e2e_rows(report: str) -> dict[tuple[str, str], tuple[int, int, float]]:
+    """The end-to-end table: (kind, peer) → (accepted, delivered, delivered msgs/s)."""
+    section = report.split("## End to end: acknowledged and delivered", 1)[1]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[3].replace(",", "").isdigit():
+            number = [int(cells[i].replace(",", "")) for i in (3, 4)]
+            rows[cells[0], cells[1]] = (number[0], number[1], float(cells[6].replace(",", "")))
+    return rows
+
+
+def test_probe_makes_the_files_it_counts(tmp_path: Path) -> None:
+    for mode in ("fsync", "syncfs"):
+        result = bench(
+            "bench.probe", "--dir", str(tmp_path / mode), "--files", "120", "--mode", mode
+        )
+        assert result["stored"] == 120 and result["files_per_s"] > 0  # type: ignore[operator]
+        assert len(list((tmp_path / mode).glob("box0/new/*"))) == 120
+
+
+def test_workers_setting_is_passed_only_where_gsmtp_has_it() -> None:
+    """The workers cells run once gsmtp has server.workers, and are skipped before."""
+    from bench.peers import Gsmtp, gsmtp_has_setting
+
+    assert gsmtp_has_setting("server", "hostname")
+    assert not gsmtp_has_setting("server", "no_such_setting")
+    assert not gsmtp_has_setting("no_such_section", "hostname")
+    has_workers = gsmtp_has_setting("server", "workers")
+    assert (Gsmtp("gsmtp-w2", workers=2).missing() is None) == has_workers
+    assert Gsmtp().missing() is None
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("postfix"),
+    reason="a throw-away Postfix instance needs root and postfix (make bench-deps)",
+)
+def test_postfix_end_to_end_peers_deliver_what_they_accept() -> None:
+    """Postfix's local(8) Maildir delivery and its relaying to the sink, as the bench
+    configures them: every accepted message arrives (counts only)."""
+    from bench import e2e
+
+    cells, skipped, _ = e2e.measure(60, wanted={"postfix"}, log=False)
+    assert skipped == {}
+    found = {(cell.kind, cell.peer): (cell.accepted, cell.delivered) for cell in cells}
+    assert found == {("local", "postfix-local"): (60, 60), ("relay", "postfix-relay"): (60, 60)}

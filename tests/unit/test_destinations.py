@@ -39,6 +39,14 @@ def test_the_window_starts_at_5_grows_by_one_per_cohort_and_stops_at_the_cap() -
     assert destination.window == DEFAULTS.max_per_domain - 1 / DEFAULTS.max_per_domain
 
 
+def test_local_destinations_start_at_the_full_window() -> None:
+    """Slow start probes a remote server; the Maildir is ours, and its batches grow with
+    the deliveries running at once: local destinations start at the cap."""
+    destinations = Destinations(max_window=50, full_window=frozenset({"local"}))
+    assert destinations.get(("local", "foo.com")).allowed == 50
+    assert destinations.get(("smtp", "x.example")).allowed == INITIAL_WINDOW
+
+
 def test_round_robin_across_destinations_fifo_within_each() -> None:
     destinations = Destinations(max_window=20)
     for number in range(3):

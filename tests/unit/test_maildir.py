@@ -6,10 +6,12 @@ import os
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import gevent
 import pytest
+from gevent.threadpool import ThreadPool
 
 from gsmtp.delivery.maildir import (
     MailboxPathError,
@@ -263,3 +265,99 @@ def test_directory_modes_follow_the_file_mode() -> None:
     assert Permissions().directory_mode == 0o700
     assert Permissions(0o640).directory_mode == 0o750
     assert Permissions(0o644).directory_mode == 0o755
+
+
+# -- batches ---------------------------------------------------------------------------
+
+
+class CountingFsync:
+    """A real fsync that counts the new/ directories it syncs, and fails (EIO) for
+    files whose content holds `poison` or for the new/ of `bad_box`."""
+
+    def __init__(self, poison: bytes = b"\x00never", bad_box: str = "\x00never") -> None:
+        self.directories: list[str] = []
+        self.poison = poison
+        self.bad_box = bad_box
+
+    def __call__(self, fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            if path.endswith("/new"):
+                self.directories.append(path)
+                if f"/{self.bad_box}/" in path + "/":
+                    raise OSError(5, "injected directory fsync failure")
+        elif self.poison in Path(path).read_bytes():
+            raise OSError(5, "injected file fsync failure")
+        os.fsync(fd)
+
+
+def threaded(fsync: CountingFsync, root: Path, max_batch: int = 256) -> MaildirDeliverer:
+    """As the server runs it: file work on a thread, fsyncs on four more, so that the
+    deliveries that arrive while a batch is on the disk wait for the next one."""
+    files, syncs = ThreadPool(1), ThreadPool(4)
+
+    def in_parallel(works: Sequence[Callable[[], None]]) -> None:
+        for result in [syncs.spawn(work) for work in works]:
+            result.get()
+
+    return MaildirDeliverer(
+        str(root),
+        resolve_mailbox=str.lower,
+        run_blocking=lambda work: files.apply(work),
+        run_parallel=in_parallel,
+        fsync_threads=4,
+        max_batch=max_batch,
+        fsync=fsync,
+    )
+
+
+def message(number: int) -> QueuedMessage:
+    body = f"Subject: n{number}\r\n\r\nbody {number}\r\n".encode()
+    return QueuedMessage(MessageId(f"M{number}"), "bob@remote.example", body, 0.0, False)
+
+
+def deliver_concurrently(d: MaildirDeliverer, count: int, boxes: int) -> list[Outcome]:
+    greenlets = [
+        gevent.spawn(d.deliver, message(n), [f"user{n % boxes}@local.example"])
+        for n in range(count)
+    ]
+    gevent.joinall(greenlets, raise_error=True, timeout=30)
+    return [g.value[0].outcome for g in greenlets]
+
+
+def test_concurrent_deliveries_share_batches_and_one_fsync_per_new(tmp_path: Path) -> None:
+    """40 deliveries at once into 4 mailboxes: the first runs alone, the 39 that arrive
+    meanwhile form the next batch, which fsyncs each new/ once, not once per file."""
+    fsync = CountingFsync()
+    outcomes = deliver_concurrently(threaded(fsync, tmp_path), 40, 4)
+    assert outcomes == [Outcome.DELIVERED] * 40
+    files = sorted(tmp_path.glob("local.example/*/new/*"))
+    assert len(files) == 40 and not list(tmp_path.glob("local.example/*/tmp/*"))
+    bodies = sorted(f.read_bytes().rsplit(b"body ", 1)[1] for f in files)
+    assert bodies == sorted(f"{n}\n".encode() for n in range(40))
+    assert len(fsync.directories) <= 8  # 1 + 4 here; 40 without batches
+
+
+def test_batches_are_bounded(tmp_path: Path) -> None:
+    fsync = CountingFsync()
+    outcomes = deliver_concurrently(threaded(fsync, tmp_path, max_batch=5), 21, 1)
+    assert outcomes == [Outcome.DELIVERED] * 21
+    assert len(fsync.directories) == 5  # batches of 1, 5, 5, 5, 5
+
+
+def test_a_failed_file_fsync_defers_only_its_recipient(tmp_path: Path) -> None:
+    fsync = CountingFsync(poison=b"body 7\n")
+    outcomes = deliver_concurrently(threaded(fsync, tmp_path), 20, 2)
+    assert outcomes == [Outcome.DEFERRED if n == 7 else Outcome.DELIVERED for n in range(20)]
+    files = list(tmp_path.glob("local.example/*/new/*"))
+    assert len(files) == 19 and not any(b"body 7\n" in f.read_bytes() for f in files)
+    assert not list(tmp_path.glob("local.example/*/tmp/*"))  # no partial file left
+
+
+def test_a_failed_directory_fsync_defers_the_recipients_linked_into_it(tmp_path: Path) -> None:
+    """Delivered means the file AND its new/ entry are durable: if the fsync of user1's
+    new/ fails, its recipients are deferred (a copy may come twice, never lost); the
+    other mailbox of the same batch is unaffected."""
+    fsync = CountingFsync(bad_box="user1")
+    outcomes = deliver_concurrently(threaded(fsync, tmp_path), 20, 2)
+    assert outcomes == [Outcome.DEFERRED if n % 2 else Outcome.DELIVERED for n in range(20)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,47 @@ def test_stop_reports_a_writer_that_does_not_finish(tmp_path: Path) -> None:
     blocker.execute("ROLLBACK")
     waiting.get(timeout=10)
     assert writer.stop(timeout=10) is True
+
+
+def test_items_gathered_in_one_pass_of_the_loop_share_one_commit(
+    committer: GroupCommitter,
+) -> None:
+    """A Maildir batch answers all its deliveries at once; each records its results.
+    Gathered, they reach the idle writer together: one transaction, not one each (the
+    thread would otherwise take the first before the others are submitted)."""
+    answered = gevent.event.Event()
+
+    def record(number: int) -> None:
+        answered.wait()
+        time.sleep(0.002)  # work that lets the writer thread run (logging, a syscall)
+        committer.submit_gathered(insert_items, (f"r{number}", 10))
+
+    greenlets = [gevent.spawn(record, number) for number in range(30)]
+    gevent.sleep(0.05)
+    before = committer.commits
+    answered.set()
+    gevent.joinall(greenlets, raise_error=True, timeout=10)
+    assert committer.commits == before + 1
+    assert names(committer) == sorted(f"r{number}" for number in range(30))
+
+
+def test_gathered_items_fail_alone_and_refuse_after_stop(committer: GroupCommitter) -> None:
+    """A bad item of a gathered group fails alone (savepoint retry), like submit_item;
+    after stop, submitting raises instead of waiting for a thread that is gone."""
+
+    def record(item: Any) -> Exception | None:
+        try:
+            committer.submit_gathered(insert_items, item)
+        except Exception as error:
+            return error
+        return None
+
+    bad = ("b", object())  # cannot be bound: the statement fails
+    greenlets = [gevent.spawn(record, item) for item in [("a", 1), bad, ("c", 1)]]
+    outcomes = [g.get(timeout=10) for g in greenlets]
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], Exception)
+    assert names(committer) == ["a", "c"]
+    committer.stop(timeout=10)
+    with pytest.raises(db.DatabaseError):
+        committer.submit_gathered(insert_items, ("d", 1))
