@@ -37,7 +37,11 @@ from gsmtp.config import Config, ConfigError, load, parse_host_port, spool_reser
 from gsmtp.delivery.base import Deliverer
 from gsmtp.delivery.maildir import MaildirDeliverer
 from gsmtp.delivery.mx import DnsResolver
+from gsmtp.delivery.smarthost import AuthFileError, Smarthost, read_auth_file, smarthost_level
 from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
+from gsmtp.delivery.tls_client import ClientTls, TlsClientError
+from gsmtp.delivery.tls_levels import TlsLevel
+from gsmtp.delivery.tls_policy import TlsPolicy
 from gsmtp.diskspace import SpaceReserve
 from gsmtp.housekeeping import Housekeeping, Task
 from gsmtp.limits import ConnectionLimiter
@@ -108,6 +112,8 @@ class Application:
         self.supervisor = Supervisor()
         self._reader = self._open_spool()
         self._tls = self._server_tls()  # may refuse to start: before any thread
+        self._smarthost = self._smarthost_settings()  # these too (files they read)
+        self._outbound_tls = self._client_tls()
         self._writer = writer.GroupCommitter(config.spool.path)
         self._bodies = writer.ThreadReader(config.spool.path)
         self._reserve = SpaceReserve(config.spool.path, spool_reserve(config))
@@ -251,17 +257,44 @@ class Application:
         self._remote = remote = self._remote_deliverer()
         return {routing.LOCAL: local, routing.SMTP: remote}
 
+    def _smarthost_settings(self) -> Smarthost | None:
+        """`delivery.smarthost` with its TLS level and credentials; an auth file that
+        others may read, or that cannot be read, stops the start."""
+        delivery = self.config.delivery
+        if not delivery.smarthost:
+            return None
+        address = parse_host_port(delivery.smarthost)
+        credentials = None
+        if delivery.smarthost_auth_file:
+            try:
+                credentials = read_auth_file(delivery.smarthost_auth_file)
+            except AuthFileError as error:
+                raise StartupError(f"[delivery] smarthost_auth_file: {error}") from None
+        mode = smarthost_level(
+            delivery.smarthost_tls,
+            with_credentials=credentials is not None,
+            default=TlsLevel.parse(delivery.tls),
+        )
+        return Smarthost(address.host, address.port, mode.level, mode.implicit, credentials)
+
+    def _client_tls(self) -> ClientTls:
+        try:
+            return ClientTls(self.config.delivery.ca_file)
+        except TlsClientError as error:
+            raise StartupError(f"[delivery] ca_file: {error}") from None
+
     def _remote_deliverer(self) -> SmtpDeliverer:
         delivery = self.config.delivery
-        smarthost = None
-        if delivery.smarthost:
-            address = parse_host_port(delivery.smarthost)
-            smarthost = (address.host, address.port)
         return SmtpDeliverer(
             resolver=DnsResolver([(n.host, n.port) for n in delivery.nameservers]),
             helo_name=self.config.server.hostname,
             port=delivery.port,
-            smarthost=smarthost,
+            smarthost=self._smarthost,
+            tls_policy=TlsPolicy(
+                TlsLevel.parse(delivery.tls),
+                [(domain, TlsLevel.parse(level)) for domain, level in delivery.tls_policy],
+            ),
+            client_tls=self._outbound_tls,
             timeouts=Timeouts(
                 delivery.connect_timeout,
                 delivery.command_timeout,

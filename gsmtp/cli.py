@@ -244,7 +244,12 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
                 if config.delivery.delay_warning is not None
                 else ""
             ),
+            "tls": config.delivery.tls,
+            "ca_file": config.delivery.ca_file,
+            "smarthost_auth_file": config.delivery.smarthost_auth_file,
+            "smarthost_tls": config.delivery.smarthost_tls,
         },
+        "delivery.tls_policy": dict(config.delivery.tls_policy),
         "metrics": {"listen": config.metrics.listen},
         "log": {"level": config.log.level, "format": config.log.format},
     }
@@ -253,11 +258,28 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
             "# warning: [submission] listen without [tls]: AUTH without encryption, "
             "safe only behind a TLS-terminating proxy (allow_plaintext_auth = true)"
         )
+    _check_delivery_files(config)
     for name, values in sections.items():
         print(f"\n[{name}]")
         for key, value in values.items():
-            print(f"{key} = {json.dumps(value)}")
+            bare = key.replace("_", "").isalnum()
+            print(f"{key if bare else json.dumps(key)} = {json.dumps(value)}")
     return 0
+
+
+def _check_delivery_files(config: Any) -> None:
+    """The files `serve` would refuse to start with: the smarthost credentials (mode
+    0600, "user:password") and the CA file."""
+    from gsmtp.delivery.smarthost import AuthFileError, read_auth_file
+    from gsmtp.delivery.tls_client import TlsClientError, verified_context
+
+    try:
+        if config.delivery.smarthost_auth_file:
+            read_auth_file(config.delivery.smarthost_auth_file)
+        if config.delivery.ca_file:
+            verified_context(config.delivery.ca_file)
+    except (AuthFileError, TlsClientError) as error:
+        raise _CliError(f"[delivery] {error}") from None
 
 
 def _open_db(config: Any) -> Any:

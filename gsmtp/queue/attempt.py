@@ -157,9 +157,10 @@ def log_results(
 ) -> None:
     """One line per recipient (the operator's log), and the delivery counters."""
     transport = batch.key[0]
-    mx = {result.address: result.remote_mta for result in results}
+    by_address = {result.address: result for result in results}
     for update in updates:
         metrics.DELIVERIES.labels(transport, update.outcome.value).inc()
+        result = by_address.get(update.address)
         log.info(
             _LOG_EVENTS[update.outcome],
             msg_id=update.message_id,
@@ -167,5 +168,14 @@ def log_results(
             transport=transport,
             outcome=update.outcome.value,
             reply=update.error,
-            mx=mx.get(update.address) or None,
+            mx=(result and result.remote_mta) or None,
+            **_tls_fields(update, result),
         )
+
+
+def _tls_fields(update: RecipientUpdate, result: RecipientResult | None) -> dict[str, Any]:
+    """A message relayed to a peer: over which TLS version ("" plaintext) and whether
+    the peer's certificate was verified for its name."""
+    if update.outcome is not Outcome.DELIVERED or result is None or not result.remote_mta:
+        return {}
+    return {"tls_version": result.tls_version or None, "tls_verified": result.tls_verified}
