@@ -309,6 +309,7 @@ class Application:
             cache_per_destination=delivery.max_per_domain,
             cache_limit=delivery.concurrency,
             spawn=self.supervisor.spawn,
+            auth_backoff=delivery.retry[0],
         )
 
     # -- running ----------------------------------------------------------------------

@@ -151,7 +151,10 @@ class SmtpDeliverer:
 
     TLS: `tls_policy` gives each domain's requirement (default: `may` everywhere);
     `client_tls` holds the contexts (the verifying one with `delivery.ca_file`). With a
-    `smarthost`, every message goes there under the smarthost's own level."""
+    `smarthost`, every message goes there under the smarthost's own level; after it
+    refused our credentials, no message for any domain logs in again for
+    `auth_backoff` seconds (the queue manager keys dead destinations by recipient
+    domain, while every domain meets the same smarthost and password)."""
 
     def __init__(
         self,
@@ -170,6 +173,7 @@ class SmtpDeliverer:
         cache_per_destination: int = 20,
         cache_limit: int = 100,
         spawn: Callable[..., gevent.Greenlet] | None = None,
+        auth_backoff: float = 60.0,
     ) -> None:
         self._resolver = resolver
         self._helo_name = helo_name
@@ -191,8 +195,14 @@ class SmtpDeliverer:
         )
         self._spawn = spawn or (lambda name, function, *args: gevent.spawn(function, *args))
         self._sweeper: gevent.Greenlet | None = None
+        self._auth_backoff = auth_backoff
+        self._auth_refusal: tuple[float, str, str] | None = None  # (until, where, text)
 
     def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
+        refusal = self._auth_refusal
+        if refusal is not None and self._clock() < refusal[0]:
+            _, where, text = refusal
+            return self._auth_refused(message, recipients, where, text, again=False)
         domain = recipients[0].rpartition("@")[2]
         requirement = self._requirement(domain)
         try:
@@ -551,11 +561,20 @@ class SmtpDeliverer:
         )
 
     def _auth_refused(
-        self, message: QueuedMessage, recipients: Sequence[str], where: str, text: str
+        self,
+        message: QueuedMessage,
+        recipients: Sequence[str],
+        where: str,
+        text: str,
+        *,
+        again: bool = True,
     ) -> list[RecipientResult]:
         """Deferred, and `unreachable` so the queue manager backs off from the
-        destination: every message would meet the same wrong password."""
-        self._log.warning("smarthost_auth_failed", msg_id=message.id, mx=where, reply=text)
+        destination: every message would meet the same wrong password. `again`: the
+        smarthost just refused (else: a message held back by an earlier refusal)."""
+        if again:
+            self._log.warning("smarthost_auth_failed", msg_id=message.id, mx=where, reply=text)
+            self._auth_refusal = (self._clock() + self._auth_backoff, where, text)
         results = results_for_all(recipients, Outcome.DEFERRED, "4.7.8", f"451 4.7.8 {text}", where)
         return [replace(r, unreachable=True) for r in results]
 

@@ -284,7 +284,8 @@ def test_smarthost_wrong_password_defers_naming_it_and_backs_off(  # type: ignor
     relay, sinks, mx_port: int, ca: TestCertificateAuthority, tmp_path: Path
 ) -> None:
     """535: deferred with a reason naming the smarthost; the destination is dead until
-    its retry time, so the next message for it is deferred without logging in again."""
+    its retry time, so the next message for it is deferred without logging in again,
+    and so is one for another domain (the same smarthost, the same password)."""
     sink = auth_sink(sinks, mx_port, ca)
     gsmtp = relay(
         smarthost=f"{SMARTHOST}:{mx_port}",
@@ -305,6 +306,9 @@ def test_smarthost_wrong_password_defers_naming_it_and_backs_off(  # type: ignor
         what="the second message deferred",
     )
     assert "delivery temporarily suspended" in second and "refused our credentials" in second
+    send(gsmtp, "jones@foo.com", ["c@plain.test"], subject="third")
+    _, _, third = attempted(gsmtp, "c@plain.test")
+    assert third.startswith(f"451 4.7.8 smarthost [{SMARTHOST}]:{mx_port} refused our"), third
     assert sum(verbs.count("AUTH") for verbs in sink.verbs()) == 1
     assert sink.received == []
     assert "wr0ng-Pa55" not in gsmtp.log()  # the password is never logged
