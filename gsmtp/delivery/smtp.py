@@ -55,7 +55,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import gevent
 
@@ -69,6 +69,7 @@ from gsmtp.delivery.mx import (
     Targets,
     mail_targets,
 )
+from gsmtp.delivery.session_opening import AuthRefused, LoopsBack, Progress, SessionOpener
 from gsmtp.delivery.smarthost import Smarthost
 from gsmtp.delivery.smtp_session import (
     MAY_BE_DELIVERED_TWICE,
@@ -98,8 +99,6 @@ from gsmtp.delivery.tls_policy import (
 from gsmtp.log import get_logger
 from gsmtp.message import Outcome, QueuedMessage, RecipientResult, results_for_all
 from gsmtp.metrics import OUTBOUND_SESSIONS, OUTBOUND_TLS, TLS_POLICY_FAILURES
-from gsmtp.protocol import client
-from gsmtp.protocol.client import Extensions, ServerReply
 
 __all__ = ["MAY_BE_DELIVERED_TWICE", "SmtpDeliverer", "Timeouts"]
 
@@ -116,24 +115,8 @@ _TLS_STATUS = {
 }
 
 
-class _LoopsBack(Exception):
-    """The peer named itself with our own host name: it is this server."""
-
-
-class _AuthRefused(Exception):
-    """The smarthost refused our credentials (a 5xx to AUTH): retrying at once with the
-    same password cannot help."""
-
-
 class _NoAllowedMx(Exception):
     """The destination's MX patterns (MTA-STS) match none of its MX hosts."""
-
-
-@dataclass(slots=True)
-class _Progress:
-    """What one attempt learnt about the destination so far."""
-
-    answered: bool = False  # some address sent a complete greeting: SMTP is there
 
 
 class SmtpDeliverer:
@@ -176,7 +159,6 @@ class SmtpDeliverer:
         auth_backoff: float = 60.0,
     ) -> None:
         self._resolver = resolver
-        self._helo_name = helo_name
         self._port = port
         self._smarthost = smarthost
         self._timeouts = timeouts
@@ -185,7 +167,7 @@ class SmtpDeliverer:
             TLS_POLICY_FAILURES.labels(reason)
         for level in ("none", "tls", "verified"):
             OUTBOUND_TLS.labels(level)
-        self._client_tls = client_tls or ClientTls()
+        self._opener = SessionOpener(helo_name, client_tls or ClientTls())
         self._own = OwnListeners(listeners)
         self._clock = clock
         self._log = get_logger(component="smtp")
@@ -232,7 +214,7 @@ class SmtpDeliverer:
             except AttemptExpired:
                 text = _expired_text(cached.where, deadline)
                 return results_for_all(recipients, Outcome.DEFERRED, "4.4.2", text)
-        progress = _Progress()
+        progress = Progress()
         status, last_error = "4.4.1", f"451 4.4.1 No mail host for {domain} could be reached"
         for target in targets.addresses:
             where = f"{target.host}[{target.address}]"
@@ -244,14 +226,14 @@ class SmtpDeliverer:
                 status = _TLS_STATUS[error.reason]
                 last_error = f"451 {status} {where}: {error}"
                 self._tls_failed(message, where, requirement, error)
-            except _AuthRefused as error:
+            except AuthRefused as error:
                 return self._auth_refused(message, recipients, where, str(error))
             except PeerUnusable as error:
                 status, last_error = "4.4.1", f"451 4.4.1 {where}: {error}"
             except AttemptExpired:
                 status, last_error = "4.4.2", _expired_text(where, deadline)
                 break
-            except _LoopsBack:
+            except LoopsBack:
                 return self._loops_back(message, recipients, domain, f"{where} greeted us as us")
         results = results_for_all(recipients, Outcome.DEFERRED, status, last_error)
         if targets.addresses and not progress.answered:
@@ -371,7 +353,7 @@ class SmtpDeliverer:
         message: QueuedMessage,
         recipients: Sequence[str],
         deadline: Deadline,
-        progress: _Progress,
+        progress: Progress,
     ) -> list[RecipientResult]:
         """One address. Under `may`, a failed handshake is followed by a plaintext
         session on a new connection (as Postfix does): the old one is unusable."""
@@ -394,7 +376,7 @@ class SmtpDeliverer:
         destination: str,
         requirement: TlsRequirement,
         deadline: Deadline,
-        progress: _Progress,
+        progress: Progress,
         *,
         plaintext: bool = False,
     ) -> Session:
@@ -402,17 +384,18 @@ class SmtpDeliverer:
         smarthost with credentials. Failures: PeerUnusable (TlsFailed for TLS)."""
         connection = self._connect(target, deadline)
         try:
-            if self._smarthost is not None and self._smarthost.implicit:
-                connection.start_tls(self._client_tls.context(TlsLevel.VERIFY), target.host)
-            extensions = self._open_session(
-                connection, target.host, requirement, progress, plaintext=plaintext
+            extensions = self._opener.open(
+                connection,
+                target.host,
+                requirement,
+                progress,
+                plaintext=plaintext,
+                smarthost=self._smarthost,
             )
-            if self._smarthost is not None and self._smarthost.credentials is not None:
-                self._authenticate(connection, extensions, self._smarthost)
         except TransactionBroken as error:
             connection.close()
             raise PeerUnusable(str(error)) from None
-        except _AuthRefused:
+        except AuthRefused:
             connection.quit()
             raise
         except BaseException:
@@ -481,69 +464,6 @@ class SmtpDeliverer:
             OUTBOUND_TLS.labels("verified" if verified else "tls" if version else "none").inc()
         return [replace(r, tls_version=version, tls_verified=verified) for r in results]
 
-    def _open_session(
-        self,
-        connection: Connection,
-        host: str,
-        requirement: TlsRequirement,
-        progress: _Progress,
-        *,
-        plaintext: bool = False,
-    ) -> Extensions:
-        """Greeting, EHLO (or HELO), STARTTLS as `requirement` says. Failures: next host."""
-        greeting = connection.read()
-        progress.answered = True
-        self._refuse_myself(greeting)
-        if not greeting.is_positive:
-            raise PeerUnusable(f"greeting: {greeting.text}")
-        extensions = self._hello(connection)
-        level = requirement.level
-        if connection.tls or plaintext or level is TlsLevel.NONE:
-            return extensions
-        required = level >= TlsLevel.ENCRYPT
-        why = f"TLS is required ({level.name.lower()}, {requirement.source})"
-        if not extensions.starttls:
-            if required:
-                raise TlsFailed(STARTTLS_NOT_OFFERED, f"STARTTLS not offered; {why}")
-            return extensions
-        reply = connection.command(b"STARTTLS\r\n")
-        if reply.code != 220:
-            if required:
-                raise TlsFailed(STARTTLS_REFUSED, f"STARTTLS refused ({reply.text}); {why}")
-            return extensions  # `may`: go on in plaintext (RFC 3207 §4)
-        connection.start_tls(self._client_tls.context(level), host)
-        return self._hello(connection)
-
-    def _authenticate(
-        self, connection: Connection, extensions: Extensions, smarthost: Smarthost
-    ) -> None:
-        """AUTH PLAIN, else LOGIN (RFC 4954), only over TLS. 235: logged in; a 5xx:
-        _AuthRefused; anything else: this address is unusable now."""
-        credentials = smarthost.credentials
-        assert credentials is not None
-        if not connection.tls:
-            raise PeerUnusable(
-                f"smarthost {smarthost.name}: no TLS, so no AUTH "
-                "(credentials never go in plaintext)"
-            )
-        if "PLAIN" in extensions.auth:
-            reply = connection.command(
-                client.auth_plain(credentials.username, credentials.password)
-            )
-        elif "LOGIN" in extensions.auth:
-            reply = connection.command(b"AUTH LOGIN\r\n")
-            for secret in (credentials.username, credentials.password):
-                if reply.code != 334:
-                    break
-                reply = connection.command(client.auth_login_response(secret))
-        else:
-            raise PeerUnusable(f"smarthost {smarthost.name} offers no AUTH PLAIN or LOGIN")
-        if reply.code == 235:
-            return
-        if reply.code >= 500:
-            raise _AuthRefused(f"smarthost {smarthost.name} refused our credentials: {reply.text}")
-        raise PeerUnusable(f"smarthost {smarthost.name}: AUTH: {reply.text}")
-
     def _tls_failed(
         self, message: QueuedMessage, where: str, requirement: TlsRequirement, error: TlsFailed
     ) -> None:
@@ -577,24 +497,6 @@ class SmtpDeliverer:
             self._auth_refusal = (self._clock() + self._auth_backoff, where, text)
         results = results_for_all(recipients, Outcome.DEFERRED, "4.7.8", f"451 4.7.8 {text}", where)
         return [replace(r, unreachable=True) for r in results]
-
-    def _hello(self, connection: Connection) -> Extensions:
-        reply = connection.command(f"EHLO {self._helo_name}\r\n".encode())
-        if reply.is_positive:
-            self._refuse_myself(reply)
-            return client.parse_ehlo(reply)
-        reply = connection.command(f"HELO {self._helo_name}\r\n".encode())
-        if not reply.is_positive:
-            raise PeerUnusable(f"HELO: {reply.text}")
-        self._refuse_myself(reply)
-        return Extensions()
-
-    def _refuse_myself(self, reply: ServerReply) -> None:
-        """A peer whose greeting or EHLO reply begins with our own host name is this
-        server (reached through a NAT, a proxy or a name we do not know as ours)."""
-        words = reply.lines[0].split() if reply.lines else []
-        if words and words[0].rstrip(".").lower() == self._helo_name.rstrip(".").lower():
-            raise _LoopsBack
 
 
 def _expired_text(where: str, deadline: Deadline) -> str:
