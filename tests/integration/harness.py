@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -388,6 +389,13 @@ class TestCertificateAuthority:
             "-CAcreateserial", "-days", "1", "-extfile", extensions, "-out", cert,
         )  # fmt: skip
         return cert, key
+
+    def server_context(self, *names: str) -> ssl.SSLContext:
+        """A server-side TLS context with a new certificate for `names`."""
+        cert, key = self.issue(*names)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        return context
 
 
 def _openssl(*arguments: str | Path) -> None:

@@ -283,6 +283,28 @@ def self_signed_context(directory: Path) -> ssl.SSLContext:
     return context
 
 
+def start_peer(peers: list[ScriptedPeer], host: str, port: int, script: Any) -> ScriptedPeer:
+    peer = ScriptedPeer(host, port, script)
+    peers.append(peer)
+    return peer
+
+
+def recipient_row(gsmtp: GsmtpProcess, address: str) -> tuple[Any, ...] | None:
+    rows = gsmtp.spool_rows(
+        "SELECT status, attempts, last_error FROM recipients WHERE address = ?", address
+    )
+    return rows[0] if rows else None
+
+
+def first_attempt(gsmtp: GsmtpProcess, address: str, timeout: float = 20) -> tuple[Any, ...]:
+    """The recipient's row once an attempt has been recorded."""
+    return wait_for(  # type: ignore[no-any-return]
+        lambda: (row := recipient_row(gsmtp, address)) and row[1] >= 1 and row,
+        timeout=timeout,
+        what=f"an attempt for {address}",
+    )
+
+
 def wait_received(sink: Sink, count: int = 1, timeout: float = 15.0) -> list[Received]:
     wait_for(lambda: len(sink.received) >= count, timeout=timeout, what=f"{count} at {sink.host}")
     return sink.received

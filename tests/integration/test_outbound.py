@@ -6,24 +6,22 @@ a server that answers SERVFAIL or nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from tests.integration.conftest import Factory
-from tests.integration.harness import GsmtpProcess, SmtpWire, wait_for
+from tests.integration.harness import SmtpWire, wait_for
 from tests.integration.remote import (
     BrokenDns,
     Conversation,
-    ScriptedPeer,
     accept_transaction,
     bounce_for,
     delivery_status,
     ehlo_reply,
+    first_attempt,
+    recipient_row,
     self_signed_context,
     send,
+    start_peer,
     start_sink,
     wait_received,
 )
@@ -31,40 +29,10 @@ from tests.integration.remote import (
 GREETING = "220 peer.test ESMTP\r\n"
 
 
-@pytest.fixture
-def peers() -> Iterator[list[ScriptedPeer]]:
-    started: list[ScriptedPeer] = []
-    yield started
-    for peer in started:
-        peer.stop()
-
-
-def start_peer(peers: list[ScriptedPeer], host: str, port: int, script: Any) -> ScriptedPeer:
-    peer = ScriptedPeer(host, port, script)
-    peers.append(peer)
-    return peer
-
-
 def greet(conversation: Conversation, *extensions: str) -> None:
     conversation.reply(GREETING)
     assert conversation.read_line().startswith("EHLO ")
     conversation.reply(ehlo_reply(*extensions))
-
-
-def recipient_row(gsmtp: GsmtpProcess, address: str) -> tuple[Any, ...] | None:
-    rows = gsmtp.spool_rows(
-        "SELECT status, attempts, last_error FROM recipients WHERE address = ?", address
-    )
-    return rows[0] if rows else None
-
-
-def first_attempt(gsmtp: GsmtpProcess, address: str, timeout: float = 20) -> tuple[Any, ...]:
-    """The recipient's row once an attempt has been recorded."""
-    return wait_for(  # type: ignore[no-any-return]
-        lambda: (row := recipient_row(gsmtp, address)) and row[1] >= 1 and row,
-        timeout=timeout,
-        what=f"an attempt for {address}",
-    )
 
 
 def test_pipelined_envelope_when_the_peer_offers_pipelining(relay, peers, mx_port: int) -> None:  # type: ignore[no-untyped-def]

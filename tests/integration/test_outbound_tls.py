@@ -10,7 +10,6 @@ may read stops the start."""
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,12 @@ from tests.integration.remote import (
     Sink,
     accept_transaction,
     ehlo_reply,
+    first_attempt,
     password_authenticator,
+    recipient_row,
     self_signed_context,
     send,
+    start_peer,
     start_sink,
     wait_received,
 )
@@ -58,21 +60,6 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCertificateAuthority:
     return TestCertificateAuthority(tmp_path_factory.mktemp("ca"))
 
 
-@pytest.fixture
-def peers() -> Iterator[list[ScriptedPeer]]:
-    started: list[ScriptedPeer] = []
-    yield started
-    for peer in started:
-        peer.stop()
-
-
-def server_context(ca: TestCertificateAuthority, *names: str) -> ssl.SSLContext:
-    cert, key = ca.issue(*names)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    return context
-
-
 def plaintext_peer(peers: list[ScriptedPeer], host: str, port: int, starttls: str) -> ScriptedPeer:
     """A peer that never does TLS: STARTTLS stripped from EHLO ("stripped"), or offered
     and answered 454 ("refused"); it takes a message in plaintext from anyone."""
@@ -87,26 +74,7 @@ def plaintext_peer(peers: list[ScriptedPeer], host: str, port: int, starttls: st
             conversation.reply("454 4.7.0 TLS not available now\r\n")
         accept_transaction(conversation)
 
-    peer = ScriptedPeer(host, port, script)
-    peers.append(peer)
-    return peer
-
-
-def recipient(gsmtp: GsmtpProcess, address: str) -> tuple[Any, ...] | None:
-    """(status, attempts, last_error) of the recipient's row, None without one."""
-    rows = gsmtp.spool_rows(
-        "SELECT status, attempts, last_error FROM recipients WHERE address = ?", address
-    )
-    return rows[0] if rows else None
-
-
-def attempted(gsmtp: GsmtpProcess, address: str) -> tuple[Any, ...]:
-    """The recipient's row once an attempt for it is recorded."""
-    return wait_for(  # type: ignore[no-any-return]
-        lambda: (row := recipient(gsmtp, address)) and row[1] >= 1 and row,
-        timeout=20,
-        what=f"an attempt for {address}",
-    )
+    return start_peer(peers, host, port, script)
 
 
 def failures(gsmtp: GsmtpProcess, reason: str) -> float | None:
@@ -141,7 +109,7 @@ def test_tls_required_never_falls_back_to_plaintext(  # type: ignore[no-untyped-
     peer = plaintext_peer(peers, "127.0.0.2", mx_port, starttls)
     gsmtp = relay(tls=level, retry=["1h"])
     send(gsmtp, "jones@foo.com", ["a@verify.test"])
-    status, _, error = attempted(gsmtp, "a@verify.test")
+    status, _, error = first_attempt(gsmtp, "a@verify.test")
     assert status == "queued"
     assert error.startswith(text), error
     assert f"TLS is required ({level}, default)" in error
@@ -169,13 +137,13 @@ def test_verify_refuses_a_certificate_not_valid_for_the_mx_name(  # type: ignore
     """`verify`: a certificate from the trusted CA but for another name, or one for the
     right name from an unknown issuer: deferred, and the sink never sees MAIL."""
     if certificate == "wrong name":
-        context = server_context(ca, "wrong.test")
+        context = ca.server_context("wrong.test")
     else:
         context = self_signed_context(tmp_path)  # CN sink.test, no CA we trust
     sink = start_sink(sinks, "127.0.0.2", mx_port, tls_context=context)
     gsmtp = relay(tls="verify", ca_file=str(ca.ca), retry=["1h"])
     send(gsmtp, "jones@foo.com", ["a@verify.test"])
-    status, _, error = attempted(gsmtp, "a@verify.test")
+    status, _, error = first_attempt(gsmtp, "a@verify.test")
     assert status == "queued"
     assert error.startswith(f"451 4.7.5 {MX}[127.0.0.2]: certificate not trusted for {MX}"), error
     assert why in error
@@ -186,7 +154,7 @@ def test_verify_refuses_a_certificate_not_valid_for_the_mx_name(  # type: ignore
 def test_verify_delivers_to_a_certificate_valid_for_the_mx_name(  # type: ignore[no-untyped-def]
     relay, sinks, mx_port: int, ca: TestCertificateAuthority
 ) -> None:
-    sink = start_sink(sinks, "127.0.0.2", mx_port, tls_context=server_context(ca, MX))
+    sink = start_sink(sinks, "127.0.0.2", mx_port, tls_context=ca.server_context(MX))
     gsmtp = relay(tls="verify", ca_file=str(ca.ca))
     send(gsmtp, "jones@foo.com", ["a@verify.test"])
     (received,) = wait_received(sink)
@@ -225,7 +193,7 @@ def test_the_policy_table_overrides_delivery_tls_per_domain(  # type: ignore[no-
     send(gsmtp, "jones@foo.com", ["a@verify.test", "b@plain.test"])
     (received,) = wait_received(sink)
     assert received.tls is False and received.recipients == ["b@plain.test"]
-    status, _, error = attempted(gsmtp, "a@verify.test")
+    status, _, error = first_attempt(gsmtp, "a@verify.test")
     assert status == "queued"
     assert "TLS is required (verify, policy table)" in error
 
@@ -245,7 +213,7 @@ def auth_sink(
 ) -> Sink:
     """A smarthost on 127.0.0.5 that refuses MAIL before AUTH and AUTH before TLS, with
     a certificate for its name from the test CA."""
-    context = server_context(ca, SMARTHOST)
+    context = ca.server_context(SMARTHOST)
     tls: dict[str, Any] = {"ssl_context": context} if implicit else {"tls_context": context}
     return start_sink(
         sinks,
@@ -294,7 +262,7 @@ def test_smarthost_wrong_password_defers_naming_it_and_backs_off(  # type: ignor
         retry=["1h"],
     )
     send(gsmtp, "jones@foo.com", ["a@verify.test"], subject="first")
-    status, _, error = attempted(gsmtp, "a@verify.test")
+    status, _, error = first_attempt(gsmtp, "a@verify.test")
     assert status == "queued"
     assert error.startswith(
         f"451 4.7.8 smarthost [{SMARTHOST}]:{mx_port} refused our credentials: 535"
@@ -302,12 +270,12 @@ def test_smarthost_wrong_password_defers_naming_it_and_backs_off(  # type: ignor
     wait_for(lambda: gsmtp.events("destination_dead"), what="the destination declared dead")
     send(gsmtp, "jones@foo.com", ["b@verify.test"], subject="second")
     _, _, second = wait_for(
-        lambda: (row := recipient(gsmtp, "b@verify.test")) and row[2] and row,
+        lambda: (row := recipient_row(gsmtp, "b@verify.test")) and row[2] and row,
         what="the second message deferred",
     )
     assert "delivery temporarily suspended" in second and "refused our credentials" in second
     send(gsmtp, "jones@foo.com", ["c@plain.test"], subject="third")
-    _, _, third = attempted(gsmtp, "c@plain.test")
+    _, _, third = first_attempt(gsmtp, "c@plain.test")
     assert third.startswith(f"451 4.7.8 smarthost [{SMARTHOST}]:{mx_port} refused our"), third
     assert sum(verbs.count("AUTH") for verbs in sink.verbs()) == 1
     assert sink.received == []

@@ -10,7 +10,6 @@ patterns are used; AUTH (PLAIN or LOGIN) only over TLS."""
 from __future__ import annotations
 
 import socket
-import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +50,7 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCertificateAuthority:
 
 @pytest.fixture
 def port() -> int:
+    """A port free on 127.0.1.1 (used on 127.0.1.2 too)."""
     with socket.socket() as probe:
         probe.bind(("127.0.1.1", 0))
         return int(probe.getsockname()[1])
@@ -72,10 +72,7 @@ def tls_sink(
     name: str,
     **options: object,
 ) -> Sink:
-    cert, key = ca.issue(name)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    sink = Sink(host, port, tls_context=context, **options)  # type: ignore[arg-type]
+    sink = Sink(host, port, tls_context=ca.server_context(name), **options)  # type: ignore[arg-type]
     sinks.append(sink)
     return sink
 
