@@ -273,13 +273,17 @@ def _check_delivery_files(config: Any) -> None:
     from gsmtp.delivery.smarthost import AuthFileError, read_auth_file
     from gsmtp.delivery.tls_client import TlsClientError, verified_context
 
+    delivery = config.delivery
     try:
-        if config.delivery.smarthost_auth_file:
-            read_auth_file(config.delivery.smarthost_auth_file)
-        if config.delivery.ca_file:
-            verified_context(config.delivery.ca_file)
-    except (AuthFileError, TlsClientError) as error:
-        raise _CliError(f"[delivery] {error}") from None
+        if delivery.smarthost_auth_file:
+            read_auth_file(delivery.smarthost_auth_file)
+    except AuthFileError as error:
+        raise _CliError(f"[delivery] smarthost_auth_file: {error}") from None
+    try:
+        if delivery.ca_file:
+            verified_context(delivery.ca_file)
+    except TlsClientError as error:
+        raise _CliError(f"[delivery] ca_file: {error}") from None
 
 
 def _open_db(config: Any) -> Any:

@@ -33,10 +33,10 @@ cleanly (the peer answered the final dot, or refused the message with a reply, a
 nothing is out of step) the session waits in a `SessionCache` for the next message to
 the same destination, at most `connection_reuse` messages per session, and is closed
 with QUIT after `connection_idle` seconds unused (one sweeper greenlet). A later delivery
-takes an idle session whose address is still among the destination's targets and
-that was opened under the TLS level the destination demands now, or a stricter one
-(`SessionKey.carries`), checks it
-with RSET (250, within `rset` and the new attempt's deadline), runs its transaction and
+takes an idle session whose address is still among the destination's targets and that
+was opened under the TLS level the destination demands now, or a stricter one
+(`SessionKey.carries`: a `may` session never carries `verify` mail), checks it with
+RSET (250, within `rset` and the new attempt's deadline), runs its transaction and
 checks size, 8BITMIME, SMTPUTF8 and DSN against that session's EHLO reply. A cached
 session that fails before the final dot (closed while idle, RSET refused, lost
 mid-envelope) costs nothing: it is closed and the delivery connects as usual. After the

@@ -294,5 +294,19 @@ def test_an_auth_file_others_may_read_stops_the_start(  # type: ignore[no-untype
     for command in ("serve", "check-config"):
         result = gsmtp.cli(command, check=False)
         assert result.returncode == 1, (command, result)
-        assert str(path) in result.stderr and "chmod 600" in result.stderr, result.stderr
+        assert f"[delivery] smarthost_auth_file: {path}: mode 0{mode:o}" in result.stderr
+        assert "chmod 600" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_a_ca_file_that_does_not_load_stops_the_start(
+    gsmtp_factory: Factory, tmp_path: Path
+) -> None:
+    path = tmp_path / "ca.pem"
+    path.write_text("not a certificate\n")
+    gsmtp = gsmtp_factory({"delivery": {"ca_file": str(path)}}, start=False)
+    for command in ("serve", "check-config"):
+        result = gsmtp.cli(command, check=False)
+        assert result.returncode == 1, (command, result)
+        assert f"[delivery] ca_file: {path}: cannot load CA certificates" in result.stderr
         assert "Traceback" not in result.stderr
