@@ -48,7 +48,11 @@ from gsmtp.config import (
 from gsmtp.delivery.base import Deliverer
 from gsmtp.delivery.maildir import MaildirDeliverer, Permissions
 from gsmtp.delivery.mx import DnsResolver
+from gsmtp.delivery.smarthost import AuthFileError, Smarthost, read_auth_file, smarthost_level
 from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
+from gsmtp.delivery.tls_client import ClientTls, TlsClientError
+from gsmtp.delivery.tls_levels import TlsLevel
+from gsmtp.delivery.tls_policy import TlsPolicy
 from gsmtp.diskspace import SpaceReserve
 from gsmtp.housekeeping import Housekeeping, Task
 from gsmtp.limits import ConnectionLimiter
@@ -165,6 +169,8 @@ class Application:
         self._reader = self._open_spool()
         self._tls = self._server_tls()  # may refuse to start: before any thread
         self._permissions = self._maildir_permissions()  # likewise
+        self._smarthost = _smarthost(config)  # these too (files they read)
+        self._outbound_tls = self._client_tls()
         self._writer = writer.GroupCommitter(config.spool.path)
         self._bodies = writer.ThreadReader(config.spool.path)
         self._reserve = SpaceReserve(config.spool.path, spool_reserve(config))
@@ -373,13 +379,24 @@ class Application:
                 raise StartupError(f"[maildir] group {maildir.group!r} does not exist") from None
         return Permissions(maildir.mode, gid)
 
+    def _client_tls(self) -> ClientTls:
+        try:
+            return ClientTls(self.config.delivery.ca_file)
+        except TlsClientError as error:
+            raise StartupError(f"[delivery] ca_file: {error}") from None
+
     def _remote_deliverer(self) -> SmtpDeliverer:
         delivery = self.config.delivery
         return SmtpDeliverer(
             resolver=_resolver(self.config),
             helo_name=self.config.server.hostname,
             port=delivery.port,
-            smarthost=_smarthost(self.config),
+            smarthost=self._smarthost,
+            tls_policy=TlsPolicy(
+                TlsLevel.parse(delivery.tls),
+                [(domain, TlsLevel.parse(level)) for domain, level in delivery.tls_policy],
+            ),
+            client_tls=self._outbound_tls,
             timeouts=_timeouts(self.config),
             listeners=[(a.host, a.port) for a in self.config.server.listen],
             connection_reuse=delivery.connection_reuse,
@@ -389,6 +406,7 @@ class Application:
             cache_per_destination=delivery.max_per_domain,
             cache_limit=delivery.concurrency,
             spawn=self.supervisor.spawn,
+            auth_backoff=delivery.retry[0],
         )
 
     # -- running ----------------------------------------------------------------------
@@ -618,8 +636,13 @@ class Application:
         # DKIM: a signer that cannot be built (a key that does not load) fails the
         # reload here, like the TLS pair: log reload_failed, return False.
         signer = self._build_signer(effective)
+        try:
+            smarthost = _smarthost(effective)  # its auth file is read again
+        except StartupError as error:
+            self._log.error("reload_failed", error=str(error))
+            return False
         # Nothing below can fail: the new settings go in together.
-        self._apply(effective, tls_context, signer)
+        self._apply(effective, tls_context, signer, smarthost)
         applied = changed(self.config, effective)
         self.config = effective
         self._accounts.get(fresh=True)
@@ -635,7 +658,11 @@ class Application:
         return None
 
     def _apply(
-        self, config: Config, tls_context: ssl.SSLContext | None, signer: object | None
+        self,
+        config: Config,
+        tls_context: ssl.SSLContext | None,
+        signer: object | None,
+        smarthost: Smarthost | None,
     ) -> None:
         """Hand each running component its new settings (values only; cannot fail)."""
         server = config.server
@@ -663,7 +690,7 @@ class Application:
         self._remote.reconfigure(
             resolver=_resolver(config),
             port=delivery.port,
-            smarthost=_smarthost(config),
+            smarthost=smarthost,
             timeouts=_timeouts(config),
         )
         if self._tls is not None and tls_context is not None:
@@ -817,11 +844,25 @@ def _resolver(config: Config) -> DnsResolver:
     return DnsResolver([(n.host, n.port) for n in config.delivery.nameservers])
 
 
-def _smarthost(config: Config) -> tuple[str, int] | None:
-    if not config.delivery.smarthost:
+def _smarthost(config: Config) -> Smarthost | None:
+    """`delivery.smarthost` with its TLS level and credentials; an auth file that others
+    may read, or that cannot be read, is a StartupError (at a reload: a failed reload)."""
+    delivery = config.delivery
+    if not delivery.smarthost:
         return None
-    address = parse_host_port(config.delivery.smarthost)
-    return (address.host, address.port)
+    address = parse_host_port(delivery.smarthost)
+    credentials = None
+    if delivery.smarthost_auth_file:
+        try:
+            credentials = read_auth_file(delivery.smarthost_auth_file)
+        except AuthFileError as error:
+            raise StartupError(f"[delivery] smarthost_auth_file: {error}") from None
+    mode = smarthost_level(
+        delivery.smarthost_tls,
+        with_credentials=credentials is not None,
+        default=TlsLevel.parse(delivery.tls),
+    )
+    return Smarthost(address.host, address.port, mode.level, mode.implicit, credentials)
 
 
 def _timeouts(config: Config) -> Timeouts:

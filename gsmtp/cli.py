@@ -253,7 +253,8 @@ def _check_config(args: argparse.Namespace, path: Any) -> int:
     for number, (name, values) in enumerate(sections.items()):
         print(f"{'' if number == 0 and args.non_default else chr(10)}[{name}]")
         for key, value in values.items():
-            print(f"{key} = {json.dumps(value)}")
+            bare = key.replace("_", "").isalnum()  # a domain of tls_policy is quoted
+            print(f"{key if bare else json.dumps(key)} = {json.dumps(value)}")
     return 0
 
 
@@ -330,11 +331,35 @@ def _effective(config: Any) -> dict[str, dict[str, Any]]:
                 if config.delivery.delay_warning is not None
                 else ""
             ),
+            "tls": config.delivery.tls,
+            "ca_file": config.delivery.ca_file,
+            "smarthost_auth_file": config.delivery.smarthost_auth_file,
+            "smarthost_tls": config.delivery.smarthost_tls,
         },
+        "delivery.tls_policy": dict(config.delivery.tls_policy),
         "metrics": {"listen": config.metrics.listen},
         "log": {"level": config.log.level, "format": config.log.format},
     }
     return sections
+
+
+def _check_delivery_files(config: Any) -> None:
+    """The files `serve` would refuse to start with: the smarthost credentials (mode
+    0600, "user:password") and the CA file."""
+    from gsmtp.delivery.smarthost import AuthFileError, read_auth_file
+    from gsmtp.delivery.tls_client import TlsClientError, verified_context
+
+    delivery = config.delivery
+    try:
+        if delivery.smarthost_auth_file:
+            read_auth_file(delivery.smarthost_auth_file)
+    except AuthFileError as error:
+        raise _CliError(f"[delivery] smarthost_auth_file: {error}") from None
+    try:
+        if delivery.ca_file:
+            verified_context(delivery.ca_file)
+    except TlsClientError as error:
+        raise _CliError(f"[delivery] ca_file: {error}") from None
 
 
 def _open_db(config: Any) -> Any:

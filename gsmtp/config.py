@@ -130,6 +130,11 @@ class DeliveryConfig:
     max_per_domain: int = 20
     active_limit: int = 10000  # recipients the queue manager holds in memory
     delay_warning: float | None = 4 * 3600.0  # None: no delay warnings
+    tls: str = "may"  # none|may|encrypt|verify: MX delivery's TLS level
+    tls_policy: tuple[tuple[str, str], ...] = ()  # (domain, level): overrides `tls`
+    ca_file: str = ""  # CAs trusted for `verify`, besides the system store
+    smarthost_auth_file: str = ""  # "user:password", mode 0600
+    smarthost_tls: str = ""  # may|encrypt|verify|implicit; "" = verify with auth, else tls
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +256,11 @@ def _consistency_errors(config: Config, path: Path) -> list[str]:
             f"{path}: [submission] listen: without [tls] cert and key, passwords would "
             "cross the network in clear; set [tls] cert and key, or set [submission] "
             "allow_plaintext_auth = true if a TLS-terminating proxy is in front"
+        )
+    delivery = config.delivery
+    if (delivery.smarthost_auth_file or delivery.smarthost_tls) and not delivery.smarthost:
+        raise ConfigError(
+            f"{path}: [delivery] smarthost_auth_file and smarthost_tls need a smarthost"
         )
     if config.server.proxy_protocol and not config.server.proxy_networks:
         errors.append(
@@ -471,6 +481,24 @@ def _reserve(value: Any) -> int | None:
     return parse_size(value)
 
 
+_TLS_LEVELS = ("none", "may", "encrypt", "verify")
+
+
+def _tls_policy(value: Any) -> tuple[tuple[str, str], ...]:
+    """`[delivery.tls_policy]`: domain = level, domains in lower case, sorted."""
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a table of domain = level, got {value!r}")
+    pairs = []
+    for domain, level in value.items():
+        name = domain.strip().rstrip(".").lower()
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", name):
+            raise ValueError(f"not a domain: {domain!r}")
+        if level not in _TLS_LEVELS:
+            raise ValueError(f"{domain}: must be one of {', '.join(_TLS_LEVELS)}; got {level!r}")
+        pairs.append((name, level))
+    return tuple(sorted(pairs))
+
+
 def _retry(value: Any) -> tuple[float, ...]:
     steps = _list_of(parse_duration)(value)
     if not steps:
@@ -577,9 +605,23 @@ _SPECIFIC: dict[tuple[str, str], Any] = {
     ("maildir", "mode"): _file_mode,
     ("tls", "cert"): _string,
     ("tls", "key"): _string,
+    ("delivery", "tls"): _one_of(*_TLS_LEVELS),
+    ("delivery", "tls_policy"): _tls_policy,
+    ("delivery", "ca_file"): _string,
+    ("delivery", "smarthost_auth_file"): _string,
+    ("delivery", "smarthost_tls"): _one_of("", "may", "encrypt", "verify", "implicit"),
 }
 # Paths taken relative to the configuration file's directory.
-_PATH_KEYS = frozenset({("spool", "path"), ("maildir", "root"), ("tls", "cert"), ("tls", "key")})
+_PATH_KEYS = frozenset(
+    {
+        ("spool", "path"),
+        ("maildir", "root"),
+        ("tls", "cert"),
+        ("tls", "key"),
+        ("delivery", "ca_file"),
+        ("delivery", "smarthost_auth_file"),
+    }
+)
 
 
 def format_duration(seconds: float) -> str:

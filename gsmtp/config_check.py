@@ -34,7 +34,28 @@ def environment_problems(config: Config) -> list[str]:
     problem = _not_creatable(Path(config.maildir.root))
     if problem:
         problems.append(f"[maildir] root: {problem}")
+    problems += _delivery_file_problems(config)
     return [f"{config.path}: {problem}" for problem in problems]
+
+
+def _delivery_file_problems(config: Config) -> list[str]:
+    """The files `serve` would refuse to start with: the smarthost credentials (mode
+    0600, "user:password") and the CA file."""
+    from gsmtp.delivery.smarthost import AuthFileError, read_auth_file
+    from gsmtp.delivery.tls_client import TlsClientError, verified_context
+
+    delivery, problems = config.delivery, []
+    if delivery.smarthost_auth_file:
+        try:
+            read_auth_file(delivery.smarthost_auth_file)
+        except AuthFileError as error:
+            problems.append(f"[delivery] smarthost_auth_file: {error}")
+    if delivery.ca_file:
+        try:
+            verified_context(delivery.ca_file)
+        except TlsClientError as error:
+            problems.append(f"[delivery] ca_file: {error}")
+    return problems
 
 
 def non_default(

@@ -127,8 +127,9 @@ class RecipientResult:
     """What happened to one recipient. `status` is an RFC 3463 code ("5.1.1"), `reply`
     the text to keep as last_error and quote in a bounce, `remote_mta` who said it.
     `unreachable` says no host of the destination could be reached at all (every
-    address refused or timed out the connection, or failed before the greeting): the
-    queue manager then treats the destination as dead until its next retry.
+    address refused or timed out the connection, or failed before the greeting), or
+    that the smarthost refused our credentials: the queue manager then treats the
+    destination as dead until its next retry.
     `peer_dsn`, for a delivered recipient: None when it was delivered here (a mailbox),
     True when it was relayed to a peer that offered DSN and got our RFC 3461 parameters
     (its notices are now that peer's job), False when relayed to a peer without DSN (RFC
@@ -141,6 +142,8 @@ class RecipientResult:
     remote_mta: str = ""
     unreachable: bool = False
     peer_dsn: bool | None = None
+    tls_version: str = ""  # relayed over TLS: "TLSv1.3"; "" in plaintext or not relayed
+    tls_verified: bool = False  # relayed to a certificate verified for the host name
 
 
 def results_for_all(

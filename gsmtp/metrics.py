@@ -100,6 +100,18 @@ OUTBOUND_SESSIONS = Counter(
     "connection was made instead)",
     ["how"],
 )
+OUTBOUND_TLS = Counter(
+    "gsmtp_outbound_tls",
+    "Messages delivered over SMTP, by how the session was protected: none (plaintext), "
+    "tls (encrypted, certificate not verified), verified (certificate valid for the host)",
+    ["level"],
+)
+TLS_POLICY_FAILURES = Counter(
+    "gsmtp_tls_policy_failures",
+    "Outbound sessions that did not get the TLS their destination demands (or, under may, "
+    "fell back to plaintext), by reason",
+    ["reason"],
+)
 DELIVERY_CONCURRENCY_ALLOWED = Gauge(
     "gsmtp_delivery_concurrency_allowed",
     "Concurrent deliveries the pacer allows now (delivery.concurrency when the loop is idle)",

@@ -9,8 +9,9 @@ by one delivery only.
 A session is filed under its destination (the recipient domain, or the smarthost) and
 described by a `SessionKey`: the MX host name and the address and port it is connected
 to, and whether it runs TLS. A delivery asks for its destination and says which keys it
-accepts (an address still among the domain's current MX targets; a TLS policy adds its
-level and verified name to the key and to the test). The most recently returned session
+accepts (an address still among the domain's current MX targets, and a TLS level at
+least the one its destination demands now: a session opened under `may` never carries
+mail that needs `verify`, `SessionKey.carries`). The most recently returned session
 is handed out first, so that when traffic drops the extra sessions go unused and idle
 out instead of all being kept barely alive.
 
@@ -26,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from gsmtp.delivery.tls_levels import TlsLevel
+
 S = TypeVar("S")
 
 
@@ -38,7 +41,19 @@ class SessionKey:
     host: str
     address: str
     port: int
-    tls: bool  # STARTTLS done; a TLS policy adds its level and the verified name here
+    tls: bool  # STARTTLS (or implicit TLS) done
+    level: TlsLevel = TlsLevel.MAY  # the TLS level the session was opened under
+    verified_name: str = ""  # the name its certificate was verified for ("" = none)
+
+    def carries(self, level: TlsLevel) -> bool:
+        """May this session carry mail whose destination demands `level`? Only if it was
+        opened under that level or a stricter one (a `may` session may be plaintext, an
+        `encrypt` one unverified), and, for `verify`, with its host's name verified."""
+        if self.level < level:
+            return False
+        return level < TlsLevel.VERIFY or (
+            bool(self.verified_name) and self.verified_name == self.host
+        )
 
     @property
     def endpoint(self) -> tuple[str, str, int]:

@@ -4,10 +4,25 @@
 The I/O shell around `protocol.client`: connect to the addresses of the MX hosts in turn
 (at most `mx.MAX_MX_ADDRESSES` over all hosts, `mx.mail_targets`); a refused connection,
 a time-out or a 4xx/5xx greeting moves on to the next one. EHLO, falling back to HELO;
-STARTTLS whenever offered (opportunistic: no certificate check, and any plaintext the
-peer pushed before the handshake is dropped, D-29); MAIL/RCPT/DATA pipelined when the
-peer offers PIPELINING. 2xx → delivered, 4xx or a broken connection → deferred, 5xx →
-failed.
+STARTTLS as the destination's TLS requirement says (below; any plaintext the peer
+pushed before the handshake is dropped, D-29); AUTH at a smarthost with credentials;
+MAIL/RCPT/DATA pipelined when the peer offers PIPELINING. 2xx → delivered, 4xx or a
+broken connection → deferred, 5xx → failed.
+
+TLS (`tls_policy.TlsPolicy.requirement(domain)`, or the smarthost's own level), as
+Postfix's levels: `none` never starts TLS; `may` starts it when offered, checks no
+certificate, goes on in plaintext when STARTTLS is refused, and after a failed
+handshake delivers in plaintext on a new connection to the same address (the
+connection after a failed handshake is unusable); `encrypt` demands TLS with any
+certificate and `verify` TLS with a certificate valid for the MX host name: a missing
+STARTTLS, a refusal or a failed handshake or verification makes that address unusable
+("451 4.7.x ..." naming the reason), the next one is tried, and nothing is ever sent
+in plaintext. A requirement carrying MX patterns (MTA-STS in enforce mode) restricts
+the hosts tried to those matching one (`tls_policy.mx_allowed`); none matching defers.
+A smarthost with credentials gets AUTH PLAIN (or LOGIN) only over TLS; a 5xx to AUTH
+(535: wrong password) defers with a reason naming the smarthost, and the results are
+marked `unreachable` so that the queue manager backs off as from a dead destination
+instead of logging in again with the same password for every message.
 
 Time limits (each reply, each piece of the body, the whole attempt, the reply to the
 final dot) and the after-the-dot rule ("message may be delivered twice", never the next
@@ -18,8 +33,10 @@ cleanly (the peer answered the final dot, or refused the message with a reply, a
 nothing is out of step) the session waits in a `SessionCache` for the next message to
 the same destination, at most `connection_reuse` messages per session, and is closed
 with QUIT after `connection_idle` seconds unused (one sweeper greenlet). A later delivery
-takes an idle session whose address is still among the destination's targets, checks it
-with RSET (250, within `rset` and the new attempt's deadline), runs its transaction and
+takes an idle session whose address is still among the destination's targets and that
+was opened under the TLS level the destination demands now, or a stricter one
+(`SessionKey.carries`: a `may` session never carries `verify` mail), checks it with
+RSET (250, within `rset` and the new attempt's deadline), runs its transaction and
 checks size, 8BITMIME, SMTPUTF8 and DSN against that session's EHLO reply. A cached
 session that fails before the final dot (closed while idle, RSET refused, lost
 mid-envelope) costs nothing: it is closed and the delivery connects as usual. After the
@@ -36,10 +53,9 @@ manager can treat the destination as dead.
 from __future__ import annotations
 
 import socket
-import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import gevent
 
@@ -53,6 +69,8 @@ from gsmtp.delivery.mx import (
     Targets,
     mail_targets,
 )
+from gsmtp.delivery.session_opening import AuthRefused, LoopsBack, Progress, SessionOpener
+from gsmtp.delivery.smarthost import Smarthost
 from gsmtp.delivery.smtp_session import (
     MAY_BE_DELIVERED_TWICE,
     AttemptExpired,
@@ -62,14 +80,25 @@ from gsmtp.delivery.smtp_session import (
     Session,
     SessionEnd,
     Timeouts,
+    TlsFailed,
     Transaction,
     TransactionBroken,
 )
+from gsmtp.delivery.tls_client import ClientTls
+from gsmtp.delivery.tls_levels import TlsLevel, TlsRequirement
+from gsmtp.delivery.tls_policy import (
+    CERTIFICATE_UNVERIFIED,
+    FAILURE_REASONS,
+    HANDSHAKE_FAILED,
+    MX_NOT_ALLOWED,
+    STARTTLS_NOT_OFFERED,
+    STARTTLS_REFUSED,
+    TlsPolicy,
+    mx_allowed,
+)
 from gsmtp.log import get_logger
 from gsmtp.message import Outcome, QueuedMessage, RecipientResult, results_for_all
-from gsmtp.metrics import OUTBOUND_SESSIONS
-from gsmtp.protocol import client
-from gsmtp.protocol.client import Extensions, ServerReply
+from gsmtp.metrics import OUTBOUND_SESSIONS, OUTBOUND_TLS, TLS_POLICY_FAILURES
 
 __all__ = ["MAY_BE_DELIVERED_TWICE", "SmtpDeliverer", "Timeouts"]
 
@@ -77,23 +106,17 @@ SWEEP_MIN_SECONDS = 0.05  # the sweeper never wakes more often than this
 DEFAULT_TIMEOUTS = Timeouts()
 
 
-class _LoopsBack(Exception):
-    """The peer named itself with our own host name: it is this server."""
+# RFC 3463 / RFC 5248: 4.7.4 security features not supported, 4.7.5 cryptographic failure.
+_TLS_STATUS = {
+    STARTTLS_NOT_OFFERED: "4.7.4",
+    STARTTLS_REFUSED: "4.7.4",
+    HANDSHAKE_FAILED: "4.7.5",
+    CERTIFICATE_UNVERIFIED: "4.7.5",
+}
 
 
-@dataclass(slots=True)
-class _Progress:
-    """What one attempt learnt about the destination so far."""
-
-    answered: bool = False  # some address sent a complete greeting: SMTP is there
-
-
-def _opportunistic_tls() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # opportunistic: encryption without authentication
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+class _NoAllowedMx(Exception):
+    """The destination's MX patterns (MTA-STS) match none of its MX hosts."""
 
 
 class SmtpDeliverer:
@@ -107,7 +130,14 @@ class SmtpDeliverer:
     then QUIT; at most `cache_per_destination` idle sessions per destination and
     `cache_limit` in all. `start()` runs the sweeper that closes idle sessions through
     `spawn(name, function)` (the owner's, e.g. a supervisor's); `close()` stops it and
-    closes every idle session."""
+    closes every idle session.
+
+    TLS: `tls_policy` gives each domain's requirement (default: `may` everywhere);
+    `client_tls` holds the contexts (the verifying one with `delivery.ca_file`). With a
+    `smarthost`, every message goes there under the smarthost's own level; after it
+    refused our credentials, no message for any domain logs in again for
+    `auth_backoff` seconds (the queue manager keys dead destinations by recipient
+    domain, while every domain meets the same smarthost and password)."""
 
     def __init__(
         self,
@@ -115,9 +145,10 @@ class SmtpDeliverer:
         resolver: Resolver,
         helo_name: str,
         port: int = 25,
-        smarthost: tuple[str, int] | None = None,
+        smarthost: Smarthost | None = None,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
-        tls_context: ssl.SSLContext | None = None,
+        tls_policy: TlsPolicy | None = None,
+        client_tls: ClientTls | None = None,
         listeners: Sequence[tuple[str, int]] = (),
         clock: Callable[[], float] = time.monotonic,
         connection_reuse: int = 1,
@@ -125,13 +156,18 @@ class SmtpDeliverer:
         cache_per_destination: int = 20,
         cache_limit: int = 100,
         spawn: Callable[..., gevent.Greenlet] | None = None,
+        auth_backoff: float = 60.0,
     ) -> None:
         self._resolver = resolver
-        self._helo_name = helo_name
         self._port = port
         self._smarthost = smarthost
         self._timeouts = timeouts
-        self._tls = tls_context or _opportunistic_tls()
+        self._policy = tls_policy or TlsPolicy()
+        for reason in FAILURE_REASONS:  # every label shown from the start, at 0
+            TLS_POLICY_FAILURES.labels(reason)
+        for level in ("none", "tls", "verified"):
+            OUTBOUND_TLS.labels(level)
+        self._opener = SessionOpener(helo_name, client_tls or ClientTls())
         self._own = OwnListeners(listeners)
         self._clock = clock
         self._log = get_logger(component="smtp")
@@ -141,13 +177,15 @@ class SmtpDeliverer:
         )
         self._spawn = spawn or (lambda name, function, *args: gevent.spawn(function, *args))
         self._sweeper: gevent.Greenlet | None = None
+        self._auth_backoff = auth_backoff
+        self._auth_refusal: tuple[float, str, str] | None = None  # (until, where, text)
 
     def reconfigure(
         self,
         *,
         resolver: Resolver,
         port: int,
-        smarthost: tuple[str, int] | None,
+        smarthost: Smarthost | None,
         timeouts: Timeouts,
     ) -> None:
         """A reload: name servers, port, smarthost and timeouts for the next delivery
@@ -158,18 +196,26 @@ class SmtpDeliverer:
         self._timeouts = timeouts
 
     def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
+        refusal = self._auth_refusal
+        if refusal is not None and self._clock() < refusal[0]:
+            _, where, text = refusal
+            return self._auth_refused(message, recipients, where, text, again=False)
         domain = recipients[0].rpartition("@")[2]
+        requirement = self._requirement(domain)
         try:
-            targets = self._targets(domain)
+            targets = self._targets(domain, requirement)
         except DnsPermanentError as error:
             return results_for_all(recipients, Outcome.FAILED, error.status, str(error))
         except DnsTemporaryError as error:
             return results_for_all(recipients, Outcome.DEFERRED, "4.4.3", f"451 4.4.3 {error}")
+        except _NoAllowedMx as error:
+            TLS_POLICY_FAILURES.labels(MX_NOT_ALLOWED).inc()
+            return results_for_all(recipients, Outcome.DEFERRED, "4.7.5", f"451 4.7.5 {error}")
         if targets.loops_back and not targets.addresses:
             return self._loops_back(message, recipients, domain, "an MX host is this server")
         deadline = Deadline(self._clock, self._timeouts.attempt)
         destination = self._destination(domain)
-        cached = self._take_cached(destination, targets)
+        cached = self._take_cached(destination, targets, requirement.level)
         if cached is not None:
             try:
                 return self._deliver_cached(cached, message, recipients, deadline)
@@ -183,20 +229,26 @@ class SmtpDeliverer:
             except AttemptExpired:
                 text = _expired_text(cached.where, deadline)
                 return results_for_all(recipients, Outcome.DEFERRED, "4.4.2", text)
-        progress = _Progress()
+        progress = Progress()
         status, last_error = "4.4.1", f"451 4.4.1 No mail host for {domain} could be reached"
         for target in targets.addresses:
             where = f"{target.host}[{target.address}]"
             try:
                 return self._deliver_via(
-                    target, destination, message, recipients, deadline, progress
+                    target, destination, requirement, message, recipients, deadline, progress
                 )
+            except TlsFailed as error:
+                status = _TLS_STATUS[error.reason]
+                last_error = f"451 {status} {where}: {error}"
+                self._tls_failed(message, where, requirement, error)
+            except AuthRefused as error:
+                return self._auth_refused(message, recipients, where, str(error))
             except PeerUnusable as error:
                 status, last_error = "4.4.1", f"451 4.4.1 {where}: {error}"
             except AttemptExpired:
                 status, last_error = "4.4.2", _expired_text(where, deadline)
                 break
-            except _LoopsBack:
+            except LoopsBack:
                 return self._loops_back(message, recipients, domain, f"{where} greeted us as us")
         results = results_for_all(recipients, Outcome.DEFERRED, status, last_error)
         if targets.addresses and not progress.answered:
@@ -236,17 +288,27 @@ class SmtpDeliverer:
     def _destination(self, domain: str) -> str:
         """What sessions are shared by: every domain relayed to the smarthost shares."""
         if self._smarthost is not None:
-            host, port = self._smarthost
-            return f"[{host}]:{port}"
+            return self._smarthost.name
         return domain.lower()
 
-    def _take_cached(self, destination: str, targets: Targets) -> Session | None:
-        """An idle session to one of this attempt's targets: an address that DNS no
-        longer gives, or that is now cut as ourselves, is never used again."""
+    def _requirement(self, domain: str) -> TlsRequirement:
+        """The hop's TLS requirement: the smarthost's own, else the domain's policy."""
+        if self._smarthost is not None:
+            return self._smarthost.requirement
+        return self._policy.requirement(domain)
+
+    def _take_cached(self, destination: str, targets: Targets, level: TlsLevel) -> Session | None:
+        """An idle session to one of this attempt's targets, opened under `level` or a
+        stricter one: an address that DNS no longer gives, or that is now cut as
+        ourselves, is never used again, and a `may` session never carries `verify` mail."""
         if self._reuse <= 1:
             return None
         endpoints = {(t.host, t.address, t.port) for t in targets.addresses}
-        return self._cache.take(destination, lambda key: key.endpoint in endpoints, self._clock())
+        return self._cache.take(
+            destination,
+            lambda key: key.endpoint in endpoints and key.carries(level),
+            self._clock(),
+        )
 
     def _release(self, session: Session, end: SessionEnd) -> None:
         """After a transaction: keep the session for the next message, or end it."""
@@ -260,11 +322,20 @@ class SmtpDeliverer:
 
     # -- one address ------------------------------------------------------------------------
 
-    def _targets(self, domain: str) -> Targets:
+    def _targets(self, domain: str, requirement: TlsRequirement) -> Targets:
         if self._smarthost is not None:
-            host, port = self._smarthost
-            return mail_targets(self._resolver, [host], port, self._own)
+            smarthost = self._smarthost
+            return mail_targets(self._resolver, [smarthost.host], smarthost.port, self._own)
         hosts = self._resolver.mail_hosts(domain)
+        patterns = requirement.mx_patterns
+        if patterns is not None:
+            allowed = [host for host in hosts if mx_allowed(host, patterns)]
+            if not allowed:
+                raise _NoAllowedMx(
+                    f"no MX host of {domain} ({', '.join(hosts)}) matches its "
+                    f"{requirement.source} policy ({', '.join(patterns)})"
+                )
+            hosts = allowed
         targets = mail_targets(self._resolver, hosts, self._port, self._own)
         if not targets.addresses and not targets.loops_back:
             raise DnsTemporaryError(f"no address for the mail hosts of {domain}")
@@ -293,23 +364,68 @@ class SmtpDeliverer:
         self,
         target: Target,
         destination: str,
+        requirement: TlsRequirement,
         message: QueuedMessage,
         recipients: Sequence[str],
         deadline: Deadline,
-        progress: _Progress,
+        progress: Progress,
     ) -> list[RecipientResult]:
+        """One address. Under `may`, a failed handshake is followed by a plaintext
+        session on a new connection (as Postfix does): the old one is unusable."""
+        try:
+            session = self._open(target, destination, requirement, deadline, progress)
+        except TlsFailed as error:
+            if requirement.level is not TlsLevel.MAY:
+                raise
+            where = f"{target.host}[{target.address}]"
+            self._tls_failed(message, where, requirement, error)
+            session = self._open(
+                target, destination, requirement, deadline, progress, plaintext=True
+            )
+        OUTBOUND_SESSIONS.labels("opened").inc()
+        return self._deliver_on(session, message, recipients)
+
+    def _open(
+        self,
+        target: Target,
+        destination: str,
+        requirement: TlsRequirement,
+        deadline: Deadline,
+        progress: Progress,
+        *,
+        plaintext: bool = False,
+    ) -> Session:
+        """Connect, greeting, EHLO, TLS as required (`plaintext`: never), AUTH at a
+        smarthost with credentials. Failures: PeerUnusable (TlsFailed for TLS)."""
         connection = self._connect(target, deadline)
         try:
-            extensions = self._open_session(connection, target.host, progress)
+            extensions = self._opener.open(
+                connection,
+                target.host,
+                requirement,
+                progress,
+                plaintext=plaintext,
+                smarthost=self._smarthost,
+            )
         except TransactionBroken as error:
             connection.close()
             raise PeerUnusable(str(error)) from None
+        except AuthRefused:
+            connection.quit()
+            raise
         except BaseException:
             connection.close()
             raise
-        key = SessionKey(destination, target.host, target.address, target.port, connection.tls)
-        OUTBOUND_SESSIONS.labels("opened").inc()
-        return self._deliver_on(Session(connection, extensions, target, key), message, recipients)
+        key = SessionKey(
+            destination,
+            target.host,
+            target.address,
+            target.port,
+            connection.tls,
+            requirement.level,
+            target.host if connection.tls_verified else "",
+        )
+        return Session(connection, extensions, target, key)
 
     def _deliver_cached(
         self,
@@ -352,40 +468,50 @@ class SmtpDeliverer:
             session.connection.close()
             raise
         self._release(session, transaction.end)
-        return results
+        return self._with_tls(session.connection, results)
 
-    def _open_session(self, connection: Connection, host: str, progress: _Progress) -> Extensions:
-        """Greeting, EHLO (or HELO), STARTTLS when offered. Failures: next host."""
-        greeting = connection.read()
-        progress.answered = True
-        self._refuse_myself(greeting)
-        if not greeting.is_positive:
-            raise PeerUnusable(f"greeting: {greeting.text}")
-        extensions = self._hello(connection)
-        if extensions.starttls:
-            reply = connection.command(b"STARTTLS\r\n")
-            if reply.code == 220:
-                connection.start_tls(self._tls, host)
-                extensions = self._hello(connection)
-        return extensions
+    def _with_tls(
+        self, connection: Connection, results: list[RecipientResult]
+    ) -> list[RecipientResult]:
+        """Say how the message travelled (the log of `message_delivered`), and count it."""
+        version, verified = connection.tls_version, connection.tls_verified
+        if any(r.outcome is Outcome.DELIVERED for r in results):
+            OUTBOUND_TLS.labels("verified" if verified else "tls" if version else "none").inc()
+        return [replace(r, tls_version=version, tls_verified=verified) for r in results]
 
-    def _hello(self, connection: Connection) -> Extensions:
-        reply = connection.command(f"EHLO {self._helo_name}\r\n".encode())
-        if reply.is_positive:
-            self._refuse_myself(reply)
-            return client.parse_ehlo(reply)
-        reply = connection.command(f"HELO {self._helo_name}\r\n".encode())
-        if not reply.is_positive:
-            raise PeerUnusable(f"HELO: {reply.text}")
-        self._refuse_myself(reply)
-        return Extensions()
+    def _tls_failed(
+        self, message: QueuedMessage, where: str, requirement: TlsRequirement, error: TlsFailed
+    ) -> None:
+        TLS_POLICY_FAILURES.labels(error.reason).inc()
+        fallback = requirement.level is TlsLevel.MAY
+        self._log.warning(
+            "tls_failed",
+            msg_id=message.id,
+            mx=where,
+            reason=error.reason,
+            error=str(error),
+            level=requirement.level.name.lower(),
+            source=requirement.source,
+            next="plaintext" if fallback else "next host",
+        )
 
-    def _refuse_myself(self, reply: ServerReply) -> None:
-        """A peer whose greeting or EHLO reply begins with our own host name is this
-        server (reached through a NAT, a proxy or a name we do not know as ours)."""
-        words = reply.lines[0].split() if reply.lines else []
-        if words and words[0].rstrip(".").lower() == self._helo_name.rstrip(".").lower():
-            raise _LoopsBack
+    def _auth_refused(
+        self,
+        message: QueuedMessage,
+        recipients: Sequence[str],
+        where: str,
+        text: str,
+        *,
+        again: bool = True,
+    ) -> list[RecipientResult]:
+        """Deferred, and `unreachable` so the queue manager backs off from the
+        destination: every message would meet the same wrong password. `again`: the
+        smarthost just refused (else: a message held back by an earlier refusal)."""
+        if again:
+            self._log.warning("smarthost_auth_failed", msg_id=message.id, mx=where, reply=text)
+            self._auth_refusal = (self._clock() + self._auth_backoff, where, text)
+        results = results_for_all(recipients, Outcome.DEFERRED, "4.7.8", f"451 4.7.8 {text}", where)
+        return [replace(r, unreachable=True) for r in results]
 
 
 def _expired_text(where: str, deadline: Deadline) -> str:

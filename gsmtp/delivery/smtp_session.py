@@ -40,6 +40,7 @@ from typing import Any
 
 from gsmtp.delivery.connection_cache import SessionKey
 from gsmtp.delivery.mx import Target
+from gsmtp.delivery.tls_policy import CERTIFICATE_UNVERIFIED, HANDSHAKE_FAILED
 from gsmtp.message import Outcome, QueuedMessage, RecipientResult, results_for_all
 from gsmtp.protocol import client
 from gsmtp.protocol.client import Extensions, ReplyError, ReplyParser, ServerReply
@@ -60,6 +61,15 @@ class Timeouts:
 
 class PeerUnusable(Exception):
     """This address cannot take the message now; try the next one."""
+
+
+class TlsFailed(PeerUnusable):
+    """STARTTLS or the handshake failed at this address; `reason` is one of
+    `tls_policy.FAILURE_REASONS` (for the metric), the message says what happened."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
 
 
 class TransactionBroken(Exception):
@@ -108,6 +118,8 @@ class Connection:
         self.deadline = deadline
         self._clock = clock
         self.tls = False
+        self.tls_version = ""  # "TLSv1.3" once the handshake is done
+        self.tls_verified = False  # the certificate was checked for the host name
 
     def send(self, data: bytes) -> None:
         """Write `data` in SEND_CHUNK pieces, each within `command` (and the attempt):
@@ -166,19 +178,27 @@ class Connection:
         return not self._pending and self._parser.idle
 
     def start_tls(self, context: ssl.SSLContext, server_name: str) -> None:
+        """The TLS handshake (after a 220 to STARTTLS, or at once for implicit TLS).
+        A certificate that does not verify (when `context` checks it) and any other
+        handshake failure raise TlsFailed with their reason."""
         if self._pending or self._parser.discard_buffered():
             raise PeerUnusable("plaintext sent after the STARTTLS reply (injection)")
         wait, by_deadline = self.deadline.limit(self._timeouts.command)
         try:
             self._sock.settimeout(wait)
             self._sock = context.wrap_socket(self._sock, server_hostname=server_name)
-            self.tls = True
         except TimeoutError:
             if by_deadline:
                 raise AttemptExpired from None
-            raise PeerUnusable("TLS handshake timed out") from None
+            raise TlsFailed(HANDSHAKE_FAILED, "TLS handshake timed out") from None
+        except ssl.SSLCertVerificationError as error:
+            text = f"certificate not trusted for {server_name}: {error.verify_message}"
+            raise TlsFailed(CERTIFICATE_UNVERIFIED, text) from None
         except OSError as error:
-            raise PeerUnusable(f"TLS handshake failed: {error}") from None
+            raise TlsFailed(HANDSHAKE_FAILED, f"TLS handshake failed: {error}") from None
+        self.tls = True
+        self.tls_version = self._sock.version() or ""
+        self.tls_verified = context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
 
     def quit(self) -> None:
         """QUIT and close, without waiting for the 221 (as Postfix's default

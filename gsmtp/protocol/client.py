@@ -10,6 +10,7 @@ time (`data_chunks`), so a large body is never copied whole.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ class Extensions:
     smtputf8: bool = False
     starttls: bool = False
     dsn: bool = False
+    auth: frozenset[str] = frozenset()  # SASL mechanisms offered (RFC 4954), upper case
 
 
 def parse_ehlo(reply: ServerReply) -> Extensions:
@@ -130,6 +132,7 @@ def parse_ehlo(reply: ServerReply) -> Extensions:
         smtputf8="SMTPUTF8" in found,
         starttls="STARTTLS" in found,
         dsn="DSN" in found,
+        auth=frozenset(found.get("AUTH", "").upper().split()),
     )
 
 
@@ -165,6 +168,17 @@ def rcpt_command(recipient: str, dsn: RecipientDsn | None = None) -> bytes:
     if dsn is not None and dsn.orcpt is not None:
         params += f" ORCPT={orcpt_parameter(dsn.orcpt)}"
     return _command(f"RCPT TO:<{recipient}>{params}")
+
+
+def auth_plain(username: str, password: str) -> bytes:
+    """RFC 4954 §4 with RFC 4616: AUTH PLAIN and its initial response (no authzid)."""
+    response = f"\x00{username}\x00{password}".encode()
+    return _command(f"AUTH PLAIN {base64.b64encode(response).decode('ascii')}")
+
+
+def auth_login_response(text: str) -> bytes:
+    """One response of the LOGIN exchange (the user name, then the password): base64."""
+    return base64.b64encode(text.encode()) + b"\r\n"
 
 
 def _command(text: str) -> bytes:

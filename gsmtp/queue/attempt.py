@@ -171,7 +171,7 @@ def log_results(
     a deferral that made none, like Postfix's delays= and OpenSMTPD's retry count), and
     the delivery metrics: outcomes, time in queue of each delivered recipient, bounces."""
     transport = batch.key[0]
-    mx = {result.address: result.remote_mta for result in results}
+    by_address = {result.address: result for result in results}
     attempts = {r.address: r.attempts for r in batch.recipients}
     delay = max(now - batch.claim.received_at, 0.0)
     for update in updates:
@@ -180,6 +180,7 @@ def log_results(
             metrics.TIME_IN_QUEUE.observe(delay)
         elif update.outcome is Outcome.FAILED:
             metrics.BOUNCES.labels(bounce_reason(update)).inc()
+        result = by_address.get(update.address)
         log.info(
             _LOG_EVENTS[update.outcome],
             msg_id=update.message_id,
@@ -187,7 +188,16 @@ def log_results(
             transport=transport,
             outcome=update.outcome.value,
             reply=update.error,
-            mx=mx.get(update.address) or None,
+            mx=(result and result.remote_mta) or None,
             delay=round(delay, 3),
             attempt=attempts.get(update.address, 0) + int(update.attempted),
+            **_tls_fields(update, result),
         )
+
+
+def _tls_fields(update: RecipientUpdate, result: RecipientResult | None) -> dict[str, Any]:
+    """A message relayed to a peer: over which TLS version ("" plaintext) and whether
+    the peer's certificate was verified for its name."""
+    if update.outcome is not Outcome.DELIVERED or result is None or not result.remote_mta:
+        return {}
+    return {"tls_version": result.tls_version or None, "tls_verified": result.tls_verified}

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tests.integration.harness import GsmtpProcess, environment_has, free_port
-from tests.integration.remote import Dnsmasq, Sink
+from tests.integration.remote import Dnsmasq, ScriptedPeer, Sink
 
 Factory = Callable[..., GsmtpProcess]
 
@@ -79,6 +79,15 @@ def sinks() -> Iterator[dict[str, Sink]]:
     yield started
     for sink in started.values():
         sink.stop()
+
+
+@pytest.fixture
+def peers() -> Iterator[list[ScriptedPeer]]:
+    """Scripted peers a test starts (`remote.start_peer`), stopped after it."""
+    started: list[ScriptedPeer] = []
+    yield started
+    for peer in started:
+        peer.stop()
 
 
 @pytest.fixture

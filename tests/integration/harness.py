@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -61,6 +62,8 @@ def toml_value(value: Any) -> str:
         return str(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table: [delivery] tls_policy = {"a.test" = "verify"}
+        return "{" + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -419,6 +422,13 @@ class TestCertificateAuthority:
             "-CAcreateserial", "-days", "1", "-extfile", extensions, "-out", cert,
         )  # fmt: skip
         return cert, key
+
+    def server_context(self, *names: str) -> ssl.SSLContext:
+        """A server-side TLS context with a new certificate for `names`."""
+        cert, key = self.issue(*names)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        return context
 
 
 def _openssl(*arguments: str | Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 
 from tests.integration.harness import (
     GsmtpProcess,
@@ -88,7 +88,8 @@ class Received:
     sender: str
     recipients: list[str]
     data: bytes
-    tls: bool
+    tls: bool  # STARTTLS or implicit TLS
+    login: str | None = None  # the user name of a successful AUTH
 
 
 @dataclass
@@ -131,7 +132,9 @@ class _Handler:
                 envelope.mail_from,
                 list(envelope.rcpt_tos),
                 envelope.original_content,
-                session.ssl is not None,
+                session.ssl is not None
+                or server.transport.get_extra_info("ssl_object") is not None,
+                session.auth_data.login.decode() if session.authenticated else None,
             )
         )
         if sink.behaviour.drop_after_data:
@@ -209,7 +212,9 @@ class Sink:
     """An aiosmtpd MX host on host:port that records what it accepted, every MAIL and
     RCPT line in `commands` ("MAIL FROM:<a@b> SIZE=10 RET=HDRS"), and in `transcripts`
     one list per connection of (monotonic time, verb), ending in CLOSED once closed.
-    `idle_timeout`: close a connection that sent no command for so many seconds."""
+    `idle_timeout`: close a connection that sent no command for so many seconds.
+    `options` go to aiosmtpd's Controller: `ssl_context` (implicit TLS), `auth_required`,
+    `auth_require_tls`, `authenticator` (see `password_authenticator`)."""
 
     def __init__(
         self,
@@ -221,6 +226,7 @@ class Sink:
         dsn: bool = False,
         server_hostname: str | None = None,
         idle_timeout: float = 300.0,
+        **options: Any,
     ) -> None:
         self.host = host
         self.behaviour = behaviour or SinkBehaviour()
@@ -240,6 +246,7 @@ class Sink:
             decode_data=False,
             enable_SMTPUTF8=smtputf8,
             timeout=idle_timeout,
+            **options,
         )
         self.controller.start()
         # Controller.start() proves the server up with a connection of its own.
@@ -259,11 +266,43 @@ class Sink:
         self.controller.stop()
 
 
+def password_authenticator(username: str, password: str) -> Any:
+    """An aiosmtpd authenticator accepting one user name and password (PLAIN, LOGIN)."""
+
+    def check(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        good = (data.login, data.password) == (username.encode(), password.encode())
+        return AuthResult(success=good, handled=False, auth_data=data)
+
+    return check
+
+
 def self_signed_context(directory: Path) -> ssl.SSLContext:
     cert, key = self_signed_certificate(directory, "sink.test")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     return context
+
+
+def start_peer(peers: list[ScriptedPeer], host: str, port: int, script: Any) -> ScriptedPeer:
+    peer = ScriptedPeer(host, port, script)
+    peers.append(peer)
+    return peer
+
+
+def recipient_row(gsmtp: GsmtpProcess, address: str) -> tuple[Any, ...] | None:
+    rows = gsmtp.spool_rows(
+        "SELECT status, attempts, last_error FROM recipients WHERE address = ?", address
+    )
+    return rows[0] if rows else None
+
+
+def first_attempt(gsmtp: GsmtpProcess, address: str, timeout: float = 20) -> tuple[Any, ...]:
+    """The recipient's row once an attempt has been recorded."""
+    return wait_for(  # type: ignore[no-any-return]
+        lambda: (row := recipient_row(gsmtp, address)) and row[1] >= 1 and row,
+        timeout=timeout,
+        what=f"an attempt for {address}",
+    )
 
 
 def wait_received(sink: Sink, count: int = 1, timeout: float = 15.0) -> list[Received]:

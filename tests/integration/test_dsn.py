@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from gsmtp.delivery import dsn
+from gsmtp.delivery.smarthost import Smarthost
 from gsmtp.delivery.smtp import SmtpDeliverer
 from gsmtp.message import MessageId, Notify, Outcome, QueuedMessage, RecipientDsn, Ret
 from tests.integration.harness import GsmtpProcess, SmtpWire, free_port, wait_for
@@ -149,7 +150,7 @@ def test_the_smtp_backend_says_whether_the_peer_took_the_parameters(
     port = free_port(SINK_HOST)
     sinks.append(Sink(SINK_HOST, port, dsn=offers_dsn))
     deliverer = SmtpDeliverer(
-        resolver=_NoDns(), helo_name="gsmtp.test", smarthost=(SINK_HOST, port)
+        resolver=_NoDns(), helo_name="gsmtp.test", smarthost=Smarthost(SINK_HOST, port)
     )
     message = QueuedMessage(
         MessageId("M1"),

@@ -6,22 +6,22 @@ a server that answers SERVFAIL or nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
-import pytest
+from pathlib import Path
 
 from tests.integration.conftest import Factory
-from tests.integration.harness import GsmtpProcess, SmtpWire, wait_for
+from tests.integration.harness import SmtpWire, wait_for
 from tests.integration.remote import (
     BrokenDns,
     Conversation,
-    ScriptedPeer,
     accept_transaction,
     bounce_for,
     delivery_status,
     ehlo_reply,
+    first_attempt,
+    recipient_row,
+    self_signed_context,
     send,
+    start_peer,
     start_sink,
     wait_received,
 )
@@ -29,40 +29,10 @@ from tests.integration.remote import (
 GREETING = "220 peer.test ESMTP\r\n"
 
 
-@pytest.fixture
-def peers() -> Iterator[list[ScriptedPeer]]:
-    started: list[ScriptedPeer] = []
-    yield started
-    for peer in started:
-        peer.stop()
-
-
-def start_peer(peers: list[ScriptedPeer], host: str, port: int, script: Any) -> ScriptedPeer:
-    peer = ScriptedPeer(host, port, script)
-    peers.append(peer)
-    return peer
-
-
 def greet(conversation: Conversation, *extensions: str) -> None:
     conversation.reply(GREETING)
     assert conversation.read_line().startswith("EHLO ")
     conversation.reply(ehlo_reply(*extensions))
-
-
-def recipient_row(gsmtp: GsmtpProcess, address: str) -> tuple[Any, ...] | None:
-    rows = gsmtp.spool_rows(
-        "SELECT status, attempts, last_error FROM recipients WHERE address = ?", address
-    )
-    return rows[0] if rows else None
-
-
-def first_attempt(gsmtp: GsmtpProcess, address: str, timeout: float = 20) -> tuple[Any, ...]:
-    """The recipient's row once an attempt has been recorded."""
-    return wait_for(  # type: ignore[no-any-return]
-        lambda: (row := recipient_row(gsmtp, address)) and row[1] >= 1 and row,
-        timeout=timeout,
-        what=f"an attempt for {address}",
-    )
 
 
 def test_pipelined_envelope_when_the_peer_offers_pipelining(relay, peers, mx_port: int) -> None:  # type: ignore[no-untyped-def]
@@ -208,27 +178,60 @@ def test_plaintext_behind_the_starttls_reply_is_refused(relay, peers, mx_port: i
     assert conversation.commands == ["EHLO mx.foo.com", "STARTTLS"]
 
 
-def test_a_failed_tls_handshake_moves_to_the_next_mx(relay, peers, sinks, mx_port: int) -> None:  # type: ignore[no-untyped-def]
-    """The first MX offers STARTTLS and then fails the handshake: the message goes to
-    the next MX (pref.test: 127.0.0.2 at 10, 127.0.0.3 at 20), never in plaintext to
-    the first."""
+def fail_the_handshake(conversation: Conversation) -> None:
+    """Offer STARTTLS, answer 220, then send garbage for the ClientHello."""
+    greet(conversation, "STARTTLS", "8BITMIME")
+    assert conversation.read_line() == "STARTTLS"
+    conversation.reply("220 2.0.0 Ready\r\n")
+    conversation.after_starttls = conversation.read_until(b"\x16\x03")  # a ClientHello
+    conversation.reply("this is not TLS\r\n")
 
-    def script(conversation: Conversation) -> None:
-        greet(conversation, "STARTTLS", "8BITMIME")
-        assert conversation.read_line() == "STARTTLS"
-        conversation.reply("220 2.0.0 Ready\r\n")
-        conversation.after_starttls = conversation.read_until(b"\x16\x03")  # a ClientHello
-        conversation.reply("this is not TLS\r\n")
 
-    first = start_peer(peers, "127.0.0.2", mx_port, script)
-    second = start_sink(sinks, "127.0.0.3", mx_port)
-    gsmtp = relay()
+def test_a_failed_tls_handshake_under_encrypt_moves_to_the_next_mx(  # type: ignore[no-untyped-def]
+    relay, peers, sinks, mx_port: int, tmp_path: Path
+) -> None:
+    """`encrypt`: the first MX offers STARTTLS and then fails the handshake: the message
+    goes to the next MX over TLS (pref.test: 127.0.0.2 at 10, 127.0.0.3 at 20), never in
+    plaintext to the first."""
+    first = start_peer(peers, "127.0.0.2", mx_port, fail_the_handshake)
+    second = start_sink(sinks, "127.0.0.3", mx_port, tls_context=self_signed_context(tmp_path))
+    gsmtp = relay(tls="encrypt")
     send(gsmtp, "jones@foo.com", ["a@pref.test"], subject="tls or next")
     (received,) = wait_received(second)
     assert b"Subject: tls or next" in received.data
+    assert received.tls is True
     (conversation,) = first.conversations
     assert conversation.commands == ["EHLO mx.foo.com", "STARTTLS"]
     assert first.errors == []
+
+
+def test_a_failed_tls_handshake_under_may_is_retried_in_plaintext_on_a_new_connection(  # type: ignore[no-untyped-def]
+    relay, peers, mx_port: int
+) -> None:
+    """`may` (the default), as Postfix: the handshake fails, the connection is dropped
+    and the same MX gets the message in plaintext on a new one, without STARTTLS."""
+
+    def script(conversation: Conversation) -> None:
+        if conversation is peer.conversations[0]:
+            fail_the_handshake(conversation)
+            return
+        greet(conversation, "STARTTLS", "8BITMIME")
+        accept_transaction(conversation)
+
+    peer = start_peer(peers, "127.0.0.2", mx_port, script)
+    gsmtp = relay()
+    send(gsmtp, "jones@foo.com", ["a@remote.test"], subject="plain after all")
+    wait_for(lambda: gsmtp.events("message_delivered"), what="the delivery")
+    first, second = peer.conversations
+    assert first.commands == ["EHLO mx.foo.com", "STARTTLS"]
+    assert second.commands[:2] == ["EHLO mx.foo.com", "MAIL FROM:<jones@foo.com>"]
+    assert b"Subject: plain after all" in second.data
+    assert peer.errors == []
+    (delivered,) = gsmtp.events("message_delivered")
+    assert delivered["tls_version"] is None and delivered["tls_verified"] is False
+    metrics = gsmtp.metrics()
+    assert metrics['gsmtp_tls_policy_failures_total{reason="handshake_failed"}'] == 1.0
+    assert metrics['gsmtp_outbound_tls_total{level="none"}'] == 1.0
 
 
 def test_a_command_timeout_moves_to_the_next_mx(relay, peers, sinks, mx_port: int) -> None:  # type: ignore[no-untyped-def]

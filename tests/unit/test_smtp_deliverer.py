@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gsmtp.delivery.mx import DnsTemporaryError, OwnListeners, mail_targets
+from gsmtp.delivery.smarthost import Smarthost
 from gsmtp.delivery.smtp import MAY_BE_DELIVERED_TWICE, SmtpDeliverer, Timeouts
 from gsmtp.message import MessageId, Outcome, QueuedMessage, RecipientResult
 
@@ -732,7 +733,7 @@ def test_sessions_are_shared_by_destination(peers: list[Peer], port: int) -> Non
     deliver(by_mx, ("a@two.example",))
     assert peers[0].connections == 2
     by_mx.close()
-    smarthost = reusing(resolver, port, smarthost=("127.0.1.1", port))
+    smarthost = reusing(resolver, port, smarthost=Smarthost("127.0.1.1", port))
     deliver(smarthost, ("a@one.example",))
     deliver(smarthost, ("a@two.example",))
     assert peers[0].connections == 3
