@@ -43,6 +43,8 @@ LIVE = frozenset(
         "delivery.max_age",
         "delivery.port",
         "delivery.smarthost",
+        "delivery.smarthost_tls",  # read again with the auth file: a bad one fails the reload
+        "delivery.smarthost_auth_file",
         "delivery.nameservers",
         "delivery.connect_timeout",
         "delivery.command_timeout",
@@ -74,6 +76,9 @@ RESTART = frozenset(
         "delivery.active_limit",
         "delivery.connection_reuse",
         "delivery.connection_idle",
+        "delivery.tls",  # the outbound TLS policy and contexts, built at start
+        "delivery.tls_policy",
+        "delivery.ca_file",
         "metrics.listen",
         "log.format",
     }

@@ -28,11 +28,13 @@ def test_bounce_reasons() -> None:
 
 def test_every_gauge_says_how_it_combines_over_worker_processes() -> None:
     """prometheus_client's default ("all": one series per PID) is never what a gauge
-    here means; each names livesum (counts) or max (ages, facts of the build)."""
+    here means; each names a mode that leaves dead workers out: livesum (counts),
+    livemax (ages, facts of the build), livemin (the weakest worker: reload status,
+    the soonest certificate expiry)."""
     gauges = [value for value in vars(metrics).values() if isinstance(value, Gauge)]
     assert len(gauges) >= 10
     for gauge in gauges:
-        assert gauge._multiprocess_mode in ("livesum", "max"), gauge._name
+        assert gauge._multiprocess_mode in ("livesum", "livemax", "livemin"), gauge._name
 
 
 def test_unknown_tls_versions_are_one_bounded_label() -> None:
