@@ -36,6 +36,7 @@ from gsmtp.auth import Authenticator
 from gsmtp.config import Config, ConfigError, load, parse_host_port, spool_reserve
 from gsmtp.delivery.base import Deliverer
 from gsmtp.delivery.maildir import MaildirDeliverer
+from gsmtp.delivery.mta_sts import HttpsFetcher, MtaSts, verified_context
 from gsmtp.delivery.mx import DnsResolver
 from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
 from gsmtp.diskspace import SpaceReserve
@@ -257,8 +258,17 @@ class Application:
         if delivery.smarthost:
             address = parse_host_port(delivery.smarthost)
             smarthost = (address.host, address.port)
+        resolver = DnsResolver([(n.host, n.port) for n in delivery.nameservers])
+        try:
+            verified = verified_context(delivery.ca_file)
+        except OSError as error:  # ssl.SSLError included
+            raise StartupError(f"[delivery] ca_file {delivery.ca_file}: {error}") from None
+        mta_sts = None
+        if delivery.mta_sts and smarthost is None:
+            fetcher = HttpsFetcher(resolver, verified, port=delivery.mta_sts_port)
+            mta_sts = MtaSts(resolver, fetcher.fetch)
         return SmtpDeliverer(
-            resolver=DnsResolver([(n.host, n.port) for n in delivery.nameservers]),
+            resolver=resolver,
             helo_name=self.config.server.hostname,
             port=delivery.port,
             smarthost=smarthost,
@@ -276,6 +286,8 @@ class Application:
             cache_per_destination=delivery.max_per_domain,
             cache_limit=delivery.concurrency,
             spawn=self.supervisor.spawn,
+            mta_sts=mta_sts,
+            verified_tls=verified,
         )
 
     # -- running ----------------------------------------------------------------------

@@ -244,6 +244,9 @@ def _check_config(args: argparse.Namespace, config: Any) -> int:
                 if config.delivery.delay_warning is not None
                 else ""
             ),
+            "mta_sts": config.delivery.mta_sts,
+            "mta_sts_port": config.delivery.mta_sts_port,
+            "ca_file": config.delivery.ca_file,
         },
         "metrics": {"listen": config.metrics.listen},
         "log": {"level": config.log.level, "format": config.log.format},

@@ -119,6 +119,9 @@ class DeliveryConfig:
     max_per_domain: int = 20
     active_limit: int = 10000  # recipients the queue manager holds in memory
     delay_warning: float | None = 4 * 3600.0  # None: no delay warnings
+    mta_sts: bool = True  # RFC 8461 policies for MX delivery
+    mta_sts_port: int = 443  # where policies are fetched (tests: a high port)
+    ca_file: str = ""  # CAs for verified outbound TLS; "" = the system store
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +456,9 @@ _GENERIC: dict[str, Any] = {
     "max_per_domain": _positive_int,
     "active_limit": _positive_int,
     "delay_warning": _optional_duration,
+    "mta_sts": _bool,
+    "mta_sts_port": _port,
+    "ca_file": _string,
     "level": _one_of(*_LOG_LEVELS),
     "format": _one_of(*_LOG_FORMATS),
 }
@@ -484,7 +490,15 @@ _SPECIFIC: dict[tuple[str, str], Any] = {
     ("tls", "key"): _string,
 }
 # Paths taken relative to the configuration file's directory.
-_PATH_KEYS = frozenset({("spool", "path"), ("maildir", "root"), ("tls", "cert"), ("tls", "key")})
+_PATH_KEYS = frozenset(
+    {
+        ("spool", "path"),
+        ("maildir", "root"),
+        ("tls", "cert"),
+        ("tls", "key"),
+        ("delivery", "ca_file"),
+    }
+)
 
 
 def format_duration(seconds: float) -> str:

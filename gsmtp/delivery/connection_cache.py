@@ -39,6 +39,7 @@ class SessionKey:
     address: str
     port: int
     tls: bool  # STARTTLS done; a TLS policy adds its level and the verified name here
+    verified: bool = False  # the certificate was verified for `host` (MTA-STS enforce)
 
     @property
     def endpoint(self) -> tuple[str, str, int]:

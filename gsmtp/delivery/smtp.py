@@ -26,6 +26,12 @@ mid-envelope) costs nothing: it is closed and the delivery connects as usual. Af
 dot the rule above holds: the recipients are deferred and nothing more is tried. A 421
 anywhere, a broken connection or a reply out of step ends the session.
 
+MTA-STS (RFC 8461, `mta_sts.MtaSts`), MX delivery only: a domain's policy in enforce
+mode becomes a `TlsRequirement` (VERIFY with MX patterns, `_tls_requirement`): only MX
+hosts matching a pattern are tried (none → deferred, nothing sent), STARTTLS is then
+mandatory and the certificate must verify for the MX host name (`verified_tls`), and
+only sessions opened that way are reused for the domain.
+
 Loops: an MX that is one of our own listeners (cut out by `mx.mail_targets`), or a peer
 that greets us with our own host name, is "mail loops back to myself": 554 5.4.6, as
 Postfix. When no address answered SMTP at all (every one refused, timed out, or failed
@@ -44,6 +50,7 @@ from dataclasses import dataclass, replace
 import gevent
 
 from gsmtp.delivery.connection_cache import SessionCache, SessionKey
+from gsmtp.delivery.mta_sts import MtaSts, matches_any, verified_context
 from gsmtp.delivery.mx import (
     DnsPermanentError,
     DnsTemporaryError,
@@ -65,6 +72,7 @@ from gsmtp.delivery.smtp_session import (
     Transaction,
     TransactionBroken,
 )
+from gsmtp.delivery.tls_levels import TlsLevel, TlsRequirement
 from gsmtp.log import get_logger
 from gsmtp.message import Outcome, QueuedMessage, RecipientResult, results_for_all
 from gsmtp.metrics import OUTBOUND_SESSIONS
@@ -125,6 +133,8 @@ class SmtpDeliverer:
         cache_per_destination: int = 20,
         cache_limit: int = 100,
         spawn: Callable[..., gevent.Greenlet] | None = None,
+        mta_sts: MtaSts | None = None,
+        verified_tls: ssl.SSLContext | None = None,
     ) -> None:
         self._resolver = resolver
         self._helo_name = helo_name
@@ -132,6 +142,8 @@ class SmtpDeliverer:
         self._smarthost = smarthost
         self._timeouts = timeouts
         self._tls = tls_context or _opportunistic_tls()
+        self._verified_tls = verified_tls  # made when first needed: loading CAs costs
+        self._mta_sts = mta_sts
         self._own = OwnListeners(listeners)
         self._clock = clock
         self._log = get_logger(component="smtp")
@@ -152,9 +164,15 @@ class SmtpDeliverer:
             return results_for_all(recipients, Outcome.DEFERRED, "4.4.3", f"451 4.4.3 {error}")
         if targets.loops_back and not targets.addresses:
             return self._loops_back(message, recipients, domain, "an MX host is this server")
+        requirement = self._tls_requirement(domain, targets)
+        if requirement.mx_patterns is not None:
+            targets = _allowed_targets(targets, requirement.mx_patterns)
+            if not targets.addresses:
+                text = f"451 4.7.5 MTA-STS policy of {domain} matches none of its MX hosts"
+                return results_for_all(recipients, Outcome.DEFERRED, "4.7.5", text)
         deadline = Deadline(self._clock, self._timeouts.attempt)
         destination = self._destination(domain)
-        cached = self._take_cached(destination, targets)
+        cached = self._take_cached(destination, targets, requirement)
         if cached is not None:
             try:
                 return self._deliver_cached(cached, message, recipients, deadline)
@@ -174,7 +192,7 @@ class SmtpDeliverer:
             where = f"{target.host}[{target.address}]"
             try:
                 return self._deliver_via(
-                    target, destination, message, recipients, deadline, progress
+                    target, destination, message, recipients, deadline, progress, requirement
                 )
             except PeerUnusable as error:
                 status, last_error = "4.4.1", f"451 4.4.1 {where}: {error}"
@@ -225,13 +243,21 @@ class SmtpDeliverer:
             return f"[{host}]:{port}"
         return domain.lower()
 
-    def _take_cached(self, destination: str, targets: Targets) -> Session | None:
+    def _take_cached(
+        self, destination: str, targets: Targets, requirement: TlsRequirement
+    ) -> Session | None:
         """An idle session to one of this attempt's targets: an address that DNS no
-        longer gives, or that is now cut as ourselves, is never used again."""
+        longer gives, or that is now cut as ourselves, is never used again; a delivery
+        that needs a verified certificate takes only a session verified for its host."""
         if self._reuse <= 1:
             return None
         endpoints = {(t.host, t.address, t.port) for t in targets.addresses}
-        return self._cache.take(destination, lambda key: key.endpoint in endpoints, self._clock())
+        verify = requirement.level >= TlsLevel.VERIFY
+        return self._cache.take(
+            destination,
+            lambda key: key.endpoint in endpoints and (key.verified or not verify),
+            self._clock(),
+        )
 
     def _release(self, session: Session, end: SessionEnd) -> None:
         """After a transaction: keep the session for the next message, or end it."""
@@ -244,6 +270,23 @@ class SmtpDeliverer:
             session.connection.quit()
 
     # -- one address ------------------------------------------------------------------------
+
+    def _tls_requirement(self, domain: str, targets: Targets) -> TlsRequirement:
+        """What this delivery demands of TLS: opportunistic (MAY), raised to VERIFY with
+        MX patterns by an MTA-STS policy in enforce mode. The one place MTA-STS enters
+        delivery; a per-destination TLS policy joins here with `stricter()`. MX
+        delivery only: the smarthost is not the domain's MX."""
+        requirement = TlsRequirement(TlsLevel.MAY)
+        if self._mta_sts is None or self._smarthost is not None:
+            return requirement
+        hosts = list(dict.fromkeys(target.host for target in targets.addresses))
+        sts = self._mta_sts.requirement(domain, hosts)
+        return requirement if sts is None else requirement.stricter(sts)
+
+    def _verified_context(self) -> ssl.SSLContext:
+        if self._verified_tls is None:
+            self._verified_tls = verified_context()
+        return self._verified_tls
 
     def _targets(self, domain: str) -> Targets:
         if self._smarthost is not None:
@@ -282,17 +325,25 @@ class SmtpDeliverer:
         recipients: Sequence[str],
         deadline: Deadline,
         progress: _Progress,
+        requirement: TlsRequirement,
     ) -> list[RecipientResult]:
         connection = self._connect(target, deadline)
         try:
-            extensions = self._open_session(connection, target.host, progress)
+            extensions = self._open_session(connection, target.host, progress, requirement)
         except TransactionBroken as error:
             connection.close()
             raise PeerUnusable(str(error)) from None
         except BaseException:
             connection.close()
             raise
-        key = SessionKey(destination, target.host, target.address, target.port, connection.tls)
+        key = SessionKey(
+            destination,
+            target.host,
+            target.address,
+            target.port,
+            connection.tls,
+            connection.verified,
+        )
         OUTBOUND_SESSIONS.labels("opened").inc()
         return self._deliver_on(Session(connection, extensions, target, key), message, recipients)
 
@@ -339,19 +390,30 @@ class SmtpDeliverer:
         self._release(session, transaction.end)
         return results
 
-    def _open_session(self, connection: Connection, host: str, progress: _Progress) -> Extensions:
-        """Greeting, EHLO (or HELO), STARTTLS when offered. Failures: next host."""
+    def _open_session(
+        self, connection: Connection, host: str, progress: _Progress, requirement: TlsRequirement
+    ) -> Extensions:
+        """Greeting, EHLO (or HELO), STARTTLS when offered: opportunistic, or, when the
+        requirement is VERIFY, mandatory with the certificate verified for `host`.
+        Failures: next host."""
         greeting = connection.read()
         progress.answered = True
         self._refuse_myself(greeting)
         if not greeting.is_positive:
             raise PeerUnusable(f"greeting: {greeting.text}")
         extensions = self._hello(connection)
+        verify = requirement.level >= TlsLevel.VERIFY
         if extensions.starttls:
             reply = connection.command(b"STARTTLS\r\n")
             if reply.code == 220:
-                connection.start_tls(self._tls, host)
+                connection.start_tls(self._verified_context() if verify else self._tls, host)
                 extensions = self._hello(connection)
+            elif verify:
+                raise PeerUnusable(
+                    f"STARTTLS refused ({reply.text}); {requirement.source} requires verified TLS"
+                )
+        elif verify:
+            raise PeerUnusable(f"no STARTTLS offered; {requirement.source} requires verified TLS")
         return extensions
 
     def _hello(self, connection: Connection) -> Extensions:
@@ -371,6 +433,12 @@ class SmtpDeliverer:
         words = reply.lines[0].split() if reply.lines else []
         if words and words[0].rstrip(".").lower() == self._helo_name.rstrip(".").lower():
             raise _LoopsBack
+
+
+def _allowed_targets(targets: Targets, patterns: Sequence[str]) -> Targets:
+    """The targets whose MX host name matches one of `patterns` (MTA-STS, RFC 8461 §4.1)."""
+    allowed = tuple(t for t in targets.addresses if matches_any(patterns, t.host))
+    return replace(targets, addresses=allowed)
 
 
 def _expired_text(where: str, deadline: Deadline) -> str:

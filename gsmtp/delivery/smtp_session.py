@@ -108,6 +108,7 @@ class Connection:
         self.deadline = deadline
         self._clock = clock
         self.tls = False
+        self.verified = False  # the certificate was verified for the name given to start_tls
 
     def send(self, data: bytes) -> None:
         """Write `data` in SEND_CHUNK pieces, each within `command` (and the attempt):
@@ -173,6 +174,7 @@ class Connection:
             self._sock.settimeout(wait)
             self._sock = context.wrap_socket(self._sock, server_hostname=server_name)
             self.tls = True
+            self.verified = context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
         except TimeoutError:
             if by_deadline:
                 raise AttemptExpired from None
