@@ -27,6 +27,7 @@ import http.client
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -285,17 +286,15 @@ class MtaSts:
         self._retry_after = retry_after
         self._cache: dict[str, _Cached] = {}
         self._failed: dict[str, tuple[str, float]] = {}  # domain → (id, until)
+        # One fetch per domain at a time (gevent's lock under `serve`'s monkey-patching).
+        self._locks: dict[str, threading.Lock] = {}
         self._log = get_logger(component="mta_sts")
 
     def policy(self, domain: str) -> Policy | None:
-        """The policy in force for `domain`, or None (§5.1)."""
+        """The policy in force for `domain`, or None (§5.1). Deliveries to one domain
+        running at once share one fetch: the others wait for it and take its result."""
         domain = domain.lower().rstrip(".")
-        now = self._clock()
-        cached = self._cache.get(domain)
-        if cached is not None and cached.expires <= now:
-            del self._cache[domain]
-            cached = None
-        current = cached.policy if cached is not None else None
+        current = self._cached(domain)
         try:
             announced = parse_txt(self._resolver.txt(f"_mta-sts.{domain}"))
         except DnsTemporaryError as error:
@@ -303,6 +302,22 @@ class MtaSts:
             return current
         if announced is None or (current is not None and current.id == announced):
             return current  # §3.1: no TXT record does not cancel a cached policy
+        with self._locks.setdefault(domain, threading.Lock()):
+            current = self._cached(domain)  # what a fetch we waited for brought
+            if current is not None and current.id == announced:
+                return current
+            return self._refresh(domain, announced, current)
+
+    def _cached(self, domain: str) -> Policy | None:
+        cached = self._cache.get(domain)
+        if cached is not None and cached.expires <= self._clock():
+            del self._cache[domain]
+            cached = None
+        return cached.policy if cached is not None else None
+
+    def _refresh(self, domain: str, announced: str, current: Policy | None) -> Policy | None:
+        """Fetch the policy announced with id `announced`; `current` if that fails."""
+        now = self._clock()
         failed = self._failed.get(domain)
         if failed is not None and failed[0] == announced and failed[1] > now:
             return current

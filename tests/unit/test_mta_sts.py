@@ -3,6 +3,8 @@ cache with fake DNS, a fake fetch and an injected clock."""
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -132,8 +134,10 @@ class FakeDns:
     def __init__(self) -> None:
         self.records: dict[str, list[str]] = {}
         self.failing = False
+        self.lookups = 0
 
     def txt(self, name: str) -> list[str]:
+        self.lookups += 1
         if self.failing:
             raise DnsTemporaryError(f"DNS lookup of {name} TXT failed: SERVFAIL")
         return self.records.get(name, [])
@@ -240,6 +244,32 @@ def test_a_failed_fetch_waits_before_it_is_tried_again(world: World) -> None:
 def test_no_txt_record_means_no_policy_and_no_fetch(world: World) -> None:
     assert world.sts.policy("other.example") is None
     assert world.web.fetched == []
+
+
+def test_deliveries_at_once_share_one_fetch(world: World) -> None:
+    started, release = threading.Event(), threading.Event()
+    fetch = world.web.fetch
+
+    def slow_fetch(domain: str) -> bytes:
+        started.set()
+        release.wait(10)
+        return fetch(domain)
+
+    sts = MtaSts(world.dns, slow_fetch, clock=world.clock)
+    results: list[Policy | None] = []
+    threads = [threading.Thread(target=lambda: results.append(sts.policy("example.com")))]
+    threads[0].start()
+    assert started.wait(10)
+    threads.append(threading.Thread(target=lambda: results.append(sts.policy("example.com"))))
+    threads[1].start()
+    deadline = time.monotonic() + 10
+    while world.dns.lookups < 2 and time.monotonic() < deadline:  # it saw the new id
+        time.sleep(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert len(results) == 2 and results[0] == results[1] is not None
+    assert world.web.fetched == ["example.com"]
 
 
 # -- what a policy demands ------------------------------------------------------------------
