@@ -203,7 +203,7 @@ def test_the_cached_policy_holds_while_the_policy_server_is_down(
     unlisted = world.sink(sinks, "127.0.0.2", mx_port, "other.elsewhere.test")
     listed = world.sink(sinks, "127.0.0.3", mx_port, f"mx.{DOMAIN}")
     world.publish(policy_text("enforce", f"mx.{DOMAIN}"))
-    gsmtp = sts_relay()
+    gsmtp = sts_relay(connection_reuse=1)  # no idle session to mx.sts.test to fall back on
     send(gsmtp, "jones@foo.com", [f"a@{DOMAIN}"], subject="one")
     wait_received(listed)
     world.web.stop()
@@ -265,3 +265,22 @@ def test_fetch_verifies_the_certificate_name(world: World, fetcher: HttpsFetcher
     world.web.files[("mta-sts.other.test", POLICY_PATH)] = b"version: STSv1\r\n"
     with pytest.raises(FetchError, match="certificate verify failed"):
         fetcher.fetch("other.test")  # served with mta-sts.sts.test's certificate
+
+
+def test_a_session_opened_without_verification_is_not_reused_under_enforce(
+    sts_relay, world, sinks, mx_port
+) -> None:  # type: ignore[no-untyped-def]
+    # Only mx.sts.test answers, with a certificate for another name: fine under mode
+    # none (opportunistic TLS), and its session stays open for reuse...
+    impostor = world.sink(sinks, "127.0.0.3", mx_port, "impostor.test")
+    world.publish(policy_text("none"))
+    gsmtp = sts_relay(connection_idle="1m")
+    send(gsmtp, "jones@foo.com", [f"a@{DOMAIN}"], subject="one")
+    wait_received(impostor)
+    # ...but once the domain enforces, that session must not carry its mail.
+    world.publish(policy_text("enforce", f"mx.{DOMAIN}"))
+    world.announce("2")
+    send(gsmtp, "jones@foo.com", [f"b@{DOMAIN}"], subject="two")
+    error = wait_for(lambda: last_error(gsmtp), what="the deferral")
+    assert "certificate verify failed" in error
+    assert len(impostor.received) == 1

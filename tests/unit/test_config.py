@@ -156,3 +156,13 @@ def test_delay_warning_is_a_duration_or_empty_for_none(tmp_path: Path) -> None:
     assert load(off).delivery.active_limit == 500
     with pytest.raises(ConfigError, match=r"\[delivery\] delay_warning: expected a duration"):
         load(write(tmp_path, '[delivery]\ndelay_warning = "soon"\n'))
+
+
+def test_mta_sts_keys_and_a_ca_file_relative_to_the_file(tmp_path: Path) -> None:
+    text = '[delivery]\nmta_sts = false\nmta_sts_port = 8443\nca_file = "certs/ca.pem"\n'
+    delivery = load(write(tmp_path, text)).delivery
+    assert (delivery.mta_sts, delivery.mta_sts_port) == (False, 8443)
+    assert delivery.ca_file == str(tmp_path / "certs/ca.pem")
+    for wrong, message in [("mta_sts = 1", "expected true or false"), ("mta_sts_port = 0", "port")]:
+        with pytest.raises(ConfigError, match=message):
+            load(write(tmp_path, f"[delivery]\n{wrong}\n"))
