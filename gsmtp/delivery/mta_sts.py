@@ -210,7 +210,8 @@ class HttpsFetcher:
                 return self._get(host, address, end)
             except TimeoutError:
                 raise FetchError(f"{host}[{address}]: timed out") from None
-            except (OSError, http.client.HTTPException) as error:  # ssl.SSLError included
+            # ssl.SSLError is an OSError; a name the IDNA codec refuses, a ValueError.
+            except (OSError, http.client.HTTPException, ValueError) as error:
                 reason = f"{host}[{address}]: {error or type(error).__name__}"
         raise FetchError(reason)
 
