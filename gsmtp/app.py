@@ -47,6 +47,7 @@ from gsmtp.config import (
 )
 from gsmtp.delivery.base import Deliverer
 from gsmtp.delivery.maildir import MaildirDeliverer, Permissions
+from gsmtp.delivery.mta_sts import HttpsFetcher, MtaSts
 from gsmtp.delivery.mx import DnsResolver
 from gsmtp.delivery.smarthost import AuthFileError, Smarthost, read_auth_file, smarthost_level
 from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
@@ -387,14 +388,23 @@ class Application:
 
     def _remote_deliverer(self) -> SmtpDeliverer:
         delivery = self.config.delivery
+        resolver = _resolver(self.config)
+        # MTA-STS raises a domain's level when MX delivery asks (never for a smarthost).
+        sources = []
+        if delivery.mta_sts:
+            fetcher = HttpsFetcher(
+                resolver, self._outbound_tls.verified, port=delivery.mta_sts_port
+            )
+            sources.append(MtaSts(resolver, fetcher.fetch))
         return SmtpDeliverer(
-            resolver=_resolver(self.config),
+            resolver=resolver,
             helo_name=self.config.server.hostname,
             port=delivery.port,
             smarthost=self._smarthost,
             tls_policy=TlsPolicy(
                 TlsLevel.parse(delivery.tls),
                 [(domain, TlsLevel.parse(level)) for domain, level in delivery.tls_policy],
+                sources,
             ),
             client_tls=self._outbound_tls,
             timeouts=_timeouts(self.config),

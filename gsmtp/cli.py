@@ -335,6 +335,8 @@ def _effective(config: Any) -> dict[str, dict[str, Any]]:
             "ca_file": config.delivery.ca_file,
             "smarthost_auth_file": config.delivery.smarthost_auth_file,
             "smarthost_tls": config.delivery.smarthost_tls,
+            "mta_sts": config.delivery.mta_sts,
+            "mta_sts_port": config.delivery.mta_sts_port,
         },
         "delivery.tls_policy": dict(config.delivery.tls_policy),
         "metrics": {"listen": config.metrics.listen},

@@ -135,6 +135,8 @@ class DeliveryConfig:
     ca_file: str = ""  # CAs trusted for `verify`, besides the system store
     smarthost_auth_file: str = ""  # "user:password", mode 0600
     smarthost_tls: str = ""  # may|encrypt|verify|implicit; "" = verify with auth, else tls
+    mta_sts: bool = True  # RFC 8461 policies for MX delivery
+    mta_sts_port: int = 443  # where policies are fetched (tests: a high port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,6 +550,8 @@ _GENERIC: dict[str, Any] = {
     "max_per_domain": _positive_int,
     "active_limit": _positive_int,
     "delay_warning": _optional_duration,
+    "mta_sts": _bool,
+    "mta_sts_port": _port,
     "level": _one_of(*_LOG_LEVELS),
     "format": _one_of(*_LOG_FORMATS),
 }

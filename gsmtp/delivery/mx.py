@@ -126,6 +126,14 @@ class DnsResolver:
                 found += [record.to_text() for record in answer]
         return found
 
+    def txt(self, name: str) -> list[str]:
+        """The TXT records at `name`, each record's strings joined into one (RFC 8461
+        §3.1, RFC 7208 §3.3); [] when there are none. Raises DnsTemporaryError."""
+        answer = self._query(name, "TXT")
+        if answer is None or isinstance(answer, dns.resolver.NXDOMAIN):
+            return []
+        return [b"".join(record.strings).decode("utf-8", "replace") for record in answer]
+
     def _query(self, name: str, rdtype: str) -> Any:
         """The rrset, None for no such record, an NXDOMAIN instance for no such name."""
         key = (name.lower(), rdtype)

@@ -327,6 +327,7 @@ class SmtpDeliverer:
             smarthost = self._smarthost
             return mail_targets(self._resolver, [smarthost.host], smarthost.port, self._own)
         hosts = self._resolver.mail_hosts(domain)
+        self._policy.observe(domain, hosts)
         patterns = requirement.mx_patterns
         if patterns is not None:
             allowed = [host for host in hosts if mx_allowed(host, patterns)]

@@ -48,5 +48,10 @@ class ClientTls:
         self._verified = verified_context(ca_file)
         self._unverified = unverified_context()
 
+    @property
+    def verified(self) -> ssl.SSLContext:
+        """The verifying context (system store plus ca_file): also MTA-STS's HTTPS."""
+        return self._verified
+
     def context(self, level: TlsLevel) -> ssl.SSLContext:
         return self._verified if level >= TlsLevel.VERIFY else self._unverified

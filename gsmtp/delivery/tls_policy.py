@@ -52,6 +52,10 @@ class RequirementSource(Protocol):
 
     def requirement(self, domain: str) -> TlsRequirement | None: ...
 
+    def observe(self, domain: str, mx_hosts: Sequence[str]) -> None:
+        """The MX hosts a delivery to `domain` is about to use (MTA-STS in testing mode
+        logs those its policy would refuse)."""
+
 
 class TlsPolicy:
     """`delivery.tls` (`default`), the per-domain `table`, then `sources`, strictest
@@ -86,6 +90,11 @@ class TlsPolicy:
             if extra is not None:
                 found = found.stricter(extra)
         return found
+
+    def observe(self, domain: str, mx_hosts: Sequence[str]) -> None:
+        """Show each source the MX hosts of a delivery (see `RequirementSource.observe`)."""
+        for source in self._sources:
+            source.observe(_normal(domain), mx_hosts)
 
 
 def pattern_matches(pattern: str, host: str) -> bool:

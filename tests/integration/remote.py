@@ -3,12 +3,14 @@ hosts on 127.0.0.x, each able to answer 4xx/5xx for its first N attempts, to off
 STARTTLS with a self-signed certificate, to offer DSN (RFC 3461), or to drop idle
 connections; every sink records the MAIL and RCPT commands it was sent, parameters and
 all, and the verbs of each connection with their times. Scripted raw peers for the
-misbehaviour aiosmtpd cannot show; a DNS server that answers SERVFAIL or nothing."""
+misbehaviour aiosmtpd cannot show; a DNS server that answers SERVFAIL or nothing; an
+HTTPS server for well-known files (MTA-STS policies)."""
 
 from __future__ import annotations
 
 import contextlib
 import email
+import http.server
 import shutil
 import socket
 import ssl
@@ -33,11 +35,21 @@ from tests.integration.harness import (
 )
 
 
-class Dnsmasq:
-    """dnsmasq on 127.0.0.1:<port>, authoritative for the test zones only."""
+def txt_record(name: str, text: str) -> str:
+    """The dnsmasq option serving `text` as one TXT string at `name` (no commas: dnsmasq
+    splits strings there)."""
+    assert "," not in text, "a comma would split the TXT record into two strings"
+    return f"--txt-record={name},{text}"
 
-    def __init__(self, records: Sequence[str]) -> None:
-        self.port = free_port()
+
+class Dnsmasq:
+    """dnsmasq on 127.0.0.1:<port>, authoritative for the test zones only. Records are
+    dnsmasq options: `--mx-host=…`, `--host-record=name,address` (A/AAAA),
+    `txt_record(name, text)`. `port`: reuse a stopped server's port, to change records
+    under a running gsmtp."""
+
+    def __init__(self, records: Sequence[str], port: int | None = None) -> None:
+        self.port = port or free_port()
         binary = shutil.which("dnsmasq")
         assert binary, "dnsmasq is not installed (apt-get install dnsmasq-base)"
         self.process = subprocess.Popen(
@@ -526,3 +538,59 @@ class BrokenDns:
         self._stopping.set()
         self._thread.join(timeout=5)
         self._sock.close()
+
+
+class WellKnownServer:
+    """An HTTPS server on host:port (stdlib http.server + ssl, threads) with a
+    certificate from the test CA: GET answers `files[(host name from Host:, path)]`
+    with `content_type`; a missing file is 404. `redirect`: answer every request with a
+    301 to it. Each request's (host, path) is recorded in `requests`."""
+
+    def __init__(self, host: str, port: int, cert: Path, key: Path) -> None:
+        self.files: dict[tuple[str, str], bytes] = {}
+        self.content_type = "text/plain; charset=utf-8"
+        self.redirect = ""
+        self.requests: list[tuple[str, str]] = []
+        context = tls_context_for(cert, key)
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                name = self.headers.get("Host", "").split(":")[0]
+                owner.requests.append((name, self.path))
+                if owner.redirect:
+                    self.send_response(301)
+                    self.send_header("Location", owner.redirect)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = owner.files.get((name, self.path))
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", owner.content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def tls_context_for(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context with this certificate (e.g. from TestCertificateAuthority.issue)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context

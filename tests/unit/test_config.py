@@ -173,3 +173,13 @@ def test_maildir_mode_refuses_write_or_execute_for_others(tmp_path: Path, mode: 
     path.write_text(f'[maildir]\nmode = "{mode}"\n')
     with pytest.raises(ConfigError, match=r"\[maildir\] mode"):
         load(path)
+
+
+def test_mta_sts_keys_and_a_ca_file_relative_to_the_file(tmp_path: Path) -> None:
+    text = '[delivery]\nmta_sts = false\nmta_sts_port = 8443\nca_file = "certs/ca.pem"\n'
+    delivery = load(write(tmp_path, text)).delivery
+    assert (delivery.mta_sts, delivery.mta_sts_port) == (False, 8443)
+    assert delivery.ca_file == str(tmp_path / "certs/ca.pem")
+    for wrong, message in [("mta_sts = 1", "expected true or false"), ("mta_sts_port = 0", "port")]:
+        with pytest.raises(ConfigError, match=message):
+            load(write(tmp_path, f"[delivery]\n{wrong}\n"))
