@@ -52,9 +52,8 @@ class RequirementSource(Protocol):
 
     def requirement(self, domain: str) -> TlsRequirement | None: ...
 
-    def observe(self, domain: str, mx_hosts: Sequence[str]) -> None:
-        """The MX hosts a delivery to `domain` is about to use (MTA-STS in testing mode
-        logs those its policy would refuse)."""
+    # Optional: `observe(domain, mx_hosts)`, shown the MX hosts a delivery to `domain`
+    # is about to use (MTA-STS in testing mode logs those its policy would refuse).
 
 
 class TlsPolicy:
@@ -94,7 +93,9 @@ class TlsPolicy:
     def observe(self, domain: str, mx_hosts: Sequence[str]) -> None:
         """Show each source the MX hosts of a delivery (see `RequirementSource.observe`)."""
         for source in self._sources:
-            source.observe(_normal(domain), mx_hosts)
+            observe = getattr(source, "observe", None)  # optional: most sources need not
+            if observe is not None:
+                observe(_normal(domain), mx_hosts)
 
 
 def pattern_matches(pattern: str, host: str) -> bool:
