@@ -39,6 +39,7 @@ from gsmtp.delivery.maildir import MaildirDeliverer
 from gsmtp.delivery.mx import DnsResolver
 from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
 from gsmtp.diskspace import SpaceReserve
+from gsmtp.dkim import DkimKeyError, DkimSigner
 from gsmtp.housekeeping import Housekeeping, Task
 from gsmtp.limits import ConnectionLimiter
 from gsmtp.policy import Client, IPAddress, Policy
@@ -54,6 +55,8 @@ from gsmtp.tls import ServerTls, TlsError
 # around every file syscall, starve the event loop (a GIL convoy): measured with
 # `bench.load -c 100 -m 100`, 8 threads accepted half as much mail as 1.
 MAILDIR_THREADS = 1
+# DKIM signatures are computed on this many threads (OpenSSL releases the GIL).
+DKIM_THREADS = 1
 CHECKPOINT_SECONDS = 0.5
 # How often stale files in Maildir tmp/ are looked for (a bounded batch of mailboxes each).
 MAILDIR_TMP_CLEAN_SECONDS = 600.0
@@ -108,6 +111,9 @@ class Application:
         self.supervisor = Supervisor()
         self._reader = self._open_spool()
         self._tls = self._server_tls()  # may refuse to start: before any thread
+        self._dkim_pool = ThreadPool(DKIM_THREADS)  # its thread starts with the first task
+        self._dkim_progress = Progress()
+        self._dkim = self._dkim_signer(config)  # may refuse too; a reload replaces it whole
         self._writer = writer.GroupCommitter(config.spool.path)
         self._bodies = writer.ThreadReader(config.spool.path)
         self._reserve = SpaceReserve(config.spool.path, spool_reserve(config))
@@ -120,7 +126,10 @@ class Application:
             vrfy=config.server.vrfy,
         )
         self._router = Router(self.policy)
-        self._acceptor = Acceptor(config.server.hostname)
+        self._acceptor = Acceptor(
+            config.server.hostname,
+            sign_notice=lambda content, notice_id: self._dkim.sign_notice(content, notice_id),
+        )
         self._file_pool = ThreadPool(MAILDIR_THREADS)
         self._file_progress = Progress()
         delivery = config.delivery
@@ -191,6 +200,7 @@ class Application:
             ),
             error_sleep=config.server.error_sleep,
             max_data_memory=config.server.max_data_memory,
+            dkim=lambda: self._dkim,
         )
         self._metrics_server: Any = None
         self._housekeeper: gevent.Greenlet | None = None
@@ -233,6 +243,33 @@ class Application:
             return ServerTls(tls.cert, tls.key, tls.min_version)
         except TlsError as error:
             raise StartupError(f"[tls] {error}") from None
+
+    def _dkim_signer(self, config: Config) -> DkimSigner:
+        """The signer for `config`'s [dkim] keys, signing on the DKIM thread. Raises
+        StartupError naming a key file that cannot be used."""
+        try:
+            return DkimSigner.from_config(
+                config.dkim, hostname=config.server.hostname, run_blocking=self._in_dkim_thread
+            )
+        except DkimKeyError as error:
+            raise StartupError(f"[dkim] keys: {error}") from None
+
+    def _in_dkim_thread(self, work: Any) -> Any:
+        with self._dkim_progress.track():
+            ok, value = self._dkim_pool.apply(_call_captured, (work,))
+        if not ok:
+            raise value
+        return value
+
+    def _reload_dkim(self, fresh: Config) -> bool:
+        """Load the [dkim] keys again (new, renewed or removed keys) and swap the signer
+        whole; False if a key failed (the old signer stays)."""
+        try:
+            self._dkim = self._dkim_signer(fresh)
+        except StartupError as error:
+            self._log.error("reload_failed", error=str(error))
+            return False
+        return True
 
     def _deliverers(self) -> dict[str, Deliverer]:
         def in_thread(work: Any) -> Any:
@@ -316,6 +353,7 @@ class Application:
         supervisor.watch_progress("writer", self._writer.progress)
         supervisor.watch_progress("reader", self._bodies.progress)
         supervisor.watch_progress("maildir", self._file_progress)
+        supervisor.watch_progress("dkim", self._dkim_progress)
         supervisor.watch_health("listener", self.server.health)
         if self._metrics_server is not None:
             metrics_server = self._metrics_server
@@ -402,6 +440,7 @@ class Application:
         else:
             self._log.error("writer_not_stopped", error="submitted work did not finish in time")
         self._file_pool.kill()
+        self._dkim_pool.kill()
         self._local.close()
         self._log.info("server_stopped")
         log.flush()
@@ -423,6 +462,7 @@ class Application:
             metrics.RELOADS.labels("failed").inc()
             return
         tls_applied = self._reload_tls(fresh)
+        dkim_applied = self._reload_dkim(fresh)
         changed = [
             name
             for name in (
@@ -439,7 +479,8 @@ class Application:
             and not (name == "tls" and tls_applied is not None)
         ]
         self._accounts.get()
-        metrics.RELOADS.labels("failed" if tls_applied is False else "ok").inc()
+        failed = tls_applied is False or not dkim_applied
+        metrics.RELOADS.labels("failed" if failed else "ok").inc()
         self._log.info("config_reloaded", restart_needed_for=changed or None)
 
     def _reload_tls(self, fresh: Config) -> bool | None:

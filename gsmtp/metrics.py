@@ -96,6 +96,16 @@ BODY_PARTS = Counter(
     "gsmtp_body_parts_written", "Parts of large message bodies written to the spool as they arrived"
 )
 
+DKIM_SIGNATURES = Counter(
+    "gsmtp_dkim_signatures",
+    "Messages DKIM signing was tried for (from trusted networks or authenticated sessions, "
+    "and our notices), by outcome: signed, no_key (no key for the From: or sender domain), "
+    "error (not signed; accepted unsigned)",
+    ["outcome"],
+)
+for _outcome in ("signed", "no_key", "error"):
+    DKIM_SIGNATURES.labels(_outcome)
+
 
 def make_app(refresh: Callable[[], None]) -> Callable[..., object]:
     """The WSGI /metrics app; `refresh` updates the spool gauges on each scrape."""

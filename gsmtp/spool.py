@@ -41,13 +41,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import apsw
 
-from gsmtp.db import execute_values, query, scalar
+from gsmtp.db import DatabaseError, execute_values, query, scalar
 from gsmtp.message import (
     MessageId,
     NewMessage,
@@ -340,6 +340,37 @@ class Spool:
         A unit of its own, not batched with like ones: the writer then applies it after
         everything submitted before it, such as a part whose writer was interrupted."""
         self._writer.submit(lambda connection: discard_parts(connection, [message_id]))
+
+    def read_parts(
+        self, message_id: MessageId, count: int, consume: Callable[[bytes], bool]
+    ) -> None:
+        """Hand parts 0..count-1 of a message still arriving to `consume`, in order and
+        one at a time (a large body is never held whole), on the body reader's thread;
+        stop early when it returns False. Raises if a part is missing."""
+
+        def work(connection: apsw.Connection) -> None:
+            found = 0
+            # Closed on every way out: an open statement would pin the reader's snapshot.
+            cursor = connection.execute(
+                "SELECT seq, data FROM body_parts WHERE message_id = ? AND seq < ? ORDER BY seq",
+                (message_id, count),
+            )
+            try:
+                for seq, data in cursor:
+                    if seq != found or not isinstance(data, bytes):
+                        break
+                    found += 1
+                    if not consume(data):
+                        return
+            finally:
+                cursor.close()
+            if found != count:
+                raise DatabaseError(f"body part {found} of {message_id} is missing")
+
+        if self._bodies is not None:
+            self._bodies.run(work)
+        else:
+            work(self._reader)
 
     def remove_orphan_parts(self) -> int:
         """At start-up: parts without a message (its client went away, or the server
