@@ -292,10 +292,10 @@ class _Signing:
             else:
                 end = self._head.find(b"\r\n\r\n", start)
                 skip = 4
+            if (end if end >= 0 else len(self._head)) > MAX_HEADER_BYTES:
+                self._failure = f"header block larger than {MAX_HEADER_BYTES} bytes"
+                return False
             if end < 0:
-                if len(self._head) > MAX_HEADER_BYTES:
-                    self._failure = f"header block larger than {MAX_HEADER_BYTES} bytes"
-                    return False
                 return True
             rest = bytes(self._head[end + skip :])
             del self._head[end + 2 :]
@@ -327,15 +327,14 @@ class _Signing:
         if not self._keys:
             return b""
         body_hash = base64.b64encode(self._body.digest())
-        include = [name for name, _ in self._headers if name.lower() in SIGNED_HEADERS]
-        include += [name for name in OVERSIGNED if any(n.lower() == name for n in include)]
-        if not include:
-            return "no From: header field"
+        include = [name.lower() for name, _ in self._headers if name.lower() in SIGNED_HEADERS]
+        if b"from" not in include:
+            return "no From: header field"  # RFC 6376 §5.4: From must be signed
+        include += [name for name in OVERSIGNED if name in include]
         self.domain = self._keys[0].domain
         self.selectors = ",".join(key.selector for key in self._keys)
         return b"".join(
-            _signature(key, self._headers, tuple(n.lower() for n in include), body_hash, now)
-            for key in self._keys
+            _signature(key, self._headers, tuple(include), body_hash, now) for key in self._keys
         )
 
 
