@@ -15,7 +15,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -34,9 +34,14 @@ from tests.integration.harness import (
 
 
 class Dnsmasq:
-    """dnsmasq on 127.0.0.1:<port>, authoritative for the test zones only."""
+    """dnsmasq on 127.0.0.1:<port>, authoritative for the test zones only. `records`:
+    dnsmasq options (--mx-host=…); `txt_records`: name → text of a TXT record, split into
+    strings of 255 bytes as a zone file would (a resolver joins them)."""
 
-    def __init__(self, records: Sequence[str]) -> None:
+    def __init__(
+        self, records: Sequence[str], txt_records: Mapping[str, str] | None = None
+    ) -> None:
+        records = [*records, *(_txt_option(n, t) for n, t in (txt_records or {}).items())]
         self.port = free_port()
         binary = shutil.which("dnsmasq")
         assert binary, "dnsmasq is not installed (apt-get install dnsmasq-base)"
@@ -81,6 +86,13 @@ class Dnsmasq:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
+
+
+def _txt_option(name: str, text: str) -> str:
+    # On the command line dnsmasq takes quotes literally; commas separate the strings.
+    assert "," not in text and '"' not in text, text
+    strings = ",".join(text[i : i + 255] for i in range(0, len(text), 255))
+    return f"--txt-record={name},{strings}"
 
 
 @dataclass
