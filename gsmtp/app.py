@@ -104,6 +104,21 @@ def _call_captured(work: Any) -> tuple[bool, Any]:
         return False, error
 
 
+def _in_pool(pool: ThreadPool, progress: Progress) -> Callable[[Any], Any]:
+    """`run(work)`: `work()` on one of `pool`'s threads, tracked by `progress` (the
+    supervisor's stall check); what it raises is raised in the calling greenlet, rather
+    than printed by the pool."""
+
+    def run(work: Any) -> Any:
+        with progress.track():
+            ok, value = pool.apply(_call_captured, (work,))
+        if not ok:
+            raise value
+        return value
+
+    return run
+
+
 class Application:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -249,17 +264,12 @@ class Application:
         StartupError naming a key file that cannot be used."""
         try:
             return DkimSigner.from_config(
-                config.dkim, hostname=config.server.hostname, run_blocking=self._in_dkim_thread
+                config.dkim,
+                hostname=config.server.hostname,
+                run_blocking=_in_pool(self._dkim_pool, self._dkim_progress),
             )
         except DkimKeyError as error:
             raise StartupError(f"[dkim] keys: {error}") from None
-
-    def _in_dkim_thread(self, work: Any) -> Any:
-        with self._dkim_progress.track():
-            ok, value = self._dkim_pool.apply(_call_captured, (work,))
-        if not ok:
-            raise value
-        return value
 
     def _reload_dkim(self, fresh: Config) -> bool:
         """Load the [dkim] keys again (new, renewed or removed keys) and swap the signer
@@ -272,18 +282,10 @@ class Application:
         return True
 
     def _deliverers(self) -> dict[str, Deliverer]:
-        def in_thread(work: Any) -> Any:
-            # Raised here, in the delivery's greenlet, rather than printed by the pool.
-            with self._file_progress.track():
-                ok, value = self._file_pool.apply(_call_captured, (work,))
-            if not ok:
-                raise value
-            return value
-
         self._local = local = MaildirDeliverer(
             self.config.maildir.root,
             resolve_mailbox=self._router.mailbox,
-            run_blocking=in_thread,
+            run_blocking=_in_pool(self._file_pool, self._file_progress),
         )
         self._remote = remote = self._remote_deliverer()
         return {routing.LOCAL: local, routing.SMTP: remote}

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dkim as dkimpy
 import dns.nameserver
 import dns.resolver
 import pytest
@@ -30,6 +29,7 @@ from tests.integration.harness import (
     wait_for,
 )
 from tests.integration.remote import Dnsmasq, Sink, SinkBehaviour, wait_received
+from tests.unit.test_dkim import dkimpy_verdicts
 
 DOMAIN = "signer.test"
 PASSWORD = "correct horse battery staple"
@@ -193,7 +193,7 @@ def mail_dkim(message: bytes, dns_port: int) -> list[str]:
     return result.stdout.decode().splitlines()
 
 
-def dkimpy_verdicts(message: bytes, dns_port: int) -> list[bool]:
+def dnsmasq_verdicts(message: bytes, dns_port: int) -> list[bool]:
     """dkimpy's verdict on each signature, the keys fetched from dnsmasq."""
     resolver = dns.resolver.Resolver(configure=False)
     resolver.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", dns_port)]
@@ -202,22 +202,14 @@ def dkimpy_verdicts(message: bytes, dns_port: int) -> list[bool]:
         answer = resolver.resolve(name.decode(), "TXT")
         return b"".join(answer[0].strings)  # type: ignore[attr-defined]
 
-    verifier = dkimpy.DKIM(message)
-    count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
-    verdicts = []
-    for index in range(count):
-        try:
-            verdicts.append(bool(verifier.verify(idx=index, dnsfunc=txt)))
-        except dkimpy.DKIMException:
-            verdicts.append(False)
-    return verdicts
+    return dkimpy_verdicts(message, txt)
 
 
 def verified(message: bytes, dns_port: int) -> bool:
     """Both verifiers agree the message is signed by signer.test and intact: Mail::DKIM
     checks the RSA signature (Debian's has no Ed25519), dkimpy both."""
     perl = mail_dkim(message, dns_port)
-    python = dkimpy_verdicts(message, dns_port)
+    python = dnsmasq_verdicts(message, dns_port)
     assert len(perl) == len(python) == 2, (perl, python)
     rsa_pass = f"{DOMAIN} s1 rsa-sha256 pass" in perl
     if rsa_pass != all(python):
