@@ -64,8 +64,9 @@ _CANONICALIZATION = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _HEADER_NAME = b"DKIM-Signature"
 _WSP = b" \t"
 
-# Feeds a large body's parts, in order, to the consumer; stops when it returns False.
-PartSource = Callable[[Callable[[bytes], bool]], None]
+# Feeds a large body's parts, in order, to the consumer, and stops when it returns
+# False; returns False itself if a part is missing.
+PartSource = Callable[[Callable[[bytes], bool]], bool]
 RunBlocking = Callable[[Callable[[], Any]], Any]
 
 
@@ -245,12 +246,11 @@ class DkimSigner:
         self, msg_id: MessageId, signing: _Signing, content: bytes, parts: PartSource | None
     ) -> bytes:
         now = self._clock()
-        try:
-            if parts is not None:
-                parts(signing.feed)
-            result: bytes | str = self._run_blocking(lambda: signing.finish(content, now))
-        except Exception as error:  # a spool read, a key operation: counted, not fatal
-            result = f"{type(error).__name__}: {error}"
+        result: bytes | str
+        if parts is not None and not parts(signing.feed):
+            result = "a body part is missing from the spool"
+        else:
+            result = self._run_blocking(lambda: signing.finish(content, now))
         if isinstance(result, bytes) and result:
             metrics.DKIM_SIGNATURES.labels("signed").inc()
             self._log.info("dkim_signed", msg_id=msg_id, d=signing.domain, s=signing.selectors)
@@ -281,6 +281,21 @@ class _Signing:
     def feed(self, data: bytes) -> bool:
         """Take the next piece of the message; False once the rest is not needed (no key
         for it, or it cannot be signed)."""
+        try:
+            return self._feed(data)
+        except Exception as error:  # a bug here must not refuse the mail: not signed
+            self._failure = f"{type(error).__name__}: {error}"
+            return False
+
+    def finish(self, rest: bytes, now: float) -> bytes | str:
+        """The DKIM-Signature header(s); b"" when no key applies; a str says why the
+        message cannot be signed."""
+        try:
+            return self._finish(rest, now)
+        except Exception as error:  # as in feed: a failed key operation, say
+            return f"{type(error).__name__}: {error}"
+
+    def _feed(self, data: bytes) -> bool:
         if self._failure:
             return False
         if self._in_head:
@@ -315,10 +330,8 @@ class _Signing:
         self._keys = self._choose(_from_domain(self._headers))
         return bool(self._keys)
 
-    def finish(self, rest: bytes, now: float) -> bytes | str:
-        """The DKIM-Signature header(s); b"" when no key applies; a str says why the
-        message cannot be signed."""
-        self.feed(rest)
+    def _finish(self, rest: bytes, now: float) -> bytes | str:
+        self._feed(rest)
         if self._in_head and not self._failure:
             self._end_of_head()  # headers only, no body
         if self._failure:

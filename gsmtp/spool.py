@@ -47,7 +47,7 @@ from typing import Any
 
 import apsw
 
-from gsmtp.db import DatabaseError, execute_values, query, scalar
+from gsmtp.db import execute_values, query, scalar
 from gsmtp.message import (
     MessageId,
     NewMessage,
@@ -343,12 +343,12 @@ class Spool:
 
     def read_parts(
         self, message_id: MessageId, count: int, consume: Callable[[bytes], bool]
-    ) -> None:
+    ) -> bool:
         """Hand parts 0..count-1 of a message still arriving to `consume`, in order and
         one at a time (a large body is never held whole), on the body reader's thread;
-        stop early when it returns False. Raises if a part is missing."""
+        stop early when it returns False. False if a part is missing."""
 
-        def work(connection: apsw.Connection) -> None:
+        def work(connection: apsw.Connection) -> bool:
             found = 0
             # Closed on every way out: an open statement would pin the reader's snapshot.
             cursor = connection.execute(
@@ -361,16 +361,14 @@ class Spool:
                         break
                     found += 1
                     if not consume(data):
-                        return
+                        return True
             finally:
                 cursor.close()
-            if found != count:
-                raise DatabaseError(f"body part {found} of {message_id} is missing")
+            return found == count
 
         if self._bodies is not None:
-            self._bodies.run(work)
-        else:
-            work(self._reader)
+            return self._bodies.run(work)
+        return work(self._reader)
 
     def remove_orphan_parts(self) -> int:
         """At start-up: parts without a message (its client went away, or the server

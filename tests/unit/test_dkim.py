@@ -271,12 +271,12 @@ def test_a_large_body_is_signed_from_its_spooled_parts_one_at_a_time(
         spool.write_part(ID, seq, part)
     handed: list[int] = []
 
-    def read_parts(consume: Callable[[bytes], bool]) -> None:
+    def read_parts(consume: Callable[[bytes], bool]) -> bool:
         def recorded(data: bytes) -> bool:
             handed.append(len(data))
             return consume(data)
 
-        spool.read_parts(ID, len(parts), recorded)
+        return spool.read_parts(ID, len(parts), recorded)
 
     signature = signer_for(key).sign_message(
         msg_id=ID, sender="alice@example.org", content=rest, parts=read_parts
@@ -298,8 +298,8 @@ def test_without_a_key_the_parts_after_the_header_are_not_read(
         handed.append(data)
         return consume(data)
 
-    def read_parts(consume: Callable[[bytes], bool]) -> None:
-        spool.read_parts(ID, len(parts), functools.partial(consume_recorded, consume))
+    def read_parts(consume: Callable[[bytes], bool]) -> bool:
+        return spool.read_parts(ID, len(parts), functools.partial(consume_recorded, consume))
 
     signer = signer_for(key)
     assert signer.sign_message(msg_id=ID, sender="a@b.test", content=b"", parts=read_parts) == b""
