@@ -8,7 +8,7 @@ producer of stored mail and every stored message has the same shape.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from gsmtp.delivery import dsn
@@ -23,12 +23,21 @@ from gsmtp.message import (
 from gsmtp.protocol.session import Envelope
 from gsmtp.protocol.trace import received_header, rfc5322_date
 
+# The DKIM-Signature header(s) for a notice (b"": unsigned), given its content and id.
+NoticeSigner = Callable[[bytes, MessageId], bytes]
+
+
+def _unsigned(content: bytes, notice_id: MessageId) -> bytes:
+    return b""
+
 
 class Acceptor:
-    """Turns an accepted envelope into the message to store."""
+    """Turns an accepted envelope into the message to store. `sign_notice`: signs the
+    notices built here (gsmtp.dkim, run in a thread by its caller's choice)."""
 
-    def __init__(self, hostname: str) -> None:
+    def __init__(self, hostname: str, *, sign_notice: NoticeSigner = _unsigned) -> None:
         self.hostname = hostname
+        self._sign_notice = sign_notice
         self._date_cache = (-1, "")
 
     def new_id(self, now: float) -> MessageId:
@@ -46,13 +55,15 @@ class Acceptor:
         authenticated: bool = False,
         message_id: MessageId | None = None,
         spooled: SpooledContent | None = None,
+        signature: bytes = b"",
     ) -> NewMessage:
         """`authenticated`: the client used AUTH; the Received header then says so
         (RFC 3848: ESMTPA, ESMTPSA with TLS), without naming the user. `spooled`: the
         content the server wrote into the spool under `message_id` while it arrived
         (`envelope.content` is then the rest of it): the Received header is
         stored in front of it, the rest is stored after it, and no content is copied
-        into one buffer."""
+        into one buffer. `signature`: the DKIM-Signature header(s) of the content, put
+        first (RFC 6376 §5.6: prepended)."""
         if message_id is None:
             message_id = new_message_id(now)
         if spooled is not None:
@@ -74,7 +85,7 @@ class Acceptor:
             id=message_id,
             sender=str(envelope.sender),
             recipients=recipients,
-            body=trace if spooled is not None else trace + envelope.content,
+            body=signature + trace + (envelope.content if spooled is None else b""),
             received_at=now,
             client=client_ip,
             helo=envelope.helo,
@@ -140,12 +151,13 @@ class Acceptor:
     def _notice(
         self, notice_id: MessageId, to: str, content: bytes, now: float, smtputf8: bool
     ) -> NewMessage:
-        """A notice is stored like any message, from the null sender."""
+        """A notice is stored like any message, from the null sender; signed when a key
+        matches the host name's domain."""
         return NewMessage(
             id=notice_id,
             sender="",
             recipients=(to,),
-            body=content,
+            body=self._sign_notice(content, notice_id) + content,
             received_at=now,
             client="localhost",
             helo=self.hostname,

@@ -55,6 +55,7 @@ from gsmtp.delivery.tls_client import ClientTls, TlsClientError
 from gsmtp.delivery.tls_levels import TlsLevel
 from gsmtp.delivery.tls_policy import TlsPolicy
 from gsmtp.diskspace import SpaceReserve
+from gsmtp.dkim import DkimKeyError, DkimSigner
 from gsmtp.housekeeping import Housekeeping, Task
 from gsmtp.limits import ConnectionLimiter
 from gsmtp.policy import Client, IPAddress, Policy
@@ -77,6 +78,8 @@ MAILDIR_THREADS = 1
 # these threads so that they overlap on the disk; each does one long system call per
 # file, so they hardly contend for the GIL.
 MAILDIR_FSYNC_THREADS = 8
+# DKIM signatures are computed on this many threads (OpenSSL releases the GIL).
+DKIM_THREADS = 1
 CHECKPOINT_SECONDS = 0.5
 # How often stale files in Maildir tmp/ are looked for (a bounded batch of mailboxes each).
 MAILDIR_TMP_CLEAN_SECONDS = 600.0
@@ -140,6 +143,21 @@ def worker_config(config: Config, role: Role) -> Config:
     return dataclasses.replace(config, spool=dataclasses.replace(config.spool, path=shard))
 
 
+def _in_pool(pool: ThreadPool, progress: Progress) -> Callable[[Any], Any]:
+    """`run(work)`: `work()` on one of `pool`'s threads, tracked by `progress` (the
+    supervisor's stall check); what it raises is raised in the calling greenlet, rather
+    than printed by the pool."""
+
+    def run(work: Any) -> Any:
+        with progress.track():
+            ok, value = pool.apply(_call_captured, (work,))
+        if not ok:
+            raise value
+        return value
+
+    return run
+
+
 class Application:
     def __init__(
         self,
@@ -172,6 +190,9 @@ class Application:
         self._permissions = self._maildir_permissions()  # likewise
         self._smarthost = _smarthost(config)  # these too (files they read)
         self._outbound_tls = self._client_tls()
+        self._dkim_pool = ThreadPool(DKIM_THREADS)  # its thread starts with the first task
+        self._dkim_progress = Progress()
+        self._dkim = self._dkim_signer(config)  # may refuse too; a reload replaces it whole
         self._writer = writer.GroupCommitter(config.spool.path)
         self._bodies = writer.ThreadReader(config.spool.path)
         self._reserve = SpaceReserve(config.spool.path, spool_reserve(config))
@@ -183,11 +204,11 @@ class Application:
             snapshot=self._accounts.get,
             vrfy=config.server.vrfy,
         )
-        # DKIM: the signer object (built from the configuration, swapped whole on a
-        # reload) goes here; see `_build_signer` and `_apply`.
-        self._signer: object | None = self._build_signer(config)
         self._router = Router(self.policy)
-        self._acceptor = Acceptor(config.server.hostname)
+        self._acceptor = Acceptor(
+            config.server.hostname,
+            sign_notice=lambda content, notice_id: self._dkim.sign_notice(content, notice_id),
+        )
         self._file_pool = ThreadPool(MAILDIR_THREADS)
         self._fsync_pool = ThreadPool(MAILDIR_FSYNC_THREADS)
         self._file_progress = Progress()
@@ -252,6 +273,7 @@ class Application:
                 for address, descriptor in role.listeners.items()
             },
             inherited=listen_fds() if listen_sockets is None else listen_sockets,
+            dkim=lambda: self._dkim,
         )
         self._metrics_server: Any = None
         self._housekeeper: gevent.Greenlet | None = None
@@ -342,15 +364,19 @@ class Application:
         except TlsError as error:
             raise StartupError(f"[tls] {error}") from None
 
-    def _deliverers(self) -> dict[str, Deliverer]:
-        def in_thread(work: Any) -> Any:
-            # Raised here, in the delivery's greenlet, rather than printed by the pool.
-            with self._file_progress.track():
-                ok, value = self._file_pool.apply(_call_captured, (work,))
-            if not ok:
-                raise value
-            return value
+    def _dkim_signer(self, config: Config) -> DkimSigner:
+        """The signer for `config`'s [dkim] keys, signing on the DKIM thread. Raises
+        StartupError naming a key file that cannot be used."""
+        try:
+            return DkimSigner.from_config(
+                config.dkim,
+                hostname=config.server.hostname,
+                run_blocking=_in_pool(self._dkim_pool, self._dkim_progress),
+            )
+        except DkimKeyError as error:
+            raise StartupError(f"[dkim] keys: {error}") from None
 
+    def _deliverers(self) -> dict[str, Deliverer]:
         def in_parallel(works: Sequence[Callable[[], None]]) -> None:
             with self._file_progress.track():
                 pending = [self._fsync_pool.spawn(_call_captured, work) for work in works]
@@ -361,7 +387,7 @@ class Application:
         self._local = local = MaildirDeliverer(
             self.config.maildir.root,
             resolve_mailbox=self._router.mailbox,
-            run_blocking=in_thread,
+            run_blocking=_in_pool(self._file_pool, self._file_progress),
             permissions=self._permissions,
             run_parallel=in_parallel,
             fsync_threads=MAILDIR_FSYNC_THREADS,
@@ -490,6 +516,7 @@ class Application:
         supervisor.watch_progress("writer", self._writer.progress)
         supervisor.watch_progress("reader", self._bodies.progress)
         supervisor.watch_progress("maildir", self._file_progress)
+        supervisor.watch_progress("dkim", self._dkim_progress)
         supervisor.watch_health("listener", self.server.health)
         if self._metrics_server is not None:
             metrics_server = self._metrics_server
@@ -597,6 +624,7 @@ class Application:
             self._log.error("writer_not_stopped", error="submitted work did not finish in time")
         self._file_pool.kill()
         self._fsync_pool.kill()
+        self._dkim_pool.kill()
         self._local.close()
         self._log.info("server_stopped")
         log.flush()
@@ -643,11 +671,11 @@ class Application:
             except TlsError as error:
                 self._log.error("reload_failed", error=f"[tls] {error}")
                 return False
-        # DKIM: a signer that cannot be built (a key that does not load) fails the
-        # reload here, like the TLS pair: log reload_failed, return False.
-        signer = self._build_signer(effective)
         try:
-            smarthost = _smarthost(effective)  # its auth file is read again
+            # The [dkim] keys read again (new, renewed, removed): one that does not load
+            # fails the reload, like the TLS pair; the smarthost's auth file likewise.
+            signer = self._dkim_signer(effective)
+            smarthost = _smarthost(effective)
         except StartupError as error:
             self._log.error("reload_failed", error=str(error))
             return False
@@ -661,17 +689,11 @@ class Application:
         self._log.info("config_reloaded", applied=applied or None)
         return True
 
-    def _build_signer(self, config: Config) -> object | None:
-        """The DKIM slot: build the one signer object from `config` (keys read and
-        checked here, so that a broken key fails the reload, like a broken certificate
-        pair, before anything is applied). None until DKIM signing lands."""
-        return None
-
     def _apply(
         self,
         config: Config,
         tls_context: ssl.SSLContext | None,
-        signer: object | None,
+        signer: DkimSigner,
         smarthost: Smarthost | None,
     ) -> None:
         """Hand each running component its new settings (values only; cannot fail)."""
@@ -705,7 +727,7 @@ class Application:
         )
         if self._tls is not None and tls_context is not None:
             self._tls.use(tls_context, config.tls.cert, config.tls.min_version)
-        self._signer = signer
+        self._dkim = signer
         log.set_level(config.log.level)
 
     # -- systemd ----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The `gsmtp` command: serve, check-config, domain, user, queue, spool.
+"""The `gsmtp` command: serve, check-config, domain, user, queue, spool, dkim.
 
 `-c FILE` works before or after the subcommand and defaults to $GSMTP_CONFIG, then
 ./configuration.toml, then /etc/gsmtp/configuration.toml. Errors are one line on stderr
@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from gsmtp import __version__, queue_cli
@@ -128,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     backup = leaf(spool, "backup", "a consistent copy into DEST while the server runs")
     backup.add_argument("destination", metavar="DEST", help="directory for the copy")
     backup.add_argument("--force", action="store_true", help="replace an existing copy")
+
+    dkim = commands.add_parser("dkim", help="DKIM signing keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    keygen = dkim.add_parser(
+        "keygen", help="write a new private key (0600) and print the DNS TXT record to publish"
+    )
+    keygen.add_argument("domain", metavar="DOMAIN")
+    keygen.add_argument("selector", metavar="SELECTOR")
+    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa", dest="key_type")
+    keygen.add_argument(
+        "--out", metavar="FILE", help="where to write the key (default: SELECTOR.DOMAIN.pem)"
+    )
     return parser
 
 
@@ -145,6 +159,12 @@ def _add_may_send_as(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.umask(0o077)
+    if args.command == "dkim":
+        try:
+            return _dkim_keygen(args)  # needs no configuration
+        except _CliError as error:
+            print(f"gsmtp: {shown(error)}", file=sys.stderr)
+            return 1
     from gsmtp.config import SYSTEM_CONFIG, ConfigError, load, resolve_path
 
     path = resolve_path(args.config)
@@ -226,6 +246,14 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
     return serve(config)
 
 
+class _Toml(str):
+    """A value check-config prints as it is (already TOML), not as JSON."""
+
+
+def _inline_table(values: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{key} = {json.dumps(value)}" for key, value in values.items()) + "}"
+
+
 def _check_config(args: argparse.Namespace, path: Any) -> int:
     """Every problem at once (exit 2 for the file's, 1 for the machine's), or the
     effective settings (`-n`: only those that differ from the defaults)."""
@@ -254,7 +282,8 @@ def _check_config(args: argparse.Namespace, path: Any) -> int:
         print(f"{'' if number == 0 and args.non_default else chr(10)}[{name}]")
         for key, value in values.items():
             bare = key.replace("_", "").isalnum()  # a domain of tls_policy is quoted
-            print(f"{key if bare else json.dumps(key)} = {json.dumps(value)}")
+            shown_value = value if isinstance(value, _Toml) else json.dumps(value)
+            print(f"{key if bare else json.dumps(key)} = {shown_value}")
     return 0
 
 
@@ -339,29 +368,20 @@ def _effective(config: Any) -> dict[str, dict[str, Any]]:
             "mta_sts_port": config.delivery.mta_sts_port,
         },
         "delivery.tls_policy": dict(config.delivery.tls_policy),
+        "dkim": {
+            "keys": _Toml(
+                "["
+                + ", ".join(
+                    _inline_table({"domain": k.domain, "selector": k.selector, "key": k.key})
+                    for k in config.dkim.keys
+                )
+                + "]"
+            )
+        },
         "metrics": {"listen": config.metrics.listen},
         "log": {"level": config.log.level, "format": config.log.format},
     }
     return sections
-
-
-def _check_delivery_files(config: Any) -> None:
-    """The files `serve` would refuse to start with: the smarthost credentials (mode
-    0600, "user:password") and the CA file."""
-    from gsmtp.delivery.smarthost import AuthFileError, read_auth_file
-    from gsmtp.delivery.tls_client import TlsClientError, verified_context
-
-    delivery = config.delivery
-    try:
-        if delivery.smarthost_auth_file:
-            read_auth_file(delivery.smarthost_auth_file)
-    except AuthFileError as error:
-        raise _CliError(f"[delivery] smarthost_auth_file: {error}") from None
-    try:
-        if delivery.ca_file:
-            verified_context(delivery.ca_file)
-    except TlsClientError as error:
-        raise _CliError(f"[delivery] ca_file: {error}") from None
 
 
 def _open_db(config: Any) -> Any:
@@ -573,6 +593,41 @@ def _spool(args: argparse.Namespace, config: Any) -> int:
         except BackupError as error:
             raise _CliError(f"backup failed: {error}") from None
         print(f"spool copied to {copy.path} ({copy.size} bytes)")
+    return 0
+
+
+def _dkim_keygen(args: argparse.Namespace) -> int:
+    """Write a new key, never over an existing file, readable by its owner only; print
+    the TXT record for the domain's zone and the [dkim] entry that uses the key."""
+    from gsmtp.config import ConfigError, parse
+
+    try:  # the same checks as a [dkim] keys entry
+        (entry,) = parse(
+            {"dkim": {"keys": [{"domain": args.domain, "selector": args.selector, "key": "-"}]}},
+            Path("keygen"),
+        ).dkim.keys
+    except ConfigError as error:
+        raise _CliError(str(error).partition("keys: ")[2] or str(error)) from None
+    from gsmtp.dkim import generate_key, load_key, zone_line
+
+    out = Path(args.out or f"{entry.selector}.{entry.domain}.pem")
+    pem = generate_key(args.key_type)
+    try:
+        descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise _CliError(f"{out} exists; a key in use is never overwritten") from None
+    except OSError as error:
+        raise _CliError(f"cannot write {out}: {error.strerror}") from None
+    with os.fdopen(descriptor, "wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # whatever the umask
+        handle.write(pem)
+    key = load_key(entry.domain, entry.selector, str(out))
+    print(f"# {args.key_type} key written to {shown(out)}; publish this TXT record:")
+    print(zone_line(key))
+    table = _inline_table(
+        {"domain": entry.domain, "selector": entry.selector, "key": str(out.resolve())}
+    )
+    print(f"# and add to [dkim] keys: {shown(table)}")
     return 0
 
 

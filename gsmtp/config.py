@@ -140,6 +140,21 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DkimKeyConfig:
+    """One signing key: mail of `domain` is signed with selector `selector` and the PEM
+    private key at `key` (RSA or Ed25519; the type is read from the key)."""
+
+    domain: str
+    selector: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class DkimConfig:
+    keys: tuple[DkimKeyConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     listen: str = "127.0.0.1:9325"
 
@@ -159,6 +174,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     maildir: MaildirConfig = field(default_factory=MaildirConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -170,6 +186,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "spool": SpoolConfig,
     "maildir": MaildirConfig,
     "delivery": DeliveryConfig,
+    "dkim": DkimConfig,
     "metrics": MetricsConfig,
     "log": LogConfig,
 }
@@ -301,6 +318,14 @@ class _Reader:
             value = getattr(section, field_name)
             if value and not os.path.isabs(value):
                 section = dataclasses.replace(section, **{field_name: str(self._base / value)})
+        if isinstance(section, DkimConfig):
+            keys = tuple(
+                dataclasses.replace(k, key=str(self._base / k.key))
+                if not os.path.isabs(k.key)
+                else k
+                for k in section.keys
+            )
+            section = dataclasses.replace(section, keys=keys)
         return section
 
 
@@ -596,6 +621,54 @@ def _server_listen(value: Any) -> tuple[HostPort, ...]:
     return listen  # type: ignore[no-any-return]
 
 
+_SELECTOR = re.compile(
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
+)
+
+
+def _dkim_key(value: Any) -> DkimKeyConfig:
+    """{domain = "example.org", selector = "s1", key = "s1.pem"}: every field needed, no
+    other (a typo is an error, as everywhere)."""
+    if not isinstance(value, dict):
+        raise TypeError(
+            f'expected {{domain = "...", selector = "...", key = "..."}}, got {value!r}'
+        )
+    fields = {"domain", "selector", "key"}
+    unknown = sorted(set(value) - fields)
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r} in {value!r}")
+    missing = sorted(fields - set(value))
+    if missing:
+        raise ValueError(f"{missing[0]!r} is missing in {value!r}")
+    selector = _string(value["selector"])
+    if not _SELECTOR.match(selector):
+        raise ValueError(f"not a valid selector (RFC 6376 §3.1): {selector!r}")
+    return DkimKeyConfig(
+        domain=_hostname(value["domain"]).lower().rstrip("."),
+        selector=selector,
+        key=_non_empty_string(value["key"]),
+    )
+
+
+def replace_path(key: DkimKeyConfig, base: Path) -> DkimKeyConfig:
+    """The key's path taken relative to the configuration file's directory."""
+    if os.path.isabs(key.key):
+        return key
+    return dataclasses.replace(key, key=str(base / key.key))
+
+
+def _dkim_keys(value: Any) -> tuple[DkimKeyConfig, ...]:
+    """A list of keys; a domain may have several (an RSA and an Ed25519 one: RFC 8463
+    §4 suggests both, since not every verifier knows Ed25519), each selector once."""
+    keys: tuple[DkimKeyConfig, ...] = _list_of(_dkim_key)(value)
+    seen = set()
+    for key in keys:
+        if (key.domain, key.selector) in seen:
+            raise ValueError(f"selector {key.selector!r} of {key.domain} is listed twice")
+        seen.add((key.domain, key.selector))
+    return keys
+
+
 # Keys whose meaning differs between sections.
 _SPECIFIC: dict[tuple[str, str], Any] = {
     ("server", "listen"): _server_listen,
@@ -614,6 +687,7 @@ _SPECIFIC: dict[tuple[str, str], Any] = {
     ("delivery", "ca_file"): _string,
     ("delivery", "smarthost_auth_file"): _string,
     ("delivery", "smarthost_tls"): _one_of("", "may", "encrypt", "verify", "implicit"),
+    ("dkim", "keys"): _dkim_keys,
 }
 # Paths taken relative to the configuration file's directory.
 _PATH_KEYS = frozenset(

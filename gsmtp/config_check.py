@@ -35,6 +35,7 @@ def environment_problems(config: Config) -> list[str]:
     if problem:
         problems.append(f"[maildir] root: {problem}")
     problems += _delivery_file_problems(config)
+    problems += _dkim_key_problems(config)
     return [f"{config.path}: {problem}" for problem in problems]
 
 
@@ -55,6 +56,19 @@ def _delivery_file_problems(config: Config) -> list[str]:
             verified_context(delivery.ca_file)
         except TlsClientError as error:
             problems.append(f"[delivery] ca_file: {error}")
+    return problems
+
+
+def _dkim_key_problems(config: Config) -> list[str]:
+    """The [dkim] keys `serve` would refuse to start with (each read and parsed)."""
+    from gsmtp.dkim import DkimKeyError, load_key
+
+    problems = []
+    for entry in config.dkim.keys:
+        try:
+            load_key(entry.domain, entry.selector, entry.key)
+        except DkimKeyError as error:
+            problems.append(f"[dkim] keys: {error}")
     return problems
 
 

@@ -238,6 +238,15 @@ TLS_CERT_NOT_AFTER = Gauge(
     "When the inbound TLS certificate served now expires (Unix time; 0 without TLS)",
     multiprocess_mode="livemin",  # the soonest expiry any worker serves
 )
+DKIM_SIGNATURES = Counter(
+    "gsmtp_dkim_signatures",
+    "Messages DKIM signing was tried for (from trusted networks or authenticated sessions, "
+    "and our notices), by outcome: signed, no_key (no key for the From: or sender domain), "
+    "error (not signed; accepted unsigned)",
+    ["outcome"],
+)
+for _outcome in ("signed", "no_key", "error"):
+    DKIM_SIGNATURES.labels(_outcome)
 
 
 def _preset() -> None:

@@ -30,6 +30,7 @@ names is the client for everything after: relay rights, limits, logs, Received:.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import itertools
 import socket
@@ -48,9 +49,11 @@ from gsmtp import metrics
 from gsmtp.acceptance import Acceptor
 from gsmtp.auth import Authenticator, AuthOutcome
 from gsmtp.diskspace import SpaceReserve
+from gsmtp.dkim import DkimSigner
 from gsmtp.intake import MIN_READ, SPOOL_THRESHOLD, DataMemory, SpooledBody
 from gsmtp.limits import Admitted, ConnectionLimiter, Refused
 from gsmtp.log import get_logger, printable
+from gsmtp.message import MessageId
 from gsmtp.policy import Client, IPNetwork, Policy, client_from_ip
 from gsmtp.protocol import replies
 from gsmtp.protocol.proxy import V2_MAX_LENGTH, NeedMore, ProxyError, ProxyHeaderParser
@@ -180,6 +183,7 @@ class SmtpServer:
         max_data_memory: int = 256 * 1024 * 1024,
         inherited: Sequence[socket.socket] = (),
         sockets: Mapping[tuple[str, int], socket.socket] | None = None,
+        dkim: Callable[[], DkimSigner] | None = None,
     ) -> None:
         # Listening sockets bound by the workers' supervisor, by address; the others
         # are bound here.
@@ -216,6 +220,8 @@ class SmtpServer:
         self._tls = tls
         self._deadlines = deadlines
         self._error_sleep = error_sleep
+        # The DKIM signer now (a reload replaces it); None: nothing is signed.
+        self._dkim = dkim
         # Bodies in memory, all connections together (see gsmtp.intake).
         self.data_memory = DataMemory(max_data_memory)
         self._pool = Pool(max_connections + _OVERFLOW_SLOTS)
@@ -865,20 +871,42 @@ class _Connection:
         metrics.tls_session(self.tls_version)
         self._log.info("tls_started", version=self.tls_version)
 
+    def _dkim_signature(
+        self, envelope: Envelope, message_id: MessageId, body: SpooledBody | None
+    ) -> bytes:
+        """DKIM-Signature header(s) for mail from a trusted network or an authenticated
+        session (b"" for other mail, or none signed). A large body is hashed from its
+        parts in the spool, on the reader thread, a part at a time."""
+        client = self._current_client()
+        signer = self._server._dkim() if self._server._dkim is not None else None
+        if signer is None or not signer.active:
+            return b""
+        if not (client.authenticated or self._server._policy.is_trusted(client)):
+            return b""
+        parts = None
+        if body is not None:
+            parts = functools.partial(self._server._spool.read_parts, body.message_id, body.count)
+        return signer.sign_message(
+            msg_id=message_id, sender=str(envelope.sender), content=envelope.content, parts=parts
+        )
+
     def _store(self, envelope: Envelope) -> Reply:
         started = time.monotonic()
         body = self._body  # discarded by the loop, or at close, unless stored
         if body is not None and body.failed:
             metrics.MESSAGES_RECEIVED.labels("spool_error").inc()
             return replies.SPOOL_ERROR
+        now = time.time()
+        message_id = body.message_id if body is not None else self._server._acceptor.new_id(now)
         message = self._server._acceptor.accept(
             envelope,
             client_ip=self._peer_ip,
             tls=self._tls,
             authenticated=self._current_client().authenticated,
-            now=time.time(),
-            message_id=body.message_id if body is not None else None,
+            now=now,
+            message_id=message_id,
             spooled=body.content() if body is not None else None,
+            signature=self._dkim_signature(envelope, message_id, body),
         )
         message_id = message.id
         self.storing = True

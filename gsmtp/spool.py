@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -378,6 +378,35 @@ class Spool:
         A unit of its own, not batched with like ones: the writer then applies it after
         everything submitted before it, such as a part whose writer was interrupted."""
         self._writer.submit(lambda connection: discard_parts(connection, [message_id]))
+
+    def read_parts(
+        self, message_id: MessageId, count: int, consume: Callable[[bytes], bool]
+    ) -> bool:
+        """Hand parts 0..count-1 of a message still arriving to `consume`, in order and
+        one at a time (a large body is never held whole), on the body reader's thread;
+        stop early when it returns False. False if a part is missing."""
+
+        def work(connection: apsw.Connection) -> bool:
+            found = 0
+            # Closed on every way out: an open statement would pin the reader's snapshot.
+            cursor = connection.execute(
+                "SELECT seq, data FROM body_parts WHERE message_id = ? AND seq < ? ORDER BY seq",
+                (message_id, count),
+            )
+            try:
+                for seq, data in cursor:
+                    if seq != found or not isinstance(data, bytes):
+                        break
+                    found += 1
+                    if not consume(data):
+                        return True
+            finally:
+                cursor.close()
+            return found == count
+
+        if self._bodies is not None:
+            return self._bodies.run(work)
+        return work(self._reader)
 
     def remove_orphan_parts(self) -> int:
         """At start-up: parts without a message (its client went away, or the server

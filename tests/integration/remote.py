@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -36,19 +36,27 @@ from tests.integration.harness import (
 
 
 def txt_record(name: str, text: str) -> str:
-    """The dnsmasq option serving `text` as one TXT string at `name` (no commas: dnsmasq
-    splits strings there)."""
-    assert "," not in text, "a comma would split the TXT record into two strings"
-    return f"--txt-record={name},{text}"
+    """The dnsmasq option serving `text` as a TXT record at `name`, split into strings of
+    255 bytes as a zone file would (a resolver joins them). No commas (dnsmasq splits
+    strings there) nor quotes (on the command line it takes them literally)."""
+    assert "," not in text and '"' not in text, text
+    strings = ",".join(text[i : i + 255] for i in range(0, len(text), 255))
+    return f"--txt-record={name},{strings}"
 
 
 class Dnsmasq:
     """dnsmasq on 127.0.0.1:<port>, authoritative for the test zones only. Records are
     dnsmasq options: `--mx-host=…`, `--host-record=name,address` (A/AAAA),
-    `txt_record(name, text)`. `port`: reuse a stopped server's port, to change records
-    under a running gsmtp."""
+    `txt_record(name, text)`; `txt_records` (name → text) adds TXT records too. `port`:
+    reuse a stopped server's port, to change records under a running gsmtp."""
 
-    def __init__(self, records: Sequence[str], port: int | None = None) -> None:
+    def __init__(
+        self,
+        records: Sequence[str],
+        port: int | None = None,
+        txt_records: Mapping[str, str] | None = None,
+    ) -> None:
+        records = [*records, *(txt_record(n, t) for n, t in (txt_records or {}).items())]
         self.port = port or free_port()
         binary = shutil.which("dnsmasq")
         assert binary, "dnsmasq is not installed (apt-get install dnsmasq-base)"

@@ -94,6 +94,28 @@ def write(tmp_path: Path, text: str) -> Path:
             "[server] proxy_networks: proxy_protocol = true needs at least one network",
         ),
         ("[server\n", "not valid TOML"),
+        ('[dkim]\nkeys = ["s1.pem"]\n', "[dkim] keys: expected {domain"),
+        (
+            '[dkim]\nkeys = [{domain = "a.test", selector = "s1"}]\n',
+            "[dkim] keys: 'key' is missing",
+        ),
+        (
+            '[dkim]\nkeys = [{domain = "a.test", selector = "s1", key = "k", algo = "rsa"}]\n',
+            "[dkim] keys: unknown field 'algo'",
+        ),
+        (
+            '[dkim]\nkeys = [{domain = "a.test", selector = "s 1", key = "k"}]\n',
+            "[dkim] keys: not a valid selector",
+        ),
+        (
+            '[dkim]\nkeys = [{domain = "a test", selector = "s1", key = "k"}]\n',
+            "[dkim] keys: not a valid host name",
+        ),
+        (
+            '[dkim]\nkeys = [{domain = "a.test", selector = "s1", key = "k"},'
+            ' {domain = "A.test", selector = "s1", key = "j"}]\n',
+            "[dkim] keys: selector 's1' of a.test is listed twice",
+        ),
     ],
 )
 def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -113,6 +135,21 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     config = load(write(tmp_path, '[spool]\npath = "q/spool.sqlite"\n'))
     assert config.spool.path == str(tmp_path / "q/spool.sqlite")
     assert config.maildir.root == str(tmp_path / "var/mail")
+
+
+def test_dkim_key_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            "[dkim]\nkeys = ["
+            '{domain = "Example.ORG", selector = "s1.2024", key = "keys/s1.pem"},'
+            ' {domain = "example.org", selector = "e1", key = "/etc/e1.pem"}]\n',
+        )
+    )
+    assert [(k.domain, k.selector, k.key) for k in config.dkim.keys] == [
+        ("example.org", "s1.2024", str(tmp_path / "keys/s1.pem")),
+        ("example.org", "e1", "/etc/e1.pem"),
+    ]
 
 
 def test_proxy_protocol_and_client_network_keys(tmp_path: Path) -> None:
