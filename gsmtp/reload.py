@@ -52,6 +52,7 @@ LIVE = frozenset(
         "delivery.attempt_timeout",
         "delivery.delay_warning",
         "log.level",
+        "dkim.keys",  # the signer, built again whole
     }
 )
 RESTART = frozenset(
@@ -79,6 +80,8 @@ RESTART = frozenset(
         "delivery.tls",  # the outbound TLS policy and contexts, built at start
         "delivery.tls_policy",
         "delivery.ca_file",
+        "delivery.mta_sts",  # a source of the TLS policy, built at start
+        "delivery.mta_sts_port",
         "metrics.listen",
         "log.format",
     }
