@@ -92,13 +92,24 @@ class GroupCommitter:
         if self._stopping:
             raise DatabaseError("spool writer is stopped")
         result: AsyncResult = AsyncResult()
-        if not self._gathered:
-            # Runs after the callbacks already queued: those wake the other greenlets.
-            self._loop.run_callback(self._hand_gathered)
+        first = not self._gathered
         self._gathered.append((batch_fn, item, result))
+        if first:
+            # The first submitter hands the group over itself, after one pass of the
+            # loop (`sleep(0)` resumes it after the callbacks already queued: those
+            # wake the other greenlets). Not from a loop callback: waking the thread
+            # takes its Event's lock, a gevent lock the thread may hold at that moment,
+            # and a callback cannot wait for it (BlockingSwitchOutError: the group
+            # would sit in `_pending` with the thread asleep, its rows left owned).
+            # If this greenlet is killed meanwhile, the others are still handed over.
+            try:
+                gevent.sleep(0)
+            finally:
+                self._hand_gathered()
         result.get()
 
     def _hand_gathered(self) -> None:
+        """In a greenlet (waking the thread may wait): the gathered group, to the thread."""
         gathered, self._gathered = self._gathered, []
         if self._stopping:  # the thread may have ended: it would never answer
             for _, _, result in gathered:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -181,3 +184,48 @@ def test_gathered_items_fail_alone_and_refuse_after_stop(committer: GroupCommitt
     committer.stop(timeout=10)
     with pytest.raises(db.DatabaseError):
         committer.submit_gathered(insert_items, ("d", 1))
+
+
+# Run in a process of its own: the server monkey-patches gevent (cli.serve), and only
+# then is the writer thread's Event built on gevent locks, which a loop callback cannot
+# wait for. This test process is not patched.
+GATHERED_ONE_BY_ONE = """
+import sys
+from gevent import monkey
+
+monkey.patch_all()
+import gevent
+
+from gsmtp import db
+from gsmtp.writer import GroupCommitter
+
+
+def insert_names(connection, items):
+    db.execute_values(connection, "INSERT INTO t SELECT column1 FROM (VALUES {values})", items)
+
+
+db.connect(sys.argv[1]).execute("CREATE TABLE t(name TEXT)")
+committer = GroupCommitter(sys.argv[1])
+with gevent.Timeout(30, SystemExit("a gathered item was never committed")):
+    for number in range(300):
+        committer.submit_gathered(insert_names, (f"g{number}",))
+print(committer.submit(lambda connection: db.scalar(connection, "SELECT count(*) FROM t")))
+committer.stop(timeout=10)
+"""
+
+
+def test_each_gathered_item_wakes_the_writer_however_the_thread_stands(tmp_path: Path) -> None:
+    """One item at a time, as the queue manager records a suspended batch: each is
+    committed on its own. Waking the thread may have to wait for its Event's lock (the
+    thread takes it going to sleep); handed over from a loop callback, that wait raised
+    BlockingSwitchOutError now and then, the thread slept on with the item, and its
+    submitter waited for good. Many rounds: each meets the thread at another point of
+    its loop."""
+    done = subprocess.run(
+        [sys.executable, "-c", GATHERED_ONE_BY_ONE, str(tmp_path / "spool.sqlite")],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "300"), done.stderr[-2000:]
