@@ -33,7 +33,7 @@ import gevent
 from gevent.event import Event
 from gevent.threadpool import ThreadPool
 
-from gsmtp import accounts, db, lockfile, log, metrics, routing, shards, writer
+from gsmtp import accounts, db, early_signals, lockfile, log, metrics, routing, shards, writer
 from gsmtp.acceptance import Acceptor
 from gsmtp.accounts import AccountsSnapshot
 from gsmtp.auth import Authenticator
@@ -762,6 +762,14 @@ class Application:
             # exits: live writer threads at interpreter exit crashed it (SIGSEGV).
             self.stop()
             raise
+        # Remembered while starting (gsmtp.early_signals), acted on now: the file may
+        # have changed since it was read; the CLI may have changed the queue.
+        arrived = early_signals.take()
+        if signal.SIGHUP in arrived:
+            self._log.info("reload_deferred", reason="SIGHUP during start")
+            gevent.spawn(self.reload)
+        if signal.SIGUSR1 in arrived:
+            self.queue.admin_signalled()
         gevent.wait([stop_requested, self.supervisor.died], count=1)
         death = self.supervisor.death
         if death is not None:
@@ -790,9 +798,11 @@ def serve(
     fields = {"worker": role.index} if role.count > 1 else None
     log.configure(config.log.level, config.log.format, fields)
     # The CLI signals the PID in the lock file once it is written (a supervisor forwards
-    # it); until the handler is installed (serve_forever), SIGUSR1 must not end the
-    # process (its default action).
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # it), systemd or a certbot hook sends SIGHUP: until the handlers are installed
+    # (serve_forever) they must not end the process (their default action). A worker
+    # deferred them at its fork (gsmtp.workers).
+    if role.count == 1:
+        early_signals.defer()
     if role.count > 1 and role.index == 0:
         return _run(application_factory, config, role, None)
     path = lockfile.lock_path(shards.shard_path(config.spool.path, role.index))

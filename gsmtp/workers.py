@@ -30,7 +30,15 @@ opens a spool, so there is little in it to go wrong:
   worker silent for HANG_SECONDS (its event loop stuck) is killed and restarted. A
   worker that fails before the node has started at all fails the start (exit 1).
 - SIGTERM or SIGINT: forwarded, and the node exits once every worker has (SIGKILL
-  after shutdown_grace + STOP_MARGIN). SIGHUP and SIGUSR1 are forwarded.
+  after shutdown_grace + STOP_MARGIN). SIGHUP and SIGUSR1 are forwarded. At SIGHUP this
+  process first reads the file again: a worker restarted later starts from the latest
+  configuration that loaded (not the start-up one: it would relay for a network since
+  removed), and the stop deadline uses its shutdown_grace; settings that need a restart
+  (gsmtp.reload.RESTART) keep their start-up values here too. A file that does not load
+  keeps the previous one (the workers, reading it too, keep theirs).
+- Until its handlers are installed, in this process from the start of `serve` and in a
+  worker from its fork until its event loop's, SIGHUP and SIGUSR1 are remembered, not
+  fatal (gsmtp.early_signals), and acted on once started.
 - /metrics: prometheus_client's multiprocess mode. PROMETHEUS_MULTIPROC_DIR is a
   private directory beside the spool (`<spool.path>.metrics`), emptied at start under
   the node lock; a dead worker's "live" gauge files are removed, its counters and
@@ -51,10 +59,12 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
-from gsmtp import lockfile, log
-from gsmtp.config import Config, parse_host_port
+from gsmtp import early_signals, lockfile, log
+from gsmtp.config import Config, ConfigError, load, parse_host_port
+from gsmtp.reload import in_effect, restart_needed
 from gsmtp.sockets import bind_listener
 from gsmtp.worker_link import ALIVE, HEARTBEAT_SECONDS, READY, Lines, Role
 
@@ -121,6 +131,7 @@ def serve(
     start, 2 the spool is served already). `on_health` gets the node's health after
     every turn of the supervisor's loop (at least every TICK_SECONDS): where a systemd
     notifier hooks in."""
+    early_signals.defer()  # until Workers.run installs the handlers
     os.umask(0o077)
     log.configure(config.log.level, config.log.format)
     path = lockfile.lock_path(config.spool.path)
@@ -284,6 +295,7 @@ class Workers:
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
         previous = {signum: signal.signal(signum, self._on_signal) for signum in _SIGNALS}
         previous_wakeup = signal.set_wakeup_fd(self._wake_write)
+        self._pending += sorted(early_signals.take())  # arrived while starting
         try:
             return self._run()
         finally:
@@ -346,8 +358,21 @@ class Workers:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self._stop(signum)
             elif signum in (signal.SIGHUP, signal.SIGUSR1):
+                if signum == signal.SIGHUP:
+                    self._reload()
                 self._log.info("signal_forwarded", signal=signal.Signals(signum).name)
                 self._signal_all(signum)
+
+    def _reload(self) -> None:
+        """SIGHUP, before it is forwarded: the file read again, for the workers started
+        from now on and the stop deadline (see the module docstring). Each worker
+        applies it, and logs what, itself."""
+        try:
+            fresh = load(Path(self._config.path))
+        except ConfigError as error:
+            self._log.error("reload_failed", error=str(error))
+            return
+        self._config = in_effect(self._config, fresh, restart_needed(self._config, fresh))
 
     def _stop(self, signum: int = signal.SIGTERM) -> None:
         if self._stopping:
@@ -436,9 +461,11 @@ class Workers:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != self._pid:
             os._exit(0)  # the supervisor died before prctl: nothing to serve for
+        early_signals.defer()  # SIGHUP, SIGUSR1: until its event loop's handlers
         signal.set_wakeup_fd(-1)
         for signum in _SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
+            if signum not in early_signals.DEFERRED:
+                signal.signal(signum, signal.SIG_DFL)
         self._selector.close()
         os.close(self._wake_read)
         os.close(self._wake_write)

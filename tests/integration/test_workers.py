@@ -8,6 +8,7 @@ supervisor; a shard left without a worker is adopted; /metrics sums the workers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import apsw
+import pytest
 
 from tests.integration.harness import GsmtpProcess, SmtpWire, environment, free_port, wait_for
 from tests.integration.remote import Sink
+from tests.integration.test_reload import TRUSTED, advertised_size, relay_reply
 
 # The default, as an operator gets it; a one-CPU machine would run one process with
 # "auto", and these tests are about several.
@@ -309,3 +312,110 @@ def test_one_worker_is_one_process(gsmtp_factory: Any) -> None:
     gsmtp = gsmtp_factory({"server": {"workers": 1}})
     assert not gsmtp.events("workers_started")
     assert "worker" not in gsmtp.events("server_started")[0]
+
+
+def test_a_restarted_worker_starts_from_the_last_configuration_that_loaded(
+    gsmtp_factory: Any,
+) -> None:
+    """After a SIGHUP that lowered the size and revoked a trusted network, a worker the
+    supervisor restarts runs with the reloaded settings, not the start-up ones; a later
+    file that does not load changes nothing; a restart-only key (hostname) keeps its
+    start-up value."""
+    gsmtp = gsmtp_factory({"server": {"workers": WORKERS}})
+    assert relay_reply(gsmtp.port).startswith("250")
+    text = gsmtp.config.read_text()
+    reloaded = text.replace(TRUSTED, 'trusted_networks = []\nmax_message_size = "1MB"')
+    gsmtp.config.write_text(reloaded.replace('"mx.foo.com"', '"other.foo.com"'))
+    gsmtp.signal(signal.SIGHUP)
+    wait_for(lambda: len(gsmtp.events("config_reloaded")) == COUNT, what="every worker reloaded")
+    gsmtp.config.write_text(reloaded + "[server\n")  # broken: the supervisor keeps the last
+    gsmtp.signal(signal.SIGHUP)
+    wait_for(
+        lambda: gsmtp.events("reload_failed", component="workers"), what="the supervisor to fail"
+    )
+    for index, pid in worker_pids(gsmtp).items():
+        os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda index=index: len(gsmtp.events("worker_ready", worker=index)) == 2,
+            timeout=30,
+            what=f"worker {index} restarted",
+        )
+    for _ in range(2 * COUNT):  # any worker may take a connection: every one must answer so
+        assert advertised_size(gsmtp.port) == 1024 * 1024
+        assert relay_reply(gsmtp.port).startswith("554")
+        with SmtpWire(gsmtp.port) as wire:
+            assert wire.read_reply()[0].startswith("220 mx.foo.com")
+
+
+def test_the_stop_deadline_follows_a_reloaded_shutdown_grace(gsmtp_factory: Any) -> None:
+    """shutdown_grace is applied by SIGHUP: the supervisor's SIGKILL deadline too, so a
+    client mid-DATA past the start-up grace (1 s + margins) still gets its 250."""
+    gsmtp = gsmtp_factory({"server": {"workers": WORKERS, "shutdown_grace": "1s"}})
+    text = gsmtp.config.read_text()
+    gsmtp.config.write_text(text.replace('shutdown_grace = "1s"', 'shutdown_grace = "30s"'))
+    gsmtp.signal(signal.SIGHUP)
+    wait_for(lambda: len(gsmtp.events("config_reloaded")) == COUNT, what="every worker reloaded")
+    with SmtpWire(gsmtp.port, timeout=30) as wire:
+        wire.read_reply()
+        wire.command("EHLO c.example")
+        wire.command("MAIL FROM:<a@remote.example>")
+        wire.command("RCPT TO:<brown@foo.com>")
+        assert wire.command("DATA").startswith("354")
+        wire.send(b"Subject: slow\r\n\r\npart one\r\n")
+        gsmtp.signal(signal.SIGTERM)
+        wait_for(lambda: gsmtp.events("workers_stopping"), what="the supervisor to stop")
+        assert gsmtp.events("workers_stopping")[0]["grace_seconds"] == 30
+        # Past the old deadline (1 s + 2 s + STOP_MARGIN 3 s), inside the new one: the
+        # point of the test is this much time passing.
+        time.sleep(7)
+        wire.send(b"part two\r\n.\r\n")
+        assert wire.read_reply()[0].startswith("250")
+    assert gsmtp.wait(timeout=60) == 0
+    assert not gsmtp.events("worker_killed")
+
+
+@pytest.mark.parametrize("workers", [WORKERS, 1])
+def test_sighup_and_sigusr1_while_starting_are_not_fatal_nor_lost(
+    gsmtp_factory: Any, workers: Any
+) -> None:
+    """`systemctl reload` (SIGHUP) and `gsmtp queue` (SIGUSR1 to the PID in the lock
+    file) while the node starts: sent to the process from when its lock names it, and
+    to every worker from its fork, until the node is started. Nothing dies, and each
+    process reloads (at once, or once started: `reload_deferred`)."""
+    gsmtp = gsmtp_factory({"server": {"workers": workers}}, start=False)
+    assert gsmtp.process is None
+    log = gsmtp.log_path.open("ab")
+    gsmtp.process = subprocess.Popen(
+        [sys.executable, "-m", "gsmtp.cli", "serve", "-c", str(gsmtp.config)],
+        stdout=log,
+        stderr=log,
+        cwd=gsmtp.directory,
+        env=environment(),
+    )
+    log.close()
+    process = gsmtp.process
+    lock = Path(f"{gsmtp.spool_path}.lock")
+    wait_for(
+        lambda: lock.exists() and lock.read_text().strip() == str(process.pid),
+        what="the lock to name the server",
+    )
+    signalled: set[int] = set()
+    while process.poll() is None and not gsmtp.events(
+        "workers_started" if workers != 1 else "server_started"
+    ):
+        for pid in {process.pid, *worker_pids(gsmtp).values()}:
+            for signum in (signal.SIGHUP, signal.SIGUSR1):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+            signalled.add(pid)
+        time.sleep(0.02)  # the pace of the signals, not a wait for something
+    assert process.poll() is None, gsmtp.log()
+    assert not gsmtp.events("worker_failed_to_start") and not gsmtp.events("worker_died")
+    processes = COUNT if workers != 1 else 1
+    assert len(signalled) == processes + (1 if workers != 1 else 0)
+
+    def reloaded() -> bool:
+        done = gsmtp.events("config_reloaded") + gsmtp.events("reload_deferred")
+        return len({e.get("worker") for e in done}) == processes
+
+    wait_for(reloaded, what="every process to act on a SIGHUP")
