@@ -158,6 +158,13 @@ def _add_may_send_as(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        # A SIGHUP or SIGUSR1 from here on is remembered, not fatal (its default
+        # action), until the server's handlers are installed: systemd or a certbot hook
+        # may reload a server that is starting.
+        from gsmtp import early_signals
+
+        early_signals.defer()
     os.umask(0o077)
     if args.command == "dkim":
         try:

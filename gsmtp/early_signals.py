@@ -19,11 +19,12 @@ DEFERRED = (signal.SIGHUP, signal.SIGUSR1)
 _arrived: set[int] = set()
 
 
-def defer() -> None:
+def defer(*, forget: bool = False) -> None:
     """From now on SIGHUP and SIGUSR1 are remembered, not fatal, until the caller
-    installs its own handlers; forgets what arrived before (in a forked child: the
-    parent's signals, not its own)."""
-    _arrived.clear()
+    installs its own handlers. Called again, it keeps what arrived, unless `forget`
+    (a forked child: what its parent had remembered is not its own)."""
+    if forget:
+        _arrived.clear()
     for signum in DEFERRED:
         signal.signal(signum, _remember)
 

@@ -131,7 +131,7 @@ def serve(
     start, 2 the spool is served already). `on_health` gets the node's health after
     every turn of the supervisor's loop (at least every TICK_SECONDS): where a systemd
     notifier hooks in."""
-    early_signals.defer()  # until Workers.run installs the handlers
+    early_signals.defer()  # until Workers.run installs the handlers (the CLI did too)
     os.umask(0o077)
     log.configure(config.log.level, config.log.format)
     path = lockfile.lock_path(config.spool.path)
@@ -461,7 +461,7 @@ class Workers:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != self._pid:
             os._exit(0)  # the supervisor died before prctl: nothing to serve for
-        early_signals.defer()  # SIGHUP, SIGUSR1: until its event loop's handlers
+        early_signals.defer(forget=True)  # SIGHUP, SIGUSR1: until its loop's handlers
         signal.set_wakeup_fd(-1)
         for signum in _SIGNALS:
             if signum not in early_signals.DEFERRED:

@@ -29,9 +29,13 @@ def test_signals_before_the_handlers_are_remembered_once(handlers: None) -> None
     assert early_signals.take() == frozenset()
 
 
-def test_defer_forgets_what_arrived_before(handlers: None) -> None:
-    """A forked worker defers again: its parent's signals are not its own."""
+def test_deferring_again_keeps_what_arrived_unless_told_to_forget(handlers: None) -> None:
+    """The CLI defers, then `serve`: a SIGHUP in between is kept. A forked worker
+    defers with forget: its parent's signals are not its own."""
     early_signals.defer()
     os.kill(os.getpid(), signal.SIGHUP)
     early_signals.defer()
+    assert early_signals.take() == {signal.SIGHUP}
+    os.kill(os.getpid(), signal.SIGUSR1)
+    early_signals.defer(forget=True)
     assert early_signals.take() == frozenset()
