@@ -280,6 +280,8 @@ class Application:
         self._gauges_due = 0.0  # monotonic time of the next queue count
         self._queued = 0  # recipients queued, as last counted for STATUS=
         self._watchdog: gevent.Greenlet | None = None
+        self._reloader: gevent.Greenlet | None = None  # see _request_reload
+        self._reload_wanted = False
 
     def _open_accounts(self) -> apsw.Connection:
         """The connection accounts are read from: the spool's own in worker 0, a
@@ -636,6 +638,20 @@ class Application:
         except db.DatabaseError as error:
             self._log.warning("spool_close_failed", error=str(error))
 
+    def _request_reload(self) -> None:
+        """SIGHUP: one reload at a time, in order. A reload waits on threads (the DKIM
+        keys, the accounts), so two running side by side could apply an older file
+        after a newer one; signals that arrive during a reload make one more reload,
+        which reads the file as it is then."""
+        self._reload_wanted = True
+        if self._reloader is None or self._reloader.dead:
+            self._reloader = gevent.spawn(self._reload_while_wanted)
+
+    def _reload_while_wanted(self) -> None:
+        while self._reload_wanted:
+            self._reload_wanted = False
+            self.reload()
+
     def reload(self) -> bool:
         """SIGHUP: re-read the configuration and apply what needs no restart; never
         exit. All or nothing: everything is loaded first (the file, the certificate
@@ -752,7 +768,7 @@ class Application:
         stop_requested = self._stop_requested
         gevent.signal_handler(signal.SIGTERM, stop_requested.set)
         gevent.signal_handler(signal.SIGINT, stop_requested.set)
-        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
+        gevent.signal_handler(signal.SIGHUP, self._request_reload)
         # `gsmtp queue ...` changed the queue (gsmtp.queue_control.wake_server).
         gevent.signal_handler(signal.SIGUSR1, self.queue.admin_signalled)
         try:
@@ -767,7 +783,7 @@ class Application:
         arrived = early_signals.take()
         if signal.SIGHUP in arrived:
             self._log.info("reload_deferred", reason="SIGHUP during start")
-            gevent.spawn(self.reload)
+            self._request_reload()
         if signal.SIGUSR1 in arrived:
             self.queue.admin_signalled()
         gevent.wait([stop_requested, self.supervisor.died], count=1)
