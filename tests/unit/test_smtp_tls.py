@@ -15,8 +15,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiosmtpd.smtp import AuthResult
 from prometheus_client import REGISTRY
 
 from gsmtp.delivery.smarthost import Credentials, Smarthost
@@ -245,3 +247,37 @@ def test_the_attempt_deadline_bounds_the_whole_tls_handshake() -> None:
     finally:
         connection.close()
         peer.join(timeout=10)
+
+
+def test_a_wrong_password_is_tried_once_by_deliveries_in_flight(
+    sinks: list[Sink], port: int, ca: TestCertificateAuthority
+) -> None:
+    """Deliveries started together before any refusal (as `concurrency` sender greenlets
+    do): until the credentials have worked, one session at a time logs in; when the
+    smarthost refuses, the others defer with the same reason without trying."""
+    logins: list[bytes] = []
+
+    def refuse(
+        server: object, session: object, envelope: object, mechanism: str, data: Any
+    ) -> AuthResult:
+        logins.append(data.password)
+        return AuthResult(success=False, handled=False)
+
+    tls_sink(sinks, "127.0.1.1", port, ca, MX1, auth_required=True, authenticator=refuse)
+    deliverer = make(port, ca, Switch(), smarthost=smarthost(port, TlsLevel.VERIFY, "wrong"))
+    start = threading.Barrier(5)
+    results: list[RecipientResult] = []
+
+    def one(number: int) -> None:
+        start.wait()
+        results.append(deliver(deliverer, f"a@d{number}.example"))
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert logins == [b"wrong"]
+    assert len(results) == 5
+    assert {(r.outcome, r.status) for r in results} == {(Outcome.DEFERRED, "4.7.8")}
+    assert all("refused our credentials" in r.reply and r.unreachable for r in results)
