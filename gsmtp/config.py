@@ -281,6 +281,15 @@ def _consistency_errors(config: Config, path: Path) -> list[str]:
         raise ConfigError(
             f"{path}: [delivery] smarthost_auth_file and smarthost_tls need a smarthost"
         )
+    if delivery.smarthost_auth_file and delivery.smarthost_tls in ("may", "encrypt"):
+        # The password would go to whoever answers with any certificate (a man in the
+        # middle), or in plaintext under `may` if STARTTLS were stripped.
+        errors.append(
+            f"{path}: [delivery] smarthost_tls = {delivery.smarthost_tls!r} with "
+            "smarthost_auth_file: the password would go to a smarthost whose certificate "
+            'is not verified; use smarthost_tls = "verify" or "implicit" (or leave it '
+            "unset)"
+        )
     if config.server.proxy_protocol and not config.server.proxy_networks:
         errors.append(
             f"{path}: [server] proxy_networks: proxy_protocol = true needs at least one "

@@ -23,7 +23,9 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+import os
 import re
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -90,12 +92,20 @@ class DkimKey:
 
 
 def load_key(domain: str, selector: str, path: str) -> DkimKey:
-    """Read a PEM private key (RSA of 1024 bits or more, or Ed25519)."""
+    """Read a PEM private key (RSA of 1024 bits or more, or Ed25519). Refuses a file
+    that others may read or write (any "other" bit): whoever can read it can sign as
+    the domain. Group access stays allowed (root:gsmtp 0640 is the usual setup)."""
     try:
         with open(path, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
             data = handle.read()
     except OSError as error:
         raise DkimKeyError(f"{path}: cannot read the key: {error.strerror}") from None
+    if mode & 0o007:
+        raise DkimKeyError(
+            f"{path}: mode {stat.S_IMODE(mode):04o} lets every user read the DKIM private "
+            "key; it must not be readable by others (chmod 600, or 640 with the group gsmtp)"
+        )
     try:
         private = serialization.load_pem_private_key(data, password=None)
     except TypeError:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import http.client
+import io
 import re
 import socket
 import ssl
@@ -31,9 +32,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gsmtp.delivery.mx import DnsTemporaryError
+from gsmtp.delivery.tls_client import handshake
 from gsmtp.delivery.tls_levels import TlsLevel, TlsRequirement
 from gsmtp.delivery.tls_policy import mx_allowed
 from gsmtp.log import get_logger
@@ -203,15 +205,21 @@ class HttpsFetcher:
         return remaining
 
     def _get(self, host: str, address: str, end: float) -> bytes:
+        # One deadline for all of it: the connect, the handshake and every read are each
+        # given what is left (a per-read timeout alone lets a trickling server hold the
+        # fetch, the domain's lock and a delivery slot for as long as it likes).
         raw = socket.create_connection((address, self._port), timeout=self._remaining(end))
-        with raw, self._context.wrap_socket(raw, server_hostname=host) as sock:
+        with raw, handshake(raw, self._context, host, lambda: end - self._clock()) as sock:
             authority = host if self._port == 443 else f"{host}:{self._port}"
             sock.settimeout(self._remaining(end))
             sock.sendall(
                 f"GET {POLICY_PATH} HTTP/1.1\r\nHost: {authority}\r\n"
                 "User-Agent: gsmtp\r\nAccept: text/plain\r\nConnection: close\r\n\r\n".encode()
             )
-            response = http.client.HTTPResponse(sock, method="GET")
+            response = http.client.HTTPResponse(
+                _DeadlineSocket(sock, lambda: self._remaining(end)),  # type: ignore[arg-type]
+                method="GET",
+            )
             response.begin()
             # §3.3: a redirect is not followed; only 200 carries a policy.
             if response.status != 200:
@@ -221,12 +229,38 @@ class HttpsFetcher:
                 raise FetchError(f"{host}: content type {content_type!r}, not text/plain")
             body = b""
             while len(body) <= MAX_POLICY_BYTES:
-                sock.settimeout(self._remaining(end))
                 chunk = response.read1(MAX_POLICY_BYTES + 1 - len(body))
                 if not chunk:
                     return body
                 body += chunk
             raise FetchError(f"{host}: policy larger than {MAX_POLICY_BYTES} bytes")
+
+
+class _DeadlineSocket:
+    """What `http.client.HTTPResponse` reads from (it only calls `makefile`): each
+    receive is given the time left before the fetch's deadline (`remaining` raises
+    TimeoutError once it has passed), so the status line, headers and body together
+    fit in it however slowly the server sends them."""
+
+    def __init__(self, sock: socket.socket, remaining: Callable[[], float]) -> None:
+        self._sock = sock
+        self._remaining = remaining
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._remaining))
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock: socket.socket, remaining: Callable[[], float]) -> None:
+        self._sock = sock
+        self._remaining = remaining
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(self._remaining())
+        return self._sock.recv_into(buffer)
 
 
 # -- the per-domain cache and what a policy demands -----------------------------------

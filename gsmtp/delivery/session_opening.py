@@ -36,7 +36,12 @@ class LoopsBack(Exception):
 
 class AuthRefused(Exception):
     """The smarthost refused our credentials (a 5xx to AUTH): retrying at once with the
-    same password cannot help."""
+    same password cannot help. `held_back`: not tried, another session was just refused
+    (`SmtpDeliverer` raises those)."""
+
+    def __init__(self, text: str, *, held_back: bool = False) -> None:
+        super().__init__(text)
+        self.held_back = held_back
 
 
 @dataclass(slots=True)

@@ -53,6 +53,7 @@ manager can treat the destination as dead.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -70,7 +71,7 @@ from gsmtp.delivery.mx import (
     mail_targets,
 )
 from gsmtp.delivery.session_opening import AuthRefused, LoopsBack, Progress, SessionOpener
-from gsmtp.delivery.smarthost import Smarthost
+from gsmtp.delivery.smarthost import Credentials, Smarthost
 from gsmtp.delivery.smtp_session import (
     MAY_BE_DELIVERED_TWICE,
     AttemptExpired,
@@ -179,6 +180,12 @@ class SmtpDeliverer:
         self._sweeper: gevent.Greenlet | None = None
         self._auth_backoff = auth_backoff
         self._auth_refusal: tuple[float, str, str] | None = None  # (until, where, text)
+        # Until the smarthost credentials have worked (since start, or since the last
+        # refusal), one session at a time is opened with them and the others wait for
+        # its outcome: deliveries in flight do not all log in with a wrong password at
+        # once (threading's lock is gevent's under `serve`'s monkey-patching).
+        self._auth_lock = threading.Lock()
+        self._auth_proven: Credentials | None = None
 
     def reconfigure(
         self,
@@ -192,13 +199,15 @@ class SmtpDeliverer:
         (running ones finish as they began; cached sessions stay usable)."""
         self._resolver = resolver
         self._port = port
+        if _credentials(smarthost) != _credentials(self._smarthost):
+            self._auth_refusal = None  # new credentials: worth a try at once
         self._smarthost = smarthost
         self._timeouts = timeouts
 
     def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
-        refusal = self._auth_refusal
-        if refusal is not None and self._clock() < refusal[0]:
-            _, where, text = refusal
+        refusal = self._current_refusal()
+        if refusal is not None:
+            where, text = refusal
             return self._auth_refused(message, recipients, where, text, again=False)
         domain = recipients[0].rpartition("@")[2]
         requirement = self._requirement(domain)
@@ -242,7 +251,8 @@ class SmtpDeliverer:
                 last_error = f"451 {status} {where}: {error}"
                 self._tls_failed(message, where, requirement, error)
             except AuthRefused as error:
-                return self._auth_refused(message, recipients, where, str(error))
+                again = not error.held_back
+                return self._auth_refused(message, recipients, where, str(error), again=again)
             except PeerUnusable as error:
                 status, last_error = "4.4.1", f"451 4.4.1 {where}: {error}"
             except AttemptExpired:
@@ -396,6 +406,47 @@ class SmtpDeliverer:
         *,
         plaintext: bool = False,
     ) -> Session:
+        """`_open_session`, one at a time while the smarthost credentials are unproven:
+        a waiter finding a refusal made meanwhile raises AuthRefused (held back) without
+        connecting; after a success, sessions open side by side again."""
+        credentials = _credentials(self._smarthost)
+        if credentials is None or credentials == self._auth_proven:
+            return self._open_session(
+                target, destination, requirement, deadline, progress, plaintext=plaintext
+            )
+        with self._auth_lock:
+            refusal = self._current_refusal()
+            if refusal is not None:
+                raise AuthRefused(refusal[1], held_back=True)
+            try:
+                session = self._open_session(
+                    target, destination, requirement, deadline, progress, plaintext=plaintext
+                )
+            except AuthRefused as error:
+                # Recorded before the lock is released, for the sessions waiting on it.
+                where = f"{target.host}[{target.address}]"
+                self._auth_refusal = (self._clock() + self._auth_backoff, where, str(error))
+                raise
+            self._auth_proven = credentials
+            return session
+
+    def _current_refusal(self) -> tuple[str, str] | None:
+        """(where, text) of the smarthost's refusal of our credentials, while it holds."""
+        refusal = self._auth_refusal
+        if refusal is None or self._clock() >= refusal[0]:
+            return None
+        return refusal[1], refusal[2]
+
+    def _open_session(
+        self,
+        target: Target,
+        destination: str,
+        requirement: TlsRequirement,
+        deadline: Deadline,
+        progress: Progress,
+        *,
+        plaintext: bool = False,
+    ) -> Session:
         """Connect, greeting, EHLO, TLS as required (`plaintext`: never), AUTH at a
         smarthost with credentials. Failures: PeerUnusable (TlsFailed for TLS)."""
         connection = self._connect(target, deadline)
@@ -511,8 +562,13 @@ class SmtpDeliverer:
         if again:
             self._log.warning("smarthost_auth_failed", msg_id=message.id, mx=where, reply=text)
             self._auth_refusal = (self._clock() + self._auth_backoff, where, text)
+            self._auth_proven = None
         results = results_for_all(recipients, Outcome.DEFERRED, "4.7.8", f"451 4.7.8 {text}", where)
         return [replace(r, unreachable=True) for r in results]
+
+
+def _credentials(smarthost: Smarthost | None) -> Credentials | None:
+    return smarthost.credentials if smarthost is not None else None
 
 
 def _expired_text(where: str, deadline: Deadline) -> str:

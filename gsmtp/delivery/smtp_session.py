@@ -40,6 +40,7 @@ from typing import Any
 
 from gsmtp.delivery.connection_cache import SessionKey
 from gsmtp.delivery.mx import Target
+from gsmtp.delivery.tls_client import handshake
 from gsmtp.delivery.tls_policy import CERTIFICATE_UNVERIFIED, HANDSHAKE_FAILED
 from gsmtp.message import Outcome, QueuedMessage, RecipientResult, results_for_all
 from gsmtp.protocol import client
@@ -183,10 +184,11 @@ class Connection:
         handshake failure raise TlsFailed with their reason."""
         if self._pending or self._parser.discard_buffered():
             raise PeerUnusable("plaintext sent after the STARTTLS reply (injection)")
+        # The whole handshake within `command` and the attempt, not each read of it.
         wait, by_deadline = self.deadline.limit(self._timeouts.command)
+        end = self._clock() + wait
         try:
-            self._sock.settimeout(wait)
-            self._sock = context.wrap_socket(self._sock, server_hostname=server_name)
+            self._sock = handshake(self._sock, context, server_name, lambda: end - self._clock())
         except TimeoutError:
             if by_deadline:
                 raise AttemptExpired from None

@@ -10,7 +10,10 @@ file too (a private CA, the tests' CA).
 
 from __future__ import annotations
 
+import selectors
+import socket
 import ssl
+from collections.abc import Callable
 
 from gsmtp.delivery.tls_levels import TlsLevel
 
@@ -39,6 +42,44 @@ def unverified_context() -> ssl.SSLContext:
     context.verify_mode = ssl.CERT_NONE
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def handshake(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    server_name: str,
+    remaining: Callable[[], float],
+) -> ssl.SSLSocket:
+    """The client handshake on `sock`, finished before `remaining()` (seconds left) runs
+    out, or TimeoutError. A socket timeout bounds each wait, not the whole: a peer
+    trickling its handshake a byte at a time would hold it for as long as it liked. So
+    the handshake runs non-blocking and every wait is given what is left (gevent's
+    selector under `serve`'s monkey-patching, so the hub keeps serving). Handshake and
+    certificate errors propagate as `ssl.SSLError` / `ssl.SSLCertVerificationError`.
+    On any failure the TLS socket is closed (and with it `sock`'s descriptor)."""
+    tls = context.wrap_socket(sock, server_hostname=server_name, do_handshake_on_connect=False)
+    try:
+        tls.settimeout(0.0)
+        while True:
+            try:
+                tls.do_handshake()
+                return tls
+            except ssl.SSLWantReadError:
+                _wait(tls, selectors.EVENT_READ, remaining())
+            except ssl.SSLWantWriteError:
+                _wait(tls, selectors.EVENT_WRITE, remaining())
+    except BaseException:
+        tls.close()
+        raise
+
+
+def _wait(sock: socket.socket, event: int, seconds: float) -> None:
+    if seconds <= 0:
+        raise TimeoutError
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, event)
+        if not selector.select(seconds):
+            raise TimeoutError
 
 
 class ClientTls:

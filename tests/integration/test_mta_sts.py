@@ -7,6 +7,10 @@ mx.sts.test (127.0.0.3, preference 20)."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,3 +290,67 @@ def test_a_session_opened_without_verification_is_not_reused_under_enforce(
     error = wait_for(lambda: last_error(gsmtp), what="the deferral")
     assert "certificate not trusted" in error
     assert len(impostor.received) == 1
+
+
+class CountingClock:
+    """Each reading one second later than the last: time passes with every wait."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def trickling_policy_server(
+    ca: TestCertificateAuthority, port: int, *, tls: bool
+) -> threading.Thread:
+    """One connection on WEB_ADDRESS:port: with `tls`, a complete handshake and then a
+    response head trickled a byte at a time before a good policy; without, a handshake
+    record trickled a byte at a time and then the end of the connection."""
+    listener = socket.create_server((WEB_ADDRESS, port))
+    context = tls_context_for(*ca.issue(POLICY_HOST))
+
+    def serve() -> None:
+        with listener:
+            raw, _ = listener.accept()
+        with raw, contextlib.suppress(OSError):  # the client hangs up when its time is up
+            if not tls:
+                raw.sendall(b"\x16\x03\x03\x40\x00")
+                for _ in range(100):
+                    raw.sendall(b"\x00")
+                    time.sleep(0.02)
+                return
+            with context.wrap_socket(raw, server_side=True) as conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(100):
+                    conn.sendall(b"a")
+                    time.sleep(0.02)
+                conn.sendall(b"\r\nContent-Type: text/plain\r\n\r\n" + policy_text("none"))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["slow-response-head", "slow-handshake"])
+def test_the_fetch_timeout_bounds_the_whole_fetch(tmp_path: Path, tls: bool) -> None:
+    """A policy server sending a byte at a time cannot hold the fetch (and the domain's
+    lock, and a delivery slot) past its timeout: every read of the handshake and the
+    response is given what is left of it, not a fresh per-read timeout. (Without that,
+    the slow head here ends in a good policy, the slow handshake in an EOF.)"""
+    ca = TestCertificateAuthority(tmp_path / "ca")
+    port = free_port(WEB_ADDRESS)
+    server = trickling_policy_server(ca, port, tls=tls)
+    fetcher = HttpsFetcher(
+        Addresses({POLICY_HOST: [WEB_ADDRESS]}),
+        verified_context(str(ca.ca)),
+        port=port,
+        timeout=30,
+        clock=CountingClock(),
+    )
+    with pytest.raises(FetchError, match="timed out"):
+        fetcher.fetch(DOMAIN)
+    server.join(timeout=10)

@@ -48,6 +48,7 @@ NOW = 1_700_000_000.0
 def write_key(directory: Path, kind: str, name: str = "key.pem") -> Path:
     path = directory / name
     path.write_bytes(generate_key(kind))
+    path.chmod(0o600)
     return path
 
 
@@ -327,6 +328,7 @@ def test_a_key_that_cannot_be_used_names_its_file(tmp_path: Path) -> None:
         load_key("example.org", "s1", str(missing))
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a key\n")
+    garbage.chmod(0o600)
     with pytest.raises(DkimKeyError, match=f"{garbage}: not a PEM private key"):
         load_key("example.org", "s1", str(garbage))
     encrypted = tmp_path / "encrypted.pem"
@@ -335,6 +337,7 @@ def test_a_key_that_cannot_be_used_names_its_file(tmp_path: Path) -> None:
         check=True,
         stdout=encrypted.open("wb"),
     )
+    encrypted.chmod(0o600)
     with pytest.raises(DkimKeyError, match=f"{encrypted}: the key is encrypted"):
         load_key("example.org", "s1", str(encrypted))
     ec = tmp_path / "ec.pem"
@@ -343,11 +346,32 @@ def test_a_key_that_cannot_be_used_names_its_file(tmp_path: Path) -> None:
         check=True,
         stdout=ec.open("wb"),
     )
+    ec.chmod(0o600)
     with pytest.raises(DkimKeyError, match=f"{ec}: a .*; DKIM keys are RSA or Ed25519"):
         load_key("example.org", "s1", str(ec))
     config = DkimConfig((DkimKeyConfig("example.org", "s1", str(missing)),))
     with pytest.raises(DkimKeyError, match=r"missing\.pem"):
         DkimSigner.from_config(config, hostname="mx.example.org")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o601])
+def test_a_key_others_may_read_is_refused(tmp_path: Path, mode: int) -> None:
+    """Whoever can read the private key can sign as the domain: like the smarthost's
+    auth file, a key with any "other" bit is refused, naming the file."""
+    path = write_key(tmp_path, "ed25519")
+    path.chmod(mode)
+    with pytest.raises(DkimKeyError, match=f"{path}: mode {mode:04o} lets every user read"):
+        load_key("example.org", "s1", str(path))
+    config = DkimConfig((DkimKeyConfig("example.org", "s1", str(path)),))
+    with pytest.raises(DkimKeyError, match=f"{path}: mode"):
+        DkimSigner.from_config(config, hostname="mx.example.org")
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o400, 0o440])
+def test_a_key_for_its_owner_and_group_is_accepted(tmp_path: Path, mode: int) -> None:
+    path = write_key(tmp_path, "ed25519")
+    path.chmod(mode)
+    assert load_key("example.org", "s1", str(path)).path == str(path)
 
 
 def test_openssl_keys_load(tmp_path: Path) -> None:
@@ -359,6 +383,7 @@ def test_openssl_keys_load(tmp_path: Path) -> None:
     }.items():
         path = tmp_path / name
         subprocess.run(["openssl", *arguments], check=True, stdout=path.open("wb"))
+        path.chmod(0o600)
         key = load_key("example.org", "s1", str(path))
         signature = signer_for(key).sign_message(msg_id=ID, sender="", content=MESSAGE)
         assert verifies(signature + MESSAGE, key) == [True], name

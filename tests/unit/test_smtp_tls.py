@@ -9,16 +9,22 @@ patterns are used; AUTH (PLAIN or LOGIN) only over TLS."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiosmtpd.smtp import AuthResult
 from prometheus_client import REGISTRY
 
 from gsmtp.delivery.smarthost import Credentials, Smarthost
 from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
-from gsmtp.delivery.tls_client import ClientTls
+from gsmtp.delivery.smtp_session import AttemptExpired, Connection, Deadline
+from gsmtp.delivery.tls_client import ClientTls, unverified_context
 from gsmtp.delivery.tls_levels import TlsLevel, TlsRequirement
 from gsmtp.delivery.tls_policy import TlsPolicy
 from gsmtp.message import MessageId, Outcome, QueuedMessage, RecipientResult
@@ -205,3 +211,73 @@ def test_credentials_never_go_in_plaintext(sinks: list[Sink], port: int, tmp_pat
     assert result.outcome is Outcome.DEFERRED
     assert "no TLS, so no AUTH" in result.reply
     assert [v for v in sink.verbs()[0] if v == "AUTH"] == []
+
+
+class CountingClock:
+    """Each reading one second later than the last: time passes with every wait."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_the_attempt_deadline_bounds_the_whole_tls_handshake() -> None:
+    """A peer trickling its ServerHello a byte at a time gets no more than the attempt's
+    time for the whole handshake: each wait is given what is left, not a fresh timeout.
+    (Without that, the handshake runs until the peer gives up: here, an EOF.)"""
+    ours, theirs = socket.socketpair()
+
+    def trickle() -> None:
+        with theirs, contextlib.suppress(OSError):  # we hang up when time is up
+            theirs.sendall(b"\x16\x03\x03\x40\x00")  # a 16 KiB handshake record announced
+            for _ in range(100):
+                theirs.sendall(b"\x00")
+                time.sleep(0.02)
+
+    peer = threading.Thread(target=trickle, daemon=True)
+    peer.start()
+    clock = CountingClock()
+    connection = Connection(ours, Timeouts(command=1000), Deadline(clock, 30), clock)
+    try:
+        with pytest.raises(AttemptExpired):
+            connection.start_tls(unverified_context(), "peer.example")
+    finally:
+        connection.close()
+        peer.join(timeout=10)
+
+
+def test_a_wrong_password_is_tried_once_by_deliveries_in_flight(
+    sinks: list[Sink], port: int, ca: TestCertificateAuthority
+) -> None:
+    """Deliveries started together before any refusal (as `concurrency` sender greenlets
+    do): until the credentials have worked, one session at a time logs in; when the
+    smarthost refuses, the others defer with the same reason without trying."""
+    logins: list[bytes] = []
+
+    def refuse(
+        server: object, session: object, envelope: object, mechanism: str, data: Any
+    ) -> AuthResult:
+        logins.append(data.password)
+        return AuthResult(success=False, handled=False)
+
+    tls_sink(sinks, "127.0.1.1", port, ca, MX1, auth_required=True, authenticator=refuse)
+    deliverer = make(port, ca, Switch(), smarthost=smarthost(port, TlsLevel.VERIFY, "wrong"))
+    start = threading.Barrier(5)
+    results: list[RecipientResult] = []
+
+    def one(number: int) -> None:
+        start.wait()
+        results.append(deliver(deliverer, f"a@d{number}.example"))
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert logins == [b"wrong"]
+    assert len(results) == 5
+    assert {(r.outcome, r.status) for r in results} == {(Outcome.DEFERRED, "4.7.8")}
+    assert all("refused our credentials" in r.reply and r.unreachable for r in results)

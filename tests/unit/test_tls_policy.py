@@ -188,6 +188,23 @@ def test_the_delivery_tls_keys(tmp_path: Path) -> None:
         ({"tls_policy": {"not a domain": "may"}}, r"\[delivery\] tls_policy: not a domain"),
         ({"smarthost_tls": "none"}, r"\[delivery\] smarthost_tls: must be one of"),
         ({"smarthost_auth_file": "auth"}, "smarthost_auth_file and smarthost_tls need a smarthost"),
+        (
+            {
+                "smarthost": "relay.example:587",
+                "smarthost_auth_file": "auth",
+                "smarthost_tls": "may",
+            },
+            r"smarthost_tls = 'may' with smarthost_auth_file: the password would go to a "
+            "smarthost whose certificate is not verified",
+        ),
+        (
+            {
+                "smarthost": "relay.example:587",
+                "smarthost_auth_file": "a",
+                "smarthost_tls": "encrypt",
+            },
+            r"smarthost_tls = 'encrypt' with smarthost_auth_file",
+        ),
     ],
 )
 def test_bad_tls_settings_name_the_key(
