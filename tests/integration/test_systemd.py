@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from gsmtp import db
+from gsmtp.workers import TICK_SECONDS
 from tests.integration.conftest import Factory
 from tests.integration.harness import (
     REPOSITORY,
@@ -235,7 +236,8 @@ def _connections_on_both_workers(gsmtp: GsmtpProcess) -> list[SmtpWire]:
             lambda n=number: gsmtp.events("connection_opened", peer=f"127.0.1.{n}"),
             what="the connection in the log",
         )
-        workers = {event["worker"] for event in gsmtp.events("connection_opened")}
+        mine = [e for e in gsmtp.events("connection_opened") if e["peer"].startswith("127.0.1.")]
+        workers = {event["worker"] for event in mine}
         if workers == {0, 1}:
             return wires
     raise AssertionError("40 connections, all taken by one worker")
@@ -246,8 +248,9 @@ def test_two_workers_ready_status_reloading_and_stopping(
 ) -> None:
     """The supervisor sends READY=1 once both workers bound their listeners and opened
     their shards (their `server_started` lines are logged before it arrives), STATUS=
-    with both workers' connections summed, RELOADING=1 at SIGHUP and READY=1 once both
-    workers reloaded, STOPPING=1 at SIGTERM; the workers themselves send nothing."""
+    with both workers' connections summed, RELOADING=1 at SIGHUP and READY=1 only once
+    both workers reloaded (worker 1 is stopped meanwhile), STOPPING=1 at SIGTERM; the
+    workers themselves send nothing."""
     gsmtp = gsmtp_factory(TWO_WORKERS, start=False)
     gsmtp.env = {"NOTIFY_SOCKET": receiver.name}
     logged_at: dict[str, list[dict[str, object]]] = {}
@@ -273,9 +276,19 @@ def test_two_workers_ready_status_reloading_and_stopping(
             wire.sock.close()
     after = receiver.first("STATUS=0 connections open", after=ready + 1)
 
-    gsmtp.signal(signal.SIGHUP)
-    reloading = receiver.first("RELOADING=1", after=after)
-    assert receiver.messages()[reloading].split("\n")[1].startswith("MONOTONIC_USEC=")
+    # Worker 1 is held still: worker 0 reloads, and the node stays "reloading" (no
+    # READY=1 over two turns of the supervisor's loop) until worker 1 has reloaded too.
+    (slow,) = gsmtp.events("worker_started", worker=1)
+    os.kill(slow["pid"], signal.SIGSTOP)
+    try:
+        gsmtp.signal(signal.SIGHUP)
+        reloading = receiver.first("RELOADING=1", after=after)
+        assert receiver.messages()[reloading].split("\n")[1].startswith("MONOTONIC_USEC=")
+        wait_for(lambda: gsmtp.events("config_reloaded", worker=0), what="worker 0's reload")
+        time.sleep(2 * TICK_SECONDS)  # what must not happen: READY=1 meanwhile
+        assert not any(t.startswith("READY") for t in receiver.messages()[reloading:])
+    finally:
+        os.kill(slow["pid"], signal.SIGCONT)
     reloaded = receiver.first("READY=1", after=reloading)
     assert sorted(event["worker"] for event in logged_at["config_reloaded"]) == [0, 1]
 
