@@ -66,9 +66,17 @@ from gsmtp.routing import Router
 from gsmtp.server import CUT_SECONDS, Deadlines, SmtpServer
 from gsmtp.spool import Spool
 from gsmtp.supervision import EXIT_COMPONENT_DIED, STALL_SECONDS, Progress, Supervisor
-from gsmtp.systemd import SystemdNotifier, listen_fds
+from gsmtp.systemd import SystemdNotifier, listen_fds, status_text
 from gsmtp.tls import ServerTls, TlsError, server_context
-from gsmtp.worker_link import ALIVE, HEARTBEAT_SECONDS, READY, SINGLE_PROCESS, Reporter, Role
+from gsmtp.worker_link import (
+    ALIVE,
+    HEARTBEAT_SECONDS,
+    READY,
+    RELOADED,
+    SINGLE_PROCESS,
+    Reporter,
+    Role,
+)
 
 # One thread creates, writes and links all Maildir files. More threads, each giving up and
 # retaking the GIL around every file syscall, starve the event loop (a GIL convoy):
@@ -272,7 +280,7 @@ class Application:
                 address: socket.socket(fileno=descriptor)
                 for address, descriptor in role.listeners.items()
             },
-            inherited=listen_fds() if listen_sockets is None else listen_sockets,
+            inherited=_inherited_sockets(role, listen_sockets),
             dkim=lambda: self._dkim,
         )
         self._metrics_server: Any = None
@@ -459,7 +467,7 @@ class Application:
                 Task("queue_gauges", QUEUE_GAUGES_SECONDS, self._refresh_gauges),
                 *(
                     [Task("systemd_status", STATUS_SECONDS, self._report_status)]
-                    if self.notifier.enabled
+                    if self.notifier.enabled or self._reporter is not None
                     else []
                 ),
             ],
@@ -492,19 +500,21 @@ class Application:
                 "watchdog", self.notifier.run_watchdog, self._liveness
             )
         if self._reporter is not None:
+            log.flush()  # this worker's lines first, then the node's READY=1
             self._reporter.send(READY)
             self.supervisor.spawn("heartbeat", self._heartbeat)
 
     def _heartbeat(self) -> None:
         """Tell the workers' supervisor this worker is alive while no component has
-        died (gsmtp.worker_link); stop when the supervisor is gone."""
+        died, with its counts and whether every component makes progress (what the
+        node's watchdog needs, gsmtp.worker_link); stop when the supervisor is gone."""
         assert self._reporter is not None
         while True:
             gevent.sleep(HEARTBEAT_SECONDS)
             if self.supervisor.death is not None:
                 continue  # the process is on its way out: no more "alive"
-            status = {"connections": self.server.connections}
-            if not self._reporter.send(ALIVE, status):
+            status = {"connections": self.server.connections, "queued": self._queued}
+            if not self._reporter.send(ALIVE, status, self._liveness()):
                 self._log.error("supervisor_gone")
                 self._stop_requested.set()
                 return
@@ -663,6 +673,9 @@ class Application:
             applied = self._reload()
         finally:
             self.notifier.ready(self._status_text())
+            if self._reporter is not None:
+                log.flush()  # this worker's lines first, then the node's READY=1
+                self._reporter.send(RELOADED)  # the supervisor's READY=1 waits for it
         metrics.RELOADS.labels("ok" if applied else "failed").inc()
         metrics.RELOAD_SUCCESSFUL.set(1 if applied else 0)
         if applied:
@@ -751,14 +764,15 @@ class Application:
     def _liveness(self) -> str | None:
         """For the watchdog: None while the writer, the readers, the queue runner and
         the other supervised components are alive (the event loop is, if this runs)."""
-        limit = self.notifier.watchdog_seconds or STALL_SECONDS
+        limit = self.notifier.watchdog_seconds or self.role.watchdog_seconds or STALL_SECONDS
         return self.supervisor.liveness(stall_limit=limit)
 
     def _status_text(self) -> str:
-        return f"{self.server.connections} connections open, {self._queued} recipients queued"
+        return status_text(self.server.connections, self._queued)
 
     def _report_status(self) -> None:
-        """STATUS= for `systemctl status`; the count is taken on the reader thread."""
+        """STATUS= for `systemctl status` (a worker's heartbeat carries the count to
+        its supervisor instead); the count is taken on the reader thread."""
         self._queued = self._bodies.run(_queued_recipients)
         self.notifier.status(self._status_text())
 
@@ -900,6 +914,15 @@ def _notice_settings(config: Config) -> NoticeSettings:
 
 def _resolver(config: Config) -> DnsResolver:
     return DnsResolver([(n.host, n.port) for n in config.delivery.nameservers])
+
+
+def _inherited_sockets(role: Role, given: Sequence[socket.socket] | None) -> list[socket.socket]:
+    """Socket activation's sockets: those given, else $LISTEN_FDS's. A worker of several
+    takes none: its supervisor took them and shares them as `role.listeners` (and a
+    worker must never read the supervisor's $LISTEN_FDS as its own)."""
+    if given is not None:
+        return list(given)
+    return [] if role.count > 1 else listen_fds()
 
 
 def _smarthost(config: Config) -> Smarthost | None:

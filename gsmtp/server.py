@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import ipaddress
 import itertools
 import socket
 import ssl
@@ -74,7 +73,7 @@ from gsmtp.protocol.session import (
 from gsmtp.protocol.session import (
     Event as SessionEvent,
 )
-from gsmtp.sockets import bind_listener
+from gsmtp.sockets import bind_listener, take_bound
 from gsmtp.spool import Spool
 from gsmtp.tls import ServerTls
 
@@ -309,10 +308,7 @@ class SmtpServer:
     def _take_inherited(self, host: str, port: int) -> socket.socket | None:
         """The socket systemd passed for this address, if any (matched by the address
         it is bound to: ListenStream= must name the address `listen` names)."""
-        for index, candidate in enumerate(self._inherited):
-            if _bound_to(candidate, host, port):
-                return self._inherited.pop(index)
-        return None
+        return take_bound(self._inherited, host, port)
 
     def health(self) -> str | None:
         """None while every listener accepts; else which one stopped (a supervisor's
@@ -942,18 +938,6 @@ class _Connection:
         )
         self._server._on_queued()
         return replies.queued(message_id)
-
-
-def _bound_to(sock: socket.socket, host: str, port: int) -> bool:
-    try:
-        name = sock.getsockname()
-        return (
-            isinstance(name, tuple)
-            and name[1] == port
-            and ipaddress.ip_address(name[0]) == ipaddress.ip_address(host)
-        )
-    except (OSError, ValueError):
-        return False
 
 
 def _recv_exactly(sock: Any, size: int) -> None:

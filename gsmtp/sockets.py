@@ -6,6 +6,7 @@ a worker wraps the inherited descriptor in gevent's socket after monkey-patching
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 BACKLOG = 1024
@@ -26,3 +27,25 @@ def bind_listener(host: str, port: int) -> socket.socket:
         listener.close()
         raise
     return listener
+
+
+def bound_to(sock: socket.socket, host: str, port: int) -> bool:
+    """Whether `sock` is bound to host:port (how a socket systemd passed is matched to
+    a configured address: ListenStream= must name the address `listen` names)."""
+    try:
+        name = sock.getsockname()
+        return (
+            isinstance(name, tuple)
+            and name[1] == port
+            and ipaddress.ip_address(name[0]) == ipaddress.ip_address(host)
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def take_bound(sockets: list[socket.socket], host: str, port: int) -> socket.socket | None:
+    """The socket of `sockets` bound to host:port, removed from the list; None if none."""
+    for index, candidate in enumerate(sockets):
+        if bound_to(candidate, host, port):
+            return sockets.pop(index)
+    return None

@@ -8,9 +8,15 @@ Without $NOTIFY_SOCKET every message is a no-op, so the server runs the same und
 systemd or not.
 
 `SystemdNotifier` is the one place the messages are produced. Whoever is the unit's main
-process drives it: today the single server process (app.py); with several workers the
-supervisor process, which passes a liveness predicate that sums up every worker's. The
-environment is read once, by `from_environment()`, in the composition root.
+process drives it: the single server process (app.py); with several workers the
+supervisor process (gsmtp.workers), through `NodeNotifier`, which turns the node's
+health (every worker's, summed up) into the same messages. The environment is read
+once, by `from_environment()`, in the composition root or the supervisor, which then
+removes the variables so that no worker acts on them.
+
+Standard library only at import (gevent is imported by `run_watchdog` when no `sleep`
+is given): the supervisor, which forks its workers before gevent may be imported,
+uses this module too.
 
 The watchdog (WatchdogSec=): `run_watchdog(alive)` sends WATCHDOG=1 every half of
 $WATCHDOG_USEC, but only while `alive()` returns None. It runs on the event loop, so a
@@ -24,14 +30,22 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping, MutableMapping
-from typing import Any
-
-import gevent
+from typing import TYPE_CHECKING, Any
 
 from gsmtp.log import get_logger
 
+if TYPE_CHECKING:
+    from gsmtp.workers import NodeHealth
+
 SD_LISTEN_FDS_START = 3
 Liveness = Callable[[], str | None]  # None: every component alive; else what is not
+# What systemd's notification variables are: a worker must not act on them.
+NOTIFY_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def status_text(connections: int, queued: int) -> str:
+    """STATUS= as `systemctl status` shows it, for one process or the node."""
+    return f"{connections} connections open, {queued} recipients queued"
 
 
 def _socket_address(name: str) -> str | bytes:
@@ -55,7 +69,7 @@ class SystemdNotifier:
         *,
         watchdog_usec: int | None = None,
         clock_usec: Callable[[], int] = lambda: time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000,
-        sleep: Callable[[float], Any] = gevent.sleep,
+        sleep: Callable[[float], Any] | None = None,  # None: gevent.sleep
     ) -> None:
         self._address = address
         self._watchdog_usec = watchdog_usec if address else None
@@ -152,9 +166,66 @@ class SystemdNotifier:
         interval = self.watchdog_interval
         if interval is None:
             return
+        sleep = self._sleep
+        if sleep is None:
+            import gevent  # here, not at import: see the module docstring
+
+            sleep = gevent.sleep
         while True:
             self.watchdog_tick(alive)
-            self._sleep(interval)
+            sleep(interval)
+
+
+class NodeNotifier:
+    """The workers' supervisor speaking for the node (`update` receives every
+    `NodeHealth`, gsmtp.workers): READY=1 once every worker is ready (its listeners
+    bound, its shard open); RELOADING=1 while a forwarded SIGHUP is being applied and
+    READY=1 once every worker has reloaded; STOPPING=1 once the node stops; STATUS= with
+    the workers' counts summed, when it changes; WATCHDOG=1 every `watchdog_interval`
+    while every worker reports its writer, queue runner and event loop alive. Nothing
+    before the first READY=1 but that, nothing after STOPPING=1."""
+
+    def __init__(
+        self, notifier: SystemdNotifier, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.notifier = notifier
+        self._clock = clock
+        self._ready = False
+        self._reloading = False
+        self._stopping = False
+        self._status: str | None = None
+        self._next_ping = 0.0
+
+    def update(self, health: NodeHealth) -> None:
+        notifier = self.notifier
+        if not notifier.enabled or self._stopping:
+            return
+        if health.stopping:
+            self._stopping = True
+            notifier.stopping()
+            return
+        text = status_text(health.status.get("connections", 0), health.status.get("queued", 0))
+        if not self._ready:
+            if health.ready:
+                self._ready = True
+                self._status = text
+                notifier.ready(text)
+            return
+        if health.reloading and not self._reloading:
+            self._reloading = True
+            notifier.reloading()
+        elif self._reloading and not health.reloading:
+            self._reloading = False
+            self._status = text
+            notifier.ready(text)
+        elif text != self._status:
+            self._status = text
+            notifier.status(text)
+        interval = notifier.watchdog_interval
+        now = self._clock()
+        if interval is not None and now >= self._next_ping:
+            self._next_ping = now + interval
+            notifier.watchdog_tick(health.liveness)
 
 
 def listen_fds(environ: MutableMapping[str, str] = os.environ) -> list[socket.socket]:

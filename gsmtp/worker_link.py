@@ -1,11 +1,14 @@
 """What a worker process is given, and the pipe on which it tells its supervisor how it is.
 
 Each worker writes JSON lines to its own pipe: `{"state": "ready"}` once its listeners
-accept and its spool is open, then `{"state": "alive", "status": {...}}` every
-HEARTBEAT_SECONDS while none of its components has died (the writer thread, the queue
-runner and every other long-lived part are watched by its `supervision.Supervisor`; the
-line being written at all shows its event loop turns). `status` holds a few counts the
-supervisor sums for the node. The supervisor reads them (`Lines`) in `gsmtp.workers`.
+accept and its spool is open, then `{"state": "alive", "status": {...}, "problem": ...}`
+every HEARTBEAT_SECONDS (the line being written at all shows its event loop turns).
+`problem` is None while its writer, queue runner and every other long-lived part
+watched by its `supervision.Supervisor` are alive and making progress, else what is
+wrong (the systemd watchdog's test, run in the worker). `status` holds a few counts
+(connections, queued recipients) the supervisor sums for the node. After a SIGHUP
+reload, finished or failed, `{"state": "reloaded"}`. The supervisor reads them
+(`Lines`) in `gsmtp.workers`.
 
 Writes never block the worker: the pipe is non-blocking and a line that does not fit
 is dropped (the next heartbeat says the same). A write that fails otherwise means the
@@ -24,7 +27,9 @@ from dataclasses import dataclass, field
 HEARTBEAT_SECONDS = 1.0
 READY = "ready"
 ALIVE = "alive"
+RELOADED = "reloaded"
 _MAX_LINE = 4096
+_MAX_PROBLEM = 512  # a line always fits in _MAX_LINE
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +43,9 @@ class Role:
     listeners: Mapping[tuple[str, int], int] = field(default_factory=dict)
     metrics: int | None = None  # the /metrics listener's descriptor, shared likewise
     report: int | None = None  # the write end of this worker's pipe
+    # The node's WatchdogSec= (the supervisor's $WATCHDOG_USEC): how long a component
+    # may go without progress before this worker's heartbeat reports it.
+    watchdog_seconds: float | None = None
 
 
 SINGLE_PROCESS = Role()
@@ -47,6 +55,7 @@ SINGLE_PROCESS = Role()
 class Report:
     state: str
     status: Mapping[str, int] = field(default_factory=dict)
+    problem: str | None = None  # None: every component of the worker alive
 
 
 class Reporter:
@@ -57,11 +66,15 @@ class Reporter:
         os.set_blocking(descriptor, False)
         self.closed = False
 
-    def send(self, state: str, status: Mapping[str, int] | None = None) -> bool:
+    def send(
+        self, state: str, status: Mapping[str, int] | None = None, problem: str | None = None
+    ) -> bool:
         """False once the supervisor is gone (its end of the pipe closed)."""
         if self.closed:
             return False
-        line = json.dumps({"state": state, "status": dict(status or {})}).encode() + b"\n"
+        reason = problem[:_MAX_PROBLEM] if problem is not None else None
+        fields = {"state": state, "status": dict(status or {}), "problem": reason}
+        line = json.dumps(fields).encode() + b"\n"
         try:
             os.write(self._descriptor, line)
         except BlockingIOError:
@@ -88,8 +101,9 @@ class Lines:
                 raw = json.loads(line)
                 state = raw["state"]
                 status = {str(k): int(v) for k, v in raw.get("status", {}).items()}
+                problem = raw.get("problem")
             except (ValueError, TypeError, KeyError, AttributeError):
                 continue
             if isinstance(state, str):
-                reports.append(Report(state, status))
+                reports.append(Report(state, status, str(problem) if problem else None))
         return reports

@@ -6,7 +6,8 @@ This process only binds, forks, watches and forwards; it runs no event loop and 
 opens a spool, so there is little in it to go wrong:
 
 - It takes the node's lock `<spool.path>.lock` first (a second `serve` exits 2 naming
-  this process's PID), then binds every listener (SMTP, submission, /metrics) once;
+  this process's PID), then binds every listener (SMTP, submission, /metrics) once, or
+  takes the socket systemd passed for that address (socket activation, $LISTEN_FDS);
   the workers inherit the sockets. Bound here rather than with SO_REUSEPORT in each
   worker: a port already in use or not allowed fails the start once, clearly; no other
   process of the same user can join the port and take connections (SO_REUSEPORT lets
@@ -22,20 +23,25 @@ opens a spool, so there is little in it to go wrong:
   shard with a worker of an earlier supervisor still draining.
 - Every worker writes "ready" then "alive" lines on a pipe (gsmtp.worker_link).
   `Workers.health()` turns them into one `NodeHealth` (ready: every worker ready; alive:
-  every worker heard from within ALIVE_SECONDS; status: counts summed), and `on_health`
-  receives it after every change: the one place a systemd notifier reads.
+  every worker heard from within ALIVE_SECONDS and reporting every component alive;
+  reloading: a forwarded SIGHUP not yet confirmed by every worker; status: counts
+  summed), and `on_health` receives it after every turn: the one place systemd's
+  notifier reads (systemd.NodeNotifier: this process is the unit's main PID, so it
+  alone speaks to systemd; the workers are not given $NOTIFY_SOCKET).
 - A worker that ends while the node is not stopping is restarted, after a back-off
   that doubles with each quick death (BACKOFF_FIRST to BACKOFF_MAX) so a crash loop
   does not spin; that includes exit 70, the death of a component inside it. A ready
   worker silent for HANG_SECONDS (its event loop stuck) is killed and restarted. A
   worker that fails before the node has started at all fails the start (exit 1).
 - SIGTERM or SIGINT: forwarded, and the node exits once every worker has (SIGKILL
-  after shutdown_grace + STOP_MARGIN). SIGHUP and SIGUSR1 are forwarded. At SIGHUP this
-  process first reads the file again: a worker restarted later starts from the latest
-  configuration that loaded (not the start-up one: it would relay for a network since
-  removed), and the stop deadline uses its shutdown_grace; settings that need a restart
-  (gsmtp.reload.RESTART) keep their start-up values here too. A file that does not load
-  keeps the previous one (the workers, reading it too, keep theirs).
+  after shutdown_grace + STOP_MARGIN). SIGHUP and SIGUSR1 are forwarded; after a SIGHUP
+  the node counts as reloading until every worker has said "reloaded" (or died, or
+  RELOAD_SECONDS passed: a worker that never answers must not hold READY=1 back). At
+  SIGHUP this process first reads the file again: a worker restarted later starts from
+  the latest configuration that loaded (not the start-up one: it would relay for a
+  network since removed), and the stop deadline uses its shutdown_grace; settings that
+  need a restart (gsmtp.reload.RESTART) keep their start-up values here too. A file
+  that does not load keeps the previous one (the workers, reading it too, keep theirs).
 - Until its handlers are installed, in this process from the start of `serve` and in a
   worker from its fork until its event loop's, SIGHUP and SIGUSR1 are remembered, not
   fatal (gsmtp.early_signals), and acted on once started.
@@ -57,7 +63,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -65,8 +71,9 @@ from types import FrameType
 from gsmtp import early_signals, lockfile, log
 from gsmtp.config import Config, ConfigError, load, parse_host_port
 from gsmtp.reload import in_effect, restart_needed
-from gsmtp.sockets import bind_listener
-from gsmtp.worker_link import ALIVE, HEARTBEAT_SECONDS, READY, Lines, Role
+from gsmtp.sockets import bind_listener, take_bound
+from gsmtp.systemd import NOTIFY_VARIABLES, NodeNotifier, SystemdNotifier, listen_fds
+from gsmtp.worker_link import ALIVE, HEARTBEAT_SECONDS, READY, RELOADED, Lines, Role
 
 EXIT_STARTUP_FAILED = 1
 EXIT_ALREADY_RUNNING = 2
@@ -78,6 +85,7 @@ HANG_SECONDS = 60.0  # a ready worker not heard from for this long is killed
 ALIVE_SECONDS = 3 * HEARTBEAT_SECONDS  # heard from within this: alive
 STOP_MARGIN = 3.0  # after a worker's own deadline (shutdown_grace + 2 s): SIGKILL
 TICK_SECONDS = 1.0
+RELOAD_SECONDS = 30.0  # a worker's "reloaded" awaited this long at most
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 
@@ -91,18 +99,29 @@ class WorkerState:
     ready: bool
     alive: bool
     status: Mapping[str, int] = field(default_factory=dict)
+    problem: str | None = None  # why not alive
 
 
 @dataclass(frozen=True, slots=True)
 class NodeHealth:
     """The node as systemd's notifier needs it: READY=1 once `ready` (every worker
-    ready), WATCHDOG=1 only while `alive` (every worker heard from lately), STATUS=
-    from `status` (each worker's counts summed)."""
+    ready), WATCHDOG=1 only while `alive` (every worker heard from lately, each with
+    its writer, queue runner and loop alive), RELOADING=1 while `reloading`, STOPPING=1
+    once `stopping`, STATUS= from `status` (each worker's counts summed)."""
 
     ready: bool
     alive: bool
     status: Mapping[str, int]
     workers: tuple[WorkerState, ...]
+    reloading: bool = False
+    stopping: bool = False
+
+    def liveness(self) -> str | None:
+        """None while `alive`; else which worker is not, and why (the watchdog's log)."""
+        for worker in self.workers:
+            if not worker.alive:
+                return f"worker {worker.index}: {worker.problem or 'not running'}"
+        return None
 
 
 @dataclass(slots=True)
@@ -115,6 +134,7 @@ class _Worker:
     heard_at: float = 0.0
     started_at: float = 0.0
     status: dict[str, int] = field(default_factory=dict)
+    problem: str | None = None  # from its last heartbeat
     quick_deaths: int = 0
     restart_at: float | None = None
     killed: bool = False
@@ -126,14 +146,20 @@ def serve(
     *,
     run_worker: RunWorker | None = None,
     on_health: Callable[[NodeHealth], None] | None = None,
+    environ: MutableMapping[str, str] = os.environ,
 ) -> int:
     """`gsmtp serve` with `count` workers: the exit status (0 stopped, 1 could not
     start, 2 the spool is served already). `on_health` gets the node's health after
-    every turn of the supervisor's loop (at least every TICK_SECONDS): where a systemd
-    notifier hooks in."""
+    every turn of the supervisor's loop (at least every TICK_SECONDS), after systemd's
+    notifier (from `environ`, whose systemd variables are then removed: the workers
+    inherit neither $NOTIFY_SOCKET nor $LISTEN_FDS)."""
     early_signals.defer()  # until Workers.run installs the handlers (the CLI did too)
     os.umask(0o077)
     log.configure(config.log.level, config.log.format)
+    notifier = NodeNotifier(SystemdNotifier.from_environment(environ))
+    inherited = listen_fds(environ)
+    for name in NOTIFY_VARIABLES:
+        environ.pop(name, None)
     path = lockfile.lock_path(config.spool.path)
     try:
         lock = lockfile.acquire(path)
@@ -148,13 +174,28 @@ def serve(
         return EXIT_ALREADY_RUNNING
     try:
         metrics_dir = _metrics_directory(config.spool.path)
-        sockets = _bind(config)
+        sockets = _bind(config, inherited)
     except _StartError as error:
         lock.release()
         return _failed(str(error))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+    def publish(health: NodeHealth) -> None:
+        notifier.update(health)
+        if on_health is not None:
+            on_health(health)
+
+    interval = notifier.notifier.watchdog_interval
     node = Workers(
-        config, count, sockets, lock, metrics_dir, run_worker=run_worker, on_health=on_health
+        config,
+        count,
+        sockets,
+        lock,
+        metrics_dir,
+        run_worker=run_worker,
+        on_health=publish,
+        watchdog_seconds=notifier.notifier.watchdog_seconds,
+        tick=min(TICK_SECONDS, interval) if interval is not None else TICK_SECONDS,
     )
     try:
         return node.run()
@@ -186,8 +227,12 @@ def _metrics_directory(spool_path: str) -> str:
     return directory
 
 
-def _bind(config: Config) -> dict[tuple[str, int] | str, socket.socket]:
-    """Every listener of the node, by address; "metrics" for the /metrics one."""
+def _bind(
+    config: Config, inherited: list[socket.socket]
+) -> dict[tuple[str, int] | str, socket.socket]:
+    """Every listener of the node, by address; "metrics" for the /metrics one. A socket
+    systemd passed for an address (`inherited`) is used instead of binding it; one for
+    no configured address is closed with a warning."""
     addresses = [
         *config.server.listen,
         *config.submission.listen,
@@ -196,18 +241,31 @@ def _bind(config: Config) -> dict[tuple[str, int] | str, socket.socket]:
     bound: dict[tuple[str, int] | str, socket.socket] = {}
     try:
         for address in addresses:
-            bound[(address.host, address.port)] = _bind_one(address.host, address.port)
+            bound[(address.host, address.port)] = _bind_one(address.host, address.port, inherited)
         if config.metrics.listen:
             address = parse_host_port(config.metrics.listen)
-            bound["metrics"] = _bind_one(address.host, address.port, "[metrics] ")
+            bound["metrics"] = _bind_one(address.host, address.port, inherited, "[metrics] ")
     except _StartError:
         for listener in bound.values():
             listener.close()
         raise
+    finally:
+        for unused in inherited:
+            log.get_logger(component="workers").warning(
+                "inherited_socket_unused", address=str(unused.getsockname())
+            )
+            unused.close()
+        inherited.clear()
     return bound
 
 
-def _bind_one(host: str, port: int, what: str = "") -> socket.socket:
+def _bind_one(
+    host: str, port: int, inherited: list[socket.socket], what: str = ""
+) -> socket.socket:
+    passed = take_bound(inherited, host, port)
+    if passed is not None:
+        log.get_logger(component="workers").info("listener_inherited", host=host, port=port)
+        return passed
     try:
         return bind_listener(host, port)
     except OSError as error:
@@ -222,6 +280,18 @@ def _run_worker(config: Config, role: Role) -> int:
     from gsmtp import app
 
     return app.serve(config, role=role)
+
+
+def _problem(worker: _Worker, now: float) -> str | None:
+    """None while `worker` is alive for the watchdog: ready, heard from within
+    ALIVE_SECONDS, and its last heartbeat reported every component alive."""
+    if worker.pid is None:
+        return "not running"
+    if not worker.ready:
+        return "not ready"
+    if now - worker.heard_at > ALIVE_SECONDS:
+        return f"not heard from for {now - worker.heard_at:.0f}s"
+    return worker.problem
 
 
 class Workers:
@@ -239,6 +309,8 @@ class Workers:
         run_worker: RunWorker | None = None,
         on_health: Callable[[NodeHealth], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        watchdog_seconds: float | None = None,
+        tick: float = TICK_SECONDS,
     ) -> None:
         self._config = config
         self._sockets = sockets
@@ -247,6 +319,10 @@ class Workers:
         self._run_worker = run_worker or _run_worker
         self.on_health = on_health
         self._clock = clock
+        self._watchdog_seconds = watchdog_seconds  # passed on to each worker (its Role)
+        self._tick = tick
+        self._reloading: set[int] = set()  # workers yet to confirm a forwarded SIGHUP
+        self._reload_deadline = 0.0
         self._workers = [_Worker(index) for index in range(count)]
         self._log = log.get_logger(component="workers")
         self._selector = selectors.DefaultSelector()
@@ -267,8 +343,9 @@ class Workers:
                 worker.index,
                 worker.pid,
                 worker.ready and worker.pid is not None,
-                worker.ready and worker.pid is not None and now - worker.heard_at <= ALIVE_SECONDS,
+                _problem(worker, now) is None,
                 dict(worker.status),
+                _problem(worker, now),
             )
             for worker in self._workers
         )
@@ -281,6 +358,8 @@ class Workers:
             alive=all(s.alive for s in states),
             status=summed,
             workers=states,
+            reloading=bool(self._reloading),
+            stopping=self._stopping,
         )
 
     def _publish(self) -> None:
@@ -321,6 +400,9 @@ class Workers:
             self._reap()
             log.flush()  # this process has no housekeeping loop: after every turn
             now = self._clock()
+            if self._reloading and now >= self._reload_deadline:
+                self._log.warning("reload_unconfirmed", workers=sorted(self._reloading))
+                self._reloading.clear()
             if self._stopping:
                 if all(worker.pid is None for worker in self._workers):
                     break
@@ -342,7 +424,7 @@ class Workers:
 
     def _timeout(self) -> float:
         now = self._clock()
-        deadlines = [now + TICK_SECONDS]
+        deadlines = [now + self._tick]
         if self._stopping:
             deadlines.append(self._kill_at)
         else:
@@ -361,6 +443,11 @@ class Workers:
                 if signum == signal.SIGHUP:
                     self._reload()
                 self._log.info("signal_forwarded", signal=signal.Signals(signum).name)
+                if signum == signal.SIGHUP and not self._stopping:
+                    # Ready workers answer "reloaded"; one not ready yet reads the new
+                    # file as it starts.
+                    self._reloading |= {w.index for w in self._workers if w.ready}
+                    self._reload_deadline = self._clock() + RELOAD_SECONDS
                 self._signal_all(signum)
 
     def _reload(self) -> None:
@@ -384,6 +471,7 @@ class Workers:
         for worker in self._workers:
             worker.restart_at = None
         self._signal_all(signal.SIGTERM)
+        self._publish()  # STOPPING=1 at once
 
     def _signal_all(self, signum: int) -> None:
         for worker in self._workers:
@@ -423,6 +511,7 @@ class Workers:
             },
             metrics=self._sockets["metrics"].fileno() if "metrics" in self._sockets else None,
             report=write,
+            watchdog_seconds=self._watchdog_seconds,
         )
         log.flush()
         sys.stdout.flush()
@@ -446,7 +535,7 @@ class Workers:
         os.set_blocking(read, False)
         now = self._clock()
         worker.pid, worker.pipe, worker.lines = pid, read, Lines()
-        worker.ready, worker.killed, worker.status = False, False, {}
+        worker.ready, worker.killed, worker.status, worker.problem = False, False, {}, None
         worker.started_at = worker.heard_at = now
         worker.restart_at = None
         self._selector.register(read, selectors.EVENT_READ, worker)
@@ -496,6 +585,11 @@ class Workers:
                     self._log.info("workers_started", workers=len(self._workers), pids=pids)
             elif report.state == ALIVE:
                 worker.status = dict(report.status)
+                worker.problem = report.problem
+            elif report.state == RELOADED and worker.index in self._reloading:
+                self._reloading.discard(worker.index)
+                if not self._reloading:
+                    self._log.info("workers_reloaded", workers=len(self._workers))
 
     def _close_pipe(self, worker: _Worker) -> None:
         if worker.pipe is not None:
@@ -517,6 +611,7 @@ class Workers:
 
     def _ended(self, worker: _Worker, code: int) -> None:
         self._close_pipe(worker)
+        self._reloading.discard(worker.index)  # restarted, it reads the new file
         self._forget_live_gauges(worker.pid)
         pid, worker.pid, worker.ready = worker.pid, None, False
         now = self._clock()

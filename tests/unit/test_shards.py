@@ -102,6 +102,7 @@ def test_reports_cross_the_pipe_whole(tmp_path: Path) -> None:
     read, write = os.pipe()
     reporter = Reporter(write)
     assert reporter.send(READY) and reporter.send(ALIVE, {"connections": 3})
+    assert reporter.send(ALIVE, {"queued": 2}, "writer: no progress for 9s")
     data = os.read(read, 4096)
     lines = Lines()
     # Split anywhere: a report is taken only once its line is complete.
@@ -109,6 +110,7 @@ def test_reports_cross_the_pipe_whole(tmp_path: Path) -> None:
     assert lines.feed(data[5:] + b"garbage\n") == [
         Report(READY, {}),
         Report(ALIVE, {"connections": 3}),
+        Report(ALIVE, {"queued": 2}, "writer: no progress for 9s"),
     ]
     os.close(read)
     assert not reporter.send(ALIVE)  # the supervisor is gone

@@ -14,7 +14,8 @@ import pytest
 
 from gsmtp import db
 from gsmtp.supervision import Supervisor
-from gsmtp.systemd import SystemdNotifier, listen_fds
+from gsmtp.systemd import NodeNotifier, SystemdNotifier, listen_fds
+from gsmtp.workers import NodeHealth, WorkerState
 from gsmtp.writer import GroupCommitter
 from tests.unit.test_supervision import FakeClock
 
@@ -164,3 +165,62 @@ def test_sockets_passed_to_another_process_are_left_alone() -> None:
     assert listen_fds(environ) == []
     assert environ == {"LISTEN_PID": "1", "LISTEN_FDS": "1"}
     assert listen_fds({}) == []
+
+
+def _node(
+    *alive: str | None, ready: bool = True, reloading: bool = False, stopping: bool = False
+) -> NodeHealth:
+    """Two workers with 1 and 2 connections and 3 and 4 queued; `alive`: each one's
+    problem (None: alive)."""
+    workers = tuple(
+        WorkerState(i, 100 + i, ready, ready and p is None, {"connections": i + 1}, p)
+        for i, p in enumerate(alive)
+    )
+    return NodeHealth(
+        ready=all(w.ready for w in workers),
+        alive=all(w.alive for w in workers),
+        status={"connections": 3, "queued": 7},
+        workers=workers,
+        reloading=reloading,
+        stopping=stopping,
+    )
+
+
+def test_the_node_notifier_speaks_for_every_worker(receiver: tuple[socket.socket, str]) -> None:
+    """The supervisor's messages: nothing until every worker is ready, READY=1 with the
+    summed STATUS=, RELOADING=1 then READY=1 once the reload is confirmed, WATCHDOG=1
+    only while every worker reports its components alive, STOPPING=1 and then silence."""
+    sock, name = receiver
+    clock = FakeClock()
+    node = NodeNotifier(
+        SystemdNotifier(name, watchdog_usec=2_000_000, clock_usec=lambda: 42), clock=clock
+    )
+    node.update(_node(None, None, ready=False))
+    assert messages(sock) == []
+    node.update(_node(None, None))
+    assert messages(sock) == ["READY=1\nSTATUS=3 connections open, 7 recipients queued"]
+    node.update(_node(None, None))
+    assert messages(sock) == ["WATCHDOG=1"]
+    clock.now += 0.5
+    node.update(_node(None, None))
+    assert messages(sock) == []  # the next ping is due after 1 s (WatchdogSec= / 2)
+    clock.now += 1.0
+    node.update(_node(None, "writer: no progress for 3s with 1 request(s) pending"))
+    assert messages(sock) == []  # withheld: worker 1's writer is stuck
+    clock.now += 1.0
+    node.update(_node(None, None, reloading=True))
+    assert messages(sock) == ["RELOADING=1\nMONOTONIC_USEC=42", "WATCHDOG=1"]
+    node.update(_node(None, None, reloading=True))
+    assert messages(sock) == []
+    node.update(_node(None, None))
+    assert messages(sock) == ["READY=1\nSTATUS=3 connections open, 7 recipients queued"]
+    node.update(_node(None, None, stopping=True))
+    node.update(_node(None, None, stopping=True))
+    clock.now += 5.0
+    node.update(_node(None, None))
+    assert messages(sock) == ["STOPPING=1"]
+
+
+def test_node_liveness_names_the_worker_and_its_problem() -> None:
+    assert _node(None, None).liveness() is None
+    assert _node(None, "queue died: boom").liveness() == "worker 1: queue died: boom"
