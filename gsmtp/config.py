@@ -222,12 +222,20 @@ def load_collecting(path: Path) -> tuple[Config, list[str]]:
     """The configuration with every key that could not be used left at its default, and
     the problems found (`check-config` reports them all, then checks files)."""
     try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
+        data = path.read_bytes()
+        # TOML is UTF-8: decoded here so that a byte saved in another encoding (a
+        # Latin-1 comment) is a problem naming where it is, not a UnicodeDecodeError.
+        raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         return Config(path=str(path)), [f"{path}: file not found"]
     except OSError as error:
         return Config(path=str(path)), [f"{path}: cannot read: {error.strerror}"]
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        return Config(path=str(path)), [
+            f"{path}: not UTF-8: byte 0x{data[error.start]:02x} at offset {error.start}"
+            f" (line {line}); save the file as UTF-8"
+        ]
     except tomllib.TOMLDecodeError as error:
         return Config(path=str(path)), [f"{path}: not valid TOML: {error}"]
     return parse_collecting(raw, path)
