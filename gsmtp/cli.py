@@ -466,7 +466,10 @@ def _queue(args: argparse.Namespace, config: Any) -> int:
         except queue_cli.QueueCliError as error:
             raise _CliError(str(error)) from None
     action: Callable[[Any, argparse.Namespace], int] = _QUEUE_ACTIONS[args.action]
-    status = action(EveryShard([SpoolAdmin(c) for c in _open_shards(config)]), args)
+    try:
+        status = action(EveryShard([SpoolAdmin(c) for c in _open_shards(config)]), args)
+    except queue_cli.QueueCliError as error:
+        raise _CliError(str(error)) from None
     if args.action == "bounce":
         queue_cli.wake(config.spool.path)
     return status

@@ -144,6 +144,25 @@ def test_filters_delete_and_summary(
     assert text[1].split()[:3] == ["TOTAL", "2", "2"]
     refused = gsmtp.cli("queue", "delete", check=False)
     assert refused.returncode == 1 and "give message ids, filters, or --all" in refused.stderr
+    # An empty filter value (`--sender "$UNSET"`) would select every message: refused.
+    for command in (
+        ("delete", "--sender", ""),
+        ("delete", "--recipient", " "),
+        ("delete", "--domain", ""),
+        ("hold", "--domain", "."),
+        ("list", "--sender", ""),
+        ("flush", "--domain", ""),
+    ):
+        empty = gsmtp.cli("queue", *command, check=False)
+        assert empty.returncode == 1, command
+        assert "an empty value would select every message" in empty.stderr, command
+        assert "Traceback" not in empty.stderr
+    assert len(gsmtp.spool_rows("SELECT id FROM messages")) == 2
+    assert gsmtp.spool_rows("SELECT COUNT(*) FROM messages WHERE held = 1") == [(0,)]
+    # A domain is compared as the spool stores it: any case, with or without the dot.
+    assert gsmtp.cli("queue", "flush", "--domain", "TWO.example.").stdout == "flushed: 1\n"
+    dotted = gsmtp.cli("queue", "list", "--domain", "Two.Example.", "--json").stdout
+    assert [m["id"] for m in json.loads(dotted)] == [second]
     assert gsmtp.cli("queue", "delete", "--sender", "jones", "--domain", "one.example").stdout == (
         f"deleted: {first}\n1 message deleted\n"
     )
