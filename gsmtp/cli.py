@@ -204,6 +204,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except apsw.Error as error:
         print(f"gsmtp: spool {shown(config.spool.path)}: {shown(error)}", file=sys.stderr)
         return 1
+    except (ImportError, LookupError) as error:
+        # A module imported late, after a root CLI became the spool's owner, from an
+        # interpreter that user cannot read (what was done before it stays done).
+        print(
+            f"gsmtp: {shown(error)} (cannot load part of Python as the spool's owner;"
+            " install gsmtp where that user can read it)",
+            file=sys.stderr,
+        )
+        return 1
     except BrokenPipeError:
         # The reader went away (`gsmtp queue list | head`): stop quietly, as cat does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -213,11 +222,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _load_spool_modules() -> None:
     """Import what the spool commands run before a root CLI becomes the spool's owner:
     the interpreter may live where only root can read (a pyenv under /root)."""
+    import codecs
+
     import gsmtp.accounts
     import gsmtp.backup
     import gsmtp.queue_cli
     import gsmtp.queue_control
     import gsmtp.spool_admin  # noqa: F401
+
+    # Text files opened with an explicit encoding (lockfile reads /proc/locks as ASCII)
+    # look their codec up, importing encodings.<name> the first time: cached now.
+    for encoding in ("ascii", "latin-1", "utf-8"):
+        codecs.lookup(encoding)
 
 
 # Commands that open the spool: as root they run as its owner (gsmtp.spool_owner).
