@@ -157,6 +157,9 @@ def _add_may_send_as(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from gsmtp.journal import prefix_stderr_under_journald
+
+    prefix_stderr_under_journald()  # before argparse, whose errors are stderr lines too
     args = build_parser().parse_args(argv)
     os.umask(0o077)
     if args.command == "dkim":
