@@ -108,8 +108,12 @@ def test_a_flush_is_acted_on_at_the_clis_signal(
     sink = start_smarthost()
     assert gsmtp.cli("queue", "flush", "--domain", "remote.example").stdout == "flushed: 1\n"
     wait_received(sink, 1, timeout=5)
-    assert gsmtp.events("queue_signalled", signal="SIGUSR1")
-    (flushed,) = gsmtp.events("queue_flushed", source="cli", domain="remote.example")
+    # The log lines are written out in batches: the delivery may be seen first.
+    wait_for(lambda: gsmtp.events("queue_signalled", signal="SIGUSR1"), what="the signal logged")
+    (flushed,) = wait_for(
+        lambda: gsmtp.events("queue_flushed", source="cli", domain="remote.example"),
+        what="the flush logged",
+    )
     assert flushed["dead_destinations_forgotten"] == 1
 
 
