@@ -157,6 +157,9 @@ def _add_may_send_as(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from gsmtp.journal import prefix_stderr_under_journald
+
+    prefix_stderr_under_journald()  # before argparse, whose errors are stderr lines too
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         # A SIGHUP or SIGUSR1 from here on is remembered, not fatal (its default
@@ -211,6 +214,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except apsw.Error as error:
         print(f"gsmtp: spool {shown(config.spool.path)}: {shown(error)}", file=sys.stderr)
         return 1
+    except (ImportError, LookupError) as error:
+        # A module imported late, after a root CLI became the spool's owner, from an
+        # interpreter that user cannot read (what was done before it stays done).
+        print(
+            f"gsmtp: {shown(error)} (cannot load part of Python as the spool's owner;"
+            " install gsmtp where that user can read it)",
+            file=sys.stderr,
+        )
+        return 1
     except BrokenPipeError:
         # The reader went away (`gsmtp queue list | head`): stop quietly, as cat does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -220,11 +232,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _load_spool_modules() -> None:
     """Import what the spool commands run before a root CLI becomes the spool's owner:
     the interpreter may live where only root can read (a pyenv under /root)."""
+    import codecs
+
     import gsmtp.accounts
     import gsmtp.backup
     import gsmtp.queue_cli
     import gsmtp.queue_control
     import gsmtp.spool_admin  # noqa: F401
+
+    # Text files opened with an explicit encoding (lockfile reads /proc/locks as ASCII)
+    # look their codec up, importing encodings.<name> the first time: cached now.
+    for encoding in ("ascii", "latin-1", "utf-8"):
+        codecs.lookup(encoding)
 
 
 # Commands that open the spool: as root they run as its owner (gsmtp.spool_owner).
@@ -473,7 +492,10 @@ def _queue(args: argparse.Namespace, config: Any) -> int:
         except queue_cli.QueueCliError as error:
             raise _CliError(str(error)) from None
     action: Callable[[Any, argparse.Namespace], int] = _QUEUE_ACTIONS[args.action]
-    status = action(EveryShard([SpoolAdmin(c) for c in _open_shards(config)]), args)
+    try:
+        status = action(EveryShard([SpoolAdmin(c) for c in _open_shards(config)]), args)
+    except queue_cli.QueueCliError as error:
+        raise _CliError(str(error)) from None
     if args.action == "bounce":
         queue_cli.wake(config.spool.path)
     return status

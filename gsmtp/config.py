@@ -222,12 +222,20 @@ def load_collecting(path: Path) -> tuple[Config, list[str]]:
     """The configuration with every key that could not be used left at its default, and
     the problems found (`check-config` reports them all, then checks files)."""
     try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
+        data = path.read_bytes()
+        # TOML is UTF-8: decoded here so that a byte saved in another encoding (a
+        # Latin-1 comment) is a problem naming where it is, not a UnicodeDecodeError.
+        raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         return Config(path=str(path)), [f"{path}: file not found"]
     except OSError as error:
         return Config(path=str(path)), [f"{path}: cannot read: {error.strerror}"]
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        return Config(path=str(path)), [
+            f"{path}: not UTF-8: byte 0x{data[error.start]:02x} at offset {error.start}"
+            f" (line {line}); save the file as UTF-8"
+        ]
     except tomllib.TOMLDecodeError as error:
         return Config(path=str(path)), [f"{path}: not valid TOML: {error}"]
     return parse_collecting(raw, path)
@@ -383,11 +391,19 @@ def _port(value: Any) -> int:
     return port
 
 
+# No setting is meant to be longer: a longer value is a typo, and one large enough
+# ("99999999999999999999d") overflows the timers and dates it is added to.
+MAX_DURATION_SECONDS = 10 * 365 * 86400.0
+
+
 def _seconds(value: Any) -> float:
     match = _DURATION.match(_string(value).strip())
     if not match:
         raise ValueError(f'expected a duration like "30s", "5m", "1h" or "5d", got {value!r}')
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"{value!r} is longer than 10 years (3650d), the longest duration")
+    return seconds
 
 
 def parse_duration(value: Any) -> float:
@@ -591,13 +607,23 @@ _GENERIC: dict[str, Any] = {
 }
 
 
+# Each worker is a process with its own spool shard (a SQLite file and its WAL, opened by
+# every CLI queue command) and an equal share of the node-wide limits (rounded up to at
+# least 1, so that many workers stretch them): beyond 256, more than any host's cores, the
+# value is a typo that would fork thousands of processes and create as many shards.
+MAX_WORKERS = 256
+
+
 def _workers(value: Any) -> int | None:
     """ "auto" (one per CPU) → None, else a whole number of processes."""
     if value == "auto":
         return None
     if isinstance(value, str):
         raise ValueError(f'expected "auto" or a whole number, got {value!r}')
-    return _positive_int(value)
+    workers = _positive_int(value)
+    if workers > MAX_WORKERS:
+        raise ValueError(f"must be 1-{MAX_WORKERS}, got {workers}")
+    return workers
 
 
 def _non_empty_string(value: Any) -> str:
@@ -734,7 +760,7 @@ def format_size(size: int) -> str:
 
 def worker_count(config: Config) -> int:
     """How many worker processes `server.workers` asks for ("auto": one per CPU)."""
-    return config.server.workers or os.cpu_count() or 1
+    return config.server.workers or min(os.cpu_count() or 1, MAX_WORKERS)
 
 
 def _share(limit: int, workers: int) -> int:

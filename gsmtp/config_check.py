@@ -27,6 +27,8 @@ def environment_problems(config: Config) -> list[str]:
             problem = _unreadable(Path(path))
             if problem:
                 problems.append(f"[tls] {key}: {problem}")
+    if config.tls.enabled and not problems:
+        problems += _tls_pair_problems(config)
     spool = Path(config.spool.path)
     problem = _not_creatable(spool.parent) or _not_writable_file(spool)
     if problem:
@@ -34,6 +36,8 @@ def environment_problems(config: Config) -> list[str]:
     problem = _not_creatable(Path(config.maildir.root))
     if problem:
         problems.append(f"[maildir] root: {problem}")
+    if config.maildir.group and _group_id(config.maildir.group) is None:
+        problems.append(f"[maildir] group: group {config.maildir.group!r} does not exist")
     problems += _delivery_file_problems(config)
     problems += _dkim_key_problems(config)
     return [f"{config.path}: {problem}" for problem in problems]
@@ -57,6 +61,28 @@ def _delivery_file_problems(config: Config) -> list[str]:
         except TlsClientError as error:
             problems.append(f"[delivery] ca_file: {error}")
     return problems
+
+
+def _tls_pair_problems(config: Config) -> list[str]:
+    """The certificate and key loaded as a pair, as `serve` (and a reload) loads them:
+    readable files are not enough (garbage, or a key of another certificate)."""
+    from gsmtp.tls import TlsError, server_context
+
+    try:
+        server_context(config.tls.cert, config.tls.key, config.tls.min_version)
+    except TlsError as error:
+        return [f"[tls] {error}"]
+    return []
+
+
+def _group_id(name: str) -> int | None:
+    """The id of the group `name` (maildir.group), None if there is no such group."""
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
 
 
 def _dkim_key_problems(config: Config) -> list[str]:
@@ -112,6 +138,8 @@ def _not_creatable(directory: Path) -> str | None:
 
 
 def _not_writable_file(path: Path) -> str | None:
+    if path.is_dir():
+        return f"{path} is a directory (spool.path names the database file)"
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
         return f"{path} cannot be read and written"
     return None

@@ -18,13 +18,14 @@ inode, systemd.exec(5)), each line starts with its syslog priority, `<3>` for er
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 import orjson
 import structlog
+
+from gsmtp.journal import under_journald
 
 _MAX_FIELD = 200
 FLUSH_SECONDS = 0.1
@@ -97,20 +98,6 @@ def set_level(level: str) -> None:
 
 # structlog level → syslog priority (RFC 5424 severities).
 PRIORITIES = {"critical": 2, "error": 3, "exception": 3, "warning": 4, "info": 6, "debug": 7}
-
-
-def under_journald(stream: Any = None) -> bool:
-    """True when `stream` (stderr) is the stream systemd connected to the journal:
-    JOURNAL_STREAM is "device:inode" of it. A child that inherited the variable but
-    writes elsewhere (a file, a pipe) is not under journald."""
-    expected = os.environ.get("JOURNAL_STREAM", "")
-    if not expected:
-        return False
-    try:
-        status = os.fstat((stream or sys.stderr).fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
-    return expected == f"{status.st_dev}:{status.st_ino}"
 
 
 class _PriorityPrefixed:

@@ -67,11 +67,22 @@ def filter_from(args: argparse.Namespace) -> Filter:
     except ValueError as error:
         raise QueueCliError(f"--older-than: {error}") from None
     return Filter(
-        sender=getattr(args, "sender", None),
-        recipient=getattr(args, "recipient", None),
-        domain=getattr(args, "domain", None),
+        sender=_given(args, "sender"),
+        recipient=_given(args, "recipient"),
+        domain=_given(args, "domain"),
         older_than=older_than,
     )
+
+
+def _given(args: argparse.Namespace, name: str) -> str | None:
+    """The value of a text filter; an empty one (`--sender "$UNSET"`) is refused: it
+    would match every message, and `queue delete` would then delete the whole queue."""
+    value = getattr(args, name, None)
+    if value is None:
+        return None
+    if not value.strip().rstrip("."):
+        raise QueueCliError(f"--{name}: an empty value would select every message")
+    return str(value)
 
 
 def run(connections: Sequence[apsw.Connection], spool_path: str, args: argparse.Namespace) -> int:
@@ -86,7 +97,8 @@ def run(connections: Sequence[apsw.Connection], spool_path: str, args: argparse.
         return 0
     if args.action == "flush":
         ids = args.ids or None
-        count = sum(queue_control.flush(c, now, ids=ids, domain=args.domain) for c in connections)
+        domain = _given(args, "domain")
+        count = sum(queue_control.flush(c, now, ids=ids, domain=domain) for c in connections)
         wake(spool_path)
         if args.json:
             print(json.dumps({"action": "flushed", "id": args.ids or None, "count": count}))

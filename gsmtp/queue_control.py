@@ -162,7 +162,7 @@ def flush(
     them, those of the messages `ids`, or those for `domain`; held messages stay held.
     The number of recipients made due. The server forgets the dead-destination memory of
     every domain flushed (of all when neither ids nor a domain is given)."""
-    domain = domain.lower() if domain else None
+    domain = normal_domain(domain) if domain is not None else None
     conditions = ["status = 'queued'", "next_attempt_at < :unscheduled"]
     if domain is not None:
         conditions.append(f"{DOMAIN_OF_ADDRESS} = :domain")
@@ -253,6 +253,13 @@ def summary(
     return Summary(buckets, dict(sorted(table.items(), key=lambda item: -sum(item[1]))))
 
 
+def normal_domain(domain: str) -> str:
+    """A destination domain as the spool compares it (DOMAIN_OF_ADDRESS of a lower-case
+    address): lower case, without the trailing dot of an absolute name, so that
+    `--domain Remote.Example.` selects the same recipients in list, hold and flush."""
+    return domain.strip().lower().rstrip(".")
+
+
 # -- waking the server ----------------------------------------------------------------------
 
 
@@ -309,9 +316,9 @@ def _where(
     if selection.domain is not None:
         conditions.append(
             "EXISTS (SELECT 1 FROM recipients WHERE message_id = m.id AND status = 'queued'"
-            f" AND {DOMAIN_OF_ADDRESS} = lower(:domain))"
+            f" AND {DOMAIN_OF_ADDRESS} = :domain)"
         )
-        params["domain"] = selection.domain.rstrip(".")
+        params["domain"] = normal_domain(selection.domain)
     if selection.older_than is not None:
         conditions.append("m.received_at <= :before")
         params["before"] = now - selection.older_than

@@ -134,7 +134,7 @@ class QueueShape:
 _QUEUE_STATES = (
     "SELECT state, COUNT(*), TOTAL(size), MIN(received_at) FROM ("
     " SELECT m.size AS size, m.received_at AS received_at, CASE"
-    " WHEN m.corrupt IS NOT NULL THEN 'held'"
+    " WHEN m.corrupt IS NOT NULL OR m.held = 1 THEN 'held'"
     " WHEN MAX(r.claimed_due IS NOT NULL) THEN 'active'"
     " WHEN MAX(r.last_error IS NOT NULL) THEN 'deferred'"
     " ELSE 'active' END AS state"

@@ -549,19 +549,30 @@ class MaildirWriter:
         job.mailbox = None
 
     def _open_root(self) -> int:
+        """The root, created if missing together with every missing directory on the
+        way to it (`maildir.root = "mail/sub"`), each with the directory mode and group
+        of the mailboxes: a parent left 0700 would keep the group (Dovecot) out."""
         if self._root is None:
-            parent = os.path.dirname(self._root_path)
-            made = not os.path.isdir(self._root_path)
-            os.makedirs(self._root_path, mode=0o700, exist_ok=True)
-            if made:
-                parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            missing = []
+            path = os.path.abspath(self._root_path)
+            while not os.path.isdir(path) and os.path.dirname(path) != path:
+                missing.append(path)
+                path = os.path.dirname(path)
+            if missing:
+                parent = os.open(path, _DIRECTORY)
                 try:
-                    self._fsync(parent_fd)
+                    for directory in reversed(missing):
+                        made = _open_directory(
+                            os.path.basename(directory),
+                            parent,
+                            fsync=self._fsync,
+                            permissions=self._permissions,
+                        )
+                        os.close(parent)
+                        parent = made
                 finally:
-                    os.close(parent_fd)
+                    os.close(parent)
             self._root = os.open(self._root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            if made:
-                self._permissions.apply(self._root, self._permissions.directory_mode)
         return self._root
 
     def _open_mailbox(self, root: int, domain: str, local: str) -> _Mailbox:

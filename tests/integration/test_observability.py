@@ -7,8 +7,10 @@ import base64
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from gsmtp.metrics import REJECT_REASONS
 from tests.integration.harness import (
     GsmtpProcess,
     SmtpWire,
+    environment,
     free_port,
     self_signed_certificate,
     wait_for,
@@ -398,3 +401,39 @@ def test_proxy_and_storage_refusals_are_counted(gsmtp_factory: Factory) -> None:
         ),
         what="proxy_denied and storage counted",
     )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_start_under_journald_is_an_error_line(tmp_path: Path, workers: int) -> None:
+    """The plain-text `gsmtp: cannot listen …` written to stderr (by the single process,
+    or by the supervisor of several workers) carries `<3>` under journald, as the JSON
+    lines carry theirs: `journalctl -p err` shows why the start failed."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    config = tmp_path / "gsmtp.toml"
+    config.write_text(
+        f'[server]\nlisten = ["127.0.0.1:{busy.getsockname()[1]}"]\nworkers = {workers}\n'
+        f'[spool]\npath = "{tmp_path}/spool/spool.sqlite"\n[maildir]\nroot = "{tmp_path}/mail"\n'
+        f'[metrics]\nlisten = ""\n'
+    )
+    journal = tmp_path / "journal"
+    with busy, journal.open("w") as stream:
+        status = os.fstat(stream.fileno())
+        subprocess.run(
+            [sys.executable, "-m", "gsmtp", "serve", "-c", str(config)],
+            stdout=stream,
+            stderr=stream,
+            timeout=60,
+            env={**environment(), "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"},
+            check=False,
+        )
+    lines = journal.read_text().splitlines()
+    plain = [
+        line
+        for line in lines
+        if "gsmtp: " in line and not line.lstrip("<0123456789>").startswith("{")
+    ]
+    assert plain, lines
+    assert all(line.startswith("<3>gsmtp: ") for line in plain), plain
+    assert all(line.startswith("<") for line in lines), lines

@@ -108,8 +108,12 @@ def test_a_flush_is_acted_on_at_the_clis_signal(
     sink = start_smarthost()
     assert gsmtp.cli("queue", "flush", "--domain", "remote.example").stdout == "flushed: 1\n"
     wait_received(sink, 1, timeout=5)
-    assert gsmtp.events("queue_signalled", signal="SIGUSR1")
-    (flushed,) = gsmtp.events("queue_flushed", source="cli", domain="remote.example")
+    # The log lines are written out in batches: the delivery may be seen first.
+    wait_for(lambda: gsmtp.events("queue_signalled", signal="SIGUSR1"), what="the signal logged")
+    (flushed,) = wait_for(
+        lambda: gsmtp.events("queue_flushed", source="cli", domain="remote.example"),
+        what="the flush logged",
+    )
     assert flushed["dead_destinations_forgotten"] == 1
 
 
@@ -144,6 +148,25 @@ def test_filters_delete_and_summary(
     assert text[1].split()[:3] == ["TOTAL", "2", "2"]
     refused = gsmtp.cli("queue", "delete", check=False)
     assert refused.returncode == 1 and "give message ids, filters, or --all" in refused.stderr
+    # An empty filter value (`--sender "$UNSET"`) would select every message: refused.
+    for command in (
+        ("delete", "--sender", ""),
+        ("delete", "--recipient", " "),
+        ("delete", "--domain", ""),
+        ("hold", "--domain", "."),
+        ("list", "--sender", ""),
+        ("flush", "--domain", ""),
+    ):
+        empty = gsmtp.cli("queue", *command, check=False)
+        assert empty.returncode == 1, command
+        assert "an empty value would select every message" in empty.stderr, command
+        assert "Traceback" not in empty.stderr
+    assert len(gsmtp.spool_rows("SELECT id FROM messages")) == 2
+    assert gsmtp.spool_rows("SELECT COUNT(*) FROM messages WHERE held = 1") == [(0,)]
+    # A domain is compared as the spool stores it: any case, with or without the dot.
+    assert gsmtp.cli("queue", "flush", "--domain", "TWO.example.").stdout == "flushed: 1\n"
+    dotted = gsmtp.cli("queue", "list", "--domain", "Two.Example.", "--json").stdout
+    assert [m["id"] for m in json.loads(dotted)] == [second]
     assert gsmtp.cli("queue", "delete", "--sender", "jones", "--domain", "one.example").stdout == (
         f"deleted: {first}\n1 message deleted\n"
     )
@@ -180,6 +203,15 @@ def test_a_root_cli_works_on_the_spool_as_its_owner() -> None:
         for args in (("domain", "add", "foo.com"), ("user", "add", "a@foo.com"), ("queue", "list")):
             result = cli(*args)
             assert result.returncode == 0, result.stderr
+        # A lock file left by the server (it names a PID): waking the server reads
+        # /proc/locks as ASCII after the switch to nobody, who may not be able to read
+        # the interpreter's encodings (a pyenv under /root, 0700): loaded before.
+        lock = spool_dir / "spool.sqlite.lock"
+        lock.write_text(f"{os.getpid()}\n")
+        os.chown(lock, nobody.pw_uid, nobody.pw_gid)
+        for args in (("queue", "hold", "--all"), ("queue", "flush"), ("queue", "delete", "--all")):
+            result = cli(*args)
+            assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
         owners = {p.name: (p.stat().st_uid, p.stat().st_gid) for p in spool_dir.iterdir()}
         assert "spool.sqlite" in owners
         assert set(owners.values()) == {(nobody.pw_uid, nobody.pw_gid)}, owners

@@ -126,6 +126,16 @@ def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, message: st
     assert message in str(error.value)
 
 
+def test_a_file_not_in_utf8_is_a_config_error_naming_the_byte(tmp_path: Path) -> None:
+    """A comment saved in Latin-1: a ConfigError (check-config, the CLI, serve and a
+    SIGHUP all report it as such), not a UnicodeDecodeError."""
+    path = tmp_path / "configuration.toml"
+    path.write_bytes('[server]\nhostname = "mx.test"\n# G\u00e9rard\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    assert str(error.value).startswith(f"{path}: not UTF-8: byte 0xe9 at offset 33 (line 3)")
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load(tmp_path / "nope.toml")

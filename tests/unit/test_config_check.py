@@ -62,6 +62,54 @@ def test_files_and_directories_the_configuration_names(tmp_path: Path) -> None:
     ]  # the Maildir root does not exist yet but can be created
 
 
+def test_what_serve_refuses_check_config_refuses(tmp_path: Path) -> None:
+    """A certificate/key pair that is readable but does not load (as serve loads it), a
+    maildir.group that does not exist, a spool.path that is a directory."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a pem\n")
+    (tmp_path / "spooldir").mkdir()
+    path = write(
+        tmp_path,
+        f'[tls]\ncert = "{garbage}"\nkey = "{garbage}"\n[spool]\npath = "spooldir"\n'
+        '[maildir]\ngroup = "no-such-group-zz"\n',
+    )
+    problems = environment_problems(load(path))
+    assert len(problems) == 3, problems
+    assert problems[0].startswith(
+        f"{path}: [tls] cannot load certificate {garbage} and key {garbage}:"
+    )
+    assert problems[1:] == [
+        f"{path}: [spool] path: {tmp_path / 'spooldir'} is a directory"
+        " (spool.path names the database file)",
+        f"{path}: [maildir] group: group 'no-such-group-zz' does not exist",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nworkers = 0\n", "[server] workers: must be at least 1"),
+        ("[server]\nworkers = 257\n", "[server] workers: must be 1-256, got 257"),
+        (
+            '[server]\ntimeout = "99999999999999999999d"\n',
+            "[server] timeout: '99999999999999999999d' is longer than 10 years (3650d)",
+        ),
+        ('[delivery]\nretry = ["5m", "3651d"]\n', "[delivery] retry: '3651d' is longer than"),
+    ],
+)
+def test_absurd_worker_counts_and_durations_are_refused(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(write(tmp_path, text))
+    assert message in str(raised.value)
+
+
+def test_the_largest_worker_count_and_duration_are_accepted(tmp_path: Path) -> None:
+    config = load(write(tmp_path, '[server]\nworkers = 256\ntimeout = "3650d"\n'))
+    assert config.server.workers == 256 and config.server.timeout == 3650 * 86400
+
+
 def check_config(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gsmtp", "check-config", *args],

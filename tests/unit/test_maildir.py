@@ -234,13 +234,15 @@ def test_new_directories_are_fsynced_into_their_parents(tmp_path: Path) -> None:
 
 def test_mode_and_group_apply_to_everything_created(tmp_path: Path) -> None:
     """maildir.mode "0640" and maildir.group: files 0640, directories 0750 (the root
-    gsmtp makes too), all in the group; under the server's umask 077."""
+    gsmtp makes too, and every directory it makes on the way to the root: with
+    `root = "top/mail"` a "top" left 0700 would keep the group out), all in the group;
+    under the server's umask 077."""
     # A group other than the process's own, so that the chown shows.
     others = [g for g in os.getgroups() if g != os.getgid()]
     group = 65534 if os.geteuid() == 0 else (others[0] if others else None)
     if group is None:
         pytest.skip("this user belongs to no second group to give the files")
-    root = tmp_path / "mail"
+    root = tmp_path / "top" / "mail"
     previous = os.umask(0o077)
     try:
         writer = MaildirDeliverer(
@@ -256,7 +258,8 @@ def test_mode_and_group_apply_to_everything_created(tmp_path: Path) -> None:
     (file,) = list((box / "new").iterdir())
     assert stat.S_IMODE(file.stat().st_mode) == 0o640
     assert file.stat().st_gid == group
-    for directory in (root, root / "local.example", box, box / "new", box / "tmp", box / "cur"):
+    made = (root.parent, root, root / "local.example", box, box / "new", box / "tmp", box / "cur")
+    for directory in made:
         assert stat.S_IMODE(directory.stat().st_mode) == 0o750, directory
         assert directory.stat().st_gid == group, directory
 

@@ -204,3 +204,27 @@ def test_claims_released_at_start_up_stay_unscheduled_when_held(qw: QueueWorld) 
     assert qw.spool.release_leases() == 2
     assert due_times(qw, message_id) == {UNSCHEDULED}
     assert due_times(qw, other) == {qw.clock()}
+
+
+def test_the_queue_gauges_count_a_held_message_as_held(qw: QueueWorld) -> None:
+    """`gsmtp_queue_messages{state="held"}` reads `messages.held`: a held message is
+    neither active nor deferred, whether it was deferred before or never tried."""
+    fresh = qw.enqueue(["a@x.example"])
+    tried = qw.enqueue(["b@y.example"])
+    waiting = qw.enqueue(["c@z.example"])
+    for claim in qw.spool.claim_due(qw.clock(), 10).claims:
+        if claim.message_id != tried:
+            continue
+        qw.spool.record_results(
+            [
+                RecipientUpdate(tried, r.address, Outcome.DEFERRED, "451 later", qw.clock() + HOUR)
+                for r in claim.recipients
+            ]
+        )
+    db = qw.admin._db
+    assert queue_control.hold(db, now=qw.clock(), ids=[fresh, tried]) == [fresh, tried]
+    shape = qw.spool.queue_shape()
+    assert shape.messages.get("held") == 2
+    assert shape.size.get("held", 0) > 0
+    assert shape.messages.get("deferred", 0) == 0
+    assert waiting and shape.messages.get("active") == 1
