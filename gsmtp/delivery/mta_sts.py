@@ -363,7 +363,9 @@ class MtaSts:
 
     def requirement(self, domain: str, mx_hosts: Sequence[str] = ()) -> TlsRequirement | None:
         """What the policy demands of a delivery to `domain` (a `tls_policy` source):
-        enforce → VERIFY limited to the policy's MX patterns; testing → None, after
+        enforce → VERIFY limited to the policy's MX patterns; testing → a `report_only`
+        requirement that demands nothing (NONE never wins over another level) but has the
+        deliverer log an MX without STARTTLS or a certificate `verify` would refuse, after
         logging the MX hosts among `mx_hosts` that enforce would have refused; none, or
         no policy → None."""
         policy = self.policy(domain)
@@ -372,7 +374,7 @@ class MtaSts:
         if policy.mode is Mode.ENFORCE:
             return TlsRequirement(TlsLevel.VERIFY, source="mta-sts", mx_patterns=policy.mx)
         self._report(domain, policy, mx_hosts)
-        return None
+        return TlsRequirement(TlsLevel.NONE, source="mta-sts testing", report_only=True)
 
     def observe(self, domain: str, mx_hosts: Sequence[str]) -> None:
         """The MX hosts a delivery is about to use: a testing-mode policy (as cached by

@@ -19,6 +19,9 @@ STARTTLS, a refusal or a failed handshake or verification makes that address unu
 ("451 4.7.x ..." naming the reason), the next one is tried, and nothing is ever sent
 in plaintext. A requirement carrying MX patterns (MTA-STS in enforce mode) restricts
 the hosts tried to those matching one (`tls_policy.mx_allowed`); none matching defers.
+A `report_only` requirement (MTA-STS in testing mode) first opens each session as
+`verify` would and logs `mta_sts_testing_failure` when that fails, then goes on at its
+own level on a new connection: reported, never refused.
 A smarthost with credentials gets AUTH PLAIN (or LOGIN) only over TLS; a 5xx to AUTH
 (535: wrong password) defers with a reason naming the smarthost, and the results are
 marked `unreachable` so that the queue manager backs off as from a dead destination
@@ -382,19 +385,50 @@ class SmtpDeliverer:
         progress: Progress,
     ) -> list[RecipientResult]:
         """One address. Under `may`, a failed handshake is followed by a plaintext
-        session on a new connection (as Postfix does): the old one is unusable."""
-        try:
-            session = self._open(target, destination, requirement, deadline, progress)
-        except TlsFailed as error:
-            if requirement.level is not TlsLevel.MAY:
-                raise
-            where = f"{target.host}[{target.address}]"
-            self._tls_failed(message, where, requirement, error)
-            session = self._open(
-                target, destination, requirement, deadline, progress, plaintext=True
-            )
+        session on a new connection (as Postfix does): the old one is unusable. Under an
+        MTA-STS policy in testing mode, the session `verify` demands is tried first."""
+        session = None
+        if requirement.report_only and TlsLevel.NONE < requirement.level < TlsLevel.VERIFY:
+            session = self._open_as_enforced(target, destination, requirement, deadline, progress)
+        if session is None:
+            try:
+                session = self._open(target, destination, requirement, deadline, progress)
+            except TlsFailed as error:
+                if requirement.level is not TlsLevel.MAY:
+                    raise
+                where = f"{target.host}[{target.address}]"
+                self._tls_failed(message, where, requirement, error)
+                session = self._open(
+                    target, destination, requirement, deadline, progress, plaintext=True
+                )
         OUTBOUND_SESSIONS.labels("opened").inc()
         return self._deliver_on(session, message, recipients)
+
+    def _open_as_enforced(
+        self,
+        target: Target,
+        destination: str,
+        requirement: TlsRequirement,
+        deadline: Deadline,
+        progress: Progress,
+    ) -> Session | None:
+        """MTA-STS testing mode (RFC 8461 §5: report, deliver): a session opened as
+        `enforce` would open it (STARTTLS, certificate verified for the MX name). When
+        that fails, `mta_sts_testing_failure` says why and None has the caller open one
+        at the normal level on a new connection, as after a failed `may` handshake; a
+        testing policy never refuses or defers mail. Other failures are the peer's and
+        propagate as they would at the normal level."""
+        enforced = replace(requirement, level=TlsLevel.VERIFY, source="mta-sts testing")
+        try:
+            return self._open(target, destination, enforced, deadline, progress)
+        except TlsFailed as error:
+            self._log.warning(
+                "mta_sts_testing_failure",
+                domain=destination,
+                mx=f"{target.host}[{target.address}]",
+                failure=str(error),
+            )
+            return None
 
     def _open(
         self,

@@ -8,7 +8,7 @@ Postfix's `smtp_tls_security_level` uses the same names for the same meanings.""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class TlsLevel(enum.IntEnum):
@@ -36,17 +36,24 @@ class TlsRequirement:
 
     `mx_patterns`: when set (an MTA-STS policy in enforce mode), only MX hosts matching
     one of these patterns may be used. `source` says where the level came from, for log
-    lines and deferral reasons ("default", "policy table", "mta-sts")."""
+    lines and deferral reasons ("default", "policy table", "mta-sts"). `report_only`: an
+    MTA-STS policy in testing mode wants to know whether `verify` would have passed; the
+    deliverer tries that first and logs what fails, then goes on at `level` (RFC 8461
+    §5: report, deliver), so it never refuses or defers anything."""
 
     level: TlsLevel
     source: str = "default"
     mx_patterns: tuple[str, ...] | None = None
+    report_only: bool = False
 
     def stricter(self, other: TlsRequirement) -> TlsRequirement:
         """The requirement that demands more of the two (ties keep `self`); MX patterns
-        travel with the requirement that set them."""
+        travel with the requirement that set them, `report_only` survives either way."""
+        found = self
         if other.level > self.level:
-            return TlsRequirement(other.level, other.source, other.mx_patterns or self.mx_patterns)
-        if other.mx_patterns and not self.mx_patterns:
-            return TlsRequirement(self.level, self.source, other.mx_patterns)
-        return self
+            found = TlsRequirement(other.level, other.source, other.mx_patterns or self.mx_patterns)
+        elif other.mx_patterns and not self.mx_patterns:
+            found = TlsRequirement(self.level, self.source, other.mx_patterns)
+        if (self.report_only or other.report_only) and not found.report_only:
+            found = replace(found, report_only=True)
+        return found

@@ -186,6 +186,56 @@ def test_testing_mode_delivers_and_logs_what_would_have_failed(
     assert event["hosts"] == ["other.elsewhere.test"] and event["level"] == "warning"
 
 
+def session_failures(gsmtp: GsmtpProcess) -> list[dict[str, Any]]:
+    """The `mta_sts_testing_failure` lines about an MX session (not the MX-name check)."""
+    return [e for e in gsmtp.events("mta_sts_testing_failure", domain=DOMAIN) if "mx" in e]
+
+
+def test_testing_mode_delivers_past_a_wrong_certificate_and_logs_it(
+    sts_relay, world, sinks, mx_port
+) -> None:  # type: ignore[no-untyped-def]
+    impostor = world.sink(sinks, "127.0.0.3", mx_port, "impostor.test")
+    world.publish(policy_text("testing", "other.elsewhere.test", f"mx.{DOMAIN}"))
+    gsmtp = sts_relay()
+    send(gsmtp, "jones@foo.com", [f"a@{DOMAIN}"])
+    (received,) = wait_received(impostor)
+    assert received.tls  # `may` as usual: encrypted, certificate unchecked
+    (event,) = wait_for(lambda: session_failures(gsmtp), what="the testing failure")
+    assert event["mx"] == f"mx.{DOMAIN}[127.0.0.3]"
+    assert event["failure"].startswith(f"certificate not trusted for mx.{DOMAIN}")
+    assert "Hostname mismatch" in event["failure"]
+    assert gsmtp.events("tls_failed") == []  # not a failure of the delivery's own level
+
+
+def test_testing_mode_delivers_without_starttls_and_logs_it(
+    sts_relay, world, sinks, mx_port
+) -> None:  # type: ignore[no-untyped-def]
+    plain = world.sink(sinks, "127.0.0.3", mx_port, None)
+    world.publish(policy_text("testing", "other.elsewhere.test", f"mx.{DOMAIN}"))
+    gsmtp = sts_relay()
+    send(gsmtp, "jones@foo.com", [f"a@{DOMAIN}"])
+    (received,) = wait_received(plain)
+    assert not received.tls
+    (event,) = wait_for(lambda: session_failures(gsmtp), what="the testing failure")
+    assert event["mx"] == f"mx.{DOMAIN}[127.0.0.3]"
+    assert event["failure"].startswith("STARTTLS not offered")
+
+
+def test_testing_mode_with_a_good_certificate_logs_nothing(
+    sts_relay, world, sinks, mx_port
+) -> None:  # type: ignore[no-untyped-def]
+    good = world.sink(sinks, "127.0.0.3", mx_port, f"mx.{DOMAIN}")
+    world.publish(policy_text("testing", "other.elsewhere.test", f"mx.{DOMAIN}"))
+    gsmtp = sts_relay()
+    send(gsmtp, "jones@foo.com", [f"a@{DOMAIN}"])
+    (received,) = wait_received(good)
+    assert received.tls
+    (delivered,) = wait_for(lambda: gsmtp.events("message_delivered"), what="the delivery")
+    assert delivered["tls_verified"] is True  # the verified probe session carried it
+    wait_for(lambda: gsmtp.events("mta_sts_policy_fetched", domain=DOMAIN, mode="testing"))
+    assert gsmtp.events("mta_sts_testing_failure") == []
+
+
 def test_a_new_id_fetches_the_policy_again(sts_relay, world, sinks, mx_port) -> None:  # type: ignore[no-untyped-def]
     unlisted = world.sink(sinks, "127.0.0.2", mx_port, "other.elsewhere.test")
     listed = world.sink(sinks, "127.0.0.3", mx_port, f"mx.{DOMAIN}")

@@ -286,9 +286,11 @@ def test_enforce_demands_verify_with_the_mx_patterns(world: World) -> None:
 def test_testing_demands_nothing_and_logs_what_enforce_would_refuse(world: World) -> None:
     world.web.body = GOOD.replace(b"enforce", b"testing")
     with capture_logs() as logs:
-        assert (
-            world.sts.requirement("example.com", ["mx.elsewhere.org", "mail.example.com"]) is None
-        )
+        requirement = world.sts.requirement("example.com", ["mx.elsewhere.org", "mail.example.com"])
+    assert requirement == TlsRequirement(TlsLevel.NONE, "mta-sts testing", report_only=True)
+    assert TlsRequirement(TlsLevel.MAY).stricter(requirement) == TlsRequirement(
+        TlsLevel.MAY, report_only=True
+    )
     failures = [e for e in logs if e["event"] == "mta_sts_testing_failure"]
     assert len(failures) == 1 and failures[0]["hosts"] == ["mx.elsewhere.org"]
     assert failures[0]["log_level"] == "warning"
@@ -297,7 +299,7 @@ def test_testing_demands_nothing_and_logs_what_enforce_would_refuse(world: World
 def test_testing_logs_nothing_when_every_mx_matches(world: World) -> None:
     world.web.body = GOOD.replace(b"enforce", b"testing")
     with capture_logs() as logs:
-        assert world.sts.requirement("example.com", ["a.example.net"]) is None
+        assert world.sts.requirement("example.com", ["a.example.net"]) is not None
     assert [e for e in logs if e["event"] == "mta_sts_testing_failure"] == []
 
 
