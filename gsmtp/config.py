@@ -758,9 +758,18 @@ def format_size(size: int) -> str:
     return f"{size}B"
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, systemd's
+    CPUAffinity=, a container's cpuset), not every CPU of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def worker_count(config: Config) -> int:
-    """How many worker processes `server.workers` asks for ("auto": one per CPU)."""
-    return config.server.workers or min(os.cpu_count() or 1, MAX_WORKERS)
+    """How many worker processes `server.workers` asks for ("auto": one per CPU this
+    process may use, at most MAX_WORKERS)."""
+    return config.server.workers or min(available_cpus(), MAX_WORKERS)
 
 
 def _share(limit: int, workers: int) -> int:
@@ -771,18 +780,19 @@ def split_limits(config: Config, workers: int) -> Config:
     """One worker's configuration: every node-wide limit divided among `workers`
     (rounded up, at least 1; 0 = "no limit" stays 0). The limits of one session or one
     message (sizes, recipients, errors, timeouts) and the free-space reserve (one file
-    system for every shard) are not divided. README lists the divided keys."""
+    system for every shard) are not divided. Nor are the per-client-network connection
+    limits (max_connections_per_ip, max_connection_rate): the kernel spreads one
+    client's connections unevenly, so a divided limit refused a client far below the
+    configured one; each worker enforces the whole limit, and the node lets one network
+    have between the limit and `workers` times it. README lists the divided keys."""
     if workers == 1:
         return config
     server, delivery = config.server, config.delivery
-    rate = server.max_connection_rate
     return dataclasses.replace(
         config,
         server=dataclasses.replace(
             server,
             max_connections=_share(server.max_connections, workers),
-            max_connections_per_ip=_share(server.max_connections_per_ip, workers),
-            max_connection_rate=_share(rate, workers) if rate else 0,
             max_data_memory=_share(server.max_data_memory, workers),
             auth_failure_limit=_share(server.auth_failure_limit, workers),
         ),

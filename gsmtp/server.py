@@ -223,7 +223,14 @@ class SmtpServer:
         self._dkim = dkim
         # Bodies in memory, all connections together (see gsmtp.intake).
         self.data_memory = DataMemory(max_data_memory)
-        self._pool = Pool(max_connections + _OVERFLOW_SLOTS)
+        # One process: connections past max_connections are accepted to be told 421.
+        # A worker of several (its listeners shared with the others) stops accepting at
+        # its share instead, as Postfix's master does at a service's process limit: the
+        # workers with room take the waiting connections (gevent's StreamServer stops
+        # while the pool is full and starts again when a slot frees), and only when
+        # every worker is full do connections wait in the kernel's backlog.
+        shared = bool(self._sockets)
+        self._pool = Pool(max_connections if shared else max_connections + _OVERFLOW_SLOTS)
         self._servers: list[StreamServer] = []
         self._active = 0
         self._connections: dict[gevent.Greenlet, _Connection] = {}

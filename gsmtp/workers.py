@@ -209,6 +209,19 @@ class _StartError(Exception):
     pass
 
 
+def _stopped_cleanly(code: int, *, ready: bool, killed: bool) -> bool:
+    """Whether a worker that ended during the node's stop (exit code `code`, as
+    os.waitstatus_to_exitcode gives it) stopped cleanly. Not: one this process had to
+    SIGKILL (`killed`: it did not stop by its deadline), or one that failed on its own
+    (another status, another signal). Clean: status 0; the forwarded SIGTERM ending a
+    worker not yet `ready` (still starting, before or while its handlers go in: it
+    had accepted nothing); a SIGKILL this process did not send (someone killed it,
+    typically just before the stop, which then counts it among the stopped)."""
+    if killed:
+        return False
+    return code == 0 or (code == -signal.SIGTERM and not ready) or code == -signal.SIGKILL
+
+
 def _failed(message: str) -> int:
     log.get_logger(component="workers").error("startup_failed", error=message)
     log.flush()
@@ -516,7 +529,13 @@ class Workers:
         log.flush()
         sys.stdout.flush()
         sys.stderr.flush()
+        # Blocked across the fork: a SIGTERM forwarded before the child has dropped this
+        # process's handlers would be taken by their copy and lost (the worker would
+        # run on until SIGKILLed); blocked, it waits and then gets the default action.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         if pid == 0:  # the child never returns from here
             status = EXIT_WORKER_FAILED
             try:
@@ -555,6 +574,7 @@ class Workers:
         for signum in _SIGNALS:
             if signum not in early_signals.DEFERRED:
                 signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # blocked by _start
         self._selector.close()
         os.close(self._wake_read)
         os.close(self._wake_write)
@@ -613,12 +633,13 @@ class Workers:
         self._close_pipe(worker)
         self._reloading.discard(worker.index)  # restarted, it reads the new file
         self._forget_live_gauges(worker.pid)
-        pid, worker.pid, worker.ready = worker.pid, None, False
+        pid, ready, worker.pid, worker.ready = worker.pid, worker.ready, None, False
         now = self._clock()
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
         if self._stopping:
             self._log.info("worker_stopped", worker=worker.index, pid=pid, exit=how)
-            if code != 0 and self._status == 0:
+            clean = _stopped_cleanly(code, ready=ready, killed=worker.killed)
+            if not clean and self._status == 0:
                 self._status = EXIT_WORKER_FAILED
             return
         if not self._started:

@@ -419,3 +419,92 @@ def test_sighup_and_sigusr1_while_starting_are_not_fatal_nor_lost(
         return len({e.get("worker") for e in done}) == processes
 
     wait_for(reloaded, what="every process to act on a SIGHUP")
+
+
+def _greeting(wire: SmtpWire) -> str:
+    reply = wire.read_reply()
+    return reply[0][:3] if reply else "closed"
+
+
+def test_a_full_worker_stops_accepting_and_the_others_take_the_connections(
+    gsmtp_factory: Any,
+) -> None:
+    """server.max_connections is the node's: a worker at its share stops accepting from
+    the shared listener, the other takes what waits, none is refused below the limit.
+    Worker 1 is frozen meanwhile, so every connection reaches worker 0 first."""
+    gsmtp = gsmtp_factory({"server": {"workers": 2, "max_connections": 40}})
+    sources = [f"127.0.0.{10 + n}" for n in range(8)]
+
+    def opened(worker: int) -> int:  # not counting the harness's probe at start
+        return sum(e["peer"] in sources for e in gsmtp.events("connection_opened", worker=worker))
+
+    frozen = worker_pids(gsmtp)[1]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        wires = [SmtpWire(gsmtp.port, source=sources[n % 8]) for n in range(40)]
+        wait_for(
+            lambda: opened(0) == 20,
+            what="worker 0 to take its share",
+        )
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    try:
+        assert [_greeting(wire) for wire in wires] == ["220"] * 40
+        wait_for(lambda: opened(1) == 20, what="worker 1 to log the rest")  # logs are buffered
+        assert gsmtp.events("connection_refused") == []
+        # Every worker full: the next connection waits in the backlog (it is not told
+        # 421) and is greeted as soon as a connection ends.
+        waiting = SmtpWire(gsmtp.port, source="127.0.0.20")
+        waiting.sock.settimeout(1)
+        try:
+            waiting.sock.recv(1)
+            raise AssertionError("a connection past the node's limit was answered")
+        except TimeoutError:
+            pass
+        waiting.sock.settimeout(10)
+        wires.pop().close()
+        assert _greeting(waiting) == "220"
+        waiting.close()
+    finally:
+        for wire in wires:
+            wire.close()
+
+
+def test_the_per_network_limit_is_whole_in_each_worker(gsmtp_factory: Any) -> None:
+    """max_connections_per_ip with several workers: each worker enforces the whole
+    limit, so one client is never refused below it however the kernel spreads its
+    connections (the node allows it at most workers x the limit)."""
+    gsmtp = gsmtp_factory({"server": {"workers": 2, "max_connections_per_ip": 10}})
+    frozen = worker_pids(gsmtp)[1]
+    os.kill(frozen, signal.SIGSTOP)  # every connection goes to worker 0
+    wires = []
+    try:
+        wires = [SmtpWire(gsmtp.port, source="127.0.0.9") for _ in range(11)]
+        greetings = [_greeting(wire) for wire in wires]
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+        for wire in wires:
+            wire.close()
+    assert greetings == ["220"] * 10 + ["421"]
+
+
+def test_sigterm_while_a_worker_restarts_or_is_killed_is_a_clean_stop(
+    gsmtp_factory: Any,
+) -> None:
+    """A worker still starting ends by the forwarded SIGTERM, one killed just before
+    the stop was not a failed stop: the node exits 0 (systemd: not "failed")."""
+    gsmtp = gsmtp_factory({"server": {"workers": 2}})
+    os.kill(worker_pids(gsmtp)[1], signal.SIGKILL)
+    wait_for(lambda: len(gsmtp.events("worker_started", worker=1)) == 2, what="the restart")
+    gsmtp.signal(signal.SIGTERM)
+    assert gsmtp.wait(timeout=30) == 0
+    assert not gsmtp.events("worker_killed")
+    if len(gsmtp.events("worker_ready", worker=1)) == 1:  # the SIGTERM found it starting
+        assert gsmtp.events("worker_stopped", worker=1)[-1]["exit"] == "signal SIGTERM"
+
+    gsmtp.start()
+    victim = worker_pids(gsmtp)[1]
+    os.kill(victim, signal.SIGKILL)
+    gsmtp.signal(signal.SIGTERM)
+    assert gsmtp.wait(timeout=30) == 0
+    assert not gsmtp.events("worker_killed")

@@ -6,14 +6,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import apsw
 import pytest
 
-from gsmtp import db, lockfile, shards
-from gsmtp.config import Config, ServerConfig, split_limits
+from gsmtp import db, lockfile, shards, workers
+from gsmtp.config import Config, ServerConfig, split_limits, worker_count
 from gsmtp.worker_link import ALIVE, READY, Lines, Report, Reporter, Role
 from gsmtp.workers import NodeHealth, Workers
 
@@ -118,20 +120,47 @@ def test_reports_cross_the_pipe_whole(tmp_path: Path) -> None:
 
 
 def test_node_wide_limits_are_divided_rounded_up() -> None:
-    config = Config(server=ServerConfig(max_connections=10, max_connections_per_ip=1))
+    config = Config(server=ServerConfig(max_connections=10, auth_failure_limit=10))
     one = split_limits(config, 3)
     assert one.server.max_connections == 4  # 10 / 3 rounded up
-    assert one.server.max_connections_per_ip == 1  # at least 1
     assert one.server.max_connection_rate == 0  # 0 = no limit stays so
     assert one.server.max_data_memory == -(-config.server.max_data_memory // 3)
     assert one.delivery.concurrency == 34 and one.delivery.max_per_domain == 7
     assert one.delivery.active_limit == 3334
     assert one.server.auth_failure_limit == 4
+    assert (
+        split_limits(Config(server=ServerConfig(max_connections=2)), 3).server.max_connections == 1
+    )
     # Per message and per session limits are not divided.
     assert one.server.max_message_size == config.server.max_message_size
     assert one.server.max_recipients == config.server.max_recipients
     assert split_limits(config, 1) == config
     assert dataclasses.replace(one, server=config.server, delivery=config.delivery) == config
+
+
+def test_per_client_network_limits_are_whole_in_every_worker() -> None:
+    """The kernel spreads one client's connections unevenly: a divided per-network
+    limit refused it far below the configured one. Each worker enforces the whole
+    limit (the node allows that network between the limit and workers x the limit)."""
+    config = Config(server=ServerConfig(max_connections_per_ip=50, max_connection_rate=30))
+    one = split_limits(config, 2)
+    assert one.server.max_connections_per_ip == 50
+    assert one.server.max_connection_rate == 30
+
+
+def test_auto_workers_counts_the_cpus_this_process_may_use() -> None:
+    """`workers = "auto"` under taskset/CPUAffinity=/a cpuset: one worker per CPU allowed,
+    not per CPU of the machine."""
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))});"
+        "from gsmtp.config import Config, worker_count; print(worker_count(Config()))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "1"
+    assert worker_count(Config()) == len(os.sched_getaffinity(0))
+    assert worker_count(Config(server=ServerConfig(workers=3))) == 3
 
 
 def _fake_worker(config: Config, role: Role) -> int:
@@ -146,6 +175,44 @@ def _fake_worker(config: Config, role: Role) -> int:
         reporter.send(ALIVE, {"connections": role.index + 1})
         time.sleep(0.05)
     return 0
+
+
+def _starting_worker(config: Config, role: Role) -> int:
+    """A worker still starting: it has installed no handler yet and never gets ready."""
+    time.sleep(60)
+    return 0
+
+
+def test_sigterm_while_workers_start_is_a_clean_stop(tmp_path: Path) -> None:
+    """SIGTERM before the workers are ready (their handlers not in yet): each dies of
+    the forwarded SIGTERM at once, having accepted nothing. A clean stop: exit 0."""
+    sent: list[int] = []
+
+    def on_health(health: NodeHealth) -> None:
+        if not sent and all(w.pid is not None for w in health.workers):
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    lock = lockfile.acquire(str(tmp_path / "spool.sqlite.lock"))
+    assert isinstance(lock, lockfile.InstanceLock)
+    node = Workers(
+        Config(), 2, {}, lock, str(tmp_path), run_worker=_starting_worker, on_health=on_health
+    )
+    assert node.run() == 0
+    lock.release()
+
+
+def test_how_a_worker_ended_during_the_stop_decides_the_exit_status() -> None:
+    clean = workers._stopped_cleanly
+    assert clean(0, ready=True, killed=False)
+    assert clean(-signal.SIGTERM, ready=False, killed=False)  # still starting
+    assert clean(-signal.SIGKILL, ready=True, killed=False)  # killed by someone else
+    assert not clean(-signal.SIGKILL, ready=True, killed=True)  # we SIGKILLed it: too slow
+    assert not clean(-signal.SIGKILL, ready=False, killed=True)
+    assert not clean(-signal.SIGTERM, ready=True, killed=False)  # a ready worker handles it
+    assert not clean(70, ready=True, killed=False)  # a component died during the stop
+    assert not clean(1, ready=False, killed=False)
+    assert not clean(-signal.SIGSEGV, ready=True, killed=False)
 
 
 def test_the_node_is_ready_and_alive_when_every_worker_is(tmp_path: Path) -> None:
