@@ -841,11 +841,7 @@ def serve(
     except OSError as error:
         return _startup_failed(StartupError(f"cannot take the lock {path}: {error.strerror}"))
     if isinstance(lock, lockfile.HeldBy):
-        holder = f"PID {lock.pid}" if lock.pid is not None else "another process"
-        print(
-            f"gsmtp: spool {config.spool.path} is already served by {holder} (lock {path})",
-            file=sys.stderr,
-        )
+        print(lockfile.already_served(config.spool.path, path, lock), file=sys.stderr)
         return EXIT_ALREADY_RUNNING
     return _run(application_factory, config, role, lock)
 

@@ -117,3 +117,9 @@ def _held_per_proc(inode: int, pid: int) -> bool | None:
         if owner == str(pid) and file_id.rsplit(":", 1)[-1] == str(inode):
             return True
     return False
+
+
+def already_served(spool: str, path: str, held: HeldBy) -> str:
+    """What a second `serve` says before exiting: which process serves the spool."""
+    holder = f"PID {held.pid}" if held.pid is not None else "another process"
+    return f"gsmtp: spool {spool} is already served by {holder} (lock {path})"

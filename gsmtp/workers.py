@@ -166,11 +166,7 @@ def serve(
     except OSError as error:
         return _failed(f"cannot take the lock {path}: {error.strerror}")
     if isinstance(lock, lockfile.HeldBy):
-        holder = f"PID {lock.pid}" if lock.pid is not None else "another process"
-        print(
-            f"gsmtp: spool {config.spool.path} is already served by {holder} (lock {path})",
-            file=sys.stderr,
-        )
+        print(lockfile.already_served(config.spool.path, path, lock), file=sys.stderr)
         return EXIT_ALREADY_RUNNING
     try:
         metrics_dir = _metrics_directory(config.spool.path)
