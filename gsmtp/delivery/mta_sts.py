@@ -143,11 +143,6 @@ def parse_policy(body: bytes, policy_id: str) -> Policy:
     return Policy(policy_id, mode, tuple(mx), min(int(max_age), MAX_AGE_LIMIT))
 
 
-def matches_any(patterns: Sequence[str], host: str) -> bool:
-    """§3.4 against every pattern of a policy (`tls_policy.pattern_matches`)."""
-    return mx_allowed(host, patterns)
-
-
 # -- fetching -------------------------------------------------------------------------
 
 
@@ -386,7 +381,7 @@ class MtaSts:
     def _report(self, domain: str, policy: Policy, mx_hosts: Sequence[str]) -> None:
         if not mx_hosts:
             return
-        refused = [host for host in mx_hosts if not matches_any(policy.mx, host)]
+        refused = [host for host in mx_hosts if not mx_allowed(host, policy.mx)]
         if refused:
             self.testing_failure(
                 domain,

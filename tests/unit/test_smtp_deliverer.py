@@ -184,13 +184,6 @@ class FakeClock:
 
 
 @pytest.fixture
-def port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.1.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture
 def peers() -> Iterator[list[Peer]]:
     started: list[Peer] = []
     yield started

@@ -55,14 +55,6 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCertificateAuthority:
 
 
 @pytest.fixture
-def port() -> int:
-    """A port free on 127.0.1.1 (used on 127.0.1.2 too)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.1.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture
 def sinks() -> Iterator[list[Sink]]:
     started: list[Sink] = []
     yield started
