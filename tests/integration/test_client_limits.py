@@ -68,3 +68,6 @@ def test_connection_rate_limit_per_network(gsmtp_factory: Any) -> None:
     for _ in range(5):  # trusted (the harness trusts 127.0.0.2): exempt
         assert greeting(gsmtp, "127.0.0.2")[0].startswith("220")
     wait_for(lambda: '"connection_refused"' in gsmtp.log(), what="the refusal in the log")
+    samples = gsmtp.metrics()
+    assert samples['gsmtp_rejects_total{reason="rate_limit"}'] == 1
+    assert samples['gsmtp_rejects_total{reason="connection_limit"}'] == 0
