@@ -29,6 +29,7 @@ from typing import Any
 
 from bench import peers
 from bench.peers import RECIPIENT, Gsmtp, Peer, all_peers
+from bench.report import idle_spread
 
 HERE = Path(__file__).parent
 KiB = 1024
@@ -174,8 +175,9 @@ def measure_idle(peer: Peer, count: int) -> dict[str, Any] | None:
         return None
     result: dict[str, Any] = json.loads(output.stdout.strip().splitlines()[-1])
     print(
-        f"  {peer.name:<17} {count} idle: {result['kib_per_connection']:.1f} KiB each,"
-        f" {result['dropped']} dropped",
+        f"  {peer.name:<17} {count} idle: {result['kib_per_connection']:.1f} KiB each"
+        f" ({result['memory'].upper()} summed over {result['processes']} processes;"
+        f" connections per process {idle_spread(result)}), {result['dropped']} dropped",
         flush=True,
     )
     return result

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import Factory
 from tests.integration.harness import GsmtpProcess, wait_for
 
 ROOT = Path(__file__).parents[2]
@@ -78,6 +79,31 @@ def test_idle_harness_holds_and_checks_connections(gsmtp: GsmtpProcess) -> None:
         "0.2",
     )
     assert result["opened"] == 40 and result["dropped"] == 0
+
+
+def test_idle_harness_measures_every_worker_of_the_node(gsmtp_factory: Factory) -> None:
+    """With workers the PID is the supervisor, which holds no connection: the cell sums
+    the supervisor and its workers (reading the supervisor alone measured 0 growth)."""
+    server = gsmtp_factory({"server": {"workers": 2, "max_connections_per_ip": 1000}})
+    assert server.process is not None
+    result = bench(
+        "bench.idle",
+        "--target",
+        f"127.0.0.1:{server.port}",
+        "-n",
+        "200",
+        "--pid",
+        str(server.process.pid),
+        "--hold",
+        "0.2",
+    )
+    assert result["opened"] == 200 and result["dropped"] == 0
+    assert result["processes"] == 3  # the supervisor and two workers
+    per_process = result["per_process"]
+    assert isinstance(per_process, list)
+    assert sum(p["connections"] for p in per_process) == 200  # every one held, somewhere
+    assert per_process[0]["connections"] == 0  # the supervisor holds none
+    assert result["growth_kib"] > 0 and result["kib_per_connection"] > 0  # type: ignore[operator]
 
 
 @pytest.mark.timeout(300)
