@@ -8,7 +8,8 @@ repeated), repeats the key cells three times and keeps the median, checks that e
 message a durable peer accepted is stored, measures idle-connection memory, runs the
 `workers` cells (gsmtp with server.workers = 2 and = 1, where gsmtp has that setting)
 and the end-to-end cells of bench.e2e (N messages delivered into Maildirs, or relayed
-to a sink, timed to the last delivery; the physical probe beside them), and writes
+to a sink, timed to the last delivery; the physical probe beside them; and the
+no-message-lost cell, a worker killed with SIGKILL during the local load), and writes
 bench/RESULTS.md (ratios, since these machines are noisy) and bench/results.png.
 """
 
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             skipped,
             descriptions,
         )
+        if not wanted or "gsmtp" in wanted:
+            report["e2e_kill"] = e2e.measure_kill(count)
     cross = {} if args.quick else cross_check(report)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from bench.report import write_plot, write_results

@@ -11,7 +11,7 @@ With `--record FILE` every message carries its own number (`Subject: bench N`, N
 the size unchanged) and the number of each message answered 250 is appended to FILE as
 it is answered (RECORD_WIDTH digits and a newline, written at once): what a harness
 needs to check that every acknowledged message arrived, and to follow the load's
-progress from outside while it runs (the file's size ÷ RECORD_BYTES).
+progress from outside while it runs (the file's size ÷ bench.peers.RECORD_BYTES).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from pathlib import Path  # noqa: E402
 import gevent  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
 
-RECORD_WIDTH = 8
-RECORD_BYTES = RECORD_WIDTH + 1  # the number and "\n"
+from bench.peers import RECORD_WIDTH  # noqa: E402
+
 _UNITS = {"": 1, "B": 1, "KIB": 1024, "KB": 1024, "MIB": 1024**2, "MB": 1024**2}
 
 

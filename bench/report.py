@@ -126,6 +126,7 @@ def _e2e_targets(report: dict[str, Any], check: Any) -> None:
             f"{gsmtp.accepted:,} accepted, {gsmtp.delivered:,} delivered",
             gsmtp.delivered == gsmtp.accepted,
         )
+    _kill_target(report, check)
     relay, postfix_relay = _e2e(report, "relay", "gsmtp"), _e2e(report, "relay", "postfix-relay")
     if relay is not None:
         check(
@@ -136,6 +137,30 @@ def _e2e_targets(report: dict[str, Any], check: Any) -> None:
             if postfix_relay is None
             else relay.delivered_per_s >= 2 * postfix_relay.delivered_per_s,
         )
+
+
+def _kill_target(report: dict[str, Any], check: Any) -> None:
+    from bench.e2e import KillCell
+
+    name = (
+        "No message lost: kill -9 of one worker during the local e2e cell, then restart:"
+        " every message answered 250 in a Maildir (duplicates allowed, counted)"
+    )
+    cell = report.get("e2e_kill")
+    if cell is None:
+        return
+    if not isinstance(cell, KillCell):
+        check(name, f"not measured: {cell}", None)
+        return
+    killed = cell.killed_pid is not None and cell.restarted_pid is not None
+    value = f"missing {cell.missing}, duplicates {cell.duplicates}"
+    value += f" ({cell.accepted:,} answered 250, {cell.files:,} files"
+    if cell.killed_pid is None:
+        value += "; **no worker was killed**)"
+    else:
+        worker = "" if cell.killed_worker is None else f" {cell.killed_worker}"
+        value += f"; worker{worker} killed after {cell.killed_after:,} acknowledged)"
+    check(name, value, None if cell.killed_pid is None else killed and cell.missing == 0)
 
 
 def write_results(
@@ -267,7 +292,7 @@ def _idle_section(idle: dict[str, Any]) -> list[str]:
 
 def _e2e_section(report: dict[str, Any]) -> list[str]:
     cells = report.get("e2e") or []
-    if not cells and not report.get("e2e_skipped"):
+    if not cells and not report.get("e2e_skipped") and report.get("e2e_kill") is None:
         return []
     count = max((c.messages for c in cells), default=0)
     lines = [
@@ -303,6 +328,24 @@ def _e2e_section(report: dict[str, Any]) -> list[str]:
             lines.append(f"- {name}: {description}")
     for name, reason in report.get("e2e_skipped", {}).items():
         lines.append(f"- {name}: skipped, {reason}")
+    kill = report.get("e2e_kill")
+    if kill is not None:
+        from bench.e2e import describe_kill
+
+        lines += [
+            "",
+            "*No message lost* (gsmtp, its default workers): the local cell's load, each"
+            " message numbered (bench.load --record keeps the number of every message"
+            " answered 250); when half were acknowledged, `kill -9` of the busiest worker"
+            " (the supervisor restarts it); then, once the spool is empty, every Maildir"
+            " file's number is read. *Missing*: answered 250 and in no mailbox (must be"
+            " 0). *Duplicates*: copies beyond the first (a batch in the Maildir whose result"
+            " commit died with the worker is delivered again). *Delivered without a 250"
+            " seen*: committed, but the reply died with the worker (allowed: the client"
+            " would send it again).",
+            "",
+            f"- kill: {describe_kill(kill)}",
+        ]
     return lines
 
 

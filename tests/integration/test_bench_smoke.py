@@ -196,3 +196,23 @@ def test_postfix_end_to_end_peers_deliver_what_they_accept() -> None:
     assert skipped == {}
     found = {(cell.kind, cell.peer): (cell.accepted, cell.delivered) for cell in cells}
     assert found == {("local", "postfix-local"): (60, 60), ("relay", "postfix-relay"): (60, 60)}
+
+
+@pytest.mark.timeout(300)
+def test_kill_cell_finds_every_acknowledged_message_after_a_worker_is_killed() -> None:
+    """The no-message-lost cell really kills a worker mid-load, sees the supervisor
+    restart it, and counts every message answered 250 in the Maildirs (counts only)."""
+    from bench import e2e
+
+    cell = e2e.measure_kill(2000, workers=2, log=False)
+    assert isinstance(cell, e2e.KillCell), cell
+    assert cell.workers == 2
+    assert cell.killed_pid is not None, cell.note  # the kill happened, mid-load
+    assert 1000 <= cell.killed_after < 2000
+    assert cell.restarted_pid is not None and cell.restarted_pid != cell.killed_pid
+    assert cell.killed_worker in (0, 1)
+    assert cell.drained_at > 0, cell.note  # the spool emptied, the restarted shard too
+    assert cell.accepted >= 1000 and cell.unnumbered == 0
+    assert cell.missing == 0
+    # Every file is a number: acknowledged, or delivered without its 250, or a copy.
+    assert cell.files == cell.accepted + cell.delivered_unacknowledged + cell.duplicates
