@@ -81,7 +81,7 @@ def _targets(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     w2, w1 = _rate(report, "gsmtp-w2", key1), _rate(report, "gsmtp-w1", key1)
     check(
         "Acknowledged, C=100 M=100 1 KiB: workers = 2 ≥ 1.3× workers = 1",
-        _ratio(w2, w1) if w2 and w1 else "not measured (no server.workers)",
+        _ratio(w2, w1) if w2 and w1 else _not_measured(report, "gsmtp-w2", "gsmtp-w1"),
         bool(w2 and w1 and w2 >= 1.3 * w1) if w2 and w1 else None,
     )
     results = report["results"].get(g, {})
@@ -92,6 +92,12 @@ def _targets(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             results["stored"] >= results["accepted"],
         )
     return rows
+
+
+def _not_measured(report: dict[str, Any], *peers: str) -> str:
+    """Why a row has no figure: the reason a peer was skipped, or that it was not asked for."""
+    reasons = [f"{p}: {report['skipped'][p]}" for p in peers if p in report["skipped"]]
+    return "not measured (" + ("; ".join(reasons) or "not in this run's --peers") + ")"
 
 
 def _e2e(report: dict[str, Any], kind: str, peer: str) -> Any:

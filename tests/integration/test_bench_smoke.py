@@ -146,6 +146,10 @@ def test_compare_writes_results_for_the_peers_it_ran(tmp_path: Path) -> None:
     assert rows["probe", "probe (fsync)"][:2] == (300, 300)
     assert rows["probe", "probe (syncfs)"][:2] == (300, 300)
     assert all(delivered_rate > 0 for _, _, delivered_rate in rows.values())
+    # The no-message-lost cell ran in the same run, and lost nothing.
+    kill = next(line for line in report.splitlines() if line.startswith("| No message lost"))
+    assert "missing 0," in kill
+    assert "- kill: " in report
     assert (tmp_path / "results.png").stat().st_size > 10_000
 
 
