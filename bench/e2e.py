@@ -85,18 +85,23 @@ def _load_limit(messages: int) -> float:
     return max(300.0, messages / 20)
 
 
+def _load_options(messages: int) -> list[str]:
+    """bench.load's options for an end-to-end cell of `messages`."""
+    limit = str(_load_limit(messages))
+    return ["--mailboxes", str(MAILBOXES), "--total", str(messages), "--max-seconds", limit]
+
+
 def _load(
     port: int, to: str, messages: int, connections: int, per_session: int, size: int
 ) -> dict[str, Any]:
     limit = _load_limit(messages)
-    options = ["--mailboxes", str(MAILBOXES), "--total", str(messages)]
     return run_load(
         port,
         connections=connections,
         messages=per_session,
         size=size,
         to=to,
-        options=[*options, "--max-seconds", str(limit)],
+        options=_load_options(messages),
         timeout=limit + 120,
     )
 
@@ -360,27 +365,36 @@ def run_kill_cell(
         raise RuntimeError("gsmtp runs as one process here (server.workers = 1): no worker")
     record = peer.workdir / "acknowledged.txt"
     limit = _load_limit(messages)
-    options = ["--mailboxes", str(MAILBOXES), "--total", str(messages)]
     argv = load_argv(
         peer.port,
         connections=connections,
         messages=per_session,
         size=size,
         to=E2E_LOCAL,
-        options=[*options, "--max-seconds", str(limit), "--record", str(record)],
+        options=[*_load_options(messages), "--record", str(record)],
     )
     load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed: int | None = None
     killed_after, killed_at, delivered_at_kill = 0, 0.0, 0
+    restarted: int | None = None
+    restarted_after: float | None = None
+
+    def look_for_restart() -> None:
+        nonlocal restarted, restarted_after
+        if killed is not None and restarted is None:
+            new = set(children(peer.pid)) - before
+            if new:
+                restarted, restarted_after = min(new), time.time() - killed_at
+
     try:
         while load.poll() is None:
             done = _acknowledged(record)
-            if done >= messages // 2:
+            if killed is None and done >= messages // 2:
                 victim = max(children(peer.pid), key=open_fds)
                 os.kill(victim, signal.SIGKILL)
                 killed, killed_after, killed_at = victim, done, time.time()
                 delivered_at_kill = peer.delivered()[0]
-                break
+            look_for_restart()
             time.sleep(KILL_POLL_SECONDS)
         stdout, stderr = load.communicate(timeout=limit + 120)
     finally:
@@ -389,15 +403,10 @@ def run_kill_cell(
             load.wait()
     result = load_result(stdout, stderr)
     first = float(result["started_at"])
-    restarted: int | None = None
-    restarted_after: float | None = None
     deadline = time.monotonic() + max(120.0, messages / 50)
     drained_at = 0.0
     while time.monotonic() < deadline:
-        if killed is not None and restarted is None:
-            new = set(children(peer.pid)) - before
-            if new:
-                restarted, restarted_after = min(new), time.time() - killed_at
+        look_for_restart()
         if peer.queued() == 0 and (killed is None or restarted is not None):
             drained_at = time.time() - first
             break
