@@ -8,7 +8,8 @@ repeated), repeats the key cells three times and keeps the median, checks that e
 message a durable peer accepted is stored, measures idle-connection memory, runs the
 `workers` cells (gsmtp with server.workers = 2 and = 1, where gsmtp has that setting)
 and the end-to-end cells of bench.e2e (N messages delivered into Maildirs, or relayed
-to a sink, timed to the last delivery; the physical probe beside them), and writes
+to a sink, timed to the last delivery; the physical probe beside them; and the
+no-message-lost cell, a worker killed with SIGKILL during the local load), and writes
 bench/RESULTS.md (ratios, since these machines are noisy) and bench/results.png.
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 
 from bench import peers
 from bench.peers import RECIPIENT, Gsmtp, Peer, all_peers
+from bench.report import idle_spread
 
 HERE = Path(__file__).parent
 KiB = 1024
@@ -174,8 +176,9 @@ def measure_idle(peer: Peer, count: int) -> dict[str, Any] | None:
         return None
     result: dict[str, Any] = json.loads(output.stdout.strip().splitlines()[-1])
     print(
-        f"  {peer.name:<17} {count} idle: {result['kib_per_connection']:.1f} KiB each,"
-        f" {result['dropped']} dropped",
+        f"  {peer.name:<17} {count} idle: {result['kib_per_connection']:.1f} KiB each"
+        f" ({result['memory'].upper()} summed over {result['processes']} processes;"
+        f" connections per process {idle_spread(result)}), {result['dropped']} dropped",
         flush=True,
     )
     return result
@@ -251,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             skipped,
             descriptions,
         )
+        if not wanted or "gsmtp" in wanted:
+            report["e2e_kill"] = e2e.measure_kill(count)
     cross = {} if args.quick else cross_check(report)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from bench.report import write_plot, write_results

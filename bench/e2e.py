@@ -16,16 +16,31 @@ no DNS for the sink's domain) and Postfix (relayhost). A fresh sink for each pee
 Each cell reports both rates: acknowledged (accepted ÷ the load's own time) and
 delivered (delivered ÷ first connect to last delivery), and the counts, so a cell that
 lost or duplicated messages says so.
+
+*kill*: no message lost (`measure_kill`, gsmtp only). The local cell's load, each
+message numbered and each number answered 250 recorded by bench.load (--record); when
+half of the messages were acknowledged, `kill -9` of one worker process (a child of the
+supervisor: the busiest, by open descriptors), which the supervisor restarts; the load
+goes on (its sessions on that worker see their connections drop and open new ones).
+Once the spool is empty, every Maildir file's number is read: every number answered 250
+must be there (missing 0); copies beyond the first are counted (duplicates: a batch in
+the Maildir whose result commit the kill prevented is delivered again); numbers
+delivered without a 250 seen are counted too (committed, but the 250 died with the
+worker: allowed, the client would send it again).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +49,17 @@ from bench.peers import (
     E2E_LOCAL,
     E2E_RELAY,
     MAILBOXES,
+    RECORD_BYTES,
     SINK_HOST,
     BareSink,
     Gsmtp,
     Peer,
     Postfix,
+    load_argv,
+    load_result,
     run_load,
 )
+from bench.proctree import children, open_fds
 
 KiB = 1024
 POLL_SECONDS = 0.5
@@ -61,18 +80,28 @@ class EndToEnd:
     note: str = ""
 
 
+def _load_limit(messages: int) -> float:
+    """bench.load's --max-seconds for `messages`."""
+    return max(300.0, messages / 20)
+
+
+def _load_options(messages: int) -> list[str]:
+    """bench.load's options for an end-to-end cell of `messages`."""
+    limit = str(_load_limit(messages))
+    return ["--mailboxes", str(MAILBOXES), "--total", str(messages), "--max-seconds", limit]
+
+
 def _load(
     port: int, to: str, messages: int, connections: int, per_session: int, size: int
 ) -> dict[str, Any]:
-    limit = max(300.0, messages / 20)
-    options = ["--mailboxes", str(MAILBOXES), "--total", str(messages)]
+    limit = _load_limit(messages)
     return run_load(
         port,
         connections=connections,
         messages=per_session,
         size=size,
         to=to,
-        options=[*options, "--max-seconds", str(limit)],
+        options=_load_options(messages),
         timeout=limit + 120,
     )
 
@@ -242,6 +271,228 @@ def measure(
     return cells, skipped, descriptions
 
 
+@dataclass
+class KillCell:
+    """The no-message-lost cell: what was acknowledged, what is in the Maildirs, and the
+    kill (`killed_pid` None: no worker was killed, and the cell proves nothing)."""
+
+    peer: str
+    messages: int  # asked for
+    accepted: int  # numbers answered 250
+    files: int  # files in the mailboxes' new/ and cur/
+    missing: int  # answered 250, in no mailbox
+    duplicates: int  # files beyond the first with the same number
+    delivered_unacknowledged: int  # in a mailbox, no 250 seen (it died with the worker)
+    unnumbered: int  # files without a bench number (should be 0)
+    workers: int  # worker processes before the kill
+    killed_pid: int | None
+    killed_worker: int | None  # its index, from the supervisor's log
+    killed_after: int  # messages acknowledged when it was killed
+    killed_at: float  # seconds after the first connect
+    delivered_at_kill: int  # files in the mailboxes just after the kill
+    restarted_pid: int | None  # the new worker the supervisor started
+    restarted_after: float | None  # seconds after the kill
+    errors: int  # the load's failed sessions (those on the killed worker, at least)
+    drained_at: float  # seconds after the first connect: the spool was empty
+    note: str = ""
+
+
+_NUMBER = re.compile(rb"^Subject: bench (\d+)\r?$", re.MULTILINE)
+KILL_POLL_SECONDS = 0.005
+RESTART_WAIT = 60.0  # seconds after the kill: a worker not restarted by then never is
+
+
+def _numbers(boxes: list[Path]) -> tuple[Counter[int], int, int]:
+    """Bench numbers of the files in `boxes` (new/ and cur/): (count per number, files,
+    files without a number)."""
+    found: Counter[int] = Counter()
+    files = unnumbered = 0
+    for box in boxes:
+        for sub in ("new", "cur"):
+            try:
+                names = os.listdir(box / sub)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                files += 1
+                with open(box / sub / name, "rb") as handle:
+                    match = _NUMBER.search(handle.read(16384))
+                if match is None:
+                    unnumbered += 1
+                else:
+                    found[int(match.group(1))] += 1
+    return found, files, unnumbered
+
+
+def _worker_index(log: Path, pid: int) -> int | None:
+    """The worker number the supervisor logged for `pid` ("worker_started")."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if '"worker_started"' not in line:
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("pid") == pid and isinstance(event.get("worker"), int):
+            return int(event["worker"])
+    return None
+
+
+def _acknowledged(record: Path) -> int:
+    try:
+        return record.stat().st_size // RECORD_BYTES
+    except FileNotFoundError:
+        return 0
+
+
+def run_kill_cell(
+    peer: Gsmtp,
+    messages: int,
+    *,
+    connections: int = 100,
+    per_session: int = 100,
+    size: int = KiB,
+) -> KillCell:
+    """Load the started `peer` as the local cell does, kill -9 its busiest worker once
+    half of the messages were acknowledged, then wait for the restart and the empty
+    spool and count every acknowledged number in the Maildirs."""
+    before = set(children(peer.pid))
+    if not before:
+        raise RuntimeError("gsmtp runs as one process here (server.workers = 1): no worker")
+    record = peer.workdir / "acknowledged.txt"
+    limit = _load_limit(messages)
+    argv = load_argv(
+        peer.port,
+        connections=connections,
+        messages=per_session,
+        size=size,
+        to=E2E_LOCAL,
+        options=[*_load_options(messages), "--record", str(record)],
+    )
+    load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed: int | None = None
+    killed_after, killed_at, delivered_at_kill = 0, 0.0, 0
+    restarted: int | None = None
+    restarted_after: float | None = None
+
+    def look_for_restart() -> None:
+        nonlocal restarted, restarted_after
+        if killed is not None and restarted is None:
+            new = set(children(peer.pid)) - before
+            if new:
+                restarted, restarted_after = min(new), time.time() - killed_at
+
+    try:
+        while load.poll() is None:
+            done = _acknowledged(record)
+            if killed is None and done >= messages // 2:
+                victim = max(children(peer.pid), key=open_fds)
+                os.kill(victim, signal.SIGKILL)
+                killed, killed_after, killed_at = victim, done, time.time()
+                delivered_at_kill = peer.delivered()[0]
+            look_for_restart()
+            time.sleep(KILL_POLL_SECONDS)
+        stdout, stderr = load.communicate(timeout=limit + 120)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    result = load_result(stdout, stderr)
+    first = float(result["started_at"])
+    deadline = time.monotonic() + max(120.0, messages / 50)
+    drained_at = 0.0
+    while time.monotonic() < deadline:
+        look_for_restart()
+        if peer.queued() == 0 and (killed is None or restarted is not None):
+            drained_at = time.time() - first
+            break
+        if killed is not None and restarted is None and time.time() > killed_at + RESTART_WAIT:
+            break  # the supervisor did not restart it: nothing more will come
+        time.sleep(POLL_SECONDS)
+    acknowledged = {int(line) for line in record.read_text().split()}
+    found, files, unnumbered = _numbers(peer.mailboxes())
+    missing = len(acknowledged - set(found))
+    notes = []
+    if killed is None:
+        notes.append("the load ended before half was acknowledged: no worker was killed")
+    elif restarted is None:
+        notes.append("the killed worker was not seen restarted")
+    if not drained_at:
+        notes.append(f"{peer.queued()} messages still queued when the wait ran out")
+    return KillCell(
+        peer.name,
+        messages,
+        len(acknowledged),
+        files,
+        missing,
+        sum(count - 1 for count in found.values()),
+        len(set(found) - acknowledged),
+        unnumbered,
+        len(before),
+        killed,
+        _worker_index(peer.workdir / "gsmtp.log", killed) if killed is not None else None,
+        killed_after,
+        round(killed_at - first, 3) if killed is not None else 0.0,
+        delivered_at_kill,
+        restarted,
+        round(restarted_after, 3) if restarted_after is not None else None,
+        int(result["errors"]),
+        round(drained_at, 3),
+        "; ".join(notes),
+    )
+
+
+def measure_kill(messages: int, *, workers: int | None = None, log: bool = True) -> KillCell | str:
+    """The no-message-lost cell on a fresh gsmtp (`workers` None: its default), or why
+    it could not run."""
+    peer = Gsmtp("gsmtp", e2e="local", workers=workers)
+    outcome: KillCell | str = peer.missing() or ""
+    if not outcome:
+        with tempfile.TemporaryDirectory(prefix="bench-e2e-kill-") as workdir:
+            try:
+                peer.start(Path(workdir))
+                outcome = run_kill_cell(peer, messages)
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as error:
+                outcome = f"failed: {error}"
+            finally:
+                peer.stop()
+    if log:
+        print(f"  e2e kill: {describe_kill(outcome)}", flush=True)
+    return outcome
+
+
+def describe_kill(cell: KillCell | str) -> str:
+    """One line for the log and RESULTS.md."""
+    if isinstance(cell, str):
+        return f"skipped, {cell}"
+    if cell.killed_pid is None:
+        kill = "no worker killed"
+    else:
+        which = f"worker {cell.killed_worker}" if cell.killed_worker is not None else "a worker"
+        restart = (
+            f"restarted as PID {cell.restarted_pid} {cell.restarted_after:.1f} s later"
+            if cell.restarted_pid is not None and cell.restarted_after is not None
+            else "not seen restarted"
+        )
+        kill = (
+            f"kill -9 of {which} (PID {cell.killed_pid}, 1 of {cell.workers}) at"
+            f" {cell.killed_at:.1f} s, after {cell.killed_after:,} acknowledged and"
+            f" {cell.delivered_at_kill:,} delivered; {restart}"
+        )
+    return (
+        f"{cell.accepted:,} of {cell.messages:,} answered 250, {cell.files:,} files in the"
+        f" Maildirs: missing {cell.missing}, duplicates {cell.duplicates},"
+        f" delivered without a 250 seen {cell.delivered_unacknowledged}"
+        f" ({cell.errors} sessions dropped or failed); {kill}; spool empty"
+        f" {cell.drained_at:.1f} s after the first connect"
+        + (f"; {cell.note}" if cell.note else "")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__)
     parser.add_argument("--messages", type=int, default=30000)
@@ -251,8 +502,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     wanted = {name.strip() for name in args.peers.split(",") if name.strip()}
     cells, skipped, _ = measure(args.messages, size=args.size, wanted=wanted, log=not args.json)
+    kill: KillCell | str = "not asked for"
+    if not wanted or "gsmtp" in wanted:
+        kill = measure_kill(args.messages, log=not args.json)
     if args.json:
-        print(json.dumps({"cells": [asdict(c) for c in cells], "skipped": skipped}))
+        killed = kill if isinstance(kill, str) else asdict(kill)
+        print(json.dumps({"cells": [asdict(c) for c in cells], "skipped": skipped, "kill": killed}))
     return 0
 
 

@@ -6,6 +6,12 @@ Uses PIPELINING when the server offers it (MAIL, RCPT and DATA in one write, as 
 allows; the body after the 354). Reports accepted messages/s, sessions/s, the latency
 from the end of DATA to the reply (p50/p99), errors, and the server's CPU when given
 its PID. Bounded by count and by time; refuses any target outside loopback.
+
+With `--record FILE` every message carries its own number (`Subject: bench N`, N from 1,
+the size unchanged) and the number of each message answered 250 is appended to FILE as
+it is answered (RECORD_WIDTH digits and a newline, written at once): what a harness
+needs to check that every acknowledged message arrived, and to follow the load's
+progress from outside while it runs (the file's size ÷ bench.peers.RECORD_BYTES).
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
+
+from bench.peers import RECORD_WIDTH  # noqa: E402
 
 _UNITS = {"": 1, "B": 1, "KIB": 1024, "KB": 1024, "MIB": 1024**2, "MB": 1024**2}
 
@@ -127,6 +136,7 @@ class Plan:
     mailboxes: int = 1  # >1: the recipient's local part gets a number, message by message
     total: int = 0  # >0: sessions repeat until this many messages were sent
     sent: int = 0  # messages started (counts towards `total`)
+    record: int | None = None  # a file descriptor: number each message, log each 250
 
     def recipient(self) -> str:
         if self.mailboxes <= 1:
@@ -178,12 +188,16 @@ def session(plan: Plan) -> None:
         ehlo = reader.reply_lines()
         pipelining = any(b"PIPELINING" in line.upper() for line in ehlo)
         data = body + b".\r\n"
+        size = len(body)
         for _ in range(messages):
             if time.monotonic() > deadline:
                 break
             rcpt = plan.recipient()
             if not plan.take():
                 break
+            number = plan.sent
+            if plan.record is not None:
+                data = make_body(size, number) + b".\r\n"
             envelope = [
                 b"MAIL FROM:<load@bench.test>\r\n",
                 f"RCPT TO:<{rcpt}>\r\n".encode(),
@@ -202,6 +216,8 @@ def session(plan: Plan) -> None:
             _expect(reader.reply(), "250")
             latencies.append(time.perf_counter() - started)
             result.accepted += 1
+            if plan.record is not None:
+                os.write(plan.record, b"%0*d\n" % (RECORD_WIDTH, number))
         sock.sendall(b"QUIT\r\n")
         reader.reply()
         result.sessions += 1
@@ -249,11 +265,14 @@ def run(
     duration: float | None = None,
     mailboxes: int = 1,
     total: int = 0,
+    record: Path | None = None,
 ) -> Result:
     """Run the load. With `duration`, every client repeats sessions for that long
-    (bounded by max_seconds too); with `total`, until that many messages were sent
-    (bounded by max_seconds too); else each runs one session. `mailboxes` > 1 spreads
-    the messages over that many recipients (`user0@…`, `user1@…`, …)."""
+        (bounded by max_seconds too); with `total`, until that many messages were sent
+        (bounded by max_seconds too); else each runs one session. `mailboxes` > 1 spreads
+        the messages over that many recipients (`user0@…`, `user1@…`, …). With `record`, each
+    message is numbered and each number answered 250 is appended to that file (see the
+    module's docstring)."""
     result = Result(f"{target[0]}:{target[1]}", connections, messages, size)
     result.started_at = time.time()
     latencies: list[float] = []
@@ -268,10 +287,16 @@ def run(
     repeat = duration is not None or total > 0
     plan = Plan(target, messages, body, rcpt, deadline, repeat, result, latencies)
     plan.mailboxes, plan.total = mailboxes, total
-    for _ in range(connections):
-        pool.spawn(worker, plan)
-    pool.join(timeout=max_seconds + 30)
-    pool.kill()
+    if record is not None:
+        plan.record = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(connections):
+            pool.spawn(worker, plan)
+        pool.join(timeout=max_seconds + 30)
+        pool.kill()
+    finally:
+        if plan.record is not None:
+            os.close(plan.record)
     elapsed = time.monotonic() - started
     result.finished_at = time.time()
     stop.set()
@@ -313,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--total", type=int, default=0, help="repeat sessions until N messages were sent"
     )
+    parser.add_argument(
+        "--record", type=Path, help="number the messages, append each one answered 250 here"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     parser.add_argument("--pid", type=int, help="server PID, to report its CPU use")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -331,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         duration=args.duration,
         mailboxes=args.mailboxes,
         total=args.total,
+        record=args.record,
     )
     if args.json:
         print(json.dumps(asdict(result)))

@@ -30,6 +30,10 @@ E2E_LOCAL = f"box@{LOCAL_DOMAIN}"
 E2E_RELAY = f"box@{RELAY_DOMAIN}"
 # The relay cells' MX: another loopback address than the peers listen on.
 SINK_HOST = "127.0.0.2"
+# bench.load --record: one line per message answered 250, its number in RECORD_WIDTH
+# digits (here, not in bench.load, which monkey-patches whoever imports it).
+RECORD_WIDTH = 8
+RECORD_BYTES = RECORD_WIDTH + 1  # the number and "\n"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -54,6 +58,39 @@ def wait_listening(
     raise RuntimeError(f"nothing answered on port {port} within {timeout}s")
 
 
+def load_argv(
+    port: int, *, connections: int, messages: int, size: int, to: str, options: list[str]
+) -> list[str]:
+    """The command line of bench.load against 127.0.0.1:`port`, printing its JSON result.
+    `options`: --duration, --total, --mailboxes, --record, …"""
+    return [
+        sys.executable,
+        "-m",
+        "bench.load",
+        "--json",
+        "--quiet",
+        "--target",
+        f"127.0.0.1:{port}",
+        "-c",
+        str(connections),
+        "-m",
+        str(messages),
+        "-s",
+        str(size),
+        "--to",
+        to,
+        *options,
+    ]
+
+
+def load_result(stdout: str, stderr: str) -> dict[str, Any]:
+    """bench.load's JSON result from its output (it fails loudly if there is none)."""
+    if not stdout.strip():
+        raise RuntimeError(f"bench.load failed: {stderr.strip()[-300:]}")
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return result
+
+
 def run_load(
     port: int,
     *,
@@ -66,33 +103,11 @@ def run_load(
 ) -> dict[str, Any]:
     """bench.load against 127.0.0.1:`port` in a process of its own (it monkey-patches
     gevent); its JSON result. `options`: --duration, --total, --mailboxes, …"""
-    output = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.load",
-            "--json",
-            "--quiet",
-            "--target",
-            f"127.0.0.1:{port}",
-            "-c",
-            str(connections),
-            "-m",
-            str(messages),
-            "-s",
-            str(size),
-            "--to",
-            to,
-            *options,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    argv = load_argv(
+        port, connections=connections, messages=messages, size=size, to=to, options=options
     )
-    if not output.stdout.strip():
-        raise RuntimeError(f"bench.load failed: {output.stderr.strip()[-300:]}")
-    result: dict[str, Any] = json.loads(output.stdout.strip().splitlines()[-1])
-    return result
+    output = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    return load_result(output.stdout, output.stderr)
 
 
 def maildir_state(boxes: list[Path]) -> tuple[int, float]:

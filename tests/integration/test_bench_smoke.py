@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import Factory
 from tests.integration.harness import GsmtpProcess, wait_for
 
 ROOT = Path(__file__).parents[2]
@@ -80,6 +81,31 @@ def test_idle_harness_holds_and_checks_connections(gsmtp: GsmtpProcess) -> None:
     assert result["opened"] == 40 and result["dropped"] == 0
 
 
+def test_idle_harness_measures_every_worker_of_the_node(gsmtp_factory: Factory) -> None:
+    """With workers the PID is the supervisor, which holds no connection: the cell sums
+    the supervisor and its workers (reading the supervisor alone measured 0 growth)."""
+    server = gsmtp_factory({"server": {"workers": 2, "max_connections_per_ip": 1000}})
+    assert server.process is not None
+    result = bench(
+        "bench.idle",
+        "--target",
+        f"127.0.0.1:{server.port}",
+        "-n",
+        "200",
+        "--pid",
+        str(server.process.pid),
+        "--hold",
+        "0.2",
+    )
+    assert result["opened"] == 200 and result["dropped"] == 0
+    assert result["processes"] == 3  # the supervisor and two workers
+    per_process = result["per_process"]
+    assert isinstance(per_process, list)
+    assert sum(p["connections"] for p in per_process) == 200  # every one held, somewhere
+    assert per_process[0]["connections"] == 0  # the supervisor holds none
+    assert result["growth_kib"] > 0 and result["kib_per_connection"] > 0  # type: ignore[operator]
+
+
 @pytest.mark.timeout(300)
 def test_compare_writes_results_for_the_peers_it_ran(tmp_path: Path) -> None:
     result = subprocess.run(
@@ -120,6 +146,10 @@ def test_compare_writes_results_for_the_peers_it_ran(tmp_path: Path) -> None:
     assert rows["probe", "probe (fsync)"][:2] == (300, 300)
     assert rows["probe", "probe (syncfs)"][:2] == (300, 300)
     assert all(delivered_rate > 0 for _, _, delivered_rate in rows.values())
+    # The no-message-lost cell ran in the same run, and lost nothing.
+    kill = next(line for line in report.splitlines() if line.startswith("| No message lost"))
+    assert "missing 0," in kill
+    assert "- kill: " in report
     assert (tmp_path / "results.png").stat().st_size > 10_000
 
 
@@ -170,3 +200,23 @@ def test_postfix_end_to_end_peers_deliver_what_they_accept() -> None:
     assert skipped == {}
     found = {(cell.kind, cell.peer): (cell.accepted, cell.delivered) for cell in cells}
     assert found == {("local", "postfix-local"): (60, 60), ("relay", "postfix-relay"): (60, 60)}
+
+
+@pytest.mark.timeout(300)
+def test_kill_cell_finds_every_acknowledged_message_after_a_worker_is_killed() -> None:
+    """The no-message-lost cell really kills a worker mid-load, sees the supervisor
+    restart it, and counts every message answered 250 in the Maildirs (counts only)."""
+    from bench import e2e
+
+    cell = e2e.measure_kill(2000, workers=2, log=False)
+    assert isinstance(cell, e2e.KillCell), cell
+    assert cell.workers == 2
+    assert cell.killed_pid is not None, cell.note  # the kill happened, mid-load
+    assert 1000 <= cell.killed_after < 2000
+    assert cell.restarted_pid is not None and cell.restarted_pid != cell.killed_pid
+    assert cell.killed_worker in (0, 1)
+    assert cell.drained_at > 0, cell.note  # the spool emptied, the restarted shard too
+    assert cell.accepted >= 1000 and cell.unnumbered == 0
+    assert cell.missing == 0
+    # Every file is a number: acknowledged, or delivered without its 250, or a copy.
+    assert cell.files == cell.accepted + cell.delivered_unacknowledged + cell.duplicates
