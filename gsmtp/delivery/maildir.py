@@ -22,14 +22,15 @@ files and read and execute bits on directories. The modes are set with fchmod, s
 server's umask (077) does not take them away.
 Deliveries are made in batches, as a database commits in groups: while one batch is on
 the disk, the deliveries that arrive wait, and the next batch takes all of them (up to
-`max_batch` files). A batch creates and writes every file in `tmp/` on the Maildir
-thread, fsyncs them through `run_parallel` (several threads: the fsyncs of different
-files overlap on the disk), links them into `new/`, and fsyncs each `new/` directory
-once, whatever the number of files linked into it. Only then is any of its recipients
-delivered; their results are answered together, so the queue records them in one
-spool commit. A failure of one file (its write, fsync or link) defers its recipient
-only; a failed fsync of a `new/` defers the recipients linked into that directory (a
-copy may then be delivered twice, never lost).
+`max_batch` files). A batch opens the Maildirs on the Maildir thread, creates, writes
+and fsyncs every file in `tmp/` through `run_parallel` (several threads, each with its
+part of the batch: the creations and fsyncs of different files overlap on the disk,
+which a single thread left waiting on the journal), links them into `new/`, and fsyncs
+each `new/` directory once, whatever the number of files linked into it. Only then is
+any of its recipients delivered; their results are answered together, so the queue
+records them in one spool commit. A failure of one file (its write, fsync or link)
+defers its recipient only; a failed fsync of a `new/` defers the recipients linked into
+that directory (a copy may then be delivered twice, never lost).
 
 Nothing is left behind: a write that fails once its `tmp/` file exists (ENOSPC, EIO, any
 OSError) removes that file before the delivery is deferred; a directory made for a new
@@ -145,6 +146,12 @@ def to_lf(body: bytes) -> bytes:
     return body.replace(b"\r\n", b"\n")
 
 
+def job_content(job: FileJob) -> bytes:
+    """What a job's file holds: the delivery fields, then the body as stored, without
+    planted delivery fields and with LF line endings."""
+    return job.header + to_lf(without_fields(job.body))
+
+
 class MaildirDeliverer:
     """The `local` transport. `resolve_mailbox` maps a recipient to its canonical
     mailbox name (`jones@foo.com` for `Jones@FOO.com`), or None if there is none.
@@ -219,16 +226,18 @@ class MaildirDeliverer:
         return FileJob(domain, local, header, message.body)
 
     def _write_batch(self, jobs: list[FileJob]) -> None:
-        """One batch, in the leader's greenlet: write all, fsync all (in parallel), link
-        all, fsync each new/ once. Each job ends with `error` None only if its file and
-        its directory entry are durable."""
+        """One batch, in the leader's greenlet: open the mailboxes, create, write and
+        fsync the files (in parallel), link all, fsync each new/ once. Each job ends
+        with `error` None only if its file and its directory entry are durable."""
         writer, pieces = self._writer, self._fsync_threads
-        self._run_blocking(lambda: writer.create(jobs))
-        written = [job for job in jobs if job.error is None]
-        if written:
+        self._run_blocking(lambda: writer.open_mailboxes(jobs))
+        ready = [job for job in jobs if job.error is None]
+        if ready:
             self._run_parallel(
-                [partial(writer.sync_files, part) for part in _split(written, pieces)]
+                [partial(writer.write_files, part) for part in _split(ready, pieces)]
             )
+            if any(job.reopen or job.error is not None for job in ready):
+                self._run_blocking(lambda: writer.after_writes(ready))
         directories = self._run_blocking(lambda: writer.link(jobs))
         if directories:
             self._run_parallel(
@@ -385,14 +394,15 @@ class FileJob:
     fd: int = -1
     mailbox: _Mailbox | None = None
     error: OSError | None = None
+    reopen: bool = False  # its Maildir came from the cache (it may have gone since)
 
 
 class MaildirWriter:
     """Writes message files in batches; keeps the directories of recently used Maildirs
     open, so a file costs create, write, fsync, close, link and unlink, and a batch one
-    fsync per new/ directory it touched. `create` and `link` run on one thread, one
-    batch at a time; `sync_files` and `sync_directories` on several threads at once,
-    each on its own part of the batch."""
+    fsync per new/ directory it touched. `open_mailboxes`, `after_writes` and `link`
+    run on one thread, one batch at a time; `write_files` and `sync_directories` on
+    several threads at once, each on its own part of the batch."""
 
     CACHED_MAILBOXES = 256
 
@@ -413,10 +423,10 @@ class MaildirWriter:
         self._fsync = fsync
         self._sweep: Generator[int, None, None] | None = None
 
-    def create(self, jobs: Sequence[FileJob]) -> None:
-        """Create and write each job's file in its Maildir's tmp/ (not yet fsynced): the
-        header, then the body without planted delivery fields and with LF line endings
-        (made here, off the event loop)."""
+    def open_mailboxes(self, jobs: Sequence[FileJob]) -> None:
+        """Give each job its Maildir's open tmp/ and new/ (from the cache, or opened and
+        created now); a job whose Maildir cannot be opened ends with its error. On the
+        Maildir thread: the cache is this thread's alone."""
         self._close_retired()
         try:
             root = self._open_root()
@@ -425,20 +435,65 @@ class MaildirWriter:
                 job.error = error
             return
         for job in jobs:
-            content = job.header + to_lf(without_fields(job.body))
+            key = f"{job.domain}/{job.local}"
+            mailbox = self._open.get(key)
             try:
-                self._create(root, job, content)
+                if mailbox is None:
+                    mailbox = self._mailbox(root, key, job)
+                else:
+                    self._open.move_to_end(key)
+                    job.reopen = True  # may have been removed since: see after_writes
             except OSError as error:
+                self._retire(key)
                 self._abandon(job, error)
+                continue
+            job.mailbox = mailbox
 
-    def sync_files(self, jobs: Sequence[FileJob]) -> None:
-        """fsync each written file (on one of several threads)."""
+    def write_files(self, jobs: Sequence[FileJob]) -> None:
+        """Create and write each job's file in its tmp/: the header, then the body
+        without planted delivery fields and with LF line endings; then fsync each one.
+        On one of several threads, each with its own part of the batch (the creations
+        and fsyncs of different files overlap on the disk); touches no shared state."""
+        written = []
         for job in jobs:
-            if job.error is None:
-                try:
-                    self._fsync(job.fd)
-                except OSError as error:
-                    job.error = error
+            assert job.mailbox is not None
+            try:
+                self._start_file(job.mailbox, job, job_content(job))
+            except OSError as error:
+                # Not found in a cached Maildir: it was removed while its directories
+                # were open; after_writes tries again in the Maildir opened afresh.
+                again = job.reopen and isinstance(error, FileNotFoundError)
+                self._abandon(job, error)
+                job.reopen = again
+                continue
+            job.reopen = False
+            written.append(job)
+        for job in written:
+            try:
+                self._fsync(job.fd)
+            except OSError as error:
+                job.error = error  # link() closes the file and removes its tmp/ name
+
+    def after_writes(self, jobs: Sequence[FileJob]) -> None:
+        """On the Maildir thread, once the parallel writes are done: a job whose cached
+        Maildir had gone is written again into the Maildir opened afresh (and fsynced);
+        a Maildir whose file could not be written leaves the cache (opened afresh next
+        time)."""
+        for job in jobs:
+            if not job.reopen:
+                if job.error is not None and job.fd < 0:
+                    self._retire(f"{job.domain}/{job.local}")  # opened afresh next time
+                continue
+            job.reopen = False
+            key = f"{job.domain}/{job.local}"
+            self._retire(key)
+            job.error = None
+            try:
+                self._start_file(self._mailbox(self._open_root(), key, job), job, job_content(job))
+                self._fsync(job.fd)
+            except OSError as error:
+                self._retire(key)
+                self._abandon(job, error)
 
     def link(self, jobs: Sequence[FileJob]) -> list[tuple[int, list[FileJob]]]:
         """Close each file, link the fsynced ones into new/, remove every tmp/ name; the
@@ -488,25 +543,6 @@ class MaildirWriter:
         if self._root is not None:
             os.close(self._root)
             self._root = None
-
-    def _create(self, root: int, job: FileJob, content: bytes) -> None:
-        key = f"{job.domain}/{job.local}"
-        mailbox = self._open.get(key)
-        try:
-            if mailbox is None:
-                mailbox = self._mailbox(root, key, job)
-            else:
-                self._open.move_to_end(key)
-            self._start_file(mailbox, job, content)
-        except FileNotFoundError:
-            # The Maildir was removed while its directories were open: open it afresh.
-            if mailbox is None:
-                raise
-            self._retire(key)
-            self._start_file(self._mailbox(root, key, job), job, content)
-        except OSError:
-            self._retire(key)
-            raise
 
     def _mailbox(self, root: int, key: str, job: FileJob) -> _Mailbox:
         mailbox = self._open_mailbox(root, job.domain, job.local)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import time
@@ -117,6 +118,18 @@ def test_write_failure_is_temporary(tmp_path: Path) -> None:
     (tmp_path / "local.example").write_text("a file where a directory should be")
     (result,) = deliverer(tmp_path).deliver(MESSAGE, ["alice@local.example"])
     assert result.outcome is Outcome.DEFERRED
+
+
+def test_a_mailbox_removed_while_cached_is_opened_afresh(tmp_path: Path) -> None:
+    """The writer keeps a Maildir's directories open; an administrator who removes the
+    Maildir meanwhile gets it made again by the next delivery, not a deferral."""
+    d = deliverer(tmp_path)
+    assert d.deliver(MESSAGE, ["alice@local.example"])[0].outcome is Outcome.DELIVERED
+    box = tmp_path / "local.example" / "alice"
+    shutil.rmtree(box)
+    assert d.deliver(MESSAGE, ["alice@local.example"])[0].outcome is Outcome.DELIVERED
+    assert len(list((box / "new").iterdir())) == 1
+    assert list((box / "tmp").iterdir()) == []
 
 
 # -- nothing left behind --------------------------------------------------------------------
