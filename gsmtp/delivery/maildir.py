@@ -22,13 +22,14 @@ files and read and execute bits on directories. The modes are set with fchmod, s
 server's umask (077) does not take them away.
 Deliveries are made in batches, as a database commits in groups: while one batch is on
 the disk, the deliveries that arrive wait, and the next batch takes all of them (up to
-`max_batch` files). A batch opens the Maildirs on the Maildir thread, creates, writes
-and fsyncs every file in `tmp/` through `run_parallel` (several threads, each with its
-part of the batch: the creations and fsyncs of different files overlap on the disk,
-which a single thread left waiting on the journal), links them into `new/`, and fsyncs
-each `new/` directory once, whatever the number of files linked into it. Only then is
-any of its recipients delivered; their results are answered together, so the queue
-records them in one spool commit. A failure of one file (its write, fsync or link)
+`max_batch` files); it starts as soon as the batch before has linked its files, while
+that one still fsyncs its directories. A batch opens the Maildirs on the Maildir thread,
+creates, writes and fsyncs every file in `tmp/` through `run_parallel` (several threads,
+each with its part of the batch: the creations and fsyncs of different files overlap on
+the disk, which a single thread left waiting on the journal), links them into `new/`,
+and fsyncs each `new/` directory once, whatever the number of files linked into it. Only
+then is any of its recipients delivered; their results are answered together, so the
+queue records them in one spool commit. A failure of one file (its write, fsync or link)
 defers its recipient only; a failed fsync of a `new/` defers the recipients linked into
 that directory (a copy may then be delivered twice, never lost).
 
@@ -233,10 +234,12 @@ class MaildirDeliverer:
         header = f"Return-Path: <{message.sender}>\nDelivered-To: {mailbox}\n".encode()
         return FileJob(domain, local, header, message.body)
 
-    def _write_batch(self, jobs: list[FileJob]) -> None:
+    def _write_batch(self, jobs: list[FileJob], linked: Callable[[], None]) -> None:
         """One batch, in the leader's greenlet: open the mailboxes, create, write and
         fsync the files (in parallel), link all, fsync each new/ once. Each job ends
-        with `error` None only if its file and its directory entry are durable."""
+        with `error` None only if its file and its directory entry are durable. Once
+        linked, `linked()` lets the next batch start while these directories are
+        fsynced (their descriptors stay open till then: see `MaildirWriter.syncing`)."""
         writer, pieces = self._writer, self._fsync_threads
         self._run_blocking(lambda: writer.open_mailboxes(jobs))
         ready = [job for job in jobs if job.error is None]
@@ -248,9 +251,14 @@ class MaildirDeliverer:
                 self._run_blocking(lambda: writer.after_writes(ready))
         directories = self._run_blocking(lambda: writer.link(jobs))
         if directories:
-            self._run_parallel(
-                [partial(writer.sync_directories, part) for part in _split(directories, pieces)]
-            )
+            writer.syncing += 1
+            try:
+                linked()
+                self._run_parallel(
+                    [partial(writer.sync_directories, part) for part in _split(directories, pieces)]
+                )
+            finally:
+                writer.syncing -= 1
         metrics.MAILDIR_BATCHES.inc()
         metrics.MAILDIR_FILES.inc(len(jobs))
         metrics.MAILDIR_DIRECTORY_FSYNCS.inc(len(directories))
@@ -277,12 +285,15 @@ _LEAD = object()  # a waiting delivery's answer: "the batch is yours to run"
 
 class _GroupWriter:
     """Batches concurrent deliveries, like a database's group commit. The first caller
-    (the leader) writes its jobs at once; callers arriving meanwhile wait; when a batch
-    is done, its followers are answered together and the first waiting caller leads the
-    next batch, with everything that waits (up to `max_batch` jobs). No greenlet of its
-    own: the leader is a delivery greenlet, so nothing here needs an owner."""
+    (the leader) writes its jobs at once; callers arriving meanwhile wait. When the
+    batch calls the hand-over it is given (or ends), the first waiting caller leads the
+    next batch, with everything that waits (up to `max_batch` jobs); when a batch is
+    done, its followers are answered together. No greenlet of its own: the leader is a
+    delivery greenlet, so nothing here needs an owner."""
 
-    def __init__(self, write: Callable[[list[FileJob]], None], max_batch: int) -> None:
+    def __init__(
+        self, write: Callable[[list[FileJob], Callable[[], None]], None], max_batch: int
+    ) -> None:
         self._write = write
         self._max_batch = max(1, max_batch)
         self._waiting: deque[tuple[list[FileJob], AsyncResult]] = deque()
@@ -316,8 +327,16 @@ class _GroupWriter:
         while self._waiting and count + len(self._waiting[0][0]) <= self._max_batch:
             count += len(self._waiting[0][0])
             taken.append(self._waiting.popleft())
+        handed_over = False
+
+        def hand_over() -> None:
+            nonlocal handed_over
+            if not handed_over:
+                handed_over = True
+                self._hand_over()
+
         try:
-            self._write([job for entry, _ in taken for job in entry])
+            self._write([job for entry, _ in taken for job in entry], hand_over)
         except BaseException as error:
             # Killed or crashed mid-batch: the followers defer (a copy may be in new/
             # already: delivered twice at worst, never lost).
@@ -329,7 +348,7 @@ class _GroupWriter:
             for _, done in taken[1:]:
                 done.set(None)
         finally:
-            self._hand_over()
+            hand_over()
 
     def _hand_over(self) -> None:
         if self._waiting:
@@ -440,6 +459,9 @@ class MaildirWriter:
         self._retired: list[_Mailbox] = []
         self._fsync = fsync
         self._sweep: Generator[int, None, None] | None = None
+        # Batches whose new/ directories are being fsynced (the next batch may start
+        # meanwhile): no descriptor is closed while one is, it may be theirs.
+        self.syncing = 0
 
     def open_mailboxes(self, jobs: Sequence[FileJob]) -> None:
         """Give each job its Maildir's open tmp/ and new/ (from the cache, or opened and
@@ -573,9 +595,12 @@ class MaildirWriter:
             self._retired.append(mailbox)
 
     def _close_retired(self) -> None:
-        """Between batches: close what was dropped, and what the cache holds too many."""
+        """Between batches: close what was dropped, and what the cache holds too many
+        (later, while an earlier batch still fsyncs directories)."""
         while len(self._open) > self.CACHED_MAILBOXES:
             self._retired.append(self._open.popitem(last=False)[1])
+        if self.syncing:
+            return
         for mailbox in self._retired:
             mailbox.close()
         self._retired.clear()

@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -371,6 +372,31 @@ def test_deliveries_waiting_for_a_batch_are_counted(tmp_path: Path) -> None:
     assert deliver_concurrently(d, 40, 4) == [Outcome.DELIVERED] * 40
     assert max(seen) == 40 and d.waiting == 0
     assert announced == list(range(1, 41))
+
+
+def test_the_next_batch_is_written_while_the_last_one_fsyncs_its_directories(
+    tmp_path: Path,
+) -> None:
+    """Batches overlap: once a batch's files are linked, the next one creates, writes
+    and fsyncs its files while the first fsyncs its new/ directories."""
+    overlapped = threading.Event()
+    in_directory_sync = threading.Event()
+    waited: list[bool] = []
+
+    class Overlapping(CountingFsync):
+        def __call__(self, fd: int) -> None:
+            new = os.readlink(f"/proc/self/fd/{fd}").endswith("/new")
+            if new and not in_directory_sync.is_set():
+                in_directory_sync.set()  # the first batch's: wait for the next one's files
+                waited.append(overlapped.wait(timeout=10))
+            elif in_directory_sync.is_set() and not stat.S_ISDIR(os.fstat(fd).st_mode):
+                overlapped.set()
+            super().__call__(fd)
+
+    assert (
+        deliver_concurrently(threaded(Overlapping(), tmp_path), 10, 2) == [Outcome.DELIVERED] * 10
+    )
+    assert waited == [True]  # the next batch's files were fsynced meanwhile
 
 
 def test_batches_are_bounded(tmp_path: Path) -> None:
