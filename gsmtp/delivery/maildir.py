@@ -22,14 +22,16 @@ files and read and execute bits on directories. The modes are set with fchmod, s
 server's umask (077) does not take them away.
 Deliveries are made in batches, as a database commits in groups: while one batch is on
 the disk, the deliveries that arrive wait, and the next batch takes all of them (up to
-`max_batch` files). A batch creates and writes every file in `tmp/` on the Maildir
-thread, fsyncs them through `run_parallel` (several threads: the fsyncs of different
-files overlap on the disk), links them into `new/`, and fsyncs each `new/` directory
-once, whatever the number of files linked into it. Only then is any of its recipients
-delivered; their results are answered together, so the queue records them in one
-spool commit. A failure of one file (its write, fsync or link) defers its recipient
-only; a failed fsync of a `new/` defers the recipients linked into that directory (a
-copy may then be delivered twice, never lost).
+`max_batch` files); it starts as soon as the batch before has linked its files, while
+that one still fsyncs its directories. A batch opens the Maildirs on the Maildir thread,
+creates, writes and fsyncs every file in `tmp/` through `run_parallel` (several threads,
+each with its part of the batch: the creations and fsyncs of different files overlap on
+the disk, which a single thread left waiting on the journal), links them into `new/`,
+and fsyncs each `new/` directory once, whatever the number of files linked into it. Only
+then is any of its recipients delivered; their results are answered together, so the
+queue records them in one spool commit. A failure of one file (its write, fsync or link)
+defers its recipient only; a failed fsync of a `new/` defers the recipients linked into
+that directory (a copy may then be delivered twice, never lost).
 
 Nothing is left behind: a write that fails once its `tmp/` file exists (ENOSPC, EIO, any
 OSError) removes that file before the delivery is deferred; a directory made for a new
@@ -145,6 +147,12 @@ def to_lf(body: bytes) -> bytes:
     return body.replace(b"\r\n", b"\n")
 
 
+def job_content(job: FileJob) -> bytes:
+    """What a job's file holds: the delivery fields, then the body as stored, without
+    planted delivery fields and with LF line endings."""
+    return job.header + to_lf(without_fields(job.body))
+
+
 class MaildirDeliverer:
     """The `local` transport. `resolve_mailbox` maps a recipient to its canonical
     mailbox name (`jones@foo.com` for `Jones@FOO.com`), or None if there is none.
@@ -171,6 +179,14 @@ class MaildirDeliverer:
         self._run_parallel = run_parallel
         self._fsync_threads = max(1, fsync_threads)
         self._batches = _GroupWriter(self._write_batch, max_batch)
+
+    @property
+    def waiting(self) -> int:
+        """Deliveries waiting for their batch (`base.WaitsOnDisk`)."""
+        return self._batches.inside
+
+    def on_wait(self, callback: Callable[[], None]) -> None:
+        self._batches.on_enter = callback
 
     def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
         prepared = [self._prepare(message, recipient) for recipient in recipients]
@@ -218,22 +234,31 @@ class MaildirDeliverer:
         header = f"Return-Path: <{message.sender}>\nDelivered-To: {mailbox}\n".encode()
         return FileJob(domain, local, header, message.body)
 
-    def _write_batch(self, jobs: list[FileJob]) -> None:
-        """One batch, in the leader's greenlet: write all, fsync all (in parallel), link
-        all, fsync each new/ once. Each job ends with `error` None only if its file and
-        its directory entry are durable."""
+    def _write_batch(self, jobs: list[FileJob], linked: Callable[[], None]) -> None:
+        """One batch, in the leader's greenlet: open the mailboxes, create, write and
+        fsync the files (in parallel), link all, fsync each new/ once. Each job ends
+        with `error` None only if its file and its directory entry are durable. Once
+        linked, `linked()` lets the next batch start while these directories are
+        fsynced (their descriptors stay open till then: see `MaildirWriter.syncing`)."""
         writer, pieces = self._writer, self._fsync_threads
-        self._run_blocking(lambda: writer.create(jobs))
-        written = [job for job in jobs if job.error is None]
-        if written:
+        self._run_blocking(lambda: writer.open_mailboxes(jobs))
+        ready = [job for job in jobs if job.error is None]
+        if ready:
             self._run_parallel(
-                [partial(writer.sync_files, part) for part in _split(written, pieces)]
+                [partial(writer.write_files, part) for part in _split(ready, pieces)]
             )
+            if any(job.reopen or job.error is not None for job in ready):
+                self._run_blocking(lambda: writer.after_writes(ready))
         directories = self._run_blocking(lambda: writer.link(jobs))
         if directories:
-            self._run_parallel(
-                [partial(writer.sync_directories, part) for part in _split(directories, pieces)]
-            )
+            writer.syncing += 1
+            try:
+                linked()
+                self._run_parallel(
+                    [partial(writer.sync_directories, part) for part in _split(directories, pieces)]
+                )
+            finally:
+                writer.syncing -= 1
         metrics.MAILDIR_BATCHES.inc()
         metrics.MAILDIR_FILES.inc(len(jobs))
         metrics.MAILDIR_DIRECTORY_FSYNCS.inc(len(directories))
@@ -260,20 +285,33 @@ _LEAD = object()  # a waiting delivery's answer: "the batch is yours to run"
 
 class _GroupWriter:
     """Batches concurrent deliveries, like a database's group commit. The first caller
-    (the leader) writes its jobs at once; callers arriving meanwhile wait; when a batch
-    is done, its followers are answered together and the first waiting caller leads the
-    next batch, with everything that waits (up to `max_batch` jobs). No greenlet of its
-    own: the leader is a delivery greenlet, so nothing here needs an owner."""
+    (the leader) writes its jobs at once; callers arriving meanwhile wait. When the
+    batch calls the hand-over it is given (or ends), the first waiting caller leads the
+    next batch, with everything that waits (up to `max_batch` jobs); when a batch is
+    done, its followers are answered together. No greenlet of its own: the leader is a
+    delivery greenlet, so nothing here needs an owner."""
 
-    def __init__(self, write: Callable[[list[FileJob]], None], max_batch: int) -> None:
+    def __init__(
+        self, write: Callable[[list[FileJob], Callable[[], None]], None], max_batch: int
+    ) -> None:
         self._write = write
         self._max_batch = max(1, max_batch)
         self._waiting: deque[tuple[list[FileJob], AsyncResult]] = deque()
         self._busy = False
+        self.inside = 0  # callers in `run`: waiting, or in the batch on the disk
+        self.on_enter: Callable[[], None] = lambda: None  # told when one comes in
 
     def run(self, jobs: list[FileJob]) -> None:
         """Write `jobs` (each ends with its `error` set or None); returns once they are
         durable or failed."""
+        self.inside += 1
+        try:
+            self.on_enter()
+            self._run(jobs)
+        finally:
+            self.inside -= 1
+
+    def _run(self, jobs: list[FileJob]) -> None:
         mine: tuple[list[FileJob], AsyncResult] = (jobs, AsyncResult())
         self._waiting.append(mine)
         if self._busy:
@@ -289,8 +327,16 @@ class _GroupWriter:
         while self._waiting and count + len(self._waiting[0][0]) <= self._max_batch:
             count += len(self._waiting[0][0])
             taken.append(self._waiting.popleft())
+        handed_over = False
+
+        def hand_over() -> None:
+            nonlocal handed_over
+            if not handed_over:
+                handed_over = True
+                self._hand_over()
+
         try:
-            self._write([job for entry, _ in taken for job in entry])
+            self._write([job for entry, _ in taken for job in entry], hand_over)
         except BaseException as error:
             # Killed or crashed mid-batch: the followers defer (a copy may be in new/
             # already: delivered twice at worst, never lost).
@@ -302,7 +348,7 @@ class _GroupWriter:
             for _, done in taken[1:]:
                 done.set(None)
         finally:
-            self._hand_over()
+            hand_over()
 
     def _hand_over(self) -> None:
         if self._waiting:
@@ -385,14 +431,15 @@ class FileJob:
     fd: int = -1
     mailbox: _Mailbox | None = None
     error: OSError | None = None
+    reopen: bool = False  # its Maildir came from the cache (it may have gone since)
 
 
 class MaildirWriter:
     """Writes message files in batches; keeps the directories of recently used Maildirs
     open, so a file costs create, write, fsync, close, link and unlink, and a batch one
-    fsync per new/ directory it touched. `create` and `link` run on one thread, one
-    batch at a time; `sync_files` and `sync_directories` on several threads at once,
-    each on its own part of the batch."""
+    fsync per new/ directory it touched. `open_mailboxes`, `after_writes` and `link`
+    run on one thread, one batch at a time; `write_files` and `sync_directories` on
+    several threads at once, each on its own part of the batch."""
 
     CACHED_MAILBOXES = 256
 
@@ -412,11 +459,14 @@ class MaildirWriter:
         self._retired: list[_Mailbox] = []
         self._fsync = fsync
         self._sweep: Generator[int, None, None] | None = None
+        # Batches whose new/ directories are being fsynced (the next batch may start
+        # meanwhile): no descriptor is closed while one is, it may be theirs.
+        self.syncing = 0
 
-    def create(self, jobs: Sequence[FileJob]) -> None:
-        """Create and write each job's file in its Maildir's tmp/ (not yet fsynced): the
-        header, then the body without planted delivery fields and with LF line endings
-        (made here, off the event loop)."""
+    def open_mailboxes(self, jobs: Sequence[FileJob]) -> None:
+        """Give each job its Maildir's open tmp/ and new/ (from the cache, or opened and
+        created now); a job whose Maildir cannot be opened ends with its error. On the
+        Maildir thread: the cache is this thread's alone."""
         self._close_retired()
         try:
             root = self._open_root()
@@ -425,20 +475,65 @@ class MaildirWriter:
                 job.error = error
             return
         for job in jobs:
-            content = job.header + to_lf(without_fields(job.body))
+            key = f"{job.domain}/{job.local}"
+            mailbox = self._open.get(key)
             try:
-                self._create(root, job, content)
+                if mailbox is None:
+                    mailbox = self._mailbox(root, key, job)
+                else:
+                    self._open.move_to_end(key)
+                    job.reopen = True  # may have been removed since: see after_writes
             except OSError as error:
+                self._retire(key)
                 self._abandon(job, error)
+                continue
+            job.mailbox = mailbox
 
-    def sync_files(self, jobs: Sequence[FileJob]) -> None:
-        """fsync each written file (on one of several threads)."""
+    def write_files(self, jobs: Sequence[FileJob]) -> None:
+        """Create and write each job's file in its tmp/: the header, then the body
+        without planted delivery fields and with LF line endings; then fsync each one.
+        On one of several threads, each with its own part of the batch (the creations
+        and fsyncs of different files overlap on the disk); touches no shared state."""
+        written = []
         for job in jobs:
-            if job.error is None:
-                try:
-                    self._fsync(job.fd)
-                except OSError as error:
-                    job.error = error
+            assert job.mailbox is not None
+            try:
+                self._start_file(job.mailbox, job, job_content(job))
+            except OSError as error:
+                # Not found in a cached Maildir: it was removed while its directories
+                # were open; after_writes tries again in the Maildir opened afresh.
+                again = job.reopen and isinstance(error, FileNotFoundError)
+                self._abandon(job, error)
+                job.reopen = again
+                continue
+            job.reopen = False
+            written.append(job)
+        for job in written:
+            try:
+                self._fsync(job.fd)
+            except OSError as error:
+                job.error = error  # link() closes the file and removes its tmp/ name
+
+    def after_writes(self, jobs: Sequence[FileJob]) -> None:
+        """On the Maildir thread, once the parallel writes are done: a job whose cached
+        Maildir had gone is written again into the Maildir opened afresh (and fsynced);
+        a Maildir whose file could not be written leaves the cache (opened afresh next
+        time)."""
+        for job in jobs:
+            if not job.reopen:
+                if job.error is not None and job.fd < 0:
+                    self._retire(f"{job.domain}/{job.local}")  # opened afresh next time
+                continue
+            job.reopen = False
+            key = f"{job.domain}/{job.local}"
+            self._retire(key)
+            job.error = None
+            try:
+                self._start_file(self._mailbox(self._open_root(), key, job), job, job_content(job))
+                self._fsync(job.fd)
+            except OSError as error:
+                self._retire(key)
+                self._abandon(job, error)
 
     def link(self, jobs: Sequence[FileJob]) -> list[tuple[int, list[FileJob]]]:
         """Close each file, link the fsynced ones into new/, remove every tmp/ name; the
@@ -489,25 +584,6 @@ class MaildirWriter:
             os.close(self._root)
             self._root = None
 
-    def _create(self, root: int, job: FileJob, content: bytes) -> None:
-        key = f"{job.domain}/{job.local}"
-        mailbox = self._open.get(key)
-        try:
-            if mailbox is None:
-                mailbox = self._mailbox(root, key, job)
-            else:
-                self._open.move_to_end(key)
-            self._start_file(mailbox, job, content)
-        except FileNotFoundError:
-            # The Maildir was removed while its directories were open: open it afresh.
-            if mailbox is None:
-                raise
-            self._retire(key)
-            self._start_file(self._mailbox(root, key, job), job, content)
-        except OSError:
-            self._retire(key)
-            raise
-
     def _mailbox(self, root: int, key: str, job: FileJob) -> _Mailbox:
         mailbox = self._open_mailbox(root, job.domain, job.local)
         self._open[key] = mailbox
@@ -519,9 +595,12 @@ class MaildirWriter:
             self._retired.append(mailbox)
 
     def _close_retired(self) -> None:
-        """Between batches: close what was dropped, and what the cache holds too many."""
+        """Between batches: close what was dropped, and what the cache holds too many
+        (later, while an earlier batch still fsyncs directories)."""
         while len(self._open) > self.CACHED_MAILBOXES:
             self._retired.append(self._open.popitem(last=False)[1])
+        if self.syncing:
+            return
         for mailbox in self._retired:
             mailbox.close()
         self._retired.clear()

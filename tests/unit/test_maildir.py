@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -117,6 +119,18 @@ def test_write_failure_is_temporary(tmp_path: Path) -> None:
     (tmp_path / "local.example").write_text("a file where a directory should be")
     (result,) = deliverer(tmp_path).deliver(MESSAGE, ["alice@local.example"])
     assert result.outcome is Outcome.DEFERRED
+
+
+def test_a_mailbox_removed_while_cached_is_opened_afresh(tmp_path: Path) -> None:
+    """The writer keeps a Maildir's directories open; an administrator who removes the
+    Maildir meanwhile gets it made again by the next delivery, not a deferral."""
+    d = deliverer(tmp_path)
+    assert d.deliver(MESSAGE, ["alice@local.example"])[0].outcome is Outcome.DELIVERED
+    box = tmp_path / "local.example" / "alice"
+    shutil.rmtree(box)
+    assert d.deliver(MESSAGE, ["alice@local.example"])[0].outcome is Outcome.DELIVERED
+    assert len(list((box / "new").iterdir())) == 1
+    assert list((box / "tmp").iterdir()) == []
 
 
 # -- nothing left behind --------------------------------------------------------------------
@@ -339,6 +353,50 @@ def test_concurrent_deliveries_share_batches_and_one_fsync_per_new(tmp_path: Pat
     bodies = sorted(f.read_bytes().rsplit(b"body ", 1)[1] for f in files)
     assert bodies == sorted(f"{n}\n".encode() for n in range(40))
     assert len(fsync.directories) <= 8  # 1 + 4 here; 40 without batches
+
+
+def test_deliveries_waiting_for_a_batch_are_counted(tmp_path: Path) -> None:
+    """`waiting` (what the queue manager leaves out of the pacer's allowance): every
+    delivery inside, the one on the disk and those waiting for the next batch; each
+    one that comes in is announced."""
+    seen: list[int] = []
+
+    class Watching(CountingFsync):
+        def __call__(self, fd: int) -> None:
+            seen.append(d.waiting)
+            super().__call__(fd)
+
+    d = threaded(Watching(), tmp_path)
+    announced: list[int] = []
+    d.on_wait(lambda: announced.append(d.waiting))
+    assert deliver_concurrently(d, 40, 4) == [Outcome.DELIVERED] * 40
+    assert max(seen) == 40 and d.waiting == 0
+    assert announced == list(range(1, 41))
+
+
+def test_the_next_batch_is_written_while_the_last_one_fsyncs_its_directories(
+    tmp_path: Path,
+) -> None:
+    """Batches overlap: once a batch's files are linked, the next one creates, writes
+    and fsyncs its files while the first fsyncs its new/ directories."""
+    overlapped = threading.Event()
+    in_directory_sync = threading.Event()
+    waited: list[bool] = []
+
+    class Overlapping(CountingFsync):
+        def __call__(self, fd: int) -> None:
+            new = os.readlink(f"/proc/self/fd/{fd}").endswith("/new")
+            if new and not in_directory_sync.is_set():
+                in_directory_sync.set()  # the first batch's: wait for the next one's files
+                waited.append(overlapped.wait(timeout=10))
+            elif in_directory_sync.is_set() and not stat.S_ISDIR(os.fstat(fd).st_mode):
+                overlapped.set()
+            super().__call__(fd)
+
+    assert (
+        deliver_concurrently(threaded(Overlapping(), tmp_path), 10, 2) == [Outcome.DELIVERED] * 10
+    )
+    assert waited == [True]  # the next batch's files were fsynced meanwhile
 
 
 def test_batches_are_bounded(tmp_path: Path) -> None:
