@@ -148,7 +148,7 @@ def write_results(
         f"Written by `make bench` (`python -m bench.compare`) on {machine['date']}:"
         f" {machine['cores']} cores, Python {machine['python']}, Linux {machine['kernel']}."
         " Every peer ran on this machine in the same run, one after another, loaded by"
-        " `bench.load` (gevent, PIPELINING where offered) over loopback. Each cell lasts a"
+        " `bench.load` (one epoll loop, PIPELINING where offered) over loopback. Each cell lasts a"
         " few seconds with sessions repeated; the key cells ran three times and the median"
         " is shown. Compare ratios, not absolute numbers: these machines are noisy.",
         "",
