@@ -82,6 +82,7 @@ class Result:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     server_cpu_percent: float | None = None
+    cpu_seconds: float = 0.0  # this generator's own CPU while it ran (not its start-up)
     started_at: float = 0.0  # wall clock, before the first connect
     finished_at: float = 0.0  # wall clock, after the last reply
     error_samples: list[str] = field(default_factory=list)
@@ -424,6 +425,7 @@ def run(
     result = Result(f"{target[0]}:{target[1]}", connections, messages, size)
     result.started_at = time.time()
     ticks_before = _cpu_ticks(server_pid) if server_pid else None
+    own_cpu = time.process_time()
     started = time.monotonic()
     deadline = started + min(max_seconds, duration or max_seconds)
     expected = total or (connections * messages if duration is None else 0)
@@ -434,6 +436,7 @@ def run(
     elapsed = time.monotonic() - started
     result.finished_at = time.time()
     result.seconds = round(elapsed, 3)
+    result.cpu_seconds = round(time.process_time() - own_cpu, 3)
     result.msgs_per_s = round(result.accepted / elapsed, 1) if elapsed else 0.0
     result.sessions_per_s = round(result.sessions / elapsed, 1) if elapsed else 0.0
     latencies = plan.latencies
