@@ -63,6 +63,10 @@ class Measurement:
     accepted: int
     errors: int
     runs: list[float] = field(default_factory=list)
+    # CPU per accepted message: the peer's processes (children included), and the
+    # load generator's own (it shares the machine: what it uses, the peer does not get).
+    cpu_us_per_msg: float = 0.0
+    load_cpu_us_per_msg: float = 0.0
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -104,15 +108,19 @@ def run_load(peer: Peer, cell: Cell, seconds: float) -> Measurement:
         timeout=seconds + 120,
     )
     elapsed = time.monotonic() - started
-    cpu = (tree_cpu_seconds(peer.pid) - cpu_before) / elapsed * 100
+    load_cpu = float(result.get("cpu_seconds", 0.0))  # bench.load's own, start-up excluded
+    server_cpu = tree_cpu_seconds(peer.pid) - cpu_before
+    accepted = max(int(result["accepted"]), 1)
     return Measurement(
         result["msgs_per_s"],
         result["sessions_per_s"],
         result["p50_ms"],
         result["p99_ms"],
-        round(cpu, 1),
+        round(server_cpu / elapsed * 100, 1),
         result["accepted"],
         result["errors"],
+        cpu_us_per_msg=round(server_cpu / accepted * 1e6, 1),
+        load_cpu_us_per_msg=round(load_cpu / accepted * 1e6, 1),
     )
 
 
@@ -140,7 +148,9 @@ def measure_peer(peer: Peer, cells: list[Cell], seconds: float, repeats: int) ->
         results[cell.key] = best
         print(
             f"  {peer.name:<17} {cell.label():<22} {best.msgs_per_s:>9,.0f} msg/s"
-            f"  p99 {best.p99_ms:>7.1f} ms  cpu {best.cpu_percent:>5.0f}%  errors {best.errors}",
+            f"  p99 {best.p99_ms:>7.1f} ms  cpu {best.cpu_percent:>5.0f}%"
+            f" ({best.cpu_us_per_msg:,.0f} µs/msg, load {best.load_cpu_us_per_msg:,.0f})"
+            f"  errors {best.errors}",
             flush=True,
         )
     settle(peer, limit=60)

@@ -81,7 +81,9 @@ def _targets(report: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     w2, w1 = _rate(report, "gsmtp-w2", key1), _rate(report, "gsmtp-w1", key1)
     check(
         "Acknowledged, C=100 M=100 1 KiB: workers = 2 ≥ 1.3× workers = 1",
-        _ratio(w2, w1) if w2 and w1 else _not_measured(report, "gsmtp-w2", "gsmtp-w1"),
+        (_ratio(w2, w1) + _cpu_per_message(report, key1))
+        if w2 and w1
+        else _not_measured(report, "gsmtp-w2", "gsmtp-w1"),
         bool(w2 and w1 and w2 >= 1.3 * w1) if w2 and w1 else None,
     )
     results = report["results"].get(g, {})
@@ -98,6 +100,21 @@ def _not_measured(report: dict[str, Any], *peers: str) -> str:
     """Why a row has no figure: the reason a peer was skipped, or that it was not asked for."""
     reasons = [f"{p}: {report['skipped'][p]}" for p in peers if p in report["skipped"]]
     return "not measured (" + ("; ".join(reasons) or "not in this run's --peers") + ")"
+
+
+def _cpu_per_message(report: dict[str, Any], key: Any) -> str:
+    """CPU per accepted message of the two workers cells and of their load generator
+    (on 2 cores, workers = 2 is bound by all three together; workers = 1 by its one
+    event loop). Empty for results from before these were measured."""
+    cells = [report["results"].get(name, {}).get(key) for name in ("gsmtp-w2", "gsmtp-w1")]
+    if not all(getattr(cell, "cpu_us_per_msg", 0) for cell in cells):
+        return ""
+    w2, w1 = cells
+    return (
+        f" (CPU per message: {w2.cpu_us_per_msg:,.0f} µs with 2 workers,"
+        f" {w1.cpu_us_per_msg:,.0f} µs with 1; load generator"
+        f" {w2.load_cpu_us_per_msg:,.0f} / {w1.load_cpu_us_per_msg:,.0f} µs)"
+    )
 
 
 def _e2e(report: dict[str, Any], kind: str, peer: str) -> Any:
@@ -183,7 +200,7 @@ def write_results(
         f"Written by `make bench` (`python -m bench.compare`) on {machine['date']}:"
         f" {machine['cores']} cores, Python {machine['python']}, Linux {machine['kernel']}."
         " Every peer ran on this machine in the same run, one after another, loaded by"
-        " `bench.load` (gevent, PIPELINING where offered) over loopback. Each cell lasts a"
+        " `bench.load` (one epoll loop, PIPELINING where offered) over loopback. Each cell lasts a"
         " few seconds with sessions repeated; the key cells ran three times and the median"
         " is shown. Compare ratios, not absolute numbers: these machines are noisy.",
         "",

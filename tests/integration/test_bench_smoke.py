@@ -49,9 +49,27 @@ def test_load_generator_counts_what_the_server_stored(gsmtp: GsmtpProcess) -> No
     )
     assert result["accepted"] == 35 and result["errors"] == 0 and result["sessions"] == 5
     assert float(result["p99_ms"]) >= float(result["p50_ms"]) > 0  # type: ignore[arg-type]
+    assert float(result["cpu_seconds"]) > 0  # type: ignore[arg-type]  # its own, for compare
     files = wait_for(lambda: len(f := gsmtp.maildir_files("jones@foo.com")) >= 35 and f, what="35")
     assert len(files) == 35
     assert all(2048 <= f.stat().st_size < 2048 + 400 for f in files)  # body + trace headers
+
+
+def test_load_generator_without_pipelining_waits_for_each_reply(tmp_path: Path) -> None:
+    """aiosmtpd offers no PIPELINING: the generator then writes MAIL, RCPT and DATA one
+    at a time, each after its reply, and counts only what was answered 250."""
+    from bench.peers import Aiosmtpd
+
+    peer = Aiosmtpd(store=True)
+    peer.start(tmp_path)
+    try:
+        result = bench(
+            "bench.load", "--target", f"127.0.0.1:{peer.port}", "-c", "3", "-m", "4", "--quiet"
+        )
+        assert result["accepted"] == 12 and result["errors"] == 0 and result["sessions"] == 3
+        assert peer.stored() == 12
+    finally:
+        peer.stop()
 
 
 def test_load_generator_refuses_non_loopback_targets() -> None:
