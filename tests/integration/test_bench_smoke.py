@@ -81,6 +81,7 @@ def test_idle_harness_holds_and_checks_connections(gsmtp: GsmtpProcess) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.xdist_group("heavy")  # see test_body_memory.py
 def test_compare_writes_results_for_the_peers_it_ran(tmp_path: Path) -> None:
     result = subprocess.run(
         [
@@ -157,6 +158,7 @@ def test_workers_setting_is_passed_only_where_gsmtp_has_it() -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.xdist_group("heavy")  # see test_body_memory.py
 @pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("postfix"),
     reason="a throw-away Postfix instance needs root and postfix (make bench-deps)",

@@ -12,7 +12,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests.integration.harness import GsmtpProcess, SmtpWire, wait_for
+
+# Under `make test` (pytest-xdist): these measure a server's memory and move hundreds of
+# megabytes; they share one worker with the suite's other heavy tests, so that no two of
+# them run at once.
+pytestmark = pytest.mark.xdist_group("heavy")
 
 MiB = 1024 * 1024
 CHUNK = 256 * 1024

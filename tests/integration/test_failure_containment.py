@@ -109,6 +109,7 @@ def test_a_message_the_disk_cannot_hold_gets_451_and_the_next_one_250(
     assert "component_died" not in gsmtp.log()
 
 
+@pytest.mark.xdist_group("heavy")  # fills 96 MB of tmpfs; see test_body_memory.py
 def test_the_reserve_refuses_mail_in_time_and_clears_once_the_queue_drains(
     gsmtp_factory: Factory, small_filesystem: Callable[[str], Path]
 ) -> None:
