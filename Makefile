@@ -23,8 +23,12 @@ run: $(RUN_STAMP)
 	mkdir -p var
 	$(BIN)/gsmtp serve -c configuration.toml
 
+# The suite on TEST_WORKERS pytest-xdist processes: most of its time is spent waiting
+# on the servers the integration tests start. `--dist loadgroup` keeps the tests marked
+# xdist_group("heavy") (memory measured, hundreds of MB written) on one worker.
+TEST_WORKERS ?= 2
 test: $(DEV_STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 # atheris (libFuzzer) over the protocol session and the address parser, FUZZ_SECONDS each.
 # A crash is saved as var/fuzz/crash-<sha1>; `python tests/fuzz/fuzz_session.py FILE` replays

@@ -18,6 +18,10 @@ from typing import Any
 
 import apsw
 
+from gsmtp import db
+from gsmtp.accounts import Accounts
+from gsmtp.config import load
+
 REPOSITORY = Path(__file__).parents[2]
 LOCAL_DOMAIN = "foo.com"
 USERS = ("jones@foo.com", "brown@foo.com")
@@ -147,9 +151,18 @@ class GsmtpProcess:
         return result
 
     def add_default_accounts(self) -> None:
-        self.cli("domain", "add", LOCAL_DOMAIN)
-        for user in USERS:
-            self.cli("user", "add", user)
+        """foo.com and its users, added in this process through the code `gsmtp domain
+        add` and `gsmtp user add` run (tests/integration/test_cli.py runs those commands
+        themselves): three CLI processes per server cost about a second, for every
+        integration test."""
+        connection = db.connect(load(self.config).spool.path)
+        try:
+            accounts = Accounts(connection)
+            accounts.add_domain(LOCAL_DOMAIN)
+            for user in USERS:
+                accounts.add_user(user)
+        finally:
+            connection.close()
 
     # -- process ----------------------------------------------------------------------
 

@@ -125,6 +125,7 @@ def test_idle_harness_measures_every_worker_of_the_node(gsmtp_factory: Factory) 
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.xdist_group("heavy")  # see test_body_memory.py
 def test_compare_writes_results_for_the_peers_it_ran(tmp_path: Path) -> None:
     result = subprocess.run(
         [
@@ -138,7 +139,7 @@ def test_compare_writes_results_for_the_peers_it_ran(tmp_path: Path) -> None:
             "--peers",
             "gsmtp,gevent-sink",
             "--e2e-messages",
-            "300",
+            "100",
             "--out",
             str(tmp_path),
         ],
@@ -159,10 +160,10 @@ def test_compare_writes_results_for_the_peers_it_ran(tmp_path: Path) -> None:
     assert stored >= accepted > 0
     # The end-to-end cells: everything accepted was delivered, once (counts, never speed).
     rows = e2e_rows(report)
-    assert rows["local", "gsmtp"][:2] == (300, 300)
-    assert rows["relay", "gsmtp"][:2] == (300, 300)
-    assert rows["probe", "probe (fsync)"][:2] == (300, 300)
-    assert rows["probe", "probe (syncfs)"][:2] == (300, 300)
+    assert rows["local", "gsmtp"][:2] == (100, 100)
+    assert rows["relay", "gsmtp"][:2] == (100, 100)
+    assert rows["probe", "probe (fsync)"][:2] == (100, 100)
+    assert rows["probe", "probe (syncfs)"][:2] == (100, 100)
     assert all(delivered_rate > 0 for _, _, delivered_rate in rows.values())
     # The no-message-lost cell ran in the same run, and lost nothing.
     kill = next(line for line in report.splitlines() if line.startswith("| No message lost"))
@@ -205,6 +206,7 @@ def test_workers_setting_is_passed_only_where_gsmtp_has_it() -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.xdist_group("heavy")  # see test_body_memory.py
 @pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("postfix"),
     reason="a throw-away Postfix instance needs root and postfix (make bench-deps)",

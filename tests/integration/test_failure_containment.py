@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -54,10 +55,10 @@ def mail_from(wire: SmtpWire, parameters: str = "") -> str:
     return wire.command(f"MAIL FROM:<a@remote.example>{parameters}")
 
 
-def send(port: int, size: int, subject: str = "big") -> str:
+def send(port: int, size: int, subject: str = "big", timeout: float = 60) -> str:
     """A message of about `size` bytes to jones@foo.com: the reply to MAIL if refused,
     else the reply to the final dot."""
-    with SmtpWire(port, timeout=60) as wire:
+    with SmtpWire(port, timeout=timeout) as wire:
         wire.read_reply()
         wire.command("EHLO c.example")
         reply = mail_from(wire)
@@ -92,13 +93,23 @@ def test_a_message_the_disk_cannot_hold_gets_451_and_the_next_one_250(
     )
     assert send(gsmtp.port, 12 * MB).startswith("451 4.3.0")
     assert gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)]
-    assert send(gsmtp.port, 1000, subject="small").startswith("250 2.0.0")
+    # The next message is answered, and stored once there is room again: at once, or
+    # after a 451 or two while the WAL still holds the refused message's pages (its
+    # next checkpoint lets it start over). A dead writer answers nothing: a timeout.
+    replies = [send(gsmtp.port, 1000, subject="small", timeout=10)]
+    deadline = time.monotonic() + 30
+    while not replies[-1].startswith("250 2.0.0") and time.monotonic() < deadline:
+        time.sleep(0.2)  # a client's retry after a 451
+        replies.append(send(gsmtp.port, 1000, subject="small", timeout=10))
+    assert replies[-1].startswith("250 2.0.0"), replies
+    assert all(reply.startswith(("250 2.0.0", "451 4.3.0")) for reply in replies), replies
     wait_for(lambda: gsmtp.maildir_files("jones@foo.com"), what="the small message delivered")
     gsmtp.signal(signal.SIGTERM)
     assert gsmtp.wait(timeout=15) == 0
     assert "component_died" not in gsmtp.log()
 
 
+@pytest.mark.xdist_group("heavy")  # fills 96 MB of tmpfs; see test_body_memory.py
 def test_the_reserve_refuses_mail_in_time_and_clears_once_the_queue_drains(
     gsmtp_factory: Factory, small_filesystem: Callable[[str], Path]
 ) -> None:
