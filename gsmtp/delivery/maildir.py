@@ -180,14 +180,6 @@ class MaildirDeliverer:
         self._fsync_threads = max(1, fsync_threads)
         self._batches = _GroupWriter(self._write_batch, max_batch)
 
-    @property
-    def waiting(self) -> int:
-        """Deliveries waiting for their batch (`base.WaitsOnDisk`)."""
-        return self._batches.inside
-
-    def on_wait(self, callback: Callable[[], None]) -> None:
-        self._batches.on_enter = callback
-
     def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
         prepared = [self._prepare(message, recipient) for recipient in recipients]
         jobs = [job for job in prepared if isinstance(job, FileJob)]
@@ -298,20 +290,10 @@ class _GroupWriter:
         self._max_batch = max(1, max_batch)
         self._waiting: deque[tuple[list[FileJob], AsyncResult]] = deque()
         self._busy = False
-        self.inside = 0  # callers in `run`: waiting, or in the batch on the disk
-        self.on_enter: Callable[[], None] = lambda: None  # told when one comes in
 
     def run(self, jobs: list[FileJob]) -> None:
         """Write `jobs` (each ends with its `error` set or None); returns once they are
         durable or failed."""
-        self.inside += 1
-        try:
-            self.on_enter()
-            self._run(jobs)
-        finally:
-            self.inside -= 1
-
-    def _run(self, jobs: list[FileJob]) -> None:
         mine: tuple[list[FileJob], AsyncResult] = (jobs, AsyncResult())
         self._waiting.append(mine)
         if self._busy:

@@ -16,10 +16,8 @@ everything here but the deliveries themselves. Each round it
    per-destination FIFO queues; batches for a dead destination are deferred at once,
    without a connection;
 4. starts deliveries round-robin across destinations, each within its window, while
-   a sender is free, the pacer allows another (a sender waiting on the disk, in a
-   Maildir batch, is not counted: it costs no CPU, and batches grow with the senders
-   that wait) and the bodies of running deliveries fit the byte budget (a body larger
-   than the whole budget runs alone).
+   a sender is free and the bodies of running deliveries fit the byte budget (a body
+   larger than the whole budget runs alone).
 
 A delivery greenlet reads its body, calls the backend, records the results, and on
 its way out updates its destination's window (a destination none of whose hosts
@@ -51,7 +49,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 
 from gsmtp import metrics
-from gsmtp.delivery.base import Deliverer, WaitsOnDisk
+from gsmtp.delivery.base import Deliverer
 from gsmtp.log import get_logger
 from gsmtp.message import Outcome
 from gsmtp.queue import attempt
@@ -133,14 +131,8 @@ class QueueManager:
         self._idle_poll = idle_poll
         self._error_pause = error_pause
         self._max_failed_rounds = max_failed_rounds
-        self._wake = Event()
         self._pool = Pool(concurrency)
         self._pacer = pacer or DeliveryPacer(concurrency)
-        # Senders waiting on the disk cost no CPU: the pacer bounds the others only,
-        # and a sender that starts waiting frees its slot (the dispatcher looks again).
-        self._disk_bound = [d for d in deliverers.values() if isinstance(d, WaitsOnDisk)]
-        for deliverer in self._disk_bound:
-            deliverer.on_wait(self._wake.set)
         self._destinations = Destinations(
             max_window=max_per_domain,
             initial_window=initial_window,
@@ -148,6 +140,7 @@ class QueueManager:
         )
         self._budget = BodyBudget(body_budget)
         self.held = 0  # recipients in memory: claimed, waiting or running
+        self._wake = Event()
         self._more = True  # the spool may hold claimable work
         self._looks = 0  # times something asked for another look (see _look_again)
         self._claimed_through = LONG_AGO  # due rows up to here were looked at
@@ -316,7 +309,7 @@ class QueueManager:
             return False
         room = self._active_limit - self.held
         running = len(self._pool)
-        startable = min(self._pool.free_count(), self._pacer.allowed - self._busy())
+        startable = min(self._pool.free_count(), self._pacer.allowed - running)
         ready = sum(
             min(len(d.waiting), d.allowed - d.running) for d in self._destinations if d.can_start()
         )
@@ -380,7 +373,7 @@ class QueueManager:
             if (
                 self._stopping
                 or self._pool.free_count() <= 0
-                or self._busy() >= self._pacer.allowed
+                or len(self._pool) >= self._pacer.allowed
                 or not self._budget.fits(destination.waiting[0].size)
             ):
                 self._destinations.put_back(destination)  # FIFO: the same batch goes first
@@ -391,10 +384,6 @@ class QueueManager:
             # Look again once the sender has left the pool: its slot is free only then
             # (a wake-up from inside `_deliver` comes while it still holds the slot).
             sender.link(self._sender_left)
-
-    def _busy(self) -> int:
-        """Senders the pacer counts: running, less those waiting on the disk."""
-        return len(self._pool) - sum(deliverer.waiting for deliverer in self._disk_bound)
 
     def _suspend(self, batches: Sequence[tuple[Batch, Destination]], now: float) -> None:
         """Defer batches of dead destinations without calling the backend."""

@@ -99,30 +99,6 @@ class FakeDeliverer:
         return [c for c in self.calls if c[1][0].endswith("@" + domain)]
 
 
-@dataclass
-class DiskBoundDeliverer(FakeDeliverer):
-    """A `base.WaitsOnDisk` backend, as the Maildir's batches are: each delivery waits
-    for `disk` (counted in `waiting`, and the queue manager told when it starts)."""
-
-    disk: Event = field(default_factory=Event)
-    waiting: int = 0
-    max_waiting: int = 0
-    _on_wait: Callable[[], None] = lambda: None
-
-    def on_wait(self, callback: Callable[[], None]) -> None:
-        self._on_wait = callback
-
-    def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
-        self.waiting += 1
-        self.max_waiting = max(self.max_waiting, self.waiting)
-        try:
-            self._on_wait()
-            self.disk.wait()
-        finally:
-            self.waiting -= 1
-        return super().deliver(message, recipients)
-
-
 def route(address: str) -> Route:
     domain = address.rpartition("@")[2]
     return Route("local" if domain in LOCAL_DOMAINS else "smtp", domain)
@@ -138,7 +114,7 @@ class QueueWorld:
         self.admin = SpoolAdmin(db.connect(self.path))
         self.clock = clock
         self.remote = FakeDeliverer()
-        self.local: FakeDeliverer = FakeDeliverer()
+        self.local = FakeDeliverer()
         self.managers: list[QueueManager] = []
         self._ids = 0
 
@@ -149,7 +125,6 @@ class QueueWorld:
         delay_warning: float | None = DEFAULTS.delay_warning,
         retry: tuple[float, ...] = DEFAULTS.retry,
         max_age: float = DEFAULTS.max_age,
-        pacer: DeliveryPacer | None = None,
         **overrides: Any,
     ) -> QueueManager:
         spool = spool or self.spool
@@ -173,7 +148,7 @@ class QueueWorld:
             clock=self.clock,
             # Other processes share the test machine: a pacer reading their load as
             # event-loop lag would change the shape under test.
-            pacer=pacer or DeliveryPacer(settings["concurrency"], high=float("inf")),
+            pacer=DeliveryPacer(settings["concurrency"], high=float("inf")),
             **settings,
         )
         self.managers.append(manager)

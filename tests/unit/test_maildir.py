@@ -355,25 +355,6 @@ def test_concurrent_deliveries_share_batches_and_one_fsync_per_new(tmp_path: Pat
     assert len(fsync.directories) <= 8  # 1 + 4 here; 40 without batches
 
 
-def test_deliveries_waiting_for_a_batch_are_counted(tmp_path: Path) -> None:
-    """`waiting` (what the queue manager leaves out of the pacer's allowance): every
-    delivery inside, the one on the disk and those waiting for the next batch; each
-    one that comes in is announced."""
-    seen: list[int] = []
-
-    class Watching(CountingFsync):
-        def __call__(self, fd: int) -> None:
-            seen.append(d.waiting)
-            super().__call__(fd)
-
-    d = threaded(Watching(), tmp_path)
-    announced: list[int] = []
-    d.on_wait(lambda: announced.append(d.waiting))
-    assert deliver_concurrently(d, 40, 4) == [Outcome.DELIVERED] * 40
-    assert max(seen) == 40 and d.waiting == 0
-    assert announced == list(range(1, 41))
-
-
 def test_the_next_batch_is_written_while_the_last_one_fsyncs_its_directories(
     tmp_path: Path,
 ) -> None:

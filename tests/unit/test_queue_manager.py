@@ -13,14 +13,13 @@ from gevent.event import Event
 
 from gsmtp import metrics
 from gsmtp.message import Outcome
-from gsmtp.queue import INITIAL_WINDOW, DeliveryPacer
+from gsmtp.queue import INITIAL_WINDOW
 from gsmtp.queue.manager import MAX_FAILED_ROUNDS
 from gsmtp.spool import Spool
 from gsmtp.supervision import Supervisor
 from tests.unit.queue_harness import (
     DEFAULTS,
     UNREACHABLE,
-    DiskBoundDeliverer,
     FakeClock,
     QueueWorld,
     reply,
@@ -386,39 +385,3 @@ def test_a_small_pool_keeps_claiming_as_senders_come_free(qw: QueueWorld, concur
     wait_until(lambda: qw.messages_left() == 0, timeout=20, what="the backlog to drain")
     assert len(qw.local.calls) == 200
     assert qw.local.max_total <= concurrency
-
-
-def lagging_pacer() -> DeliveryPacer:
-    """A pacer that reads every probe as lag: down to its floor of 2 senders at once,
-    as while clients keep the event loop busy."""
-    pacer = DeliveryPacer(DEFAULTS.concurrency, minimum=2, high=-1.0)
-    pacer.allowed = 2  # from the start, not after the first probes
-    return pacer
-
-
-def test_deliveries_waiting_on_the_disk_do_not_count_against_the_pacer(qw: QueueWorld) -> None:
-    """While clients keep the loop busy the pacer allows 2 senders; a Maildir delivery
-    waiting for its batch costs no CPU, so 20 of them wait at once (one batch of 20
-    files, not ten of 2)."""
-    qw.local = disk = DiskBoundDeliverer()
-    for index in range(20):
-        qw.enqueue([f"user{index}@local.example"])
-    manager = qw.manager(pacer=lagging_pacer())
-    manager.start()
-    wait_until(lambda: disk.waiting == 20, what="every local delivery waiting on the disk")
-    disk.disk.set()
-    wait_until(lambda: qw.messages_left() == 0)
-    assert len(disk.calls) == 20
-
-
-def test_the_pacer_still_bounds_deliveries_that_use_the_cpu(qw: QueueWorld) -> None:
-    """The same local mail through a backend that does not wait on the disk: 2 at once."""
-    qw.local.hold["local.example"] = Event()
-    for index in range(20):
-        qw.enqueue([f"user{index}@local.example"])
-    manager = qw.manager(pacer=lagging_pacer())
-    manager.start()
-    wait_until(lambda: qw.local.total_active == 2)
-    qw.local.hold["local.example"].set()
-    wait_until(lambda: qw.messages_left() == 0)
-    assert qw.local.max_total == 2  # never more at once, all the way through
