@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "e2e_skipped": {},
         "e2e_descriptions": {},
         "machine": machine(),
+        "repeats": repeats,
     }
     # The workers cells: acknowledged rate at the first key cell, gsmtp with two
     # worker processes against one (skipped while gsmtp has no server.workers).

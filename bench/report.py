@@ -201,8 +201,13 @@ def write_results(
         f" {machine['cores']} cores, Python {machine['python']}, Linux {machine['kernel']}."
         " Every peer ran on this machine in the same run, one after another, loaded by"
         " `bench.load` (one epoll loop, PIPELINING where offered) over loopback. Each cell lasts a"
-        " few seconds with sessions repeated; the key cells ran three times and the median"
-        " is shown. Compare ratios, not absolute numbers: these machines are noisy.",
+        " few seconds with sessions repeated; "
+        + (
+            "the key cells ran three times and the median is shown."
+            if report.get("repeats", 3) > 1
+            else "every cell ran once (`--quick`): a single run, no median."
+        )
+        + " Compare ratios, not absolute numbers: these machines are noisy.",
         "",
         "## Peers",
         "",
