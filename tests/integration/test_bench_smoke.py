@@ -83,19 +83,17 @@ def test_load_generator_refuses_non_loopback_targets() -> None:
     assert result.returncode == 2 and "non-loopback" in result.stderr
 
 
-def test_idle_harness_holds_and_checks_connections(gsmtp: GsmtpProcess) -> None:
-    assert gsmtp.process is not None
-    result = bench(
-        "bench.idle",
-        "--target",
-        f"127.0.0.1:{gsmtp.port}",
-        "-n",
-        "40",
-        "--pid",
-        str(gsmtp.process.pid),
-        "--hold",
-        "0.2",
+def hold_idle(server: GsmtpProcess, connections: int) -> dict[str, object]:
+    """bench.idle's result for `connections` held 0.2 s against `server`."""
+    assert server.process is not None
+    target, pid = f"127.0.0.1:{server.port}", str(server.process.pid)
+    return bench(
+        "bench.idle", "--target", target, "-n", str(connections), "--pid", pid, "--hold", "0.2"
     )
+
+
+def test_idle_harness_holds_and_checks_connections(gsmtp: GsmtpProcess) -> None:
+    result = hold_idle(gsmtp, 40)
     assert result["opened"] == 40 and result["dropped"] == 0
 
 
@@ -103,18 +101,7 @@ def test_idle_harness_measures_every_worker_of_the_node(gsmtp_factory: Factory) 
     """With workers the PID is the supervisor, which holds no connection: the cell sums
     the supervisor and its workers (reading the supervisor alone measured 0 growth)."""
     server = gsmtp_factory({"server": {"workers": 2, "max_connections_per_ip": 1000}})
-    assert server.process is not None
-    result = bench(
-        "bench.idle",
-        "--target",
-        f"127.0.0.1:{server.port}",
-        "-n",
-        "200",
-        "--pid",
-        str(server.process.pid),
-        "--hold",
-        "0.2",
-    )
+    result = hold_idle(server, 200)
     assert result["opened"] == 200 and result["dropped"] == 0
     assert result["processes"] == 3  # the supervisor and two workers
     per_process = result["per_process"]
