@@ -222,10 +222,16 @@ class QueueManager:
             try:
                 timeout = self._round()
             except Exception as error:
-                failed += 1
                 metrics.INTERNAL_ERRORS.labels("queue").inc()
+                if isinstance(error, apsw.FullError):
+                    # A full disk is no broken runner: the spool recovers by itself
+                    # (App._checkpoint), and rounds go on in the meantime.
+                    self._log.error("queue_round_failed", failed_in_a_row=failed, error=str(error))
+                    gevent.sleep(self._error_pause)
+                    continue
+                failed += 1
                 if isinstance(error, (apsw.Error, DatabaseError)):
-                    # Expected (a full disk, a busy spool): a value, not a traceback.
+                    # Expected (a busy or unreadable spool): a value, not a traceback.
                     self._log.error("queue_round_failed", failed_in_a_row=failed, error=str(error))
                 else:
                     self._log.exception("queue_round_failed", failed_in_a_row=failed)
