@@ -25,6 +25,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ from gsmtp.queue import Notices, NoticeSettings, QueueManager, RetryPolicy
 from gsmtp.reload import changed, in_effect, restart_needed
 from gsmtp.routing import Router
 from gsmtp.server import CUT_SECONDS, Deadlines, SmtpServer
-from gsmtp.spool import Spool
+from gsmtp.spool import Spool, give_back_pages
 from gsmtp.supervision import EXIT_COMPONENT_DIED, STALL_SECONDS, Progress, Supervisor
 from gsmtp.systemd import SystemdNotifier, listen_fds, status_text
 from gsmtp.tls import ServerTls, TlsError, server_context
@@ -581,8 +582,12 @@ class Application:
         if free < VACUUM_MIN_PAGES:
             return
         pages = min(free - VACUUM_SLACK_PAGES, VACUUM_MAX_PAGES)
-        left = self._writer.submit(lambda connection: db.incremental_vacuum(connection, pages))
-        self._log.info("spool_vacuumed", pages=pages, free_pages=left)
+        # In steps of their own (see give_back_pages): one transaction of 4096 pages
+        # would spill most of them into the WAL, writing megabytes to free them.
+        left = pages
+        while left > 0:
+            left = self._writer.submit(partial(give_back_pages, pages=left))
+        self._log.info("spool_vacuumed", pages=pages, free_pages=self._bodies.run(db.free_pages))
 
     def _clean_maildir_tmp(self) -> None:
         """Remove stale Maildir tmp/ files (maildir(5): older than 36 h) on the Maildir
