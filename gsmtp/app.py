@@ -25,6 +25,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
 from gsmtp.delivery.tls_client import ClientTls, TlsClientError
 from gsmtp.delivery.tls_levels import TlsLevel
 from gsmtp.delivery.tls_policy import TlsPolicy
-from gsmtp.diskspace import SpaceReserve
+from gsmtp.diskspace import Ballast, SpaceReserve
 from gsmtp.dkim import DkimKeyError, DkimSigner
 from gsmtp.housekeeping import Housekeeping, Task
 from gsmtp.limits import ConnectionLimiter
@@ -64,7 +65,7 @@ from gsmtp.queue import Notices, NoticeSettings, QueueManager, RetryPolicy
 from gsmtp.reload import changed, in_effect, restart_needed
 from gsmtp.routing import Router
 from gsmtp.server import CUT_SECONDS, Deadlines, SmtpServer
-from gsmtp.spool import Spool
+from gsmtp.spool import Spool, give_back_pages
 from gsmtp.supervision import EXIT_COMPONENT_DIED, STALL_SECONDS, Progress, Supervisor
 from gsmtp.systemd import SystemdNotifier, listen_fds, status_text
 from gsmtp.tls import ServerTls, TlsError, server_context
@@ -204,7 +205,8 @@ class Application:
         self._writer = writer.GroupCommitter(config.spool.path)
         self._bodies = writer.ThreadReader(config.spool.path)
         self._reserve = SpaceReserve(config.spool.path, spool_reserve(config))
-        self.spool = Spool(self._writer, self._reader, self._bodies)
+        self._ballast = Ballast(config.spool.path)
+        self.spool = Spool(self._writer, self._reader, self._bodies, ballast=self._ballast)
         self._accounts = AccountsCache(self._open_accounts())
         self.policy = Policy(
             hostname=config.server.hostname,
@@ -480,6 +482,11 @@ class Application:
         orphans = self.spool.remove_orphan_parts()
         if orphans:
             self._log.info("orphan_body_parts_removed", count=orphans)
+        ballast_error = self._ballast.restore()
+        if ballast_error is not None:  # made by the checkpoint task once there is room
+            self._log.warning(
+                "spool_ballast_not_made", path=str(self._ballast.path), error=str(ballast_error)
+            )
         self.queue.start()
         self._remote.start()
         self._start_metrics()
@@ -538,11 +545,35 @@ class Application:
         supervisor.start()
 
     def _checkpoint(self) -> None:
-        """Move the WAL into the database on the reader thread."""
+        """Move the WAL into the database on the reader thread. After a full disk (a
+        write failed with SQLITE_FULL, the ballast was given up, parts are owed), also
+        recover: discard the parts owed, cut the WAL to nothing (it may hold the whole
+        disk: a WAL only restarts, it keeps its size) and take the ballast back once
+        there is room. Each step is retried on the next round until it succeeds."""
+        spool = self.spool
+        recovering = spool.disk_was_full or self._ballast.released or bool(spool.discards_owed)
+        if spool.discards_owed:
+            owed = len(spool.discards_owed)
+            try:
+                spool.retry_discards()
+            except apsw.Error as error:
+                if isinstance(error, apsw.FullError):
+                    self._ballast.release()
+                self._log.warning("body_parts_not_discarded", messages=owed, error=str(error))
+            else:
+                self._log.info("body_parts_discarded", messages=owed)
         try:
-            self._bodies.checkpoint()
+            self._bodies.checkpoint(truncate=recovering)
         except apsw.Error as error:
+            if isinstance(error, apsw.FullError):
+                self._ballast.release()  # room for the database file to take the WAL
             self._log.warning("checkpoint_failed", error=str(error))
+            return
+        if not recovering or spool.discards_owed:
+            return
+        spool.disk_was_full = False
+        if self._ballast.restore() is None:
+            self._log.info("spool_space_recovered", ballast=str(self._ballast.path))
 
     def _give_back_space(self) -> None:
         """Incremental vacuum through the writer (it is a write), when enough pages are
@@ -551,8 +582,12 @@ class Application:
         if free < VACUUM_MIN_PAGES:
             return
         pages = min(free - VACUUM_SLACK_PAGES, VACUUM_MAX_PAGES)
-        left = self._writer.submit(lambda connection: db.incremental_vacuum(connection, pages))
-        self._log.info("spool_vacuumed", pages=pages, free_pages=left)
+        # In steps of their own (see give_back_pages): one transaction of 4096 pages
+        # would spill most of them into the WAL, writing megabytes to free them.
+        left = pages
+        while left > 0:
+            left = self._writer.submit(partial(give_back_pages, pages=left))
+        self._log.info("spool_vacuumed", pages=pages, free_pages=self._bodies.run(db.free_pages))
 
     def _clean_maildir_tmp(self) -> None:
         """Remove stale Maildir tmp/ files (maildir(5): older than 36 h) on the Maildir

@@ -16,6 +16,8 @@ measurement. Measured at most once per CACHE_SECONDS: it is asked on every MAIL.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -78,3 +80,51 @@ class SpaceReserve:
             except OSError:
                 self._free = None
         return None if self._free is None else self._free - self._spent
+
+
+BALLAST_BYTES = 1024 * 1024
+
+
+class Ballast:
+    """A file of `size` bytes beside the spool (`<spool>.reserve`), kept so that a full
+    disk can be recovered from. When the WAL has filled the disk, removing what was
+    written (the parts of a refused message) takes new WAL frames, and a checkpoint
+    needs the database file to grow: without a little room neither can happen, and
+    the space never comes back. `release()` gives that room; `restore()` takes it
+    again once the disk has space to spare. Used only from the event loop."""
+
+    def __init__(self, spool_path: str, size: int = BALLAST_BYTES) -> None:
+        self.path = Path(spool_path + ".reserve")
+        self.size = size
+        self.released = True  # no file yet: `restore()` makes it
+
+    def release(self) -> bool:
+        """Remove the file; True if that gave room back (it was there)."""
+        if self.released:
+            return False
+        self.released = True
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            return False
+        return True
+
+    def restore(self) -> OSError | None:
+        """(Re)create the file, with its blocks written, if there is room for it and as
+        much again to spare; the error (ENOSPC…) otherwise, the file left absent."""
+        if not self.released:
+            return None
+        try:
+            stat = os.statvfs(self.path.parent)
+            if int(stat.f_bavail) * int(stat.f_frsize) < 2 * self.size:
+                return OSError(errno.ENOSPC, "not enough free space for the ballast file")
+            with open(self.path, "wb") as file:
+                file.write(bytes(self.size))  # real blocks, unlike a sparse truncate()
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
+            return error
+        self.released = False
+        return None

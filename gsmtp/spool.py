@@ -43,11 +43,13 @@ import io
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import apsw
 
-from gsmtp.db import execute_values, query, scalar
+from gsmtp.db import execute_values, free_pages, incremental_vacuum, query, scalar
+from gsmtp.diskspace import Ballast
 from gsmtp.message import (
     AdminAction,
     MessageId,
@@ -274,16 +276,43 @@ def insert_parts(connection: apsw.Connection, parts: Sequence[tuple[str, int, by
     )
 
 
-def discard_parts(connection: apsw.Connection, message_ids: Sequence[str]) -> None:
+# Pages given back per transaction by a discard (`give_back_pages`). Each page taken
+# off the free list is a dirty page until the commit drops it (it lies past the new end
+# of the file); past the page cache (2 MB by default) SQLite would spill them into the
+# WAL, and a discard on a full disk would need the room it is meant to give back.
+DISCARD_VACUUM_PAGES = 256
+
+
+def discard_parts(
+    connection: apsw.Connection, message_ids: Sequence[str], *, give_back_all: bool = False
+) -> int:
     """Remove the parts of messages that were never stored. A message that was stored
     keeps its parts: so this is safe after any outcome of its commit, even one the
-    server could not learn."""
+    server could not learn. Returns the free pages still to give back
+    (`give_back_pages`, one transaction each): those it freed, or with
+    `give_back_all` every free page (a retry, after a give-back that failed).
+
+    The pages freed are given back to the file system (incremental vacuum), so the
+    committed database size shrinks with them. That is what lets a full disk recover:
+    a checkpoint copies only the pages below the committed size and cuts the file to
+    it, so the refused message's pages, still in the WAL, need no room in the database
+    file. (Discarded parts are mostly the last pages: little is moved.)"""
+    before = 0 if give_back_all else free_pages(connection)
     execute_values(
         connection,
         "DELETE FROM body_parts WHERE message_id IN (SELECT column1 FROM (VALUES {values}))"
         " AND NOT EXISTS (SELECT 1 FROM messages WHERE id = body_parts.message_id)",
         [(message_id,) for message_id in message_ids],
     )
+    return give_back_pages(connection, free_pages(connection) - before)
+
+
+def give_back_pages(connection: apsw.Connection, pages: int) -> int:
+    """Give up to DISCARD_VACUUM_PAGES of `pages` free pages back; how many are left."""
+    step = min(pages, DISCARD_VACUUM_PAGES)
+    if step > 0:
+        incremental_vacuum(connection, step)
+    return max(pages - step, 0)
 
 
 def _dsn_columns(dsn: RecipientDsn | None) -> tuple[str | None, str | None]:
@@ -353,15 +382,30 @@ class Spool:
     through the body reader's thread."""
 
     def __init__(
-        self, writer: GroupCommitter, reader: apsw.Connection, bodies: ThreadReader | None = None
+        self,
+        writer: GroupCommitter,
+        reader: apsw.Connection,
+        bodies: ThreadReader | None = None,
+        *,
+        ballast: Ballast | None = None,
     ) -> None:
         self._writer = writer
         self._reader = reader
         self._bodies = bodies
+        self._ballast = ballast
+        # Messages whose parts could not be discarded yet (the disk was full): tried
+        # again by `retry_discards`, not left on the disk until the next start.
+        self.discards_owed: set[MessageId] = set()
+        # A write found the disk full since the last recovery (see App._checkpoint).
+        self.disk_was_full = False
 
     def enqueue(self, message: NewMessage) -> MessageId:
         """Store a message durably; returns once committed (raises if it was not)."""
-        self._writer.submit_item(insert_messages, message)
+        try:
+            self._writer.submit_item(insert_messages, message)
+        except apsw.FullError:
+            self.disk_was_full = True
+            raise
         return message.id
 
     # -- bodies as they arrive ------------------------------------------------------------
@@ -371,13 +415,46 @@ class Spool:
         group commit with whatever else is being written (the message's own commit
         comes later, so the 250 follows the fsync of every part). Raises if it was
         not written."""
-        self._writer.submit_item(insert_parts, (message_id, seq, data))
+        try:
+            self._writer.submit_item(insert_parts, (message_id, seq, data))
+        except apsw.FullError:
+            self.disk_was_full = True
+            raise
 
     def discard_parts(self, message_id: MessageId) -> None:
         """Drop the parts of a message that will not be stored (see `discard_parts`).
         A unit of its own, not batched with like ones: the writer then applies it after
-        everything submitted before it, such as a part whose writer was interrupted."""
-        self._writer.submit(lambda connection: discard_parts(connection, [message_id]))
+        everything submitted before it, such as a part whose writer was interrupted.
+        If the disk is full, the ballast file is given up and the discard tried again;
+        if it still fails, it is owed (`retry_discards`) and the error raised."""
+        try:
+            try:
+                self._discard([message_id])
+            except apsw.FullError:
+                self.disk_was_full = True
+                if self._ballast is None or not self._ballast.release():
+                    raise
+                self._discard([message_id])  # in the room the ballast left
+        except apsw.Error:
+            self.discards_owed.add(message_id)
+            raise
+
+    def retry_discards(self) -> int:
+        """Discard the parts owed (see `discard_parts`) and give back every free page;
+        how many messages' parts went. Raises what the writer raised (they stay owed)."""
+        owed = sorted(self.discards_owed)
+        if not owed:
+            return 0
+        self._discard(owed, give_back_all=True)
+        self.discards_owed.difference_update(owed)
+        return len(owed)
+
+    def _discard(self, message_ids: list[MessageId], *, give_back_all: bool = False) -> None:
+        left = self._writer.submit(
+            lambda connection: discard_parts(connection, message_ids, give_back_all=give_back_all)
+        )
+        while left > 0:
+            left = self._writer.submit(partial(give_back_pages, pages=left))
 
     def read_parts(
         self, message_id: MessageId, count: int, consume: Callable[[bytes], bool]

@@ -229,12 +229,16 @@ class ThreadReader:
             raise value
         return value  # type: ignore[no-any-return]
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, *, truncate: bool = False) -> None:
         """Copy committed WAL frames into the database without blocking writers, so the
         committing thread never pays for a checkpoint (nor the client for its fsync).
         The API call leaves no statement open: an open one would pin this connection's
-        read snapshot, and later reads on it would not see new messages."""
-        self.run(lambda connection: connection.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE))
+        read snapshot, and later reads on it would not see new messages.
+
+        `truncate`: copy everything and cut the WAL file to nothing (waits, up to the
+        busy timeout, for writers and old readers): gives a full disk its WAL back."""
+        mode = apsw.SQLITE_CHECKPOINT_TRUNCATE if truncate else apsw.SQLITE_CHECKPOINT_PASSIVE
+        self.run(lambda connection: connection.wal_checkpoint(mode=mode))
 
     def close(self) -> None:
         self._thread.kill()

@@ -44,11 +44,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
+import apsw
 import gevent
 from gevent.event import Event
 from gevent.pool import Pool
 
 from gsmtp import metrics
+from gsmtp.db import DatabaseError
 from gsmtp.delivery.base import Deliverer
 from gsmtp.log import get_logger
 from gsmtp.message import Outcome
@@ -212,10 +214,20 @@ class QueueManager:
         while not self._stopping:
             try:
                 timeout = self._round()
-            except Exception:
-                failed += 1
+            except Exception as error:
                 metrics.INTERNAL_ERRORS.labels("queue").inc()
-                self._log.exception("queue_round_failed", failed_in_a_row=failed)
+                if isinstance(error, apsw.FullError):
+                    # A full disk is no broken runner: the spool recovers by itself
+                    # (App._checkpoint), and rounds go on in the meantime.
+                    self._log.error("queue_round_failed", failed_in_a_row=failed, error=str(error))
+                    gevent.sleep(self._error_pause)
+                    continue
+                failed += 1
+                if isinstance(error, (apsw.Error, DatabaseError)):
+                    # Expected (a busy or unreadable spool): a value, not a traceback.
+                    self._log.error("queue_round_failed", failed_in_a_row=failed, error=str(error))
+                else:
+                    self._log.exception("queue_round_failed", failed_in_a_row=failed)
                 if failed >= self._max_failed_rounds:
                     self._log.error("queue_runner_broken", failed_in_a_row=failed)
                     raise

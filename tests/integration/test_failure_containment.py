@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import apsw
 import pytest
 
 from tests.integration.conftest import Factory
@@ -70,6 +71,11 @@ def send(port: int, size: int, subject: str = "big", timeout: float = 60) -> str
         return wire.read_reply()[-1]
 
 
+def disk_free(directory: Path) -> int:
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
+
+
 def spool_bytes(gsmtp: GsmtpProcess) -> int:
     """The spool's files on disk: the database and its WAL."""
     return sum(
@@ -107,6 +113,45 @@ def test_a_message_the_disk_cannot_hold_gets_451_and_the_next_one_250(
     gsmtp.signal(signal.SIGTERM)
     assert gsmtp.wait(timeout=15) == 0
     assert "component_died" not in gsmtp.log()
+
+
+def test_a_disk_filled_by_a_wal_no_checkpoint_could_empty_is_recovered(
+    gsmtp_factory: Factory, small_filesystem: Callable[[str], Path]
+) -> None:
+    """The failing order of the test above, made certain: a reader (this test) pins the
+    WAL while a message too large for the disk arrives, so no checkpoint copies any of
+    its parts and the WAL fills the disk. Discarding them then needs new WAL frames, and
+    a checkpoint needs the database file to grow: both failed with SQLITE_FULL for ever
+    (every later message 451) until the server spent its ballast file, shrank the
+    database in the discard's own commit and restarted the WAL."""
+    disk = small_filesystem("8m")
+    gsmtp = gsmtp_factory(
+        {
+            "spool": {"path": str(disk / "spool.sqlite"), "min_free": "0"},
+            "server": {"max_message_size": "20MB"},
+        }
+    )
+    pin = apsw.Connection(str(gsmtp.spool_path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        pin.execute("BEGIN")
+        assert pin.execute("SELECT COUNT(*) FROM messages").fetchall() == [(0,)]
+        assert send(gsmtp.port, 12 * MB).startswith("451 4.3.0")
+    finally:
+        pin.close()
+    # The space comes back by itself (parts discarded, database shrunk, WAL emptied),
+    # and mail flows again: every message accepted at once, and delivered.
+    wait_for(lambda: disk_free(disk) > 4 * MB, what="the disk's space given back", timeout=30)
+    assert gsmtp.spool_rows("SELECT COUNT(*) FROM body_parts") == [(0,)]
+    for _ in range(5):
+        assert send(gsmtp.port, 1000, subject="small", timeout=10).startswith("250 2.0.0")
+    wait_for(
+        lambda: len(gsmtp.maildir_files("jones@foo.com")) == 5, what="the small messages delivered"
+    )
+    gsmtp.signal(signal.SIGTERM)
+    assert gsmtp.wait(timeout=15) == 0
+    log = gsmtp.log()
+    assert "component_died" not in log
+    assert "Traceback" not in log
 
 
 @pytest.mark.xdist_group("heavy")  # fills 96 MB of tmpfs; see test_body_memory.py

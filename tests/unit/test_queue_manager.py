@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import apsw
 import gevent
 import pytest
 from gevent.event import Event
+from structlog.testing import capture_logs
 
 from gsmtp import metrics
 from gsmtp.message import Outcome
@@ -211,15 +213,35 @@ def test_a_recipient_is_never_in_two_deliveries_even_past_any_lease(qw: QueueWor
 class FlakySpool(Spool):
     """A spool whose reads fail for a while (a locked or broken database)."""
 
-    def __init__(self, inner: Spool, failures: int) -> None:
+    def __init__(self, inner: Spool, failures: int, error: Exception | None = None) -> None:
         super().__init__(inner._writer, inner._reader)
         self.failures = failures
+        self.error = error or RuntimeError("spool read failed")
 
     def admin_actions_waiting(self) -> bool:
         if self.failures > 0:
             self.failures -= 1
-            raise RuntimeError("spool read failed")
+            raise self.error
         return super().admin_actions_waiting()
+
+
+def test_a_round_failed_by_the_spool_is_logged_as_a_value_not_a_traceback(
+    qw: QueueWorld,
+) -> None:
+    """A full disk made every round fail with a traceback in the log: an expected
+    condition (the spool recovers by itself) is logged with its error, no traceback."""
+    rounds = MAX_FAILED_ROUNDS + 2  # and is no broken runner, however long it lasts
+    flaky = FlakySpool(qw.spool, failures=rounds, error=apsw.FullError("database or disk is full"))
+    qw.enqueue(["a@x.example"])
+    manager = qw.manager(spool=flaky, error_pause=0.0)
+    with capture_logs() as logs:
+        manager.start()
+        wait_until(lambda: qw.messages_left() == 0)
+    assert manager.greenlet is not None and not manager.greenlet.dead
+    failed = [entry for entry in logs if entry["event"] == "queue_round_failed"]
+    assert len(failed) == rounds
+    assert all(entry["error"] == "database or disk is full" for entry in failed), failed
+    assert not any(entry.get("exc_info") for entry in failed), failed
 
 
 def test_an_exception_in_a_round_is_counted_and_the_runner_goes_on(qw: QueueWorld) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from gsmtp import backup, db
 from gsmtp.acceptance import Acceptor
+from gsmtp.diskspace import Ballast
 from gsmtp.message import MessageId, NewMessage, Outcome, SpooledContent
 from gsmtp.protocol.address import Address
 from gsmtp.protocol.session import Envelope
@@ -196,3 +197,67 @@ def test_the_accept_step_stores_the_trace_in_front_of_spooled_content() -> None:
     assert message.size == len(message.body) + 500_000 + len(b"rest\r\n")
     small = acceptor.accept(envelope, client_ip="192.0.2.1", tls=False, now=1000.0)
     assert small.spooled is None and small.body.endswith(b"\r\nrest\r\n")
+
+
+def test_discarded_parts_give_their_pages_back_in_their_own_commits(
+    spool: Spool, spool_path: str
+) -> None:
+    """A full disk recovers only if the discard's commit shrinks the database: a
+    checkpoint then copies nothing of the refused message's pages (still in the WAL)
+    and needs no room to grow the file. Given back DISCARD_VACUUM_PAGES at a time, so
+    the pages taken off the free list never spill into the WAL."""
+    spooled_message(spool, "M1")
+    before = rows(spool_path, "PRAGMA page_count")[0][0]
+    for seq in range(12):  # 3 MB: more than the page cache holds
+        spool.write_part(MessageId("M2"), seq, bytes([seq]) * 256 * 1024)
+    wal = Path(spool_path + "-wal")
+    wal_before = wal.stat().st_size
+    spool.discard_parts(MessageId("M2"))
+    assert rows(spool_path, "SELECT DISTINCT message_id FROM body_parts") == [("M1",)]
+    assert rows(spool_path, "PRAGMA page_count")[0][0] <= before + 8
+    assert wal.stat().st_size - wal_before < 256 * 1024  # a few pages, not the parts
+
+
+class FullWriter:
+    """The spool's writer on a full disk: its first `failures` units fail."""
+
+    def __init__(self, inner: GroupCommitter, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    def submit(self, work: object) -> object:
+        if self.failures > 0:
+            self.failures -= 1
+            raise apsw.FullError("database or disk is full")
+        return self.inner.submit(work)  # type: ignore[arg-type]
+
+
+def test_a_discard_on_a_full_disk_spends_the_ballast_and_tries_again(
+    spool: Spool, spool_path: str
+) -> None:
+    ballast = Ballast(spool_path, size=64 * 1024)
+    assert ballast.restore() is None and ballast.path.stat().st_size == 64 * 1024
+    spool.write_part(MessageId("M2"), 0, b"half a message\r\n")
+    full = Spool(FullWriter(spool._writer, failures=1), spool._reader, ballast=ballast)  # type: ignore[arg-type]
+    full.discard_parts(MessageId("M2"))
+    assert not ballast.path.exists() and ballast.released
+    assert full.disk_was_full and not full.discards_owed
+    assert rows(spool_path, "SELECT COUNT(*) FROM body_parts") == [(0,)]
+    assert ballast.restore() is None and ballast.path.exists()  # room again: made anew
+
+
+def test_a_discard_that_still_fails_is_owed_and_retried(spool: Spool, spool_path: str) -> None:
+    """Not left on the disk until the next start: the checkpoint task retries it."""
+    ballast = Ballast(spool_path, size=64 * 1024)
+    spool.write_part(MessageId("M2"), 0, b"half a message\r\n")
+    full = Spool(FullWriter(spool._writer, failures=3), spool._reader, ballast=ballast)  # type: ignore[arg-type]
+    with pytest.raises(apsw.FullError):
+        full.discard_parts(MessageId("M2"))  # no ballast to spend (never made)
+    assert full.discards_owed == {"M2"}
+    with pytest.raises(apsw.FullError):
+        full.retry_discards()
+    assert full.discards_owed == {"M2"}
+    with pytest.raises(apsw.FullError):
+        full.retry_discards()
+    assert full.retry_discards() == 1 and not full.discards_owed
+    assert rows(spool_path, "SELECT COUNT(*) FROM body_parts") == [(0,)]
