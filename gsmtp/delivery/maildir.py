@@ -400,6 +400,22 @@ class _Mailbox:
         os.close(self.new)
 
 
+def _still_there(root: int, key: str, mailbox: _Mailbox) -> bool:
+    """A cached Maildir's tmp/ and new/ are still the directories at its path: not
+    removed, recreated or moved away since they were opened (else files would be linked
+    into a directory no one reads, or fail there forever). Two stat calls a mailbox a
+    batch; a symlink now in their place is not followed and does not match."""
+    for name, fd in (("tmp", mailbox.tmp), ("new", mailbox.new)):
+        try:
+            there = os.stat(f"{key}/{name}", dir_fd=root, follow_symlinks=False)
+            held = os.fstat(fd)
+        except OSError:
+            return False
+        if (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino):
+            return False
+    return True
+
+
 @dataclass(slots=True, eq=False)
 class FileJob:
     """One copy to store in `<domain>/<local>/new/`; the writer fills in the rest as the
@@ -456,9 +472,14 @@ class MaildirWriter:
             for job in jobs:
                 job.error = error
             return
+        checked: set[str] = set()
         for job in jobs:
             key = f"{job.domain}/{job.local}"
             mailbox = self._open.get(key)
+            if mailbox is not None and key not in checked and not _still_there(root, key, mailbox):
+                self._retire(key)  # removed, recreated or moved away: opened afresh below
+                mailbox = None
+            checked.add(key)
             try:
                 if mailbox is None:
                     mailbox = self._mailbox(root, key, job)
@@ -533,6 +554,7 @@ class MaildirWriter:
                     directories.setdefault(mailbox.new, []).append(job)
             except OSError as error:
                 job.error = error
+                self._retire(f"{job.domain}/{job.local}")  # opened afresh next time
             finally:
                 # Linked into new/ or failed on the way (ENOSPC, EIO...): the tmp/ name
                 # goes either way, so a failed write leaves no partial file behind.

@@ -133,6 +133,32 @@ def test_a_mailbox_removed_while_cached_is_opened_afresh(tmp_path: Path) -> None
     assert list((box / "tmp").iterdir()) == []
 
 
+def test_a_cached_mailbox_whose_new_directory_was_recreated_gets_its_mail(
+    tmp_path: Path,
+) -> None:
+    """new/ removed and made again while its old descriptor is cached: the next
+    delivery links into the new one (it was deferred forever: link() said ENOENT)."""
+    d = deliverer(tmp_path)
+    assert d.deliver(MESSAGE, ["alice@local.example"])[0].outcome is Outcome.DELIVERED
+    new = tmp_path / "local.example" / "alice" / "new"
+    shutil.rmtree(new)
+    new.mkdir()
+    assert d.deliver(MESSAGE, ["alice@local.example"])[0].outcome is Outcome.DELIVERED
+    assert len(list(new.iterdir())) == 1
+
+
+def test_a_cached_mailbox_moved_away_is_not_written_to_any_more(tmp_path: Path) -> None:
+    """An administrator archives a Maildir (rename) and makes a fresh one: new mail goes
+    to the fresh one at the path, not into the archive through the cached descriptors."""
+    d = deliverer(tmp_path)
+    assert d.deliver(MESSAGE, ["alice@local.example"])[0].outcome is Outcome.DELIVERED
+    box = tmp_path / "local.example" / "alice"
+    box.rename(tmp_path / "local.example" / "alice.archive")
+    assert d.deliver(MESSAGE, ["alice@local.example"])[0].outcome is Outcome.DELIVERED
+    assert len(list((box / "new").iterdir())) == 1
+    assert len(list((tmp_path / "local.example" / "alice.archive" / "new").iterdir())) == 1
+
+
 # -- nothing left behind --------------------------------------------------------------------
 
 
