@@ -36,6 +36,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -349,6 +350,16 @@ def _acknowledged(record: Path) -> int:
         return 0
 
 
+def _queued(peer: Gsmtp) -> int | str:
+    """The messages in the spool, or why they could not be counted now (a shard the
+    killed worker left is unreadable until its new worker has recovered it: read as 0,
+    the cell counted the Maildirs before anything was delivered)."""
+    try:
+        return peer.queued()
+    except sqlite3.Error as error:
+        return f"unknown ({error})"
+
+
 def run_kill_cell(
     peer: Gsmtp,
     messages: int,
@@ -363,6 +374,14 @@ def run_kill_cell(
     before = set(children(peer.pid))
     if not before:
         raise RuntimeError("gsmtp runs as one process here (server.workers = 1): no worker")
+    # The port answers once one worker serves; a worker killed before every one is
+    # ready is the node failing to start (the supervisor stops it, by design), not a
+    # crash to ride out: wait for the node's "workers_started".
+    started_by = time.monotonic() + 60
+    while '"workers_started"' not in (peer.workdir / "gsmtp.log").read_text(errors="replace"):
+        if time.monotonic() > started_by:
+            raise RuntimeError("the node did not log workers_started within 60 s")
+        time.sleep(POLL_SECONDS / 10)
     record = peer.workdir / "acknowledged.txt"
     limit = _load_limit(messages)
     argv = load_argv(
@@ -407,7 +426,7 @@ def run_kill_cell(
     drained_at = 0.0
     while time.monotonic() < deadline:
         look_for_restart()
-        if peer.queued() == 0 and (killed is None or restarted is not None):
+        if _queued(peer) == 0 and (killed is None or restarted is not None):
             drained_at = time.time() - first
             break
         if killed is not None and restarted is None and time.time() > killed_at + RESTART_WAIT:
@@ -422,7 +441,7 @@ def run_kill_cell(
     elif restarted is None:
         notes.append("the killed worker was not seen restarted")
     if not drained_at:
-        notes.append(f"{peer.queued()} messages still queued when the wait ran out")
+        notes.append(f"{_queued(peer)} messages still queued when the wait ran out")
     return KillCell(
         peer.name,
         messages,

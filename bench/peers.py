@@ -277,8 +277,9 @@ class Gsmtp(Peer):
             spool = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
                 queued += spool.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
-            except sqlite3.OperationalError:  # a shard being created: no table yet
-                pass
+            except sqlite3.OperationalError as error:
+                if "no such table" not in str(error):  # a shard being created: no table yet
+                    raise  # never read as empty: a shard being recovered after a kill -9
             finally:
                 spool.close()
         return queued
