@@ -21,6 +21,7 @@ import pytest
 from gsmtp.delivery.mta_sts import POLICY_PATH, FetchError, HttpsFetcher
 from gsmtp.delivery.tls_client import verified_context
 from tests.integration.harness import (
+    CountingClock,
     GsmtpProcess,
     TestCertificateAuthority,
     environment_has,
@@ -340,17 +341,6 @@ def test_a_session_opened_without_verification_is_not_reused_under_enforce(
     error = wait_for(lambda: last_error(gsmtp), what="the deferral")
     assert "certificate not trusted" in error
     assert len(impostor.received) == 1
-
-
-class CountingClock:
-    """Each reading one second later than the last: time passes with every wait."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
 
 
 def trickling_policy_server(

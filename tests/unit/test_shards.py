@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import apsw
@@ -177,6 +178,22 @@ def _fake_worker(config: Config, role: Role) -> int:
     return 0
 
 
+def run_two_workers(
+    tmp_path: Path,
+    run_worker: Callable[[Config, Role], int],
+    on_health: Callable[[NodeHealth], None],
+) -> int:
+    """A supervisor of two workers run by `run_worker`, holding the node's lock in
+    `tmp_path`, until `on_health` stops it: its exit status."""
+    lock = lockfile.acquire(str(tmp_path / "spool.sqlite.lock"))
+    assert isinstance(lock, lockfile.InstanceLock)
+    node = Workers(Config(), 2, {}, lock, str(tmp_path), run_worker=run_worker, on_health=on_health)
+    try:
+        return node.run()
+    finally:
+        lock.release()
+
+
 def _starting_worker(config: Config, role: Role) -> int:
     """A worker still starting: it has installed no handler yet and never gets ready."""
     time.sleep(60)
@@ -193,13 +210,7 @@ def test_sigterm_while_workers_start_is_a_clean_stop(tmp_path: Path) -> None:
             sent.append(1)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    lock = lockfile.acquire(str(tmp_path / "spool.sqlite.lock"))
-    assert isinstance(lock, lockfile.InstanceLock)
-    node = Workers(
-        Config(), 2, {}, lock, str(tmp_path), run_worker=_starting_worker, on_health=on_health
-    )
-    assert node.run() == 0
-    lock.release()
+    assert run_two_workers(tmp_path, _starting_worker, on_health) == 0
 
 
 def test_how_a_worker_ended_during_the_stop_decides_the_exit_status() -> None:
@@ -227,13 +238,7 @@ def test_the_node_is_ready_and_alive_when_every_worker_is(tmp_path: Path) -> Non
         if done or time.monotonic() > deadline:  # the assertions below then tell
             os.kill(os.getpid(), signal.SIGTERM)  # to the supervisor: stop the node
 
-    lock = lockfile.acquire(str(tmp_path / "spool.sqlite.lock"))
-    assert isinstance(lock, lockfile.InstanceLock)
-    node = Workers(
-        Config(), 2, {}, lock, str(tmp_path), run_worker=_fake_worker, on_health=on_health
-    )
-    assert node.run() == 0
-    lock.release()
+    assert run_two_workers(tmp_path, _fake_worker, on_health) == 0
     final = seen[-1]
     assert final.ready and final.alive and final.status == {"connections": 3}
     assert [w.index for w in final.workers] == [0, 1]

@@ -28,7 +28,7 @@ from gsmtp.delivery.tls_client import ClientTls, unverified_context
 from gsmtp.delivery.tls_levels import TlsLevel, TlsRequirement
 from gsmtp.delivery.tls_policy import TlsPolicy
 from gsmtp.message import MessageId, Outcome, QueuedMessage, RecipientResult
-from tests.integration.harness import TestCertificateAuthority
+from tests.integration.harness import CountingClock, TestCertificateAuthority
 from tests.integration.remote import Sink, password_authenticator
 from tests.unit.test_smtp_deliverer import StaticResolver
 
@@ -203,17 +203,6 @@ def test_credentials_never_go_in_plaintext(sinks: list[Sink], port: int, tmp_pat
     assert result.outcome is Outcome.DEFERRED
     assert "no TLS, so no AUTH" in result.reply
     assert [v for v in sink.verbs()[0] if v == "AUTH"] == []
-
-
-class CountingClock:
-    """Each reading one second later than the last: time passes with every wait."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
 
 
 def test_the_attempt_deadline_bounds_the_whole_tls_handshake() -> None:
