@@ -62,6 +62,7 @@ from gsmtp.limits import ConnectionLimiter
 from gsmtp.policy import Client, IPAddress, Policy
 from gsmtp.protocol.session import Limits
 from gsmtp.queue import Notices, NoticeSettings, QueueManager, RetryPolicy
+from gsmtp.queue.manager import body_budget
 from gsmtp.reload import changed, in_effect, restart_needed
 from gsmtp.routing import Router
 from gsmtp.server import CUT_SECONDS, Deadlines, SmtpServer
@@ -237,6 +238,7 @@ class Application:
             concurrency=delivery.concurrency,
             max_per_domain=delivery.max_per_domain,
             active_limit=delivery.active_limit,
+            body_budget=body_budget(config.server.max_data_memory),
             spawn=self.supervisor.spawn,
         )
         self._authenticator = Authenticator(
@@ -782,6 +784,7 @@ class Application:
         self.queue.reconfigure(
             retry=RetryPolicy(delivery.retry, delivery.max_age),
             notices=_notice_settings(config),
+            body_budget=body_budget(server.max_data_memory),
         )
         self._remote.reconfigure(
             resolver=_resolver(config),

@@ -65,7 +65,17 @@ from gsmtp.spool import Claim, ClaimedRecipient, RecipientUpdate, Spool, Unreada
 IDLE_POLL = 1.0  # seconds: the longest the dispatcher sleeps (a flush is seen this soon)
 ERROR_PAUSE = 1.0
 MAX_FAILED_ROUNDS = 30  # consecutive failed rounds (about 30 s): the runner is broken
-BODY_BUDGET = 64 * 1024 * 1024  # bytes of bodies held by running deliveries
+# Bytes of bodies held by running deliveries, as a share of server.max_data_memory (the
+# bodies being received): 64 MB at the default. A delivery's memory grows with the
+# bodies it holds, so RSS stays bounded whatever the sizes and the backlog (L-16).
+BODY_BUDGET_SHARE = 4
+BODY_BUDGET = 64 * 1024 * 1024
+
+
+def body_budget(max_data_memory: int) -> int:
+    return max(1, max_data_memory // BODY_BUDGET_SHARE)
+
+
 CLAIM_CHUNK = 25  # while senders are busy, wait until this many are free: fewer claims
 CLAIM_FACTOR = 4  # recipients claimed per free sender (messages have several)
 MIN_SCAN = 200
@@ -163,11 +173,16 @@ class QueueManager:
         self._runner = self._spawn("queue_runner", self.run)
         self._pacer_greenlet = self._spawn("delivery_pacer", self._pacer.run)
 
-    def reconfigure(self, *, retry: RetryPolicy, notices: NoticeSettings) -> None:
+    def reconfigure(
+        self, *, retry: RetryPolicy, notices: NoticeSettings, body_budget: int | None = None
+    ) -> None:
         """A reload: retry steps, max_age and notice settings for the next attempt's
-        outcome (retries already scheduled keep their time)."""
+        outcome (retries already scheduled keep their time); the body budget for the
+        next deliveries started (running ones keep what they hold)."""
         self._retry = retry
         self._notices.reconfigure(notices)
+        if body_budget is not None:
+            self._budget.limit = body_budget
 
     def wake(self) -> None:
         """New mail was queued: look for due work now."""

@@ -131,7 +131,7 @@ def test_fifty_clients_sending_large_bodies_slowly_keep_memory_bounded(
     default 256 MB would need a gigabyte of mail to tell bodies held in memory from
     bodies streamed to the spool, a minute of the suite for the same check.)"""
     clients, size, budget = 50, 4 * MiB, 32 * MiB
-    gsmtp: GsmtpProcess = gsmtp_factory({"server": {"max_data_memory": "64MB"}})
+    gsmtp: GsmtpProcess = gsmtp_factory({"server": {"max_data_memory": "32MB"}})
     base = HEADER + payload(size)
     wire_base = stuffed(base)
     lf_size = len(base.replace(b"\r\n", b"\n"))

@@ -16,10 +16,12 @@ import pytest
 from gevent.threadpool import ThreadPool
 
 from gsmtp.delivery.maildir import (
+    WRITE_PIECE,
     MailboxPathError,
     MaildirDeliverer,
     Permissions,
     mailbox_path,
+    write_content,
 )
 from gsmtp.message import MessageId, Outcome, QueuedMessage
 
@@ -429,3 +431,25 @@ def test_a_failed_directory_fsync_defers_the_recipients_linked_into_it(tmp_path:
     fsync = CountingFsync(bad_box="user1")
     outcomes = deliver_concurrently(threaded(fsync, tmp_path), 20, 2)
     assert outcomes == [Outcome.DEFERRED if n % 2 else Outcome.DELIVERED for n in range(20)]
+
+
+@pytest.mark.parametrize("cut", [-2, -1, 0, 1])
+def test_a_large_body_is_written_in_pieces_with_every_crlf_made_lf(
+    tmp_path: Path, cut: int
+) -> None:
+    """A body over WRITE_PIECE is converted and written piece by piece (so a delivery
+    does not hold two more copies of it); a CRLF at any place around a piece's end
+    (cut 0: its CR is the piece's last byte) still becomes one LF, and a planted
+    Delivered-To is still left out."""
+    planted = b"Delivered-To: planted@example.com\r\n"
+    kept = b"Subject: big\r\n\r\n"
+    filler = b"y" * (WRITE_PIECE - len(kept) + cut - 1) + b"\r\n"
+    rest = kept + filler + b"x" * 98 + b"\r\n" + b"z" * (WRITE_PIECE + 5) + b"\r\nlast\r\n"
+    assert rest[WRITE_PIECE + cut - 1 : WRITE_PIECE + cut + 1] == b"\r\n"
+    target = tmp_path / "file"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        write_content(fd, b"Return-Path: <a@b.example>\n", planted + rest)
+    finally:
+        os.close(fd)
+    assert target.read_bytes() == b"Return-Path: <a@b.example>\n" + rest.replace(b"\r\n", b"\n")

@@ -15,12 +15,13 @@ from structlog.testing import capture_logs
 
 from gsmtp import metrics
 from gsmtp.message import Outcome
-from gsmtp.queue import INITIAL_WINDOW
-from gsmtp.queue.manager import MAX_FAILED_ROUNDS
+from gsmtp.queue import INITIAL_WINDOW, NoticeSettings, RetryPolicy
+from gsmtp.queue.manager import MAX_FAILED_ROUNDS, body_budget
 from gsmtp.spool import Spool
 from gsmtp.supervision import Supervisor
 from tests.unit.queue_harness import (
     DEFAULTS,
+    HOSTNAME,
     UNREACHABLE,
     FakeClock,
     QueueWorld,
@@ -126,7 +127,11 @@ def test_the_active_set_is_bounded_by_active_limit(qw: QueueWorld) -> None:
     wait_until(lambda: qw.messages_left() == 0, timeout=30)
 
 
-def test_bodies_stay_within_the_byte_budget_and_a_huge_one_runs_alone(qw: QueueWorld) -> None:
+@pytest.mark.parametrize("reloaded", [False, True])
+def test_bodies_stay_within_the_byte_budget_and_a_huge_one_runs_alone(
+    qw: QueueWorld, reloaded: bool
+) -> None:
+    """Reloaded: the budget set by a reload (server.max_data_memory) is the one used."""
     gate = Event()
     for domain in ("a.example", "b.example", "c.example", "d.example"):
         qw.remote.hold[domain] = gate
@@ -136,7 +141,13 @@ def test_bodies_stay_within_the_byte_budget_and_a_huge_one_runs_alone(qw: QueueW
     qw.enqueue(["x@b.example"], body=small)
     qw.enqueue(["x@c.example"], body=small)
     qw.enqueue(["x@d.example"], body=huge)
-    manager = qw.manager(body_budget=1000)
+    manager = qw.manager(body_budget=10**6 if reloaded else 1000)
+    if reloaded:
+        manager.reconfigure(
+            retry=RetryPolicy(DEFAULTS.retry, DEFAULTS.max_age),
+            notices=NoticeSettings(f"postmaster@{HOSTNAME}", None, DEFAULTS.max_age),
+            body_budget=body_budget(4000),
+        )
     manager.start()
     wait_until(lambda: qw.remote.total_active == 2)
     gevent.sleep(0.05)
