@@ -22,7 +22,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 from bench import peers
 from bench.peers import RECIPIENT, Gsmtp, Peer, all_peers
 from bench.report import idle_spread
+from bench.workdirs import cell_directory, remove_all
 
 HERE = Path(__file__).parent
 KiB = 1024
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         report["descriptions"][peer.name] = peer.description
         report["durable"][peer.name] = peer.durable
         peer_cells = [Cell(*KEY_CELLS[0])] if peer in workers else cells
-        with tempfile.TemporaryDirectory(prefix=f"bench-{peer.name}-") as workdir:
+        with cell_directory(f"bench-{peer.name}-") as workdir:
             print(f"{peer.name}: {peer.description}", flush=True)
             try:
                 peer.start(Path(workdir))
@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     write_results(Path(args.out) / "RESULTS.md", report, cells, cross, report["machine"])
     write_plot(Path(args.out) / "results.png", report)
     print(f"wrote {Path(args.out) / 'RESULTS.md'}")
+    remove_all()  # every cell's files, once nothing is measured any more
     return 0
 
 
@@ -287,7 +288,7 @@ def cross_check(report: dict[str, Any]) -> dict[str, float]:
     for peer in all_peers():
         if peer.name not in ("gsmtp", "postfix") or peer.name not in report["results"]:
             continue
-        with tempfile.TemporaryDirectory(prefix=f"bench-xcheck-{peer.name}-") as workdir:
+        with cell_directory(f"bench-xcheck-{peer.name}-") as workdir:
             try:
                 peer.start(Path(workdir))
                 started = time.monotonic()

@@ -39,7 +39,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -61,6 +60,7 @@ from bench.peers import (
     run_load,
 )
 from bench.proctree import children, open_fds
+from bench.workdirs import cell_directory
 
 KiB = 1024
 POLL_SECONDS = 0.5
@@ -201,7 +201,7 @@ def _run_peer(
     reason = peer.missing()
     if reason:
         return reason
-    with tempfile.TemporaryDirectory(prefix=f"bench-e2e-{peer.name}-") as workdir:
+    with cell_directory(f"bench-e2e-{peer.name}-") as workdir:
         try:
             peer.start(Path(workdir))
             return run_cell(peer, kind, messages, size=size, sink=sink)
@@ -245,7 +245,7 @@ def measure(
             keep("local", peer, _run_peer(peer, "local", messages, size))
     if not wanted or "probe" in wanted or "gsmtp" in wanted:
         for mode in ("fsync", "syncfs"):
-            with tempfile.TemporaryDirectory(prefix="bench-e2e-probe-") as workdir:
+            with cell_directory("bench-e2e-probe-") as workdir:
                 try:
                     probe = run_probe(Path(workdir), messages, mode)
                 except (RuntimeError, OSError, subprocess.SubprocessError) as error:
@@ -258,7 +258,7 @@ def measure(
         lambda at: Gsmtp("gsmtp", e2e="relay", smarthost=at),
         lambda at: Postfix("relay", sink=at),
     ):
-        with tempfile.TemporaryDirectory(prefix="bench-e2e-sink-") as sinkdir:
+        with cell_directory("bench-e2e-sink-") as sinkdir:
             sink = BareSink(SINK_HOST)
             try:
                 sink.start(Path(sinkdir))
@@ -471,7 +471,7 @@ def measure_kill(messages: int, *, workers: int | None = None, log: bool = True)
     peer = Gsmtp("gsmtp", e2e="local", workers=workers)
     outcome: KillCell | str = peer.missing() or ""
     if not outcome:
-        with tempfile.TemporaryDirectory(prefix="bench-e2e-kill-") as workdir:
+        with cell_directory("bench-e2e-kill-") as workdir:
             try:
                 peer.start(Path(workdir))
                 outcome = run_kill_cell(peer, messages)
