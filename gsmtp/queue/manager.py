@@ -485,9 +485,9 @@ class QueueManager:
             updates = attempt.updates_for(batch, results, self._clock(), self._retry)
         try:
             self._record(updates)
-        except Exception:
+        except Exception as error:
             metrics.INTERNAL_ERRORS.labels("spool").inc()
-            self._log.exception("results_not_recorded", msg_id=message_id)
+            self._log_spool_error("results_not_recorded", error, msg_id=message_id)
             return [], None  # still owned: delivered again after a restart
         attempt.log_results(self._log, batch, updates, results, now=self._clock())
         self._check_bounce_requests(message_id, updates)
@@ -520,9 +520,20 @@ class QueueManager:
         if waiting:
             try:
                 self._suspend([(batch, destination) for batch in waiting], now)
-            except Exception:
+            except Exception as error:
                 metrics.INTERNAL_ERRORS.labels("spool").inc()
-                self._log.exception("results_not_recorded", count=len(waiting))
+                self._log_spool_error("results_not_recorded", error, count=len(waiting))
+
+    def _log_spool_error(
+        self, event: str, error: Exception, *, level: str = "error", **fields: object
+    ) -> None:
+        """An error of the spool (full disk, busy, unreadable) is expected in operation:
+        logged as a value. Anything else is a bug: logged with its traceback."""
+        log = getattr(self._log, level)
+        if isinstance(error, (apsw.Error, DatabaseError)):
+            log(event, error=str(error), **fields)
+        else:
+            log(event, exc_info=error, **fields)
 
     def _record(self, updates: Sequence[RecipientUpdate]) -> None:
         """Record results; one retry after a pause. If the spool still refuses, the rows
@@ -531,8 +542,8 @@ class QueueManager:
             return
         try:
             self._spool.record_results(updates)
-        except Exception:
-            self._log.warning("results_not_recorded", retrying=True, exc_info=True)
+        except Exception as error:
+            self._log_spool_error("results_not_recorded", error, level="warning", retrying=True)
             gevent.sleep(self._error_pause)
             self._spool.record_results(updates)
 

@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +85,18 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
+_LISTEN_KEYS = (
+    ("server", "listen"),
+    ("submission", "listen"),
+    ("submission", "tls_listen"),
+    ("metrics", "listen"),
+)
+
+
+def _as_list(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)]
+
+
 class GsmtpProcess:
     """Start, stop, kill -9 and restart one gsmtp; run its CLI against the same config."""
 
@@ -91,6 +104,7 @@ class GsmtpProcess:
         self.directory = directory
         self.port = free_port()
         self.metrics_port = free_port()
+        self.moved: dict[int, int] = {}  # ports chosen -> ports moved to (`start`)
         sections: dict[str, dict[str, Any]] = {
             "server": {
                 "hostname": "mx.foo.com",
@@ -181,12 +195,30 @@ class GsmtpProcess:
                 self._move_ports()
 
     def _move_ports(self) -> None:
+        """Every loopback port the configuration listens on to a new one (the one taken
+        may be any of them: SMTP, submission, implicit TLS, metrics); `port_of` maps a
+        port a test chose to the one in use."""
         text = self.config.read_text()
-        for name in ("port", "metrics_port"):
-            old, new = getattr(self, name), free_port()
-            text = text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")
-            setattr(self, name, new)
+        settings = tomllib.loads(text)
+        listening = [
+            address
+            for section, key in _LISTEN_KEYS
+            for address in _as_list(settings.get(section, {}).get(key, []))
+            if address.startswith("127.0.0.1:")
+        ]
+        for address in listening:
+            old, new = int(address.rpartition(":")[2]), free_port()
+            text = text.replace(f'"127.0.0.1:{old}"', f'"127.0.0.1:{new}"')
+            first = next((k for k, v in self.moved.items() if v == old), old)
+            self.moved[first] = new
+            for name in ("port", "metrics_port"):
+                if getattr(self, name) == old:
+                    setattr(self, name, new)
         self.config.write_text(text)
+
+    def port_of(self, chosen: int) -> int:
+        """The port listening in place of `chosen` (moved if `chosen` was taken)."""
+        return self.moved.get(chosen, chosen)
 
     def _start_once(self) -> None:
         log = self.log_path.open("ab")

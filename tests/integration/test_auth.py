@@ -84,7 +84,7 @@ def make_server(
         )
         process.cli("user", "passwd", "jones@foo.com", stdin=PASSWORD + "\n")
         process.start()
-        return AuthServer(process, submission, implicit)
+        return AuthServer(process, process.port_of(submission), process.port_of(implicit))
 
     return make
 
@@ -312,6 +312,26 @@ def test_a_plaintext_submission_listener_is_refused_at_start(tmp_path: Path) -> 
         assert "allow_plaintext_auth" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_taken_submission_port_is_moved_by_the_harness(
+    gsmtp_factory: Callable[..., GsmtpProcess],
+) -> None:
+    """CI failure: free_port() chose the implicit-TLS port, another process took it
+    before gsmtp bound it, and the harness moved only the SMTP and metrics ports, so all
+    three starts failed. Now every listening port moves and `port_of` says where."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = gsmtp_factory(
+            {"submission": {"listen": [f"127.0.0.1:{port}"], "allow_plaintext_auth": True}}
+        )
+        moved = process.port_of(port)
+        assert moved != port
+        with smtplib.SMTP("127.0.0.1", moved, timeout=10) as client:
+            client.ehlo()
+            assert "PLAIN" in client.esmtp_features.get("auth", "")
+
+
 def test_plaintext_auth_when_allowed(gsmtp_factory: Callable[..., GsmtpProcess]) -> None:
     """Behind a TLS-terminating proxy: allow_plaintext_auth offers AUTH without TLS on
     submission listeners only (port 25 still refuses it); check-config warns."""
@@ -323,7 +343,7 @@ def test_plaintext_auth_when_allowed(gsmtp_factory: Callable[..., GsmtpProcess])
     process.cli("user", "passwd", "jones@foo.com", stdin=PASSWORD + "\n")
     assert "# warning: [submission] listen without [tls]" in process.cli("check-config").stdout
     process.start()
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+    with smtplib.SMTP("127.0.0.1", process.port_of(port), timeout=10) as client:
         client.ehlo()
         assert "PLAIN" in client.esmtp_features.get("auth", "")
         client.login("jones@foo.com", PASSWORD)

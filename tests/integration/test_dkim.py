@@ -141,10 +141,10 @@ def signing_server(
             },
             start=False,
         )
-        process.submission = submission  # type: ignore[attr-defined]
         process.cli("domain", "add", DOMAIN)
         process.cli("user", "add", SUBMITTER, "--password-stdin", stdin=PASSWORD + "\n")
         process.start()
+        process.submission = process.port_of(submission)  # type: ignore[attr-defined]
         return process
 
     return make

@@ -255,6 +255,39 @@ def test_a_round_failed_by_the_spool_is_logged_as_a_value_not_a_traceback(
     assert not any(entry.get("exc_info") for entry in failed), failed
 
 
+class FullRecordingSpool(Spool):
+    """A spool whose result commits fail with a full disk, `failures` times."""
+
+    def __init__(self, inner: Spool, failures: int) -> None:
+        super().__init__(inner._writer, inner._reader)
+        self.failures = failures
+
+    def record_results(self, updates: Any) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise apsw.FullError("database or disk is full")
+        super().record_results(updates)
+
+
+def test_results_a_full_disk_kept_out_of_the_spool_are_logged_as_a_value(
+    qw: QueueWorld,
+) -> None:
+    """Red-team finding: results refused by a full disk logged `results_not_recorded`
+    with an apsw traceback. Expected in operation: the error as a value, no traceback;
+    the recipient stays owned (delivered again after a restart, never lost)."""
+    full = FullRecordingSpool(qw.spool, failures=2)  # the first try and its retry
+    qw.enqueue(["a@x.example"])
+    manager = qw.manager(spool=full, error_pause=0.0)
+    with capture_logs() as logs:
+        manager.start()
+        wait_until(lambda: sum(e["event"] == "results_not_recorded" for e in logs) == 2)
+    refused = [entry for entry in logs if entry["event"] == "results_not_recorded"]
+    assert [entry["log_level"] for entry in refused] == ["warning", "error"], refused
+    assert all(entry["error"] == "database or disk is full" for entry in refused), refused
+    assert not any(entry.get("exc_info") for entry in refused), refused
+    assert qw.owned() == 1  # not recorded, not lost
+
+
 def test_an_exception_in_a_round_is_counted_and_the_runner_goes_on(qw: QueueWorld) -> None:
     """Item 7: the runner used to die silently when a read raised."""
     flaky = FlakySpool(qw.spool, failures=3)
