@@ -61,7 +61,7 @@ from gevent.event import AsyncResult
 from gsmtp import metrics
 from gsmtp.message import Outcome, QueuedMessage, RecipientResult
 from gsmtp.protocol.address import has_control
-from gsmtp.protocol.trace import without_fields
+from gsmtp.protocol.trace import split_fields
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -74,6 +74,7 @@ CLEAN_TMP_MAILBOXES = 1000
 MAX_BATCH = 256
 # A body larger than this is converted to LF and written piece by piece.
 WRITE_PIECE = 1024 * 1024
+_CR, _LF = 0x0D, 0x0A
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,27 +146,34 @@ def unique_name(now: float) -> str:
     return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(4)}.{host}"
 
 
-def to_lf(body: bytes) -> bytes:
-    return body.replace(b"\r\n", b"\n")
+def to_lf(body: bytes | memoryview) -> bytes:
+    return bytes(body).replace(b"\r\n", b"\n")
 
 
 def write_content(fd: int, header: bytes, body: bytes) -> None:
     """Write a job's file: the delivery fields, then the body as stored, without planted
     delivery fields and with LF line endings. A large body is converted and written in
-    WRITE_PIECE pieces (a CRLF never split between two), so a delivery holds the body
-    once, not twice or three times: eight threads writing 35 MB messages would
-    otherwise add hundreds of megabytes on top of the queue's body budget."""
-    body = without_fields(body)
-    if len(body) <= WRITE_PIECE:
-        _write_all(fd, header + to_lf(body))
+    WRITE_PIECE pieces, so a delivery holds the body once, not twice or three times:
+    eight threads writing 35 MB messages would otherwise add hundreds of megabytes on
+    top of the queue's body budget. A CRLF is never split between two pieces (the only
+    pair that could straddle a cut is a CR ending a piece and an LF starting the next)."""
+    kept, rest = split_fields(body)
+    if kept is not None:
+        header += to_lf(kept)
+    else:
+        rest = 0
+    size = len(body)
+    if size - rest <= WRITE_PIECE:
+        _write_all(fd, header + to_lf(body[rest:]))
         return
     _write_all(fd, header)
-    start, size = 0, len(body)
+    view = memoryview(body)
+    start = rest
     while start < size:
         end = min(start + WRITE_PIECE, size)
-        if end < size and body[end - 1] == 0x0D:
+        if end < size and body[end - 1] == _CR and body[end] == _LF:
             end += 1
-        _write_all(fd, to_lf(body[start:end]))
+        _write_all(fd, to_lf(view[start:end]))
         start = end
 
 

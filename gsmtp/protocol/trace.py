@@ -63,28 +63,43 @@ def without_fields(content: bytes, names: Collection[bytes] = DELIVERY_FIELDS) -
     their folded continuation lines included. Only the header section is read: it ends
     at the first empty line, or at the first line that is neither a field nor a
     continuation (a message without headers); the body is never touched."""
+    kept, rest = split_fields(content, names)
+    return content if kept is None else kept + content[rest:]
+
+
+def split_fields(
+    content: bytes, names: Collection[bytes] = DELIVERY_FIELDS
+) -> tuple[bytes | None, int]:
+    """`without_fields` in two parts, so that a large message is never copied whole:
+    (None, 0) when no field in `names` is there (`content` stands as it is), else the
+    header lines kept and the offset where the untouched rest of `content` begins. Reads
+    the header section only (the test for the names looks at it alone, never at a whole
+    message that has no empty line)."""
     blank = content.find(b"\r\n\r\n")
-    head = (content if blank < 0 else content[:blank]).lower()
-    if not any(name in head for name in names):
-        return content
+    if blank >= 0 and not any(name in content[:blank].lower() for name in names):
+        return None, 0
     kept: list[bytes] = []
     position, size = 0, len(content)
-    dropping = seen_field = False
+    dropping = seen_field = dropped = False
     while position < size:
         end = content.find(b"\n", position)
         end = size if end < 0 else end + 1
-        line = content[position:end]
-        if line[:1] in (b" ", b"\t") and seen_field:
+        if content[position : position + 1] in (b" ", b"\t") and seen_field:
             if not dropping:
-                kept.append(line)
+                kept.append(content[position:end])
         else:
-            name, colon, _ = line.partition(b":")
+            # The name is in the first 1000 bytes of a field line (RFC 5322 §2.1.1):
+            # a long body line is not copied to find out it is none.
+            name, colon, _ = content[position : min(end, position + 1000)].partition(b":")
             field = _FIELD_NAME.match(name) if colon else None
             if field is None:
                 break  # the empty line, or a body line: the header section is over
             seen_field = True
             dropping = field.group(1).lower() in names
+            dropped = dropped or dropping
             if not dropping:
-                kept.append(line)
+                kept.append(content[position:end])
         position = end
-    return b"".join(kept) + content[position:]
+    if not dropped:
+        return None, 0
+    return b"".join(kept), position

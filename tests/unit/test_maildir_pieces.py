@@ -1,0 +1,65 @@
+"""Red-team findings (session 16): Maildir write_content's piecewise path against the
+small-message path (header + without_fields(body) with CRLF made LF)."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from gsmtp.delivery.maildir import WRITE_PIECE, to_lf, write_content
+from gsmtp.protocol.trace import without_fields
+
+HEADER = b"Return-Path: <a@b.example>\n"
+MiB = 1024 * 1024
+
+
+def _written(tmp_path: Path, body: bytes) -> bytes:
+    target = tmp_path / "file"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        write_content(fd, HEADER, body)
+    finally:
+        os.close(fd)
+    return target.read_bytes()
+
+
+def test_bare_cr_before_crlf_at_a_piece_end_is_written_as_the_small_path_would(
+    tmp_path: Path,
+) -> None:
+    """CR CR LF with the first CR as a piece's last byte: the piece is extended by one
+    byte (the second CR) and the LF starts the next piece, so the CRLF is split and
+    written as CR CR LF instead of CR LF."""
+    kept = b"Subject: big\r\n\r\n"
+    body = kept + b"a" * (WRITE_PIECE - len(kept) - 1) + b"\r\r\n" + b"b" * 100 + b"\r\n"
+    assert body[WRITE_PIECE - 1 : WRITE_PIECE + 2] == b"\r\r\n"
+    assert _written(tmp_path, body) == HEADER + to_lf(without_fields(body))
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        pytest.param(b"Delivered-To: planted@example.com\r\nSubject: big\r\n\r\n", id="planted"),
+        pytest.param(b"Subject: big\r\n", id="no-blank-line"),
+    ],
+)
+def test_a_large_body_is_not_copied_whole_by_the_maildir_write(
+    tmp_path: Path, first: bytes
+) -> None:
+    """README: 'a Maildir delivery writes a large body in 1 MB pieces, so it holds no
+    second copy'. without_fields copies the whole body when a planted field is there
+    (twice: the join and the slice) or when there is no blank line (head.lower() of the
+    whole content)."""
+    body = first + (b"y" * 76 + b"\r\n") * (16 * MiB // 78)
+    fd = os.open(tmp_path / "file", os.O_WRONLY | os.O_CREAT, 0o600)
+    tracemalloc.start()
+    try:
+        write_content(fd, HEADER, body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        os.close(fd)
+    assert (tmp_path / "file").read_bytes() == HEADER + to_lf(without_fields(body))
+    assert peak < 4 * WRITE_PIECE, f"{peak / MiB:.1f} MiB held for a {len(body) / MiB:.0f} MiB body"
