@@ -30,7 +30,7 @@ from typing import Any
 from bench import peers
 from bench.peers import RECIPIENT, Gsmtp, Peer, all_peers
 from bench.report import idle_spread
-from bench.workdirs import cell_directory, remove_all
+from bench.workdirs import cell_directory, exit_on_sigterm, remove_all
 
 HERE = Path(__file__).parent
 KiB = 1024
@@ -195,6 +195,7 @@ def measure_idle(peer: Peer, count: int) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(prog="python -m bench.compare")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each cell")
     parser.add_argument("--quick", action="store_true", help="key cells only, once each")

@@ -60,7 +60,7 @@ from bench.peers import (
     run_load,
 )
 from bench.proctree import children, open_fds
-from bench.workdirs import cell_directory
+from bench.workdirs import cell_directory, exit_on_sigterm
 
 KiB = 1024
 POLL_SECONDS = 0.5
@@ -513,6 +513,7 @@ def describe_kill(cell: KillCell | str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__)
     parser.add_argument("--messages", type=int, default=30000)
     parser.add_argument("--size", type=int, default=KiB)

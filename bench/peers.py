@@ -451,12 +451,14 @@ class Postfix(Peer):
         self.port = free_port()
         conf, queue, data = workdir / "conf", workdir / "queue", workdir / "data"
         for directory in (conf, queue, data):
-            directory.mkdir(mode=0o755)
+            directory.mkdir()
+            directory.chmod(0o755)  # whatever the umask: Postfix's daemons read them
         workdir.chmod(0o755)
         shutil.chown(data, user="postfix")
         if self.mode == "local":
             mail = workdir / "mail"
-            mail.mkdir(mode=0o755)
+            mail.mkdir()
+            mail.chmod(0o755)
             shutil.chown(mail, user="nobody")
             aliases = conf / "aliases"
             aliases.write_text("".join(f"box{n} {mail}/box{n}/\n" for n in range(MAILBOXES)))

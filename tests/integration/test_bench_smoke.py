@@ -200,10 +200,16 @@ def test_workers_setting_is_passed_only_where_gsmtp_has_it() -> None:
 )
 def test_postfix_end_to_end_peers_deliver_what_they_accept() -> None:
     """Postfix's local(8) Maildir delivery and its relaying to the sink, as the bench
-    configures them: every accepted message arrives (counts only)."""
+    configures them: every accepted message arrives (counts only). Under umask 077
+    (red-team finding: the peer's directories were made 0700 and postsuper could not
+    read its queue)."""
     from bench import e2e
 
-    cells, skipped, _ = e2e.measure(60, wanted={"postfix"}, log=False)
+    previous = os.umask(0o077)
+    try:
+        cells, skipped, _ = e2e.measure(60, wanted={"postfix"}, log=False)
+    finally:
+        os.umask(previous)
     assert skipped == {}
     found = {(cell.kind, cell.peer): (cell.accepted, cell.delivered) for cell in cells}
     assert found == {("local", "postfix-local"): (60, 60), ("relay", "postfix-relay"): (60, 60)}
@@ -227,3 +233,28 @@ def test_kill_cell_finds_every_acknowledged_message_after_a_worker_is_killed() -
     assert cell.missing == 0
     # Every file is a number: acknowledged, or delivered without its 250, or a copy.
     assert cell.files == cell.accepted + cell.delivered_unacknowledged + cell.duplicates
+
+
+def test_a_bench_run_stopped_by_sigterm_removes_its_cell_directories(tmp_path: Path) -> None:
+    """Red-team finding: `timeout` (SIGTERM) left the run's directories behind (772 MB in
+    one gsmtp cell); atexit runs on SIGTERM now, as on Ctrl-C, and the peer is stopped."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.e2e", "--messages", "100000", "--peers", "gsmtp"],
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: list(tmp_path.glob("bench-run-*/bench-e2e-gsmtp-*/mail/*/box*/new/*")),
+            timeout=60,
+            what="the cell delivering",
+        )
+        process.terminate()
+        assert process.wait(timeout=60) == 143
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert list(tmp_path.iterdir()) == []
