@@ -7,7 +7,8 @@ machine mounts `/`: no jbd2), ext4's inode allocator skips every inode freed in 
 files made the next cell's file creations cost 3.6 times the kernel CPU: the probe made
 872 files/s right after `rm -rf` of 30,000 files and 2,006 without (bench/notes.md). So
 one cell's cleanup was measured as part of the next cell, whichever peer that was.
-The price: the run's files stay on disk until it ends (a --quick run about 1 GB, in
+The price: the run's files stay on disk until it ends (a --quick run makes some 190,000
+files, about 1 GB by that count, in
 $TMPDIR; a full run with repeats a few GB).
 """
 
