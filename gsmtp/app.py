@@ -551,9 +551,11 @@ class Application:
         write failed with SQLITE_FULL, the ballast was given up, parts are owed), also
         recover: discard the parts owed, cut the WAL to nothing (it may hold the whole
         disk: a WAL only restarts, it keeps its size) and take the ballast back once
-        there is room. Each step is retried on the next round until it succeeds."""
+        there is room. Each step is retried on the next round until it succeeds. A
+        ballast that a start could not make (too little room) is no full disk: the WAL
+        is not cut every round for it, the file is made once there is room."""
         spool = self.spool
-        recovering = spool.disk_was_full or self._ballast.released or bool(spool.discards_owed)
+        recovering = spool.disk_was_full or self._ballast.given_up or bool(spool.discards_owed)
         if spool.discards_owed:
             owed = len(spool.discards_owed)
             try:
@@ -568,10 +570,15 @@ class Application:
             self._bodies.checkpoint(truncate=recovering)
         except apsw.Error as error:
             if isinstance(error, apsw.FullError):
+                spool.disk_was_full = True  # recover (TRUNCATE) from the next round
                 self._ballast.release()  # room for the database file to take the WAL
             self._log.warning("checkpoint_failed", error=str(error))
             return
-        if not recovering or spool.discards_owed:
+        if not recovering:
+            if self._ballast.released and self._ballast.restore() is None:
+                self._log.info("spool_ballast_made", path=str(self._ballast.path))
+            return
+        if spool.discards_owed:
             return
         spool.disk_was_full = False
         if self._ballast.restore() is None:

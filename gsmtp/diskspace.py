@@ -97,12 +97,15 @@ class Ballast:
         self.path = Path(spool_path + ".reserve")
         self.size = size
         self.released = True  # no file yet: `restore()` makes it
+        # Given up for a full disk (not merely absent, as when a start found too little
+        # room to make it): the spool is recovering until it is made again.
+        self.given_up = False
 
     def release(self) -> bool:
         """Remove the file; True if that gave room back (it was there)."""
         if self.released:
             return False
-        self.released = True
+        self.released = self.given_up = True
         try:
             self.path.unlink(missing_ok=True)
         except OSError:
@@ -126,5 +129,5 @@ class Ballast:
             with contextlib.suppress(OSError):
                 self.path.unlink(missing_ok=True)
             return error
-        self.released = False
+        self.released = self.given_up = False
         return None

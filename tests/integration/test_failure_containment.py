@@ -154,6 +154,37 @@ def test_a_disk_filled_by_a_wal_no_checkpoint_could_empty_is_recovered(
     assert "Traceback" not in log
 
 
+def test_a_ballast_a_start_could_not_make_is_made_later_without_cutting_the_wal_meanwhile(
+    gsmtp_factory: Factory, small_filesystem: Callable[[str], Path]
+) -> None:
+    """Red-team finding: a start on a disk with too little room for the ballast file
+    (spool_ballast_not_made) put the spool in "recovering" for as long as it lasted:
+    a TRUNCATE checkpoint every 0.5 s, cutting the WAL to nothing under every writer.
+    Now nothing is recovered from (the WAL keeps its size, as on a roomy disk) and the
+    file is made once there is room."""
+    disk = small_filesystem("8m")
+    gsmtp = gsmtp_factory(
+        {"spool": {"path": str(disk / "spool.sqlite"), "min_free": "0"}}, start=False
+    )
+    filler = disk / "filler"
+    filler.write_bytes(bytes(max(0, disk_free(disk) - MB)))  # 1 MiB left: no ballast
+    gsmtp.start()
+    assert "spool_ballast_not_made" in gsmtp.log()
+    assert send(gsmtp.port, 1000, subject="small", timeout=10).startswith("250 2.0.0")
+    wal = Path(str(gsmtp.spool_path) + "-wal")
+    # Checkpoints run every 0.5 s: over four rounds, the WAL that took the message stays.
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        assert wal.stat().st_size > 0, "the WAL was cut: the spool thought it was recovering"
+        time.sleep(0.05)  # sampling the WAL's size through the rounds, not waiting
+    ballast = Path(str(gsmtp.spool_path) + ".reserve")
+    assert not ballast.exists()
+    filler.unlink()
+    wait_for(ballast.exists, what="the ballast made once there is room")
+    wait_for(lambda: "spool_ballast_made" in gsmtp.log(), what="spool_ballast_made logged")
+    wait_for(lambda: gsmtp.maildir_files("jones@foo.com"), what="the message delivered")
+
+
 @pytest.mark.xdist_group("heavy")  # fills 96 MB of tmpfs; see test_body_memory.py
 def test_the_reserve_refuses_mail_in_time_and_clears_once_the_queue_drains(
     gsmtp_factory: Factory, small_filesystem: Callable[[str], Path]
