@@ -160,8 +160,6 @@ def write_content(fd: int, header: bytes, body: bytes) -> None:
     kept, rest = split_fields(body)
     if kept is not None:
         header += to_lf(kept)
-    else:
-        rest = 0
     size = len(body)
     if size - rest <= WRITE_PIECE:
         _write_all(fd, header + to_lf(body[rest:]))

@@ -43,6 +43,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import apsw
 import gevent
@@ -238,11 +239,9 @@ class QueueManager:
                     gevent.sleep(self._error_pause)
                     continue
                 failed += 1
-                if isinstance(error, (apsw.Error, DatabaseError)):
-                    # Expected (a busy or unreadable spool): a value, not a traceback.
-                    self._log.error("queue_round_failed", failed_in_a_row=failed, error=str(error))
-                else:
-                    self._log.exception("queue_round_failed", failed_in_a_row=failed)
+                self._log_spool_error(
+                    self._log.error, "queue_round_failed", error, failed_in_a_row=failed
+                )
                 if failed >= self._max_failed_rounds:
                     self._log.error("queue_runner_broken", failed_in_a_row=failed)
                     raise
@@ -487,7 +486,7 @@ class QueueManager:
             self._record(updates)
         except Exception as error:
             metrics.INTERNAL_ERRORS.labels("spool").inc()
-            self._log_spool_error("results_not_recorded", error, msg_id=message_id)
+            self._log_spool_error(self._log.error, "results_not_recorded", error, msg_id=message_id)
             return [], None  # still owned: delivered again after a restart
         attempt.log_results(self._log, batch, updates, results, now=self._clock())
         self._check_bounce_requests(message_id, updates)
@@ -522,14 +521,16 @@ class QueueManager:
                 self._suspend([(batch, destination) for batch in waiting], now)
             except Exception as error:
                 metrics.INTERNAL_ERRORS.labels("spool").inc()
-                self._log_spool_error("results_not_recorded", error, count=len(waiting))
+                self._log_spool_error(
+                    self._log.error, "results_not_recorded", error, count=len(waiting)
+                )
 
+    @staticmethod
     def _log_spool_error(
-        self, event: str, error: Exception, *, level: str = "error", **fields: object
+        log: Callable[..., Any], event: str, error: Exception, **fields: object
     ) -> None:
         """An error of the spool (full disk, busy, unreadable) is expected in operation:
         logged as a value. Anything else is a bug: logged with its traceback."""
-        log = getattr(self._log, level)
         if isinstance(error, (apsw.Error, DatabaseError)):
             log(event, error=str(error), **fields)
         else:
@@ -543,7 +544,7 @@ class QueueManager:
         try:
             self._spool.record_results(updates)
         except Exception as error:
-            self._log_spool_error("results_not_recorded", error, level="warning", retrying=True)
+            self._log_spool_error(self._log.warning, "results_not_recorded", error, retrying=True)
             gevent.sleep(self._error_pause)
             self._spool.record_results(updates)
 
