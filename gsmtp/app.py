@@ -534,6 +534,7 @@ class Application:
         the supervisor.)"""
         supervisor = self.supervisor
         supervisor.watch_thread("writer", self._writer.done)
+        supervisor.watch_thread("reader", self._bodies.done)
         supervisor.watch_progress("writer", self._writer.progress)
         supervisor.watch_progress("reader", self._bodies.progress)
         supervisor.watch_progress("maildir", self._file_progress)

@@ -16,6 +16,7 @@ not answered yet (`progress`), so a supervisor can tell a hung thread from an id
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -48,85 +49,38 @@ class _TransactionLost(Exception):
         self.error = error
 
 
-class GroupCommitter:
-    """Serialises write transactions onto one OS thread and batches concurrent ones.
+class _ThreadLoop:
+    """One OS thread with a connection of its own, running its own loop: it takes every
+    unit submitted since its last pass, processes them together (`_process`), hands the
+    outcomes back to the event loop (`run_callback_threadsafe`) and at once starts on
+    what arrived meanwhile. So the next pass never waits for a busy event loop to come
+    round, and a burst of requests costs one hand-off, not one each."""
 
-    The thread runs its own loop: it takes everything submitted since its last commit,
-    commits it as one transaction, hands the outcomes back to the event loop
-    (`run_callback_threadsafe`) and at once starts on what arrived meanwhile. So the
-    next commit never waits for the busy event loop to come round."""
-
-    def __init__(
-        self, path: str, *, open_connection: Connect = connect, clock: Clock = time.monotonic
-    ) -> None:
-        self._connection = open_connection(path)
-        self._pending: deque[tuple[BatchFn | None, Any, Any]] = deque()
-        self._gathered: list[tuple[BatchFn | None, Any, Any]] = []
+    def __init__(self, connection: apsw.Connection, clock: Clock) -> None:
+        self._connection = connection
+        self._pending: deque[tuple[Any, AsyncResult]] = deque()
         self._work_ready = get_original("threading", "Event")()
         self._loop = gevent.get_hub().loop
         self._stopping = False
-        self.commits = 0  # transactions committed: fewer than units under load
         self.progress = Progress(clock)  # units submitted and not answered yet
         self._thread = ThreadPool(1)
         self._done = self._thread.spawn(self._run)
 
     @property
     def done(self) -> AsyncResult:
-        """Set when the writer thread's loop ends: after `stop()`, or when it dies."""
+        """Set when the thread's loop ends: after `stop()`, or when it dies."""
         return self._done
 
-    def submit(self, work: Callable[[apsw.Connection], T]) -> T:
-        """Run `work` inside a committed transaction; raise what it (or COMMIT) raised."""
-        return self._wait(None, work)  # type: ignore[no-any-return]
+    def _stopped(self) -> DatabaseError:
+        return DatabaseError(f"spool {type(self).__name__} is stopped")
 
-    def submit_item(self, batch_fn: BatchFn, item: Any) -> None:
-        """Apply `batch_fn` to `item` (together with like items submitted meanwhile)
-        inside a committed transaction; raise if it was not committed."""
-        self._wait(batch_fn, item)
-
-    def submit_gathered(self, batch_fn: BatchFn, item: Any) -> None:
-        """`submit_item`, but the items submitted by greenlets that run in the same pass
-        of the event loop reach the writer together, so they share one transaction: the
-        results of a batch of deliveries, answered at once, cost one commit. (The
-        writer thread could otherwise take the first before the others are submitted.)"""
+    def _wait(self, unit: Any) -> Any:
+        """Hand `unit` to the thread; its outcome, or raise the exception it is."""
         if self._stopping:
-            raise DatabaseError("spool writer is stopped")
-        result: AsyncResult = AsyncResult()
-        first = not self._gathered
-        self._gathered.append((batch_fn, item, result))
-        if first:
-            # The first submitter hands the group over itself, after one pass of the
-            # loop (`sleep(0)` resumes it after the callbacks already queued: those
-            # wake the other greenlets). Not from a loop callback: waking the thread
-            # takes its Event's lock, a gevent lock the thread may hold at that moment,
-            # and a callback cannot wait for it (BlockingSwitchOutError: the group
-            # would sit in `_pending` with the thread asleep, its rows left owned).
-            # If this greenlet is killed meanwhile, the others are still handed over.
-            try:
-                gevent.sleep(0)
-            finally:
-                self._hand_gathered()
-        result.get()
-
-    def _hand_gathered(self) -> None:
-        """In a greenlet (waking the thread may wait): the gathered group, to the thread."""
-        gathered, self._gathered = self._gathered, []
-        if self._stopping:  # the thread may have ended: it would never answer
-            for _, _, result in gathered:
-                result.set_exception(DatabaseError("spool writer is stopped"))
-            return
-        for _ in gathered:
-            self.progress.begin()
-        self._pending.extend(gathered)  # at once: the writer takes them in one batch
-        if not self._work_ready.is_set():
-            self._work_ready.set()
-
-    def _wait(self, batch_fn: BatchFn | None, payload: Any) -> Any:
-        if self._stopping:
-            raise DatabaseError("spool writer is stopped")
+            raise self._stopped()
         result: AsyncResult = AsyncResult()
         self.progress.begin()
-        self._pending.append((batch_fn, payload, result))
+        self._pending.append((unit, result))
         if not self._work_ready.is_set():
             self._work_ready.set()
         return result.get()
@@ -145,7 +99,7 @@ class GroupCommitter:
         return True
 
     def _run(self) -> None:
-        """The writer thread's loop (no gevent calls here but the thread-safe callback)."""
+        """The thread's loop (no gevent calls here but the thread-safe callback)."""
         while True:
             if not self._pending:
                 if self._stopping:
@@ -156,19 +110,85 @@ class GroupCommitter:
             batch = []
             while self._pending:
                 batch.append(self._pending.popleft())
-            outcomes = self._commit([(batch_fn, payload) for batch_fn, payload, _ in batch])
+            outcomes = self._process([unit for unit, _ in batch])
             self._loop.run_callback_threadsafe(self._settle, batch, outcomes)
             # Not kept while idle: the payloads may be large (body parts).
             del batch, outcomes
 
-    def _settle(self, batch: list[tuple[Any, Any, Any]], outcomes: list[Any]) -> None:
-        """On the event loop: wake each submitter with its outcome."""
-        for (_, _, result), outcome in zip(batch, outcomes, strict=True):
+    def _settle(self, batch: list[tuple[Any, AsyncResult]], outcomes: list[Any]) -> None:
+        """On the event loop: wake each submitter with its outcome (an exception is
+        raised in the submitter)."""
+        for (_, result), outcome in zip(batch, outcomes, strict=True):
             self.progress.end()
             if isinstance(outcome, BaseException):
                 result.set_exception(outcome)
             else:
                 result.set(outcome)
+
+    def _process(self, units: list[Any]) -> list[Any]:
+        """On the thread: each unit's outcome (a value, or the exception to raise)."""
+        raise NotImplementedError
+
+
+class GroupCommitter(_ThreadLoop):
+    """Serialises write transactions onto one OS thread and batches concurrent ones:
+    everything submitted since the last commit is committed as one transaction."""
+
+    def __init__(
+        self, path: str, *, open_connection: Connect = connect, clock: Clock = time.monotonic
+    ) -> None:
+        self._gathered: list[tuple[tuple[BatchFn | None, Any], AsyncResult]] = []
+        self.commits = 0  # transactions committed: fewer than units under load
+        super().__init__(open_connection(path), clock)
+
+    def submit(self, work: Callable[[apsw.Connection], T]) -> T:
+        """Run `work` inside a committed transaction; raise what it (or COMMIT) raised."""
+        return self._wait((None, work))  # type: ignore[no-any-return]
+
+    def submit_item(self, batch_fn: BatchFn, item: Any) -> None:
+        """Apply `batch_fn` to `item` (together with like items submitted meanwhile)
+        inside a committed transaction; raise if it was not committed."""
+        self._wait((batch_fn, item))
+
+    def submit_gathered(self, batch_fn: BatchFn, item: Any) -> None:
+        """`submit_item`, but the items submitted by greenlets that run in the same pass
+        of the event loop reach the writer together, so they share one transaction: the
+        results of a batch of deliveries, answered at once, cost one commit. (The
+        writer thread could otherwise take the first before the others are submitted.)"""
+        if self._stopping:
+            raise self._stopped()
+        result: AsyncResult = AsyncResult()
+        first = not self._gathered
+        self._gathered.append(((batch_fn, item), result))
+        if first:
+            # The first submitter hands the group over itself, after one pass of the
+            # loop (`sleep(0)` resumes it after the callbacks already queued: those
+            # wake the other greenlets). Not from a loop callback: waking the thread
+            # takes its Event's lock, a gevent lock the thread may hold at that moment,
+            # and a callback cannot wait for it (BlockingSwitchOutError: the group
+            # would sit in `_pending` with the thread asleep, its rows left owned).
+            # If this greenlet is killed meanwhile, the others are still handed over.
+            try:
+                gevent.sleep(0)
+            finally:
+                self._hand_gathered()
+        result.get()
+
+    def _hand_gathered(self) -> None:
+        """In a greenlet (waking the thread may wait): the gathered group, to the thread."""
+        gathered, self._gathered = self._gathered, []
+        if self._stopping:  # the thread may have ended: it would never answer
+            for _, result in gathered:
+                result.set_exception(self._stopped())
+            return
+        for _ in gathered:
+            self.progress.begin()
+        self._pending.extend(gathered)  # at once: the writer takes them in one batch
+        if not self._work_ready.is_set():
+            self._work_ready.set()
+
+    def _process(self, units: list[Any]) -> list[Any]:
+        return self._commit(units)
 
     def _commit(self, units: list[tuple[BatchFn | None, Any]]) -> list[Any]:
         """One transaction for the whole batch. Like items go through their batch
@@ -211,38 +231,55 @@ class GroupCommitter:
         return outcomes
 
 
-class ThreadReader:
+class ThreadReader(_ThreadLoop):
     """Reads that move much data (message bodies) run on a thread of their own, with a
-    connection of their own, so copying blobs never holds up the event loop."""
+    connection of their own, so copying blobs never holds up the event loop. The reads
+    that arrive while the thread is busy run together, in one read transaction: fifty
+    deliveries starting at once cost one hand-off and one look at the WAL, not fifty."""
 
     def __init__(self, path: str, *, clock: Clock = time.monotonic) -> None:
-        self._connection = connect(path)
-        self._thread = ThreadPool(1)
-        self.progress = Progress(clock)  # reads handed to the thread, not answered yet
+        super().__init__(connect(path), clock)
 
     def run(self, work: Callable[[apsw.Connection], T]) -> T:
-        """`work(connection)` on the thread; what it raises is raised here (and not also
-        printed by the thread pool)."""
-        with self.progress.track():
-            ok, value = self._thread.apply(_capture, (work, self._connection))
-        if not ok:
-            raise value
-        return value  # type: ignore[no-any-return]
+        """`work(connection)` on the thread; what it raises is raised here."""
+        return self._wait((False, work))  # type: ignore[no-any-return]
 
     def checkpoint(self, *, truncate: bool = False) -> None:
         """Copy committed WAL frames into the database without blocking writers, so the
         committing thread never pays for a checkpoint (nor the client for its fsync).
-        The API call leaves no statement open: an open one would pin this connection's
-        read snapshot, and later reads on it would not see new messages.
+        Run outside any read transaction: an open one would pin this connection's read
+        snapshot (the checkpoint could not pass it, and later reads would not see new
+        messages).
 
         `truncate`: copy everything and cut the WAL file to nothing (waits, up to the
         busy timeout, for writers and old readers): gives a full disk its WAL back."""
         mode = apsw.SQLITE_CHECKPOINT_TRUNCATE if truncate else apsw.SQLITE_CHECKPOINT_PASSIVE
-        self.run(lambda connection: connection.wal_checkpoint(mode=mode))
+        self._wait((True, lambda connection: connection.wal_checkpoint(mode=mode)))
 
     def close(self) -> None:
-        self._thread.kill()
-        _close(self._connection)
+        self.stop(timeout=5.0)
+
+    def _process(self, units: list[Any]) -> list[Any]:
+        """Reads in one transaction (one snapshot); a unit that must run alone (a
+        checkpoint) after it, outside."""
+        connection = self._connection
+        reads = [work for alone, work in units if not alone]
+        outcomes = iter(self._read_together(reads) if reads else [])
+        return [
+            _captured(work, connection) if alone else next(outcomes) for alone, work in units
+        ]
+
+    def _read_together(self, reads: list[Work]) -> list[Any]:
+        connection = self._connection
+        try:
+            connection.execute("BEGIN")
+        except apsw.Error as error:
+            return [error] * len(reads)
+        try:
+            return [_captured(work, connection) for work in reads]
+        finally:
+            if not connection.get_autocommit():
+                _end_read(connection)
 
 
 def _close(connection: apsw.Connection) -> None:
@@ -252,13 +289,23 @@ def _close(connection: apsw.Connection) -> None:
         raise DatabaseError(f"closing the spool: {error}") from None
 
 
-def _capture(
-    work: Callable[[apsw.Connection], Any], connection: apsw.Connection
-) -> tuple[bool, Any]:
+def _end_read(connection: apsw.Connection) -> None:
+    """End a read transaction: nothing was written, so COMMIT only lets the snapshot
+    go; if even that fails, ROLLBACK does (a snapshot kept would hide new messages)."""
     try:
-        return True, work(connection)
+        connection.execute("COMMIT")
+    except apsw.Error:
+        with contextlib.suppress(apsw.Error):
+            connection.execute("ROLLBACK")
+
+
+def _captured(work: Work, connection: apsw.Connection) -> Any:
+    """What `work` returned, or the exception it raised (as a value, to raise in the
+    submitter)."""
+    try:
+        return work(connection)
     except Exception as error:
-        return False, error
+        return error
 
 
 def _savepoint(

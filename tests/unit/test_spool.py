@@ -448,16 +448,20 @@ def test_released_claims_are_due_again_at_their_old_time(spool_path: str) -> Non
     try:
         store.enqueue(message(1, now=10.0))
 
+        open_statements: list[Any] = []
+
         def pin_snapshot(connection: Any) -> None:
-            connection.execute("BEGIN")
-            connection.execute("SELECT COUNT(*) FROM messages").fetchall()
+            # A statement left open keeps its read transaction (and snapshot) alive.
+            cursor = connection.execute("SELECT id FROM messages UNION ALL SELECT 1")
+            next(cursor)
+            open_statements.append(cursor)
 
         bodies.run(pin_snapshot)
         store.enqueue(message(2, now=12.0))
         claims = store.claim_due(now=20.0, limit=10).claims
         assert store.load_message("M00002") is None  # invisible to the pinned reader
         store.release([(c.message_id, r.address) for c in claims for r in c.recipients])
-        bodies.run(lambda connection: connection.execute("COMMIT"))
+        bodies.run(lambda connection: open_statements.pop().close())
         assert store.next_due_at() == 10.0
         again = store.claim_due(now=20.0, limit=10).claims
         assert [c.message_id for c in again] == ["M00001", "M00002"]
