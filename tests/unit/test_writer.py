@@ -16,7 +16,7 @@ import gevent
 import pytest
 
 from gsmtp import db
-from gsmtp.writer import GroupCommitter
+from gsmtp.writer import GroupCommitter, ThreadReader
 
 ROOM_PAGES = 50  # the spool may grow by this many pages: 200 KB
 
@@ -197,7 +197,7 @@ monkey.patch_all()
 import gevent
 
 from gsmtp import db
-from gsmtp.writer import GroupCommitter
+from gsmtp.writer import GroupCommitter, ThreadReader
 
 
 def insert_names(connection, items):
@@ -229,3 +229,59 @@ def test_each_gathered_item_wakes_the_writer_however_the_thread_stands(tmp_path:
         timeout=120,
     )
     assert (done.returncode, done.stdout.strip()) == (0, "300"), done.stderr[-2000:]
+
+
+def test_reads_that_arrive_while_the_reader_is_busy_share_one_transaction(
+    committer: GroupCommitter, tmp_path: Path
+) -> None:
+    """Body loads submitted while the reader thread is busy run together, in one read
+    transaction (one snapshot); the transaction ends with the batch, so the next read
+    sees what was committed meanwhile; a failing read spoils none of the others; a
+    checkpoint runs alone, outside any transaction."""
+    reader = ThreadReader(str(tmp_path / "spool.sqlite"))
+    try:
+        committer.submit(insert("before"))
+        release = threading.Event()
+        reader_busy = threading.Event()
+
+        def hold(connection: apsw.Connection) -> None:
+            reader_busy.set()
+            release.wait(10)
+
+        def look(connection: apsw.Connection) -> tuple[bool, int]:
+            in_transaction = not connection.get_autocommit()
+            return in_transaction, db.scalar(connection, "SELECT COUNT(*) FROM t")
+
+        def broken(connection: apsw.Connection) -> None:
+            connection.execute("SELECT * FROM no_such_table")
+
+        first = gevent.spawn(reader.run, hold)
+        while not reader_busy.is_set():
+            gevent.sleep(0.001)
+        gathered = [gevent.spawn(reader.run, look) for _ in range(5)]
+        failing = gevent.spawn(reader.run, broken)
+        gevent.sleep(0.01)  # all submitted while `hold` runs
+        committer.submit(insert("meanwhile"))
+        release.set()
+        gevent.joinall([first, *gathered, failing], timeout=10)
+        outcomes = [greenlet.get() for greenlet in gathered]
+        assert all(in_transaction for in_transaction, _ in outcomes)
+        assert len({count for _, count in outcomes}) == 1  # one snapshot for all five
+        assert isinstance(failing.exception, apsw.SQLError)
+        assert reader.run(look)[1] == 2  # the snapshot went with its batch
+        reader.checkpoint()
+        assert reader.run(lambda connection: connection.get_autocommit()) is False
+        assert reader.progress.outstanding == 0
+    finally:
+        reader.close()
+
+
+def test_a_stopped_reader_refuses_reads(tmp_path: Path) -> None:
+    path = str(tmp_path / "spool.sqlite")
+    db.connect(path).execute("CREATE TABLE t(name TEXT)")
+    reader = ThreadReader(path)
+    assert reader.run(lambda connection: db.scalar(connection, "SELECT COUNT(*) FROM t")) == 0
+    reader.close()
+    assert reader.done.ready() and reader.done.successful()
+    with pytest.raises(db.DatabaseError, match="stopped"):
+        reader.run(lambda connection: None)
