@@ -265,9 +265,7 @@ class ThreadReader(_ThreadLoop):
         connection = self._connection
         reads = [work for alone, work in units if not alone]
         outcomes = iter(self._read_together(reads) if reads else [])
-        return [
-            _captured(work, connection) if alone else next(outcomes) for alone, work in units
-        ]
+        return [_captured(work, connection) if alone else next(outcomes) for alone, work in units]
 
     def _read_together(self, reads: list[Work]) -> list[Any]:
         connection = self._connection
