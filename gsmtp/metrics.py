@@ -22,6 +22,7 @@ spool query: the queue gauges are set by a background task (`app`), off the even
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,11 +40,36 @@ from prometheus_client import (
     make_wsgi_app,
     multiprocess,
 )
+from prometheus_client import values as prometheus_values
 
 from gsmtp import __version__
 from gsmtp.auth import AuthOutcome
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class _ProcessId:
+    """os.getpid(), remembered. In multiprocess mode prometheus_client asks for the
+    process's PID on every update of a value (to notice a fork): a worker updates a
+    dozen values per message delivered, each a system call. Taken again in a forked
+    child, so a fork is still noticed."""
+
+    def __init__(self) -> None:
+        self.value = os.getpid()
+        os.register_at_fork(after_in_child=self._refresh)
+
+    def _refresh(self) -> None:
+        self.value = os.getpid()
+
+    def __call__(self) -> int:
+        return self.value
+
+
+if getattr(prometheus_values.ValueClass, "_multiprocess", False):
+    # Before the first metric below is made: each takes its value class from here.
+    prometheus_values.ValueClass = prometheus_values.MultiProcessValue(  # type: ignore[no-untyped-call]
+        process_identifier=_ProcessId()
+    )
 
 # A scrape takes milliseconds; a connection still open after this is cut.
 REQUEST_TIMEOUT = 10.0

@@ -53,7 +53,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Protocol, TypeVar
 
 from gevent.event import AsyncResult
@@ -138,9 +138,16 @@ def mailbox_path(root: str, address: str) -> str:
     return path
 
 
+@cache
+def _escaped_host() -> str:
+    """The host name for unique names, '/' and ':' escaped: asked once (a system call
+    per file otherwise; a renamed host only changes the part after the last dot)."""
+    return socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+
+
 def unique_name(now: float) -> str:
     """`<sec>.M<usec>P<pid>Q<n>R<random>.<host>`; the host with '/' and ':' escaped."""
-    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    host = _escaped_host()
     seconds = int(now)
     micros = int((now - seconds) * 1_000_000)
     return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(4)}.{host}"
