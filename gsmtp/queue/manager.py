@@ -4,8 +4,9 @@ Theory of operation (Postfix's qmgr is the model). One greenlet, the dispatcher,
 everything here but the deliveries themselves. Each round it
 
 1. takes what the CLI did to the queue (`gsmtp queue flush|hold|release|delete|bounce`
-   in another process, left in the spool's admin_actions), logs each as an audit line
-   and acts on it (a flush forgets the dead-destination memory of what it made due, and
+   in another process, left in the spool's admin_actions; looked for when the CLI
+   signalled, and once per `idle_poll` in case a signal was lost), logs each as an
+   audit line and acts on it (a flush forgets the dead-destination memory of what it made due, and
    all of it for a whole-queue flush), and revives dead destinations whose time has come;
 2. claims due recipients — only what can start now or soon: no more than the free
    senders can take, each destination capped at what its window can run plus one
@@ -160,6 +161,8 @@ class QueueManager:
         self._last_now: float | None = None
         self._next_cap = 0.0  # monotonic times of the periodic checks
         self._next_sweep = 0.0
+        self._next_admin_look = 0.0
+        self._admin_signalled = True  # look at the CLI's actions in the first round
         self._stopping = False
         self._runner: gevent.Greenlet | None = None
         self._pacer_greenlet: gevent.Greenlet | None = None
@@ -193,6 +196,7 @@ class QueueManager:
     def admin_signalled(self) -> None:
         """SIGUSR1: the CLI changed the queue; take its actions now."""
         self._log.info("queue_signalled", signal="SIGUSR1")
+        self._admin_signalled = True
         self._wake.set()
 
     def _sender_left(self, _sender: gevent.Greenlet) -> None:
@@ -295,8 +299,16 @@ class QueueManager:
         self._last_now = now
 
     def _check_admin_actions(self) -> None:
-        """Audit and apply what the CLI did (a cheap read when it did nothing)."""
-        if not self._spool.admin_actions_waiting():
+        """Audit and apply what the CLI did: at once when it signalled, else once per
+        `idle_poll` (a signal can be lost: the CLI may not be allowed to send it). Not
+        every round: a round follows every batch of deliveries, and the look is a query
+        on the event loop's own connection. A look that fails is made again next round."""
+        if not self._admin_signalled and time.monotonic() < self._next_admin_look:
+            return
+        waiting = self._spool.admin_actions_waiting()
+        self._admin_signalled = False
+        self._next_admin_look = time.monotonic() + self._idle_poll
+        if not waiting:
             return
         for action in self._spool.take_admin_actions():
             fields: dict[str, object] = {"source": "cli", "at": action.at}

@@ -13,7 +13,7 @@ import pytest
 from gevent.event import Event
 from structlog.testing import capture_logs
 
-from gsmtp import metrics
+from gsmtp import metrics, queue_control
 from gsmtp.message import Outcome
 from gsmtp.queue import INITIAL_WINDOW, NoticeSettings, RetryPolicy
 from gsmtp.queue.manager import MAX_FAILED_ROUNDS, body_budget
@@ -451,3 +451,42 @@ def test_a_small_pool_keeps_claiming_as_senders_come_free(qw: QueueWorld, concur
     wait_until(lambda: qw.messages_left() == 0, timeout=20, what="the backlog to drain")
     assert len(qw.local.calls) == 200
     assert qw.local.max_total <= concurrency
+
+
+class CountingSpool(Spool):
+    """Counts the looks for the CLI's actions."""
+
+    def __init__(self, inner: Spool) -> None:
+        super().__init__(inner._writer, inner._reader)
+        self.admin_looks = 0
+
+    def admin_actions_waiting(self) -> bool:
+        self.admin_looks += 1
+        return super().admin_actions_waiting()
+
+
+def test_the_clis_actions_are_looked_for_when_signalled_or_once_per_poll_not_every_round(
+    qw: QueueWorld,
+) -> None:
+    """A look for the CLI's actions is a query on the event loop's connection: once at
+    the start, then when the CLI signals or once per idle_poll, not in every round (one
+    follows every batch of deliveries); an action left without a signal is still taken
+    within the poll."""
+    counting = CountingSpool(qw.spool)
+    for number in range(40):
+        qw.enqueue([f"user{number}@local.example"])
+    manager = qw.manager(spool=counting, idle_poll=0.3, concurrency=2)
+    manager.start()
+    wait_until(lambda: qw.messages_left() == 0)
+    assert len(qw.local.calls) == 40  # at least 20 rounds: two senders at a time
+    assert counting.admin_looks <= 3
+    looks = counting.admin_looks
+    manager.admin_signalled()
+    wait_until(lambda: counting.admin_looks > looks, timeout=1, what="a look after SIGUSR1")
+    with capture_logs() as logs:
+        queue_control.flush(qw.admin._db, qw.clock())  # and no signal
+        wait_until(
+            lambda: any(entry["event"] == "queue_flushed" for entry in logs),
+            timeout=3,
+            what="the unsignalled flush taken at the next poll",
+        )
