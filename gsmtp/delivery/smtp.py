@@ -39,7 +39,9 @@ with QUIT after `connection_idle` seconds unused (one sweeper greenlet). A later
 takes an idle session whose address is still among the destination's targets and that
 was opened under the TLS level the destination demands now, or a stricter one
 (`SessionKey.carries`: a `may` session never carries `verify` mail), checks it with
-RSET (250, within `rset` and the new attempt's deadline), runs its transaction and
+RSET (250, within `rset` and the new attempt's deadline; to a peer that offers
+PIPELINING in one group with the envelope, so reuse costs no round trip of its own:
+the body is sent only after the RSET's 250), runs its transaction and
 checks size, 8BITMIME, SMTPUTF8 and DSN against that session's EHLO reply. A cached
 session that fails before the final dot (closed while idle, RSET refused, lost
 mid-envelope) costs nothing: it is closed and the delivery connects as usual. After the
@@ -521,9 +523,15 @@ class SmtpDeliverer:
         deadline: Deadline,
     ) -> list[RecipientResult]:
         """RSET first (RFC 5321 §4.1.1.5): it proves the session alive and in step, and
-        it is the reset between two transactions. Any failure: PeerUnusable."""
+        it is the reset between two transactions. Any failure: PeerUnusable. To a peer
+        with PIPELINING it goes in one group with the envelope (a round trip fewer per
+        message); else alone, before it."""
         connection = session.connection
         connection.deadline = deadline
+        if session.extensions.pipelining:
+            results = self._deliver_on(session, message, recipients, reset=True)
+            OUTBOUND_SESSIONS.labels("reused").inc()
+            return results
         try:
             reply = connection.command(b"RSET\r\n", timeout=self._timeouts.rset)
         except TransactionBroken as error:
@@ -539,12 +547,20 @@ class SmtpDeliverer:
         return self._deliver_on(session, message, recipients)
 
     def _deliver_on(
-        self, session: Session, message: QueuedMessage, recipients: Sequence[str]
+        self,
+        session: Session,
+        message: QueuedMessage,
+        recipients: Sequence[str],
+        *,
+        reset: bool = False,
     ) -> list[RecipientResult]:
-        """One transaction; then the session goes back to the cache or is ended. A
-        connection broken before the final dot raises PeerUnusable (try elsewhere)."""
+        """One transaction (after a pipelined RSET if `reset`); then the session goes
+        back to the cache or is ended. A connection broken (or an RSET refused) before
+        the final dot raises PeerUnusable (try elsewhere)."""
         session.transactions += 1
-        transaction = Transaction(session, message, recipients, self._timeouts, self._log)
+        transaction = Transaction(
+            session, message, recipients, self._timeouts, self._log, reset=reset
+        )
         try:
             results = transaction.run()
         except TransactionBroken as error:

@@ -111,6 +111,8 @@ class Smtp:
     verbs: list[str] = field(default_factory=list)
     released: threading.Event = field(default_factory=threading.Event)
     quit_seen: threading.Event = field(default_factory=threading.Event)
+    # For each RSET: had the rest of its group (up to DATA) arrived with it?
+    rset_grouped: list[bool] = field(default_factory=list)
 
     def __call__(self, conn: socket.socket) -> None:
         lines = Lines(conn)
@@ -137,6 +139,7 @@ class Smtp:
                 if self.hang_up:
                     return
             elif line.startswith(b"RSET"):
+                self.rset_grouped.append(b"DATA\r\n" in lines.buffer)
                 conn.sendall(self.rset)
             elif line.startswith(b"QUIT"):
                 self.quit_seen.set()
@@ -585,6 +588,52 @@ def test_the_next_message_goes_over_the_same_session_after_rset(
     assert script.quit_seen.wait(5)
     assert deliver(d).outcome is Outcome.DELIVERED  # after close(): a connection each
     assert peers[0].connections == 2
+
+
+PIPELINING_EHLO = b"250-peer.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+
+
+def test_a_pipelining_peer_gets_the_rset_in_one_group_with_the_envelope(
+    peers: list[Peer], port: int
+) -> None:
+    """Reuse costs no round trip of its own: RSET, MAIL, RCPT and DATA in one write."""
+    script = Smtp(ehlo=PIPELINING_EHLO)
+    d = reusing(one_host(peers, port, script), port)
+    for recipient in ("a@dest.example", "b@dest.example", "c@dest.example"):
+        assert deliver(d, (recipient,)).outcome is Outcome.DELIVERED
+    assert peers[0].connections == 1 and len(script.bodies) == 3
+    assert script.verbs == ["EHLO", *(["MAIL", "RCPT", "DATA", "RSET"] * 2), "MAIL", "RCPT", "DATA"]
+    assert script.rset_grouped == [True, True]
+
+
+def test_a_peer_without_pipelining_gets_the_rset_alone(peers: list[Peer], port: int) -> None:
+    plain = Smtp()  # no PIPELINING: RSET alone, its reply awaited
+    d = reusing(one_host(peers, port, plain), port)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    assert deliver(d).outcome is Outcome.DELIVERED
+    assert plain.rset_grouped == [False]
+
+
+@pytest.mark.parametrize(
+    "stale",
+    [
+        Smtp(ehlo=PIPELINING_EHLO, hang_up=True),
+        Smtp(ehlo=PIPELINING_EHLO, rset=b"421 4.4.2 idle too long\r\n"),
+    ],
+    ids=["closed-while-idle", "rset-refused"],
+)
+def test_a_stale_pipelining_session_is_replaced_without_a_deferral(
+    peers: list[Peer], port: int, stale: Smtp
+) -> None:
+    """The pipelined RSET refused (or the session gone): nothing of the message was
+    sent, so it goes over a new connection, once."""
+    d = reusing(one_host(peers, port, stale), port)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    before = stale_sessions()
+    result = deliver(d, ("b@dest.example",))
+    assert result.outcome is Outcome.DELIVERED, result.reply
+    assert peers[0].connections == 2 and len(stale.bodies) == 2
+    assert stale_sessions() == before + 1
 
 
 @pytest.mark.parametrize(("reuse", "connections"), [(1, 5), (2, 3), (100, 1)])
