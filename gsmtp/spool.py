@@ -522,22 +522,24 @@ class Spool:
         caps: Mapping[str, int] | None = None,
         default_cap: int | None = None,
         scan: int | None = None,
+        skip_full: bool = True,
     ) -> ClaimResult:
         """Own up to `limit` due recipients, oldest due first, grouped by message.
 
         `caps` bounds how many rows of a destination domain one claim takes (0: none,
         the queue manager holds enough for it), `default_cap` that of any other domain;
         the per-domain count looks at the first `scan` due rows of the domains not
-        capped at 0. Rows that do not decode are set aside with their message and
-        returned as SetAside, never as claims."""
+        capped at 0 (`skip_full`: a look at each row of those capped at 0 finds them,
+        however many there are), or else at the first `scan` due rows of any domain.
+        Rows that do not decode are set aside with their message and returned as
+        SetAside, never as claims."""
         caps = dict(caps or {})
+        full = [d for d, cap in caps.items() if cap <= 0] if skip_full else []
         params = {
             "now": now,
             "limit": limit,
             "scan": scan or limit,
-            "full": json.dumps(full)
-            if (full := [d for d, cap in caps.items() if cap <= 0])
-            else "",
+            "full": json.dumps(full) if full else "",
             "caps": json.dumps(caps),
             "default_cap": default_cap if default_cap is not None else limit,
             "unscheduled": UNSCHEDULED,

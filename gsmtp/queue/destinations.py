@@ -16,6 +16,12 @@ connect time-outs. `gsmtp queue flush` forgets every dead destination (`--domain
 flushing a message, those of D or of the message's domains); a later success
 (a delivery started before it died) revives it too.
 
+A destination with nothing held is remembered, window and all, for IDLE_MEMORY seconds
+(the monotonic `clock`), then forgotten: its window starts over, as qmgr's does. Not at
+once: the queue is claimed just in time (a window running and one waiting), so under a
+steady backlog a destination often empties for a moment between claims, and starting
+the window over at each such moment kept a relay at 5 to 10 deliveries at once.
+
 Each destination can hold a window's worth of batches beyond those running
 (`capacity`): enough to start the next ones the moment others finish, not so many that
 a stalled destination fills the active set. The claim query takes at most `room()` more
@@ -26,13 +32,15 @@ messages for it; a destination that was full asks for more once it has drained t
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from gsmtp.spool import Claim, ClaimedRecipient
 
 INITIAL_WINDOW = 5  # Postfix: initial_destination_concurrency
+IDLE_MEMORY = 10.0  # seconds an idle destination keeps its window
 
 Key = tuple[str, str]  # (transport, destination domain)
 
@@ -60,6 +68,7 @@ class Destination:
     dead_reason: str = ""
     was_full: bool = False
     in_ready: bool = False
+    idle_since: float | None = None  # monotonic: nothing held since
 
     @property
     def allowed(self) -> int:
@@ -89,7 +98,11 @@ class Destinations:
         max_window: int,
         initial_window: int = INITIAL_WINDOW,
         full_window: frozenset[str] = frozenset(),
+        clock: Callable[[], float] = time.monotonic,
+        idle_memory: float = IDLE_MEMORY,
     ) -> None:
+        self._clock = clock
+        self._idle_memory = idle_memory
         self._max = max(1, max_window)
         self._initial = min(initial_window, self._max)
         # Transports whose destinations start at the full window: slow start probes a
@@ -119,6 +132,7 @@ class Destinations:
 
     def add(self, batch: Batch) -> Destination:
         destination = self.get(batch.key)
+        destination.idle_since = None
         destination.waiting.append(batch)
         self._mark_ready(destination)
         return destination
@@ -221,7 +235,9 @@ class Destinations:
         return min(times) if times else None
 
     def caps(self) -> dict[str, int]:
-        """Per domain, how many more messages a claim may take (0: none now)."""
+        """Per domain, how many more messages a claim may take (0: none now). Forgets
+        first what has been idle for longer than the memory (a claim comes often)."""
+        self._forget_idle()
         caps: dict[str, int] = {}
         for (_, domain), destination in self._all.items():
             room = destination.room() if destination.dead_until is None else self._max
@@ -234,6 +250,18 @@ class Destinations:
             self._ready.append(destination)
 
     def _forget_if_idle(self, destination: Destination) -> None:
-        """Forget an idle, living destination, as qmgr does: its window starts over."""
+        """An idle, living destination: remembered from now for the idle memory."""
         if destination.held == 0 and destination.dead_until is None:
-            self._all.pop(destination.key, None)
+            destination.idle_since = self._clock()
+            if self._idle_memory <= 0:
+                self._all.pop(destination.key, None)
+
+    def _forget_idle(self) -> None:
+        """Forget the destinations idle (and alive) for longer than the memory: their
+        windows start over, as qmgr's do."""
+        before = self._clock() - self._idle_memory
+        for key, destination in list(self._all.items()):
+            since = destination.idle_since
+            idle = destination.held == 0 and destination.dead_until is None
+            if idle and since is not None and since <= before:
+                del self._all[key]

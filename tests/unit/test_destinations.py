@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gsmtp.message import MessageId
-from gsmtp.queue.destinations import INITIAL_WINDOW, Batch, Destinations
+from gsmtp.queue.destinations import IDLE_MEMORY, INITIAL_WINDOW, Batch, Destinations
 from gsmtp.spool import Claim, ClaimedRecipient
 from tests.unit.queue_harness import DEFAULTS
 
@@ -84,3 +84,25 @@ def test_dead_until_its_time_a_flush_or_a_success() -> None:
     destination.running += 1
     destinations.finished(destination, reached=True)  # started before it died, got through
     assert destination.dead_until is None
+
+
+def test_an_idle_destination_keeps_its_window_for_a_while_then_starts_over() -> None:
+    """Claimed just in time, a destination with a steady backlog empties for a moment
+    between claims: its window is kept through such moments (it kept a relay at 5 to 10
+    deliveries at once when it started over each time), and starts over after
+    IDLE_MEMORY seconds idle."""
+    now = [100.0]
+    destinations = Destinations(max_window=20, clock=lambda: now[0])
+    destination = destinations.get(("smtp", "x.example"))
+    destination.window = 12.0
+    destination.running += 1
+    destinations.finished(destination, reached=True)  # nothing held now: idle
+    now[0] += IDLE_MEMORY - 1
+    assert destinations.caps() == {"x.example": destination.capacity}
+    again = destinations.add(batch("x.example", 1))
+    assert again is destination and destination.allowed == 12
+    destinations.started(destination)
+    destinations.finished(destination, reached=True)
+    now[0] += IDLE_MEMORY + 1
+    assert destinations.caps() == {}  # forgotten
+    assert destinations.get(("smtp", "x.example")).window == INITIAL_WINDOW

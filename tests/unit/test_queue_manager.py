@@ -490,3 +490,51 @@ def test_the_clis_actions_are_looked_for_when_signalled_or_once_per_poll_not_eve
             timeout=3,
             what="the unsignalled flush taken at the next poll",
         )
+
+
+class ClaimCountingSpool(Spool):
+    """Counts the claims that look past full destinations (at each of their rows)."""
+
+    def __init__(self, inner: Spool) -> None:
+        super().__init__(inner._writer, inner._reader)
+        self.claims = 0
+
+    def claim_due(self, *args: Any, **kwargs: Any) -> Any:
+        caps = kwargs.get("caps") or {}
+        if kwargs.get("skip_full", True) and any(cap <= 0 for cap in caps.values()):
+            self.claims += 1
+        return super().claim_due(*args, **kwargs)
+
+
+def test_a_claim_that_found_only_full_destinations_is_not_repeated_for_every_new_message(
+    qw: QueueWorld,
+) -> None:
+    """A full destination's due rows are skipped by a look at each: with a backlog for
+    it, every new message (a wake-up) made a claim that read the whole backlog and found
+    nothing (a third of all claims, most of the writer's time, in the relay bench). Such
+    a claim comes FRUITLESS_PAUSE after a fruitless one at the soonest; mail for another
+    destination still goes within it."""
+    qw.remote.hold["stalled.example"] = Event()
+    for index in range(60):
+        qw.enqueue([f"u{index}@stalled.example"])
+    counting = ClaimCountingSpool(qw.spool)
+    manager = qw.manager(spool=counting)
+    manager.start()
+    wait_until(lambda: qw.remote.active["stalled.example"] == INITIAL_WINDOW)
+    wait_until(lambda: qw.owned("stalled.example") == 2 * INITIAL_WINDOW)
+    before = counting.claims
+    for index in range(40):  # new mail for the full destination, each with its wake-up
+        qw.enqueue([f"w{index}@stalled.example"])
+        manager.wake()
+        gevent.sleep(0.01)
+    assert counting.claims - before <= 3  # 0.4 s: not 40 looks at the backlog
+    qw.enqueue(["v@flowing.example"])
+    manager.wake()
+    wait_until(
+        lambda: len(qw.remote.calls_for("flowing.example")) == 1,
+        timeout=2,
+        what="mail for another destination, within the pause",
+    )
+    qw.remote.hold["stalled.example"].set()
+    wait_until(lambda: qw.messages_left() == 0, timeout=30)
+    assert len(qw.remote.calls_for("stalled.example")) == 100
