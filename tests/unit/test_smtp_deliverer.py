@@ -780,3 +780,22 @@ def test_sessions_are_shared_by_destination(peers: list[Peer], port: int) -> Non
     deliver(smarthost, ("a@two.example",))
     assert peers[0].connections == 3
     assert [r.outcome for r in smarthost.deliver(MESSAGE, ["b@one.example"])] == [Outcome.DELIVERED]
+
+
+def test_a_pipelining_peer_answering_rset_twice_is_stale_not_a_delivery(
+    peers: list[Peer], port: int
+) -> None:
+    """A peer that answers the pipelined RSET with two replies puts every later reply
+    of the group one place off: the DATA's place gets the RCPT's 250. That is no
+    delivery (the body was never sent): the session is out of step, so stale, and the
+    message goes over a new connection (the RSET alone used to show the extra reply as
+    bytes left unread, `in_sync`)."""
+    script = Smtp(ehlo=PIPELINING_EHLO, rset=b"250 2.0.0 Ok\r\n250 2.0.0 Ok again\r\n")
+    d = reusing(one_host(peers, port, script), port)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    before = stale_sessions()
+    result = deliver(d, ("b@dest.example",))
+    assert result.outcome is Outcome.DELIVERED, result.reply
+    assert len(script.bodies) == 2, "reported delivered, but the peer never got the body"
+    assert peers[0].connections == 2
+    assert stale_sessions() == before + 1
