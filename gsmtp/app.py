@@ -676,7 +676,7 @@ class Application:
             self._watchdog.kill()
         finished = self._writer.stop(timeout=max(deadline - time.monotonic(), 0.1))
         if finished:
-            self._close_quietly(self._bodies.close)
+            self._close_quietly(partial(self._stop_reader, deadline))
         else:
             self._log.error("writer_not_stopped", error="submitted work did not finish in time")
         self._file_pool.kill()
@@ -686,6 +686,13 @@ class Application:
         self._log.info("server_stopped")
         log.flush()
         return finished
+
+    def _stop_reader(self, deadline: float) -> None:
+        """The body reader, within the stop's deadline too: it may be waiting in a
+        disk-full recovery's TRUNCATE checkpoint (up to the busy timeout); if so its
+        connection is left to the process's exit."""
+        if not self._bodies.stop(timeout=max(deadline - time.monotonic(), 0.1)):
+            self._log.warning("reader_not_stopped", error="a read did not finish in time")
 
     def _close_quietly(self, close: Any) -> None:
         try:
