@@ -248,6 +248,7 @@ monkey.patch_all()
 from pathlib import Path
 
 import gevent
+from gevent.monkey import get_original
 
 from gsmtp import app
 from gsmtp.config import load
@@ -258,6 +259,17 @@ class InjectedFault(BaseException):
 
 
 def inject(application, component):
+    if component == "reader-while-starting":
+        sleep = get_original("time", "sleep")
+
+        def read(connection):
+            # On the reader thread: die once the start waits for a read behind this one.
+            while not application._bodies._pending:
+                sleep(0.01)
+            raise InjectedFault("injected fault")
+
+        application._bodies.run(read)
+        return
     while "listener" not in application.supervisor.names:  # started
         gevent.sleep(0.01)
     if component == "housekeeping":
@@ -282,7 +294,7 @@ sys.exit(app.serve(load(Path(sys.argv[1])), application_factory=build))
 """
 
 
-@pytest.mark.parametrize("component", ["housekeeping", "writer", "reader"])
+@pytest.mark.parametrize("component", ["housekeeping", "writer", "reader", "reader-while-starting"])
 def test_a_dead_component_ends_the_process_non_zero_naming_it(
     gsmtp_factory: Factory, component: str
 ) -> None:
@@ -308,7 +320,7 @@ def test_a_dead_component_ends_the_process_non_zero_naming_it(
     assert status == 70, log_text
     died = [line for line in log_text.splitlines() if '"event":"component_died"' in line]
     assert died, log_text
-    assert f'"component":"{component}"' in died[0]
+    assert f'"component":"{component.split("-")[0]}"' in died[0]
     assert "injected fault" in died[0] and "Traceback" in died[0]
     assert '"event":"server_aborted"' in log_text
 
