@@ -676,7 +676,7 @@ class Application:
             self._watchdog.kill()
         finished = self._writer.stop(timeout=max(deadline - time.monotonic(), 0.1))
         if finished:
-            self._close_quietly(self._bodies.close)
+            self._close_quietly(partial(self._stop_reader, deadline))
         else:
             self._log.error("writer_not_stopped", error="submitted work did not finish in time")
         self._file_pool.kill()
@@ -686,6 +686,13 @@ class Application:
         self._log.info("server_stopped")
         log.flush()
         return finished
+
+    def _stop_reader(self, deadline: float) -> None:
+        """The body reader, within the stop's deadline too: it may be waiting in a
+        disk-full recovery's TRUNCATE checkpoint (up to the busy timeout); if so its
+        connection is left to the process's exit."""
+        if not self._bodies.stop(timeout=max(deadline - time.monotonic(), 0.1)):
+            self._log.warning("reader_not_stopped", error="a read did not finish in time")
 
     def _close_quietly(self, close: Any) -> None:
         try:
@@ -831,13 +838,19 @@ class Application:
         gevent.signal_handler(signal.SIGHUP, self._request_reload)
         # `gsmtp queue ...` changed the queue (gsmtp.queue_control.wake_server).
         gevent.signal_handler(signal.SIGUSR1, self.queue.admin_signalled)
-        try:
-            self.start()
-        except StartupError:
+        # The start waits on the spool threads (the reader counts the queue): one that
+        # dies meanwhile strands it, so a death ends the start as it ends the serving.
+        starting = gevent.spawn(_failure_of, self.start)
+        gevent.wait([starting, self.supervisor.died], count=1)
+        if not starting.ready():
+            return self._aborted()
+        failure = starting.value
+        if isinstance(failure, StartupError):
             # What did start (threads, a first listener) is stopped before the process
             # exits: live writer threads at interpreter exit crashed it (SIGSEGV).
             self.stop()
-            raise
+        if failure is not None:
+            raise failure
         # Remembered while starting (gsmtp.early_signals), acted on now: the file may
         # have changed since it was read; the CLI may have changed the queue.
         arrived = early_signals.take()
@@ -847,16 +860,31 @@ class Application:
         if signal.SIGUSR1 in arrived:
             self.queue.admin_signalled()
         gevent.wait([stop_requested, self.supervisor.died], count=1)
-        death = self.supervisor.death
-        if death is not None:
-            self._log.error(
-                "server_aborted",
-                component=death.component,
-                reason=death.reason,
-                exit_status=EXIT_COMPONENT_DIED,
-            )
-            return EXIT_COMPONENT_DIED
+        if self.supervisor.death is not None:
+            return self._aborted()
         return 0 if self.stop() else EXIT_COMPONENT_DIED
+
+    def _aborted(self) -> int:
+        """A component died: no graceful stop (it could wait forever on the dead one)."""
+        death = self.supervisor.death
+        assert death is not None
+        self._log.error(
+            "server_aborted",
+            component=death.component,
+            reason=death.reason,
+            exit_status=EXIT_COMPONENT_DIED,
+        )
+        return EXIT_COMPONENT_DIED
+
+
+def _failure_of(run: Callable[[], None]) -> Exception | None:
+    """What `run()` raised, as a value: raised again by the waiter (a greenlet's own
+    exception would also be printed, traceback and all, by the hub)."""
+    try:
+        run()
+    except Exception as error:
+        return error
+    return None
 
 
 def serve(

@@ -174,6 +174,12 @@ class Unreadable:
 
 
 @dataclass(frozen=True, slots=True)
+class Held:
+    """`load_message`'s answer for a message held (`gsmtp queue hold`) after it was
+    claimed: not to be sent, even before the queue manager has taken the CLI's action."""
+
+
+@dataclass(frozen=True, slots=True)
 class RecipientUpdate:
     message_id: MessageId
     address: str
@@ -611,19 +617,23 @@ class Spool:
         """Mark a message corrupt and unschedule its queued recipients."""
         self._writer.submit(lambda connection: _set_aside(connection, message_id, reason))
 
-    def load_message(self, message_id: str) -> QueuedMessage | Unreadable | None:
-        """The message a delivery is about to send (None: deleted meanwhile)."""
+    def load_message(self, message_id: str) -> QueuedMessage | Unreadable | Held | None:
+        """The message a delivery is about to send (None: deleted meanwhile; Held: held
+        since it was claimed, which the queue manager may not have seen yet: it looks
+        for the CLI's actions only when signalled or once per poll)."""
 
-        def work(connection: apsw.Connection) -> QueuedMessage | Unreadable | None:
+        def work(connection: apsw.Connection) -> QueuedMessage | Unreadable | Held | None:
             rows = query(
                 connection,
                 f"SELECT {raw_text('sender')}, body, received_at, smtputf8, size, dsn_ret,"
-                f" {raw_text('dsn_envid')}, parts FROM messages WHERE id = ?",
+                f" {raw_text('dsn_envid')}, parts, held FROM messages WHERE id = ?",
                 (message_id,),
             )
             if not rows:
                 return None
-            row = rows[0]
+            if rows[0][8]:
+                return Held()
+            row = rows[0][:8]
             if row[7]:  # parts
                 body = _with_parts(connection, message_id, row[1], row[7])
                 if isinstance(body, Unreadable):

@@ -367,6 +367,11 @@ class Transaction:
             # RFC 2920 §3.1: a peer may still answer the pipelined DATA with 354.
             self._settle(replies, data_open=data_reply.code == 354)
             return [results[r] for r in self._recipients]
+        if data_reply.is_positive and data_reply.code != 354:
+            # DATA has no positive completion: a 2xx here answers an earlier command
+            # (a peer out of step, e.g. two replies to RSET). Nothing of the body was
+            # sent, so the message is not delivered: the session is broken, try anew.
+            raise TransactionBroken(f"out of step: {data_reply.text} in reply to DATA")
         if data_reply.code != 354:
             outcome = _result("", data_reply, self._host)
             for recipient in accepted:

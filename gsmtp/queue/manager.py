@@ -62,7 +62,15 @@ from gsmtp.queue.notices import Notices, NoticeSettings
 from gsmtp.queue.pacer import DeliveryPacer
 from gsmtp.queue.retry import Clock, RetryPolicy
 from gsmtp.routing import LOCAL, Route
-from gsmtp.spool import Claim, ClaimedRecipient, RecipientUpdate, Spool, Unreadable, domain_of
+from gsmtp.spool import (
+    Claim,
+    ClaimedRecipient,
+    Held,
+    RecipientUpdate,
+    Spool,
+    Unreadable,
+    domain_of,
+)
 
 IDLE_POLL = 1.0  # seconds: the longest the dispatcher sleeps (a flush is seen this soon)
 ERROR_PAUSE = 1.0
@@ -512,6 +520,11 @@ class QueueManager:
                 self._log.info("message_vanished", msg_id=message_id)
                 self._spool.release([(message_id, r.address) for r in batch.recipients])
                 self._look_again()
+                return [], None
+            if isinstance(message, Held):
+                # Held by the CLI since the claim (its action not taken yet): given
+                # back unscheduled (the spool keeps a held message's rows so).
+                self._spool.release([(message_id, r.address) for r in batch.recipients])
                 return [], None
             if isinstance(message, Unreadable):
                 self._spool.set_aside(message_id, message.reason)

@@ -538,3 +538,26 @@ def test_a_claim_that_found_only_full_destinations_is_not_repeated_for_every_new
     qw.remote.hold["stalled.example"].set()
     wait_until(lambda: qw.messages_left() == 0, timeout=30)
     assert len(qw.remote.calls_for("stalled.example")) == 100
+
+
+def test_a_message_held_while_claimed_and_waiting_is_not_delivered_unsignalled(
+    qw: QueueWorld,
+) -> None:
+    """`gsmtp queue hold` without a signal (the CLI may not be allowed to send one): a
+    message claimed and waiting behind a running delivery to its destination must be
+    given back before the round that would start it, as it was when every round looked
+    for the CLI's actions; the hold must not wait for the next idle_poll."""
+    qw.remote.hold["slow.example"] = Event()
+    first = qw.enqueue(["a@slow.example"])
+    second = qw.enqueue(["b@slow.example"])
+    manager = qw.manager(idle_poll=60.0, max_per_domain=1)
+    manager.start()
+    wait_until(lambda: len(qw.remote.calls) == 1 and qw.owned("slow.example") == 2)
+    assert qw.remote.calls[0][0] == first  # the second waits, claimed, behind it
+    assert queue_control.hold(qw.admin._db, ids=[second]) == [second]  # and no signal
+    qw.remote.hold["slow.example"].set()
+    wait_until(
+        lambda: qw.owned("slow.example") == 0 or len(qw.remote.calls) > 1,
+        what="the held message given back (or delivered)",
+    )
+    assert [call[0] for call in qw.remote.calls] == [first], "a held message was delivered"

@@ -105,6 +105,7 @@ class Smtp:
     final: bytes | str | None = b"250 2.0.0 Stored\r\n"
     finals: list[bytes | str | None] = field(default_factory=list)
     rset: bytes = b"250 2.0.0 Ok\r\n"
+    refused: tuple[bytes, ...] = ()  # RCPT TO:<address> answered 550
     hang_up: bool = False
     slow_bytes: int = 0
     bodies: list[bytes] = field(default_factory=list)
@@ -141,6 +142,8 @@ class Smtp:
             elif line.startswith(b"RSET"):
                 self.rset_grouped.append(b"DATA\r\n" in lines.buffer)
                 conn.sendall(self.rset)
+            elif line.startswith(b"RCPT") and any(a.upper() in line for a in self.refused):
+                conn.sendall(b"550 5.1.1 no such user\r\n")
             elif line.startswith(b"QUIT"):
                 self.quit_seen.set()
                 conn.sendall(b"221 bye\r\n")
@@ -780,3 +783,45 @@ def test_sessions_are_shared_by_destination(peers: list[Peer], port: int) -> Non
     deliver(smarthost, ("a@two.example",))
     assert peers[0].connections == 3
     assert [r.outcome for r in smarthost.deliver(MESSAGE, ["b@one.example"])] == [Outcome.DELIVERED]
+
+
+def test_a_pipelining_peer_answering_rset_twice_is_stale_not_a_delivery(
+    peers: list[Peer], port: int
+) -> None:
+    """A peer that answers the pipelined RSET with two replies puts every later reply
+    of the group one place off: the DATA's place gets the RCPT's 250. That is no
+    delivery (the body was never sent): the session is out of step, so stale, and the
+    message goes over a new connection (the RSET alone used to show the extra reply as
+    bytes left unread, `in_sync`)."""
+    script = Smtp(ehlo=PIPELINING_EHLO, rset=b"250 2.0.0 Ok\r\n250 2.0.0 Ok again\r\n")
+    d = reusing(one_host(peers, port, script), port)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    before = stale_sessions()
+    result = deliver(d, ("b@dest.example",))
+    assert result.outcome is Outcome.DELIVERED, result.reply
+    assert len(script.bodies) == 2, "reported delivered, but the peer never got the body"
+    assert peers[0].connections == 2
+    assert stale_sessions() == before + 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="RSET grouped with the envelope: an extra reply to it shifts the RCPT replies;"
+    " a refusal of the last RCPT lands in DATA's place and is taken for every recipient"
+    " (no way to tell the shift without awaiting RSET's reply alone)",
+)
+def test_a_pipelining_peer_answering_rset_twice_bounces_no_accepted_recipient(
+    peers: list[Peer], port: int
+) -> None:
+    """As above, with the last recipient refused: its 550 lands in DATA's place, and the
+    recipient the peer accepted must not fail with it (a bounce for good mail)."""
+    script = Smtp(
+        ehlo=PIPELINING_EHLO,
+        rset=b"250 2.0.0 Ok\r\n250 2.0.0 Ok again\r\n",
+        refused=(b"<b@dest.example>",),
+    )
+    d = reusing(one_host(peers, port, script), port)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    results = d.deliver(MESSAGE, ["a@dest.example", "b@dest.example"])
+    assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.FAILED], results
+    assert len(script.bodies) == 2
