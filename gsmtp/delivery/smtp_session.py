@@ -344,6 +344,13 @@ class Transaction:
             rcpt_replies = [connection.read() for _ in rcpts]
             data_reply = connection.read()
             replies = [mail_reply, *rcpt_replies, data_reply]
+            if self._reset and data_reply.code != 354:
+                # Behind a grouped RSET, a peer that answered it twice puts every later
+                # reply one place off (a refused last RCPT would land on DATA and fail
+                # the recipients it took): unless DATA got its own 354, nothing here is
+                # sure. Broken before the body: the message goes over a new session,
+                # where each reply is sure to answer its command.
+                raise TransactionBroken(f"{data_reply.text} in reply to DATA after a grouped RSET")
         else:
             mail_reply = connection.command(mail)
             if not mail_reply.is_positive:

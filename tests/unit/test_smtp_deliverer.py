@@ -804,17 +804,12 @@ def test_a_pipelining_peer_answering_rset_twice_is_stale_not_a_delivery(
     assert stale_sessions() == before + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RSET grouped with the envelope: an extra reply to it shifts the RCPT replies;"
-    " a refusal of the last RCPT lands in DATA's place and is taken for every recipient"
-    " (no way to tell the shift without awaiting RSET's reply alone)",
-)
 def test_a_pipelining_peer_answering_rset_twice_bounces_no_accepted_recipient(
     peers: list[Peer], port: int
 ) -> None:
     """As above, with the last recipient refused: its 550 lands in DATA's place, and the
-    recipient the peer accepted must not fail with it (a bounce for good mail)."""
+    recipient the peer accepted must not fail with it (a bounce for good mail). Behind a
+    grouped RSET, a DATA reply other than 354 sends the message over a new session."""
     script = Smtp(
         ehlo=PIPELINING_EHLO,
         rset=b"250 2.0.0 Ok\r\n250 2.0.0 Ok again\r\n",
