@@ -561,3 +561,17 @@ def test_a_message_held_while_claimed_and_waiting_is_not_delivered_unsignalled(
         what="the held message given back (or delivered)",
     )
     assert [call[0] for call in qw.remote.calls] == [first], "a held message was delivered"
+
+
+def test_deliveries_in_flight_are_shown_though_not_written_every_round(qw: QueueWorld) -> None:
+    """The gauge is written only when it changed (at most every GAUGE_INTERVAL), yet it
+    shows the deliveries running, and 0 once they are done."""
+    qw.remote.hold["slow.example"] = Event()
+    for index in range(INITIAL_WINDOW + 3):
+        qw.enqueue([f"u{index}@slow.example"])
+    manager = qw.manager()
+    manager.start()
+    wait_until(lambda: metrics.DELIVERIES_IN_FLIGHT._value.get() == INITIAL_WINDOW, timeout=3)
+    qw.remote.hold["slow.example"].set()
+    wait_until(lambda: qw.messages_left() == 0)
+    wait_until(lambda: metrics.DELIVERIES_IN_FLIGHT._value.get() == 0, timeout=2)
