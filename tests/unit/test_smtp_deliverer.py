@@ -617,28 +617,6 @@ def test_a_peer_without_pipelining_gets_the_rset_alone(peers: list[Peer], port: 
     assert plain.rset_grouped == [False]
 
 
-@pytest.mark.parametrize(
-    "stale",
-    [
-        Smtp(ehlo=PIPELINING_EHLO, hang_up=True),
-        Smtp(ehlo=PIPELINING_EHLO, rset=b"421 4.4.2 idle too long\r\n"),
-    ],
-    ids=["closed-while-idle", "rset-refused"],
-)
-def test_a_stale_pipelining_session_is_replaced_without_a_deferral(
-    peers: list[Peer], port: int, stale: Smtp
-) -> None:
-    """The pipelined RSET refused (or the session gone): nothing of the message was
-    sent, so it goes over a new connection, once."""
-    d = reusing(one_host(peers, port, stale), port)
-    assert deliver(d).outcome is Outcome.DELIVERED
-    before = stale_sessions()
-    result = deliver(d, ("b@dest.example",))
-    assert result.outcome is Outcome.DELIVERED, result.reply
-    assert peers[0].connections == 2 and len(stale.bodies) == 2
-    assert stale_sessions() == before + 1
-
-
 @pytest.mark.parametrize(("reuse", "connections"), [(1, 5), (2, 3), (100, 1)])
 def test_connection_reuse_is_the_number_of_messages_per_session(
     peers: list[Peer], port: int, reuse: int, connections: int
@@ -653,12 +631,19 @@ def test_connection_reuse_is_the_number_of_messages_per_session(
 
 @pytest.mark.parametrize(
     "stale",
-    [Smtp(hang_up=True), Smtp(rset=b"421 4.4.2 idle too long\r\n")],
-    ids=["closed-while-idle", "rset-refused"],
+    [
+        Smtp(hang_up=True),
+        Smtp(rset=b"421 4.4.2 idle too long\r\n"),
+        Smtp(ehlo=PIPELINING_EHLO, hang_up=True),
+        Smtp(ehlo=PIPELINING_EHLO, rset=b"421 4.4.2 idle too long\r\n"),
+    ],
+    ids=["closed-while-idle", "rset-refused", "pipelining-closed", "pipelining-rset-refused"],
 )
 def test_a_stale_cached_session_is_replaced_without_a_deferral(
     peers: list[Peer], port: int, stale: Smtp
 ) -> None:
+    """The RSET refused (or the session gone), alone or in one group with the envelope:
+    nothing of the message was sent, so it goes over a new connection, once."""
     d = reusing(one_host(peers, port, stale), port)
     assert deliver(d).outcome is Outcome.DELIVERED
     before = stale_sessions()
