@@ -53,7 +53,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import cache, lru_cache, partial
 from typing import Protocol, TypeVar
 
 from gevent.event import AsyncResult
@@ -124,10 +124,12 @@ class MailboxPathError(Exception):
     """An address that would name a path outside the Maildir root."""
 
 
+@lru_cache(maxsize=4096)
 def mailbox_path(root: str, address: str) -> str:
     """`<root>/<domain>/<local-part>`, refusing any name that could leave the root: each
     part must be one plain path component (no separator, not "." or "..", no leading
-    dot). Symlinks inside are refused when the directories are opened."""
+    dot). Symlinks inside are refused when the directories are opened. Remembered for
+    the mailboxes used most (a pure function, checked for every delivery)."""
     local, _, domain = address.rpartition("@")
     for part in (local, domain):
         if not part or part.startswith(".") or "/" in part or "\x00" in part:
