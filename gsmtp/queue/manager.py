@@ -314,8 +314,11 @@ class QueueManager:
         revival = self._destinations.next_revival()
         if revival is not None:
             waits.append(revival - now)
-        if self._more and self._fruitless_until:
-            waits.append(self._fruitless_until - time.monotonic())
+        pause_left = self._fruitless_until - time.monotonic()
+        if self._more and pause_left > 0:
+            # Only a pause still running: one over has nothing left to wait for (a
+            # claim that could not be made waits for a sender or a wake-up instead).
+            waits.append(pause_left)
         return max(0.0, min(waits))
 
     def _show_gauges(self) -> None:
