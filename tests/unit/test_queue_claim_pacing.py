@@ -3,14 +3,17 @@ spin the dispatcher nor starve other destinations."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import gevent
 import pytest
 from gevent.event import Event
 
+from gsmtp import queue_control
 from gsmtp.queue import INITIAL_WINDOW
+from gsmtp.spool import Held, Spool
 from tests.unit.queue_harness import FakeClock, QueueWorld, wait_until, world
 
 
@@ -63,3 +66,52 @@ def test_the_dispatcher_does_not_spin_while_every_sender_is_busy_after_a_paced_c
     qw.remote.hold["stalled.example"].set()
     qw.remote.hold["slow.example"].set()
     wait_until(lambda: qw.messages_left() == 0, timeout=30)
+
+
+class ReleasedWhileHeldSpool(Spool):
+    """When a delivery finds its message held, runs `on_held` (once) before answering:
+    the CLI's release lands between the read of `held` and the rows given back."""
+
+    def __init__(self, inner: Spool) -> None:
+        super().__init__(inner._writer, inner._reader)
+        self.on_held: Callable[[str], None] | None = None
+
+    def load_message(self, message_id: str) -> Any:
+        found = super().load_message(message_id)
+        if isinstance(found, Held) and self.on_held is not None:
+            on_held, self.on_held = self.on_held, None
+            on_held(message_id)
+        return found
+
+
+def test_a_message_released_while_its_delivery_gives_it_back_is_delivered(
+    qw: QueueWorld,
+) -> None:
+    """Held (no signal) while claimed, then released with a signal while its delivery,
+    having read it held, is about to give its rows back: the manager takes the release
+    (and claims: nothing, the rows are still owned) before the rows come back due at
+    their old time, behind what the claim looked at. The message must still go, without
+    waiting for new mail or a restart."""
+    qw.remote.hold["slow.example"] = Event()
+    first = qw.enqueue(["a@slow.example"])
+    second = qw.enqueue(["b@slow.example"])
+    spool = ReleasedWhileHeldSpool(qw.spool)
+    manager = qw.manager(spool=spool, idle_poll=60.0, max_per_domain=1)
+    manager.start()
+    wait_until(lambda: len(qw.remote.calls) == 1 and qw.owned("slow.example") == 2)
+    assert queue_control.hold(qw.admin._db, ids=[second]) == [second]  # no signal
+
+    def release(message_id: str) -> None:
+        assert queue_control.release(qw.admin._db, now=qw.clock(), ids=[message_id])
+        manager.admin_signalled()
+        wait_until(lambda: not qw.rows("SELECT 1 FROM admin_actions"), what="actions taken")
+        wait_until(lambda: not manager._more, what="the claim after the release")
+
+    spool.on_held = release
+    qw.remote.hold["slow.example"].set()
+    wait_until(lambda: spool.on_held is None, what="the delivery finding it held")
+    wait_until(
+        lambda: [call[0] for call in qw.remote.calls] == [first, second],
+        timeout=5,
+        what="the released message delivered",
+    )
