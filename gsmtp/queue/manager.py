@@ -546,8 +546,11 @@ class QueueManager:
                 return [], None
             if isinstance(message, Held):
                 # Held by the CLI since the claim (its action not taken yet): given
-                # back unscheduled (the spool keeps a held message's rows so).
+                # back unscheduled (the spool keeps a held message's rows so), or due
+                # if a release came meanwhile: its claim may have run before, so look
+                # again.
                 self._spool.release([(message_id, r.address) for r in batch.recipients])
+                self._look_again()
                 return [], None
             if isinstance(message, Unreadable):
                 self._spool.set_aside(message_id, message.reason)
