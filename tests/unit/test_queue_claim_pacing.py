@@ -115,3 +115,46 @@ def test_a_message_released_while_its_delivery_gives_it_back_is_delivered(
         timeout=5,
         what="the released message delivered",
     )
+
+
+class SlowWriterSpool(Spool):
+    """Claims past full destinations wait `delay` seconds first, as behind a slow
+    commit (a disk that stalls an fsync) queued on the spool's writer thread."""
+
+    def __init__(self, inner: Spool) -> None:
+        super().__init__(inner._writer, inner._reader)
+        self.delay = 0.0
+
+    def claim_due(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("skip_full", True):
+            gevent.sleep(self.delay)
+        return super().claim_due(*args, **kwargs)
+
+
+def test_a_claim_slowed_by_the_writer_does_not_pause_other_destinations_tenfold(
+    qw: QueueWorld,
+) -> None:
+    """The pause after a claim past a full destination is ten times that claim's
+    duration, and the duration includes waiting for the writer (others' commits, a
+    stalled fsync): 0.5 s of waiting made mail for another destination, behind the
+    full one's backlog (more than a claim's scan), wait 5 s after the disk recovered."""
+    qw.remote.hold["stalled.example"] = Event()
+    for index in range(300):  # more due rows than a claim's scan, all older
+        qw.enqueue([f"u{index}@stalled.example"])
+    spool = SlowWriterSpool(qw.spool)
+    manager = qw.manager(spool=spool, concurrency=2 * INITIAL_WINDOW)
+    manager.start()
+    wait_until(lambda: qw.owned("stalled.example") == 2 * INITIAL_WINDOW)
+    spool.delay = 0.5
+    qw.enqueue(["a@flowing.example"])
+    manager.wake()
+    wait_until(lambda: len(qw.remote.calls_for("flowing.example")) == 1, what="the first")
+    spool.delay = 0.0  # the writer is quick again
+    qw.enqueue(["b@flowing.example"])
+    manager.wake()
+    wait_until(
+        lambda: len(qw.remote.calls_for("flowing.example")) == 2,
+        timeout=3,
+        what="mail for another destination within about a second",
+    )
+    qw.remote.hold["stalled.example"].set()
