@@ -94,9 +94,12 @@ def body_budget(max_data_memory: int) -> int:
 # than FRUITLESS_PAUSE if it found nothing; claims in between look at the first due
 # rows of any destination, taking none of the full ones', and are not made at all
 # while every destination known is full. So mail for another destination behind a
-# full one's backlog waits that long at most.
+# full one's backlog waits that long at most. And no more than FRUITLESS_MAX: the
+# duration includes the wait for the writer thread (others' commits, a stalled fsync),
+# which says nothing of the claim's own cost.
 FRUITLESS_PAUSE = 0.25
 FRUITLESS_FACTOR = 10
+FRUITLESS_MAX = 1.0
 GAUGE_INTERVAL = 0.25  # seconds: deliveries in flight are shown at most this often
 CLAIM_CHUNK = 25  # while senders are busy, wait until this many are free: fewer claims
 CLAIM_FACTOR = 4  # recipients claimed per free sender (messages have several)
@@ -426,7 +429,7 @@ class QueueManager:
             skip_full=skip_full,
         )
         if skip_full:
-            pause = FRUITLESS_FACTOR * (time.monotonic() - started)
+            pause = min(FRUITLESS_MAX, FRUITLESS_FACTOR * (time.monotonic() - started))
             if not result.claims:
                 pause = max(pause, FRUITLESS_PAUSE)
             self._fruitless_until = time.monotonic() + pause
