@@ -856,3 +856,25 @@ def test_a_message_refused_at_every_rcpt_keeps_the_pipelined_session(
     assert deliver(d).outcome is Outcome.DELIVERED
     assert len(script.bodies) == 2
     assert (peers[0].connections, stale_sessions() - before) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    "no_valid", [None, b"554 5.5.1 Error: no valid recipients\r\n"], ids=["354", "554"]
+)
+def test_a_peer_answering_rset_twice_refusing_the_only_recipient_is_not_delivered(
+    peers: list[Peer], port: int, no_valid: bytes | None
+) -> None:
+    """One place off, the refusal of the only RCPT lands in DATA's place and MAIL's 250
+    in the RCPT's: the RSET sent alone to settle it gets DATA's own reply (354 or 554),
+    so the session is broken and the message goes over a new one, refused there."""
+    script = Smtp(
+        ehlo=PIPELINING_EHLO,
+        rset=b"250 2.0.0 Ok\r\n250 2.0.0 Ok again\r\n",
+        refused=(b"<nobody@dest.example>",),
+        no_valid_recipients=no_valid,
+    )
+    d = reusing(one_host(peers, port, script), port, timeouts=Timeouts(connect=1, rset=1))
+    assert deliver(d).outcome is Outcome.DELIVERED
+    result = deliver(d, ("nobody@dest.example",))
+    assert (result.outcome, result.status) == (Outcome.FAILED, "5.1.1"), result.reply
+    assert len(script.bodies) == 1 and peers[0].connections == 2
