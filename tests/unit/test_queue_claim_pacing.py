@@ -13,6 +13,7 @@ from gevent.event import Event
 
 from gsmtp import queue_control
 from gsmtp.queue import INITIAL_WINDOW
+from gsmtp.queue.manager import FRUITLESS_PAUSE
 from gsmtp.spool import Held, Spool
 from tests.unit.queue_harness import FakeClock, QueueWorld, wait_until, world
 
@@ -50,15 +51,17 @@ def test_the_dispatcher_does_not_spin_while_every_sender_is_busy_after_a_paced_c
     qw.remote.hold["slow.example"] = Event()
     for index in range(30):
         qw.enqueue([f"u{index}@stalled.example"])
-    manager = qw.manager(concurrency=2 * INITIAL_WINDOW)
+    # No round but those woken (no sender ends): the new mail is claimed all at once.
+    manager = qw.manager(concurrency=2 * INITIAL_WINDOW, idle_poll=60.0)
     manager.start()
     wait_until(lambda: qw.remote.active["stalled.example"] == INITIAL_WINDOW)
     wait_until(lambda: qw.owned("stalled.example") == 2 * INITIAL_WINDOW)
-    for index in range(30):  # claimed past the full one: fills the other senders
+    wait_until(lambda: not manager._more, what="a claim past the full one, found nothing")
+    for index in range(30):  # fills the other senders
         qw.enqueue([f"v{index}@slow.example"])
     manager.wake()
     wait_until(lambda: qw.remote.active["slow.example"] == INITIAL_WINDOW)
-    gevent.sleep(0.1)  # the pause after that claim is over
+    gevent.sleep(FRUITLESS_PAUSE + 0.1)  # the pause after that claim is over
     before = clock.readings
     gevent.sleep(0.3)  # nothing can start or finish meanwhile
     rounds = clock.readings - before
