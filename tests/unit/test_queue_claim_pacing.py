@@ -161,3 +161,23 @@ def test_a_claim_slowed_by_the_writer_does_not_pause_other_destinations_tenfold(
         what="mail for another destination within about a second",
     )
     qw.remote.hold["stalled.example"].set()
+
+
+def test_free_senders_do_not_wait_forever_for_more_to_come_free(qw: QueueWorld) -> None:
+    """While senders are busy, a claim waits until CLAIM_CHUNK (at most half the pool)
+    are free: fewer, larger claims. When the busy ones hang (tarpits, stalled hosts: up
+    to the attempt deadline), the free ones must not sit idle with mail due: local mail
+    for the Maildir, with its wake-up, waited until a stalled delivery ended."""
+    qw.remote.hold["stalled.example"] = Event()
+    qw.remote.hold["other.example"] = Event()
+    for index in range(INITIAL_WINDOW):
+        qw.enqueue([f"u{index}@stalled.example"])
+    qw.enqueue(["v@other.example"])
+    manager = qw.manager(concurrency=2 * INITIAL_WINDOW)  # 4 free: fewer than half
+    manager.start()
+    wait_until(lambda: qw.remote.total_active == INITIAL_WINDOW + 1)
+    qw.enqueue(["x@local.example"])
+    manager.wake()
+    wait_until(lambda: len(qw.local.calls) == 1, timeout=5, what="the local mail delivered")
+    qw.remote.hold["stalled.example"].set()
+    qw.remote.hold["other.example"].set()
