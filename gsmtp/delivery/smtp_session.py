@@ -345,12 +345,7 @@ class Transaction:
             data_reply = connection.read()
             replies = [mail_reply, *rcpt_replies, data_reply]
             if self._reset and data_reply.code != 354:
-                # Behind a grouped RSET, a peer that answered it twice puts every later
-                # reply one place off (a refused last RCPT would land on DATA and fail
-                # the recipients it took): unless DATA got its own 354, nothing here is
-                # sure. Broken before the body: the message goes over a new session,
-                # where each reply is sure to answer its command.
-                raise TransactionBroken(f"{data_reply.text} in reply to DATA after a grouped RSET")
+                self._confirm_in_step(data_reply)
         else:
             mail_reply = connection.command(mail)
             if not mail_reply.is_positive:
@@ -404,6 +399,22 @@ class Transaction:
             results[recipient] = _result(recipient, final, self._host)
         self._settle([*replies, final])
         return [results[r] for r in self._recipients]
+
+    def _confirm_in_step(self, data_reply: ServerReply) -> None:
+        """Behind a grouped RSET, a peer that answered it twice puts every later reply
+        one place off (a refused last RCPT would land on DATA and fail the recipients
+        it took): unless DATA got its own 354, nothing here is sure yet. An RSET alone
+        settles it: one place off, DATA's own reply lands in its place (354 or a
+        refusal, never 250); in step, it gets its 250 and the replies stand (a message
+        refused at every RCPT keeps its session: no new connection per refusal).
+        Otherwise broken before the body: the message goes over a new session."""
+        broken = f"{data_reply.text} in reply to DATA after a grouped RSET"
+        try:
+            reply = self._connection.command(b"RSET\r\n", timeout=self._timeouts.rset)
+        except TransactionBroken:
+            raise TransactionBroken(broken) from None
+        if reply.code != 250 or not self._connection.in_sync():
+            raise TransactionBroken(broken)
 
     def _unconfirmed(self, error: TransactionBroken) -> str:
         """RFC 5321 §3.8, §4.1.1.4: the dot was sent and no reply came. The peer may have

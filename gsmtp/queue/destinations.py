@@ -20,7 +20,9 @@ A destination with nothing held is remembered, window and all, for IDLE_MEMORY s
 (the monotonic `clock`), then forgotten: its window starts over, as qmgr's does. Not at
 once: the queue is claimed just in time (a window running and one waiting), so under a
 steady backlog a destination often empties for a moment between claims, and starting
-the window over at each such moment kept a relay at 5 to 10 deliveries at once.
+the window over at each such moment kept a relay at 5 to 10 deliveries at once. At
+most IDLE_LIMIT are remembered (the longest idle forgotten first): every dispatcher
+round walks them all, and mail to many domains each seen once would keep thousands.
 
 Each destination can hold a window's worth of batches beyond those running
 (`capacity`): enough to start the next ones the moment others finish, not so many that
@@ -41,6 +43,7 @@ from gsmtp.spool import Claim, ClaimedRecipient
 
 INITIAL_WINDOW = 5  # Postfix: initial_destination_concurrency
 IDLE_MEMORY = 10.0  # seconds an idle destination keeps its window
+IDLE_LIMIT = 1000  # idle destinations remembered at most
 
 Key = tuple[str, str]  # (transport, destination domain)
 
@@ -100,9 +103,12 @@ class Destinations:
         full_window: frozenset[str] = frozenset(),
         clock: Callable[[], float] = time.monotonic,
         idle_memory: float = IDLE_MEMORY,
+        idle_limit: int = IDLE_LIMIT,
     ) -> None:
         self._clock = clock
         self._idle_memory = idle_memory
+        self._idle_limit = idle_limit
+        self._idle: dict[Key, None] = {}  # the idle ones remembered, longest idle first
         self._max = max(1, max_window)
         self._initial = min(initial_window, self._max)
         # Transports whose destinations start at the full window: slow start probes a
@@ -133,6 +139,7 @@ class Destinations:
     def add(self, batch: Batch) -> Destination:
         destination = self.get(batch.key)
         destination.idle_since = None
+        self._idle.pop(batch.key, None)
         destination.waiting.append(batch)
         self._mark_ready(destination)
         return destination
@@ -253,15 +260,27 @@ class Destinations:
         """An idle, living destination: remembered from now for the idle memory."""
         if destination.held == 0 and destination.dead_until is None:
             destination.idle_since = self._clock()
+            self._idle.pop(destination.key, None)
+            self._idle[destination.key] = None  # the most recently idle, last
             if self._idle_memory <= 0:
-                self._all.pop(destination.key, None)
+                self._forget(destination.key)
+            while len(self._idle) > self._idle_limit:
+                self._forget(next(iter(self._idle)))
+
+    def _forget(self, key: Key) -> None:
+        """Forget an idle destination (one busy or dead again is only no longer idle)."""
+        self._idle.pop(key, None)
+        destination = self._all.get(key)
+        if destination is not None and destination.held == 0 and destination.dead_until is None:
+            del self._all[key]
 
     def _forget_idle(self) -> None:
         """Forget the destinations idle (and alive) for longer than the memory: their
         windows start over, as qmgr's do."""
         before = self._clock() - self._idle_memory
-        for key, destination in list(self._all.items()):
-            since = destination.idle_since
-            idle = destination.held == 0 and destination.dead_until is None
-            if idle and since is not None and since <= before:
-                del self._all[key]
+        for key in list(self._idle):  # longest idle first: stops at the first kept
+            destination = self._all.get(key)
+            since = destination.idle_since if destination is not None else None
+            if since is not None and since > before:
+                break
+            self._forget(key)

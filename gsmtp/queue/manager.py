@@ -94,11 +94,15 @@ def body_budget(max_data_memory: int) -> int:
 # than FRUITLESS_PAUSE if it found nothing; claims in between look at the first due
 # rows of any destination, taking none of the full ones', and are not made at all
 # while every destination known is full. So mail for another destination behind a
-# full one's backlog waits that long at most.
+# full one's backlog waits that long at most. And no more than FRUITLESS_MAX: the
+# duration includes the wait for the writer thread (others' commits, a stalled fsync),
+# which says nothing of the claim's own cost.
 FRUITLESS_PAUSE = 0.25
 FRUITLESS_FACTOR = 10
+FRUITLESS_MAX = 1.0
 GAUGE_INTERVAL = 0.25  # seconds: deliveries in flight are shown at most this often
 CLAIM_CHUNK = 25  # while senders are busy, wait until this many are free: fewer claims
+CHUNK_WAIT = 0.25  # seconds: but no longer (the busy ones may hang for minutes)
 CLAIM_FACTOR = 4  # recipients claimed per free sender (messages have several)
 MIN_SCAN = 200
 SWEEP_SECONDS = 60.0
@@ -179,6 +183,7 @@ class QueueManager:
         self._looks = 0  # times something asked for another look (see _look_again)
         self._claimed_through = LONG_AGO  # due rows up to here were looked at
         self._fruitless_until = 0.0  # monotonic: no claim past full destinations before
+        self._chunk_until: float | None = None  # monotonic: claim then, chunk or not
         self._shown_in_flight = self._shown_dead = -1  # the gauges' values, as last set
         self._next_in_flight_shown = 0.0
         self._last_now: float | None = None
@@ -314,8 +319,13 @@ class QueueManager:
         revival = self._destinations.next_revival()
         if revival is not None:
             waits.append(revival - now)
-        if self._more and self._fruitless_until:
-            waits.append(self._fruitless_until - time.monotonic())
+        pause_left = self._fruitless_until - time.monotonic()
+        if self._more and pause_left > 0:
+            # Only a pause still running: one over has nothing left to wait for (a
+            # claim that could not be made waits for a sender or a wake-up instead).
+            waits.append(pause_left)
+        if self._more and self._chunk_until is not None:
+            waits.append(max(0.0, self._chunk_until - time.monotonic()))
         return max(0.0, min(waits))
 
     def _show_gauges(self) -> None:
@@ -401,11 +411,17 @@ class QueueManager:
         )
         want = startable - ready
         if room <= 0 or want <= 0:
+            self._chunk_until = None
             return False
         if want < min(CLAIM_CHUNK, max(1, self._pacer.allowed // 2)) and running > 0:
             # Wait for more senders to come free: fewer, larger claims. Half the allowed
-            # senders at most, so a small pool never waits for the last one to finish.
-            return False
+            # senders at most, so a small pool never waits for the last one to finish,
+            # and CHUNK_WAIT at most: the busy ones may hang (stalled hosts, tarpits).
+            if self._chunk_until is None:
+                self._chunk_until = time.monotonic() + CHUNK_WAIT
+            if time.monotonic() < self._chunk_until:
+                return False
+        self._chunk_until = None
         limit = min(room, want * CLAIM_FACTOR)
         caps = self._destinations.caps()
         paused = time.monotonic() < self._fruitless_until
@@ -423,7 +439,7 @@ class QueueManager:
             skip_full=skip_full,
         )
         if skip_full:
-            pause = FRUITLESS_FACTOR * (time.monotonic() - started)
+            pause = min(FRUITLESS_MAX, FRUITLESS_FACTOR * (time.monotonic() - started))
             if not result.claims:
                 pause = max(pause, FRUITLESS_PAUSE)
             self._fruitless_until = time.monotonic() + pause
@@ -543,8 +559,11 @@ class QueueManager:
                 return [], None
             if isinstance(message, Held):
                 # Held by the CLI since the claim (its action not taken yet): given
-                # back unscheduled (the spool keeps a held message's rows so).
+                # back unscheduled (the spool keeps a held message's rows so), or due
+                # if a release came meanwhile: its claim may have run before, so look
+                # again.
                 self._spool.release([(message_id, r.address) for r in batch.recipients])
+                self._look_again()
                 return [], None
             if isinstance(message, Unreadable):
                 self._spool.set_aside(message_id, message.reason)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from gsmtp.message import MessageId
-from gsmtp.queue.destinations import IDLE_MEMORY, INITIAL_WINDOW, Batch, Destinations
+from gsmtp.queue.destinations import (
+    IDLE_LIMIT,
+    IDLE_MEMORY,
+    INITIAL_WINDOW,
+    Batch,
+    Destinations,
+)
 from gsmtp.spool import Claim, ClaimedRecipient
 from tests.unit.queue_harness import DEFAULTS
 
@@ -106,3 +112,24 @@ def test_an_idle_destination_keeps_its_window_for_a_while_then_starts_over() -> 
     now[0] += IDLE_MEMORY + 1
     assert destinations.caps() == {}  # forgotten
     assert destinations.get(("smtp", "x.example")).window == INITIAL_WINDOW
+
+
+def test_the_idle_destinations_remembered_are_bounded_whatever_the_domains_seen() -> None:
+    """Mail to many domains, each seen once (a list server, bounces): every idle one was
+    kept for IDLE_MEMORY, and each dispatcher round walks all of them (the ready count,
+    caps sent to every claim as JSON, note_full, dead_count, next_revival, revive:
+    5 ms a round with 5,000 of them). The memory holds at most IDLE_LIMIT idle ones,
+    the longest idle forgotten first; one idle a moment ago keeps its window."""
+    now = [100.0]
+    destinations = Destinations(max_window=20, clock=lambda: now[0])
+    busy = destinations.get(("smtp", "busy.example"))
+    busy.window = 12.0
+    for number in range(5 * IDLE_LIMIT):
+        destination = destinations.add(batch(f"d{number}.example", number))
+        destinations.started(destination)
+        destinations.finished(destination, reached=True)
+    busy.running += 1
+    destinations.finished(busy, reached=True)  # idle a moment ago
+    assert len(destinations) <= IDLE_LIMIT
+    assert len(destinations.caps()) <= IDLE_LIMIT
+    assert destinations.get(("smtp", "busy.example")) is busy and busy.allowed == 12

@@ -106,6 +106,9 @@ class Smtp:
     finals: list[bytes | str | None] = field(default_factory=list)
     rset: bytes = b"250 2.0.0 Ok\r\n"
     refused: tuple[bytes, ...] = ()  # RCPT TO:<address> answered 550
+    # DATA's reply when no RCPT of the transaction was accepted (Postfix: 554 5.5.1);
+    # None: 354 whatever (RFC 2920 allows either).
+    no_valid_recipients: bytes | None = None
     hang_up: bool = False
     slow_bytes: int = 0
     bodies: list[bytes] = field(default_factory=list)
@@ -120,11 +123,19 @@ class Smtp:
         conn.sendall(self.greeting)
         if not self.greeting.startswith(b"220"):
             return
+        accepted = 0  # RCPTs accepted in this transaction
         while True:
             line = lines.until(b"\r\n").upper()
             self.verbs.append(line.split(b" ")[0].strip().decode())
+            refused = line.startswith(b"RCPT") and any(a.upper() in line for a in self.refused)
+            if line.startswith((b"MAIL", b"RSET")):
+                accepted = 0
+            elif line.startswith(b"RCPT") and not refused:
+                accepted += 1
             if line.startswith((b"EHLO", b"HELO")):
                 conn.sendall(self.ehlo)
+            elif line.startswith(b"DATA") and not accepted and self.no_valid_recipients:
+                conn.sendall(self.no_valid_recipients)
             elif line.startswith(b"DATA"):
                 conn.sendall(b"354 go ahead\r\n")
                 body = lines.until(b"\r\n.\r\n", slow_bytes=self.slow_bytes)
@@ -142,7 +153,7 @@ class Smtp:
             elif line.startswith(b"RSET"):
                 self.rset_grouped.append(b"DATA\r\n" in lines.buffer)
                 conn.sendall(self.rset)
-            elif line.startswith(b"RCPT") and any(a.upper() in line for a in self.refused):
+            elif refused:
                 conn.sendall(b"550 5.1.1 no such user\r\n")
             elif line.startswith(b"QUIT"):
                 self.quit_seen.set()
@@ -805,3 +816,50 @@ def test_a_pipelining_peer_answering_rset_twice_bounces_no_accepted_recipient(
     results = d.deliver(MESSAGE, ["a@dest.example", "b@dest.example"])
     assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.FAILED], results
     assert len(script.bodies) == 2
+
+
+def test_a_message_refused_at_every_rcpt_keeps_the_pipelined_session(
+    peers: list[Peer], port: int
+) -> None:
+    """A pipelining peer refuses the only recipient (550) and then the pipelined DATA
+    (554 no valid recipients, as Postfix does): the outcome is the RCPT's refusal, and
+    the session stays usable. Each such message on a reused session must not cost a new
+    connection (and a stale count): a relay whose mail to a big provider is often for
+    unknown users would open one connection per message, what reuse is meant to save."""
+    script = Smtp(
+        ehlo=PIPELINING_EHLO,
+        refused=(b"<nobody@dest.example>",),
+        no_valid_recipients=b"554 5.5.1 Error: no valid recipients\r\n",
+    )
+    d = reusing(one_host(peers, port, script), port)
+    assert deliver(d).outcome is Outcome.DELIVERED
+    before = stale_sessions()
+    for _ in range(3):
+        result = deliver(d, ("nobody@dest.example",))
+        assert (result.outcome, result.status) == (Outcome.FAILED, "5.1.1"), result.reply
+        assert result.reply.startswith("550 5.1.1")
+    assert deliver(d).outcome is Outcome.DELIVERED
+    assert len(script.bodies) == 2
+    assert (peers[0].connections, stale_sessions() - before) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    "no_valid", [None, b"554 5.5.1 Error: no valid recipients\r\n"], ids=["354", "554"]
+)
+def test_a_peer_answering_rset_twice_refusing_the_only_recipient_is_not_delivered(
+    peers: list[Peer], port: int, no_valid: bytes | None
+) -> None:
+    """One place off, the refusal of the only RCPT lands in DATA's place and MAIL's 250
+    in the RCPT's: the RSET sent alone to settle it gets DATA's own reply (354 or 554),
+    so the session is broken and the message goes over a new one, refused there."""
+    script = Smtp(
+        ehlo=PIPELINING_EHLO,
+        rset=b"250 2.0.0 Ok\r\n250 2.0.0 Ok again\r\n",
+        refused=(b"<nobody@dest.example>",),
+        no_valid_recipients=no_valid,
+    )
+    d = reusing(one_host(peers, port, script), port, timeouts=Timeouts(connect=1, rset=1))
+    assert deliver(d).outcome is Outcome.DELIVERED
+    result = deliver(d, ("nobody@dest.example",))
+    assert (result.outcome, result.status) == (Outcome.FAILED, "5.1.1"), result.reply
+    assert len(script.bodies) == 1 and peers[0].connections == 2

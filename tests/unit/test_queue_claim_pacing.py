@@ -1,0 +1,183 @@
+"""Red team: the paced claims past full destinations (FRUITLESS_PAUSE) must neither
+spin the dispatcher nor starve other destinations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+from gevent.event import Event
+
+from gsmtp import queue_control
+from gsmtp.queue import INITIAL_WINDOW
+from gsmtp.queue.manager import FRUITLESS_PAUSE
+from gsmtp.spool import Held, Spool
+from tests.unit.queue_harness import FakeClock, QueueWorld, wait_until, world
+
+
+class CountingClock(FakeClock):
+    """A clock standing still that counts its readings: one per dispatcher round."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readings = 0
+
+    def __call__(self) -> float:
+        self.readings += 1
+        return self.now
+
+
+@pytest.fixture
+def clock() -> CountingClock:
+    return CountingClock()
+
+
+@pytest.fixture
+def qw(tmp_path: Path, clock: CountingClock) -> Iterator[QueueWorld]:
+    with world(tmp_path, clock) as queue_world:
+        yield queue_world
+
+
+def test_the_dispatcher_does_not_spin_while_every_sender_is_busy_after_a_paced_claim(
+    qw: QueueWorld, clock: CountingClock
+) -> None:
+    """Every sender busy (two stalled destinations), work left to claim (`_more`), and
+    a claim past a full destination made once: the dispatcher must wait for a sender or
+    a wake-up, not run round after round (its wait was the pause's end, long past: 0)."""
+    qw.remote.hold["stalled.example"] = Event()
+    qw.remote.hold["slow.example"] = Event()
+    for index in range(30):
+        qw.enqueue([f"u{index}@stalled.example"])
+    # No round but those woken (no sender ends): the new mail is claimed all at once.
+    manager = qw.manager(concurrency=2 * INITIAL_WINDOW, idle_poll=60.0)
+    manager.start()
+    wait_until(lambda: qw.remote.active["stalled.example"] == INITIAL_WINDOW)
+    wait_until(lambda: qw.owned("stalled.example") == 2 * INITIAL_WINDOW)
+    wait_until(lambda: not manager._more, what="a claim past the full one, found nothing")
+    for index in range(30):  # fills the other senders
+        qw.enqueue([f"v{index}@slow.example"])
+    manager.wake()
+    wait_until(lambda: qw.remote.active["slow.example"] == INITIAL_WINDOW)
+    gevent.sleep(FRUITLESS_PAUSE + 0.1)  # the pause after that claim is over
+    before = clock.readings
+    gevent.sleep(0.3)  # nothing can start or finish meanwhile
+    rounds = clock.readings - before
+    assert rounds <= 5, f"{rounds} dispatcher rounds with every sender busy"
+    qw.remote.hold["stalled.example"].set()
+    qw.remote.hold["slow.example"].set()
+    wait_until(lambda: qw.messages_left() == 0, timeout=30)
+
+
+class ReleasedWhileHeldSpool(Spool):
+    """When a delivery finds its message held, runs `on_held` (once) before answering:
+    the CLI's release lands between the read of `held` and the rows given back."""
+
+    def __init__(self, inner: Spool) -> None:
+        super().__init__(inner._writer, inner._reader)
+        self.on_held: Callable[[str], None] | None = None
+
+    def load_message(self, message_id: str) -> Any:
+        found = super().load_message(message_id)
+        if isinstance(found, Held) and self.on_held is not None:
+            on_held, self.on_held = self.on_held, None
+            on_held(message_id)
+        return found
+
+
+def test_a_message_released_while_its_delivery_gives_it_back_is_delivered(
+    qw: QueueWorld,
+) -> None:
+    """Held (no signal) while claimed, then released with a signal while its delivery,
+    having read it held, is about to give its rows back: the manager takes the release
+    (and claims: nothing, the rows are still owned) before the rows come back due at
+    their old time, behind what the claim looked at. The message must still go, without
+    waiting for new mail or a restart."""
+    qw.remote.hold["slow.example"] = Event()
+    first = qw.enqueue(["a@slow.example"])
+    second = qw.enqueue(["b@slow.example"])
+    spool = ReleasedWhileHeldSpool(qw.spool)
+    manager = qw.manager(spool=spool, idle_poll=60.0, max_per_domain=1)
+    manager.start()
+    wait_until(lambda: len(qw.remote.calls) == 1 and qw.owned("slow.example") == 2)
+    assert queue_control.hold(qw.admin._db, ids=[second]) == [second]  # no signal
+
+    def release(message_id: str) -> None:
+        assert queue_control.release(qw.admin._db, now=qw.clock(), ids=[message_id])
+        manager.admin_signalled()
+        wait_until(lambda: not qw.rows("SELECT 1 FROM admin_actions"), what="actions taken")
+        wait_until(lambda: not manager._more, what="the claim after the release")
+
+    spool.on_held = release
+    qw.remote.hold["slow.example"].set()
+    wait_until(lambda: spool.on_held is None, what="the delivery finding it held")
+    wait_until(
+        lambda: [call[0] for call in qw.remote.calls] == [first, second],
+        timeout=5,
+        what="the released message delivered",
+    )
+
+
+class SlowWriterSpool(Spool):
+    """Claims past full destinations wait `delay` seconds first, as behind a slow
+    commit (a disk that stalls an fsync) queued on the spool's writer thread."""
+
+    def __init__(self, inner: Spool) -> None:
+        super().__init__(inner._writer, inner._reader)
+        self.delay = 0.0
+
+    def claim_due(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("skip_full", True):
+            gevent.sleep(self.delay)
+        return super().claim_due(*args, **kwargs)
+
+
+def test_a_claim_slowed_by_the_writer_does_not_pause_other_destinations_tenfold(
+    qw: QueueWorld,
+) -> None:
+    """The pause after a claim past a full destination is ten times that claim's
+    duration, and the duration includes waiting for the writer (others' commits, a
+    stalled fsync): 0.5 s of waiting made mail for another destination, behind the
+    full one's backlog (more than a claim's scan), wait 5 s after the disk recovered."""
+    qw.remote.hold["stalled.example"] = Event()
+    for index in range(300):  # more due rows than a claim's scan, all older
+        qw.enqueue([f"u{index}@stalled.example"])
+    spool = SlowWriterSpool(qw.spool)
+    manager = qw.manager(spool=spool, concurrency=2 * INITIAL_WINDOW)
+    manager.start()
+    wait_until(lambda: qw.owned("stalled.example") == 2 * INITIAL_WINDOW)
+    spool.delay = 0.5
+    qw.enqueue(["a@flowing.example"])
+    manager.wake()
+    wait_until(lambda: len(qw.remote.calls_for("flowing.example")) == 1, what="the first")
+    spool.delay = 0.0  # the writer is quick again
+    qw.enqueue(["b@flowing.example"])
+    manager.wake()
+    wait_until(
+        lambda: len(qw.remote.calls_for("flowing.example")) == 2,
+        timeout=3,
+        what="mail for another destination within about a second",
+    )
+    qw.remote.hold["stalled.example"].set()
+
+
+def test_free_senders_do_not_wait_forever_for_more_to_come_free(qw: QueueWorld) -> None:
+    """While senders are busy, a claim waits until CLAIM_CHUNK (at most half the pool)
+    are free: fewer, larger claims. When the busy ones hang (tarpits, stalled hosts: up
+    to the attempt deadline), the free ones must not sit idle with mail due: local mail
+    for the Maildir, with its wake-up, waited until a stalled delivery ended."""
+    qw.remote.hold["stalled.example"] = Event()
+    qw.remote.hold["other.example"] = Event()
+    for index in range(INITIAL_WINDOW):
+        qw.enqueue([f"u{index}@stalled.example"])
+    qw.enqueue(["v@other.example"])
+    manager = qw.manager(concurrency=2 * INITIAL_WINDOW)  # 4 free: fewer than half
+    manager.start()
+    wait_until(lambda: qw.remote.total_active == INITIAL_WINDOW + 1)
+    qw.enqueue(["x@local.example"])
+    manager.wake()
+    wait_until(lambda: len(qw.local.calls) == 1, timeout=5, what="the local mail delivered")
+    qw.remote.hold["stalled.example"].set()
+    qw.remote.hold["other.example"].set()
