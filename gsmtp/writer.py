@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -49,7 +50,7 @@ class _TransactionLost(Exception):
         self.error = error
 
 
-class _ThreadLoop:
+class _ThreadLoop(ABC):
     """One OS thread with a connection of its own, running its own loop: it takes every
     unit submitted since its last pass, processes them together (`_process`), hands the
     outcomes back to the event loop (`run_callback_threadsafe`) and at once starts on
@@ -125,9 +126,9 @@ class _ThreadLoop:
             else:
                 result.set(outcome)
 
+    @abstractmethod
     def _process(self, units: list[Any]) -> list[Any]:
         """On the thread: each unit's outcome (a value, or the exception to raise)."""
-        raise NotImplementedError
 
 
 class GroupCommitter(_ThreadLoop):
