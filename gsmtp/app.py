@@ -55,7 +55,7 @@ from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
 from gsmtp.delivery.tls_client import ClientTls, TlsClientError
 from gsmtp.delivery.tls_levels import TlsLevel
 from gsmtp.delivery.tls_policy import TlsPolicy
-from gsmtp.diskspace import Ballast, SpaceReserve
+from gsmtp.diskspace import Ballast, FreePages, SpaceReserve
 from gsmtp.dkim import DkimKeyError, DkimSigner
 from gsmtp.housekeeping import Housekeeping, Task
 from gsmtp.limits import ConnectionLimiter
@@ -93,10 +93,12 @@ DKIM_THREADS = 1
 CHECKPOINT_SECONDS = 0.5
 # How often stale files in Maildir tmp/ are looked for (a bounded batch of mailboxes each).
 MAILDIR_TMP_CLEAN_SECONDS = 600.0
-# Free pages go back to the file system once there are VACUUM_MIN_PAGES of them (some
-# slack is kept for new mail), at most VACUUM_MAX_PAGES per round so that the writer,
-# which does it between client commits, is never held up for long.
+# Free pages go back to the file system once VACUUM_MIN_PAGES of them stayed free for
+# VACUUM_WINDOW_SECONDS (some slack is kept for new mail; see diskspace.FreePages), at
+# most VACUUM_MAX_PAGES per round so that the writer, which does it between client
+# commits, is never held up for long.
 VACUUM_SECONDS = 1.0
+VACUUM_WINDOW_SECONDS = 10.0
 VACUUM_MIN_PAGES = 2048
 VACUUM_SLACK_PAGES = 1024
 VACUUM_MAX_PAGES = 4096
@@ -207,6 +209,12 @@ class Application:
         self._bodies = writer.ThreadReader(config.spool.path)
         self._reserve = SpaceReserve(config.spool.path, spool_reserve(config))
         self._ballast = Ballast(config.spool.path)
+        self._free_pages = FreePages(
+            window=VACUUM_WINDOW_SECONDS,
+            minimum=VACUUM_MIN_PAGES,
+            slack=VACUUM_SLACK_PAGES,
+            step=VACUUM_MAX_PAGES,
+        )
         self.spool = Spool(self._writer, self._reader, self._bodies, ballast=self._ballast)
         self._accounts = AccountsCache(self._open_accounts())
         self.policy = Policy(
@@ -547,6 +555,12 @@ class Application:
             )
         supervisor.start()
 
+    def _recovering(self) -> bool:
+        """The spool is recovering from a full disk: a write failed with SQLITE_FULL,
+        the ballast was given up for it, or parts of refused messages are still owed."""
+        spool = self.spool
+        return spool.disk_was_full or self._ballast.given_up or bool(spool.discards_owed)
+
     def _checkpoint(self) -> None:
         """Move the WAL into the database on the reader thread. After a full disk (a
         write failed with SQLITE_FULL, the ballast was given up, parts are owed), also
@@ -556,7 +570,7 @@ class Application:
         ballast that a start could not make (too little room) is no full disk: the WAL
         is not cut every round for it, the file is made once there is room."""
         spool = self.spool
-        recovering = spool.disk_was_full or self._ballast.given_up or bool(spool.discards_owed)
+        recovering = self._recovering()
         if spool.discards_owed:
             owed = len(spool.discards_owed)
             try:
@@ -586,17 +600,19 @@ class Application:
             self._log.info("spool_space_recovered", ballast=str(self._ballast.path))
 
     def _give_back_space(self) -> None:
-        """Incremental vacuum through the writer (it is a write), when enough pages are
-        free; the count is read on the reader thread, off the event loop."""
-        free = self._bodies.run(db.free_pages)
-        if free < VACUUM_MIN_PAGES:
+        """Incremental vacuum through the writer (it is a write) of the pages that
+        stayed free for a while, or at once when the disk is short; the count is read
+        on the reader thread, off the event loop."""
+        short = not self._reserve.has_room(None) or self._recovering()
+        pages = self._free_pages.to_give_back(self._bodies.run(db.free_pages), urgent=short)
+        if pages <= 0:
             return
-        pages = min(free - VACUUM_SLACK_PAGES, VACUUM_MAX_PAGES)
         # In steps of their own (see give_back_pages): one transaction of 4096 pages
         # would spill most of them into the WAL, writing megabytes to free them.
         left = pages
         while left > 0:
             left = self._writer.submit(partial(give_back_pages, pages=left))
+        self._free_pages.given_back(pages)
         self._log.info("spool_vacuumed", pages=pages, free_pages=self._bodies.run(db.free_pages))
 
     def _clean_maildir_tmp(self) -> None:

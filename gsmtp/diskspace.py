@@ -20,6 +20,7 @@ import contextlib
 import errno
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,3 +132,57 @@ class Ballast:
             return error
         self.released = self.given_up = False
         return None
+
+
+class FreePages:
+    """How many free spool pages to give back to the file system (incremental vacuum)
+    this round: those that stayed free for the last `window` seconds.
+
+    Pages freed by mail that left are what the next mail is written into. Giving them
+    back at once and growing the file again a moment later is costly: the vacuum moves
+    the pages at the end of the file (the youngest messages, still queued) into the
+    free slots, writing each again, and the file grows back page by page. Under a
+    steady 100 KiB load, giving back every second what exceeded a few MB rewrote 16 MB
+    a second. So a round gives back only the lowest free count seen over the window,
+    less `slack` pages kept for new mail, at most `step`, and nothing below `minimum`:
+    after a burst the space comes back `window` seconds after the queue drained. When
+    the disk is short (`urgent`: mail is refused, or the spool is recovering from a full
+    disk) every free page past the slack goes back at once, as that is what the
+    recovery needs. Used by one greenlet, once a round."""
+
+    def __init__(
+        self,
+        *,
+        window: float,
+        minimum: int,
+        slack: int,
+        step: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._window = window
+        self._minimum = minimum
+        self._slack = slack
+        self._step = step
+        self._clock = clock
+        self._seen: deque[tuple[float, int]] = deque()  # (when, free pages), oldest first
+        self._since = clock()  # observed since: nothing stayed free longer than that
+
+    def to_give_back(self, free: int, *, urgent: bool = False) -> int:
+        """`free` pages are free now: how many to give back."""
+        now = self._clock()
+        self._seen.append((now, free))
+        while self._seen[0][0] < now - self._window:
+            self._seen.popleft()
+        if urgent:
+            lowest = free
+        elif now - self._since < self._window:
+            return 0  # not watched for a whole window yet
+        else:
+            lowest = min(pages for _, pages in self._seen)
+        if lowest < self._minimum:
+            return 0
+        return max(min(lowest - self._slack, self._step), 0)
+
+    def given_back(self, pages: int) -> None:
+        """`pages` went back to the file system: no longer free at any time seen."""
+        self._seen = deque((when, max(free - pages, 0)) for when, free in self._seen)

@@ -1,10 +1,11 @@
-"""The free-space reserve: measured with statvfs (faked here), cached, asked at MAIL."""
+"""The free-space reserve: measured with statvfs (faked here), cached, asked at MAIL;
+and which free spool pages go back to the file system."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gsmtp.diskspace import SpaceReserve, spool_free_space
+from gsmtp.diskspace import FreePages, SpaceReserve, spool_free_space
 from tests.unit.session_driver import SessionWire
 
 MB = 1024 * 1024
@@ -110,3 +111,55 @@ def test_the_wal_counts_as_used(tmp_path: Path) -> None:
     without_wal = spool_free_space(str(spool))
     Path(f"{spool}-wal").write_bytes(b"x" * 4 * MB)
     assert without_wal - spool_free_space(str(spool)) >= 4 * MB
+
+
+def free_pages_policy(clock: FakeClock) -> FreePages:
+    return FreePages(window=10.0, minimum=2048, slack=1024, step=4096, clock=clock)
+
+
+def rounds(policy: FreePages, clock: FakeClock, free: list[int]) -> list[int]:
+    """One round a second with these free counts; what each gave back."""
+    given = []
+    for pages in free:
+        clock.now += 1.0
+        given.append(policy.to_give_back(pages))
+    return given
+
+
+def test_pages_free_only_between_bursts_are_not_given_back() -> None:
+    """Under a steady load the pages freed by delivered mail are written into again a
+    moment later: giving them back would move and rewrite the queued messages and grow
+    the file again. A dip in the window means they were needed."""
+    clock = FakeClock()
+    policy = free_pages_policy(clock)
+    free = [6000, 9000, 500, 7000, 8000, 9000, 300, 8000, 9000, 6000] * 3
+    assert rounds(policy, clock, free) == [0] * len(free)
+
+
+def test_pages_that_stayed_free_for_the_window_go_back_a_step_at_a_time() -> None:
+    clock = FakeClock()
+    policy = free_pages_policy(clock)
+    given = rounds(policy, clock, [9000] * 9)
+    assert given == [0] * 9  # not watched for a whole window yet
+    assert rounds(policy, clock, [9000]) == [4096]  # at most a step
+    policy.given_back(4096)
+    assert rounds(policy, clock, [4904]) == [4904 - 1024]  # the slack stays
+    policy.given_back(4904 - 1024)
+    assert rounds(policy, clock, [1024] * 12) == [0] * 12
+
+
+def test_after_a_burst_the_space_comes_back_one_window_later() -> None:
+    clock = FakeClock()
+    policy = free_pages_policy(clock)
+    assert rounds(policy, clock, [100, 5000, 200, 6000, 300]) == [0] * 5  # the load
+    given = rounds(policy, clock, [8000] * 11)  # the queue has drained
+    assert given == [0] * 10 + [4096]  # the last low count was 10 s before
+
+
+def test_a_short_disk_gets_every_free_page_back_at_once() -> None:
+    """Refusing mail, or recovering from a full disk: the space is needed now."""
+    clock = FakeClock()
+    policy = free_pages_policy(clock)
+    clock.now += 1.0
+    assert policy.to_give_back(3000, urgent=True) == 3000 - 1024
+    assert policy.to_give_back(1500, urgent=True) == 0  # below the minimum
