@@ -73,7 +73,7 @@ from gsmtp.protocol.session import (
 from gsmtp.protocol.session import (
     Event as SessionEvent,
 )
-from gsmtp.sockets import bind_listener, take_bound
+from gsmtp.sockets import bind_listener, send_all, take_bound
 from gsmtp.spool import Spool
 from gsmtp.tls import ServerTls
 
@@ -535,7 +535,7 @@ class _Connection:
         try:
             if self._implicit_tls:
                 self._wrap_tls()
-            self._sock.sendall(session.start())
+            send_all(self._sock, session.start())
             while not session.closed:
                 event = session.next_event()
                 if (
@@ -753,7 +753,7 @@ class _Connection:
             self.deadline = time.monotonic() + self._server._idle_timeout
             self.limit = _IDLE
             try:
-                self._sock.sendall(data)
+                send_all(self._sock, data)
             finally:
                 self.deadline = _NEVER
 

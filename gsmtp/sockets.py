@@ -1,4 +1,5 @@
-"""Listening sockets, bound the same way by the server and by the workers' supervisor.
+"""Listening sockets, bound the same way by the server and by the workers' supervisor;
+and `send_all`, the way replies and commands are written.
 
 Standard library only (the supervisor binds before any worker exists, without gevent;
 a worker wraps the inherited descriptor in gevent's socket after monkey-patching).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Any
 
 BACKLOG = 1024
 
@@ -49,3 +51,15 @@ def take_bound(sockets: list[socket.socket], host: str, port: int) -> socket.soc
         if bound_to(candidate, host, port):
             return sockets.pop(index)
     return None
+
+
+def send_all(sock: Any, data: bytes | memoryview) -> None:
+    """`sock.sendall(data)`, as one send when the socket takes it all, as it does a
+    reply or a group of commands. gevent's sendall asks the kernel for the socket's
+    buffer size (a getsockopt system call) on every call, to size its chunks: on the
+    server that was a system call for each of the three or four replies a message
+    gets. The rest of a partial send, and the waiting, are left to sendall; a timeout
+    set on the socket applies to each of the two calls."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])

@@ -45,6 +45,7 @@ from gsmtp.delivery.tls_policy import CERTIFICATE_UNVERIFIED, HANDSHAKE_FAILED
 from gsmtp.message import Outcome, QueuedMessage, RecipientResult, results_for_all
 from gsmtp.protocol import client
 from gsmtp.protocol.client import Extensions, ReplyError, ReplyParser, ServerReply
+from gsmtp.sockets import send_all
 
 RECV_SIZE = 65536
 SEND_CHUNK = 65536  # the body is written in pieces of this size, each within `command`
@@ -130,7 +131,7 @@ class Connection:
             wait, by_deadline = self.deadline.limit(self._timeouts.command)
             try:
                 self._sock.settimeout(wait)
-                self._sock.sendall(view[start : start + SEND_CHUNK])
+                send_all(self._sock, view[start : start + SEND_CHUNK])
             except TimeoutError:
                 if by_deadline:
                     raise AttemptExpired from None
