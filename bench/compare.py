@@ -4,7 +4,8 @@
 
 Starts each peer in turn on a free loopback port, runs the same matrix of loads
 (C connections × M messages per session × S bytes, each cell a few seconds, sessions
-repeated), repeats the key cells three times and keeps the median, checks that every
+repeated), repeats the key cells and the end-to-end cells three times and keeps the
+median (--quick: once each), checks that every
 message a durable peer accepted is stored, measures idle-connection memory, runs the
 `workers` cells (gsmtp with server.workers = 2 and = 1, where gsmtp has that setting)
 and the end-to-end cells of bench.e2e (N messages delivered into Maildirs, or relayed
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
         count = args.e2e_messages or (E2E_MESSAGES_QUICK if args.quick else E2E_MESSAGES)
         print(f"end to end: {count:,} messages of 1 KiB at C=100 M=100 per cell", flush=True)
-        found, skipped, descriptions = e2e.measure(count, wanted=wanted)
+        found, skipped, descriptions = e2e.measure(count, wanted=wanted, repeats=repeats)
         report["e2e"], report["e2e_skipped"], report["e2e_descriptions"] = (
             found,
             skipped,

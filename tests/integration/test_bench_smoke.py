@@ -165,7 +165,7 @@ def e2e_rows(report: str) -> dict[tuple[str, str], tuple[int, int, float]]:
     rows = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if len(cells) == 9 and cells[3].replace(",", "").isdigit():
+        if len(cells) == 10 and cells[3].replace(",", "").isdigit():
             number = [int(cells[i].replace(",", "")) for i in (3, 4)]
             rows[cells[0], cells[1]] = (number[0], number[1], float(cells[6].replace(",", "")))
     return rows
@@ -213,6 +213,28 @@ def test_postfix_end_to_end_peers_deliver_what_they_accept() -> None:
     assert skipped == {}
     found = {(cell.kind, cell.peer): (cell.accepted, cell.delivered) for cell in cells}
     assert found == {("local", "postfix-local"): (60, 60), ("relay", "postfix-relay"): (60, 60)}
+
+
+@pytest.mark.timeout(300)
+def test_repeated_end_to_end_cells_keep_every_run() -> None:
+    """`make bench` runs each end-to-end server cell three times and keeps the median:
+    here twice, gsmtp only (counts only, never speeds); the probe runs once."""
+    from bench import e2e
+
+    cells, skipped, _ = e2e.measure(40, wanted={"gsmtp"}, log=False, repeats=2)
+    assert skipped == {}
+    found = {(cell.kind, cell.peer): cell for cell in cells}
+    assert set(found) == {
+        ("local", "gsmtp"),
+        ("relay", "gsmtp"),
+        ("probe", "probe (fsync)"),
+        ("probe", "probe (syncfs)"),
+    }
+    for kind in ("local", "relay"):
+        cell = found[kind, "gsmtp"]
+        assert len(cell.runs) == 2 and cell.exact_runs == 2, cell
+        assert (cell.accepted, cell.delivered) == (40, 40)
+    assert len(found["probe", "probe (fsync)"].runs) == 1
 
 
 @pytest.mark.timeout(300)

@@ -1,0 +1,25 @@
+"""The bench keeps a repeated end-to-end cell as its median run, with every run."""
+
+from __future__ import annotations
+
+from bench.e2e import EndToEnd, median_of
+
+
+def run(rate: float, delivered: int = 100, note: str = "") -> EndToEnd:
+    return EndToEnd("local", "gsmtp", True, 100, 100, delivered, 5000.0, rate, 1.0, note=note)
+
+
+def test_the_median_run_is_kept_with_every_runs_rate_in_order() -> None:
+    kept = median_of([run(1500.0), run(1200.0), run(1800.0)])
+    assert kept.delivered_per_s == 1500.0
+    assert kept.runs == [1500.0, 1200.0, 1800.0]
+    assert kept.exact_runs == 3
+
+
+def test_a_run_that_lost_or_duplicated_mail_is_counted_and_its_note_kept() -> None:
+    kept = median_of(
+        [run(1500.0), run(900.0, delivered=97, note="3 accepted messages not delivered")]
+    )
+    assert kept.delivered_per_s == 1500.0  # of two, the upper
+    assert kept.exact_runs == 1
+    assert kept.note == "run 2: 3 accepted messages not delivered"
