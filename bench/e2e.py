@@ -84,6 +84,7 @@ class EndToEnd:
     note: str = ""
     runs: list[float] = field(default_factory=list)  # delivered msgs/s of each run, in order
     exact_runs: int = 1  # runs in which every accepted message was delivered exactly once
+    failed_runs: int = 0  # runs that failed (no counts: not exactly once), reasons in note
 
 
 def median_of(runs: list[EndToEnd]) -> EndToEnd:
@@ -309,6 +310,7 @@ def combine_runs(
     for cell in cells:
         failed = failures.pop(f"{cell.kind}: {cell.peer}", [])
         cell.note = "; ".join([cell.note, *failed] if cell.note else failed)
+        cell.failed_runs = len(failed)
     skipped = {key: "; ".join(reasons) for key, reasons in failures.items()}
     return cells, skipped
 
