@@ -368,7 +368,7 @@ def _e2e_section(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {cell.kind} | {cell.peer} | {'yes' if cell.durable else 'no'}"
             f" | {cell.accepted:,} | {cell.delivered:,} | {acknowledged}"
-            f" | {cell.delivered_per_s:,.0f} | {ratio} | {cell.note}"
+            f" | {cell.delivered_per_s:,.0f} | {ratio} | {_table_text(cell.note)}"
             f" | {' / '.join(f'{rate:,.0f}' for rate in cell.runs) or '–'} |"
         )
     descriptions = report.get("e2e_descriptions", {})
@@ -397,6 +397,12 @@ def _e2e_section(report: dict[str, Any]) -> list[str]:
             f"- kill: {describe_kill(kill)}",
         ]
     return lines
+
+
+def _table_text(text: str) -> str:
+    """`text` as one table cell: on one line, no `|` (a failed run's reason in a note
+    may be bench.load's stderr, a traceback)."""
+    return " ".join(text.split()).replace("|", "/")
 
 
 def _series(
