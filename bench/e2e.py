@@ -84,6 +84,7 @@ class EndToEnd:
     note: str = ""
     runs: list[float] = field(default_factory=list)  # delivered msgs/s of each run, in order
     exact_runs: int = 1  # runs in which every accepted message was delivered exactly once
+    failed_runs: int = 0  # runs that failed (no counts: not exactly once), reasons in note
 
 
 def median_of(runs: list[EndToEnd]) -> EndToEnd:
@@ -294,12 +295,24 @@ def measure(
                     failures.setdefault("relay sink", []).append(f"run {number}: failed: {error}")
                 finally:
                     sink.stop()
+    cells, skipped = combine_runs(runs, failures)
+    return cells, skipped, descriptions
+
+
+def combine_runs(
+    runs: dict[str, list[EndToEnd]], failures: dict[str, list[str]]
+) -> tuple[list[EndToEnd], dict[str, str]]:
+    """The cells of `measure` ("kind: peer" → its runs, and the reasons of the runs
+    that failed): each the median of its runs (`median_of`), with the failures in its
+    note; a cell with no run at all is skipped, with every reason."""
+    failures = {key: list(reasons) for key, reasons in failures.items()}
     cells = [median_of(found) for found in runs.values() if found]
     for cell in cells:
         failed = failures.pop(f"{cell.kind}: {cell.peer}", [])
         cell.note = "; ".join([cell.note, *failed] if cell.note else failed)
+        cell.failed_runs = len(failed)
     skipped = {key: "; ".join(reasons) for key, reasons in failures.items()}
-    return cells, skipped, descriptions
+    return cells, skipped
 
 
 def _probe_runs(

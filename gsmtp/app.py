@@ -601,9 +601,14 @@ class Application:
 
     def _give_back_space(self) -> None:
         """Incremental vacuum through the writer (it is a write) of the pages that
-        stayed free for a while, or at once when the disk is short; the count is read
-        on the reader thread, off the event loop."""
-        short = not self._reserve.has_room(None) or self._recovering()
+        stayed free for a while, or at once when the disk is short (below the reserve,
+        a MAIL refused for its SIZE= within the window, or recovering from a full
+        disk); the count is read on the reader thread, off the event loop."""
+        short = (
+            not self._reserve.has_room(None)
+            or self._reserve.refused_within(VACUUM_WINDOW_SECONDS)  # a SIZE= refused
+            or self._recovering()
+        )
         pages = self._free_pages.to_give_back(self._bodies.run(db.free_pages), urgent=short)
         if pages <= 0:
             return

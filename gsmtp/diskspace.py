@@ -56,6 +56,7 @@ class SpaceReserve:
         self._free: int | None = None
         self._spent = 0  # bytes stored since the last measurement
         self._measured_at = float("-inf")
+        self._refused_at = float("-inf")  # when has_room last said no
 
     def has_room(self, size: int | None) -> bool:
         if self.reserve <= 0:
@@ -63,7 +64,16 @@ class SpaceReserve:
         free = self.free_bytes()
         if free is None:
             return True  # cannot tell: the spool itself will say if it cannot store
-        return free >= self.reserve + (size or 0)
+        if free >= self.reserve + (size or 0):
+            return True
+        self._refused_at = self._clock()
+        return False
+
+    def refused_within(self, seconds: float) -> bool:
+        """Whether `has_room` said no in the last `seconds`: the disk was short for some
+        mail (a MAIL whose SIZE= would eat into the reserve, while MAIL without SIZE=
+        is still accepted), so space that can be given back is needed now."""
+        return self._clock() - self._refused_at <= seconds
 
     def spend(self, size: int) -> None:
         """The server stored a message of `size` bytes: in the WAL now, in the database

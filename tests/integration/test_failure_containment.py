@@ -240,6 +240,55 @@ def test_the_reserve_refuses_mail_in_time_and_clears_once_the_queue_drains(
     assert "component_died" not in gsmtp.log()
 
 
+@pytest.mark.xdist_group("heavy")  # fills 96 MB of tmpfs; see test_body_memory.py
+def test_a_size_refused_for_the_reserve_gets_the_free_pages_back_at_once(
+    gsmtp_factory: Factory, small_filesystem: Callable[[str], Path]
+) -> None:
+    """A MAIL refused 452 for its SIZE= alone (MAIL without SIZE= is still accepted)
+    means the disk is short for that mail: the pages the drained queue left free in the
+    spool go back at once, not after the 10 s that free pages must otherwise stay free
+    (app.VACUUM_WINDOW_SECONDS), so the client's next try is accepted."""
+    disk = small_filesystem("96m")
+    gsmtp = gsmtp_factory(
+        {
+            "spool": {"path": str(disk / "spool.sqlite"), "min_free": "40MB"},
+            "server": {"max_message_size": "64MB"},
+        },
+        start=False,
+    )
+    gsmtp.maildir.write_text("not a directory: every delivery is deferred")
+    gsmtp.start()
+    replies = [send(gsmtp.port, 8 * MB) for _ in range(2)]
+    assert all(reply.startswith("250 2.0.0") for reply in replies), replies
+    wait_for(
+        lambda: os.path.getsize(gsmtp.spool_path) > 8 * MB,
+        what="the checkpoint to move the messages into the database file",
+    )
+    gsmtp.maildir.unlink()
+    wait_for(
+        lambda: gsmtp.spool_rows("SELECT COUNT(*) FROM messages") == [(0,)],
+        timeout=30,
+        what="the queue to drain",
+    )
+    free = disk_free(disk) - os.path.getsize(f"{gsmtp.spool_path}-wal")
+    size = free - 40 * MB + MB  # just past what the reserve allows now
+    assert size < os.path.getsize(gsmtp.spool_path) - 8 * MB  # the free pages would hold it
+
+    def mail(parameters: str) -> str:
+        with SmtpWire(gsmtp.port) as wire:
+            wire.read_reply()
+            wire.command("EHLO c.example")
+            return mail_from(wire, parameters)
+
+    assert mail("").startswith("250")  # not short for mail without SIZE=
+    assert mail(f" SIZE={size}") == "452 4.3.1 Insufficient system storage"
+    wait_for(
+        lambda: mail(f" SIZE={size}").startswith("250"),
+        timeout=7,  # well inside the 10 s window a page must stay free otherwise
+        what=f"MAIL SIZE={size} to be accepted (spool {spool_bytes(gsmtp)} bytes)",
+    )
+
+
 FAULT_INJECTION = """
 import sys
 from gevent import monkey

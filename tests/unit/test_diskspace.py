@@ -45,6 +45,19 @@ def test_below_the_reserve_there_is_no_room() -> None:
     assert not space.has_room(1)
 
 
+def test_a_refused_size_is_remembered_for_a_while() -> None:
+    """The vacuum asks: a MAIL refused for its SIZE= alone means the disk is short for
+    that mail, though MAIL without SIZE= is still accepted."""
+    disk, clock = FakeDisk(100 * MB), FakeClock()
+    space = reserve(disk, clock)
+    assert space.has_room(None) and not space.refused_within(10.0)
+    assert not space.has_room(40 * MB)
+    clock.now += 10.0
+    assert space.refused_within(10.0)
+    clock.now += 0.5
+    assert space.has_room(None) and not space.refused_within(10.0)
+
+
 def test_free_space_is_measured_at_most_once_a_second() -> None:
     disk, clock = FakeDisk(100 * MB), FakeClock()
     space = reserve(disk, clock)
