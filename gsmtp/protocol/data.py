@@ -34,6 +34,7 @@ _END = b"\r\n.\r\n"
 _CRLF = b"\r\n"
 _STUFFED = b"\r\n."  # RFC 5321 §4.5.2: a leading dot on a line was doubled by the sender
 _EMPTY_LINE = b"\r\n\r\n"
+_LINE_ENDS = b"\r\n"  # the bytes deleted to count CR and LF together
 # In the raw bytes, so a stuffed ".Received:" (the client doubled a leading dot that was
 # never there: "..Received:" stays ".Received:") is read as it will be stored.
 _RECEIVED = re.compile(rb"\n\.?received:", re.IGNORECASE)
@@ -43,6 +44,7 @@ LINE_PIECE = 8192
 _KEEP = len(_END) - 1  # raw bytes kept back in a mid-line cut: the start of a marker
 # The shortest line piece: a line's start and ".received:" always fit in its first one.
 _MIN_LINE_PIECE = 32
+_NO_DOTS = 1 << 62  # no stuffed line seen yet: `_process` need not look for them
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,7 @@ class DataReader:
 
     __slots__ = (
         "_bare",
+        "_dots_from",
         "_held",
         "_in_header",
         "_line_piece",
@@ -72,6 +75,7 @@ class DataReader:
         "_pieces",
         "_raw",
         "_received",
+        "_scanned",
         "_size",
         "_stuffed_size",
         "_too_big",
@@ -91,6 +95,8 @@ class DataReader:
         self._bare = False
         self._in_header = True
         self._received = 0
+        self._scanned = 0  # every "CRLF ." beginning before this in _raw was looked at
+        self._dots_from = _NO_DOTS  # stuffed lines may begin from here in _raw on
 
     @property
     def buffered(self) -> int:
@@ -117,9 +123,8 @@ class DataReader:
         """Take a chunk; return the result when the end was found, plus the bytes after
         it (pipelined commands), which belong to the command stream again."""
         raw = self._raw
-        scan_from = len(raw) - _KEEP if len(raw) > _KEEP else 0
         raw += data
-        end = raw.find(_END, scan_from)
+        end = self._find_end()
         if end < 0:
             last_line_end = raw.rfind(_CRLF, _CONTEXT)
             if last_line_end >= 0:
@@ -140,39 +145,73 @@ class DataReader:
         self._held = 0
         return DataResult(content, False, self._bare, self._received, self._size), leftover
 
+    def _find_end(self) -> int:
+        """Where the end marker begins in the raw bytes, or -1. Most messages have no
+        stuffed line, so one search serves both: each line start "CRLF ." not looked at
+        yet is the end (a CRLF follows the dot) or a stuffed line. At the first stuffed
+        line, `_process` is told to look for them itself from there on, and the rest is
+        searched for the end marker alone. A line start too close to the last byte to
+        tell is looked at again with the next chunk."""
+        raw = self._raw
+        size = len(raw)
+        at = raw.find(_STUFFED, self._scanned)
+        if at < 0:
+            # A line start may begin in the last two bytes: the next search starts there.
+            self._scanned = size - len(_CRLF)
+            return -1
+        if at + len(_END) > size:
+            self._scanned = at
+            return -1
+        if raw.startswith(_CRLF, at + len(_STUFFED)):
+            return at
+        self._dots_from = min(self._dots_from, at)
+        end = raw.find(_END, at + len(_STUFFED))
+        self._scanned = max(at + len(_STUFFED), size - _KEEP)
+        return end
+
     def _process(self, cut: int) -> None:
         """Pass on raw[_CONTEXT:cut] as content; keep raw[cut - _CONTEXT:]."""
         raw = self._raw
         self._stuffed_size += cut - _CONTEXT
         if not (self._too_big or self._bare):
-            crlf = raw.count(_CRLF, _CONTEXT, cut)
             if self._stuffed_size > self._max_size:
                 self._too_big = True
-            elif raw.count(b"\n", _CONTEXT, cut) != crlf or raw.count(b"\r", _CONTEXT, cut) != crlf:
-                self._bare = True
             else:
-                if self._in_header:
-                    # RFC 5321 §6.3: count Received: fields up to the end of the header
-                    # section (its first empty line), if that is in this region.
-                    empty_line = raw.find(_EMPTY_LINE, 0, cut)
-                    if empty_line >= 0:
-                        self._in_header = False
-                        self._received += len(_RECEIVED.findall(raw, 0, empty_line + 2))
-                    else:
-                        self._received += len(_RECEIVED.findall(raw, 0, cut))
-                stuffed = raw.find(_STUFFED, 0, cut)
-                if stuffed < 0:
-                    piece = bytes(memoryview(raw)[_CONTEXT:cut])
+                stuffed = raw.find(_STUFFED, 0, cut) if self._dots_from < cut else -1
+                piece = (
+                    self._unstuff(cut, stuffed)
+                    if stuffed >= 0
+                    else bytes(memoryview(raw)[_CONTEXT:cut])
+                )
+                # Bare CR and LF (unstuffing removed dots only): every CR and LF is in
+                # a CRLF. Deleting them and counting pairs is two passes where counting
+                # CRLF, CR and LF is three.
+                crlf = piece.count(_CRLF)
+                if len(piece) - len(piece.translate(None, _LINE_ENDS)) != 2 * crlf:
+                    self._bare = True
                 else:
-                    piece = self._unstuff(cut, stuffed)
-                if piece:
-                    self._pieces.append(piece)
-                    self._held += len(piece)
-                    self._size += len(piece)
+                    if self._in_header:
+                        # RFC 5321 §6.3: count Received: fields up to the end of the
+                        # header section (its first empty line), if that is in this
+                        # region.
+                        empty_line = raw.find(_EMPTY_LINE, 0, cut)
+                        if empty_line >= 0:
+                            self._in_header = False
+                            self._received += len(_RECEIVED.findall(raw, 0, empty_line + 2))
+                        else:
+                            self._received += len(_RECEIVED.findall(raw, 0, cut))
+                    if piece:
+                        self._pieces.append(piece)
+                        self._held += len(piece)
+                        self._size += len(piece)
             if self._too_big or self._bare:
                 self._pieces = []
                 self._held = 0
-        del raw[: cut - _CONTEXT]
+        shift = cut - _CONTEXT
+        del raw[:shift]
+        self._scanned = max(self._scanned - shift, 0)
+        if self._dots_from != _NO_DOTS:
+            self._dots_from = max(self._dots_from - shift, 0)
 
     def _unstuff(self, cut: int, at: int) -> bytes:
         """raw[_CONTEXT:cut] with the first dot of each line dropped (the first at
