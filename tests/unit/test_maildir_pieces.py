@@ -56,8 +56,8 @@ def test_bare_cr_before_crlf_at_a_piece_end_is_written_as_the_small_path_would(
 def test_a_large_body_is_not_copied_whole_by_the_maildir_write(
     tmp_path: Path, first: bytes, line: bytes
 ) -> None:
-    """README: 'a Maildir delivery writes a large body in small pieces, so it holds no
-    second copy'. without_fields copies the whole body when a planted field is there
+    """README: 'a Maildir delivery converts and writes a large body in 32 KB pieces, so
+    it holds no second copy'. without_fields copies the whole body when a planted field is there
     (twice: the join and the slice) or when there is no blank line (head.lower() of the
     whole content). The conversion to LF splits a piece into its lines: a body of empty
     or very short lines (the most objects a piece can become) stays bounded too."""
