@@ -16,6 +16,7 @@ import pytest
 from gevent.threadpool import ThreadPool
 
 from gsmtp.delivery.maildir import (
+    FSYNC_PIECE_MIN,
     WRITE_PIECE,
     MailboxPathError,
     MaildirDeliverer,
@@ -368,6 +369,37 @@ def deliver_concurrently(d: MaildirDeliverer, count: int, boxes: int) -> list[Ou
     ]
     gevent.joinall(greenlets, raise_error=True, timeout=30)
     return [g.value[0].outcome for g in greenlets]
+
+
+def test_a_small_batch_is_one_hand_off_and_a_large_one_is_spread(tmp_path: Path) -> None:
+    """Each piece of a batch's fsyncs wakes a pool thread; a piece takes at least
+    FSYNC_PIECE_MIN files (or new/ directories), so a small batch is one hand-off and
+    a large one is spread over every fsync thread, each file and directory once."""
+    handed: list[int] = []
+    fsync = CountingFsync()
+    syncs = ThreadPool(4)
+
+    def in_parallel(works: Sequence[Callable[[], None]]) -> None:
+        handed.append(len(works))
+        for result in [syncs.spawn(work) for work in works]:
+            result.get()
+
+    d = MaildirDeliverer(
+        str(tmp_path),
+        resolve_mailbox=str.lower,
+        run_parallel=in_parallel,
+        fsync_threads=4,
+        fsync=fsync,
+    )
+    small = [f"s{n}@local.example" for n in range(FSYNC_PIECE_MIN - 1)]
+    assert [r.outcome for r in d.deliver(message(1), small)] == [Outcome.DELIVERED] * 3
+    assert handed == [1, 1]  # the files, then the new/ directories
+    handed.clear()
+    large = [f"l{n}@local.example" for n in range(20)]
+    assert [r.outcome for r in d.deliver(message(2), large)] == [Outcome.DELIVERED] * 20
+    assert handed == [4, 4]  # 20 files and 20 new/: four threads, five each
+    assert len(fsync.directories) == 23 and len(set(fsync.directories)) == 23
+    assert len(list(tmp_path.glob("local.example/*/new/*"))) == 23
 
 
 def test_concurrent_deliveries_share_batches_and_one_fsync_per_new(tmp_path: Path) -> None:
