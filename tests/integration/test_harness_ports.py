@@ -1,0 +1,25 @@
+"""The harness's listening ports come from below the kernel's ephemeral range: an
+outgoing connection (thousands of them, from a load test on another worker) never takes
+one between free_port() and the server's bind."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import free_port
+
+RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_free() -> None:
+    low = int(RANGE.read_text().split()[0]) if RANGE.exists() else 0
+    if low <= 11000:
+        pytest.skip(f"the ephemeral range starts at {low}: no room below it")
+    ports = {free_port() for _ in range(20)} | {free_port("::1") for _ in range(5)}
+    assert all(1024 <= port < low for port in ports), sorted(ports)
+    for port in ports:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", port))  # free: nothing listens there
