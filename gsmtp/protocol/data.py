@@ -191,15 +191,7 @@ class DataReader:
                     self._bare = True
                 else:
                     if self._in_header:
-                        # RFC 5321 §6.3: count Received: fields up to the end of the
-                        # header section (its first empty line), if that is in this
-                        # region.
-                        empty_line = raw.find(_EMPTY_LINE, 0, cut)
-                        if empty_line >= 0:
-                            self._in_header = False
-                            self._received += len(_RECEIVED.findall(raw, 0, empty_line + 2))
-                        else:
-                            self._received += len(_RECEIVED.findall(raw, 0, cut))
+                        self._count_received(cut)
                     if piece:
                         self._pieces.append(piece)
                         self._held += len(piece)
@@ -212,6 +204,17 @@ class DataReader:
         self._scanned = max(self._scanned - shift, 0)
         if self._dots_from != _NO_DOTS:
             self._dots_from = max(self._dots_from - shift, 0)
+
+    def _count_received(self, cut: int) -> None:
+        """RFC 5321 §6.3: count the Received: fields of raw[:cut] up to the end of the
+        header section (its first empty line), if that is in this region."""
+        raw = self._raw
+        empty_line = raw.find(_EMPTY_LINE, 0, cut)
+        if empty_line >= 0:
+            self._in_header = False
+            self._received += len(_RECEIVED.findall(raw, 0, empty_line + 2))
+        else:
+            self._received += len(_RECEIVED.findall(raw, 0, cut))
 
     def _unstuff(self, cut: int, at: int) -> bytes:
         """raw[_CONTEXT:cut] with the first dot of each line dropped (the first at
