@@ -9,6 +9,7 @@ on a running server is routed accordingly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from gsmtp.policy import Policy
 from gsmtp.protocol.address import Address, normalise_mailbox, parse_path
@@ -23,8 +24,11 @@ class Route:
     destination: str  # the domain, for batching and per-destination limits
 
 
+@lru_cache(maxsize=4096)
 def address_of(text: str) -> Address:
-    """A spool recipient (stored in its wire form) back as an Address."""
+    """A spool recipient (stored in its wire form) back as an Address. Remembered for
+    the addresses used most: every delivery asks twice (its route, then its mailbox),
+    and the full RFC 5321 parse was a twentieth of the Python a local delivery ran."""
     parsed = parse_path(text, allow_null=False, allow_utf8=True)
     if isinstance(parsed, Address):
         return parsed

@@ -497,7 +497,9 @@ class QueueManager:
             sender = self._pool.spawn(self._deliver, batch, destination)
             # Look again once the sender has left the pool: its slot is free only then
             # (a wake-up from inside `_deliver` comes while it still holds the slot).
-            sender.link(self._sender_left)
+            # rawlink: called in the hub (setting an event never blocks), where link
+            # would spawn a greenlet for it after every delivery.
+            sender.rawlink(self._sender_left)
 
     def _suspend(self, batches: Sequence[tuple[Batch, Destination]], now: float) -> None:
         """Defer batches of dead destinations without calling the backend."""
