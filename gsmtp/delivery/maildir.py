@@ -54,8 +54,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from functools import cache, lru_cache, partial
-from typing import Protocol, TypeVar
+from functools import cache, lru_cache, partial, update_wrapper
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 from gevent.event import AsyncResult
 from gevent.monkey import get_original
@@ -479,6 +479,37 @@ def _still_there(root: int, key: str, mailbox: _Mailbox) -> bool:
     return True
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _step(
+    method: Callable[Concatenate[MaildirWriter, P], R],
+) -> Callable[Concatenate[MaildirWriter, P], R]:
+    """A MaildirWriter step that runs on a thread: counted while it runs, refused once
+    the writer is closing. A step outlives its greenlet when that is killed (a delivery
+    cut at stop), so `close()` must not close a descriptor the step may still use: the
+    number could be reused at once by another open, and the step would then create
+    directories and link files relative to a directory that is not its own."""
+
+    def run(writer: MaildirWriter, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with writer._steps_lock:
+            if writer._closing:
+                raise OSError(errno.EBADF, "the Maildir writer is closed (stopping)")
+            writer._steps += 1
+        try:
+            return method(writer, *args, **kwargs)
+        finally:
+            with writer._steps_lock:
+                writer._steps -= 1
+                last = writer._closing and writer._steps == 0
+            if last:
+                writer._close_all()  # close() came while this step ran: it closes now
+
+    update_wrapper(run, method)
+    return run
+
+
 @dataclass(slots=True, eq=False)
 class FileJob:
     """One copy to store in `<domain>/<local>/new/`; the writer fills in the rest as the
@@ -523,7 +554,12 @@ class MaildirWriter:
         # Batches whose new/ directories are being fsynced (the next batch may start
         # meanwhile): no descriptor is closed while one is, it may be theirs.
         self.syncing = 0
+        # Steps running on threads (see `_step`), and whether close() was called.
+        self._steps_lock = get_original("threading", "Lock")()
+        self._steps = 0
+        self._closing = False
 
+    @_step
     def open_mailboxes(self, jobs: Sequence[FileJob]) -> None:
         """Give each job its Maildir's open tmp/ and new/ (from the cache, or opened and
         created now); a job whose Maildir cannot be opened ends with its error. On the
@@ -555,6 +591,7 @@ class MaildirWriter:
                 continue
             job.mailbox = mailbox
 
+    @_step
     def write_files(self, jobs: Sequence[FileJob]) -> None:
         """Create and write each job's file in its tmp/: the header, then the body
         without planted delivery fields and with LF line endings; then fsync each one.
@@ -580,6 +617,7 @@ class MaildirWriter:
             except OSError as error:
                 job.error = error  # link() closes the file and removes its tmp/ name
 
+    @_step
     def after_writes(self, jobs: Sequence[FileJob]) -> None:
         """On the Maildir thread, once the parallel writes are done: a job whose cached
         Maildir had gone is written again into the Maildir opened afresh (and fsynced);
@@ -601,6 +639,7 @@ class MaildirWriter:
                 self._retire(key)
                 self._abandon(job, error)
 
+    @_step
     def link(self, jobs: Sequence[FileJob]) -> list[tuple[int, list[FileJob]]]:
         """Close each file, link the fsynced ones into new/, remove every tmp/ name; the
         new/ directories linked into (a descriptor each) with their jobs."""
@@ -629,6 +668,7 @@ class MaildirWriter:
                     job.error = job.error or error
         return list(directories.items())
 
+    @_step
     def sync_directories(self, directories: Sequence[tuple[int, list[FileJob]]]) -> None:
         """fsync each new/ once for all the files just linked into it (on one of several
         threads); if it fails, none of those files counts as stored."""
@@ -640,6 +680,15 @@ class MaildirWriter:
                     job.error = job.error or error
 
     def close(self) -> None:
+        """Close every descriptor, at once if no step runs on a thread; else the last
+        running step closes them when it ends. No step starts after this."""
+        with self._steps_lock:
+            self._closing = True
+            if self._steps:
+                return
+        self._close_all()
+
+    def _close_all(self) -> None:
         if self._sweep is not None:
             self._sweep.close()
             self._sweep = None
@@ -741,6 +790,7 @@ class MaildirWriter:
 
     # -- tmp/ clean-up ----------------------------------------------------------------------
 
+    @_step
     def clean_tmp(self, now: float, max_mailboxes: int) -> int:
         """See `MaildirDeliverer.clean_tmp`."""
         root = self._open_root()

@@ -18,8 +18,10 @@ from gevent.threadpool import ThreadPool
 from gsmtp.delivery.maildir import (
     FSYNC_PIECE_MIN,
     WRITE_PIECE,
+    FileJob,
     MailboxPathError,
     MaildirDeliverer,
+    MaildirWriter,
     Permissions,
     mailbox_path,
     write_content,
@@ -485,3 +487,60 @@ def test_a_large_body_is_written_in_pieces_with_every_crlf_made_lf(
     finally:
         os.close(fd)
     assert target.read_bytes() == b"Return-Path: <a@b.example>\n" + rest.replace(b"\r\n", b"\n")
+
+
+def _open_descriptors() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def test_close_leaves_the_descriptors_of_a_step_still_running_on_a_thread_to_that_step(
+    tmp_path: Path,
+) -> None:
+    """At stop, a delivery's greenlet is killed but its thread runs on: closing the
+    Maildir descriptors under it would let their numbers be reused while it still
+    creates and links files relative to them."""
+    entered, release = threading.Event(), threading.Event()
+    blocking = False
+
+    def fsync(fd: int) -> None:
+        if blocking:
+            entered.set()
+            release.wait(10)
+        os.fsync(fd)
+
+    before = _open_descriptors()
+    writer = MaildirWriter(str(tmp_path), fsync=fsync)
+    job = FileJob("example.org", "bob", b"Delivered-To: bob@example.org\n", b"hi\r\n")
+    writer.open_mailboxes([job])
+    assert job.error is None and job.mailbox is not None
+    blocking = True
+    step = threading.Thread(target=writer.write_files, args=([job],))
+    step.start()
+    try:
+        assert entered.wait(10)
+        writer.close()
+        os.fstat(job.mailbox.tmp)  # still open: the running step may use them
+        os.fstat(job.mailbox.new)
+        with pytest.raises(OSError, match="closed"):
+            writer.link([job])  # no step starts once closing
+    finally:
+        release.set()
+        step.join(10)
+    assert job.error is None  # the running step finished its work
+    os.close(job.fd)  # its file, which link would have closed
+    assert _open_descriptors() == before  # the last step closed the writer's descriptors
+
+
+def test_close_with_no_step_running_closes_at_once(tmp_path: Path) -> None:
+    before = _open_descriptors()
+    writer = MaildirWriter(str(tmp_path))
+    job = FileJob("example.org", "bob", b"Delivered-To: bob@example.org\n", b"hi\r\n")
+    writer.open_mailboxes([job])
+    writer.write_files([job])
+    writer.link([job])
+    assert _open_descriptors() != before
+    writer.close()
+    assert _open_descriptors() == before
+    assert (tmp_path / "example.org" / "bob" / "new" / job.name).read_bytes() == (
+        b"Delivered-To: bob@example.org\nhi\n"
+    )
