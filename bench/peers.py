@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.ports import free_port
+
 RECIPIENT = "user@bench.test"
 REPOSITORY = Path(__file__).resolve().parents[1]
 # The end-to-end cells spread their messages over MAILBOXES recipients box0@… box99@…
@@ -34,12 +36,6 @@ SINK_HOST = "127.0.0.2"
 # digits (here, not in bench.load, which monkey-patches whoever imports it).
 RECORD_WIDTH = 8
 RECORD_BYTES = RECORD_WIDTH + 1  # the number and "\n"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_listening(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
 import socket
 import ssl
@@ -20,6 +19,7 @@ from typing import Any
 
 import apsw
 
+from bench.ports import free_port
 from gsmtp import db
 from gsmtp.accounts import Accounts
 from gsmtp.config import load
@@ -33,37 +33,6 @@ def _checkout_path() -> str:
     root = str(Path(__file__).resolve().parents[2])
     inherited = os.environ.get("PYTHONPATH")
     return f"{root}{os.pathsep}{inherited}" if inherited else root
-
-
-def _listening_ports() -> range:
-    """Ports below the kernel's ephemeral range (ip_local_port_range), where no
-    outgoing connection takes one: a port that bind(0) hands out is what connect()
-    takes too, and while another test worker opened thousands of connections one took
-    a server's port between free_port() and the server's bind, three times in a row."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return range(0)
-    return range(max(low - 12000, 10000), low) if low > 11000 else range(0)
-
-
-_LISTENING_PORTS = _listening_ports()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on `host` now, below the ephemeral range where there is one."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(200 if _LISTENING_PORTS else 0):
-        port = random.choice(_LISTENING_PORTS)
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import free_port
+from bench.ports import free_port, listening_ports
 
 RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
@@ -23,3 +23,14 @@ def test_free_ports_are_below_the_ephemeral_range_and_free() -> None:
     for port in ports:
         with socket.socket() as listener:
             listener.bind(("127.0.0.1", port))  # free: nothing listens there
+
+
+def test_the_range_below_the_ephemeral_one_is_read_from_the_kernel_file(tmp_path: Path) -> None:
+    given = tmp_path / "ip_local_port_range"
+    given.write_text("32768\t60999\n")
+    assert listening_ports(given) == range(20768, 32768)
+    given.write_text("15000 60999\n")
+    assert listening_ports(given) == range(10000, 15000)  # never below 10,000
+    given.write_text("1024 60999\n")
+    assert listening_ports(given) == range(0)  # no room: bind(0) instead
+    assert listening_ports(tmp_path / "missing") == range(0)

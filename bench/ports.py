@@ -1,0 +1,42 @@
+"""Listening ports for servers a harness starts (the bench's peers, the tests' gsmtp):
+taken from below the kernel's ephemeral range (ip_local_port_range), where no outgoing
+connection takes one. A port that bind(0) hands out is what connect() takes too: while
+another test worker opened thousands of connections, one took a server's port between
+free_port() and the server's bind, three times in a row."""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+BELOW_EPHEMERAL = 12000  # ports kept below the range's start (never under 10,000)
+
+
+def listening_ports(range_file: Path = EPHEMERAL_RANGE) -> range:
+    """The ports below the ephemeral range, or none if it starts too low to leave room."""
+    try:
+        low = int(range_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(max(low - BELOW_EPHEMERAL, 10000), low) if low > 11000 else range(0)
+
+
+_LISTENING_PORTS = listening_ports()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now, below the ephemeral range where there is one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(200 if _LISTENING_PORTS else 0):
+        port = random.choice(_LISTENING_PORTS)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
