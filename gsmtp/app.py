@@ -67,7 +67,13 @@ from gsmtp.reload import changed, in_effect, restart_needed
 from gsmtp.routing import Router
 from gsmtp.server import CUT_SECONDS, Deadlines, SmtpServer
 from gsmtp.spool import Spool, give_back_pages
-from gsmtp.supervision import EXIT_COMPONENT_DIED, STALL_SECONDS, Progress, Supervisor
+from gsmtp.supervision import (
+    EXIT_COMPONENT_DIED,
+    STALL_SECONDS,
+    Progress,
+    Supervisor,
+    stop_thread_pools,
+)
 from gsmtp.systemd import SystemdNotifier, listen_fds, status_text
 from gsmtp.tls import ServerTls, TlsError, server_context
 from gsmtp.worker_link import (
@@ -700,10 +706,10 @@ class Application:
             self._close_quietly(partial(self._stop_reader, deadline))
         else:
             self._log.error("writer_not_stopped", error="submitted work did not finish in time")
-        self._file_pool.kill()
-        self._fsync_pool.kill()
-        self._dkim_pool.kill()
-        self._local.close()
+        pools = {"maildir": self._file_pool, "fsync": self._fsync_pool, "dkim": self._dkim_pool}
+        for name in stop_thread_pools(pools, max(deadline - time.monotonic(), 0.1)):
+            self._log.warning("threads_not_stopped", pool=name, error="a task did not finish")
+        self._local.close()  # closed by its last running step if one still runs
         self._log.info("server_stopped")
         log.flush()
         return finished

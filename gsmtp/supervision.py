@@ -21,7 +21,7 @@ No I/O but the log line; time comes from the injected clock.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -29,6 +29,7 @@ from typing import Any
 
 import gevent
 from gevent.event import AsyncResult, Event
+from gevent.threadpool import ThreadPool
 
 from gsmtp.log import get_logger
 from gsmtp.metrics import INTERNAL_ERRORS
@@ -203,3 +204,16 @@ class Supervisor:
         if self.death is None:
             self.death = Death(name, reason)
             self.died.set()
+
+
+def stop_thread_pools(pools: Mapping[str, ThreadPool], timeout: float) -> list[str]:
+    """Stop the pools' threads, waiting at most `timeout` seconds; the names of the
+    pools whose tasks were still running then. gevent's `ThreadPool.kill` waits for every
+    running task, without a limit: a Maildir write on a hung disk would hold a stop past
+    the deadline it promises. What still runs is left to the process's exit."""
+    killers = {name: gevent.spawn(pool.kill) for name, pool in pools.items()}
+    gevent.joinall(list(killers.values()), timeout=max(timeout, 0.0))
+    left = [name for name, killer in killers.items() if not killer.ready()]
+    for name in left:
+        killers[name].kill(block=False)
+    return left

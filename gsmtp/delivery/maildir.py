@@ -502,7 +502,8 @@ def _step(
         finally:
             with writer._steps_lock:
                 writer._steps -= 1
-                last = writer._closing and writer._steps == 0
+                last = writer._closing and writer._steps == 0 and not writer._closed
+                writer._closed = writer._closed or last
             if last:
                 writer._close_all()  # close() came while this step ran: it closes now
 
@@ -554,10 +555,13 @@ class MaildirWriter:
         # Batches whose new/ directories are being fsynced (the next batch may start
         # meanwhile): no descriptor is closed while one is, it may be theirs.
         self.syncing = 0
-        # Steps running on threads (see `_step`), and whether close() was called.
+        # Steps running on threads (see `_step`), whether close() was called, and
+        # whether the descriptors went (once: a second close() must not close them
+        # again, their numbers may belong to another file by then).
         self._steps_lock = get_original("threading", "Lock")()
         self._steps = 0
         self._closing = False
+        self._closed = False
 
     @_step
     def open_mailboxes(self, jobs: Sequence[FileJob]) -> None:
@@ -684,8 +688,9 @@ class MaildirWriter:
         running step closes them when it ends. No step starts after this."""
         with self._steps_lock:
             self._closing = True
-            if self._steps:
+            if self._steps or self._closed:
                 return
+            self._closed = True
         self._close_all()
 
     def _close_all(self) -> None:

@@ -544,3 +544,47 @@ def test_close_with_no_step_running_closes_at_once(tmp_path: Path) -> None:
     assert (tmp_path / "example.org" / "bob" / "new" / job.name).read_bytes() == (
         b"Delivered-To: bob@example.org\nhi\n"
     )
+
+
+def test_a_second_close_while_the_last_step_closes_closes_nothing_again(tmp_path: Path) -> None:
+    """Two close() calls, the second while the last running step is closing the
+    descriptors: they are closed once (their numbers may be another file's by then)."""
+    entered, release = threading.Event(), threading.Event()
+    closing, finish = threading.Event(), threading.Event()
+    blocking = False
+
+    def fsync(fd: int) -> None:
+        if blocking:
+            entered.set()
+            release.wait(10)
+        os.fsync(fd)
+
+    writer = MaildirWriter(str(tmp_path), fsync=fsync)
+    job = FileJob("example.org", "bob", b"Delivered-To: bob@example.org\n", b"hi\r\n")
+    calls = []
+    close_all = writer._close_all
+
+    def slow_close_all() -> None:
+        calls.append(threading.current_thread().name)
+        closing.set()
+        finish.wait(10)
+        close_all()
+
+    writer._close_all = slow_close_all  # type: ignore[method-assign]
+    writer.open_mailboxes([job])
+    blocking = True
+    step = threading.Thread(target=writer.write_files, args=([job],), name="step")
+    step.start()
+    try:
+        assert entered.wait(10)
+        writer.close()  # deferred: the step runs
+        release.set()
+        assert closing.wait(10)  # the step is closing the descriptors now
+        writer.close()  # and must not close them again
+        writer.close()
+    finally:
+        release.set()
+        finish.set()
+        step.join(10)
+    assert calls == ["step"]
+    os.close(job.fd)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import gevent
@@ -10,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from gsmtp import db
 from gsmtp.housekeeping import Housekeeping, Task
-from gsmtp.supervision import Progress, Supervisor
+from gsmtp.supervision import Progress, Supervisor, stop_thread_pools
 from gsmtp.writer import GroupCommitter
 
 
@@ -192,3 +194,24 @@ def test_the_checker_runs_by_itself() -> None:
     assert supervisor.died.wait(timeout=10)
     assert supervisor.death is not None and supervisor.death.component == "maildir"
     supervisor.stop()
+
+
+def test_thread_pools_stop_within_the_time_given_even_with_a_task_hung() -> None:
+    """ThreadPool.kill alone waits for a running task without a limit (a Maildir write
+    on a hung disk would hold the stop past its deadline)."""
+    release = threading.Event()
+    hung, idle = ThreadPool(1), ThreadPool(2)
+    hung.spawn(release.wait, 30)
+    idle.spawn(lambda: None).get()
+    gevent.sleep(0.05)
+    started = time.monotonic()
+    try:
+        left = stop_thread_pools({"maildir": hung, "dkim": idle}, 0.3)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    assert left == ["maildir"]
+    assert took < 5  # bounded by the timeout, not by the hung task (30 s)
+    assert idle.size == 0  # the idle pool did stop
+    stop_thread_pools({"maildir": hung}, 5)
+    assert hung.size == 0
