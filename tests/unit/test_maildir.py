@@ -493,38 +493,51 @@ def _open_descriptors() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
+class _HeldFsync:
+    """An fsync that, once `hold` is set, stops in the first call until `release`: a
+    step caught running on its thread."""
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, fd: int) -> None:
+        if self.hold:
+            self.entered.set()
+            self.release.wait(10)
+        os.fsync(fd)
+
+
+def _writer_with_a_job(root: Path, fsync: _HeldFsync) -> tuple[MaildirWriter, FileJob]:
+    writer = MaildirWriter(str(root), fsync=fsync)
+    job = FileJob("example.org", "bob", b"Delivered-To: bob@example.org\n", b"hi\r\n")
+    writer.open_mailboxes([job])
+    assert job.error is None and job.mailbox is not None
+    fsync.hold = True
+    return writer, job
+
+
 def test_close_leaves_the_descriptors_of_a_step_still_running_on_a_thread_to_that_step(
     tmp_path: Path,
 ) -> None:
     """At stop, a delivery's greenlet is killed but its thread runs on: closing the
     Maildir descriptors under it would let their numbers be reused while it still
     creates and links files relative to them."""
-    entered, release = threading.Event(), threading.Event()
-    blocking = False
-
-    def fsync(fd: int) -> None:
-        if blocking:
-            entered.set()
-            release.wait(10)
-        os.fsync(fd)
-
     before = _open_descriptors()
-    writer = MaildirWriter(str(tmp_path), fsync=fsync)
-    job = FileJob("example.org", "bob", b"Delivered-To: bob@example.org\n", b"hi\r\n")
-    writer.open_mailboxes([job])
-    assert job.error is None and job.mailbox is not None
-    blocking = True
+    fsync = _HeldFsync()
+    writer, job = _writer_with_a_job(tmp_path, fsync)
+    assert job.mailbox is not None
     step = threading.Thread(target=writer.write_files, args=([job],))
     step.start()
     try:
-        assert entered.wait(10)
+        assert fsync.entered.wait(10)
         writer.close()
         os.fstat(job.mailbox.tmp)  # still open: the running step may use them
         os.fstat(job.mailbox.new)
         with pytest.raises(OSError, match="closed"):
             writer.link([job])  # no step starts once closing
     finally:
-        release.set()
+        fsync.release.set()
         step.join(10)
     assert job.error is None  # the running step finished its work
     os.close(job.fd)  # its file, which link would have closed
@@ -549,18 +562,9 @@ def test_close_with_no_step_running_closes_at_once(tmp_path: Path) -> None:
 def test_a_second_close_while_the_last_step_closes_closes_nothing_again(tmp_path: Path) -> None:
     """Two close() calls, the second while the last running step is closing the
     descriptors: they are closed once (their numbers may be another file's by then)."""
-    entered, release = threading.Event(), threading.Event()
     closing, finish = threading.Event(), threading.Event()
-    blocking = False
-
-    def fsync(fd: int) -> None:
-        if blocking:
-            entered.set()
-            release.wait(10)
-        os.fsync(fd)
-
-    writer = MaildirWriter(str(tmp_path), fsync=fsync)
-    job = FileJob("example.org", "bob", b"Delivered-To: bob@example.org\n", b"hi\r\n")
+    fsync = _HeldFsync()
+    writer, job = _writer_with_a_job(tmp_path, fsync)
     calls = []
     close_all = writer._close_all
 
@@ -571,19 +575,17 @@ def test_a_second_close_while_the_last_step_closes_closes_nothing_again(tmp_path
         close_all()
 
     writer._close_all = slow_close_all  # type: ignore[method-assign]
-    writer.open_mailboxes([job])
-    blocking = True
     step = threading.Thread(target=writer.write_files, args=([job],), name="step")
     step.start()
     try:
-        assert entered.wait(10)
+        assert fsync.entered.wait(10)
         writer.close()  # deferred: the step runs
-        release.set()
+        fsync.release.set()
         assert closing.wait(10)  # the step is closing the descriptors now
         writer.close()  # and must not close them again
         writer.close()
     finally:
-        release.set()
+        fsync.release.set()
         finish.set()
         step.join(10)
     assert calls == ["step"]
