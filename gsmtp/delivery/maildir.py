@@ -142,6 +142,11 @@ class MailboxPathError(Exception):
     """An address that would name a path outside the Maildir root."""
 
 
+class WriterClosed(OSError):
+    """A Maildir step refused because the writer is closed (the server is stopping): the
+    batch did not finish, so none of its copies counts as stored."""
+
+
 @lru_cache(maxsize=4096)
 def mailbox_path(root: str, address: str) -> str:
     """`<root>/<domain>/<local-part>`, refusing any name that could leave the root: each
@@ -243,7 +248,11 @@ class MaildirDeliverer:
         prepared = [self._prepare(message, recipient) for recipient in recipients]
         jobs = [job for job in prepared if isinstance(job, FileJob)]
         if jobs:
-            self._batches.run(jobs)
+            try:
+                self._batches.run(jobs)
+            except WriterClosed as closed:
+                for job in jobs:  # deferred (451), delivered again after the restart
+                    job.error = closed
         return [
             _stored(recipient, job) if isinstance(job, FileJob) else job
             for recipient, job in zip(recipients, prepared, strict=True)
@@ -495,7 +504,7 @@ def _step(
     def run(writer: MaildirWriter, /, *args: P.args, **kwargs: P.kwargs) -> R:
         with writer._steps_lock:
             if writer._closing:
-                raise OSError(errno.EBADF, "the Maildir writer is closed (stopping)")
+                raise WriterClosed(errno.ESHUTDOWN, "the Maildir writer is closed (stopping)")
             writer._steps += 1
         try:
             return method(writer, *args, **kwargs)

@@ -23,6 +23,7 @@ from gsmtp.delivery.maildir import (
     MaildirDeliverer,
     MaildirWriter,
     Permissions,
+    WriterClosed,
     mailbox_path,
     write_content,
 )
@@ -534,7 +535,7 @@ def test_close_leaves_the_descriptors_of_a_step_still_running_on_a_thread_to_tha
         writer.close()
         os.fstat(job.mailbox.tmp)  # still open: the running step may use them
         os.fstat(job.mailbox.new)
-        with pytest.raises(OSError, match="closed"):
+        with pytest.raises(WriterClosed, match="closed"):
             writer.link([job])  # no step starts once closing
     finally:
         fsync.release.set()
@@ -590,3 +591,15 @@ def test_a_second_close_while_the_last_step_closes_closes_nothing_again(tmp_path
         step.join(10)
     assert calls == ["step"]
     os.close(job.fd)
+
+
+def test_a_delivery_after_close_is_deferred_with_its_reason_not_raised(tmp_path: Path) -> None:
+    """A delivery still running when the server stops (its grace ran out) gets a
+    temporary failure naming why, not an exception: it is delivered after the restart."""
+    d = deliverer(tmp_path)
+    d.close()
+    results = d.deliver(MESSAGE, ["jones@foo.com"])
+    assert [(r.outcome, r.reply) for r in results] == [
+        (Outcome.DEFERRED, "451 4.3.0 Maildir write failed: ESHUTDOWN")
+    ]
+    assert not (tmp_path / "foo.com" / "jones" / "new").exists()
