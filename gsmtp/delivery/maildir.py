@@ -472,20 +472,26 @@ class _Mailbox:
         _close(self.new)
 
 
+def _is_at(fd: int, path: str, *, dir_fd: int | None = None, follow: bool = False) -> bool:
+    """The open directory `fd` is still the one at `path`: not removed, recreated or
+    moved away since it was opened. Two stat calls."""
+    try:
+        there = os.stat(path, dir_fd=dir_fd, follow_symlinks=follow)
+        held = os.fstat(fd)
+    except OSError:
+        return False
+    return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
+
+
 def _still_there(root: int, key: str, mailbox: _Mailbox) -> bool:
-    """A cached Maildir's tmp/ and new/ are still the directories at its path: not
-    removed, recreated or moved away since they were opened (else files would be linked
-    into a directory no one reads, or fail there forever). Two stat calls a mailbox a
-    batch; a symlink now in their place is not followed and does not match."""
-    for name, fd in (("tmp", mailbox.tmp), ("new", mailbox.new)):
-        try:
-            there = os.stat(f"{key}/{name}", dir_fd=root, follow_symlinks=False)
-            held = os.fstat(fd)
-        except OSError:
-            return False
-        if (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino):
-            return False
-    return True
+    """A cached Maildir's tmp/ and new/ are still the directories at its path (else
+    files would be linked into a directory no one reads, or fail there forever). Checked
+    once a mailbox a batch; a symlink now in their place is not followed and does not
+    match."""
+    return all(
+        _is_at(fd, f"{key}/{name}", dir_fd=root)
+        for name, fd in (("tmp", mailbox.tmp), ("new", mailbox.new))
+    )
 
 
 P = ParamSpec("P")
@@ -578,6 +584,8 @@ class MaildirWriter:
         created now); a job whose Maildir cannot be opened ends with its error. On the
         Maildir thread: the cache is this thread's alone."""
         self._close_retired()
+        if self._root is not None and not _is_at(self._root, self._root_path, follow=True):
+            self._drop_root()
         try:
             root = self._open_root()
         except OSError as error:
@@ -703,16 +711,11 @@ class MaildirWriter:
         self._close_all()
 
     def _close_all(self) -> None:
-        if self._sweep is not None:
-            self._sweep.close()
-            self._sweep = None
-        self._close_retired()
-        for mailbox in self._open.values():
+        """Every descriptor (no step runs any more: none is in use)."""
+        self._drop_root()
+        for mailbox in self._retired:
             mailbox.close()
-        self._open.clear()
-        if self._root is not None:
-            _close(self._root)
-            self._root = None
+        self._retired.clear()
 
     def _mailbox(self, root: int, key: str, job: FileJob) -> _Mailbox:
         mailbox = self._open_mailbox(root, job.domain, job.local)
@@ -754,6 +757,19 @@ class MaildirWriter:
                 with contextlib.suppress(OSError):
                     os.unlink(job.name, dir_fd=job.mailbox.tmp)
         job.mailbox = None
+
+    def _drop_root(self) -> None:
+        """The root was moved away or removed (checked once a batch): every Maildir
+        opened through it goes too, and it is opened afresh (created if missing). Else
+        mail would go on into the moved tree, or fail with ENOENT until a restart."""
+        for key in list(self._open):
+            self._retire(key)
+        if self._sweep is not None:
+            self._sweep.close()
+            self._sweep = None
+        if self._root is not None:
+            _close(self._root)
+            self._root = None
 
     def _open_root(self) -> int:
         """The root, created if missing together with every missing directory on the

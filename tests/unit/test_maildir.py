@@ -603,3 +603,26 @@ def test_a_delivery_after_close_is_deferred_with_its_reason_not_raised(tmp_path:
         (Outcome.DEFERRED, "451 4.3.0 Maildir write failed: ESHUTDOWN")
     ]
     assert not (tmp_path / "foo.com" / "jones" / "new").exists()
+
+
+def test_a_mail_root_moved_away_is_not_written_into_any_more(tmp_path: Path) -> None:
+    """The open root is checked once a batch: mail goes to `maildir.root`, not into the
+    tree an operator moved away (found by a red-team helper: it went on until a restart)."""
+    root = tmp_path / "mail"
+    d = deliverer(root)
+    (first,) = d.deliver(MESSAGE, ["alice@local.example"])
+    root.rename(tmp_path / "mail.old")
+    (second,) = d.deliver(MESSAGE, ["alice@local.example"])
+    assert first.outcome is second.outcome is Outcome.DELIVERED
+    assert len(list((tmp_path / "mail.old" / "local.example" / "alice" / "new").iterdir())) == 1
+    assert len(list((root / "local.example" / "alice" / "new").iterdir())) == 1
+
+
+def test_a_mail_root_removed_is_made_again_not_failed_until_a_restart(tmp_path: Path) -> None:
+    root = tmp_path / "mail"
+    d = deliverer(root)
+    d.deliver(MESSAGE, ["alice@local.example"])
+    shutil.rmtree(root)
+    (result,) = d.deliver(MESSAGE, ["alice@local.example"])
+    assert (result.outcome, result.reply) == (Outcome.DELIVERED, "250 2.0.0 Delivered to Maildir")
+    assert len(list((root / "local.example" / "alice" / "new").iterdir())) == 1
