@@ -19,7 +19,9 @@ connections cost: a page copied on write (shared before, private after) adds a p
 summed PSS and nothing to summed RSS, and a library page a second worker starts to
 touch adds to summed RSS but no memory. RSS growth is reported beside it. Where
 smaps_rollup cannot be read (kernels before 4.14), the figure falls back to RSS and
-`memory` says so.
+`memory` says so. PSS also splits a library page with processes outside the node, so
+the figure is only clean on a machine where nothing else starts or stops meanwhile, as
+in `make bench`, which runs this cell alone.
 
 Per worker: each process's own growth, and the connections it holds, counted as the
 growth of its open file descriptors (one socket per connection), so an uneven spread

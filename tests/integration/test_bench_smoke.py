@@ -99,7 +99,13 @@ def test_idle_harness_holds_and_checks_connections(gsmtp: GsmtpProcess) -> None:
 
 def test_idle_harness_measures_every_worker_of_the_node(gsmtp_factory: Factory) -> None:
     """With workers the PID is the supervisor, which holds no connection: the cell sums
-    the supervisor and its workers (reading the supervisor alone measured 0 growth)."""
+    the supervisor and its workers (reading the supervisor alone measured 0 growth).
+
+    The growth is checked in RSS, not in the PSS the cell reports: PSS splits each
+    library page among every process on the machine that maps it, so while the suite
+    starts and stops other servers beside this one (-n 2) the node's summed PSS moves
+    with them (a CI run read -409 KiB for 200 connections). RSS moves only with the
+    node's own pages; the bench runs its idle cell alone, where PSS is the right sum."""
     server = gsmtp_factory({"server": {"workers": 2, "max_connections_per_ip": 1000}})
     result = hold_idle(server, 200)
     assert result["opened"] == 200 and result["dropped"] == 0
@@ -108,7 +114,7 @@ def test_idle_harness_measures_every_worker_of_the_node(gsmtp_factory: Factory) 
     assert isinstance(per_process, list)
     assert sum(p["connections"] for p in per_process) == 200  # every one held, somewhere
     assert per_process[0]["connections"] == 0  # the supervisor holds none
-    assert result["growth_kib"] > 0 and result["kib_per_connection"] > 0  # type: ignore[operator]
+    assert result["rss_growth_kib"] > 0  # type: ignore[operator]
 
 
 @pytest.mark.timeout(300)
