@@ -85,6 +85,7 @@ from gsmtp.worker_link import (
     Reporter,
     Role,
 )
+from gsmtp.workers import orphans_wait, say_waiting
 
 # One thread creates, writes and links all Maildir files. More threads, each giving up and
 # retaking the GIL around every file syscall, starve the event loop (a GIL convoy):
@@ -938,13 +939,24 @@ def serve(
         return _run(application_factory, config, role, None)
     path = lockfile.lock_path(shards.shard_path(config.spool.path, role.index))
     try:
-        lock = lockfile.acquire(path)
+        lock = _take_lock(config, role, path)
     except OSError as error:
         return _startup_failed(StartupError(f"cannot take the lock {path}: {error.strerror}"))
     if isinstance(lock, lockfile.HeldBy):
         print(lockfile.already_served(config.spool.path, path, lock), file=sys.stderr)
         return EXIT_ALREADY_RUNNING
     return _run(application_factory, config, role, lock)
+
+
+def _take_lock(config: Config, role: Role, path: str) -> lockfile.InstanceLock | lockfile.HeldBy:
+    """The single process's lock (the node lock, which the workers of a killed
+    supervisor may still hold while they stop: waited for, as a supervisor does), or a
+    worker's shard lock (taken or refused at once: its supervisor restarts it)."""
+    if role.count > 1:
+        return lockfile.acquire(path)
+    return lockfile.acquire_after_exited_holder(
+        path, orphans_wait(config), waiting=lambda held: say_waiting(config, path, held)
+    )
 
 
 def _run(

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+ORPHAN_POLL = 0.1  # seconds between tries while an exited supervisor's workers finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,57 @@ def acquire(path: str) -> InstanceLock | HeldBy:
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
     return InstanceLock(path, descriptor)
+
+
+def exited(held: HeldBy) -> bool:
+    """Whether the lock is held although the PID its file names has exited (or is a
+    zombie): the holders are then workers of a supervisor that was killed (SIGKILL,
+    which no handler sees). Worker 0 inherited the node lock with its descriptor; at the
+    supervisor's death each worker got SIGTERM (PR_SET_PDEATHSIG) and is finishing its
+    graceful stop, which its own deadline bounds. A PID reused by a live process counts
+    as not exited: the next server is refused, as for any live holder."""
+    if held.pid is None:
+        return False
+    try:
+        with open(f"/proc/{held.pid}/stat", encoding="ascii", errors="replace") as stat:
+            state = stat.read().rpartition(")")[2].split()[:1]
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(held.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return state == ["Z"]
+
+
+def acquire_after_exited_holder(
+    path: str,
+    wait: float,
+    *,
+    waiting: Callable[[HeldBy], None],
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> InstanceLock | HeldBy:
+    """`acquire`, but when the holder's named PID has exited (`exited`), wait up to
+    `wait` seconds for its orphaned workers to finish their stop, telling `waiting`
+    once: a supervisor killed with SIGKILL must not turn the restart after it into a
+    refusal (its workers' stop takes up to shutdown_grace). A live holder is refused at
+    once, as by `acquire`."""
+    lock = acquire(path)
+    if isinstance(lock, InstanceLock) or not exited(lock):
+        return lock
+    waiting(lock)
+    deadline = clock() + wait
+    while clock() < deadline:
+        sleep(ORPHAN_POLL)
+        lock = acquire(path)
+        if isinstance(lock, InstanceLock):
+            return lock
+    return lock
 
 
 def _read_pid(descriptor: int) -> int | None:
@@ -120,6 +175,20 @@ def _held_per_proc(inode: int, pid: int) -> bool | None:
 
 
 def already_served(spool: str, path: str, held: HeldBy) -> str:
-    """What a second `serve` says before exiting: which process serves the spool."""
+    """What a second `serve` says before exiting: which process serves the spool (or,
+    the named PID having exited, that its workers still do)."""
+    if exited(held):
+        return (
+            f"gsmtp: spool {spool} is still served by the workers of PID {held.pid}, which"
+            f" has exited; they did not finish their stop in time (lock {path})"
+        )
     holder = f"PID {held.pid}" if held.pid is not None else "another process"
     return f"gsmtp: spool {spool} is already served by {holder} (lock {path})"
+
+
+def waiting_for_orphans(spool: str, path: str, held: HeldBy, wait: float) -> str:
+    """What `serve` says while the workers of an exited supervisor finish (`exited`)."""
+    return (
+        f"gsmtp: spool {spool} is still served by the workers of PID {held.pid}, which has"
+        f" exited; waiting up to {wait:g} s for them to finish their stop (lock {path})"
+    )

@@ -6,8 +6,11 @@ This process only binds, forks, watches and forwards; it runs no event loop and 
 opens a spool, so there is little in it to go wrong:
 
 - It takes the node's lock `<spool.path>.lock` first (a second `serve` exits 2 naming
-  this process's PID), then binds every listener (SMTP, submission, /metrics) once, or
-  takes the socket systemd passed for that address (socket activation, $LISTEN_FDS);
+  this process's PID; when the PID the lock names has exited, the holders are the
+  workers of a supervisor killed with SIGKILL, stopping: it waits for them, and for any
+  shard lock one of them still holds, up to `orphans_wait`), then binds every listener
+  (SMTP, submission, /metrics) once, or takes the socket systemd passed for that
+  address (socket activation, $LISTEN_FDS);
   the workers inherit the sockets. Bound here rather than with SO_REUSEPORT in each
   worker: a port already in use or not allowed fails the start once, clearly; no other
   process of the same user can join the port and take connections (SO_REUSEPORT lets
@@ -68,7 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from gsmtp import early_signals, lockfile, log
+from gsmtp import early_signals, lockfile, log, shards
 from gsmtp.config import Config, ConfigError, load, parse_host_port
 from gsmtp.reload import in_effect, restart_needed
 from gsmtp.sockets import bind_listener, take_bound
@@ -161,12 +164,21 @@ def serve(
     for name in NOTIFY_VARIABLES:
         environ.pop(name, None)
     path = lockfile.lock_path(config.spool.path)
+    wait = orphans_wait(config)
+    deadline = time.monotonic() + wait
     try:
-        lock = lockfile.acquire(path)
+        lock = lockfile.acquire_after_exited_holder(
+            path, wait, waiting=lambda held: say_waiting(config, path, held)
+        )
     except OSError as error:
         return _failed(f"cannot take the lock {path}: {error.strerror}")
     if isinstance(lock, lockfile.HeldBy):
         print(lockfile.already_served(config.spool.path, path, lock), file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    refusal = _wait_for_draining_shards(config.spool.path, deadline)
+    if refusal is not None:
+        lock.release()
+        print(refusal, file=sys.stderr)
         return EXIT_ALREADY_RUNNING
     try:
         metrics_dir = _metrics_directory(config.spool.path)
@@ -199,6 +211,46 @@ def serve(
         for listener in sockets.values():
             listener.close()
         lock.release()
+
+
+def orphans_wait(config: Config) -> float:
+    """How long a starting `serve` waits for the workers of a supervisor that was killed
+    to finish their stop: their own deadline (shutdown_grace + 2 s, this configuration's
+    grace standing for theirs) and the margin this process would give them."""
+    return config.server.shutdown_grace + 2.0 + STOP_MARGIN
+
+
+def say_waiting(config: Config, path: str, held: lockfile.HeldBy) -> None:
+    """Tell the operator why `serve` has not started yet (`orphans_wait`)."""
+    message = lockfile.waiting_for_orphans(config.spool.path, path, held, orphans_wait(config))
+    print(message, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _wait_for_draining_shards(spool_path: str, deadline: float) -> str | None:
+    """With the node lock taken, a shard lock can only be held by a worker of an earlier
+    node still stopping (its worker 0, holder of the node lock, ended first): wait for
+    it until `deadline`, else the refusal to print. A worker forked now would find its
+    shard taken and fail the start."""
+    for _, shard in shards.existing(spool_path)[1:]:
+        path = lockfile.lock_path(shard)
+        holder = lockfile.holder(path)
+        if holder is not None:
+            print(
+                f"gsmtp: shard {shard} is still served by PID {holder}, a worker of an earlier"
+                f" server still stopping; waiting for it (lock {path})",
+                file=sys.stderr,
+            )
+            sys.stderr.flush()
+        while holder is not None and time.monotonic() < deadline:
+            time.sleep(lockfile.ORPHAN_POLL)
+            holder = lockfile.holder(path)
+        if holder is not None:
+            return (
+                f"gsmtp: shard {shard} is still served by PID {holder}, a worker of an"
+                f" earlier server still stopping (lock {path})"
+            )
+    return None
 
 
 class _StartError(Exception):

@@ -508,3 +508,50 @@ def test_sigterm_while_a_worker_restarts_or_is_killed_is_a_clean_stop(
     gsmtp.signal(signal.SIGTERM)
     assert gsmtp.wait(timeout=30) == 0
     assert not gsmtp.events("worker_killed")
+
+
+def test_a_serve_after_a_kill_9_of_the_supervisor_waits_for_its_workers_then_starts(
+    gsmtp_factory: Any,
+) -> None:
+    """Red-team finding: killed with SIGKILL, the supervisor leaves its workers to stop
+    within their grace (SIGTERM at its death); worker 0 holds the node lock it inherited
+    until then, and a `serve` started meanwhile exited 2 naming the dead PID. Now it
+    says what it waits for, starts once they are gone, and delivers."""
+    gsmtp = gsmtp_factory({"server": {"workers": WORKERS, "shutdown_grace": "4s"}})
+    assert gsmtp.process is not None
+    supervisor, old_workers = gsmtp.process.pid, list(worker_pids(gsmtp).values())
+    stalled: list[SmtpWire] = []  # a body begun and never ended, in every worker
+    try:
+        for _ in range(40):
+            wire = SmtpWire(gsmtp.port)
+            stalled.append(wire)
+            assert wire.read_reply()[0].startswith("220")
+            for line in (
+                "EHLO c.example",
+                "MAIL FROM:<a@remote.example>",
+                "RCPT TO:<jones@foo.com>",
+            ):
+                assert wire.command(line).startswith("250")
+            assert wire.command("DATA").startswith("354")
+            wire.send(b"Subject: never ends\r\n\r\n")
+            opened = len(stalled)  # and the start's probe
+            wait_for(lambda n=opened: len(gsmtp.events("connection_opened")) > n, what="the log")
+            # Two in each: one may be the start's probe, which closed.
+            if all(len(gsmtp.events("connection_opened", worker=k)) > 1 for k in range(COUNT)):
+                break
+        else:
+            raise AssertionError("a worker never took a connection")
+        gsmtp.kill9()
+        assert all(alive(pid) for pid in old_workers)  # stopping, with a client each
+        gsmtp.start()
+        started = gsmtp.log()
+        assert (
+            f"is still served by the workers of PID {supervisor}, which has exited; waiting"
+            f" up to 9 s for them to finish their stop" in started
+        )
+        assert not any(alive(pid) for pid in old_workers)
+        assert send(gsmtp.port, "jones@foo.com", "after the restart") is not None
+        wait_for(lambda: "after the restart" in subjects(gsmtp, "jones@foo.com"), what="delivery")
+    finally:
+        for wire in stalled:
+            wire.close()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import threading
+import time
 from pathlib import Path
 
-from gsmtp import lockfile
+from gsmtp import lockfile, workers
 
 
 def test_the_second_taker_learns_the_holders_pid(tmp_path: Path) -> None:
@@ -60,3 +63,81 @@ def test_the_lock_is_the_real_files_whatever_name_reaches_it(tmp_path: Path) -> 
     assert lockfile.lock_path(str(tmp_path / "linked-dir" / "new.sqlite")) == (
         os.path.realpath(real / "new.sqlite") + ".lock"
     )
+
+
+def _held_for_an_exited_pid(path: str) -> tuple[lockfile.InstanceLock, int]:
+    """The lock as a killed supervisor leaves it: still held (here by an open file
+    description of this process, standing for the workers that inherited it), the file
+    naming a PID that has exited and been reaped."""
+    lock = lockfile.acquire(path)
+    assert isinstance(lock, lockfile.InstanceLock)
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    Path(path).write_text(f"{exited.pid}\n")  # a new description: the flock stays
+    return lock, exited.pid
+
+
+def test_a_lock_held_for_an_exited_pid_is_waited_for_and_then_taken(tmp_path: Path) -> None:
+    """Red-team finding: after a kill -9 of the supervisor, its workers (worker 0 holds
+    the node lock it inherited) stop within their grace, and a new `serve` meanwhile
+    was refused at once, naming the dead PID. Now it waits for them."""
+    path = str(tmp_path / "spool.sqlite.lock")
+    held, dead = _held_for_an_exited_pid(path)
+    told: list[lockfile.HeldBy] = []
+    naps: list[float] = []
+
+    def nap(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) == 3:
+            held.release()  # the last orphaned worker ends
+
+    lock = lockfile.acquire_after_exited_holder(path, 30.0, waiting=told.append, sleep=nap)
+    assert isinstance(lock, lockfile.InstanceLock)
+    assert told == [lockfile.HeldBy(path, dead)] and len(naps) == 3
+    assert Path(path).read_text() == f"{os.getpid()}\n"
+    lock.release()
+
+
+def test_a_live_holder_is_refused_at_once_and_an_exited_one_after_the_wait(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "spool.sqlite.lock")
+    live = lockfile.acquire(path)
+    assert isinstance(live, lockfile.InstanceLock)
+    told: list[lockfile.HeldBy] = []
+    refused = lockfile.acquire_after_exited_holder(
+        path, 30.0, waiting=told.append, sleep=lambda _: None
+    )
+    assert refused == lockfile.HeldBy(path, os.getpid()) and told == []
+    assert not lockfile.exited(refused)
+    live.release()
+
+    held, dead = _held_for_an_exited_pid(path)
+    ticks = iter(range(100))
+    refused = lockfile.acquire_after_exited_holder(
+        path, 5.0, waiting=told.append, sleep=lambda _: None, clock=lambda: float(next(ticks))
+    )
+    assert refused == lockfile.HeldBy(path, dead) and len(told) == 1
+    assert lockfile.already_served("spool.sqlite", path, refused) == (
+        f"gsmtp: spool spool.sqlite is still served by the workers of PID {dead}, which has"
+        f" exited; they did not finish their stop in time (lock {path})"
+    )
+    held.release()
+
+
+def test_a_supervisor_waits_for_a_shard_an_earlier_worker_still_holds(tmp_path: Path) -> None:
+    """With the node lock taken, shard k's lock can only be an earlier node's worker k
+    still stopping: waited for until the deadline (a worker forked while it is held
+    would fail the start), then named."""
+    spool = str(tmp_path / "spool.sqlite")
+    (tmp_path / "spool-1.sqlite").write_bytes(b"")
+    shard_lock = lockfile.acquire(lockfile.lock_path(str(tmp_path / "spool-1.sqlite")))
+    assert isinstance(shard_lock, lockfile.InstanceLock)
+    refusal = workers._wait_for_draining_shards(spool, time.monotonic())
+    assert refusal == (
+        f"gsmtp: shard {tmp_path / 'spool-1.sqlite'} is still served by PID {os.getpid()},"
+        f" a worker of an earlier server still stopping (lock {shard_lock.path})"
+    )
+    threading.Timer(0.3, shard_lock.release).start()
+    assert workers._wait_for_draining_shards(spool, time.monotonic() + 10) is None
+    assert lockfile.holder(shard_lock.path) is None
