@@ -61,7 +61,7 @@ from gsmtp.housekeeping import Housekeeping, Task
 from gsmtp.limits import ConnectionLimiter
 from gsmtp.policy import Client, IPAddress, Policy
 from gsmtp.protocol.session import Limits
-from gsmtp.queue import Notices, NoticeSettings, QueueManager, RetryPolicy
+from gsmtp.queue import DeliveryPacer, Notices, NoticeSettings, QueueManager, RetryPolicy
 from gsmtp.queue.manager import body_budget
 from gsmtp.reload import changed, in_effect, restart_needed
 from gsmtp.routing import Router
@@ -255,6 +255,8 @@ class Application:
             active_limit=delivery.active_limit,
             body_budget=body_budget(config.server.max_data_memory),
             spawn=self.supervisor.spawn,
+            # Paced only while clients are connected (self.server is made below).
+            pacer=DeliveryPacer(delivery.concurrency, clients=lambda: self.server.connections),
         )
         self._authenticator = Authenticator(
             snapshot=self._accounts.get,

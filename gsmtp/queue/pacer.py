@@ -6,11 +6,18 @@ short sleep wakes) says which is losing. Additive increase, multiplicative decre
 the number of concurrent deliveries: above `high` lag it halves (never below `minimum`,
 so mail keeps moving under any load), below `low` it grows back to the configured
 concurrency. The queue manager owns the probing greenlet and reads `allowed`.
+
+Only clients are protected: while no client connection is open (`clients` says how many
+are), every delivery the configuration allows may run, whatever the lag. The lag is
+then the deliveries' own (a claim routed, a log flush), and halving for it held the
+backlog left by a burst to 40-60 senders of 100 for most of its drain (local end to end,
+30,000 messages: the drain ran at 1,600-1,800 msg/s until the allowance crept back).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import gevent
 
@@ -26,8 +33,10 @@ class DeliveryPacer:
         high: float = 0.004,
         low: float = 0.001,
         interval: float = 0.02,
+        clients: Callable[[], int] = lambda: 1,
     ) -> None:
         self.maximum = maximum
+        self._clients = clients
         self.minimum = min(minimum, maximum)
         self.allowed = maximum
         self._high = high
@@ -35,7 +44,9 @@ class DeliveryPacer:
         self.interval = interval
 
     def observe(self, lag: float) -> None:
-        if lag > self._high:
+        if not self._clients():
+            self.allowed = self.maximum
+        elif lag > self._high:
             self.allowed = max(self.minimum, self.allowed // 2)
         elif lag < self._low:
             self.allowed = min(self.maximum, self.allowed + 1)

@@ -231,3 +231,21 @@ def test_pacer_halves_on_lag_and_recovers_slowly() -> None:
     for _ in range(200):
         pacer.observe(0.0)
     assert pacer.allowed == 100
+
+
+def test_pacer_holds_deliveries_back_only_while_clients_are_connected() -> None:
+    """With no client connected the lag is the deliveries' own: halving for it held a
+    burst's backlog to half the senders for most of its drain."""
+    from gsmtp.queue import DeliveryPacer
+
+    clients = [3]
+    pacer = DeliveryPacer(100, minimum=2, clients=lambda: clients[0])
+    for _ in range(10):
+        pacer.observe(0.050)
+    assert pacer.allowed == 2
+    clients[0] = 0  # the last client left: every sender at once, whatever the lag
+    pacer.observe(0.050)
+    assert pacer.allowed == 100
+    clients[0] = 1  # a client again: its lag counts from the full allowance
+    pacer.observe(0.050)
+    assert pacer.allowed == 50
