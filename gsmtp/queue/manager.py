@@ -44,18 +44,19 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import apsw
 import gevent
 from gevent.event import Event
-from gevent.pool import Pool
+from gevent.pool import Group, Pool
 
 from gsmtp import metrics
 from gsmtp.db import DatabaseError
 from gsmtp.delivery.base import Deliverer
 from gsmtp.log import get_logger
-from gsmtp.message import Outcome
+from gsmtp.message import Outcome, RecipientResult
 from gsmtp.queue import attempt
 from gsmtp.queue.destinations import INITIAL_WINDOW, Batch, Destination, Destinations, Key
 from gsmtp.queue.notices import Notices, NoticeSettings
@@ -117,6 +118,16 @@ _AUDIT_EVENTS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class _Attempted:
+    """What one attempt came to, before it is recorded: the backend's results, the
+    spool updates they make, and what they say of the destination (attempt.reached)."""
+
+    results: list[RecipientResult]
+    updates: list[RecipientUpdate]
+    reached: bool | None
+
+
 class BodyBudget:
     """Bytes of message bodies in memory for running deliveries."""
 
@@ -170,6 +181,7 @@ class QueueManager:
         self._error_pause = error_pause
         self._max_failed_rounds = max_failed_rounds
         self._pool = Pool(concurrency)
+        self._recording = Group()  # deliveries out of their slot, recording their results
         self._pacer = pacer or DeliveryPacer(concurrency)
         self._destinations = Destinations(
             max_window=max_per_domain,
@@ -257,8 +269,11 @@ class QueueManager:
             self._runner.join(timeout=1.0)
             self._runner.kill()
         self._release_waiting()
+        deadline = time.monotonic() + timeout
         self._pool.join(timeout=timeout)
+        self._recording.join(timeout=max(0.0, deadline - time.monotonic()))
         self._pool.kill(timeout=1.0)
+        self._recording.kill(timeout=1.0)
         self._notices.stop()
 
     def run(self) -> None:
@@ -530,25 +545,48 @@ class QueueManager:
     # -- one delivery (in a sender greenlet) --------------------------------------------
 
     def _deliver(self, batch: Batch, destination: Destination) -> None:
-        reached: bool | None = None
-        updates: list[RecipientUpdate] = []
+        """One delivery: the attempt in a sender slot, then its results recorded out of
+        it. The slot, the body's bytes and the destination's window are given back as
+        soon as the backend has answered (`_sender_done`): waiting for the result
+        commit (a group-commit pass and its fsync) in the slot held a third of the
+        senders of a local backlog's drain idle. The recipients stay owned (counted in
+        `held`) until their results are recorded, so nothing claims them meanwhile."""
+        attempted: _Attempted | None = None
         try:
-            updates, reached = self._attempt(batch)
+            attempted = self._attempt(batch)
         finally:
-            self._budget.give(batch.size)
+            self._sender_done(batch, destination, attempted)
+        updates: Sequence[RecipientUpdate] = ()
+        try:
+            if attempted is not None and self._recorded(batch, attempted):
+                updates = attempted.updates
+        finally:
             self.held -= len(batch.recipients)
-            if reached is False and destination.dead_until is None:
-                self._declare_dead(destination, updates)
-            if self._destinations.finished(destination, reached=reached):
-                self._look_again()
-            self._wake.set()
         message_id = batch.claim.message_id
         if self._notices.worth_a_look(message_id, updates, batch.claim.received_at):
             self._notices.settle(message_id)
 
-    def _attempt(self, batch: Batch) -> tuple[list[RecipientUpdate], bool | None]:
-        """Deliver and record. Whatever goes wrong before the results are recorded, the
-        recipients are deferred (451 4.3.0), never left owned by nobody."""
+    def _sender_done(
+        self, batch: Batch, destination: Destination, attempted: _Attempted | None
+    ) -> None:
+        """The backend has answered (or the attempt ended without it): the slot, the
+        body bytes and the destination's window go back, and the dispatcher looks."""
+        self._budget.give(batch.size)
+        reached = attempted.reached if attempted is not None else None
+        if reached is False and destination.dead_until is None:
+            self._declare_dead(destination, attempted.updates if attempted is not None else ())
+        if self._destinations.finished(destination, reached=reached):
+            self._look_again()
+        current = gevent.getcurrent()
+        if current in self._pool:
+            self._pool.discard(current)  # its slot is free now (the semaphore released)
+            self._recording.add(current)  # still joined and killed at stop
+        self._wake.set()
+
+    def _attempt(self, batch: Batch) -> _Attempted | None:
+        """Deliver. Whatever goes wrong before there are results, the recipients are
+        deferred (451 4.3.0), never left owned by nobody; None when there is nothing to
+        record (the message vanished, is held, or was set aside)."""
         message_id = batch.claim.message_id
         try:
             message = self._spool.load_message(message_id)
@@ -558,7 +596,7 @@ class QueueManager:
                 self._log.info("message_vanished", msg_id=message_id)
                 self._spool.release([(message_id, r.address) for r in batch.recipients])
                 self._look_again()
-                return [], None
+                return None
             if isinstance(message, Held):
                 # Held by the CLI since the claim (its action not taken yet): given
                 # back unscheduled (the spool keeps a held message's rows so), or due
@@ -566,11 +604,11 @@ class QueueManager:
                 # again.
                 self._spool.release([(message_id, r.address) for r in batch.recipients])
                 self._look_again()
-                return [], None
+                return None
             if isinstance(message, Unreadable):
                 self._spool.set_aside(message_id, message.reason)
                 self._log.error("message_set_aside", msg_id=message_id, reason=message.reason)
-                return [], None
+                return None
             results = attempt.run(self._deliverers[batch.key[0]], message, batch, self._log)
             updates = attempt.updates_for(
                 batch, results, self._clock(), self._retry, message=message
@@ -580,15 +618,23 @@ class QueueManager:
             self._log.exception("delivery_crashed", msg_id=message_id)
             results = attempt.internal_error(batch)
             updates = attempt.updates_for(batch, results, self._clock(), self._retry)
+        return _Attempted(results, updates, attempt.reached(results))
+
+    def _recorded(self, batch: Batch, attempted: _Attempted) -> bool:
+        """Record the results, log them; False when the spool refused them (the
+        recipients stay owned: delivered again after a restart, never lost)."""
+        message_id = batch.claim.message_id
         try:
-            self._record(updates)
+            self._record(attempted.updates)
         except Exception as error:
             metrics.INTERNAL_ERRORS.labels("spool").inc()
             self._log_spool_error(self._log.error, "results_not_recorded", error, msg_id=message_id)
-            return [], None  # still owned: delivered again after a restart
-        attempt.log_results(self._log, batch, updates, results, now=self._clock())
-        self._check_bounce_requests(message_id, updates)
-        return updates, attempt.reached(results)
+            return False
+        attempt.log_results(
+            self._log, batch, attempted.updates, attempted.results, now=self._clock()
+        )
+        self._check_bounce_requests(message_id, attempted.updates)
+        return True
 
     def _check_bounce_requests(self, message_id: str, updates: Sequence[RecipientUpdate]) -> None:
         """`gsmtp queue bounce` while the message was owned: a deferred recipient it

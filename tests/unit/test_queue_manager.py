@@ -575,3 +575,51 @@ def test_deliveries_in_flight_are_shown_though_not_written_every_round(qw: Queue
     qw.remote.hold["slow.example"].set()
     wait_until(lambda: qw.messages_left() == 0)
     wait_until(lambda: metrics.DELIVERIES_IN_FLIGHT._value.get() == 0, timeout=2)
+
+
+class HeldRecordingSpool(Spool):
+    """A spool whose result commits wait for `go` (a slow group-commit pass)."""
+
+    def __init__(self, inner: Spool) -> None:
+        super().__init__(inner._writer, inner._reader)
+        self.go = Event()
+        self.waiting = 0
+
+    def record_results(self, updates: Any) -> None:
+        self.waiting += 1
+        try:
+            self.go.wait()
+        finally:
+            self.waiting -= 1
+        super().record_results(updates)
+
+
+def test_a_sender_slot_is_free_while_its_results_are_recorded(qw: QueueWorld) -> None:
+    """The slot, the body bytes and the window go back once the backend has answered:
+    waiting in the slot for the result commit held a third of the senders of a local
+    backlog's drain idle. The recipients stay owned until recorded."""
+    held = HeldRecordingSpool(qw.spool)
+    for index in range(3):
+        qw.enqueue([f"user{index}@local.example"])
+    manager = qw.manager(spool=held, concurrency=1)
+    manager.start()
+    # One sender: each delivery began only after the one before it left its slot.
+    wait_until(lambda: held.waiting == 3, what="three deliveries recording at once")
+    assert len(qw.local.calls) == 3 and qw.local.max_total == 1
+    assert qw.owned() == 3 and qw.messages_left() == 3  # nothing recorded yet
+    held.go.set()
+    wait_until(lambda: qw.messages_left() == 0, what="the results recorded")
+    assert qw.owned() == 0
+
+
+def test_stop_waits_for_results_being_recorded(qw: QueueWorld) -> None:
+    """Out of their slots, deliveries still recording are joined by stop() within its
+    timeout: what was delivered is recorded, not delivered again after a restart."""
+    held = HeldRecordingSpool(qw.spool)
+    qw.enqueue(["user@local.example"])
+    manager = qw.manager(spool=held)
+    manager.start()
+    wait_until(lambda: held.waiting == 1, what="the delivery recording")
+    gevent.spawn_later(0.2, held.go.set)
+    manager.stop(5.0)
+    assert qw.messages_left() == 0 and len(qw.local.calls) == 1
