@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from gsmtp.spool import Claim, ClaimedRecipient
@@ -65,6 +65,7 @@ class Batch:
 class Destination:
     key: Key
     window: float
+    cap: int  # the largest the window grows to
     running: int = 0
     waiting: deque[Batch] = field(default_factory=deque)
     dead_until: float | None = None
@@ -100,7 +101,7 @@ class Destinations:
         *,
         max_window: int,
         initial_window: int = INITIAL_WINDOW,
-        full_window: frozenset[str] = frozenset(),
+        full_window: Mapping[str, int] | None = None,
         clock: Callable[[], float] = time.monotonic,
         idle_memory: float = IDLE_MEMORY,
         idle_limit: int = IDLE_LIMIT,
@@ -111,10 +112,14 @@ class Destinations:
         self._idle: dict[Key, None] = {}  # the idle ones remembered, longest idle first
         self._max = max(1, max_window)
         self._initial = min(initial_window, self._max)
-        # Transports whose destinations start at the full window: slow start probes a
-        # remote server's capacity; a local one (the Maildir) is ours, and writes its
-        # files in batches that grow with the deliveries running at once.
-        self._full_window = full_window
+        # Transports whose destinations start at a full window of their own, and keep
+        # it: slow start probes a remote server's capacity, and max_per_domain is
+        # politeness towards it; a local destination (the Maildir) is our own disk,
+        # whose files are written in batches that grow with the deliveries running at
+        # once. Capped by max_per_domain (20), one local domain ran at half the speed
+        # of the whole pool (local end to end, 30,000 messages: 1,094 against 2,045
+        # msg/s). Postfix's local(8) likewise counts its destination per recipient.
+        self._full_window = dict(full_window or {})
         self._all: dict[Key, Destination] = {}
         self._ready: deque[Destination] = deque()
 
@@ -127,14 +132,16 @@ class Destinations:
     def get(self, key: Key) -> Destination:
         destination = self._all.get(key)
         if destination is None:
-            window = self._max if key[0] in self._full_window else self._initial
-            destination = self._all[key] = Destination(key, float(window))
+            full = self._full_window.get(key[0])
+            cap = max(1, full) if full is not None else self._max
+            window = cap if full is not None else self._initial
+            destination = self._all[key] = Destination(key, float(window), cap)
         return destination
 
     @property
     def default_room(self) -> int:
         """What a claim may take for a destination not seen yet."""
-        return Destination(("", ""), float(self._initial)).capacity
+        return Destination(("", ""), float(self._initial), self._max).capacity
 
     def add(self, batch: Batch) -> Destination:
         destination = self.get(batch.key)
@@ -172,7 +179,7 @@ class Destinations:
         before, has drained to half: time to claim more for it."""
         destination.running -= 1
         if reached is True:
-            destination.window = min(self._max, destination.window + 1 / destination.window)
+            destination.window = min(destination.cap, destination.window + 1 / destination.window)
             destination.dead_until = None
         elif reached is False:
             destination.window = max(1.0, destination.window - 1 / destination.window)
@@ -247,7 +254,7 @@ class Destinations:
         self._forget_idle()
         caps: dict[str, int] = {}
         for (_, domain), destination in self._all.items():
-            room = destination.room() if destination.dead_until is None else self._max
+            room = destination.room() if destination.dead_until is None else destination.cap
             caps[domain] = min(room, caps.get(domain, room))
         return caps
 

@@ -186,7 +186,7 @@ class QueueManager:
         self._destinations = Destinations(
             max_window=max_per_domain,
             initial_window=initial_window,
-            full_window=frozenset({LOCAL}),
+            full_window={LOCAL: concurrency},
         )
         self._budget = BodyBudget(body_budget)
         self.held = 0  # recipients in memory: claimed, waiting or running

@@ -45,12 +45,22 @@ def test_the_window_starts_at_5_grows_by_one_per_cohort_and_stops_at_the_cap() -
     assert destination.window == DEFAULTS.max_per_domain - 1 / DEFAULTS.max_per_domain
 
 
-def test_local_destinations_start_at_the_full_window() -> None:
-    """Slow start probes a remote server; the Maildir is ours, and its batches grow with
-    the deliveries running at once: local destinations start at the cap."""
-    destinations = Destinations(max_window=50, full_window=frozenset({"local"}))
-    assert destinations.get(("local", "foo.com")).allowed == 50
-    assert destinations.get(("smtp", "x.example")).allowed == INITIAL_WINDOW
+def test_local_destinations_start_and_stay_at_a_full_window_of_their_own() -> None:
+    """Slow start probes a remote server, and max_per_domain is politeness towards it;
+    the Maildir is ours, and its batches grow with the deliveries running at once: a
+    local destination's window is the whole pool's from the start (capped by
+    max_per_domain, one local domain ran at half the pool's speed)."""
+    destinations = Destinations(max_window=20, full_window={"local": 100})
+    local = destinations.get(("local", "foo.com"))
+    assert local.allowed == 100 and local.capacity == 200
+    remote = destinations.get(("smtp", "x.example"))
+    assert remote.allowed == INITIAL_WINDOW
+    for _ in range(500):
+        remote.running += 1
+        local.running += 1
+        destinations.finished(remote, reached=True)
+        destinations.finished(local, reached=True)
+    assert remote.allowed == 20 and local.allowed == 100
 
 
 def test_round_robin_across_destinations_fifo_within_each() -> None:

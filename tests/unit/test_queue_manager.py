@@ -623,3 +623,17 @@ def test_stop_waits_for_results_being_recorded(qw: QueueWorld) -> None:
     gevent.spawn_later(0.2, held.go.set)
     manager.stop(5.0)
     assert qw.messages_left() == 0 and len(qw.local.calls) == 1
+
+
+def test_local_mail_for_one_domain_uses_the_whole_pool_at_the_defaults(qw: QueueWorld) -> None:
+    """max_per_domain (20) is politeness towards a remote server; capped by it, local
+    mail for one domain ran on 20 of the 100 senders (local end to end at the default
+    settings: half the speed of the whole pool)."""
+    for index in range(300):
+        qw.enqueue([f"user{index}@local.example"])
+    qw.local.delay = 0.05
+    manager = qw.manager()  # the defaults: pool 100, windows of 20
+    manager.start()
+    wait_until(lambda: qw.messages_left() == 0, timeout=30, what="the backlog to drain")
+    assert len(qw.local.calls) == 300
+    assert DEFAULTS.max_per_domain < qw.local.max_total <= DEFAULTS.concurrency
