@@ -32,6 +32,7 @@ from typing import Any
 import apsw
 import gevent
 from gevent.event import Event
+from gevent.monkey import get_original
 from gevent.threadpool import ThreadPool
 
 from gsmtp import accounts, db, early_signals, lockfile, log, metrics, routing, shards, writer
@@ -85,7 +86,7 @@ from gsmtp.worker_link import (
     Reporter,
     Role,
 )
-from gsmtp.workers import orphans_wait, say_waiting
+from gsmtp.workers import take_node_lock
 
 # One thread creates, writes and links all Maildir files. More threads, each giving up and
 # retaking the GIL around every file syscall, starve the event loop (a GIL convoy):
@@ -944,21 +945,24 @@ def serve(
         lock = _take_lock(config, role, path)
     except OSError as error:
         return _startup_failed(StartupError(f"cannot take the lock {path}: {error.strerror}"))
-    if isinstance(lock, lockfile.HeldBy):
-        print(lockfile.already_served(config.spool.path, path, lock), file=sys.stderr)
-        return EXIT_ALREADY_RUNNING
+    if not isinstance(lock, lockfile.InstanceLock):
+        return lock
     return _run(application_factory, config, role, lock)
 
 
-def _take_lock(config: Config, role: Role, path: str) -> lockfile.InstanceLock | lockfile.HeldBy:
-    """The single process's lock (the node lock, which the workers of a killed
-    supervisor may still hold while they stop: waited for, as a supervisor does), or a
-    worker's shard lock (taken or refused at once: its supervisor restarts it)."""
-    if role.count > 1:
-        return lockfile.acquire(path)
-    return lockfile.acquire_after_exited_holder(
-        path, orphans_wait(config), waiting=lambda held: say_waiting(config, path, held)
-    )
+def _take_lock(config: Config, role: Role, path: str) -> lockfile.InstanceLock | int:
+    """The single process's lock, taken as a supervisor takes the node lock (waiting for
+    the workers of a killed supervisor, and for the shards they hold, which it adopts),
+    or a worker's shard lock (taken or refused at once: its supervisor restarts it); or
+    the exit status. The wait sleeps outside gevent's hub, so a Ctrl-C in it raises
+    here, not in the hub (which would print its traceback)."""
+    if role.count == 1:
+        return take_node_lock(config, path, sleep=get_original("time", "sleep"))
+    lock = lockfile.acquire(path)
+    if isinstance(lock, lockfile.HeldBy):
+        print(lockfile.already_served(config.spool.path, path, lock), file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    return lock
 
 
 def _run(

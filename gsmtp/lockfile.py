@@ -75,16 +75,16 @@ def acquire(path: str) -> InstanceLock | HeldBy:
 
 def exited(held: HeldBy) -> bool:
     """Whether the lock is held although the PID its file names has exited (or is a
-    zombie): the holders are then workers of a supervisor that was killed (SIGKILL,
-    which no handler sees). Worker 0 inherited the node lock with its descriptor; at the
+    zombie, or is a process started after the lock file was written: the PID reused):
+    the holders are then workers of a supervisor that was killed (SIGKILL, which no
+    handler sees). Worker 0 inherited the node lock with its descriptor; at the
     supervisor's death each worker got SIGTERM (PR_SET_PDEATHSIG) and is finishing its
-    graceful stop, which its own deadline bounds. A PID reused by a live process counts
-    as not exited: the next server is refused, as for any live holder."""
+    graceful stop, which its own deadline bounds."""
     if held.pid is None:
         return False
     try:
         with open(f"/proc/{held.pid}/stat", encoding="ascii", errors="replace") as stat:
-            state = stat.read().rpartition(")")[2].split()[:1]
+            fields = stat.read().rpartition(")")[2].split()
     except FileNotFoundError:
         return True
     except OSError:
@@ -95,7 +95,21 @@ def exited(held: HeldBy) -> bool:
         except PermissionError:
             return False
         return False
-    return state == ["Z"]
+    return fields[:1] == ["Z"] or _started_after_written(fields, held.path)
+
+
+def _started_after_written(stat_fields: list[str], path: str) -> bool:
+    """Whether the process whose /proc/<pid>/stat fields (after the command name) these
+    are started after `path` was last written, by more than the clock's resolution: a
+    PID reused by an unrelated process, not the one that wrote its number there."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            boot = next(int(line.split()[1]) for line in stat if line.startswith("btime "))
+        started = boot + int(stat_fields[19]) / os.sysconf("SC_CLK_TCK")
+        written = os.stat(path).st_mtime
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    return started > written + 2.0
 
 
 def acquire_after_exited_holder(
@@ -110,7 +124,8 @@ def acquire_after_exited_holder(
     `wait` seconds for its orphaned workers to finish their stop, telling `waiting`
     once: a supervisor killed with SIGKILL must not turn the restart after it into a
     refusal (its workers' stop takes up to shutdown_grace). A live holder is refused at
-    once, as by `acquire`."""
+    once, as by `acquire`, also one that took the lock during the wait (two servers
+    started together: the one that lost is refused as soon as the other holds it)."""
     lock = acquire(path)
     if isinstance(lock, InstanceLock) or not exited(lock):
         return lock
@@ -121,6 +136,8 @@ def acquire_after_exited_holder(
         lock = acquire(path)
         if isinstance(lock, InstanceLock):
             return lock
+        if lock.pid is not None and not exited(lock):
+            return lock  # None: a new holder between its truncate and its write
     return lock
 
 
@@ -131,9 +148,10 @@ def _read_pid(descriptor: int) -> int | None:
 
 def holder(path: str) -> int | None:
     """The PID of the server holding the lock at `path` (the PID its file names), or None
-    when no process holds it. Read from /proc/locks, which looks without locking: a test
-    lock of our own could make a server starting at that moment think the spool served.
-    Where /proc/locks cannot be read, a shared lock is tried for an instant instead."""
+    when no process holds it, or the PID named is gone (`exited`). Read from /proc/locks,
+    which looks without locking: a test lock of our own could make a server starting at
+    that moment think the spool served. Where /proc/locks cannot be read, a shared lock
+    is tried for an instant instead."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -141,6 +159,10 @@ def holder(path: str) -> int | None:
     try:
         pid = _read_pid(descriptor)
         if pid is None:
+            return None
+        if exited(HeldBy(path, pid)):
+            # Gone, or the number reused by an unrelated process: no server to signal
+            # (the workers of a killed supervisor, still stopping, may hold the lock).
             return None
         held = _held_per_proc(os.fstat(descriptor).st_ino, pid)
         if held is None:

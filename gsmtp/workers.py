@@ -164,22 +164,12 @@ def serve(
     for name in NOTIFY_VARIABLES:
         environ.pop(name, None)
     path = lockfile.lock_path(config.spool.path)
-    wait = orphans_wait(config)
-    deadline = time.monotonic() + wait
     try:
-        lock = lockfile.acquire_after_exited_holder(
-            path, wait, waiting=lambda held: say_waiting(config, path, held)
-        )
+        lock = take_node_lock(config, path)
     except OSError as error:
         return _failed(f"cannot take the lock {path}: {error.strerror}")
-    if isinstance(lock, lockfile.HeldBy):
-        print(lockfile.already_served(config.spool.path, path, lock), file=sys.stderr)
-        return EXIT_ALREADY_RUNNING
-    refusal = _wait_for_draining_shards(config.spool.path, deadline)
-    if refusal is not None:
-        lock.release()
-        print(refusal, file=sys.stderr)
-        return EXIT_ALREADY_RUNNING
+    if not isinstance(lock, lockfile.InstanceLock):
+        return lock
     try:
         metrics_dir = _metrics_directory(config.spool.path)
         sockets = _bind(config, inherited)
@@ -220,30 +210,66 @@ def orphans_wait(config: Config) -> float:
     return config.server.shutdown_grace + 2.0 + STOP_MARGIN
 
 
-def say_waiting(config: Config, path: str, held: lockfile.HeldBy) -> None:
-    """Tell the operator why `serve` has not started yet (`orphans_wait`)."""
-    message = lockfile.waiting_for_orphans(config.spool.path, path, held, orphans_wait(config))
-    print(message, file=sys.stderr)
+def take_node_lock(
+    config: Config, path: str, *, sleep: Callable[[float], None] = time.sleep
+) -> lockfile.InstanceLock | int:
+    """The node lock `serve` runs under (a supervisor's, or a single process's), or the
+    exit status to end with, its reason printed. When the PID the lock names has exited
+    (lockfile.exited: a supervisor killed with SIGKILL), its workers are stopping: wait
+    up to `orphans_wait` for the lock and for every shard lock they still hold (a worker
+    of this node, or a single process adopting the shard, would find it taken). Ctrl-C
+    during the wait ends it with a line, not a traceback. OSError: the lock file cannot
+    be opened."""
+    wait = orphans_wait(config)
+    deadline = time.monotonic() + wait
+    lock: lockfile.InstanceLock | lockfile.HeldBy | None = None
+    try:
+        lock = lockfile.acquire_after_exited_holder(
+            path,
+            wait,
+            waiting=lambda held: _say(
+                lockfile.waiting_for_orphans(config.spool.path, path, held, wait)
+            ),
+            sleep=sleep,
+        )
+        if isinstance(lock, lockfile.HeldBy):
+            _say(lockfile.already_served(config.spool.path, path, lock))
+            return EXIT_ALREADY_RUNNING
+        refusal = wait_for_draining_shards(config.spool.path, deadline, sleep=sleep)
+    except KeyboardInterrupt:
+        if isinstance(lock, lockfile.InstanceLock):
+            lock.release()
+        _say(f"gsmtp: interrupted while waiting for the spool {config.spool.path}")
+        return EXIT_STARTUP_FAILED
+    if refusal is not None:
+        lock.release()
+        _say(refusal)
+        return EXIT_ALREADY_RUNNING
+    return lock
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
     sys.stderr.flush()
 
 
-def _wait_for_draining_shards(spool_path: str, deadline: float) -> str | None:
+def wait_for_draining_shards(
+    spool_path: str, deadline: float, *, sleep: Callable[[float], None] = time.sleep
+) -> str | None:
     """With the node lock taken, a shard lock can only be held by a worker of an earlier
     node still stopping (its worker 0, holder of the node lock, ended first): wait for
-    it until `deadline`, else the refusal to print. A worker forked now would find its
-    shard taken and fail the start."""
+    it until `deadline`, else the refusal to print."""
     for _, shard in shards.existing(spool_path)[1:]:
         path = lockfile.lock_path(shard)
         holder = lockfile.holder(path)
         if holder is not None:
-            print(
+            _say(
                 f"gsmtp: shard {shard} is still served by PID {holder}, a worker of an earlier"
-                f" server still stopping; waiting for it (lock {path})",
-                file=sys.stderr,
+                f" server still stopping; waiting up to"
+                f" {max(0.0, deadline - time.monotonic()):.0f} s for it (lock {path})"
             )
-            sys.stderr.flush()
         while holder is not None and time.monotonic() < deadline:
-            time.sleep(lockfile.ORPHAN_POLL)
+            sleep(lockfile.ORPHAN_POLL)
             holder = lockfile.holder(path)
         if holder is not None:
             return (

@@ -510,6 +510,42 @@ def test_sigterm_while_a_worker_restarts_or_is_killed_is_a_clean_stop(
     assert not gsmtp.events("worker_killed")
 
 
+USER = "jones@foo.com"
+
+
+def stall_in(gsmtp: GsmtpProcess, wanted: set[int]) -> list[SmtpWire]:
+    """A session in each worker of `wanted` whose body has begun and never ends (the
+    worker then stops only at the end of its grace); connections that land elsewhere
+    are closed. Which worker took a connection is read from its connection_opened line,
+    one connection at a time."""
+    wait_for(lambda: gsmtp.events("connection_closed"), what="the start's probe logged")
+    stalled: list[SmtpWire] = []
+    covered: set[int] = set()
+    try:
+        for _ in range(60):
+            seen = len(gsmtp.events("connection_opened"))
+            wire = SmtpWire(gsmtp.port)
+            assert wire.read_reply()[0].startswith("220")
+            wait_for(lambda n=seen: len(gsmtp.events("connection_opened")) > n, what="the log")
+            worker = gsmtp.events("connection_opened")[-1]["worker"]
+            if worker not in wanted or worker in covered:
+                wire.close()
+                continue
+            for line in ("EHLO c.example", "MAIL FROM:<a@remote.example>", f"RCPT TO:<{USER}>"):
+                assert wire.command(line).startswith("250")
+            assert wire.command("DATA").startswith("354")
+            wire.send(b"Subject: never ends\r\n\r\n")
+            stalled.append(wire)
+            covered.add(worker)
+            if covered == wanted:
+                return stalled
+    except BaseException:
+        for wire in stalled:
+            wire.close()
+        raise
+    raise AssertionError(f"no connection landed in each of the workers {wanted}")
+
+
 def test_a_serve_after_a_kill_9_of_the_supervisor_waits_for_its_workers_then_starts(
     gsmtp_factory: Any,
 ) -> None:
@@ -520,27 +556,8 @@ def test_a_serve_after_a_kill_9_of_the_supervisor_waits_for_its_workers_then_sta
     gsmtp = gsmtp_factory({"server": {"workers": WORKERS, "shutdown_grace": "4s"}})
     assert gsmtp.process is not None
     supervisor, old_workers = gsmtp.process.pid, list(worker_pids(gsmtp).values())
-    stalled: list[SmtpWire] = []  # a body begun and never ended, in every worker
+    stalled = stall_in(gsmtp, set(range(COUNT)))
     try:
-        for _ in range(40):
-            wire = SmtpWire(gsmtp.port)
-            stalled.append(wire)
-            assert wire.read_reply()[0].startswith("220")
-            for line in (
-                "EHLO c.example",
-                "MAIL FROM:<a@remote.example>",
-                "RCPT TO:<jones@foo.com>",
-            ):
-                assert wire.command(line).startswith("250")
-            assert wire.command("DATA").startswith("354")
-            wire.send(b"Subject: never ends\r\n\r\n")
-            opened = len(stalled)  # and the start's probe
-            wait_for(lambda n=opened: len(gsmtp.events("connection_opened")) > n, what="the log")
-            # Two in each: one may be the start's probe, which closed.
-            if all(len(gsmtp.events("connection_opened", worker=k)) > 1 for k in range(COUNT)):
-                break
-        else:
-            raise AssertionError("a worker never took a connection")
         gsmtp.kill9()
         assert all(alive(pid) for pid in old_workers)  # stopping, with a client each
         gsmtp.start()
@@ -552,6 +569,65 @@ def test_a_serve_after_a_kill_9_of_the_supervisor_waits_for_its_workers_then_sta
         assert not any(alive(pid) for pid in old_workers)
         assert send(gsmtp.port, "jones@foo.com", "after the restart") is not None
         wait_for(lambda: "after the restart" in subjects(gsmtp, "jones@foo.com"), what="delivery")
+    finally:
+        for wire in stalled:
+            wire.close()
+
+
+def test_a_single_process_after_a_kill_9_of_the_supervisor_waits_for_every_shard(
+    gsmtp_factory: Any,
+) -> None:
+    """Red-team finding: a `workers = 1` serve waited for the node lock only; once the
+    old worker 0 had ended it started while the old worker 1 still served shard 1,
+    skipped adopting it (shard_not_adopted), and mail queued there waited for the next
+    restart. Now it waits for the shard too, then adopts it."""
+    gsmtp = gsmtp_factory({"server": {"workers": 2, "shutdown_grace": "4s"}})
+    assert gsmtp.process is not None
+    old_worker_1 = worker_pids(gsmtp)[1]
+    stalled = stall_in(gsmtp, {1})
+    try:
+        gsmtp.kill9()
+        gsmtp.config.write_text(gsmtp.config.read_text().replace("workers = 2", "workers = 1"))
+        gsmtp.started_event = b'"event":"server_started"'
+        gsmtp.start()
+        log = gsmtp.log()
+        assert f"is still served by PID {old_worker_1}, a worker of an earlier server" in log
+        assert not alive(old_worker_1)
+        assert not gsmtp.events("shard_not_adopted")
+        assert gsmtp.events("shard_adopted") and not shard(gsmtp, 1).exists()
+    finally:
+        for wire in stalled:
+            wire.close()
+
+
+@pytest.mark.parametrize("workers", [WORKERS, 1])
+def test_ctrl_c_while_a_serve_waits_for_a_killed_supervisors_workers_is_a_line(
+    gsmtp_factory: Any, workers: Any
+) -> None:
+    """Red-team finding: SIGINT during the wait printed a Python traceback (and, in a
+    single process, gevent's hub's)."""
+    gsmtp = gsmtp_factory({"server": {"workers": 2, "shutdown_grace": "4s"}})
+    stalled = stall_in(gsmtp, {0})
+    try:
+        gsmtp.kill9()
+        config = gsmtp.directory / "again.toml"
+        setting = f"workers = {json.dumps(workers)}"
+        config.write_text(gsmtp.config.read_text().replace("workers = 2", setting))
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "gsmtp.cli", "serve", "-c", str(config)],
+            cwd=gsmtp.directory,
+            env=environment(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert serve.stderr is not None
+        line = serve.stderr.readline()
+        assert "which has exited; waiting up to 9 s" in line, line
+        serve.send_signal(signal.SIGINT)
+        rest = serve.stderr.read()
+        assert serve.wait(timeout=10) == 1
+        assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+        assert rest.endswith(f"gsmtp: interrupted while waiting for the spool {gsmtp.spool_path}\n")
     finally:
         for wire in stalled:
             wire.close()

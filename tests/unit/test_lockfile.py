@@ -133,11 +133,57 @@ def test_a_supervisor_waits_for_a_shard_an_earlier_worker_still_holds(tmp_path: 
     (tmp_path / "spool-1.sqlite").write_bytes(b"")
     shard_lock = lockfile.acquire(lockfile.lock_path(str(tmp_path / "spool-1.sqlite")))
     assert isinstance(shard_lock, lockfile.InstanceLock)
-    refusal = workers._wait_for_draining_shards(spool, time.monotonic())
+    refusal = workers.wait_for_draining_shards(spool, time.monotonic())
     assert refusal == (
         f"gsmtp: shard {tmp_path / 'spool-1.sqlite'} is still served by PID {os.getpid()},"
         f" a worker of an earlier server still stopping (lock {shard_lock.path})"
     )
     threading.Timer(0.3, shard_lock.release).start()
-    assert workers._wait_for_draining_shards(spool, time.monotonic() + 10) is None
+    assert workers.wait_for_draining_shards(spool, time.monotonic() + 10) is None
     assert lockfile.holder(shard_lock.path) is None
+
+
+def test_a_server_that_takes_the_lock_during_the_wait_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    """Red-team finding: two serves started together after a kill -9 of the supervisor;
+    the one that lost polled on until its deadline (and could start later beside
+    nobody's knowledge). Now a live holder seen during the wait is refused at once."""
+    path = str(tmp_path / "spool.sqlite.lock")
+    held, _ = _held_for_an_exited_pid(path)
+    winner: list[lockfile.InstanceLock | lockfile.HeldBy] = []
+    naps: list[float] = []
+
+    def nap(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) == 2:
+            held.release()
+            winner.append(lockfile.acquire(path))  # the other serve, live
+
+    refused = lockfile.acquire_after_exited_holder(path, 30.0, waiting=lambda _: None, sleep=nap)
+    assert refused == lockfile.HeldBy(path, os.getpid()) and len(naps) == 2
+    assert isinstance(winner[0], lockfile.InstanceLock)
+    winner[0].release()
+
+
+def test_a_pid_reused_by_a_process_started_after_the_lock_was_written_counts_as_exited(
+    tmp_path: Path,
+) -> None:
+    """Red-team finding: the dead supervisor's PID given to an unrelated process made a
+    restart exit 2 naming it, and `gsmtp queue flush` signalled it (SIGUSR1 killed it)."""
+    path = str(tmp_path / "spool.sqlite.lock")
+    lock = lockfile.acquire(path)
+    assert isinstance(lock, lockfile.InstanceLock)
+    assert not lockfile.exited(lockfile.HeldBy(path, os.getpid()))  # the writer itself
+    written = time.time() - 60
+    os.utime(path, (written, written))
+    unrelated = subprocess.Popen(["sleep", "30"])
+    try:
+        Path(path).write_text(f"{unrelated.pid}\n")
+        os.utime(path, (written, written))
+        assert lockfile.exited(lockfile.HeldBy(path, unrelated.pid))
+        assert lockfile.holder(path) is None  # nothing for the CLI to signal
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+        lock.release()
