@@ -50,7 +50,7 @@ from typing import Any
 import apsw
 import gevent
 from gevent.event import Event
-from gevent.pool import Group, Pool
+from gevent.pool import Pool
 
 from gsmtp import metrics
 from gsmtp.db import DatabaseError
@@ -181,7 +181,8 @@ class QueueManager:
         self._error_pause = error_pause
         self._max_failed_rounds = max_failed_rounds
         self._pool = Pool(concurrency)
-        self._recording = Group()  # deliveries out of their slot, recording their results
+        # Deliveries out of their slot, recording their results (and notices).
+        self._recording = Pool(concurrency)
         self._pacer = pacer or DeliveryPacer(concurrency)
         self._destinations = Destinations(
             max_window=max_per_domain,
@@ -551,13 +552,13 @@ class QueueManager:
         commit (a group-commit pass and its fsync) in the slot held a third of the
         senders of a local backlog's drain idle. The recipients stay owned (counted in
         `held`) until their results are recorded, so nothing claims them meanwhile."""
-        attempted: _Attempted | None = None
-        try:
-            attempted = self._attempt(batch)
-        finally:
-            self._sender_done(batch, destination, attempted)
         updates: Sequence[RecipientUpdate] = ()
         try:
+            attempted: _Attempted | None = None
+            try:
+                attempted = self._attempt(batch)
+            finally:
+                self._sender_done(batch, destination, attempted)
             if attempted is not None and self._recorded(batch, attempted):
                 updates = attempted.updates
         finally:
@@ -578,9 +579,13 @@ class QueueManager:
         if self._destinations.finished(destination, reached=reached):
             self._look_again()
         current = gevent.getcurrent()
-        if current in self._pool:
+        # As many recording as sending at most: with the spool slow to commit, the work
+        # after deliveries (results, notices) must stay bounded by the pool, not by
+        # active_limit (a red-team stall parked 10,000 greenlets). When recording is
+        # full, the delivery records in its slot, as before.
+        if current in self._pool and self._recording.free_count() > 0:
             self._pool.discard(current)  # its slot is free now (the semaphore released)
-            self._recording.add(current)  # still joined and killed at stop
+            self._recording.add(current, blocking=False)  # not full: never raises PoolFull
         self._wake.set()
 
     def _attempt(self, batch: Batch) -> _Attempted | None:
