@@ -22,7 +22,7 @@ import fcntl
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ORPHAN_POLL = 0.1  # seconds between tries while an exited supervisor's workers finish
@@ -30,10 +30,13 @@ ORPHAN_POLL = 0.1  # seconds between tries while an exited supervisor's workers 
 
 @dataclass(frozen=True, slots=True)
 class HeldBy:
-    """The lock is taken: by this PID (None if the file does not say yet)."""
+    """The lock is taken: by this PID (None if the file does not say yet), a process
+    that started at `started` (clock ticks after boot, /proc/<pid>/stat's starttime, as
+    the file's second line says; None in a file written before it had one)."""
 
     path: str
     pid: int | None
+    started: int | None = field(default=None, compare=False)
 
 
 class InstanceLock:
@@ -62,32 +65,30 @@ def acquire(path: str) -> InstanceLock | HeldBy:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _read_pid(descriptor)
+        holder = _read_holder(path, descriptor)
         os.close(descriptor)
-        return HeldBy(path, holder)
+        return holder
     except BaseException:
         os.close(descriptor)
         raise
     os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    started = _stat_fields(os.getpid())
+    start_line = f"{started[19]}\n" if started is not None and len(started) > 19 else ""
+    os.pwrite(descriptor, f"{os.getpid()}\n{start_line}".encode(), 0)
     return InstanceLock(path, descriptor)
 
 
 def exited(held: HeldBy) -> bool:
     """Whether the lock is held although the PID its file names has exited (or is a
-    zombie, or is a process started after the lock file was written: the PID reused):
-    the holders are then workers of a supervisor that was killed (SIGKILL, which no
-    handler sees). Worker 0 inherited the node lock with its descriptor; at the
-    supervisor's death each worker got SIGTERM (PR_SET_PDEATHSIG) and is finishing its
-    graceful stop, which its own deadline bounds."""
+    zombie, or now names another process, started at another time than the one the file
+    records: the PID reused): the holders are then workers of a supervisor that was
+    killed (SIGKILL, which no handler sees). Worker 0 inherited the node lock with its
+    descriptor; at the supervisor's death each worker got SIGTERM (PR_SET_PDEATHSIG) and
+    is finishing its graceful stop, which its own deadline bounds."""
     if held.pid is None:
         return False
-    try:
-        with open(f"/proc/{held.pid}/stat", encoding="ascii", errors="replace") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-    except FileNotFoundError:
-        return True
-    except OSError:
+    fields = _stat_fields(held.pid)
+    if fields is None:
         try:
             os.kill(held.pid, 0)
         except ProcessLookupError:
@@ -95,21 +96,22 @@ def exited(held: HeldBy) -> bool:
         except PermissionError:
             return False
         return False
-    return fields[:1] == ["Z"] or _started_after_written(fields, held.path)
+    if fields[:1] == ["Z"]:
+        return True
+    return held.started is not None and len(fields) > 19 and fields[19] != str(held.started)
 
 
-def _started_after_written(stat_fields: list[str], path: str) -> bool:
-    """Whether the process whose /proc/<pid>/stat fields (after the command name) these
-    are started after `path` was last written, by more than the clock's resolution: a
-    PID reused by an unrelated process, not the one that wrote its number there."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first, starttime at
+    19); ["Z"] when the process is gone (it holds nothing, as a zombie), None when
+    /proc cannot tell."""
     try:
-        with open("/proc/stat", encoding="ascii") as stat:
-            boot = next(int(line.split()[1]) for line in stat if line.startswith("btime "))
-        started = boot + int(stat_fields[19]) / os.sysconf("SC_CLK_TCK")
-        written = os.stat(path).st_mtime
-    except (OSError, ValueError, IndexError, StopIteration):
-        return False
-    return started > written + 2.0
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rpartition(")")[2].split()
+    except FileNotFoundError:
+        return ["Z"]  # gone: as a zombie, it holds nothing
+    except OSError:
+        return None
 
 
 def acquire_after_exited_holder(
@@ -141,9 +143,14 @@ def acquire_after_exited_holder(
     return lock
 
 
-def _read_pid(descriptor: int) -> int | None:
-    text = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
-    return int(text) if text.isdigit() else None
+def _read_holder(path: str, descriptor: int) -> HeldBy:
+    """The PID the file names (its first line) and, when written, its start (the second)."""
+    lines = os.pread(descriptor, 64, 0).decode("ascii", "replace").split("\n")
+    pid = lines[0].strip()
+    started = lines[1].strip() if len(lines) > 1 else ""
+    return HeldBy(
+        path, int(pid) if pid.isdigit() else None, int(started) if started.isdigit() else None
+    )
 
 
 def holder(path: str) -> int | None:
@@ -157,10 +164,11 @@ def holder(path: str) -> int | None:
     except OSError:
         return None
     try:
-        pid = _read_pid(descriptor)
+        named = _read_holder(path, descriptor)
+        pid = named.pid
         if pid is None:
             return None
-        if exited(HeldBy(path, pid)):
+        if exited(named):
             # Gone, or the number reused by an unrelated process: no server to signal
             # (the workers of a killed supervisor, still stopping, may hold the lock).
             return None

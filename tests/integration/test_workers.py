@@ -396,7 +396,7 @@ def test_sighup_and_sigusr1_while_starting_are_not_fatal_nor_lost(
     process = gsmtp.process
     lock = Path(f"{gsmtp.spool_path}.lock")
     wait_for(
-        lambda: lock.exists() and lock.read_text().strip() == str(process.pid),
+        lambda: lock.exists() and lock.read_text().split("\n")[0] == str(process.pid),
         what="the lock to name the server",
     )
     signalled: set[int] = set()

@@ -16,7 +16,7 @@ def test_the_second_taker_learns_the_holders_pid(tmp_path: Path) -> None:
     path = lockfile.lock_path(str(tmp_path / "var" / "spool.sqlite"))
     first = lockfile.acquire(path)
     assert isinstance(first, lockfile.InstanceLock)
-    assert Path(path).read_text() == f"{os.getpid()}\n"
+    assert Path(path).read_text().splitlines() == [str(os.getpid()), own_start()]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     # flock belongs to the open file description: a second open conflicts even here.
     second = lockfile.acquire(path)
@@ -32,7 +32,7 @@ def test_a_stale_lock_file_does_not_block(tmp_path: Path) -> None:
     Path(path).write_text("999999\n")  # left by a server that was killed
     lock = lockfile.acquire(path)
     assert isinstance(lock, lockfile.InstanceLock)
-    assert Path(path).read_text() == f"{os.getpid()}\n"
+    assert Path(path).read_text().splitlines() == [str(os.getpid()), own_start()]
     lock.release()
 
 
@@ -94,7 +94,7 @@ def test_a_lock_held_for_an_exited_pid_is_waited_for_and_then_taken(tmp_path: Pa
     lock = lockfile.acquire_after_exited_holder(path, 30.0, waiting=told.append, sleep=nap)
     assert isinstance(lock, lockfile.InstanceLock)
     assert told == [lockfile.HeldBy(path, dead)] and len(naps) == 3
-    assert Path(path).read_text() == f"{os.getpid()}\n"
+    assert Path(path).read_text().splitlines() == [str(os.getpid()), own_start()]
     lock.release()
 
 
@@ -166,24 +166,31 @@ def test_a_server_that_takes_the_lock_during_the_wait_is_refused_at_once(
     winner[0].release()
 
 
-def test_a_pid_reused_by_a_process_started_after_the_lock_was_written_counts_as_exited(
-    tmp_path: Path,
-) -> None:
+def test_a_pid_now_naming_another_process_counts_as_exited(tmp_path: Path) -> None:
     """Red-team finding: the dead supervisor's PID given to an unrelated process made a
-    restart exit 2 naming it, and `gsmtp queue flush` signalled it (SIGUSR1 killed it)."""
+    restart exit 2 naming it, and `gsmtp queue flush` signalled it (SIGUSR1 killed it).
+    The lock file records its writer's start (clock ticks after boot, immune to the
+    wall clock): a process with that PID and another start is not the writer."""
     path = str(tmp_path / "spool.sqlite.lock")
     lock = lockfile.acquire(path)
     assert isinstance(lock, lockfile.InstanceLock)
-    assert not lockfile.exited(lockfile.HeldBy(path, os.getpid()))  # the writer itself
-    written = time.time() - 60
-    os.utime(path, (written, written))
+    holder = lockfile.acquire(path)
+    assert isinstance(holder, lockfile.HeldBy) and holder.started == int(own_start())
+    assert not lockfile.exited(holder)  # the writer itself
+    assert lockfile.holder(path) == os.getpid()
     unrelated = subprocess.Popen(["sleep", "30"])
     try:
-        Path(path).write_text(f"{unrelated.pid}\n")
-        os.utime(path, (written, written))
-        assert lockfile.exited(lockfile.HeldBy(path, unrelated.pid))
+        Path(path).write_text(f"{unrelated.pid}\n{own_start()}\n")  # its PID, our start
+        assert lockfile.exited(lockfile.HeldBy(path, unrelated.pid, int(own_start())))
         assert lockfile.holder(path) is None  # nothing for the CLI to signal
+        Path(path).write_text(f"{unrelated.pid}\n")  # a file of an older gsmtp: no start
+        assert not lockfile.exited(lockfile.HeldBy(path, unrelated.pid))
     finally:
         unrelated.kill()
         unrelated.wait()
         lock.release()
+
+
+def own_start() -> str:
+    """This process's start, as /proc/self/stat gives it (clock ticks after boot)."""
+    return Path(f"/proc/{os.getpid()}/stat").read_text().rpartition(")")[2].split()[19]
