@@ -98,7 +98,20 @@ def exited(held: HeldBy) -> bool:
         return False
     if fields[:1] == ["Z"]:
         return True
-    return held.started is not None and len(fields) > 19 and fields[19] != str(held.started)
+    if held.started is None or len(fields) <= 19 or not _same_boottime(held.pid):
+        return False
+    return fields[19] != str(held.started)
+
+
+def _same_boottime(pid: int) -> bool:
+    """Whether this process reads start times on the clock `pid` wrote with: a process
+    in another time namespace (`unshare -T`, a restored container) sees every start
+    shifted by its boottime offset (red-team finding: a live server was taken for
+    gone). Unknown counts as the same (no namespaces: one clock)."""
+    try:
+        return os.readlink("/proc/self/ns/time") == os.readlink(f"/proc/{pid}/ns/time")
+    except OSError:
+        return True
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from gsmtp import lockfile, workers
 
@@ -194,3 +197,30 @@ def test_a_pid_now_naming_another_process_counts_as_exited(tmp_path: Path) -> No
 def own_start() -> str:
     """This process's start, as /proc/self/stat gives it (clock ticks after boot)."""
     return Path(f"/proc/{os.getpid()}/stat").read_text().rpartition(")")[2].split()[19]
+
+
+def test_a_live_holder_seen_from_another_time_namespace_is_not_taken_for_gone(
+    tmp_path: Path,
+) -> None:
+    """Red-team finding: in another time namespace (`unshare -T`), /proc/PID/stat's
+    start is shifted by the boottime offset, and a live server was taken as exited."""
+    path = str(tmp_path / "spool.sqlite.lock")
+    lock = lockfile.acquire(path)
+    assert isinstance(lock, lockfile.InstanceLock)
+    check = (
+        "import sys; from gsmtp import lockfile; "
+        "held = lockfile.acquire(sys.argv[1]); print(held.pid, lockfile.exited(held))"
+    )
+    try:
+        shifted = subprocess.run(
+            ["unshare", "-T", "--boottime", "100000", "--", sys.executable, "-c", check, path],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )
+        if shifted.returncode != 0 and "unshare" in shifted.stderr:
+            pytest.skip(f"no time namespace here: {shifted.stderr.strip()}")
+        assert shifted.stdout.split() == [str(os.getpid()), "False"], shifted.stderr
+    finally:
+        lock.release()
