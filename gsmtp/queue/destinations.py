@@ -133,8 +133,10 @@ class Destinations:
         destination = self._all.get(key)
         if destination is None:
             full = self._full_window.get(key[0])
-            cap = max(1, full) if full is not None else self._max
-            window = cap if full is not None else self._initial
+            if full is None:
+                cap, window = self._max, self._initial
+            else:
+                cap = window = max(1, full)
             destination = self._all[key] = Destination(key, float(window), cap)
         return destination
 

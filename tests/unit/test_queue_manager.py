@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from gsmtp import metrics, queue_control
 from gsmtp.message import Outcome
-from gsmtp.queue import INITIAL_WINDOW, NoticeSettings, RetryPolicy
+from gsmtp.queue import INITIAL_WINDOW, NoticeSettings, QueueManager, RetryPolicy
 from gsmtp.queue.manager import MAX_FAILED_ROUNDS, body_budget
 from gsmtp.spool import Spool
 from gsmtp.supervision import Supervisor
@@ -594,15 +594,24 @@ class HeldRecordingSpool(Spool):
         super().record_results(updates)
 
 
+def stalled_local_backlog(
+    qw: QueueWorld, messages: int, concurrency: int
+) -> tuple[HeldRecordingSpool, QueueManager]:
+    """`messages` local messages and a started manager of `concurrency` senders whose
+    result commits wait for the spool's `go`."""
+    held = HeldRecordingSpool(qw.spool)
+    for index in range(messages):
+        qw.enqueue([f"user{index}@local.example"])
+    manager = qw.manager(spool=held, concurrency=concurrency)
+    manager.start()
+    return held, manager
+
+
 def test_a_sender_slot_is_free_while_its_results_are_recorded(qw: QueueWorld) -> None:
     """The slot, the body bytes and the window go back once the backend has answered:
-    waiting in the slot for the result commit held a third of the senders of a local
-    backlog's drain idle. The recipients stay owned until recorded."""
-    held = HeldRecordingSpool(qw.spool)
-    for index in range(3):
-        qw.enqueue([f"user{index}@local.example"])
-    manager = qw.manager(spool=held, concurrency=1)
-    manager.start()
+    waiting in the slot for the result commit kept senders of a local backlog's drain
+    idle. The recipients stay owned until recorded."""
+    held, _ = stalled_local_backlog(qw, 3, concurrency=1)
     # One sender: the second delivery began only after the first left its slot.
     wait_until(lambda: held.waiting == 2, what="two deliveries recording at once")
     assert len(qw.local.calls) == 2 and qw.local.max_total == 1
@@ -645,11 +654,7 @@ def test_deliveries_recording_are_bounded_by_the_pool_when_the_spool_stalls(
     """Red-team finding: with result commits stalled, deliveries left their slots to
     record and new ones started, up to active_limit (10,000 greenlets parked, +100 MB).
     As many may record as send: then a delivery records in its slot, as before."""
-    held = HeldRecordingSpool(qw.spool)
-    for index in range(20):
-        qw.enqueue([f"user{index}@local.example"])
-    manager = qw.manager(spool=held, concurrency=2)
-    manager.start()
+    held, manager = stalled_local_backlog(qw, 20, concurrency=2)
     wait_until(lambda: held.waiting == 4, what="two recording out of slots, two in them")
     gevent.sleep(0.2)  # time enough for more to start, were any allowed
     assert len(qw.local.calls) == 4 and held.waiting == 4
