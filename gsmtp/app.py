@@ -35,7 +35,18 @@ from gevent.event import Event
 from gevent.monkey import get_original
 from gevent.threadpool import ThreadPool
 
-from gsmtp import accounts, db, early_signals, lockfile, log, metrics, routing, shards, writer
+from gsmtp import (
+    accounts,
+    collector,
+    db,
+    early_signals,
+    lockfile,
+    log,
+    metrics,
+    routing,
+    shards,
+    writer,
+)
 from gsmtp.acceptance import Acceptor
 from gsmtp.accounts import AccountsSnapshot
 from gsmtp.auth import Authenticator
@@ -890,6 +901,7 @@ class Application:
             self._request_reload()
         if signal.SIGUSR1 in arrived:
             self.queue.admin_signalled()
+        collector.settle_after_start()
         gevent.wait([stop_requested, self.supervisor.died], count=1)
         if self.supervisor.death is not None:
             return self._aborted()
