@@ -148,6 +148,10 @@ def test_the_cli_signal_makes_a_domain_flush_act_at_once(tmp_path: Path) -> None
         wait_until(
             lambda: metrics.DEAD_DESTINATIONS._value.get() == 2, what="both destinations dead"
         )
+        # A destination is declared dead when the backend answers, before the deferral is
+        # recorded; a flush passes over recipients still owned (as Postfix's over mail in
+        # its active queue), so the flush comes once both deferrals are recorded.
+        wait_until(lambda: qw.owned() == 0, what="both deferrals recorded")
         del qw.remote.behaviours["down.example"]
         calls = len(qw.remote.calls)
         queue_control.flush(qw.admin._db, qw.clock(), domain="down.example")
