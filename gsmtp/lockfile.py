@@ -222,8 +222,8 @@ def already_served(spool: str, path: str, held: HeldBy) -> str:
     the named PID having exited, that its workers still do)."""
     if exited(held):
         return (
-            f"gsmtp: spool {spool} is still served by the workers of PID {held.pid}, which"
-            f" has exited; they did not finish their stop in time (lock {path})"
+            f"gsmtp: spool {spool} is still served by the workers of PID {held.pid},"
+            f" {_how_it_exited(held)}; they did not finish their stop in time (lock {path})"
         )
     holder = f"PID {held.pid}" if held.pid is not None else "another process"
     return f"gsmtp: spool {spool} is already served by {holder} (lock {path})"
@@ -232,6 +232,17 @@ def already_served(spool: str, path: str, held: HeldBy) -> str:
 def waiting_for_orphans(spool: str, path: str, held: HeldBy, wait: float) -> str:
     """What `serve` says while the workers of an exited supervisor finish (`exited`)."""
     return (
-        f"gsmtp: spool {spool} is still served by the workers of PID {held.pid}, which has"
-        f" exited; waiting up to {wait:g} s for them to finish their stop (lock {path})"
+        f"gsmtp: spool {spool} is still served by the workers of PID {held.pid},"
+        f" {_how_it_exited(held)}; waiting up to {wait:g} s for them to finish their stop"
+        f" (lock {path})"
     )
+
+
+def _how_it_exited(held: HeldBy) -> str:
+    """The words for a holder `exited` found gone: a PID that now names a live process
+    (another start than the file records) is said to be reused, lest the operator look
+    for the wrong process."""
+    fields = _stat_fields(held.pid) if held.pid is not None else None
+    if fields is not None and fields[:1] != ["Z"]:
+        return "which has exited (that number now names another process)"
+    return "which has exited"

@@ -184,8 +184,14 @@ def test_a_pid_now_naming_another_process_counts_as_exited(tmp_path: Path) -> No
     unrelated = subprocess.Popen(["sleep", "30"])
     try:
         Path(path).write_text(f"{unrelated.pid}\n{own_start()}\n")  # its PID, our start
-        assert lockfile.exited(lockfile.HeldBy(path, unrelated.pid, int(own_start())))
+        reused = lockfile.HeldBy(path, unrelated.pid, int(own_start()))
+        assert lockfile.exited(reused)
         assert lockfile.holder(path) is None  # nothing for the CLI to signal
+        assert lockfile.waiting_for_orphans("spool.sqlite", path, reused, 8.0) == (
+            f"gsmtp: spool spool.sqlite is still served by the workers of PID {unrelated.pid},"
+            " which has exited (that number now names another process); waiting up to 8 s"
+            f" for them to finish their stop (lock {path})"
+        )
         Path(path).write_text(f"{unrelated.pid}\n")  # a file of an older gsmtp: no start
         assert not lockfile.exited(lockfile.HeldBy(path, unrelated.pid))
     finally:
