@@ -230,3 +230,24 @@ def test_a_live_holder_seen_from_another_time_namespace_is_not_taken_for_gone(
         assert shifted.stdout.split() == [str(os.getpid()), "False"], shifted.stderr
     finally:
         lock.release()
+
+
+@pytest.mark.parametrize("first_line", ["0", "99999999999", "12ab", ""])
+def test_a_lock_file_no_process_could_have_written_is_refused_at_once(
+    tmp_path: Path, first_line: str
+) -> None:
+    """Red-team leftover: a lock file edited by hand (PID 0, a number beyond pid_max)
+    made a second serve wait out the orphans' grace before refusing a live server."""
+    path = str(tmp_path / "spool.sqlite.lock")
+    live = lockfile.acquire(path)
+    assert isinstance(live, lockfile.InstanceLock)
+    Path(path).write_text(f"{first_line}\n")
+    told: list[lockfile.HeldBy] = []
+    refused = lockfile.acquire_after_exited_holder(
+        path, 30.0, waiting=told.append, sleep=lambda _: pytest.fail("waited")
+    )
+    assert refused == lockfile.HeldBy(path, None) and told == []
+    assert lockfile.already_served("spool.sqlite", path, refused) == (
+        f"gsmtp: spool spool.sqlite is already served by another process (lock {path})"
+    )
+    live.release()
