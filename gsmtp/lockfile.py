@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ORPHAN_POLL = 0.1  # seconds between tries while an exited supervisor's workers finish
+# Linux hands out PIDs below PID_MAX_LIMIT, 2^22 on 64-bit systems (less on 32-bit),
+# whatever /proc/sys/kernel/pid_max says now.
+PID_CEILING = 1 << 22
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,24 +161,17 @@ def acquire_after_exited_holder(
 
 def _read_holder(path: str, descriptor: int) -> HeldBy:
     """The PID the file names (its first line) and, when written, its start (the second).
-    A first line that no process could have written (not a number, 0, beyond the
-    kernel's pid_max: a file edited by hand) names nobody: the holder is then refused at
-    once as "another process", not waited for as an exited supervisor's workers."""
+    A first line that no process could have written (not a number, 0, at or beyond the
+    kernel's PID ceiling: a file edited by hand) names nobody: the holder is then refused
+    at once as "another process", not waited for as an exited supervisor's workers. The
+    ceiling, not the current /proc/sys/kernel/pid_max: lowering that leaves running
+    processes with higher PIDs (red-team finding: a server above it was taken for
+    nobody, and the restart after a kill -9 of its supervisor was refused)."""
     lines = os.pread(descriptor, 64, 0).decode("ascii", "replace").split("\n")
     pid = lines[0].strip()
     started = lines[1].strip() if len(lines) > 1 else ""
-    named = int(pid) if pid.isdigit() and 0 < int(pid) <= _pid_max() else None
+    named = int(pid) if pid.isdigit() and 0 < int(pid) < PID_CEILING else None
     return HeldBy(path, named, int(started) if started.isdigit() else None)
-
-
-def _pid_max() -> int:
-    """The largest PID the kernel hands out (/proc/sys/kernel/pid_max; 2^22, its
-    ceiling on 64-bit systems, where that cannot be read)."""
-    try:
-        with open("/proc/sys/kernel/pid_max", encoding="ascii") as limit:
-            return int(limit.read().strip())
-    except (OSError, ValueError):
-        return 1 << 22
 
 
 def holder(path: str) -> int | None:

@@ -232,11 +232,11 @@ def test_a_live_holder_seen_from_another_time_namespace_is_not_taken_for_gone(
         lock.release()
 
 
-@pytest.mark.parametrize("first_line", ["0", "99999999999", "12ab", ""])
+@pytest.mark.parametrize("first_line", ["0", "4194304", "99999999999", "12ab", ""])
 def test_a_lock_file_no_process_could_have_written_is_refused_at_once(
     tmp_path: Path, first_line: str
 ) -> None:
-    """Red-team leftover: a lock file edited by hand (PID 0, a number beyond pid_max)
+    """Red-team leftover: a lock file edited by hand (PID 0, a number no Linux hands out)
     made a second serve wait out the orphans' grace before refusing a live server."""
     path = str(tmp_path / "spool.sqlite.lock")
     live = lockfile.acquire(path)
@@ -250,4 +250,19 @@ def test_a_lock_file_no_process_could_have_written_is_refused_at_once(
     assert lockfile.already_served("spool.sqlite", path, refused) == (
         f"gsmtp: spool spool.sqlite is already served by another process (lock {path})"
     )
+    live.release()
+
+
+def test_a_pid_above_the_current_pid_max_still_names_its_process(tmp_path: Path) -> None:
+    """Red-team finding: lowering /proc/sys/kernel/pid_max leaves running processes with
+    higher PIDs; a lock file naming one was taken for nobody, so the restart after a
+    kill -9 of such a supervisor was refused instead of waiting for its workers. Only
+    numbers no Linux hands out (PID_MAX_LIMIT, 2^22) name nobody."""
+    path = str(tmp_path / "spool.sqlite.lock")
+    live = lockfile.acquire(path)
+    assert isinstance(live, lockfile.InstanceLock)
+    highest = lockfile.PID_CEILING - 1
+    Path(path).write_text(f"{highest}\n")
+    held = lockfile.acquire(path)
+    assert held == lockfile.HeldBy(path, highest)
     live.release()
