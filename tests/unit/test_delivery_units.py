@@ -249,3 +249,26 @@ def test_pacer_holds_deliveries_back_only_while_clients_are_connected() -> None:
     clients[0] = 1  # a client again: its lag counts from the full allowance
     pacer.observe(0.050)
     assert pacer.allowed == 50
+
+
+def test_pacer_probes_the_loop_only_while_clients_are_connected() -> None:
+    """An idle server woke 70 times a second, 50 of them the pacer's probe, for a lag
+    nobody waits on: with no client it looks for one every idle_interval instead."""
+    from gsmtp.queue import DeliveryPacer
+
+    clients = [0]
+    naps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) == 3:
+            clients[0] = 2  # a client connects
+        if len(naps) == 6:
+            raise StopIteration
+
+    pacer = DeliveryPacer(100, clients=lambda: clients[0], sleep=sleep)
+    pacer.allowed = 10
+    with pytest.raises(StopIteration):
+        pacer.run()
+    assert naps == [pacer.idle_interval] * 3 + [pacer.interval] * 3
+    assert pacer.idle_interval >= 5 * pacer.interval
