@@ -13,7 +13,7 @@ then the deliveries' own (a claim routed, a log flush), and halving for it held 
 backlog left by a burst to 40-60 senders of 100 for most of its drain (local end to end,
 30,000 messages: the drain ran at 1,600-1,800 msg/s until the allowance crept back).
 Nor does it probe then, every 20 ms for nothing: with no client it looks every
-`idle_interval` (100 ms) for one, so an idle worker wakes some 20 times a second instead
+`idle_interval` (100 ms) for one, so an idle worker wakes about 30 times a second instead
 of 70 (idle CPU measured in section "idle" of bench/notes.md).
 """
 
