@@ -97,7 +97,7 @@ from gsmtp.worker_link import (
     Reporter,
     Role,
 )
-from gsmtp.workers import take_node_lock
+from gsmtp.workers import refuse_served, take_node_lock
 
 # One thread creates, writes and links all Maildir files. More threads, each giving up and
 # retaking the GIL around every file syscall, starve the event loop (a GIL convoy):
@@ -121,7 +121,6 @@ VACUUM_WINDOW_SECONDS = 10.0
 VACUUM_MIN_PAGES = 2048
 VACUUM_SLACK_PAGES = 1024
 VACUUM_MAX_PAGES = 4096
-EXIT_ALREADY_RUNNING = 2
 WRITER_STOP_SECONDS = 0.5  # at SIGTERM, for the writer's last commits after the grace
 # The queue gauges are counted on the body reader's thread (never on the event loop, never
 # by a scrape) this often, and never for more than QUEUE_GAUGES_SHARE of that thread's
@@ -972,8 +971,7 @@ def _take_lock(config: Config, role: Role, path: str) -> lockfile.InstanceLock |
         return take_node_lock(config, path, sleep=get_original("time", "sleep"))
     lock = lockfile.acquire(path)
     if isinstance(lock, lockfile.HeldBy):
-        print(lockfile.already_served(config.spool.path, path, lock), file=sys.stderr)
-        return EXIT_ALREADY_RUNNING
+        return refuse_served(config, path, lock)
     return lock
 
 

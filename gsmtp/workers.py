@@ -233,8 +233,7 @@ def take_node_lock(
             sleep=sleep,
         )
         if isinstance(lock, lockfile.HeldBy):
-            _say(lockfile.already_served(config.spool.path, path, lock))
-            return EXIT_ALREADY_RUNNING
+            return refuse_served(config, path, lock)
         refusal = wait_for_draining_shards(config.spool.path, deadline, sleep=sleep)
     except KeyboardInterrupt:
         if isinstance(lock, lockfile.InstanceLock):
@@ -246,6 +245,13 @@ def take_node_lock(
         _say(refusal)
         return EXIT_ALREADY_RUNNING
     return lock
+
+
+def refuse_served(config: Config, path: str, held: lockfile.HeldBy) -> int:
+    """Say which process serves the spool (its node lock, or a shard's at `path`) and
+    give the exit status `serve` ends with."""
+    _say(lockfile.already_served(config.spool.path, path, held))
+    return EXIT_ALREADY_RUNNING
 
 
 def _say(line: str) -> None:
