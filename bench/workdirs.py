@@ -51,9 +51,7 @@ def inode_flags(path: Path) -> int:
     """The directory's inode flags (`lsattr -d`); OSError where the file system has none."""
     descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        flags = array.array("i", [0])
-        fcntl.ioctl(descriptor, _FS_IOC_GETFLAGS, flags, True)
-        return flags[0]
+        return _flags(descriptor)
     finally:
         os.close(descriptor)
 
@@ -63,15 +61,23 @@ def mark_top_directory(path: Path) -> bool:
     groups (see the module's docstring); False where the file system does not take it
     (tmpfs, or not ext2/3/4), and the cells then share groups as before."""
     try:
-        flags = inode_flags(path)
         descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.ioctl(descriptor, _FS_IOC_SETFLAGS, array.array("i", [flags | FS_TOPDIR_FL]))
-        finally:
-            os.close(descriptor)
-        return bool(inode_flags(path) & FS_TOPDIR_FL)
     except OSError:
         return False
+    try:
+        flags = array.array("i", [_flags(descriptor) | FS_TOPDIR_FL])
+        fcntl.ioctl(descriptor, _FS_IOC_SETFLAGS, flags)
+        return bool(_flags(descriptor) & FS_TOPDIR_FL)
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+
+
+def _flags(descriptor: int) -> int:
+    flags = array.array("i", [0])
+    fcntl.ioctl(descriptor, _FS_IOC_GETFLAGS, flags, True)
+    return flags[0]
 
 
 @contextmanager
