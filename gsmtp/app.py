@@ -266,8 +266,8 @@ class Application:
             active_limit=delivery.active_limit,
             body_budget=body_budget(config.server.max_data_memory),
             spawn=self.supervisor.spawn,
-            # Paced only while clients are connected (self.server is made below).
-            pacer=DeliveryPacer(delivery.concurrency, clients=lambda: self.server.connections),
+            # Paced only while clients are being served (self.server is made below).
+            pacer=DeliveryPacer(delivery.concurrency, clients=lambda: self.server.clients_served),
         )
         self._authenticator = Authenticator(
             snapshot=self._accounts.get,

@@ -107,6 +107,10 @@ _REJECT_REASONS: dict[Reply, str] = {
 }
 # Connections one worker accepts per turn of its loop from a listener it shares.
 SHARED_MAX_ACCEPT = 4
+# Seconds since the last byte from any client after which none counts as being served
+# (`SmtpServer.clients_served`): several of the pacer's probes, well under a human's
+# pause between commands, and a busy client's gap between two reads is far shorter.
+SERVED_WINDOW = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +237,8 @@ class SmtpServer:
         self._pool = Pool(max_connections if shared else max_connections + _OVERFLOW_SLOTS)
         self._servers: list[StreamServer] = []
         self._active = 0
+        # When a client last sent anything (all connections): see `clients_served`.
+        self.last_read_at = time.monotonic()
         self._connections: dict[gevent.Greenlet, _Connection] = {}
         self._sweeper: gevent.Greenlet | None = None
         self._stopping = Event()
@@ -271,6 +277,17 @@ class SmtpServer:
     @property
     def connections(self) -> int:
         """Connections open now (systemd STATUS=, a worker's heartbeat)."""
+        return self._active
+
+    @property
+    def clients_served(self) -> int:
+        """Connections open now if a client sent anything in the last SERVED_WINDOW
+        seconds, else 0: the delivery pacer makes way only for clients being served.
+        An idle connection held open (a client's pool, a monitor's probe) waits on
+        nobody; counted as a client, it held a whole drain of deliveries to the pacer's
+        floor of 2 senders, halved for the deliveries' own lag."""
+        if time.monotonic() - self.last_read_at > SERVED_WINDOW:
+            return 0
         return self._active
 
     @property
@@ -630,7 +647,7 @@ class _Connection:
         finally:
             self.idle = False
             self.deadline = _NEVER
-        self._last_read_at = time.monotonic()
+        self._last_read_at = server.last_read_at = time.monotonic()
         self._read_ended_line = b"\n" in data
         if receiving:
             self._data_bytes += len(data)

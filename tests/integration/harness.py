@@ -140,6 +140,9 @@ class GsmtpProcess:
         # LISTEN_PID = the server's own PID).
         self.env: dict[str, str] = {}
         self.listen_socket: socket.socket | None = None
+        # Set before start(): run this instead of `gsmtp serve` (a script building the
+        # application with a part of a test's own), the config's path appended.
+        self.command: list[str] | None = None
 
     # -- CLI --------------------------------------------------------------------------
 
@@ -218,6 +221,8 @@ class GsmtpProcess:
         log = self.log_path.open("ab")
         self._log_offset = log.tell()
         command = [sys.executable, "-m", "gsmtp.cli", "serve", "-c", str(self.config)]
+        if self.command is not None:
+            command = [*self.command, str(self.config)]
         pass_fds: tuple[int, ...] = ()
         if self.listen_socket is not None:
             fd = self.listen_socket.fileno()

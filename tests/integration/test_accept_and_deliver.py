@@ -330,6 +330,69 @@ def test_ipv6_listener_on_loopback(gsmtp_factory) -> None:  # type: ignore[no-un
     wait_for(lambda: gsmtp.events("connection_opened", peer="::1"), what="the peer logged")
 
 
+# gsmtp serve, with a greenlet that holds the event loop 20 ms at a time: the loop lags
+# as it would under a load, deterministically, so the pacer halves whenever it protects
+# a client.
+LAGGING_LOOP = """
+import sys
+from gevent import monkey
+
+monkey.patch_all()
+from pathlib import Path
+
+import gevent
+from gevent.monkey import get_original
+
+from gsmtp import app
+from gsmtp.config import load
+
+block = get_original("time", "sleep")
+
+
+def hog() -> None:
+    while True:
+        block(0.020)
+        gevent.sleep(0.005)
+
+
+def build(config, **options):
+    gevent.spawn(hog)
+    return app.Application(config, **options)
+
+
+sys.exit(app.serve(load(Path(sys.argv[1])), application_factory=build))
+"""
+
+
+def test_an_idle_client_connection_does_not_hold_deliveries_back(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
+    """Issue 8: the pacer makes way for clients being served, not for connections held
+    open: one idle connection during a drain held the deliveries to its floor of 2
+    senders, halved for their own lag. Here the loop lags all the time (a greenlet holds
+    it); while a client talks the allowance falls, and once the client goes quiet,
+    its connection still open, it returns to the configured number."""
+    gsmtp = gsmtp_factory({"delivery": {"concurrency": 16}}, start=False)
+    gsmtp.command = [sys.executable, "-c", LAGGING_LOOP]
+    gsmtp.start()
+    allowed = "gsmtp_delivery_concurrency_allowed"
+    wait_for(lambda: gsmtp.metrics().get(allowed) == 16, what="the pacer at rest")
+    with SmtpWire(gsmtp.port) as wire:
+        assert wire.read_reply()[-1].startswith("220")
+        wire.command("EHLO c.example")
+
+        def talking_lowers_it() -> bool:
+            assert wire.command("NOOP").startswith("250")
+            return gsmtp.metrics()[allowed] <= 4
+
+        wait_for(talking_lowers_it, timeout=20, what="the allowance lowered while a client talks")
+        # Quiet now, the connection open: nobody waits on the loop.
+        wait_for(
+            lambda: gsmtp.metrics()[allowed] == 16,
+            timeout=20,
+            what="the whole allowance back with an idle connection open",
+        )
+        assert wire.command("NOOP").startswith("250")  # still open, served when it talks
+
+
 def test_the_pacer_shrinks_deliveries_under_client_load_and_recovers(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
     """README's "acceptance first": while clients load the server (the load generator,
     another process) the pacer allows fewer concurrent deliveries than configured,
