@@ -174,12 +174,26 @@ def _read_holder(path: str, descriptor: int) -> HeldBy:
     return HeldBy(path, named, int(started) if started.isdigit() else None)
 
 
+class HolderUnverified(Exception):
+    """The lock is held, but neither /proc/locks nor the descriptors of the PID its file
+    names can be read to confirm that PID holds it (a mount namespace hiding /proc/locks,
+    another user's process): the number could be planted by whoever can write the file,
+    so it is not to be signalled."""
+
+    def __init__(self, path: str, pid: int) -> None:
+        super().__init__(f"cannot tell whether PID {pid} holds {path}")
+        self.path = path
+        self.pid = pid
+
+
 def holder(path: str) -> int | None:
     """The PID of the server holding the lock at `path` (the PID its file names), or None
-    when no process holds it, or the PID named is gone (`exited`). Read from /proc/locks,
-    which looks without locking: a test lock of our own could make a server starting at
-    that moment think the spool served. Where /proc/locks cannot be read, a shared lock
-    is tried for an instant instead."""
+    when no process holds it, or the PID named is gone (`exited`) or does not hold it.
+    Read from /proc/locks, which looks without locking: a test lock of our own could
+    make a server starting at that moment think the spool served. Where /proc/locks
+    cannot be read, from the `lock:` lines of the named process's /proc/<pid>/fdinfo;
+    where neither can, HolderUnverified if the lock is held (a shared lock tried for an
+    instant: it says that someone holds it, not who)."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -193,35 +207,68 @@ def holder(path: str) -> int | None:
             # Gone, or the number reused by an unrelated process: no server to signal
             # (the workers of a killed supervisor, still stopping, may hold the lock).
             return None
-        held = _held_per_proc(os.fstat(descriptor).st_ino, pid)
+        inode = os.fstat(descriptor).st_ino
+        held = _held_per_proc(inode, pid)
+        if held is None:
+            held = _held_per_fdinfo(inode, pid)
         if held is None:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                held = True
-            else:
-                held = False
+                raise HolderUnverified(path, pid) from None
+            return None
         return pid if held else None
     finally:
         os.close(descriptor)
 
 
+def _flock_owner(fields: list[str], inode: int) -> str | None:
+    """The owner PID of a lock line (/proc/locks, or an fdinfo `lock:` line without its
+    label: `1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF`) if it is an flock on a file
+    with `inode`, else None. The device is left out of the comparison (overlay file
+    systems report another one than stat)."""
+    if len(fields) < 6 or fields[1] != "FLOCK":
+        return None  # a POSIX lock, or a "->" line: a request waiting for the lock
+    if fields[5].rsplit(":", 1)[-1] != str(inode):
+        return None
+    return fields[4]
+
+
 def _held_per_proc(inode: int, pid: int) -> bool | None:
     """Whether /proc/locks lists an flock of `pid` on a file with `inode` (None: cannot
-    tell). Lines look like `1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF`; the device
-    is left out of the comparison (overlay file systems report another one than stat)."""
+    tell)."""
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as listing:
             lines = listing.readlines()
     except OSError:
         return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 6 or fields[1] == "->" or fields[1] != "FLOCK":
-            continue
-        owner, file_id = fields[4], fields[5]
-        if owner == str(pid) and file_id.rsplit(":", 1)[-1] == str(inode):
-            return True
+    return any(_flock_owner(line.split(), inode) == str(pid) for line in lines)
+
+
+def _held_per_fdinfo(inode: int, pid: int) -> bool | None:
+    """Whether a descriptor of `pid` holds an flock on a file with `inode`: its
+    /proc/<pid>/fdinfo entry shows a `lock:` line only for locks taken through that very
+    open file (None: cannot tell). Any owner counts: a worker holds the node lock its
+    supervisor took, through the descriptor it inherited."""
+    directory = f"/proc/{pid}/fdinfo"
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return False  # gone since `exited` looked
+    except OSError:
+        return None
+    for name in names:
+        try:
+            with open(f"{directory}/{name}", encoding="ascii", errors="replace") as info:
+                lines = info.readlines()
+        except FileNotFoundError:
+            continue  # closed meanwhile
+        except OSError:
+            return None
+        for line in lines:
+            label, _, rest = line.partition(":")
+            if label == "lock" and _flock_owner(rest.split(), inode) is not None:
+                return True
     return False
 
 

@@ -279,9 +279,17 @@ class NotWoken:
 
 def wake_server(spool_path: str) -> Woken | NotWoken:
     """SIGUSR1 to the server that holds the spool's lock (the PID in the lock file, and
-    only while the lock is held: a stale PID could name an unrelated process)."""
+    only once that process is seen to hold the lock: a stale or planted PID could name
+    an unrelated process)."""
     path = lockfile.lock_path(spool_path)
-    pid = lockfile.holder(path)
+    try:
+        pid = lockfile.holder(path)
+    except lockfile.HolderUnverified as unverified:
+        return NotWoken(
+            f"the spool's lock is held, but this process cannot read /proc/locks or"
+            f" /proc/{unverified.pid}/fdinfo to confirm that PID {unverified.pid}, which"
+            f" the lock file names, holds it"
+        )
     if pid is None:
         return NotWoken("no server holds the spool's lock", running=False)
     try:

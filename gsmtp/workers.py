@@ -267,7 +267,7 @@ def wait_for_draining_shards(
     it until `deadline`, else the refusal to print."""
     for _, shard in shards.existing(spool_path)[1:]:
         path = lockfile.lock_path(shard)
-        holder = lockfile.holder(path)
+        holder = _shard_holder(path)
         if holder is not None:
             _say(
                 f"gsmtp: shard {shard} is still served by PID {holder}, a worker of an earlier"
@@ -276,13 +276,22 @@ def wait_for_draining_shards(
             )
         while holder is not None and time.monotonic() < deadline:
             sleep(lockfile.ORPHAN_POLL)
-            holder = lockfile.holder(path)
+            holder = _shard_holder(path)
         if holder is not None:
             return (
                 f"gsmtp: shard {shard} is still served by PID {holder}, a worker of an"
                 f" earlier server still stopping (lock {path})"
             )
     return None
+
+
+def _shard_holder(path: str) -> int | None:
+    """`lockfile.holder`, taking the PID a held lock's file names at its word when it
+    cannot be confirmed: it is only waited for and named, never signalled."""
+    try:
+        return lockfile.holder(path)
+    except lockfile.HolderUnverified as unverified:
+        return unverified.pid
 
 
 class _StartError(Exception):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -266,3 +270,139 @@ def test_a_pid_above_the_current_pid_max_still_names_its_process(tmp_path: Path)
     held = lockfile.acquire(path)
     assert held == lockfile.HeldBy(path, highest)
     live.release()
+
+
+# Runs in a mount namespace where /proc/locks cannot be read (a unix socket's file bound
+# over it: opening that fails with ENXIO), as behind a container runtime hiding it: asks
+# lockfile.holder and queue_control.wake_server about the spool (argv[1]); prints both.
+HIDDEN_PROC_LOCKS = """
+import sys
+from gsmtp import lockfile, queue_control
+try:
+    open("/proc/locks").close()
+except OSError:
+    pass
+else:
+    sys.exit("/proc/locks is readable: not hidden")
+try:
+    print(lockfile.holder(lockfile.lock_path(sys.argv[1])))
+except lockfile.HolderUnverified as unverified:
+    print("unverified", unverified.pid)
+print(queue_control.wake_server(sys.argv[1]))
+"""
+
+# A server's part: takes the lock of the spool argv[1] names, says so, and waits, with
+# SIGUSR1's default action (it ends the process: a signal sent is seen).
+HOLDER = """
+import sys, time
+from gsmtp import lockfile
+lock = lockfile.acquire(lockfile.lock_path(sys.argv[1]))
+assert isinstance(lock, lockfile.InstanceLock), lock
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def _environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+
+def _hold(spool: str) -> subprocess.Popen[str]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, spool], stdout=subprocess.PIPE, text=True, env=_environment()
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+def _without_proc_locks(
+    directory: Path, spool: str, *user: str
+) -> subprocess.CompletedProcess[str]:
+    """HIDDEN_PROC_LOCKS for `spool` in a new mount namespace, as `user` (setpriv
+    options) if given; skips where this machine cannot make one."""
+    hider = directory / "hide.sock"
+    hider.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX) as bound:
+        bound.bind(str(hider))
+    script = 'mount --bind "$1" /proc/locks && shift && exec "$@"'
+    command = [sys.executable, "-c", HIDDEN_PROC_LOCKS, spool]
+    if user:
+        command = ["setpriv", *user, "--", *command]
+    result = subprocess.run(
+        ["unshare", "-m", "--", "sh", "-c", script, "sh", str(hider), *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_environment(),
+    )
+    if result.returncode != 0 and ("unshare" in result.stderr or "mount" in result.stderr):
+        pytest.skip(f"cannot hide /proc/locks here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    process.kill()
+    process.wait()
+
+
+def test_with_proc_locks_hidden_only_the_holder_is_signalled(tmp_path: Path) -> None:
+    """Red-team finding (issue 8): where /proc/locks cannot be read, the CLI tested only
+    that *someone* held the lock and signalled whatever PID the file named: whoever
+    could write the lock file had `gsmtp queue flush` send SIGUSR1 (default action:
+    terminate) to a process of their choice. The named process's own descriptors
+    (/proc/<pid>/fdinfo) now tell whether it holds the lock."""
+    spool = str(tmp_path / "spool.sqlite")
+    holder = _hold(spool)
+    planted = subprocess.Popen(["sleep", "60"])
+    try:
+        # The file names the real holder: confirmed through its fdinfo, and signalled.
+        seen = _without_proc_locks(tmp_path, spool).stdout.splitlines()
+        assert seen[0] == str(holder.pid)
+        assert seen[1] == f"Woken(pid={holder.pid})"
+        assert holder.wait(timeout=10) == -signal.SIGUSR1
+        holder = _hold(spool)
+        # The lock held, its file now naming an unrelated live process (with that
+        # process's own start, so it does not count as exited): nobody is signalled.
+        started = Path(f"/proc/{planted.pid}/stat").read_text().rpartition(")")[2].split()[19]
+        Path(lockfile.lock_path(spool)).write_text(f"{planted.pid}\n{started}\n")
+        seen = _without_proc_locks(tmp_path, spool).stdout.splitlines()
+        assert seen[0] == "None"
+        assert "running=False" in seen[1]
+        time.sleep(0.2)
+        assert planted.poll() is None, "the planted process was signalled"
+    finally:
+        _stop(planted)
+        _stop(holder)
+
+
+def test_with_nothing_to_confirm_the_holder_the_server_is_not_signalled() -> None:
+    """Where neither /proc/locks nor the named process's fdinfo can be read (another
+    user's process), a held lock's PID cannot be confirmed: not signalled, and the CLI
+    says why instead of "no server"."""
+    directory = Path(tempfile.mkdtemp(dir="/tmp"))  # nobody must reach the lock file
+    try:
+        directory.chmod(0o755)
+        spool = str(directory / "spool.sqlite")
+        nobody = ("--reuid=65534", "--regid=65534", "--clear-groups")
+        probe = subprocess.run(
+            ["setpriv", *nobody, "--", sys.executable, "-c", "import gsmtp.lockfile"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=_environment(),
+        )
+        if probe.returncode != 0:
+            pytest.skip(f"user nobody cannot run this checkout's Python: {probe.stderr.strip()}")
+        holder = _hold(spool)
+        try:
+            os.chmod(lockfile.lock_path(spool), 0o644)
+            seen = _without_proc_locks(directory, spool, *nobody).stdout.splitlines()
+            assert seen[0] == f"unverified {holder.pid}"
+            assert "running=True" in seen[1] and f"/proc/{holder.pid}/fdinfo" in seen[1]
+            time.sleep(0.2)
+            assert holder.poll() is None, "the holder was signalled"
+        finally:
+            _stop(holder)
+    finally:
+        shutil.rmtree(directory)
