@@ -18,8 +18,10 @@ the first still holds the old one. Commands other than `serve` do not take the l
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,10 +64,14 @@ def lock_path(spool_path: str) -> str:
 
 
 def acquire(path: str) -> InstanceLock | HeldBy:
-    """Take the lock without waiting. OSError if the file cannot be opened at all."""
+    """Take the lock without waiting. OSError if the file cannot be opened at all, or is
+    not a regular file."""
     Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    descriptor = os.open(path, flags, 0o600)
     try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # a FIFO, a device put there
+            raise OSError(errno.EINVAL, "not a regular file", path)
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _read_holder(path, descriptor)
@@ -189,16 +195,25 @@ class HolderUnverified(Exception):
 def holder(path: str) -> int | None:
     """The PID of the server holding the lock at `path` (the PID its file names), or None
     when no process holds it, or the PID named is gone (`exited`) or does not hold it.
-    Read from /proc/locks, which looks without locking: a test lock of our own could
-    make a server starting at that moment think the spool served. Where /proc/locks
-    cannot be read, from the `lock:` lines of the named process's /proc/<pid>/fdinfo;
-    where neither can, HolderUnverified if the lock is held (a shared lock tried for an
-    instant: it says that someone holds it, not who)."""
+    Looked up without locking (a test lock of our own could make a server starting at
+    that moment think the spool served): first among the named process's descriptors,
+    one open on this very file (device and inode) with an flock on it
+    (/proc/<pid>/fd and fdinfo); where those cannot be read (another user's process, or
+    one with capabilities this one lacks), in /proc/locks (the inode only: overlay file
+    systems list another device than stat gives); where neither can,
+    HolderUnverified if the lock is held (a shared lock tried for an instant: it says
+    that someone holds it, not who). Not a regular file (a directory, a FIFO put in its
+    place): no server could have locked it, None."""
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        descriptor = os.open(
+            path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+        )
     except OSError:
         return None
     try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            return None
         named = _read_holder(path, descriptor)
         pid = named.pid
         if pid is None:
@@ -207,10 +222,9 @@ def holder(path: str) -> int | None:
             # Gone, or the number reused by an unrelated process: no server to signal
             # (the workers of a killed supervisor, still stopping, may hold the lock).
             return None
-        inode = os.fstat(descriptor).st_ino
-        held = _held_per_proc(inode, pid)
+        held = _held_per_descriptors(status, pid)
         if held is None:
-            held = _held_per_fdinfo(inode, pid)
+            held = _held_per_proc(status.st_ino, pid)
         if held is None:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -245,12 +259,13 @@ def _held_per_proc(inode: int, pid: int) -> bool | None:
     return any(_flock_owner(line.split(), inode) == str(pid) for line in lines)
 
 
-def _held_per_fdinfo(inode: int, pid: int) -> bool | None:
-    """Whether a descriptor of `pid` holds an flock on a file with `inode`: its
-    /proc/<pid>/fdinfo entry shows a `lock:` line only for locks taken through that very
-    open file (None: cannot tell). Any owner counts: a worker holds the node lock its
-    supervisor took, through the descriptor it inherited."""
-    directory = f"/proc/{pid}/fdinfo"
+def _held_per_descriptors(lock: os.stat_result, pid: int) -> bool | None:
+    """Whether a descriptor of `pid` is open on the file `lock` describes (the same
+    device and inode, as stat sees them through /proc/<pid>/fd) and holds an flock on
+    it: its /proc/<pid>/fdinfo entry shows a `lock:` line only for locks taken through
+    that very open file (None: cannot tell). Any owner counts: a worker holds the node
+    lock its supervisor took, through the descriptor it inherited."""
+    directory = f"/proc/{pid}/fd"
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
@@ -259,37 +274,64 @@ def _held_per_fdinfo(inode: int, pid: int) -> bool | None:
         return None
     for name in names:
         try:
-            with open(f"{directory}/{name}", encoding="ascii", errors="replace") as info:
+            opened = os.stat(f"{directory}/{name}")
+            if (opened.st_dev, opened.st_ino) != (lock.st_dev, lock.st_ino):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii", errors="replace") as info:
                 lines = info.readlines()
         except FileNotFoundError:
-            continue  # closed meanwhile
+            continue  # closed meanwhile (or a descriptor of a file since removed)
         except OSError:
             return None
         for line in lines:
             label, _, rest = line.partition(":")
-            if label == "lock" and _flock_owner(rest.split(), inode) is not None:
+            if label == "lock" and _flock_owner(rest.split(), lock.st_ino) is not None:
                 return True
     return False
 
 
+def processes_holding(path: str) -> list[int]:
+    """Every process seen to hold the flock on `path` through a descriptor of its own
+    (their /proc/<pid>/fdinfo: the ones this process may read), in PID order: a killed
+    supervisor's lock is held by its worker 0, which inherited the descriptor and whose
+    PID no file names. One look at every process's descriptors: for messages, not for
+    a path taken often."""
+    try:
+        lock = os.stat(path)
+        entries = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    return [pid for pid in sorted(entries) if _held_per_descriptors(lock, pid)]
+
+
+def _held_through(path: str) -> str:
+    """ ", held by PID 1234" (or PIDs), naming the processes holding the lock now."""
+    pids = processes_holding(path)
+    if not pids:
+        return ""
+    return f", held by PID{'s' if len(pids) > 1 else ''} {', '.join(map(str, pids))}"
+
+
 def already_served(spool: str, path: str, held: HeldBy) -> str:
     """What a second `serve` says before exiting: which process serves the spool (or,
-    the named PID having exited, that its workers still do)."""
+    the named PID having exited, that its workers still do, and which they are)."""
     if exited(held):
         return (
             f"gsmtp: spool {spool} is still served by the workers of PID {held.pid},"
-            f" {_how_it_exited(held)}; they did not finish their stop in time (lock {path})"
+            f" {_how_it_exited(held)}; they did not finish their stop in time"
+            f" (lock {path}{_held_through(path)})"
         )
     holder = f"PID {held.pid}" if held.pid is not None else "another process"
     return f"gsmtp: spool {spool} is already served by {holder} (lock {path})"
 
 
 def waiting_for_orphans(spool: str, path: str, held: HeldBy, wait: float) -> str:
-    """What `serve` says while the workers of an exited supervisor finish (`exited`)."""
+    """What `serve` says while the workers of an exited supervisor finish (`exited`),
+    naming the ones holding the lock."""
     return (
         f"gsmtp: spool {spool} is still served by the workers of PID {held.pid},"
         f" {_how_it_exited(held)}; waiting up to {wait:g} s for them to finish their stop"
-        f" (lock {path})"
+        f" (lock {path}{_held_through(path)})"
     )
 
 

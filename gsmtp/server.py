@@ -237,8 +237,10 @@ class SmtpServer:
         self._pool = Pool(max_connections if shared else max_connections + _OVERFLOW_SLOTS)
         self._servers: list[StreamServer] = []
         self._active = 0
-        # When a client last sent anything (all connections): see `clients_served`.
+        # When a client last sent anything (or connected), and how many wait for the
+        # spool to commit their message: see `clients_served`.
         self.last_read_at = time.monotonic()
+        self.storing = 0
         self._connections: dict[gevent.Greenlet, _Connection] = {}
         self._sweeper: gevent.Greenlet | None = None
         self._stopping = Event()
@@ -281,12 +283,13 @@ class SmtpServer:
 
     @property
     def clients_served(self) -> int:
-        """Connections open now if a client sent anything in the last SERVED_WINDOW
-        seconds, else 0: the delivery pacer makes way only for clients being served.
-        An idle connection held open (a client's pool, a monitor's probe) waits on
-        nobody; counted as a client, it held a whole drain of deliveries to the pacer's
-        floor of 2 senders, halved for the deliveries' own lag."""
-        if time.monotonic() - self.last_read_at > SERVED_WINDOW:
+        """Connections open now if a client sent anything (or connected) in the last
+        SERVED_WINDOW seconds or waits for its message's commit, else 0: the delivery
+        pacer makes way only for clients being served. An idle connection held open (a
+        client's pool, a monitor's probe) waits on nobody; counted as a client, it held
+        a whole drain of deliveries to the pacer's floor of 2 senders, halved for the
+        deliveries' own lag."""
+        if not self.storing and time.monotonic() - self.last_read_at > SERVED_WINDOW:
             return 0
         return self._active
 
@@ -520,7 +523,9 @@ class _Connection:
         self.limit = _IDLE  # the deadline's kind, for the reply when it passes
         self.idle = False  # waiting for a command outside a transaction
         self.storing = False  # waiting for the spool to commit a message
-        self._last_read_at = time.monotonic()
+        # A new client counts as served (`clients_served`) while it greets, and sends
+        # its PROXY header or its TLS handshake: reads `_receive` does not see.
+        self._last_read_at = server.last_read_at = time.monotonic()
         self._line_started: float | None = None  # first byte of an unfinished command line
         self._read_ended_line = False  # the last read held a line end (LF)
         self._data_started: float | None = None  # the 354 of the DATA being received
@@ -930,6 +935,7 @@ class _Connection:
         )
         message_id = message.id
         self.storing = True
+        self._server.storing += 1
         self._memory.set(len(envelope.content) + len(message.body))
         try:
             self._server._spool.enqueue(message)
@@ -945,6 +951,7 @@ class _Connection:
             return replies.SPOOL_ERROR
         finally:
             self.storing = False
+            self._server.storing -= 1
             self._memory.set(0)
         self._body = None  # its parts are the stored message's now
         metrics.ACCEPT_SECONDS.observe(time.monotonic() - started)

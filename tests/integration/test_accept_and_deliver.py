@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from email.message import EmailMessage
 
 import apsw
@@ -391,6 +392,35 @@ def test_an_idle_client_connection_does_not_hold_deliveries_back(gsmtp_factory) 
             what="the whole allowance back with an idle connection open",
         )
         assert wire.command("NOOP").startswith("250")  # still open, served when it talks
+
+
+def test_a_client_waiting_for_its_commit_is_still_served(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
+    """Red-team finding: a client that has sent its message and waits for the 250 sends
+    nothing while the commit is slow; it lost the pacer's protection half a second
+    into the wait. Here another process holds the spool's write lock, so the commit
+    waits; the allowance stays low until the 250, then comes back."""
+    gsmtp = gsmtp_factory({"delivery": {"concurrency": 16}}, start=False)
+    gsmtp.command = [sys.executable, "-c", LAGGING_LOOP]
+    gsmtp.start()
+    allowed = "gsmtp_delivery_concurrency_allowed"
+    wait_for(lambda: gsmtp.metrics().get(allowed) == 16, what="the pacer at rest")
+    outside = apsw.Connection(str(gsmtp.spool_path))
+    with SmtpWire(gsmtp.port) as wire:
+        assert wire.read_reply()[-1].startswith("220")
+        for line in ("EHLO c.example", "MAIL FROM:<a@remote.example>", "RCPT TO:<jones@foo.com>"):
+            assert wire.command(line).startswith("250")
+        assert wire.command("DATA").startswith("354")
+        outside.execute("BEGIN IMMEDIATE")  # the commit of the message now waits
+        try:
+            wire.send(b"Subject: slow commit\r\n\r\nbody\r\n.\r\n")
+            wait_for(lambda: gsmtp.metrics()[allowed] <= 4, what="the allowance lowered")
+            time.sleep(1.0)  # twice the window after the client's last byte
+            assert gsmtp.metrics()[allowed] <= 4, "a client waiting for its 250 not served"
+        finally:
+            outside.execute("ROLLBACK")
+        assert wire.read_reply()[-1].startswith("250")
+        wait_for(lambda: gsmtp.metrics()[allowed] == 16, what="the allowance back after the 250")
+    outside.close()
 
 
 def test_the_pacer_shrinks_deliveries_under_client_load_and_recovers(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]

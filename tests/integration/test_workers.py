@@ -555,16 +555,19 @@ def test_a_serve_after_a_kill_9_of_the_supervisor_waits_for_its_workers_then_sta
     says what it waits for, starts once they are gone, and delivers."""
     gsmtp = gsmtp_factory({"server": {"workers": WORKERS, "shutdown_grace": "4s"}})
     assert gsmtp.process is not None
-    supervisor, old_workers = gsmtp.process.pid, list(worker_pids(gsmtp).values())
+    supervisor, workers = gsmtp.process.pid, worker_pids(gsmtp)
+    old_workers = list(workers.values())
     stalled = stall_in(gsmtp, set(range(COUNT)))
     try:
         gsmtp.kill9()
         assert all(alive(pid) for pid in old_workers)  # stopping, with a client each
         gsmtp.start()
         started = gsmtp.log()
+        # Worker 0 holds the node lock it inherited: named, though no file names it.
         assert (
             f"is still served by the workers of PID {supervisor}, which has exited; waiting"
-            f" up to 9 s for them to finish their stop" in started
+            f" up to 9 s for them to finish their stop (lock {gsmtp.spool_path}.lock, held by"
+            f" PID {workers[0]})" in started
         )
         assert not any(alive(pid) for pid in old_workers)
         assert send(gsmtp.port, "jones@foo.com", "after the restart") is not None

@@ -127,7 +127,8 @@ def test_a_live_holder_is_refused_at_once_and_an_exited_one_after_the_wait(
     assert refused == lockfile.HeldBy(path, dead) and len(told) == 1
     assert lockfile.already_served("spool.sqlite", path, refused) == (
         f"gsmtp: spool spool.sqlite is still served by the workers of PID {dead}, which has"
-        f" exited; they did not finish their stop in time (lock {path})"
+        f" exited; they did not finish their stop in time (lock {path}, held by PID"
+        f" {os.getpid()})"
     )
     held.release()
 
@@ -194,7 +195,7 @@ def test_a_pid_now_naming_another_process_counts_as_exited(tmp_path: Path) -> No
         assert lockfile.waiting_for_orphans("spool.sqlite", path, reused, 8.0) == (
             f"gsmtp: spool spool.sqlite is still served by the workers of PID {unrelated.pid},"
             " which has exited (that number now names another process); waiting up to 8 s"
-            f" for them to finish their stop (lock {path})"
+            f" for them to finish their stop (lock {path}, held by PID {os.getpid()})"
         )
         Path(path).write_text(f"{unrelated.pid}\n")  # a file of an older gsmtp: no start
         assert not lockfile.exited(lockfile.HeldBy(path, unrelated.pid))
@@ -406,3 +407,82 @@ def test_with_nothing_to_confirm_the_holder_the_server_is_not_signalled() -> Non
             _stop(holder)
     finally:
         shutil.rmtree(directory)
+
+
+# In a mount namespace: two fresh tmpfs give their first files the same inode number. A
+# server's lock on one, and on the other an flock of another process that the lock file
+# is made to name; prints what lockfile.holder says.
+SAME_INODE_ELSEWHERE = r"""
+set -e
+a="$1/a"; b="$1/b"; python="$2"
+mkdir -p "$a" "$b"
+mount -t tmpfs tmpfs "$a"
+mount -t tmpfs tmpfs "$b"
+touch "$a/spool.sqlite.lock" "$b/other.lock"
+first=$(stat -c %i "$a/spool.sqlite.lock")
+[ "$first" = "$(stat -c %i "$b/other.lock")" ] || { echo "inodes differ"; exit 3; }
+hold='import fcntl, os, sys, time
+fcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_SH)
+time.sleep(60)'
+"$python" -c "$hold" "$a/spool.sqlite.lock" >/dev/null 2>&1 &
+server=$!
+"$python" -c "$hold" "$b/other.lock" >/dev/null 2>&1 &
+victim=$!
+sleep 0.5
+echo "$victim" > "$a/spool.sqlite.lock"
+echo "victim $victim"
+ask='import sys; from gsmtp import lockfile; print(lockfile.holder(sys.argv[1]))'
+"$python" -c "$ask" "$a/spool.sqlite.lock"
+kill "$server" "$victim"
+"""
+
+
+def test_an_flock_on_another_file_with_the_same_inode_number_is_not_the_servers(
+    tmp_path: Path,
+) -> None:
+    """Red-team finding: the holder was recognised by the inode number alone (in
+    /proc/locks, then in the fdinfo lock lines), so a process holding an flock on a file
+    of another file system with the same number, named in the lock file, was signalled
+    by `gsmtp queue flush`. The descriptor must be open on this very file (its device
+    and inode, through /proc/<pid>/fd)."""
+    result = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "--",
+            "sh",
+            "-c",
+            SAME_INODE_ELSEWHERE,
+            "sh",
+            str(tmp_path),
+            sys.executable,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_environment(),
+    )
+    if result.returncode != 0 and ("unshare" in result.stderr or "mount" in result.stderr):
+        pytest.skip(f"cannot mount two tmpfs here: {result.stderr.strip()}")
+    if result.returncode == 3:
+        pytest.skip("the two tmpfs gave their files different inode numbers")
+    assert result.returncode == 0, result.stderr
+    victim, answer = result.stdout.splitlines()
+    assert victim.startswith("victim ") and answer == "None"
+
+
+def test_a_lock_file_that_is_not_a_regular_file_is_refused_and_names_nobody(
+    tmp_path: Path,
+) -> None:
+    """Red-team finding: a directory in the lock file's place made `gsmtp queue flush`
+    end in a traceback (IsADirectoryError), and a FIFO made it hang on its open."""
+    path = tmp_path / "spool.sqlite.lock"
+    os.mkfifo(path)
+    with pytest.raises(OSError, match="not a regular file"):
+        lockfile.acquire(str(path))
+    assert lockfile.holder(str(path)) is None
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(OSError):
+        lockfile.acquire(str(path))
+    assert lockfile.holder(str(path)) is None
