@@ -260,12 +260,15 @@ def _held_per_proc(inode: int, pid: int) -> bool | None:
 
 
 def _held_per_descriptors(lock: os.stat_result, pid: int) -> bool | None:
-    """Whether a descriptor of `pid` is open on the file `lock` describes (the same
-    device and inode, as stat sees them through /proc/<pid>/fd) and holds an flock on
-    it: its /proc/<pid>/fdinfo entry shows a `lock:` line only for locks taken through
-    that very open file (None: cannot tell). Any owner counts: a worker holds the node
-    lock its supervisor took, through the descriptor it inherited."""
-    directory = f"/proc/{pid}/fd"
+    """Whether a descriptor of `pid` holds an flock on the file `lock` describes (None:
+    cannot tell). Its /proc/<pid>/fdinfo entry shows a `lock:` line only for locks taken
+    through that very open file; the lock line names the inode, and for such a
+    descriptor only, a stat through /proc/<pid>/fd compares the device too (a file of
+    another file system may have the same inode number). Procfs text first: a stat of
+    every descriptor could hang on one of a dead NFS or FUSE mount. Any owner counts: a
+    worker holds the node lock its supervisor took, through the descriptor it
+    inherited."""
+    directory = f"/proc/{pid}/fdinfo"
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
@@ -274,20 +277,24 @@ def _held_per_descriptors(lock: os.stat_result, pid: int) -> bool | None:
         return None
     for name in names:
         try:
-            opened = os.stat(f"{directory}/{name}")
-            if (opened.st_dev, opened.st_ino) != (lock.st_dev, lock.st_ino):
-                continue
-            with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii", errors="replace") as info:
+            with open(f"{directory}/{name}", encoding="ascii", errors="replace") as info:
                 lines = info.readlines()
+            if not any(_locks(line, lock.st_ino) for line in lines):
+                continue
+            opened = os.stat(f"/proc/{pid}/fd/{name}")
         except FileNotFoundError:
-            continue  # closed meanwhile (or a descriptor of a file since removed)
+            continue  # closed meanwhile
         except OSError:
             return None
-        for line in lines:
-            label, _, rest = line.partition(":")
-            if label == "lock" and _flock_owner(rest.split(), lock.st_ino) is not None:
-                return True
+        if (opened.st_dev, opened.st_ino) == (lock.st_dev, lock.st_ino):
+            return True
     return False
+
+
+def _locks(line: str, inode: int) -> bool:
+    """Whether an fdinfo line is a `lock:` line of an flock on a file with `inode`."""
+    label, _, rest = line.partition(":")
+    return label == "lock" and _flock_owner(rest.split(), inode) is not None
 
 
 def processes_holding(path: str) -> list[int]:
