@@ -289,6 +289,8 @@ class SmtpServer:
         client's pool, a monitor's probe) waits on nobody; counted as a client, it held
         a whole drain of deliveries to the pacer's floor of 2 senders, halved for the
         deliveries' own lag."""
+        if not self._active:
+            return 0  # the burst's last client gone: every sender at once, no window
         if not self.storing and time.monotonic() - self.last_read_at > SERVED_WINDOW:
             return 0
         return self._active
