@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gsmtp.message import Outcome, QueuedMessage, RecipientResult
+from gsmtp.protocol.client import crlf_line_ends
 from gsmtp.protocol.dsnparams import DEFAULT_NOTIFY, Notify, Ret
 from gsmtp.protocol.trace import rfc5322_date
 
@@ -31,7 +32,6 @@ MAX_ORIGINAL_HEADERS = 100 * 1024
 # RET=FULL returns at most this much (reliability D-38: Exim's bounce_return_size_limit).
 MAX_RETURNED_MESSAGE = 100 * 1024
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
-_BARE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 
 
@@ -300,5 +300,5 @@ def _status(status: str, kind: _Kind) -> str:
 
 
 def _crlf(data: bytes) -> bytes:
-    data = _BARE_EOL.sub(b"\r\n", data)
+    data = crlf_line_ends(data)
     return data if data.endswith(b"\r\n") else data + b"\r\n"

@@ -272,3 +272,11 @@ def test_pacer_probes_the_loop_only_while_clients_are_connected() -> None:
         pacer.run()
     assert naps == [pacer.idle_interval] * 3 + [pacer.interval] * 3
     assert pacer.idle_interval >= 5 * pacer.interval
+
+
+def test_clean_line_ends_are_passed_on_untouched() -> None:
+    """The common case costs three counts, not a rewrite: data with no bare CR or LF is
+    returned as it is (the regular expression it replaced cost ~30 µs a KiB)."""
+    clean = b"Subject: x\r\n\r\n" + b"line\r\n" * 100
+    assert client.crlf_line_ends(clean) is clean
+    assert client.crlf_line_ends(b"a\rb\nc\r\r\nd\n\re") == b"a\r\nb\r\nc\r\n\r\nd\r\n\r\ne"
