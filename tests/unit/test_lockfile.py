@@ -329,16 +329,23 @@ def _without_proc_locks(
     command = [sys.executable, "-c", HIDDEN_PROC_LOCKS, spool]
     if user:
         command = ["setpriv", *user, "--", *command]
+    result = _in_mount_namespace("cannot hide /proc/locks here", script, str(hider), *command)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def _in_mount_namespace(why: str, script: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """The shell `script` with `arguments` in a new mount namespace; skips, saying `why`,
+    where this machine cannot make one or mount in it."""
     result = subprocess.run(
-        ["unshare", "-m", "--", "sh", "-c", script, "sh", str(hider), *command],
+        ["unshare", "-m", "--", "sh", "-c", script, "sh", *arguments],
         capture_output=True,
         text=True,
         timeout=60,
         env=_environment(),
     )
     if result.returncode != 0 and ("unshare" in result.stderr or "mount" in result.stderr):
-        pytest.skip(f"cannot hide /proc/locks here: {result.stderr.strip()}")
-    assert result.returncode == 0, result.stderr
+        pytest.skip(f"{why}: {result.stderr.strip()}")
     return result
 
 
@@ -445,25 +452,9 @@ def test_an_flock_on_another_file_with_the_same_inode_number_is_not_the_servers(
     of another file system with the same number, named in the lock file, was signalled
     by `gsmtp queue flush`. The descriptor must be open on this very file (its device
     and inode, through /proc/<pid>/fd)."""
-    result = subprocess.run(
-        [
-            "unshare",
-            "-m",
-            "--",
-            "sh",
-            "-c",
-            SAME_INODE_ELSEWHERE,
-            "sh",
-            str(tmp_path),
-            sys.executable,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_environment(),
+    result = _in_mount_namespace(
+        "cannot mount two tmpfs here", SAME_INODE_ELSEWHERE, str(tmp_path), sys.executable
     )
-    if result.returncode != 0 and ("unshare" in result.stderr or "mount" in result.stderr):
-        pytest.skip(f"cannot mount two tmpfs here: {result.stderr.strip()}")
     if result.returncode == 3:
         pytest.skip("the two tmpfs gave their files different inode numbers")
     assert result.returncode == 0, result.stderr
