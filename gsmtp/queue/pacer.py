@@ -9,15 +9,15 @@ concurrency. The queue manager owns the probing greenlet and reads `allowed`.
 
 Only clients are protected: while no client is being served (`clients` says how many
 are: the server counts its connections only while one of them sent something in the
-last half second, `SmtpServer.clients_served`), every delivery the configuration allows
-may run, whatever the lag. The lag is then the deliveries' own (a claim routed, a log
-flush), and halving for it held the backlog left by a burst to 40-60 senders of 100 for
-most of its drain (local end to end, 30,000 messages: the drain ran at 1,600-1,800 msg/s
-until the allowance crept back); one idle connection held open through the drain (a
-client's pool, a monitor) held it to the floor of 2. Nor does it probe then, every 20
-ms for nothing: with no client it looks every `idle_interval` (100 ms) for one, so an
-idle worker wakes about 30 times a second instead of 70 (idle CPU measured in section
-"idle" of bench/notes.md).
+last half second or waits for its message's commit, `SmtpServer.clients_served`),
+every delivery the configuration allows may run, whatever the lag. The lag is then the
+deliveries' own (a claim routed, a log flush), and halving for it held the backlog left
+by a burst to 40-60 senders of 100 for most of its drain (local end to end, 30,000
+messages: the drain ran at 1,600-1,800 msg/s until the allowance crept back); one idle
+connection held open through the drain (a client's pool, a monitor) held it to the
+floor of 2. Nor does it probe then, every 20 ms for nothing: with no client it looks
+every `idle_interval` (100 ms) for one, so an idle worker wakes about 30 times a second
+instead of 70 (idle CPU measured in section "idle" of bench/notes.md).
 """
 
 from __future__ import annotations
