@@ -240,7 +240,7 @@ class SmtpServer:
         # When a client last sent anything (or connected), and how many wait for the
         # spool to commit their message: see `clients_served`.
         self.last_read_at = time.monotonic()
-        self.storing = 0
+        self.clients_storing = 0
         self._connections: dict[gevent.Greenlet, _Connection] = {}
         self._sweeper: gevent.Greenlet | None = None
         self._stopping = Event()
@@ -291,7 +291,7 @@ class SmtpServer:
         deliveries' own lag."""
         if not self._active:
             return 0  # the burst's last client gone: every sender at once, no window
-        if not self.storing and time.monotonic() - self.last_read_at > SERVED_WINDOW:
+        if not self.clients_storing and time.monotonic() - self.last_read_at > SERVED_WINDOW:
             return 0
         return self._active
 
@@ -937,7 +937,7 @@ class _Connection:
         )
         message_id = message.id
         self.storing = True
-        self._server.storing += 1
+        self._server.clients_storing += 1
         self._memory.set(len(envelope.content) + len(message.body))
         try:
             self._server._spool.enqueue(message)
@@ -953,7 +953,7 @@ class _Connection:
             return replies.SPOOL_ERROR
         finally:
             self.storing = False
-            self._server.storing -= 1
+            self._server.clients_storing -= 1
             self._memory.set(0)
         self._body = None  # its parts are the stored message's now
         metrics.ACCEPT_SECONDS.observe(time.monotonic() - started)
