@@ -365,17 +365,25 @@ sys.exit(app.serve(load(Path(sys.argv[1])), application_factory=build))
 """
 
 
+def _lagging_gsmtp(gsmtp_factory) -> GsmtpProcess:  # type: ignore[no-untyped-def]
+    """gsmtp on LAGGING_LOOP with 16 concurrent deliveries, once its pacer is at rest
+    (no client yet: the whole allowance)."""
+    gsmtp = gsmtp_factory({"delivery": {"concurrency": 16}}, start=False)
+    gsmtp.command = [sys.executable, "-c", LAGGING_LOOP]
+    gsmtp.start()
+    allowed = "gsmtp_delivery_concurrency_allowed"
+    wait_for(lambda: gsmtp.metrics().get(allowed) == 16, what="the pacer at rest")
+    return gsmtp
+
+
 def test_an_idle_client_connection_does_not_hold_deliveries_back(gsmtp_factory) -> None:  # type: ignore[no-untyped-def]
     """Issue 8: the pacer makes way for clients being served, not for connections held
     open: one idle connection during a drain held the deliveries to its floor of 2
     senders, halved for their own lag. Here the loop lags all the time (a greenlet holds
     it); while a client talks the allowance falls, and once the client goes quiet,
     its connection still open, it returns to the configured number."""
-    gsmtp = gsmtp_factory({"delivery": {"concurrency": 16}}, start=False)
-    gsmtp.command = [sys.executable, "-c", LAGGING_LOOP]
-    gsmtp.start()
+    gsmtp = _lagging_gsmtp(gsmtp_factory)
     allowed = "gsmtp_delivery_concurrency_allowed"
-    wait_for(lambda: gsmtp.metrics().get(allowed) == 16, what="the pacer at rest")
     with SmtpWire(gsmtp.port) as wire:
         assert wire.read_reply()[-1].startswith("220")
         wire.command("EHLO c.example")
@@ -399,11 +407,8 @@ def test_a_client_waiting_for_its_commit_is_still_served(gsmtp_factory) -> None:
     nothing while the commit is slow; it lost the pacer's protection half a second
     into the wait. Here another process holds the spool's write lock, so the commit
     waits; the allowance stays low until the 250, then comes back."""
-    gsmtp = gsmtp_factory({"delivery": {"concurrency": 16}}, start=False)
-    gsmtp.command = [sys.executable, "-c", LAGGING_LOOP]
-    gsmtp.start()
+    gsmtp = _lagging_gsmtp(gsmtp_factory)
     allowed = "gsmtp_delivery_concurrency_allowed"
-    wait_for(lambda: gsmtp.metrics().get(allowed) == 16, what="the pacer at rest")
     outside = apsw.Connection(str(gsmtp.spool_path))
     with SmtpWire(gsmtp.port) as wire:
         assert wire.read_reply()[-1].startswith("220")

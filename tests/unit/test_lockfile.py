@@ -207,7 +207,12 @@ def test_a_pid_now_naming_another_process_counts_as_exited(tmp_path: Path) -> No
 
 def own_start() -> str:
     """This process's start, as /proc/self/stat gives it (clock ticks after boot)."""
-    return Path(f"/proc/{os.getpid()}/stat").read_text().rpartition(")")[2].split()[19]
+    return start_of(os.getpid())
+
+
+def start_of(pid: int) -> str:
+    """The start of process `pid`, as /proc/<pid>/stat gives it (clock ticks after boot)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
 
 
 def test_a_live_holder_seen_from_another_time_namespace_is_not_taken_for_gone(
@@ -228,7 +233,7 @@ def test_a_live_holder_seen_from_another_time_namespace_is_not_taken_for_gone(
             capture_output=True,
             text=True,
             timeout=30,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+            env=_environment(),
         )
         if shifted.returncode != 0 and "unshare" in shifted.stderr:
             pytest.skip(f"no time namespace here: {shifted.stderr.strip()}")
@@ -372,8 +377,7 @@ def test_with_proc_locks_hidden_only_the_holder_is_signalled(tmp_path: Path) -> 
         holder = _hold(spool)
         # The lock held, its file now naming an unrelated live process (with that
         # process's own start, so it does not count as exited): nobody is signalled.
-        started = Path(f"/proc/{planted.pid}/stat").read_text().rpartition(")")[2].split()[19]
-        Path(lockfile.lock_path(spool)).write_text(f"{planted.pid}\n{started}\n")
+        Path(lockfile.lock_path(spool)).write_text(f"{planted.pid}\n{start_of(planted.pid)}\n")
         seen = _without_proc_locks(tmp_path, spool).stdout.splitlines()
         assert seen[0] == "None"
         assert "running=False" in seen[1]
