@@ -1,11 +1,12 @@
 """The composition root: configuration in, running objects out; signals; graceful stop.
 
-The only reader of `Config`: every component gets its own values as arguments. Start-up
-takes the spool's single-instance lock first (a second server exits 2), refuses to serve
-a spool that fails its integrity check (never an empty spool over a corrupt one),
-converts an old spool to incremental auto-vacuum, releases leases a previous process
-left (safe: the lock says no other server holds them), and starts listeners last, once
-everything they depend on is up.
+The only reader of `Config` (with gsmtp.component_settings, which builds the values):
+every component gets its own values as arguments. Start-up takes the spool's
+single-instance lock first (a second server exits 2), refuses to serve a spool that
+fails its integrity check (never an empty spool over a corrupt one), converts an old
+spool to incremental auto-vacuum, releases leases a previous process left (safe: the
+lock says no other server holds them), and starts listeners last, once everything they
+depend on is up. The spool's checkpoint and vacuum are gsmtp.spool_upkeep's tasks.
 
 Every long-lived greenlet and thread is watched by a `Supervisor`: when one dies, the
 process ends at once with EXIT_COMPONENT_DIED, like a crash (what was answered 250 is on
@@ -16,7 +17,6 @@ everything within one deadline: `shutdown_grace` for open sessions and deliverie
 
 from __future__ import annotations
 
-import dataclasses
 import grp
 import os
 import signal
@@ -45,40 +45,35 @@ from gsmtp import (
     metrics,
     routing,
     shards,
+    spool_upkeep,
     writer,
 )
+from gsmtp import component_settings as settings
 from gsmtp.acceptance import Acceptor
 from gsmtp.accounts import AccountsSnapshot
 from gsmtp.auth import Authenticator
-from gsmtp.config import (
-    Config,
-    ConfigError,
-    load,
-    parse_host_port,
-    split_limits,
-    spool_reserve,
-)
+from gsmtp.component_settings import StartupError
+from gsmtp.config import Config, ConfigError, load, parse_host_port, spool_reserve
 from gsmtp.delivery.base import Deliverer
 from gsmtp.delivery.maildir import MaildirDeliverer, Permissions
 from gsmtp.delivery.mta_sts import HttpsFetcher, MtaSts
-from gsmtp.delivery.mx import DnsResolver
-from gsmtp.delivery.smarthost import AuthFileError, Smarthost, read_auth_file, smarthost_level
-from gsmtp.delivery.smtp import SmtpDeliverer, Timeouts
+from gsmtp.delivery.smarthost import Smarthost
+from gsmtp.delivery.smtp import SmtpDeliverer
 from gsmtp.delivery.tls_client import ClientTls, TlsClientError
 from gsmtp.delivery.tls_levels import TlsLevel
 from gsmtp.delivery.tls_policy import TlsPolicy
-from gsmtp.diskspace import Ballast, FreePages, SpaceReserve
+from gsmtp.diskspace import Ballast, SpaceReserve
 from gsmtp.dkim import DkimKeyError, DkimSigner
 from gsmtp.housekeeping import Housekeeping, Task
 from gsmtp.limits import ConnectionLimiter
 from gsmtp.policy import Client, IPAddress, Policy
-from gsmtp.protocol.session import Limits
-from gsmtp.queue import DeliveryPacer, Notices, NoticeSettings, QueueManager, RetryPolicy
+from gsmtp.queue import DeliveryPacer, Notices, QueueManager, RetryPolicy
 from gsmtp.queue.manager import body_budget
 from gsmtp.reload import changed, in_effect, restart_needed
 from gsmtp.routing import Router
-from gsmtp.server import CUT_SECONDS, Deadlines, SmtpServer
-from gsmtp.spool import Spool, give_back_pages
+from gsmtp.server import CUT_SECONDS, SmtpServer
+from gsmtp.spool import Spool
+from gsmtp.spool_upkeep import SpoolUpkeep
 from gsmtp.supervision import (
     EXIT_COMPONENT_DIED,
     STALL_SECONDS,
@@ -109,18 +104,8 @@ MAILDIR_THREADS = 1
 MAILDIR_FSYNC_THREADS = 8
 # DKIM signatures are computed on this many threads (OpenSSL releases the GIL).
 DKIM_THREADS = 1
-CHECKPOINT_SECONDS = 0.5
 # How often stale files in Maildir tmp/ are looked for (a bounded batch of mailboxes each).
 MAILDIR_TMP_CLEAN_SECONDS = 600.0
-# Free pages go back to the file system once VACUUM_MIN_PAGES of them stayed free for
-# VACUUM_WINDOW_SECONDS (some slack is kept for new mail; see diskspace.FreePages), at
-# most VACUUM_MAX_PAGES per round so that the writer, which does it between client
-# commits, is never held up for long.
-VACUUM_SECONDS = 1.0
-VACUUM_WINDOW_SECONDS = 10.0
-VACUUM_MIN_PAGES = 2048
-VACUUM_SLACK_PAGES = 1024
-VACUUM_MAX_PAGES = 4096
 WRITER_STOP_SECONDS = 0.5  # at SIGTERM, for the writer's last commits after the grace
 # The queue gauges are counted on the body reader's thread (never on the event loop, never
 # by a scrape) this often, and never for more than QUEUE_GAUGES_SHARE of that thread's
@@ -130,10 +115,6 @@ QUEUE_GAUGES_SECONDS = 1.0
 QUEUE_GAUGES_SHARE = 0.1
 # How often systemd's STATUS= line (connections, queue size) is refreshed.
 STATUS_SECONDS = 5.0
-
-
-class StartupError(Exception):
-    """The server cannot start; the message says why, for the operator."""
 
 
 class AccountsCache:
@@ -163,14 +144,6 @@ def _call_captured(work: Any) -> tuple[bool, Any]:
         return True, work()
     except Exception as error:
         return False, error
-
-
-def worker_config(config: Config, role: Role) -> Config:
-    """What one worker runs with: its spool shard as `spool.path`, and every node-wide
-    limit divided among the workers (`split_limits`)."""
-    shard = shards.shard_path(config.spool.path, role.index)
-    config = split_limits(config, role.count)
-    return dataclasses.replace(config, spool=dataclasses.replace(config.spool, path=shard))
 
 
 def _in_pool(pool: ThreadPool, progress: Progress) -> Callable[[Any], Any]:
@@ -204,7 +177,7 @@ class Application:
         supervisor (gsmtp.workers) and gets its listeners from it."""
         self.role = role
         self._accounts_path = config.spool.path  # shard 0 holds the accounts
-        config = worker_config(config, role)
+        config = settings.worker_config(config, role)
         self.config = config
         self._log = log.get_logger(component="app")
         if notifier is None:  # a worker of several: its supervisor speaks to systemd
@@ -218,7 +191,7 @@ class Application:
         self._reader = self._open_spool()
         self._tls = self._server_tls()  # may refuse to start: before any thread
         self._permissions = self._maildir_permissions()  # likewise
-        self._smarthost = _smarthost(config)  # these too (files they read)
+        self._smarthost = settings.smarthost(config)  # these too (files they read)
         self._outbound_tls = self._client_tls()
         self._dkim_pool = ThreadPool(DKIM_THREADS)  # its thread starts with the first task
         self._dkim_progress = Progress()
@@ -227,13 +200,14 @@ class Application:
         self._bodies = writer.ThreadReader(config.spool.path)
         self._reserve = SpaceReserve(config.spool.path, spool_reserve(config))
         self._ballast = Ballast(config.spool.path)
-        self._free_pages = FreePages(
-            window=VACUUM_WINDOW_SECONDS,
-            minimum=VACUUM_MIN_PAGES,
-            slack=VACUUM_SLACK_PAGES,
-            step=VACUUM_MAX_PAGES,
-        )
         self.spool = Spool(self._writer, self._reader, self._bodies, ballast=self._ballast)
+        self._upkeep = SpoolUpkeep(
+            self.spool,
+            writer=self._writer,
+            bodies=self._bodies,
+            ballast=self._ballast,
+            reserve=self._reserve,
+        )
         self._accounts = AccountsCache(self._open_accounts())
         self.policy = Policy(
             hostname=config.server.hostname,
@@ -258,7 +232,7 @@ class Application:
             notices=Notices(
                 spool=self.spool,
                 writer=self._acceptor,
-                settings=_notice_settings(config),
+                settings=settings.notice_settings(config),
                 clock=time.time,
             ),
             concurrency=delivery.concurrency,
@@ -292,7 +266,7 @@ class Application:
             plaintext_auth=submission.allow_plaintext_auth,
             authenticator=self._authenticator,
             hostname=config.server.hostname,
-            limits=_limits(config),
+            limits=settings.limits(config),
             idle_timeout=config.server.timeout,
             greet_wait=config.server.greet_wait,
             max_connections=config.server.max_connections,
@@ -305,7 +279,7 @@ class Application:
             proxy_networks=(config.server.proxy_networks if config.server.proxy_protocol else None),
             reserve=self._reserve,
             spawn=self.supervisor.spawn,
-            deadlines=_deadlines(config),
+            deadlines=settings.deadlines(config),
             error_sleep=config.server.error_sleep,
             max_data_memory=config.server.max_data_memory,
             sockets={
@@ -456,7 +430,7 @@ class Application:
 
     def _remote_deliverer(self) -> SmtpDeliverer:
         delivery = self.config.delivery
-        resolver = _resolver(self.config)
+        resolver = settings.resolver(self.config)
         # MTA-STS raises a domain's level when MX delivery asks (never for a smarthost).
         sources = []
         if delivery.mta_sts:
@@ -475,7 +449,7 @@ class Application:
                 sources,
             ),
             client_tls=self._outbound_tls,
-            timeouts=_timeouts(self.config),
+            timeouts=settings.timeouts(self.config),
             listeners=[(a.host, a.port) for a in self.config.server.listen],
             connection_reuse=delivery.connection_reuse,
             connection_idle=delivery.connection_idle,
@@ -493,8 +467,8 @@ class Application:
         housekeeping = Housekeeping(
             [
                 Task("log_flush", log.FLUSH_SECONDS, log.flush),
-                Task("checkpoint", CHECKPOINT_SECONDS, self._checkpoint),
-                Task("vacuum", VACUUM_SECONDS, self._give_back_space),
+                Task("checkpoint", spool_upkeep.CHECKPOINT_SECONDS, self._upkeep.checkpoint),
+                Task("vacuum", spool_upkeep.VACUUM_SECONDS, self._upkeep.give_back_space),
                 Task("maildir_tmp", MAILDIR_TMP_CLEAN_SECONDS, self._clean_maildir_tmp),
                 Task("queue_gauges", QUEUE_GAUGES_SECONDS, self._refresh_gauges),
                 *(
@@ -574,71 +548,6 @@ class Application:
                 "metrics", lambda: "metrics listener stopped" if metrics_server.closed else None
             )
         supervisor.start()
-
-    def _recovering(self) -> bool:
-        """The spool is recovering from a full disk: a write failed with SQLITE_FULL,
-        the ballast was given up for it, or parts of refused messages are still owed."""
-        spool = self.spool
-        return spool.disk_was_full or self._ballast.given_up or bool(spool.discards_owed)
-
-    def _checkpoint(self) -> None:
-        """Move the WAL into the database on the reader thread. After a full disk (a
-        write failed with SQLITE_FULL, the ballast was given up, parts are owed), also
-        recover: discard the parts owed, cut the WAL to nothing (it may hold the whole
-        disk: a WAL only restarts, it keeps its size) and take the ballast back once
-        there is room. Each step is retried on the next round until it succeeds. A
-        ballast that a start could not make (too little room) is no full disk: the WAL
-        is not cut every round for it, the file is made once there is room."""
-        spool = self.spool
-        recovering = self._recovering()
-        if spool.discards_owed:
-            owed = len(spool.discards_owed)
-            try:
-                spool.retry_discards()
-            except apsw.Error as error:
-                if isinstance(error, apsw.FullError):
-                    self._ballast.release()
-                self._log.warning("body_parts_not_discarded", messages=owed, error=str(error))
-            else:
-                self._log.info("body_parts_discarded", messages=owed)
-        try:
-            self._bodies.checkpoint(truncate=recovering)
-        except apsw.Error as error:
-            if isinstance(error, apsw.FullError):
-                spool.disk_was_full = True  # recover (TRUNCATE) from the next round
-                self._ballast.release()  # room for the database file to take the WAL
-            self._log.warning("checkpoint_failed", error=str(error))
-            return
-        if not recovering:
-            if self._ballast.released and self._ballast.restore() is None:
-                self._log.info("spool_ballast_made", path=str(self._ballast.path))
-            return
-        if spool.discards_owed:
-            return
-        spool.disk_was_full = False
-        if self._ballast.restore() is None:
-            self._log.info("spool_space_recovered", ballast=str(self._ballast.path))
-
-    def _give_back_space(self) -> None:
-        """Incremental vacuum through the writer (it is a write) of the pages that
-        stayed free for a while, or at once when the disk is short (below the reserve,
-        a MAIL refused for its SIZE= within the window, or recovering from a full
-        disk); the count is read on the reader thread, off the event loop."""
-        short = (
-            not self._reserve.has_room(None)
-            or self._reserve.refused_within(VACUUM_WINDOW_SECONDS)  # a SIZE= refused
-            or self._recovering()
-        )
-        pages = self._free_pages.to_give_back(self._bodies.run(db.free_pages), urgent=short)
-        if pages <= 0:
-            return
-        # In steps of their own (see give_back_pages): one transaction of 4096 pages
-        # would spill most of them into the WAL, writing megabytes to free them.
-        left = pages
-        while left > 0:
-            left = self._writer.submit(partial(give_back_pages, pages=left))
-        self._free_pages.given_back(pages)
-        self._log.info("spool_vacuumed", pages=pages, free_pages=self._bodies.run(db.free_pages))
 
     def _clean_maildir_tmp(self) -> None:
         """Remove stale Maildir tmp/ files (maildir(5): older than 36 h) on the Maildir
@@ -777,7 +686,7 @@ class Application:
 
     def _reload(self) -> bool:
         try:
-            fresh = worker_config(load(Path(self.config.path)), self.role)
+            fresh = settings.worker_config(load(Path(self.config.path)), self.role)
         except ConfigError as error:
             self._log.error("reload_failed", error=str(error))
             return False
@@ -797,7 +706,7 @@ class Application:
             # The [dkim] keys read again (new, renewed, removed): one that does not load
             # fails the reload, like the TLS pair; the smarthost's auth file likewise.
             signer = self._dkim_signer(effective)
-            smarthost = _smarthost(effective)
+            smarthost = settings.smarthost(effective)
         except StartupError as error:
             self._log.error("reload_failed", error=str(error))
             return False
@@ -827,9 +736,9 @@ class Application:
             exempt=server.trusted_networks,
         )
         self.server.reconfigure(
-            limits=_limits(config),
+            limits=settings.limits(config),
             idle_timeout=server.timeout,
-            deadlines=_deadlines(config),
+            deadlines=settings.deadlines(config),
             greet_wait=server.greet_wait,
             error_sleep=server.error_sleep,
             proxy_networks=server.proxy_networks,
@@ -839,14 +748,14 @@ class Application:
         delivery = config.delivery
         self.queue.reconfigure(
             retry=RetryPolicy(delivery.retry, delivery.max_age),
-            notices=_notice_settings(config),
+            notices=settings.notice_settings(config),
             body_budget=body_budget(server.max_data_memory),
         )
         self._remote.reconfigure(
-            resolver=_resolver(config),
+            resolver=settings.resolver(config),
             port=delivery.port,
             smarthost=smarthost,
-            timeouts=_timeouts(config),
+            timeouts=settings.timeouts(config),
         )
         if self._tls is not None and tls_context is not None:
             self._tls.use(tls_context, config.tls.cert, config.tls.min_version)
@@ -1007,40 +916,6 @@ def _startup_failed(error: StartupError) -> int:
     return 1
 
 
-# -- settings for components, from the configuration (at start and at each reload) ---------
-
-
-def _limits(config: Config) -> Limits:
-    server = config.server
-    return Limits(
-        max_message_size=server.max_message_size,
-        max_recipients=server.max_recipients,
-        soft_error_limit=server.soft_error_limit,
-        junk_command_limit=server.junk_command_limit,
-    )
-
-
-def _deadlines(config: Config) -> Deadlines:
-    server = config.server
-    return Deadlines(
-        command=server.command_deadline,
-        min_data_rate=server.min_data_rate,
-        data_rate_grace=server.min_data_rate_grace,
-    )
-
-
-def _notice_settings(config: Config) -> NoticeSettings:
-    return NoticeSettings(
-        postmaster=f"postmaster@{config.server.hostname}",
-        delay_warning=config.delivery.delay_warning,
-        max_age=config.delivery.max_age,
-    )
-
-
-def _resolver(config: Config) -> DnsResolver:
-    return DnsResolver([(n.host, n.port) for n in config.delivery.nameservers])
-
-
 def _inherited_sockets(role: Role, given: Sequence[socket.socket] | None) -> list[socket.socket]:
     """Socket activation's sockets: those given, else $LISTEN_FDS's. A worker of several
     takes none: its supervisor took them and shares them as `role.listeners` (and a
@@ -1048,37 +923,6 @@ def _inherited_sockets(role: Role, given: Sequence[socket.socket] | None) -> lis
     if given is not None:
         return list(given)
     return [] if role.count > 1 else listen_fds()
-
-
-def _smarthost(config: Config) -> Smarthost | None:
-    """`delivery.smarthost` with its TLS level and credentials; an auth file that others
-    may read, or that cannot be read, is a StartupError (at a reload: a failed reload)."""
-    delivery = config.delivery
-    if not delivery.smarthost:
-        return None
-    address = parse_host_port(delivery.smarthost)
-    credentials = None
-    if delivery.smarthost_auth_file:
-        try:
-            credentials = read_auth_file(delivery.smarthost_auth_file)
-        except AuthFileError as error:
-            raise StartupError(f"[delivery] smarthost_auth_file: {error}") from None
-    mode = smarthost_level(
-        delivery.smarthost_tls,
-        with_credentials=credentials is not None,
-        default=TlsLevel.parse(delivery.tls),
-    )
-    return Smarthost(address.host, address.port, mode.level, mode.implicit, credentials)
-
-
-def _timeouts(config: Config) -> Timeouts:
-    delivery = config.delivery
-    return Timeouts(
-        delivery.connect_timeout,
-        delivery.command_timeout,
-        delivery.data_timeout,
-        delivery.attempt_timeout,
-    )
 
 
 def _queued_recipients(connection: apsw.Connection) -> int:

@@ -247,7 +247,7 @@ def test_a_size_refused_for_the_reserve_gets_the_free_pages_back_at_once(
     """A MAIL refused 452 for its SIZE= alone (MAIL without SIZE= is still accepted)
     means the disk is short for that mail: the pages the drained queue left free in the
     spool go back at once, not after the 10 s that free pages must otherwise stay free
-    (app.VACUUM_WINDOW_SECONDS), so the client's next try is accepted."""
+    (spool_upkeep.VACUUM_WINDOW_SECONDS), so the client's next try is accepted."""
     disk = small_filesystem("96m")
     gsmtp = gsmtp_factory(
         {
