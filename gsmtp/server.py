@@ -722,7 +722,7 @@ class _Connection:
         except (_IdleTimeout, _ShutdownRequested):
             raise
         except Exception as error:
-            # Owed: retried by the checkpoint task (App._checkpoint), or at the next start.
+            # Owed: retried by the checkpoint task (SpoolUpkeep.checkpoint), or at the next start.
             self._log.warning(
                 "body_parts_not_discarded", msg_id=body.message_id, error=printable(str(error))
             )

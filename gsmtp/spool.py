@@ -402,7 +402,7 @@ class Spool:
         # Messages whose parts could not be discarded yet (the disk was full): tried
         # again by `retry_discards`, not left on the disk until the next start.
         self.discards_owed: set[MessageId] = set()
-        # A write found the disk full since the last recovery (see App._checkpoint).
+        # A write found the disk full since the last recovery (see SpoolUpkeep.checkpoint).
         self.disk_was_full = False
 
     def enqueue(self, message: NewMessage) -> MessageId:

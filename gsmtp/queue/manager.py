@@ -288,7 +288,7 @@ class QueueManager:
                 metrics.INTERNAL_ERRORS.labels("queue").inc()
                 if isinstance(error, apsw.FullError):
                     # A full disk is no broken runner: the spool recovers by itself
-                    # (App._checkpoint), and rounds go on in the meantime.
+                    # (SpoolUpkeep.checkpoint), and rounds go on in the meantime.
                     self._log.error("queue_round_failed", failed_in_a_row=failed, error=str(error))
                     gevent.sleep(self._error_pause)
                     continue
