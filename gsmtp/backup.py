@@ -36,18 +36,36 @@ class BackupCopy:
     size: int
 
 
-def backup(spool_path: str, destination: str, *, overwrite: bool = False) -> BackupCopy:
+def check_target(spool_path: str, destination: str, *, overwrite: bool = False) -> None:
+    """Raise BackupError if the copy of `spool_path` may not go to `destination`: the
+    spool is missing, the copy would be the spool itself (DEST is the spool's own
+    directory, by any name: "", ".", a symlink; --force there replaced the live spool
+    under the running server), or a copy exists and `overwrite` is off. The CLI checks
+    every shard before it copies any, so a refused backup leaves no mixed set."""
     spool = Path(spool_path)
     if not spool.is_file():
         raise BackupError(f"no spool at {spool_path}")
+    directory = Path(destination)
+    target = directory / spool.name
+    with contextlib.suppress(OSError):  # a DEST that does not exist yet is not the spool's
+        if os.path.samefile(directory, spool.parent):
+            raise BackupError(
+                f"{destination or '.'} is the spool's own directory: the copy would replace"
+                f" the live spool {spool_path}; give another directory"
+            )
+    if target.exists() and not overwrite:
+        raise BackupError(f"{target} exists; remove it or use --force to replace it")
+
+
+def backup(spool_path: str, destination: str, *, overwrite: bool = False) -> BackupCopy:
+    check_target(spool_path, destination, overwrite=overwrite)
+    spool = Path(spool_path)
     directory = Path(destination)
     target = directory / spool.name
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as error:
         raise BackupError(f"cannot create {directory}: {error.strerror}") from None
-    if target.exists() and not overwrite:
-        raise BackupError(f"{target} exists; remove it or use --force to replace it")
     temporary = directory / f".{spool.name}.{os.getpid()}.tmp"
     try:
         _copy(spool_path, temporary)

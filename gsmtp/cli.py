@@ -614,9 +614,15 @@ _QUEUE_ACTIONS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
 
 def _spool(args: argparse.Namespace, config: Any) -> int:
     from gsmtp import shards
-    from gsmtp.backup import BackupError, backup
+    from gsmtp.backup import BackupError, backup, check_target
 
-    for _, path in shards.existing(config.spool.path):
+    paths = [path for _, path in shards.existing(config.spool.path)]
+    try:  # every shard's target first: a refusal leaves no half-replaced set
+        for path in paths:
+            check_target(path, args.destination, overwrite=args.force)
+    except BackupError as error:
+        raise _CliError(f"backup failed: {error}") from None
+    for path in paths:
         try:
             copy = backup(path, args.destination, overwrite=args.force)
         except BackupError as error:

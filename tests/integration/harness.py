@@ -147,11 +147,12 @@ class GsmtpProcess:
     # -- CLI --------------------------------------------------------------------------
 
     def cli(
-        self, *args: str, stdin: str | None = None, check: bool = True
+        self, *args: str, stdin: str | None = None, check: bool = True, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [sys.executable, "-m", "gsmtp.cli", *args, "-c", str(self.config)],
+            [sys.executable, "-m", "gsmtp.cli", *args, "-c", str(self.config.resolve())],
             input=stdin,
+            cwd=cwd,
             capture_output=True,
             text=True,
             timeout=60,

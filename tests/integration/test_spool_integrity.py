@@ -260,3 +260,33 @@ def test_backup_while_serving_is_consistent_and_complete(
         f"gsmtp: backup failed: {copy} exists; remove it or use --force to replace it\n"
     )
     assert gsmtp.cli("spool", "backup", str(destination), "--force").returncode == 0
+
+
+def test_a_backup_into_the_spools_own_directory_is_refused_even_with_force(
+    gsmtp_factory: Factory, tmp_path: Path
+) -> None:
+    """Red-team finding: `spool backup <the spool's directory> --force` replaced the
+    live spool under the running server (integrity check failed at the next start)."""
+    gsmtp = blocked(gsmtp_factory)
+    acknowledged = [queue_id(send(gsmtp.port, f"kept {n}")) for n in range(5)]
+    spool_dir = Path(gsmtp.spool_path).parent
+    alias = tmp_path / "alias"
+    alias.symlink_to(spool_dir)
+    before = Path(gsmtp.spool_path).stat().st_ino
+    for destination in (str(spool_dir), str(alias), ""):
+        refused = gsmtp.cli("spool", "backup", destination, "--force", check=False, cwd=spool_dir)
+        assert refused.returncode == 1
+        assert "is the spool's own directory: the copy would replace the live spool" in (
+            refused.stderr
+        )
+        assert refused.stderr.startswith("gsmtp: backup failed: ")
+    assert Path(gsmtp.spool_path).stat().st_ino == before  # the same file, never replaced
+    assert [f for f in spool_dir.iterdir() if f.name.endswith(".tmp")] == []
+    connection = apsw.Connection(str(gsmtp.spool_path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        ids = {row[0] for row in connection.execute("SELECT id FROM messages")}
+    finally:
+        connection.close()
+    assert set(acknowledged) <= ids
+    assert gsmtp.process.poll() is None
