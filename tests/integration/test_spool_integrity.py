@@ -246,13 +246,7 @@ def test_backup_while_serving_is_consistent_and_complete(
     assert result.stdout.startswith(f"spool copied to {copy} (")
     assert stat.S_IMODE(os.stat(copy).st_mode) == 0o600
     assert not Path(f"{copy}-wal").exists(), "the copy is one self-contained file"
-    connection = apsw.Connection(str(copy), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        ids = {row[0] for row in connection.execute("SELECT id FROM messages")}
-    finally:
-        connection.close()
-    assert set(acknowledged) <= ids
+    assert set(acknowledged) <= sound_spool_ids(copy)
 
     again = gsmtp.cli("spool", "backup", str(destination), check=False)
     assert again.returncode == 1
@@ -282,11 +276,16 @@ def test_a_backup_into_the_spools_own_directory_is_refused_even_with_force(
         assert refused.stderr.startswith("gsmtp: backup failed: ")
     assert Path(gsmtp.spool_path).stat().st_ino == before  # the same file, never replaced
     assert [f for f in spool_dir.iterdir() if f.name.endswith(".tmp")] == []
-    connection = apsw.Connection(str(gsmtp.spool_path), flags=apsw.SQLITE_OPEN_READONLY)
+    assert set(acknowledged) <= sound_spool_ids(Path(gsmtp.spool_path))
+    assert gsmtp.process.poll() is None
+
+
+def sound_spool_ids(path: Path) -> set[str]:
+    """The message ids of the spool file at `path`, read-only, once it passes its
+    integrity check."""
+    connection = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        ids = {row[0] for row in connection.execute("SELECT id FROM messages")}
+        return {row[0] for row in connection.execute("SELECT id FROM messages")}
     finally:
         connection.close()
-    assert set(acknowledged) <= ids
-    assert gsmtp.process.poll() is None
