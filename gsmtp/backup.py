@@ -36,8 +36,9 @@ class BackupCopy:
     size: int
 
 
-def check_target(spool_path: str, destination: str, *, overwrite: bool = False) -> None:
-    """Raise BackupError if the copy of `spool_path` may not go to `destination`: the
+def check_target(spool_path: str, destination: str, *, overwrite: bool = False) -> Path:
+    """The path the copy of `spool_path` gets in `destination`; BackupError if it may
+    not go there: the
     spool is missing, the copy would be the spool itself (DEST is the spool's own
     directory, by any name: "", ".", a symlink; --force there replaced the live spool
     under the running server), or a copy exists and `overwrite` is off. The CLI checks
@@ -55,18 +56,17 @@ def check_target(spool_path: str, destination: str, *, overwrite: bool = False) 
             )
     if target.exists() and not overwrite:
         raise BackupError(f"{target} exists; remove it or use --force to replace it")
+    return target
 
 
 def backup(spool_path: str, destination: str, *, overwrite: bool = False) -> BackupCopy:
-    check_target(spool_path, destination, overwrite=overwrite)
-    spool = Path(spool_path)
-    directory = Path(destination)
-    target = directory / spool.name
+    target = check_target(spool_path, destination, overwrite=overwrite)
+    directory = target.parent
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as error:
         raise BackupError(f"cannot create {directory}: {error.strerror}") from None
-    temporary = directory / f".{spool.name}.{os.getpid()}.tmp"
+    temporary = directory / f".{target.name}.{os.getpid()}.tmp"
     try:
         _copy(spool_path, temporary)
         _publish(temporary, target, overwrite=overwrite)

@@ -617,17 +617,14 @@ def _spool(args: argparse.Namespace, config: Any) -> int:
     from gsmtp.backup import BackupError, backup, check_target
 
     paths = [path for _, path in shards.existing(config.spool.path)]
-    try:  # every shard's target first: a refusal leaves no half-replaced set
-        for path in paths:
+    try:
+        for path in paths:  # every shard's target first: a refusal leaves no mixed set
             check_target(path, args.destination, overwrite=args.force)
+        for path in paths:
+            copy = backup(path, args.destination, overwrite=args.force)
+            print(f"spool copied to {copy.path} ({copy.size} bytes)")
     except BackupError as error:
         raise _CliError(f"backup failed: {error}") from None
-    for path in paths:
-        try:
-            copy = backup(path, args.destination, overwrite=args.force)
-        except BackupError as error:
-            raise _CliError(f"backup failed: {error}") from None
-        print(f"spool copied to {copy.path} ({copy.size} bytes)")
     return 0
 
 
