@@ -11,6 +11,12 @@ under that name is always a complete copy. An existing copy is replaced only whe
 (`overwrite`, the CLI's --force): a backup run twice must not silently replace a good
 copy.
 
+A spool with workers is several files (gsmtp.shards); `backup_spool` copies them as a
+set: every target is checked before any is copied, and a shard copy already in DEST
+that the spool no longer has (the node had more workers when DEST was last written) is
+refused, or with `overwrite` removed: a node restored from DEST would adopt that stale
+copy and deliver its messages a second time.
+
 Never opens and closes the spool file outside SQLite (see `gsmtp.db`).
 """
 
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import apsw
 
-from gsmtp import db
+from gsmtp import db, shards
 
 
 class BackupError(Exception):
@@ -57,6 +63,34 @@ def check_target(spool_path: str, destination: str, *, overwrite: bool = False) 
     if target.exists() and not overwrite:
         raise BackupError(f"{target} exists; remove it or use --force to replace it")
     return target
+
+
+def backup_spool(spool_path: str, destination: str, *, overwrite: bool = False) -> list[BackupCopy]:
+    """Copy every shard of the spool at `spool_path` into `destination` (see the module
+    docstring); the copies, shard 0 first."""
+    paths = [path for _, path in shards.existing(spool_path)]
+    for shard in paths:  # every shard's target first: a refusal leaves no mixed set
+        check_target(shard, destination, overwrite=overwrite)
+    stale = stale_copies(spool_path, destination)
+    if stale and not overwrite:
+        names = ", ".join(path.name for path in stale)
+        raise BackupError(
+            f"{destination} holds {names}, a shard this spool no longer has: a node restored"
+            " from it would deliver that mail again; remove it or use --force"
+        )
+    for copy in stale:
+        try:
+            shards.remove(str(copy))
+        except OSError as error:
+            raise BackupError(f"cannot remove the stale copy {copy}: {error.strerror}") from None
+    return [backup(shard, destination, overwrite=overwrite) for shard in paths]
+
+
+def stale_copies(spool_path: str, destination: str) -> list[Path]:
+    """Shard copies in `destination` whose shard the spool at `spool_path` lacks."""
+    ours = {index for index, _ in shards.existing(spool_path)}
+    copies = shards.existing(str(Path(destination) / Path(spool_path).name))
+    return [Path(path) for index, path in copies if index not in ours]
 
 
 def backup(spool_path: str, destination: str, *, overwrite: bool = False) -> BackupCopy:

@@ -613,18 +613,14 @@ _QUEUE_ACTIONS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
 
 
 def _spool(args: argparse.Namespace, config: Any) -> int:
-    from gsmtp import shards
-    from gsmtp.backup import BackupError, backup, check_target
+    from gsmtp.backup import BackupError, backup_spool
 
-    paths = [path for _, path in shards.existing(config.spool.path)]
     try:
-        for path in paths:  # every shard's target first: a refusal leaves no mixed set
-            check_target(path, args.destination, overwrite=args.force)
-        for path in paths:
-            copy = backup(path, args.destination, overwrite=args.force)
-            print(f"spool copied to {copy.path} ({copy.size} bytes)")
+        copies = backup_spool(config.spool.path, args.destination, overwrite=args.force)
     except BackupError as error:
         raise _CliError(f"backup failed: {error}") from None
+    for copy in copies:
+        print(f"spool copied to {copy.path} ({copy.size} bytes)")
     return 0
 
 

@@ -298,6 +298,20 @@ def test_queue_and_backup_see_every_shard_and_a_lowered_count_adopts_the_orphans
         for index in range(1, COUNT):
             assert not shard(gsmtp, index).exists()
         assert json.loads(gsmtp.cli("queue", "stats", "--json").stdout)["messages"] == len(left)
+
+        # The backup of the wider node in `copy` holds shard copies this spool no
+        # longer has: a node restored from it would adopt them and deliver their mail
+        # again. Refused, naming them; with --force they go and the set is this spool's.
+        (copy / gsmtp.spool_path.name).unlink()  # so only the stale copies stand in the way
+        refused = gsmtp.cli("spool", "backup", str(copy), check=False)
+        assert refused.returncode != 0 and "no longer has" in refused.stderr
+        assert shard(gsmtp, 1).name in refused.stderr and "Traceback" not in refused.stderr
+        assert gsmtp.cli("spool", "backup", str(copy), "--force").returncode == 0
+        assert sorted(p.name for p in copy.iterdir()) == [gsmtp.spool_path.name]
+        assert {
+            row[0] for row in rows(copy / gsmtp.spool_path.name, "SELECT id FROM messages")
+        } == left
+
         flushed = json.loads(gsmtp.cli("queue", "flush", "--json").stdout)
         assert flushed["count"] == len(left)
         wait_for(lambda: len(sink.received) == len(left), timeout=30, what="the sink to get all")
