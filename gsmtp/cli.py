@@ -510,6 +510,8 @@ def _open_shards(config: Any) -> list[Any]:
         if index:
             try:
                 connections.append(db.connect(path))
+            except db.NotASpool as error:  # a stray file with a shard's name holds no mail
+                print(f"gsmtp: warning: left out {error}", file=sys.stderr)
             except db.DatabaseError as error:
                 raise _CliError(f"cannot open the spool shard: {error}") from None
     return connections

@@ -195,6 +195,10 @@ class DatabaseError(Exception):
     """The spool cannot be opened or used; the message names the file and the cause."""
 
 
+class NotASpool(DatabaseError):
+    """The file is another program's SQLite database; nothing was written to it."""
+
+
 def connect(path: str) -> apsw.Connection:
     """Open (creating 0600 if needed) and configure a connection; apply migrations."""
     file = Path(path)
@@ -203,6 +207,10 @@ def connect(path: str) -> apsw.Connection:
         _create_private(file)
         connection = apsw.Connection(str(file))
         connection.set_busy_timeout(BUSY_TIMEOUT_MS)
+        foreign = _not_a_spool(connection)
+        if foreign:
+            connection.close()
+            raise NotASpool(f"{path}: not a gsmtp spool ({foreign}); left as it is")
         if int(scalar(connection, "PRAGMA user_version")) == 0 and not _has_tables(connection):
             # Only possible before the first table exists; older spools are converted
             # once by `convert_to_incremental_vacuum` at server start-up.
@@ -237,6 +245,22 @@ def _create_private(file: Path) -> None:
         os.fchmod(descriptor, 0o600)
     finally:
         os.close(descriptor)
+
+
+def _not_a_spool(connection: apsw.Connection) -> str | None:
+    """Why the database is some other program's, or None for a gsmtp spool or an empty
+    file. Checked before anything is written: a file that only has a spool's name (a
+    stray `spool-2.sqlite`, a `spool.path` set to the wrong file) must not be migrated,
+    switched to WAL, or adopted and deleted as an orphan shard."""
+    version = int(scalar(connection, "PRAGMA user_version"))
+    tables = {
+        str(row[0])
+        for row in query(connection, "SELECT name FROM sqlite_schema WHERE type='table'")
+    }
+    if version == 0:
+        return f"it holds tables {', '.join(sorted(tables)[:5])}" if tables else None
+    missing = sorted({"meta", "messages"} - tables)
+    return f"no {' or '.join(missing)} table" if missing else None
 
 
 def _has_tables(connection: apsw.Connection) -> bool:

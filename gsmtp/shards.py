@@ -111,8 +111,9 @@ def adopt(connection: apsw.Connection, orphan: str) -> Adopted:
 
 def remove(path: str) -> None:
     """Remove an emptied shard whose connections are all closed: its WAL first, so a
-    stale WAL can never be replayed into a new file of the same name, then the file.
+    stale WAL can never be replayed into a new file of the same name, then the file,
+    then its full-disk ballast (`.reserve`, gsmtp.diskspace: no worker keeps it now).
     The lock file stays (see gsmtp.lockfile)."""
-    for name in (f"{path}-wal", f"{path}-shm", path):
+    for name in (f"{path}-wal", f"{path}-shm", path, f"{path}.reserve"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)

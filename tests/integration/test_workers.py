@@ -297,6 +297,7 @@ def test_queue_and_backup_see_every_shard_and_a_lowered_count_adopts_the_orphans
         assert len(adopted) == COUNT - 1
         for index in range(1, COUNT):
             assert not shard(gsmtp, index).exists()
+            assert not Path(f"{shard(gsmtp, index)}.reserve").exists()  # its ballast too
         assert json.loads(gsmtp.cli("queue", "stats", "--json").stdout)["messages"] == len(left)
 
         # The backup of the wider node in `copy` holds shard copies this spool no
@@ -648,3 +649,30 @@ def test_ctrl_c_while_a_serve_waits_for_a_killed_supervisors_workers_is_a_line(
     finally:
         for wire in stalled:
             wire.close()
+
+
+def test_a_file_with_a_shards_name_that_is_no_spool_is_left_alone(
+    gsmtp_factory: Any, tmp_path: Path
+) -> None:
+    """Red-team finding: `queue stats` migrated another program's SQLite file named
+    like a shard, and `serve` then adopted it as an orphan and deleted it. Now the CLI
+    leaves it out with a warning and the worker refuses to adopt it; it stays as it was."""
+    gsmtp = gsmtp_factory({"server": {"workers": WORKERS}})
+    gsmtp.stop()
+    stray = shard(gsmtp, COUNT + 1)  # a shard without a worker: would be adopted
+    other = apsw.Connection(str(stray))
+    other.execute("CREATE TABLE notes(body TEXT); INSERT INTO notes VALUES ('keep me')")
+    other.close()
+    before = stray.read_bytes()
+
+    stats = gsmtp.cli("queue", "stats", "--json")
+    assert json.loads(stats.stdout)["messages"] == 0
+    assert f"warning: left out {stray}: not a gsmtp spool" in stats.stderr
+    assert stray.read_bytes() == before
+
+    gsmtp.start()
+    refused = gsmtp.events("shard_not_adopted")
+    assert [event["shard"] for event in refused] == [str(stray)]
+    assert "not a gsmtp spool" in refused[0]["error"] and not gsmtp.events("shard_adopted")
+    assert stray.read_bytes() == before
+    assert relay_reply(gsmtp.port).startswith("250")  # and the node serves

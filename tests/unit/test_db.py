@@ -69,7 +69,8 @@ def test_an_old_spool_is_converted_once_and_keeps_its_data(spool_path: str) -> N
     Path(spool_path).parent.mkdir()
     old = apsw.Connection(spool_path)  # made like gsmtp made spools before: no auto-vacuum
     old.execute("PRAGMA journal_mode=WAL")
-    old.execute("CREATE TABLE t(x)")
+    old.execute(db._MIGRATIONS[0])  # its first tables, made without auto-vacuum
+    old.execute("PRAGMA user_version=1")
     old.close()
     connection = db.connect(spool_path)
     connection.execute("INSERT INTO domains(name) VALUES ('foo.com')")
@@ -94,3 +95,33 @@ def test_incremental_vacuum_gives_pages_back(spool_path: str) -> None:
         assert db.incremental_vacuum(connection, free) == 0
     connection.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
     assert os.path.getsize(spool_path) < 200_000
+
+
+@pytest.mark.parametrize(
+    ("version", "schema", "why"),
+    [
+        (0, "CREATE TABLE notes(body TEXT)", "it holds tables notes"),
+        (3, "CREATE TABLE messages(id TEXT)", "no meta table"),
+    ],
+)
+def test_another_programs_database_is_refused_and_left_unchanged(
+    spool_path: str, version: int, schema: str, why: str
+) -> None:
+    """Red-team finding: `queue stats` migrated any file named like a shard, and the
+    server then adopted it as an orphan and deleted it. Not a spool: not touched."""
+    Path(spool_path).parent.mkdir()
+    other = sqlite3.connect(spool_path)
+    other.executescript(f"{schema}; PRAGMA user_version={version};")
+    other.close()
+    before = Path(spool_path).read_bytes()
+    with pytest.raises(db.NotASpool, match=f"{spool_path}: not a gsmtp spool \\({why}\\)"):
+        db.connect(spool_path)
+    assert Path(spool_path).read_bytes() == before
+    assert not os.path.exists(spool_path + "-wal")
+
+
+def test_an_empty_file_and_a_spool_are_spools(spool_path: str) -> None:
+    db.connect(spool_path).close()  # created
+    db.connect(spool_path).close()  # and opened again
+    Path(spool_path + ".empty").touch()
+    db.connect(spool_path + ".empty").close()
