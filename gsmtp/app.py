@@ -501,6 +501,8 @@ class Application:
         self._supervise()
         metrics.RELOAD_SUCCESSFUL.set(1)  # the configuration in effect loaded
         metrics.RELOAD_SUCCESS_TIME.set(time.time())
+        metrics.WORKERS.set(self.role.count)
+        metrics.WORKERS_UP.set(1)
         self._log.info("server_started", hostname=self.config.server.hostname)
         # Listeners bound, spool open, every component running: systemd may now
         # report the start as done (Type=notify), and the watchdog begins.

@@ -259,6 +259,17 @@ BUILD_INFO = Gauge(
     ["version"],
     multiprocess_mode="livemax",
 )
+WORKERS = Gauge(
+    "gsmtp_workers",
+    "Worker processes the node runs (server.workers; 1 without workers)",
+    multiprocess_mode="livemax",
+)
+WORKERS_UP = Gauge(
+    "gsmtp_workers_up",
+    "Worker processes serving now; below gsmtp_workers, a worker is down (its shard's"
+    " mail waits, and the queue gauges leave that shard out)",
+    multiprocess_mode="livesum",  # each worker's 1; a dead one's file is removed
+)
 TLS_CERT_NOT_AFTER = Gauge(
     "gsmtp_tls_cert_not_after_timestamp_seconds",
     "When the inbound TLS certificate served now expires (Unix time; 0 without TLS)",

@@ -676,3 +676,48 @@ def test_a_file_with_a_shards_name_that_is_no_spool_is_left_alone(
     assert "not a gsmtp spool" in refused[0]["error"] and not gsmtp.events("shard_adopted")
     assert stray.read_bytes() == before
     assert relay_reply(gsmtp.port).startswith("250")  # and the node serves
+
+
+HOLD_LOCK = """
+import fcntl, sys, time
+with open(sys.argv[1], "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_metrics_show_a_worker_that_keeps_failing_to_start(gsmtp_factory: Any) -> None:
+    """Red-team finding: a worker that keeps failing to start could not be seen in
+    /metrics (its shard only dropped out of the queue gauges). gsmtp_workers_up counts
+    the workers serving, gsmtp_workers the ones configured; once the cause is fixed the
+    worker is back and counted."""
+    gsmtp = gsmtp_factory({"server": {"workers": WORKERS}})
+    up = "gsmtp_workers_up"
+    assert gsmtp.metrics()["gsmtp_workers"] == COUNT and gsmtp.metrics()[up] == COUNT
+    # Another process takes worker 1's shard lock the moment the worker dies: each
+    # restart then fails ("held by"), again after every back-off.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, os.path.realpath(shard(gsmtp, 1)) + ".lock"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        os.kill(worker_pids(gsmtp)[1], signal.SIGKILL)
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        wait_for(
+            lambda: len(gsmtp.events("worker_died", worker=1)) >= 3,
+            timeout=30,
+            what="worker 1 to fail its restarts",
+        )
+        samples = gsmtp.metrics()
+        assert samples[up] == COUNT - 1 and samples["gsmtp_workers"] == COUNT
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_for(
+        lambda: len(gsmtp.events("worker_ready", worker=1)) == 2,
+        timeout=30,
+        what="worker 1 to start again",
+    )
+    wait_for(lambda: gsmtp.metrics()[up] == COUNT, what="gsmtp_workers_up back to every worker")
