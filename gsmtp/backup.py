@@ -12,7 +12,8 @@ under that name is always a complete copy. An existing copy is replaced only whe
 copy.
 
 A spool with workers is several files (gsmtp.shards); `backup_spool` copies them as a
-set: every target is checked before any is copied, and a shard copy already in DEST
+set, all or none: every target is checked before any is copied, every copy is made and
+checked before any gets its name, and a shard copy already in DEST
 that the spool no longer has (the node had more workers when DEST was last written) is
 refused, or with `overwrite` removed: a node restored from DEST would adopt that stale
 copy and deliver its messages a second time.
@@ -54,6 +55,8 @@ def check_target(spool_path: str, destination: str, *, overwrite: bool = False) 
         raise BackupError(f"no spool at {spool_path}")
     directory = Path(destination)
     target = directory / spool.name
+    if directory.exists() and not directory.is_dir():
+        raise BackupError(f"{destination} is not a directory; give a directory for the copy")
     with contextlib.suppress(OSError):  # a DEST that does not exist yet is not the spool's
         if os.path.samefile(directory, spool.parent):
             raise BackupError(
@@ -67,10 +70,11 @@ def check_target(spool_path: str, destination: str, *, overwrite: bool = False) 
 
 def backup_spool(spool_path: str, destination: str, *, overwrite: bool = False) -> list[BackupCopy]:
     """Copy every shard of the spool at `spool_path` into `destination` (see the module
-    docstring); the copies, shard 0 first."""
+    docstring); the copies, shard 0 first. All or nothing: every shard is copied under
+    a temporary name and checked before any copy gets its name, so a shard that cannot
+    be copied (corrupt, unreadable) leaves DEST as it was."""
     paths = [path for _, path in shards.existing(spool_path)]
-    for shard in paths:  # every shard's target first: a refusal leaves no mixed set
-        check_target(shard, destination, overwrite=overwrite)
+    targets = [check_target(shard, destination, overwrite=overwrite) for shard in paths]
     stale = stale_copies(spool_path, destination)
     if stale and not overwrite:
         names = ", ".join(path.name for path in stale)
@@ -78,12 +82,31 @@ def backup_spool(spool_path: str, destination: str, *, overwrite: bool = False) 
             f"{destination} holds {names}, a shard this spool no longer has: a node restored"
             " from it would deliver that mail again; remove it or use --force"
         )
-    for copy in stale:
-        try:
+    directory = Path(destination)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        raise BackupError(f"cannot create {directory}: {error.strerror}") from None
+    temporaries = [directory / f".{target.name}.{os.getpid()}.tmp" for target in targets]
+    try:
+        for shard, temporary in zip(paths, temporaries, strict=True):
+            try:
+                _copy(shard, temporary)
+            except apsw.Error as error:
+                raise BackupError(
+                    f"{shard}: {error}; nothing was replaced in {destination}"
+                ) from None
+        for copy in stale:
             shards.remove(str(copy))
-        except OSError as error:
-            raise BackupError(f"cannot remove the stale copy {copy}: {error.strerror}") from None
-    return [backup(shard, destination, overwrite=overwrite) for shard in paths]
+        for temporary, target in zip(temporaries, targets, strict=True):
+            _publish(temporary, target, overwrite=overwrite)
+    except OSError as error:
+        raise BackupError(f"{destination}: {error.strerror}") from None
+    finally:
+        for temporary in temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+    return [BackupCopy(str(target), target.stat().st_size) for target in targets]
 
 
 def stale_copies(spool_path: str, destination: str) -> list[Path]:
@@ -91,27 +114,6 @@ def stale_copies(spool_path: str, destination: str) -> list[Path]:
     ours = {index for index, _ in shards.existing(spool_path)}
     copies = shards.existing(str(Path(destination) / Path(spool_path).name))
     return [Path(path) for index, path in copies if index not in ours]
-
-
-def backup(spool_path: str, destination: str, *, overwrite: bool = False) -> BackupCopy:
-    target = check_target(spool_path, destination, overwrite=overwrite)
-    directory = target.parent
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as error:
-        raise BackupError(f"cannot create {directory}: {error.strerror}") from None
-    temporary = directory / f".{target.name}.{os.getpid()}.tmp"
-    try:
-        _copy(spool_path, temporary)
-        _publish(temporary, target, overwrite=overwrite)
-    except apsw.Error as error:
-        raise BackupError(f"{spool_path}: {error}") from None
-    except OSError as error:
-        raise BackupError(f"{target}: {error.strerror}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-    return BackupCopy(str(target), target.stat().st_size)
 
 
 def _copy(spool_path: str, temporary: Path) -> None:
