@@ -74,7 +74,8 @@ def test_protocol_uses_the_standard_library_only(path: Path) -> None:
 @pytest.mark.parametrize("path", modules("queue"), ids=lambda p: p.name)
 def test_the_queue_manager_never_imports_a_concrete_deliverer(path: Path) -> None:
     names = imports_of(path)
-    for module in ("gsmtp.delivery.maildir", "gsmtp.delivery.smtp", "gsmtp.server", "gsmtp.app"):
+    concrete = ("gsmtp.delivery.maildir", "gsmtp.delivery.smtp", "gsmtp.server", "gsmtp.connection")
+    for module in (*concrete, "gsmtp.app"):
         assert not imports_module(names, module), f"{path.name} imports {module}"
     assert not imports_module(names, "gsmtp.config")
 
@@ -84,7 +85,9 @@ def test_storage_never_imports_the_queue_manager(name: str) -> None:
     assert not imports_module(imports_of(PACKAGE / name), "gsmtp.queue")
 
 
-@pytest.mark.parametrize("name", ["server.py", "policy.py", "spool.py", "accounts.py", "db.py"])
+@pytest.mark.parametrize(
+    "name", ["server.py", "connection.py", "policy.py", "spool.py", "accounts.py", "db.py"]
+)
 def test_only_the_composition_root_reads_config(name: str) -> None:
     assert not imports_module(imports_of(PACKAGE / name), "gsmtp.config")
 
@@ -162,7 +165,8 @@ def test_the_shared_vocabulary_depends_on_protocol_values_only() -> None:
 def test_storage_never_imports_its_consumers(name: str) -> None:
     """The spool's vocabulary comes from message.py, not from delivery or the server."""
     names = imports_of(PACKAGE / name)
-    for consumer in ("gsmtp.delivery", "gsmtp.server", "gsmtp.app", "gsmtp.acceptance"):
+    consumers = ("gsmtp.delivery", "gsmtp.server", "gsmtp.connection", "gsmtp.app")
+    for consumer in (*consumers, "gsmtp.acceptance"):
         assert not imports_module(names, consumer), f"{name} imports {consumer}"
 
 
@@ -197,9 +201,10 @@ def test_the_accept_step_and_routing_do_no_io(name: str) -> None:
 def test_the_server_leaves_the_accept_step_to_acceptance() -> None:
     """Message ids and the Received: header are made in acceptance.py (which bounces
     use too), routing in routing.py: not in the listener or the composition root."""
-    names = imports_of(PACKAGE / "server.py")
-    assert not imports_module(names, "gsmtp.protocol.trace")
-    assert not imports_module(names, "gsmtp.message.new_message_id")
-    assert imports_module(names, "gsmtp.acceptance")
+    for listener in ("server.py", "connection.py"):
+        names = imports_of(PACKAGE / listener)
+        assert not imports_module(names, "gsmtp.protocol.trace")
+        assert not imports_module(names, "gsmtp.message.new_message_id")
+        assert imports_module(names, "gsmtp.acceptance")
     app = (PACKAGE / "app.py").read_text()
     assert "def _route(" not in app and "def _resolve_mailbox(" not in app
