@@ -202,15 +202,14 @@ class NotASpool(DatabaseError):
 def connect(path: str) -> apsw.Connection:
     """Open (creating 0600 if needed) and configure a connection; apply migrations."""
     file = Path(path)
+    foreign = not_a_spool(path)  # before anything could write to it
+    if foreign:
+        raise NotASpool(f"{path}: not a gsmtp spool ({foreign}); left as it is")
     try:
         file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _create_private(file)
         connection = apsw.Connection(str(file))
         connection.set_busy_timeout(BUSY_TIMEOUT_MS)
-        foreign = _not_a_spool(connection)
-        if foreign:
-            connection.close()
-            raise NotASpool(f"{path}: not a gsmtp spool ({foreign}); left as it is")
         if int(scalar(connection, "PRAGMA user_version")) == 0 and not _has_tables(connection):
             # Only possible before the first table exists; older spools are converted
             # once by `convert_to_incremental_vacuum` at server start-up.
@@ -247,20 +246,48 @@ def _create_private(file: Path) -> None:
         os.close(descriptor)
 
 
-def _not_a_spool(connection: apsw.Connection) -> str | None:
-    """Why the database is some other program's, or None for a gsmtp spool or an empty
-    file. Checked before anything is written: a file that only has a spool's name (a
-    stray `spool-2.sqlite`, a `spool.path` set to the wrong file) must not be migrated,
-    switched to WAL, or adopted and deleted as an orphan shard."""
+# Tables every gsmtp spool has had since its first migration.
+_SPOOL_TABLES = frozenset({"meta", "domains", "users", "messages", "recipients"})
+
+
+def not_a_spool(path: str) -> str | None:
+    """Why the file at `path` is some other program's, or None for a gsmtp spool, an
+    empty file or no file. A file that only has a spool's name (a stray
+    `spool-2.sqlite`, a `spool.path` set to the wrong file) must not be migrated,
+    switched to WAL, adopted and deleted as an orphan shard, or even checkpointed or
+    rolled back: read through a read-only connection, which does none of that (it may
+    add a -shm beside a WAL database, as any reader does)."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return None
+    try:
+        probe = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+    except apsw.Error as error:
+        return f"cannot be read: {error}"
+    try:
+        probe.set_busy_timeout(BUSY_TIMEOUT_MS)
+        return _why_foreign(probe)
+    except apsw.NotADBError:
+        return "not an SQLite database"
+    except apsw.ReadOnlyError:  # a hot rollback journal: only a write could resolve it
+        return "a rollback journal is pending, and a spool has none (WAL)"
+    except apsw.Error as error:
+        return f"cannot be read: {error}"
+    finally:
+        probe.close()
+
+
+def _why_foreign(connection: apsw.Connection) -> str | None:
     version = int(scalar(connection, "PRAGMA user_version"))
-    tables = {
-        str(row[0])
-        for row in query(connection, "SELECT name FROM sqlite_schema WHERE type='table'")
-    }
+    application = int(scalar(connection, "PRAGMA application_id"))
+    if application:
+        return f"application_id {application}"
+    names = {str(row[0]) for row in query(connection, "SELECT name FROM sqlite_schema")}
     if version == 0:
-        return f"it holds tables {', '.join(sorted(tables)[:5])}" if tables else None
-    missing = sorted({"meta", "messages"} - tables)
-    return f"no {' or '.join(missing)} table" if missing else None
+        return f"it holds {', '.join(sorted(names)[:5])}" if names else None
+    missing = sorted(_SPOOL_TABLES - names)
+    if not missing:
+        return None
+    return f"no {', '.join(missing)} table{'s' if len(missing) > 1 else ''}"
 
 
 def _has_tables(connection: apsw.Connection) -> bool:

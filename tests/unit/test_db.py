@@ -97,27 +97,80 @@ def test_incremental_vacuum_gives_pages_back(spool_path: str) -> None:
     assert os.path.getsize(spool_path) < 200_000
 
 
+def _run(connection: apsw.Connection, *statements: str) -> None:
+    for statement in statements:
+        list(connection.execute(statement))
+
+
+def _other_programs(path: str, kind: str) -> None:
+    """Another program's file at `path`, of `kind`."""
+    if kind == "text":
+        Path(path).write_text("not a database\n" * 100)
+        return
+    connection = apsw.Connection(path)
+    if kind == "tables":
+        _run(connection, "CREATE TABLE notes(body TEXT)")
+    elif kind == "view":
+        _run(connection, "CREATE VIEW now AS SELECT 1")
+    elif kind == "application_id":
+        _run(connection, "PRAGMA application_id=1234")
+    elif kind == "versioned":  # numbered like a spool, with two of its table names
+        _run(
+            connection, "CREATE TABLE meta(k)", "CREATE TABLE messages(id)", "PRAGMA user_version=3"
+        )
+    elif kind == "wal":  # in WAL mode, its last commit in the WAL only (its writer killed)
+        _run(connection, "PRAGMA journal_mode=WAL", "PRAGMA wal_autocheckpoint=0")
+        _run(connection, "CREATE TABLE notes(body TEXT)", "INSERT INTO notes VALUES ('x')")
+        for suffix in ("", "-wal"):
+            shutil.copy(path + suffix, path + ".copy" + suffix)
+        connection.close()
+        for suffix in ("", "-wal"):
+            os.replace(path + ".copy" + suffix, path + suffix)
+        return
+    elif kind == "hot_journal":  # a rollback journal left by a writer killed mid-transaction
+        _run(connection, "PRAGMA cache_size=1", "CREATE TABLE notes(body BLOB)", "BEGIN")
+        _run(connection, *["INSERT INTO notes VALUES (randomblob(2000))"] * 100)
+        for suffix in ("", "-journal"):
+            shutil.copy(path + suffix, path + ".copy" + suffix)
+        _run(connection, "ROLLBACK")
+        connection.close()
+        for suffix in ("", "-journal"):
+            os.replace(path + ".copy" + suffix, path + suffix)
+        return
+    connection.close()
+
+
 @pytest.mark.parametrize(
-    ("version", "schema", "why"),
+    ("kind", "why"),
     [
-        (0, "CREATE TABLE notes(body TEXT)", "it holds tables notes"),
-        (3, "CREATE TABLE messages(id TEXT)", "no meta table"),
+        ("tables", "it holds notes"),
+        ("view", "it holds now"),
+        ("application_id", "application_id 1234"),
+        ("versioned", "no domains, recipients, users tables"),
+        ("wal", "it holds notes"),
+        ("hot_journal", "a rollback journal is pending"),
+        ("text", "not an SQLite database"),
     ],
 )
-def test_another_programs_database_is_refused_and_left_unchanged(
-    spool_path: str, version: int, schema: str, why: str
+def test_another_programs_file_is_refused_and_left_unchanged(
+    spool_path: str, kind: str, why: str
 ) -> None:
-    """Red-team finding: `queue stats` migrated any file named like a shard, and the
-    server then adopted it as an orphan and deleted it. Not a spool: not touched."""
+    """Red-team findings: `queue stats` migrated any file named like a shard, and the
+    server then adopted it as an orphan and deleted it; then, a foreign WAL was
+    checkpointed, a hot journal rolled back, a versioned file switched to WAL. Not a
+    spool: not written to, and said why."""
     Path(spool_path).parent.mkdir()
-    other = sqlite3.connect(spool_path)
-    other.executescript(f"{schema}; PRAGMA user_version={version};")
-    other.close()
-    before = Path(spool_path).read_bytes()
-    with pytest.raises(db.NotASpool, match=f"{spool_path}: not a gsmtp spool \\({why}\\)"):
+    _other_programs(spool_path, kind)
+    companions = ("", "-wal", "-journal")
+    before = {
+        s: Path(spool_path + s).read_bytes() for s in companions if Path(spool_path + s).exists()
+    }
+    with pytest.raises(db.NotASpool, match=f"{spool_path}: not a gsmtp spool \\({why}"):
         db.connect(spool_path)
-    assert Path(spool_path).read_bytes() == before
-    assert not os.path.exists(spool_path + "-wal")
+    after = {
+        s: Path(spool_path + s).read_bytes() for s in companions if Path(spool_path + s).exists()
+    }
+    assert after == before
 
 
 def test_an_empty_file_and_a_spool_are_spools(spool_path: str) -> None:
