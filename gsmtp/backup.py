@@ -12,11 +12,15 @@ under that name is always a complete copy. An existing copy is replaced only whe
 copy.
 
 A spool with workers is several files (gsmtp.shards); `backup_spool` copies them as a
-set, all or none: every target is checked before any is copied, every copy is made and
-checked before any gets its name, and a shard copy already in DEST
-that the spool no longer has (the node had more workers when DEST was last written) is
-refused, or with `overwrite` removed: a node restored from DEST would adopt that stale
-copy and deliver its messages a second time.
+set, all or nothing as far as a file system allows: every target is checked, and every
+copy made, checked and fsynced, before any gets its name; then only renames and
+unlinks in DEST remain. Refused, with --force too: DEST that is the spool's own
+directory by any name, or a target that is another running gsmtp's live spool (its lock
+is held). Refused without --force, removed with it: a copy already there, what SQLite
+kept beside one (a -wal would be replayed over the new copy when it is opened), and a
+shard copy that the spool no longer has (the node had more workers when DEST was last
+written: a node restored from DEST would adopt it and deliver its mail again). A file
+with a shard's name that is not a gsmtp spool is left out (gsmtp.db.not_a_spool).
 
 Never opens and closes the spool file outside SQLite (see `gsmtp.db`).
 """
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import apsw
 
-from gsmtp import db, shards
+from gsmtp import db, lockfile, shards
 
 
 class BackupError(Exception):
@@ -43,16 +47,33 @@ class BackupCopy:
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class Backup:
+    """What `backup_spool` made: the copies, shard 0 first, and the files with a
+    shard's name it left out (why each is not a gsmtp spool, for a warning)."""
+
+    copies: list[BackupCopy]
+    left_out: list[str]
+
+
+# What SQLite keeps beside a database file, and would read with a copy put there.
+_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
 def check_target(spool_path: str, destination: str, *, overwrite: bool = False) -> Path:
     """The path the copy of `spool_path` gets in `destination`; BackupError if it may
-    not go there: the
-    spool is missing, the copy would be the spool itself (DEST is the spool's own
-    directory, by any name: "", ".", a symlink; --force there replaced the live spool
-    under the running server), or a copy exists and `overwrite` is off. The CLI checks
-    every shard before it copies any, so a refused backup leaves no mixed set."""
+    not go there:
+    - the spool is missing;
+    - DEST is not a directory, or the spool's own directory by any name ("", ".", a
+      symlink: --force there replaced the live spool under the running server);
+    - the target is the live spool of a running gsmtp (its lock is held), or not a file;
+    - a copy, or a -wal, -shm or -journal beside it (SQLite would replay a WAL left
+      there over the copy when it is opened), exists and `overwrite` is off."""
     spool = Path(spool_path)
     if not spool.is_file():
         raise BackupError(f"no spool at {spool_path}")
+    if not destination:
+        raise BackupError("DEST is empty; give a directory for the copy")
     directory = Path(destination)
     target = directory / spool.name
     if directory.exists() and not directory.is_dir():
@@ -60,20 +81,53 @@ def check_target(spool_path: str, destination: str, *, overwrite: bool = False) 
     with contextlib.suppress(OSError):  # a DEST that does not exist yet is not the spool's
         if os.path.samefile(directory, spool.parent):
             raise BackupError(
-                f"{destination or '.'} is the spool's own directory: the copy would replace"
+                f"{destination} is the spool's own directory: the copy would replace"
                 f" the live spool {spool_path}; give another directory"
             )
-    if target.exists() and not overwrite:
+    holders = lockfile.processes_holding(lockfile.lock_path(str(target)))
+    if holders:
+        raise BackupError(
+            f"{target} is the spool of a running gsmtp (PID {', '.join(map(str, holders))}):"
+            " the copy would replace it under that server; give another directory"
+        )
+    if target.exists() and not target.is_file():
+        raise BackupError(f"{target} exists and is not a file; remove it or give another DEST")
+    if overwrite:
+        return target
+    if target.exists():
         raise BackupError(f"{target} exists; remove it or use --force to replace it")
+    for suffix in _COMPANIONS:
+        if os.path.lexists(f"{target}{suffix}"):
+            raise BackupError(
+                f"{target}{suffix} exists, left by a database opened there: SQLite would read"
+                " it with the copy; remove it or use --force"
+            )
     return target
 
 
-def backup_spool(spool_path: str, destination: str, *, overwrite: bool = False) -> list[BackupCopy]:
+def backup_spool(spool_path: str, destination: str, *, overwrite: bool = False) -> Backup:
     """Copy every shard of the spool at `spool_path` into `destination` (see the module
-    docstring); the copies, shard 0 first. All or nothing: every shard is copied under
-    a temporary name and checked before any copy gets its name, so a shard that cannot
-    be copied (corrupt, unreadable) leaves DEST as it was."""
-    paths = [path for _, path in shards.existing(spool_path)]
+    docstring). All or nothing as far as it can be: every target is checked, and every
+    shard copied under a temporary name, checked and fsynced, before any copy gets its
+    name; a shard that cannot be copied (corrupt, unreadable, no room) leaves DEST as
+    it was. A file with a shard's name that is not a gsmtp spool is left out."""
+    try:
+        return _backup_spool(spool_path, destination, overwrite=overwrite)
+    except OSError as error:
+        raise BackupError(f"{error.filename or destination}: {error.strerror}") from None
+
+
+def _backup_spool(spool_path: str, destination: str, *, overwrite: bool) -> Backup:
+    paths: list[str] = []
+    left_out: list[str] = []
+    for index, path in shards.existing(spool_path):
+        foreign = db.not_a_spool(path)
+        if foreign and index:
+            left_out.append(f"{path}: not a gsmtp spool ({foreign})")
+        elif foreign:
+            raise BackupError(f"{path}: not a gsmtp spool ({foreign})")
+        else:
+            paths.append(path)
     targets = [check_target(shard, destination, overwrite=overwrite) for shard in paths]
     stale = stale_copies(spool_path, destination)
     if stale and not overwrite:
@@ -90,23 +144,17 @@ def backup_spool(spool_path: str, destination: str, *, overwrite: bool = False) 
     temporaries = [directory / f".{target.name}.{os.getpid()}.tmp" for target in targets]
     try:
         for shard, temporary in zip(paths, temporaries, strict=True):
-            try:
-                _copy(shard, temporary)
-            except apsw.Error as error:
-                raise BackupError(
-                    f"{shard}: {error}; nothing was replaced in {destination}"
-                ) from None
-        for copy in stale:
-            shards.remove(str(copy))
+            _copy_or_explain(shard, temporary, destination)
+        # Every copy made: from here on, only renames and unlinks in one directory.
         for temporary, target in zip(temporaries, targets, strict=True):
             _publish(temporary, target, overwrite=overwrite)
-    except OSError as error:
-        raise BackupError(f"{destination}: {error.strerror}") from None
+        for copy in stale:
+            shards.remove(str(copy))
+        _fsync_directory(directory)
     finally:
         for temporary in temporaries:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
-    return [BackupCopy(str(target), target.stat().st_size) for target in targets]
+            _remove_with_companions(temporary)
+    return Backup([BackupCopy(str(t), t.stat().st_size) for t in targets], left_out)
 
 
 def stale_copies(spool_path: str, destination: str) -> list[Path]:
@@ -114,6 +162,28 @@ def stale_copies(spool_path: str, destination: str) -> list[Path]:
     ours = {index for index, _ in shards.existing(spool_path)}
     copies = shards.existing(str(Path(destination) / Path(spool_path).name))
     return [Path(path) for index, path in copies if index not in ours]
+
+
+def _copy_or_explain(shard: str, temporary: Path, destination: str) -> None:
+    """`_copy`, its failures told as BackupError (DEST is unchanged at this point)."""
+    unchanged = f"nothing was replaced in {destination}"
+    try:
+        _copy(shard, temporary)
+    except apsw.FullError:
+        raise BackupError(
+            f"no room for the copy of {shard} in {destination}; {unchanged}"
+        ) from None
+    except apsw.Error as error:
+        raise BackupError(f"{shard}: {error}; {unchanged}") from None
+    except OSError as error:
+        where = error.filename or destination
+        raise BackupError(f"{where}: {error.strerror}; {unchanged}") from None
+
+
+def _remove_with_companions(path: Path) -> None:
+    for name in (str(path), *(f"{path}{suffix}" for suffix in _COMPANIONS)):
+        with contextlib.suppress(OSError):  # gone, or a read-only DEST: nothing to undo
+            os.unlink(name)
 
 
 def _copy(spool_path: str, temporary: Path) -> None:
@@ -136,24 +206,31 @@ def _copy(spool_path: str, temporary: Path) -> None:
             copy.close()
     finally:
         source.close()
+    descriptor = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)  # now, so an I/O error comes before any copy is published
+    finally:
+        os.close(descriptor)
 
 
 def _publish(temporary: Path, target: Path, *, overwrite: bool) -> None:
-    """fsync the copy, give it its name (atomically), fsync the directory."""
-    descriptor = os.open(temporary, os.O_RDONLY)
+    """Give the fsynced copy its name (atomically). With `overwrite`, what SQLite kept
+    beside the old copy goes first: a WAL there would be replayed over the new one."""
+    if overwrite:
+        for suffix in _COMPANIONS:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{target}{suffix}")
+        os.replace(temporary, target)
+        return
+    try:
+        os.link(temporary, target)  # fails if a copy appeared meanwhile
+    except FileExistsError:
+        raise BackupError(f"{target} exists; remove it or use --force to replace it") from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-    if overwrite:
-        os.replace(temporary, target)
-    else:
-        try:
-            os.link(temporary, target)  # fails if a copy appeared meanwhile
-        except FileExistsError:
-            raise BackupError(f"{target} exists; remove it or use --force to replace it") from None
-    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

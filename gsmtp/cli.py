@@ -618,10 +618,12 @@ def _spool(args: argparse.Namespace, config: Any) -> int:
     from gsmtp.backup import BackupError, backup_spool
 
     try:
-        copies = backup_spool(config.spool.path, args.destination, overwrite=args.force)
+        made = backup_spool(config.spool.path, args.destination, overwrite=args.force)
     except BackupError as error:
         raise _CliError(f"backup failed: {error}") from None
-    for copy in copies:
+    for reason in made.left_out:
+        print(f"gsmtp: warning: left out {reason}", file=sys.stderr)
+    for copy in made.copies:
         print(f"spool copied to {copy.path} ({copy.size} bytes)")
     return 0
 

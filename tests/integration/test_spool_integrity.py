@@ -260,14 +260,15 @@ def test_a_backup_into_the_spools_own_directory_is_refused_even_with_force(
     gsmtp_factory: Factory, tmp_path: Path
 ) -> None:
     """Red-team finding: `spool backup <the spool's directory> --force` replaced the
-    live spool under the running server (integrity check failed at the next start)."""
+    live spool under the running server (integrity check failed at the next start).
+    (An empty DEST is refused as such: tests/unit/test_backup.py.)"""
     gsmtp = blocked(gsmtp_factory)
     acknowledged = [queue_id(send(gsmtp.port, f"kept {n}")) for n in range(5)]
     spool_dir = Path(gsmtp.spool_path).parent
     alias = tmp_path / "alias"
     alias.symlink_to(spool_dir)
     before = Path(gsmtp.spool_path).stat().st_ino
-    for destination in (str(spool_dir), str(alias), ""):
+    for destination in (str(spool_dir), str(alias), "."):
         refused = gsmtp.cli("spool", "backup", destination, "--force", check=False, cwd=spool_dir)
         assert refused.returncode == 1
         assert "is the spool's own directory: the copy would replace the live spool" in (

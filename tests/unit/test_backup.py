@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
+import apsw
 import pytest
 
-from gsmtp import backup, db
+from gsmtp import backup, db, lockfile
 
 
 def two_shards(tmp_path: Path) -> str:
@@ -29,7 +31,7 @@ def test_a_shard_that_cannot_be_copied_leaves_dest_as_it_was(tmp_path: Path) -> 
     before shard 1 failed, leaving a set from two different times."""
     spool = two_shards(tmp_path)
     dest = tmp_path / "backup"
-    assert len(backup.backup_spool(spool, str(dest))) == 2
+    assert len(backup.backup_spool(spool, str(dest)).copies) == 2
     before = {path.name: path.read_bytes() for path in dest.iterdir()}
     shard_1 = Path(spool).with_name("spool-1.sqlite")
     size = shard_1.stat().st_size
@@ -49,3 +51,115 @@ def test_a_dest_that_is_not_a_directory_is_named(tmp_path: Path, dest: str) -> N
         Path(dest).write_text("not a directory\n")
     with pytest.raises(backup.BackupError, match=f"{dest} is not a directory"):
         backup.backup_spool(spool, dest, overwrite=True)
+
+
+def domains_in(path: Path) -> set[str]:
+    connection = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return {row[0] for row in connection.execute("SELECT name FROM domains")}
+    finally:
+        connection.close()
+
+
+def leave_a_wal(path: Path) -> None:
+    """A WAL at `path`-wal, as a database opened there and killed leaves it: its last
+    commit (the domain stale.example) only in the WAL."""
+    connection = db.connect(str(path))
+    connection.execute("PRAGMA wal_autocheckpoint=0")
+    connection.execute("INSERT INTO domains(name) VALUES ('stale.example')")
+    shutil.copy(f"{path}-wal", f"{path}.kept-wal")
+    connection.close()
+    os.replace(f"{path}.kept-wal", f"{path}-wal")
+
+
+def test_a_wal_left_in_dest_never_replays_over_the_copy(tmp_path: Path) -> None:
+    """Red-team finding: a -wal beside DEST/spool.sqlite (an old copy once opened there
+    by a node, then killed) was replayed over the new copy when it was opened: the copy
+    read as the old node's mail, and the new one's was lost."""
+    spool = two_shards(tmp_path)
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    leave_a_wal(dest / "spool.sqlite")
+    (dest / "spool.sqlite").unlink()  # removed as the "exists" refusal said; the -wal stays
+    with pytest.raises(backup.BackupError, match=r"spool\.sqlite-wal exists.*use --force"):
+        backup.backup_spool(spool, str(dest))
+    leave_a_wal(dest / "spool.sqlite")
+    backup.backup_spool(spool, str(dest), overwrite=True)
+    assert not (dest / "spool.sqlite-wal").exists()
+    assert domains_in(dest / "spool.sqlite") == {"zero.example"}
+    assert domains_in(dest / "spool-1.sqlite") == {"one.example"}
+
+
+def test_the_live_spool_of_another_server_is_never_replaced(tmp_path: Path) -> None:
+    """Red-team finding: `--force` into another running node's spool directory put the
+    copy over its live spool (its mail then in an unlinked file)."""
+    spool = two_shards(tmp_path)
+    other = tmp_path / "other"
+    db.connect(str(other / "spool.sqlite")).close()
+    lock = lockfile.acquire(lockfile.lock_path(str(other / "spool.sqlite")))
+    assert isinstance(lock, lockfile.InstanceLock)
+    before = (other / "spool.sqlite").read_bytes()
+    try:
+        with pytest.raises(
+            backup.BackupError, match=rf"is the spool of a running gsmtp \(PID {os.getpid()}\)"
+        ):
+            backup.backup_spool(spool, str(other), overwrite=True)
+    finally:
+        lock.release()
+    assert (other / "spool.sqlite").read_bytes() == before
+    assert sorted(p.name for p in other.iterdir()) == ["spool.sqlite", "spool.sqlite.lock"]
+
+
+def test_a_target_that_is_not_a_file_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    """Red-team finding: with spool-1.sqlite a directory in DEST, --force replaced
+    spool.sqlite and deleted a stale copy before failing on it."""
+    spool = two_shards(tmp_path)
+    dest = tmp_path / "backup"
+    backup.backup_spool(spool, str(dest))
+    (dest / "spool-1.sqlite").unlink()
+    (dest / "spool-1.sqlite").mkdir()
+    shutil.copy(dest / "spool.sqlite", dest / "spool-2.sqlite")  # a stale copy
+    before = {path.name: path.is_file() and path.read_bytes() for path in dest.iterdir()}
+    with pytest.raises(backup.BackupError, match=r"spool-1\.sqlite exists and is not a file"):
+        backup.backup_spool(spool, str(dest), overwrite=True)
+    assert {path.name: path.is_file() and path.read_bytes() for path in dest.iterdir()} == before
+
+
+def test_a_full_dest_is_named_and_leaves_the_old_copies_and_no_temporary(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    """Red-team findings: a full disk said "not an error", and left the temporary copy's
+    -wal and -shm behind."""
+    spool = two_shards(tmp_path)
+    dest = small_disk / "backup"
+    backup.backup_spool(spool, str(dest))
+    before = {path.name: path.read_bytes() for path in dest.iterdir()}
+    connection = db.connect(str(Path(spool).with_name("spool-1.sqlite")))
+    connection.executemany(
+        "INSERT INTO domains(name) VALUES (?)", [(f"{n:0500}.example",) for n in range(4000)]
+    )
+    connection.close()
+    with pytest.raises(
+        backup.BackupError,
+        match=rf"no room for the copy of .*spool-1\.sqlite in {dest}; nothing was replaced",
+    ):
+        backup.backup_spool(spool, str(dest), overwrite=True)
+    assert {path.name: path.read_bytes() for path in dest.iterdir()} == before
+
+
+def test_an_unusable_dest_is_one_line(tmp_path: Path) -> None:
+    spool = two_shards(tmp_path)
+    with pytest.raises(backup.BackupError, match="DEST is empty"):
+        backup.backup_spool(spool, "")
+    with pytest.raises(backup.BackupError, match="File name too long"):
+        backup.backup_spool(spool, str(tmp_path / ("x" * 300)))
+
+
+def test_a_file_with_a_shards_name_that_is_no_spool_is_left_out(tmp_path: Path) -> None:
+    spool = two_shards(tmp_path)
+    stray = Path(spool).with_name("spool-3.sqlite")
+    stray.write_text("not a database\n" * 100)
+    made = backup.backup_spool(spool, str(tmp_path / "backup"))
+    assert [Path(copy.path).name for copy in made.copies] == ["spool.sqlite", "spool-1.sqlite"]
+    assert made.left_out == [f"{stray}: not a gsmtp spool (not an SQLite database)"]
+    assert stray.read_text() == "not a database\n" * 100

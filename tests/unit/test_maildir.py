@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -166,23 +165,6 @@ def test_a_cached_mailbox_moved_away_is_not_written_to_any_more(tmp_path: Path) 
 
 
 # -- nothing left behind --------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MB file system (tmpfs), to fill up."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    yield mount_point
-    # Lazy: detached now even if a failed test left a descriptor open in it.
-    subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
 
 
 def test_a_full_disk_defers_and_leaves_no_partial_file_in_tmp(small_disk: Path) -> None:

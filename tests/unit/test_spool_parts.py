@@ -150,7 +150,7 @@ def test_notices_and_queue_show_read_the_headers_across_parts(
 
 def test_a_backup_holds_the_parts(spool: Spool, spool_path: str, tmp_path: Path) -> None:
     spooled_message(spool, "M1")
-    (copy,) = backup.backup_spool(spool_path, str(tmp_path / "backup"))
+    (copy,) = backup.backup_spool(spool_path, str(tmp_path / "backup")).copies
     connection = apsw.Connection(copy.path)
     stored = [row[0] for row in connection.execute("SELECT data FROM body_parts ORDER BY seq")]
     assert stored == [*PARTS, b"the end\r\n"]
