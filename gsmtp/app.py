@@ -503,6 +503,8 @@ class Application:
         metrics.RELOAD_SUCCESS_TIME.set(time.time())
         metrics.WORKERS.set(self.role.count)
         metrics.WORKERS_UP.set(1)
+        if self.role.restart:
+            metrics.WORKER_RESTARTS.inc()
         self._log.info("server_started", hostname=self.config.server.hostname)
         # Listeners bound, spool open, every component running: systemd may now
         # report the start as done (Type=notify), and the watchdog begins.

@@ -270,6 +270,11 @@ WORKERS_UP = Gauge(
     " mail waits, and the queue gauges leave that shard out)",
     multiprocess_mode="livesum",  # each worker's 1; a dead one's file is removed
 )
+WORKER_RESTARTS = Counter(
+    "gsmtp_worker_restarts",
+    "Workers started again after one died or hung (counted by the new one once started):"
+    " a worker that keeps hanging is up most of the time, and shows here",
+)
 TLS_CERT_NOT_AFTER = Gauge(
     "gsmtp_tls_cert_not_after_timestamp_seconds",
     "When the inbound TLS certificate served now expires (Unix time; 0 without TLS)",

@@ -46,6 +46,9 @@ class Role:
     # The node's WatchdogSec= (the supervisor's $WATCHDOG_USEC): how long a component
     # may go without progress before this worker's heartbeat reports it.
     watchdog_seconds: float | None = None
+    # This worker replaces one that died (or hung and was killed): it counts itself in
+    # gsmtp_worker_restarts_total once it has started.
+    restart: bool = False
 
 
 SINGLE_PROCESS = Role()

@@ -141,6 +141,7 @@ class _Worker:
     quick_deaths: int = 0
     restart_at: float | None = None
     killed: bool = False
+    starts: int = 0  # processes forked for this worker so far
 
 
 def serve(
@@ -614,7 +615,9 @@ class Workers:
             metrics=self._sockets["metrics"].fileno() if "metrics" in self._sockets else None,
             report=write,
             watchdog_seconds=self._watchdog_seconds,
+            restart=worker.starts > 0,
         )
+        worker.starts += 1
         log.flush()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -691,10 +691,12 @@ def test_metrics_show_a_worker_that_keeps_failing_to_start(gsmtp_factory: Any) -
     """Red-team finding: a worker that keeps failing to start could not be seen in
     /metrics (its shard only dropped out of the queue gauges). gsmtp_workers_up counts
     the workers serving, gsmtp_workers the ones configured; once the cause is fixed the
-    worker is back and counted."""
+    worker is back and counted, and gsmtp_worker_restarts_total counts its restart."""
     gsmtp = gsmtp_factory({"server": {"workers": WORKERS}})
     up = "gsmtp_workers_up"
+    restarts = "gsmtp_worker_restarts_total"
     assert gsmtp.metrics()["gsmtp_workers"] == COUNT and gsmtp.metrics()[up] == COUNT
+    assert gsmtp.metrics()[restarts] == 0
     # Another process takes worker 1's shard lock the moment the worker dies: each
     # restart then fails ("held by"), again after every back-off.
     holder = subprocess.Popen(
@@ -721,3 +723,6 @@ def test_metrics_show_a_worker_that_keeps_failing_to_start(gsmtp_factory: Any) -
         what="worker 1 to start again",
     )
     wait_for(lambda: gsmtp.metrics()[up] == COUNT, what="gsmtp_workers_up back to every worker")
+    # One restart counted: by the worker that started (the ones that failed could not).
+    # A worker that hangs again after every restart is up most of the time: it shows here.
+    assert gsmtp.metrics()[restarts] == 1
