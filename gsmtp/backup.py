@@ -64,7 +64,7 @@ def check_target(spool_path: str, destination: str, *, overwrite: bool = False) 
     """The path the copy of `spool_path` gets in `destination`; BackupError if it may
     not go there:
     - the spool is missing;
-    - DEST is not a directory, or the spool's own directory by any name ("", ".", a
+    - DEST is empty, not a directory, or the spool's own directory by any name (".", a
       symlink: --force there replaced the live spool under the running server);
     - the target is the live spool of a running gsmtp (its lock is held), or not a file;
     - a copy, or a -wal, -shm or -journal beside it (SQLite would replay a WAL left
