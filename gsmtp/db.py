@@ -261,8 +261,8 @@ def not_a_spool(path: str) -> str | None:
         return None
     try:
         probe = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
-    except apsw.Error as error:
-        return f"cannot be read: {error}"
+    except apsw.Error:
+        return None  # not for us to say: opening it for real reports why it cannot be
     try:
         probe.set_busy_timeout(BUSY_TIMEOUT_MS)
         return _why_foreign(probe)
@@ -270,8 +270,8 @@ def not_a_spool(path: str) -> str | None:
         return "not an SQLite database"
     except apsw.ReadOnlyError:  # a hot rollback journal: only a write could resolve it
         return "a rollback journal is pending, and a spool has none (WAL)"
-    except apsw.Error as error:
-        return f"cannot be read: {error}"
+    except apsw.Error:
+        return None  # busy, unreadable: likewise
     finally:
         probe.close()
 
