@@ -15,8 +15,10 @@ A spool with workers is several files (gsmtp.shards); `backup_spool` copies them
 set, all or nothing as far as a file system allows: every target is checked, and every
 copy made, checked and fsynced, before any gets its name; then only renames and
 unlinks in DEST remain. Refused, with --force too: DEST that is the spool's own
-directory by any name, or a target that is another running gsmtp's live spool (its lock
-is held). Refused without --force, removed with it: a copy already there, what SQLite
+directory by any name, a target (or a -wal, -shm, -journal beside it) that is not a
+regular file, or a target that is another running gsmtp's live spool: the backup takes
+each target's server lock (`<target>.lock`, left in DEST like any spool's) and holds it
+until its copies are in place, so a server cannot start there meanwhile either. Refused without --force, removed with it: a copy already there, what SQLite
 kept beside one (a -wal would be replayed over the new copy when it is opened), and a
 shard copy that the spool no longer has (the node had more workers when DEST was last
 written: a node restored from DEST would adopt it and deliver its mail again). A file
@@ -66,7 +68,8 @@ def check_target(spool_path: str, destination: str, *, overwrite: bool = False) 
     - the spool is missing;
     - DEST is empty, not a directory, or the spool's own directory by any name (".", a
       symlink: --force there replaced the live spool under the running server);
-    - the target is the live spool of a running gsmtp (its lock is held), or not a file;
+    - the target, or a -wal, -shm or -journal beside it, is not a regular file (a
+      symlink, a directory);
     - a copy, or a -wal, -shm or -journal beside it (SQLite would replay a WAL left
       there over the copy when it is opened), exists and `overwrite` is off."""
     spool = Path(spool_path)
@@ -84,20 +87,17 @@ def check_target(spool_path: str, destination: str, *, overwrite: bool = False) 
                 f"{destination} is the spool's own directory: the copy would replace"
                 f" the live spool {spool_path}; give another directory"
             )
-    holders = lockfile.processes_holding(lockfile.lock_path(str(target)))
-    if holders:
-        raise BackupError(
-            f"{target} is the spool of a running gsmtp (PID {', '.join(map(str, holders))}):"
-            " the copy would replace it under that server; give another directory"
-        )
-    if target.exists() and not target.is_file():
-        raise BackupError(f"{target} exists and is not a file; remove it or give another DEST")
+    for name in (str(target), *(f"{target}{suffix}" for suffix in _COMPANIONS)):
+        if os.path.lexists(name) and (os.path.islink(name) or not os.path.isfile(name)):
+            raise BackupError(
+                f"{name} exists and is not a regular file; remove it or give another DEST"
+            )
     if overwrite:
         return target
     if target.exists():
         raise BackupError(f"{target} exists; remove it or use --force to replace it")
     for suffix in _COMPANIONS:
-        if os.path.lexists(f"{target}{suffix}"):
+        if os.path.exists(f"{target}{suffix}"):
             raise BackupError(
                 f"{target}{suffix} exists, left by a database opened there: SQLite would read"
                 " it with the copy; remove it or use --force"
@@ -115,10 +115,12 @@ def backup_spool(spool_path: str, destination: str, *, overwrite: bool = False) 
         return _backup_spool(spool_path, destination, overwrite=overwrite)
     except OSError as error:
         raise BackupError(f"{error.filename or destination}: {error.strerror}") from None
+    except db.DatabaseError as error:  # a shard another program holds locked
+        raise BackupError(str(error)) from None
 
 
 def _backup_spool(spool_path: str, destination: str, *, overwrite: bool) -> Backup:
-    paths: list[str] = []
+    paths: list[tuple[int, str]] = []  # (index, path) of the shards to copy
     left_out: list[str] = []
     for index, path in shards.existing(spool_path):
         foreign = db.not_a_spool(path)
@@ -127,9 +129,9 @@ def _backup_spool(spool_path: str, destination: str, *, overwrite: bool) -> Back
         elif foreign:
             raise BackupError(f"{path}: not a gsmtp spool ({foreign})")
         else:
-            paths.append(path)
-    targets = [check_target(shard, destination, overwrite=overwrite) for shard in paths]
-    stale = stale_copies(spool_path, destination)
+            paths.append((index, path))
+    targets = [check_target(shard, destination, overwrite=overwrite) for _, shard in paths]
+    stale = stale_copies(destination, Path(spool_path).name, copied={i for i, _ in paths})
     if stale and not overwrite:
         names = ", ".join(path.name for path in stale)
         raise BackupError(
@@ -141,9 +143,10 @@ def _backup_spool(spool_path: str, destination: str, *, overwrite: bool) -> Back
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as error:
         raise BackupError(f"cannot create {directory}: {error.strerror}") from None
+    locks = _lock_targets(targets)
     temporaries = [directory / f".{target.name}.{os.getpid()}.tmp" for target in targets]
     try:
-        for shard, temporary in zip(paths, temporaries, strict=True):
+        for (_, shard), temporary in zip(paths, temporaries, strict=True):
             _copy_or_explain(shard, temporary, destination)
         # Every copy made: from here on, only renames and unlinks in one directory.
         for temporary, target in zip(temporaries, targets, strict=True):
@@ -154,14 +157,38 @@ def _backup_spool(spool_path: str, destination: str, *, overwrite: bool) -> Back
     finally:
         for temporary in temporaries:
             _remove_with_companions(temporary)
+        for lock in locks:
+            lock.release()
     return Backup([BackupCopy(str(t), t.stat().st_size) for t in targets], left_out)
 
 
-def stale_copies(spool_path: str, destination: str) -> list[Path]:
-    """Shard copies in `destination` whose shard the spool at `spool_path` lacks."""
-    ours = {index for index, _ in shards.existing(spool_path)}
-    copies = shards.existing(str(Path(destination) / Path(spool_path).name))
-    return [Path(path) for index, path in copies if index not in ours]
+def stale_copies(destination: str, name: str, *, copied: set[int]) -> list[Path]:
+    """Shard copies of the spool file `name` in `destination` whose shard is not among
+    the `copied` ones (the spool no longer has it, or it was left out as no spool)."""
+    copies = shards.existing(str(Path(destination) / name))
+    return [Path(path) for index, path in copies if index not in copied]
+
+
+def _lock_targets(targets: list[Path]) -> list[lockfile.InstanceLock]:
+    """Each target's server lock, held until the copies are in place: a target that is
+    a running gsmtp's live spool is refused, and a server cannot start on one while its
+    copy is being made (it meets the lock and names this process)."""
+    locks: list[lockfile.InstanceLock] = []
+    try:
+        for target in targets:
+            lock = lockfile.acquire(lockfile.lock_path(str(target)))
+            if isinstance(lock, lockfile.HeldBy):
+                holder = f" (PID {lock.pid})" if lock.pid is not None else ""
+                raise BackupError(
+                    f"{target} is the spool of a running gsmtp{holder}: the copy would"
+                    " replace it under that server; give another directory"
+                )
+            locks.append(lock)
+    except BaseException:
+        for held in locks:
+            held.release()
+        raise
+    return locks
 
 
 def _copy_or_explain(shard: str, temporary: Path, destination: str) -> None:
@@ -174,7 +201,8 @@ def _copy_or_explain(shard: str, temporary: Path, destination: str) -> None:
             f"no room for the copy of {shard} in {destination}; {unchanged}"
         ) from None
     except apsw.Error as error:
-        raise BackupError(f"{shard}: {error}; {unchanged}") from None
+        detail = str(error) if str(error) not in ("", "not an error") else type(error).__name__
+        raise BackupError(f"copying {shard} into {destination}: {detail}; {unchanged}") from None
     except OSError as error:
         where = error.filename or destination
         raise BackupError(f"{where}: {error.strerror}; {unchanged}") from None

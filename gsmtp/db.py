@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import apsw
 
@@ -256,11 +257,23 @@ def not_a_spool(path: str) -> str | None:
     `spool-2.sqlite`, a `spool.path` set to the wrong file) must not be migrated,
     switched to WAL, adopted and deleted as an orphan shard, or even checkpointed or
     rolled back: read through a read-only connection, which does none of that (it may
-    add a -shm beside a WAL database, as any reader does)."""
+    add a -shm beside a WAL database, as any reader does). DatabaseError when it cannot
+    tell because another program holds the file locked for writing: a spool is in WAL
+    mode, where a reader waits for no writer, so it is left alone like a foreign one."""
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return None
     try:
-        probe = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+        return _probe(path, f"file:{quote(path)}?mode=ro")
+    except apsw.ReadOnlyError:
+        # A hot rollback journal beside it (a writer killed mid-transaction): only a
+        # write can resolve it. A spool's backup copy is in rollback mode and may have
+        # one; what the file says before the rollback is enough to tell whose it is.
+        return _probe(path, f"file:{quote(path)}?immutable=1")
+
+
+def _probe(path: str, uri: str) -> str | None:
+    try:
+        probe = apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
     except apsw.Error:
         return None  # not for us to say: opening it for real reports why it cannot be
     try:
@@ -268,10 +281,15 @@ def not_a_spool(path: str) -> str | None:
         return _why_foreign(probe)
     except apsw.NotADBError:
         return "not an SQLite database"
-    except apsw.ReadOnlyError:  # a hot rollback journal: only a write could resolve it
-        return "a rollback journal is pending, and a spool has none (WAL)"
+    except apsw.BusyError:
+        raise DatabaseError(
+            f"{path}: locked by another program's write transaction (a gsmtp spool never"
+            " is: it is in WAL mode); left as it is"
+        ) from None
+    except apsw.ReadOnlyError:
+        raise
     except apsw.Error:
-        return None  # busy, unreadable: likewise
+        return None  # unreadable: likewise
     finally:
         probe.close()
 

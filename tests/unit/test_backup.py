@@ -38,7 +38,10 @@ def test_a_shard_that_cannot_be_copied_leaves_dest_as_it_was(tmp_path: Path) -> 
     with open(shard_1, "r+b") as file:  # every page after the header's: garbage
         file.seek(4096)
         file.write(os.urandom(size - 4096))
-    with pytest.raises(backup.BackupError, match=rf"{shard_1}: .*nothing was replaced in {dest}"):
+    with pytest.raises(
+        backup.BackupError,
+        match=rf"copying {shard_1} into {dest}: .*nothing was replaced in {dest}",
+    ):
         backup.backup_spool(spool, str(dest), overwrite=True)
     assert {path.name: path.read_bytes() for path in dest.iterdir()} == before  # no .tmp either
 
@@ -120,7 +123,9 @@ def test_a_target_that_is_not_a_file_is_refused_before_anything_changes(tmp_path
     (dest / "spool-1.sqlite").mkdir()
     shutil.copy(dest / "spool.sqlite", dest / "spool-2.sqlite")  # a stale copy
     before = {path.name: path.is_file() and path.read_bytes() for path in dest.iterdir()}
-    with pytest.raises(backup.BackupError, match=r"spool-1\.sqlite exists and is not a file"):
+    with pytest.raises(
+        backup.BackupError, match=r"spool-1\.sqlite exists and is not a regular file"
+    ):
         backup.backup_spool(spool, str(dest), overwrite=True)
     assert {path.name: path.is_file() and path.read_bytes() for path in dest.iterdir()} == before
 
@@ -163,3 +168,62 @@ def test_a_file_with_a_shards_name_that_is_no_spool_is_left_out(tmp_path: Path) 
     assert [Path(copy.path).name for copy in made.copies] == ["spool.sqlite", "spool-1.sqlite"]
     assert made.left_out == [f"{stray}: not a gsmtp spool (not an SQLite database)"]
     assert stray.read_text() == "not a database\n" * 100
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("what", ["a dangling symlink", "a -wal that is a directory"])
+def test_odd_files_at_a_targets_name_are_refused_before_anything_changes(
+    tmp_path: Path, what: str, overwrite: bool
+) -> None:
+    """Red-team findings: a dangling symlink at spool-1.sqlite passed the checks (shard
+    0 was published, then the link failed); with --force a -wal that is a directory was
+    not checked, and shard 0 was replaced before it failed."""
+    spool = two_shards(tmp_path)
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    if what == "a dangling symlink":
+        odd = dest / "spool-1.sqlite"
+        odd.symlink_to(tmp_path / "nowhere")
+    else:
+        odd = dest / "spool-1.sqlite-wal"
+        odd.mkdir()
+    before = {path.name: path.is_file() and path.read_bytes() for path in dest.iterdir()}
+    with pytest.raises(backup.BackupError, match=rf"{odd} exists and is not a regular file"):
+        backup.backup_spool(spool, str(dest), overwrite=overwrite)
+    assert {path.name: path.is_file() and path.read_bytes() for path in dest.iterdir()} == before
+
+
+def test_a_stale_copy_goes_when_its_shard_was_left_out(tmp_path: Path) -> None:
+    """Red-team finding: with spool-1.sqlite a stray file (left out), an old copy of
+    shard 1 in DEST was kept, to be adopted and delivered again after a restore."""
+    spool = two_shards(tmp_path)
+    dest = tmp_path / "backup"
+    backup.backup_spool(spool, str(dest))
+    Path(spool).with_name("spool-1.sqlite").write_text("not a database\n" * 100)
+    (dest / "spool.sqlite").unlink()  # so that only the stale copy stands in the way
+    with pytest.raises(backup.BackupError, match=r"holds spool-1\.sqlite, a shard this spool"):
+        backup.backup_spool(spool, str(dest), overwrite=False)
+    made = backup.backup_spool(spool, str(dest), overwrite=True)
+    assert len(made.left_out) == 1 and not (dest / "spool-1.sqlite").exists()
+
+
+def test_a_server_cannot_start_on_a_target_while_its_copy_is_made(tmp_path: Path) -> None:
+    """Red-team finding: a server that started on DEST during a long copy had its live
+    spool replaced (and its -wal removed) under it. The backup holds each target's
+    server lock until its copies are in place."""
+    spool = two_shards(tmp_path)
+    dest = tmp_path / "backup"
+    held: list[object] = []
+    real_copy = backup._copy
+
+    def copy_then_try_to_serve(source: str, temporary: Path) -> None:
+        real_copy(source, temporary)
+        held.append(lockfile.acquire(lockfile.lock_path(str(dest / "spool.sqlite"))))
+
+    backup._copy = copy_then_try_to_serve  # type: ignore[assignment]
+    try:
+        backup.backup_spool(spool, str(dest))
+    finally:
+        backup._copy = real_copy  # type: ignore[assignment]
+    assert held and all(isinstance(lock, lockfile.HeldBy) for lock in held)
+    assert lockfile.acquire(lockfile.lock_path(str(dest / "spool.sqlite"))) is not None

@@ -12,7 +12,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from gsmtp import db
+from gsmtp import backup, db
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ def _other_programs(path: str, kind: str) -> None:
         ("application_id", "application_id 1234"),
         ("versioned", "no domains, recipients, users tables"),
         ("wal", "it holds notes"),
-        ("hot_journal", "a rollback journal is pending"),
+        ("hot_journal", "it holds notes"),
         ("text", "not an SQLite database"),
     ],
 )
@@ -158,7 +158,7 @@ def test_another_programs_file_is_refused_and_left_unchanged(
     """Red-team findings: `queue stats` migrated any file named like a shard, and the
     server then adopted it as an orphan and deleted it; then, a foreign WAL was
     checkpointed, a hot journal rolled back, a versioned file switched to WAL. Not a
-    spool: not written to, and said why."""
+    spool: not written to, and said why (a hot journal's file is read as it stands)."""
     Path(spool_path).parent.mkdir()
     _other_programs(spool_path, kind)
     companions = ("", "-wal", "-journal")
@@ -178,3 +178,49 @@ def test_an_empty_file_and_a_spool_are_spools(spool_path: str) -> None:
     db.connect(spool_path).close()  # and opened again
     Path(spool_path + ".empty").touch()
     db.connect(spool_path + ".empty").close()
+
+
+def test_a_spool_copy_with_a_hot_journal_is_a_spool_and_is_rolled_back(
+    spool_path: str, tmp_path: Path
+) -> None:
+    """Red-team finding: a backup copy (rollback mode) with a hot journal beside it (an
+    edit killed mid-transaction) was refused as not a spool. It is one: opened, its
+    journal rolled back, and its mail is there."""
+    spool = db.connect(spool_path)
+    spool.execute("INSERT INTO domains(name) VALUES ('kept.example')")
+    spool.close()
+    copy = str(tmp_path / "copy.sqlite")
+    (made,) = backup.backup_spool(spool_path, str(tmp_path / "backup")).copies
+    shutil.copy(made.path, copy)
+    editor = apsw.Connection(copy)
+    _run(editor, "PRAGMA cache_size=1", "BEGIN")
+    _run(editor, *["INSERT INTO domains(name) VALUES (hex(randomblob(900)))"] * 100)
+    for suffix in ("", "-journal"):
+        shutil.copy(copy + suffix, copy + ".kept" + suffix)
+    _run(editor, "ROLLBACK")
+    editor.close()
+    for suffix in ("", "-journal"):
+        os.replace(copy + ".kept" + suffix, copy + suffix)
+    assert os.path.getsize(copy + "-journal") > 0
+    restored = db.connect(copy)
+    assert db.query(restored, "SELECT name FROM domains") == [("kept.example",)]
+
+
+def test_a_file_another_program_is_writing_is_left_alone(spool_path: str) -> None:
+    """Red-team finding: a foreign database locked by its program's write transaction
+    could not be read, was taken for a spool, converted, then adopted and deleted."""
+    Path(spool_path).parent.mkdir()
+    writer = apsw.Connection(spool_path)
+    _run(writer, "CREATE TABLE notes(body TEXT)", "BEGIN EXCLUSIVE")
+    _run(writer, "INSERT INTO notes VALUES ('precious')")
+    before = Path(spool_path).read_bytes()
+    try:
+        with pytest.raises(db.DatabaseError, match="locked by another program's write"):
+            db.connect(spool_path)
+    finally:
+        _run(writer, "COMMIT")
+        writer.close()
+    assert Path(spool_path).read_bytes() != before  # the program's commit, not ours
+    check = apsw.Connection(spool_path, flags=apsw.SQLITE_OPEN_READONLY)
+    assert list(check.execute("PRAGMA journal_mode")) == [("delete",)]
+    assert [row[0] for row in check.execute("SELECT name FROM sqlite_schema")] == ["notes"]
