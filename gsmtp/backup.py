@@ -18,7 +18,8 @@ unlinks in DEST remain. Refused, with --force too: DEST that is the spool's own
 directory by any name, a target (or a -wal, -shm, -journal beside it) that is not a
 regular file, or a target that is another running gsmtp's live spool: the backup takes
 each target's server lock (`<target>.lock`, left in DEST like any spool's) and holds it
-until its copies are in place, so a server cannot start there meanwhile either. Refused without --force, removed with it: a copy already there, what SQLite
+until its copies are in place, so a server cannot start there meanwhile either.
+Refused without --force, removed with it: a copy already there, what SQLite
 kept beside one (a -wal would be replayed over the new copy when it is opened), and a
 shard copy that the spool no longer has (the node had more workers when DEST was last
 written: a node restored from DEST would adopt it and deliver its mail again). A file
