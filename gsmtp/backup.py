@@ -31,6 +31,7 @@ Never opens and closes the spool file outside SQLite (see `gsmtp.db`).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,9 @@ def _backup_spool(spool_path: str, destination: str, *, overwrite: bool) -> Back
     except OSError as error:
         raise BackupError(f"cannot create {directory}: {error.strerror}") from None
     locks = _lock_targets(targets)
+    for target in targets:  # a killed backup's: under the lock, no backup is making one
+        for leftover in directory.glob(f".{glob.escape(target.name)}.*.tmp"):
+            _remove_with_companions(leftover)
     temporaries = [directory / f".{target.name}.{os.getpid()}.tmp" for target in targets]
     try:
         for (_, shard), temporary in zip(paths, temporaries, strict=True):
@@ -181,8 +185,9 @@ def _lock_targets(targets: list[Path]) -> list[lockfile.InstanceLock]:
             if isinstance(lock, lockfile.HeldBy):
                 holder = f" (PID {lock.pid})" if lock.pid is not None else ""
                 raise BackupError(
-                    f"{target} is the spool of a running gsmtp{holder}: the copy would"
-                    " replace it under that server; give another directory"
+                    f"{target} is in use by a running gsmtp, server or backup{holder}:"
+                    " a copy there would replace a live spool or race another backup;"
+                    " give another directory, or wait for the backup to end"
                 )
             locks.append(lock)
     except BaseException:

@@ -262,19 +262,34 @@ def not_a_spool(path: str) -> str | None:
     mode, where a reader waits for no writer, so it is left alone like a foreign one."""
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return None
+    # An absolute path with one leading slash: in a URI, "//tmp/..." would name a host.
+    uri = "file:/" + quote(os.path.abspath(path).lstrip("/"))
     try:
-        return _probe(path, f"file:{quote(path)}?mode=ro")
+        return _probe(path, f"{uri}?mode=ro")
     except apsw.ReadOnlyError:
         # A hot rollback journal beside it (a writer killed mid-transaction): only a
         # write can resolve it. A spool's backup copy is in rollback mode and may have
-        # one; what the file says before the rollback is enough to tell whose it is.
-        return _probe(path, f"file:{quote(path)}?immutable=1")
+        # one; what the file says before the rollback is enough to tell whose it is,
+        # and a file that cannot be read as it stands is left alone.
+        try:
+            return _probe(path, f"{uri}?immutable=1")
+        except apsw.Error as error:
+            raise DatabaseError(
+                f"{path}: a rollback journal is pending and the file cannot be read as it"
+                f" stands ({error}); left as it is (if it is a gsmtp spool, open it once"
+                " with sqlite3 to roll the journal back)"
+            ) from None
 
 
 def _probe(path: str, uri: str) -> str | None:
+    """Why the file is foreign, or None; apsw.ReadOnlyError for a hot journal and, when
+    the file is opened as it stands (`immutable`), any error reading it."""
+    immutable = uri.endswith("immutable=1")
     try:
         probe = apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
     except apsw.Error:
+        if immutable:
+            raise
         return None  # not for us to say: opening it for real reports why it cannot be
     try:
         probe.set_busy_timeout(BUSY_TIMEOUT_MS)
@@ -289,6 +304,8 @@ def _probe(path: str, uri: str) -> str | None:
     except apsw.ReadOnlyError:
         raise
     except apsw.Error:
+        if immutable:
+            raise
         return None  # unreadable: likewise
     finally:
         probe.close()

@@ -104,7 +104,8 @@ def test_the_live_spool_of_another_server_is_never_replaced(tmp_path: Path) -> N
     before = (other / "spool.sqlite").read_bytes()
     try:
         with pytest.raises(
-            backup.BackupError, match=rf"is the spool of a running gsmtp \(PID {os.getpid()}\)"
+            backup.BackupError,
+            match=rf"is in use by a running gsmtp, server or backup \(PID {os.getpid()}\)",
         ):
             backup.backup_spool(spool, str(other), overwrite=True)
     finally:
@@ -227,3 +228,17 @@ def test_a_server_cannot_start_on_a_target_while_its_copy_is_made(tmp_path: Path
         backup._copy = real_copy  # type: ignore[assignment]
     assert held and all(isinstance(lock, lockfile.HeldBy) for lock in held)
     assert lockfile.acquire(lockfile.lock_path(str(dest / "spool.sqlite"))) is not None
+
+
+def test_a_killed_backups_temporary_goes_with_the_next_backup(tmp_path: Path) -> None:
+    """Red-team finding: `kill -9` of a backup mid-copy left `.spool.sqlite.<pid>.tmp`
+    in DEST for good (the next backup, another PID, never looked at it)."""
+    spool = two_shards(tmp_path)
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    leftovers = [dest / ".spool.sqlite.99999.tmp", dest / ".spool-1.sqlite.99998.tmp-wal"]
+    for leftover in [*leftovers, dest / ".spool-1.sqlite.99998.tmp"]:
+        leftover.write_bytes(b"half a copy")
+    backup.backup_spool(spool, str(dest))
+    names = sorted(path.name for path in dest.iterdir())
+    assert names == ["spool-1.sqlite", "spool-1.sqlite.lock", "spool.sqlite", "spool.sqlite.lock"]

@@ -224,3 +224,38 @@ def test_a_file_another_program_is_writing_is_left_alone(spool_path: str) -> Non
     check = apsw.Connection(spool_path, flags=apsw.SQLITE_OPEN_READONLY)
     assert list(check.execute("PRAGMA journal_mode")) == [("delete",)]
     assert [row[0] for row in check.execute("SELECT name FROM sqlite_schema")] == ["notes"]
+
+
+def test_a_double_slash_path_is_still_probed(spool_path: str) -> None:
+    """Red-team finding: for "//tmp/...", the probe's URI named a host, could not open,
+    and the file was taken for a spool and converted."""
+    Path(spool_path).parent.mkdir()
+    _other_programs(spool_path, "tables")
+    before = Path(spool_path).read_bytes()
+    with pytest.raises(db.NotASpool, match="it holds notes"):
+        db.connect("/" + spool_path)
+    assert Path(spool_path).read_bytes() == before
+
+
+def test_a_torn_file_with_a_hot_journal_is_left_alone(spool_path: str) -> None:
+    """Red-team finding: another program's file with a hot journal and a page torn by
+    its killed writer could not be read as it stands, and was taken for a spool (rolled
+    back, converted, or adopted and deleted). Now: cannot tell, left alone."""
+    Path(spool_path).parent.mkdir()
+    writer = apsw.Connection(spool_path)
+    _run(writer, "PRAGMA page_size=1024", "PRAGMA cache_size=2")
+    _run(writer, *[f"CREATE TABLE notes{n}(body TEXT)" for n in range(300)])
+    _run(writer, "BEGIN", *[f"DROP TABLE notes{n}" for n in range(0, 300, 3)])
+    for suffix in ("", "-journal"):
+        shutil.copy(spool_path + suffix, spool_path + ".kept" + suffix)
+    _run(writer, "ROLLBACK")
+    writer.close()
+    for suffix in ("", "-journal"):
+        os.replace(spool_path + ".kept" + suffix, spool_path + suffix)
+    with open(spool_path, "r+b") as file:  # every page but the first: torn
+        file.seek(1024)
+        file.write(b"\xff" * (os.path.getsize(spool_path) - 1024))
+    before = {s: Path(spool_path + s).read_bytes() for s in ("", "-journal")}
+    with pytest.raises(db.DatabaseError, match="cannot be read as it stands"):
+        db.connect(spool_path)
+    assert {s: Path(spool_path + s).read_bytes() for s in ("", "-journal")} == before
