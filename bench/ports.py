@@ -6,6 +6,7 @@ free_port() and the server's bind, three times in a row."""
 
 from __future__ import annotations
 
+import collections
 import random
 import socket
 from pathlib import Path
@@ -24,19 +25,28 @@ def listening_ports(range_file: Path = EPHEMERAL_RANGE) -> range:
 
 
 _LISTENING_PORTS = listening_ports()
+# Ports this process handed out lately: free_port() is called several times before any
+# server binds (a server's SMTP and metrics ports), and a port it found free is still
+# free at the next call. Two picks of the same port made one gsmtp bind its SMTP and
+# metrics listeners to one port (CI: "Address already in use" three times in a row).
+_RECENT: collections.deque[int] = collections.deque(maxlen=1000)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on `host` now, below the ephemeral range where there is one."""
+    """A port free on `host` now, below the ephemeral range where there is one, and not
+    one this process handed out among its last thousand."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(200 if _LISTENING_PORTS else 0):
         port = random.choice(_LISTENING_PORTS)
+        if port in _RECENT:
+            continue
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             try:
                 probe.bind((host, port))
             except OSError:
                 continue
-            return port
+        _RECENT.append(port)
+        return port
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
