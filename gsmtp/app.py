@@ -71,7 +71,7 @@ from gsmtp.queue import DeliveryPacer, Notices, QueueManager, RetryPolicy
 from gsmtp.queue.manager import body_budget
 from gsmtp.reload import changed, in_effect, restart_needed
 from gsmtp.routing import Router
-from gsmtp.server import CUT_SECONDS, SmtpServer
+from gsmtp.server import CUT_SECONDS, ListenError, SmtpServer
 from gsmtp.spool import Spool
 from gsmtp.spool_upkeep import SpoolUpkeep
 from gsmtp.supervision import (
@@ -496,6 +496,8 @@ class Application:
         self._start_metrics()
         try:
             self.server.start()
+        except ListenError as error:
+            raise StartupError(str(error)) from None
         except OSError as error:
             raise StartupError(f"cannot listen: {error.strerror} ({error})") from None
         self._supervise()

@@ -63,7 +63,7 @@ from gsmtp.sockets import bind_listener, take_bound
 from gsmtp.spool import Spool
 from gsmtp.tls import ServerTls
 
-__all__ = ["CUT_SECONDS", "Deadlines", "SmtpServer"]
+__all__ = ["CUT_SECONDS", "Deadlines", "ListenError", "SmtpServer"]
 
 # Connections past max_connections still get a prompt 421 instead of waiting in the
 # kernel backlog; this many extra greenlets may exist to say it.
@@ -80,6 +80,10 @@ SHARED_MAX_ACCEPT = 4
 # pause between commands, and a busy client's gap between two reads is far shorter.
 SERVED_WINDOW = 0.5
 DEFAULT_DEADLINES = Deadlines()  # frozen: one default for every server
+
+
+class ListenError(Exception):
+    """A listener could not be bound; the message names its address and why."""
 
 
 class SmtpServer:
@@ -224,7 +228,10 @@ class SmtpServer:
             shared = self._sockets.get((host, port))  # the workers' supervisor's
             inherited = listener is not None or shared is not None
             if listener is None:
-                listener = shared if shared is not None else bind_listener(host, port)
+                try:
+                    listener = shared if shared is not None else bind_listener(host, port)
+                except OSError as error:
+                    raise ListenError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
             def handle(sock: socket.socket, address: Any, kind: Listener = kind) -> None:
                 self._handle(sock, address, kind)

@@ -222,7 +222,7 @@ def test_a_listener_that_cannot_be_bound_stops_what_started_and_exits_1(
             assert result.returncode == 1, result.stderr
             assert '"event":"server_stopped"' in result.stderr
             last_line = result.stderr.strip().splitlines()[-1]
-            assert last_line.startswith("gsmtp: cannot listen: Address already in use")
+            assert last_line == f"gsmtp: cannot listen on 127.0.0.1:{busy}: Address already in use"
 
 
 def test_output_into_a_closed_pipe_is_not_a_traceback(gsmtp: GsmtpProcess) -> None:
