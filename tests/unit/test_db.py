@@ -102,6 +102,19 @@ def _run(connection: apsw.Connection, *statements: str) -> None:
         list(connection.execute(statement))
 
 
+def _killed_mid_write(connection: apsw.Connection, path: str, companion: str) -> None:
+    """The files at `path` as a writer killed now leaves them: the database and its
+    `companion` (-wal or -journal) as they are, put back once `connection` has ended
+    (its open transaction rolled back, its WAL checkpointed)."""
+    for suffix in ("", companion):
+        shutil.copy(path + suffix, path + ".killed" + suffix)
+    if not connection.getautocommit():
+        _run(connection, "ROLLBACK")
+    connection.close()
+    for suffix in ("", companion):
+        os.replace(path + ".killed" + suffix, path + suffix)
+
+
 def _other_programs(path: str, kind: str) -> None:
     """Another program's file at `path`, of `kind`."""
     if kind == "text":
@@ -121,21 +134,12 @@ def _other_programs(path: str, kind: str) -> None:
     elif kind == "wal":  # in WAL mode, its last commit in the WAL only (its writer killed)
         _run(connection, "PRAGMA journal_mode=WAL", "PRAGMA wal_autocheckpoint=0")
         _run(connection, "CREATE TABLE notes(body TEXT)", "INSERT INTO notes VALUES ('x')")
-        for suffix in ("", "-wal"):
-            shutil.copy(path + suffix, path + ".copy" + suffix)
-        connection.close()
-        for suffix in ("", "-wal"):
-            os.replace(path + ".copy" + suffix, path + suffix)
+        _killed_mid_write(connection, path, "-wal")
         return
     elif kind == "hot_journal":  # a rollback journal left by a writer killed mid-transaction
         _run(connection, "PRAGMA cache_size=1", "CREATE TABLE notes(body BLOB)", "BEGIN")
         _run(connection, *["INSERT INTO notes VALUES (randomblob(2000))"] * 100)
-        for suffix in ("", "-journal"):
-            shutil.copy(path + suffix, path + ".copy" + suffix)
-        _run(connection, "ROLLBACK")
-        connection.close()
-        for suffix in ("", "-journal"):
-            os.replace(path + ".copy" + suffix, path + suffix)
+        _killed_mid_write(connection, path, "-journal")
         return
     connection.close()
 
@@ -195,12 +199,7 @@ def test_a_spool_copy_with_a_hot_journal_is_a_spool_and_is_rolled_back(
     editor = apsw.Connection(copy)
     _run(editor, "PRAGMA cache_size=1", "BEGIN")
     _run(editor, *["INSERT INTO domains(name) VALUES (hex(randomblob(900)))"] * 100)
-    for suffix in ("", "-journal"):
-        shutil.copy(copy + suffix, copy + ".kept" + suffix)
-    _run(editor, "ROLLBACK")
-    editor.close()
-    for suffix in ("", "-journal"):
-        os.replace(copy + ".kept" + suffix, copy + suffix)
+    _killed_mid_write(editor, copy, "-journal")
     assert os.path.getsize(copy + "-journal") > 0
     restored = db.connect(copy)
     assert db.query(restored, "SELECT name FROM domains") == [("kept.example",)]
@@ -246,12 +245,7 @@ def test_a_torn_file_with_a_hot_journal_is_left_alone(spool_path: str) -> None:
     _run(writer, "PRAGMA page_size=1024", "PRAGMA cache_size=2")
     _run(writer, *[f"CREATE TABLE notes{n}(body TEXT)" for n in range(300)])
     _run(writer, "BEGIN", *[f"DROP TABLE notes{n}" for n in range(0, 300, 3)])
-    for suffix in ("", "-journal"):
-        shutil.copy(spool_path + suffix, spool_path + ".kept" + suffix)
-    _run(writer, "ROLLBACK")
-    writer.close()
-    for suffix in ("", "-journal"):
-        os.replace(spool_path + ".kept" + suffix, spool_path + suffix)
+    _killed_mid_write(writer, spool_path, "-journal")
     with open(spool_path, "r+b") as file:  # every page but the first: torn
         file.seek(1024)
         file.write(b"\xff" * (os.path.getsize(spool_path) - 1024))
