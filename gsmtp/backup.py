@@ -158,7 +158,7 @@ def _backup_spool(spool_path: str, destination: str, *, overwrite: bool) -> Back
             _publish(temporary, target, overwrite=overwrite)
         for copy in stale:
             shards.remove(str(copy))
-        _fsync_directory(directory)
+        _fsync(directory, directory=True)
     finally:
         for temporary in temporaries:
             _remove_with_companions(temporary)
@@ -240,11 +240,7 @@ def _copy(spool_path: str, temporary: Path) -> None:
             copy.close()
     finally:
         source.close()
-    descriptor = os.open(temporary, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)  # now, so an I/O error comes before any copy is published
-    finally:
-        os.close(descriptor)
+    _fsync(temporary)  # now, so an I/O error comes before any copy is published
 
 
 def _publish(temporary: Path, target: Path, *, overwrite: bool) -> None:
@@ -262,8 +258,8 @@ def _publish(temporary: Path, target: Path, *, overwrite: bool) -> None:
         raise BackupError(f"{target} exists; remove it or use --force to replace it") from None
 
 
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: Path, *, directory: bool = False) -> None:
+    descriptor = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(descriptor)
     finally:

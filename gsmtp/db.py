@@ -265,14 +265,14 @@ def not_a_spool(path: str) -> str | None:
     # An absolute path with one leading slash: in a URI, "//tmp/..." would name a host.
     uri = "file:/" + quote(os.path.abspath(path).lstrip("/"))
     try:
-        return _probe(path, f"{uri}?mode=ro")
+        return _probe(path, uri, immutable=False)
     except apsw.ReadOnlyError:
         # A hot rollback journal beside it (a writer killed mid-transaction): only a
         # write can resolve it. A spool's backup copy is in rollback mode and may have
         # one; what the file says before the rollback is enough to tell whose it is,
         # and a file that cannot be read as it stands is left alone.
         try:
-            return _probe(path, f"{uri}?immutable=1")
+            return _probe(path, uri, immutable=True)
         except apsw.Error as error:
             raise DatabaseError(
                 f"{path}: a rollback journal is pending and the file cannot be read as it"
@@ -281,12 +281,12 @@ def not_a_spool(path: str) -> str | None:
             ) from None
 
 
-def _probe(path: str, uri: str) -> str | None:
-    """Why the file is foreign, or None; apsw.ReadOnlyError for a hot journal and, when
-    the file is opened as it stands (`immutable`), any error reading it."""
-    immutable = uri.endswith("immutable=1")
+def _probe(path: str, uri: str, *, immutable: bool) -> str | None:
+    """Why the file at `uri` is foreign, or None; apsw.ReadOnlyError for a hot journal
+    and, when the file is read as it stands (`immutable`), any error reading it."""
+    opened = f"{uri}?immutable=1" if immutable else f"{uri}?mode=ro"
     try:
-        probe = apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+        probe = apsw.Connection(opened, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
     except apsw.Error:
         if immutable:
             raise

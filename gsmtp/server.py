@@ -156,7 +156,6 @@ class SmtpServer:
             authenticator=authenticator,
             auth_failure_delay=auth_failure_delay,
         )
-        self.data_memory = self.context.data_memory
         # One process: connections past max_connections are accepted to be told 421.
         # A worker of several (its listeners shared with the others) stops accepting at
         # its share instead, as Postfix's master does at a service's process limit: the
@@ -196,6 +195,11 @@ class SmtpServer:
         if self._proxy_networks is not None and proxy_networks is not None:
             self._proxy_networks = tuple(proxy_networks)
         self.data_memory.limit = max_data_memory
+
+    @property
+    def data_memory(self) -> DataMemory:
+        """Bodies in memory, all connections together (the context's)."""
+        return self.context.data_memory
 
     @property
     def connections(self) -> int:
