@@ -81,11 +81,9 @@ MAX_BATCH = 256
 # against 6,462 msg/s acknowledged and 614 against 629 µs of CPU a message with its
 # delivery; local end to end, four rounds, 2,232 against 2,141 msg/s.
 FSYNC_PIECE_MIN = 4
-# A body larger than this is converted to LF and written piece by piece. The conversion
-# splits a piece into its lines, so a piece of empty lines is 16,384 list entries for a
-# moment (about 1.4 MB): pieces stay small, for a few more writes a message.
-WRITE_PIECE = 32 * 1024
-_CR, _LF = 0x0D, 0x0A
+# A body larger than this is converted to LF and written piece by piece, so that a
+# delivery holds about two pieces beside the body (the piece and its conversion).
+WRITE_PIECE = 256 * 1024
 
 
 # The standard os.close, even in a patched process: gevent's first checks the descriptor
@@ -179,11 +177,14 @@ def unique_name(now: float) -> str:
 
 
 def to_lf(body: bytes | memoryview) -> bytes:
-    """`body` with each CRLF turned into LF. Split and join is what `replace` does, in
-    two thirds of the time (CPython 3.11: 95 against 155 µs for 100 KiB of 76-byte
-    lines, 1.1 against 1.6 µs for 1 KiB): `replace` counts the pairs in a pass of its
-    own before it copies."""
-    return b"\n".join(bytes(body).split(b"\r\n"))
+    """`body` with LF line endings: every CR deleted. The spool holds only content whose
+    every CR is in a CRLF (DATA refuses a bare CR or LF; notices are made with
+    `crlf_line_ends`), so this turns each CRLF into an LF. Deleting one byte value finds
+    it with memchr: ten times as fast as splitting the lines and joining them with LF
+    (CPython 3.11, 100 KiB of 76-byte lines: 26 against 259 µs), and no list of lines is
+    made. A stray CR, in content that came from elsewhere, is dropped: a file of LF
+    lines has no place for it."""
+    return bytes(body).replace(b"\r", b"")
 
 
 def write_content(fd: int, header: bytes, body: bytes) -> None:
@@ -191,8 +192,7 @@ def write_content(fd: int, header: bytes, body: bytes) -> None:
     delivery fields and with LF line endings. A large body is converted and written in
     WRITE_PIECE pieces, so a delivery holds the body once, not twice or three times:
     eight threads writing 35 MB messages would otherwise add hundreds of megabytes on
-    top of the queue's body budget. A CRLF is never split between two pieces (the only
-    pair that could straddle a cut is a CR ending a piece and an LF starting the next)."""
+    top of the queue's body budget. Any cut will do: deleting a CR needs no neighbour."""
     kept, rest = split_fields(body)
     if kept is not None:
         header += to_lf(kept)
@@ -202,13 +202,8 @@ def write_content(fd: int, header: bytes, body: bytes) -> None:
         return
     _write_all(fd, header)
     view = memoryview(body)
-    start = rest
-    while start < size:
-        end = min(start + WRITE_PIECE, size)
-        if end < size and body[end - 1] == _CR and body[end] == _LF:
-            end += 1
-        _write_all(fd, to_lf(view[start:end]))
-        start = end
+    for start in range(rest, size, WRITE_PIECE):
+        _write_all(fd, to_lf(view[start : start + WRITE_PIECE]))
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -30,11 +30,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gsmtp.protocol.line_ends import has_bare_line_end
+
 _END = b"\r\n.\r\n"
 _CRLF = b"\r\n"
 _STUFFED = b"\r\n."  # RFC 5321 §4.5.2: a leading dot on a line was doubled by the sender
 _EMPTY_LINE = b"\r\n\r\n"
-_LINE_ENDS = b"\r\n"  # the bytes deleted to count CR and LF together
 # In the raw bytes, so a stuffed ".Received:" (the client doubled a leading dot that was
 # never there: "..Received:" stays ".Received:") is read as it will be stored.
 _RECEIVED = re.compile(rb"\n\.?received:", re.IGNORECASE)
@@ -184,10 +185,8 @@ class DataReader:
                     else bytes(memoryview(raw)[_CONTEXT:cut])
                 )
                 # Bare CR and LF (unstuffing removed dots only): every CR and LF is in
-                # a CRLF. Deleting them and counting pairs is two passes where counting
-                # CRLF, CR and LF is three.
-                crlf = piece.count(_CRLF)
-                if len(piece) - len(piece.translate(None, _LINE_ENDS)) != 2 * crlf:
+                # a CRLF.
+                if has_bare_line_end(piece):
                     self._bare = True
                 else:
                     if self._in_header:

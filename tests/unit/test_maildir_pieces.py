@@ -1,5 +1,5 @@
-"""Red-team findings (session 16): Maildir write_content's piecewise path against the
-small-message path (header + without_fields(body) with CRLF made LF)."""
+"""Maildir write_content's piecewise path against the small-message path (header +
+without_fields(body) with CRLF made LF), and the line-end helpers it relies on."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gsmtp.delivery.maildir import WRITE_PIECE, to_lf, write_content
+from gsmtp.protocol.line_ends import has_bare_line_end
 from gsmtp.protocol.trace import without_fields
 
 HEADER = b"Return-Path: <a@b.example>\n"
@@ -28,16 +29,15 @@ def _written(tmp_path: Path, body: bytes) -> bytes:
     return target.read_bytes()
 
 
-def test_bare_cr_before_crlf_at_a_piece_end_is_written_as_the_small_path_would(
-    tmp_path: Path,
-) -> None:
-    """CR CR LF with the first CR as a piece's last byte: the piece is extended by one
-    byte (the second CR) and the LF starts the next piece, so the CRLF is split and
-    written as CR CR LF instead of CR LF."""
+def test_a_body_cut_into_pieces_is_written_as_the_small_path_would(tmp_path: Path) -> None:
+    """A CRLF split between two pieces (its CR the last byte of one) still becomes one
+    LF: the pieces are converted alone."""
     kept = b"Subject: big\r\n\r\n"
-    body = kept + b"a" * (WRITE_PIECE - len(kept) - 1) + b"\r\r\n" + b"b" * 100 + b"\r\n"
-    assert body[WRITE_PIECE - 1 : WRITE_PIECE + 2] == b"\r\r\n"
-    assert _written(tmp_path, body) == HEADER + to_lf(without_fields(body))
+    body = kept + b"a" * (WRITE_PIECE - len(kept) - 1) + b"\r\n" + b"b" * 100 + b"\r\n"
+    assert body[WRITE_PIECE - 1 : WRITE_PIECE + 1] == b"\r\n"
+    written = _written(tmp_path, body)
+    assert written == HEADER + without_fields(body).replace(b"\r\n", b"\n")
+    assert b"\r" not in written
 
 
 @pytest.mark.parametrize(
@@ -74,10 +74,21 @@ def test_a_large_body_is_not_copied_whole_by_the_maildir_write(
     assert peak < 2 * MiB, f"{peak / MiB:.1f} MiB held for a {len(body) / MiB:.0f} MiB body"
 
 
-@given(
-    st.binary(max_size=300) | st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"x"])).map(b"".join)
-)
-def test_to_lf_turns_each_crlf_into_lf_and_leaves_every_bare_cr_and_lf(body: bytes) -> None:
-    """to_lf splits and joins instead of calling replace (faster): the same bytes."""
-    assert to_lf(body) == body.replace(b"\r\n", b"\n")
-    assert to_lf(memoryview(body)) == body.replace(b"\r\n", b"\n")
+_LINE_END_PIECES = st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"x"])).map(b"".join)
+
+
+@given(st.binary(max_size=300) | _LINE_END_PIECES)
+def test_to_lf_turns_each_crlf_into_lf_and_drops_every_stray_cr(body: bytes) -> None:
+    """Content as the spool holds it (no bare CR or LF) gets LF line ends; a stray CR,
+    which the spool never holds, is dropped rather than written into an LF file."""
+    assert to_lf(body) == body.replace(b"\r", b"")
+    assert to_lf(memoryview(body)) == body.replace(b"\r", b"")
+    if not has_bare_line_end(body):
+        assert to_lf(body) == body.replace(b"\r\n", b"\n")
+
+
+@given(st.binary(max_size=300) | _LINE_END_PIECES)
+def test_a_bare_line_end_is_any_cr_or_lf_outside_a_crlf(data: bytes) -> None:
+    """The fast check (pairs counted, CR and LF deleted) against the definition."""
+    outside_pairs = data.replace(b"\r\n", b"")
+    assert has_bare_line_end(data) == (b"\r" in outside_pairs or b"\n" in outside_pairs)
