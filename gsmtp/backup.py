@@ -181,7 +181,7 @@ def _lock_targets(targets: list[Path]) -> list[lockfile.InstanceLock]:
     locks: list[lockfile.InstanceLock] = []
     try:
         for target in targets:
-            lock = lockfile.acquire(lockfile.lock_path(str(target)))
+            lock = lockfile.acquire(lockfile.lock_path(str(target)), backup=True)
             if isinstance(lock, lockfile.HeldBy):
                 holder = f" (PID {lock.pid})" if lock.pid is not None else ""
                 raise BackupError(

@@ -37,11 +37,14 @@ PID_CEILING = 1 << 22
 class HeldBy:
     """The lock is taken: by this PID (None if the file does not say yet), a process
     that started at `started` (clock ticks after boot, /proc/<pid>/stat's starttime, as
-    the file's second line says; None in a file written before it had one)."""
+    the file's second line says; None in a file written before it had one). `backup`:
+    the third line says the holder is `gsmtp spool backup` holding a target's lock while
+    its copies are made, not a server."""
 
     path: str
     pid: int | None
     started: int | None = field(default=None, compare=False)
+    backup: bool = field(default=False, compare=False)
 
 
 class InstanceLock:
@@ -57,15 +60,19 @@ class InstanceLock:
             self._descriptor = None
 
 
+_BACKUP = "backup"  # the third line of a lock file a backup holds
+
+
 def lock_path(spool_path: str) -> str:
     """The lock of the database file `spool_path` names, through any symlinks (the
     file need not exist yet)."""
     return os.path.realpath(spool_path) + ".lock"
 
 
-def acquire(path: str) -> InstanceLock | HeldBy:
+def acquire(path: str, *, backup: bool = False) -> InstanceLock | HeldBy:
     """Take the lock without waiting. OSError if the file cannot be opened at all, or is
-    not a regular file."""
+    not a regular file. The file names the holder: its PID, its start, and `backup` when
+    it is a backup rather than a server (what a refused `serve` tells the operator)."""
     Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
     descriptor = os.open(path, flags, 0o600)
@@ -82,8 +89,9 @@ def acquire(path: str) -> InstanceLock | HeldBy:
         raise
     os.ftruncate(descriptor, 0)
     started = _stat_fields(os.getpid())
-    start_line = f"{started[19]}\n" if started is not None and len(started) > 19 else ""
-    os.pwrite(descriptor, f"{os.getpid()}\n{start_line}".encode(), 0)
+    start = started[19] if started is not None and len(started) > 19 else ""
+    role = f"{_BACKUP}\n" if backup else ""
+    os.pwrite(descriptor, f"{os.getpid()}\n{start}\n{role}".encode(), 0)
     return InstanceLock(path, descriptor)
 
 
@@ -176,8 +184,9 @@ def _read_holder(path: str, descriptor: int) -> HeldBy:
     lines = os.pread(descriptor, 64, 0).decode("ascii", "replace").split("\n")
     pid = lines[0].strip()
     started = lines[1].strip() if len(lines) > 1 else ""
+    backup = len(lines) > 2 and lines[2].strip() == _BACKUP
     named = int(pid) if pid.isdigit() and 0 < int(pid) < PID_CEILING else None
-    return HeldBy(path, named, int(started) if started.isdigit() else None)
+    return HeldBy(path, named, int(started) if started.isdigit() else None, backup)
 
 
 class HolderUnverified(Exception):
@@ -329,6 +338,12 @@ def already_served(spool: str, path: str, held: HeldBy) -> str:
             f" (lock {path}{_held_through(path)})"
         )
     holder = f"PID {held.pid}" if held.pid is not None else "another process"
+    if held.backup:
+        return (
+            f"gsmtp: spool {spool} is being written by `gsmtp spool backup` ({holder}),"
+            f" which holds its lock until its copies are in place (lock {path});"
+            " start the server once the backup has ended"
+        )
     return f"gsmtp: spool {spool} is already served by {holder} (lock {path})"
 
 
