@@ -388,8 +388,15 @@ def _signature(
     canonical = _CANONICALIZATION.canonicalize_headers(headers)
     hash_headers(hasher, _CANONICALIZATION, canonical, include, unsigned, dict(fields))
     fields[-1] = (b"b", base64.b64encode(key.sign(hasher.digest())))
-    value = b"; ".join(b"=".join(f) for f in fields) + b"\r\n"
-    return _HEADER_NAME + b": " + bytes(fold(value, namelen=len(_HEADER_NAME), linesep=b"\r\n"))
+    # The CRLF is added after folding, not folded with the value as dkimpy's own signing
+    # does: `fold` cuts a line at 72 bytes wherever that falls, and a b= value whose last
+    # line is 72 bytes long (RSA keys of 2089-2112, 3793-3816 and 5497-5520 bits) had
+    # its CR and LF parted into "CR CR LF SP LF": a bare CR in the spool and, once the
+    # line ends were repaired for sending, an empty line that ended the header section
+    # inside the signature (red-team finding).
+    value = b"; ".join(b"=".join(f) for f in fields)
+    folded = bytes(fold(value, namelen=len(_HEADER_NAME), linesep=b"\r\n"))
+    return _HEADER_NAME + b": " + folded + b"\r\n"
 
 
 def _from_domain(headers: list[Any]) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import dkim as dkimpy
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from dkim.canonicalization import Relaxed
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,6 +31,8 @@ from gsmtp.dkim import (
     public_record,
 )
 from gsmtp.message import MessageId
+from gsmtp.protocol.client import crlf_line_ends
+from gsmtp.protocol.line_ends import has_bare_line_end
 from gsmtp.spool import Spool
 from gsmtp.writer import GroupCommitter, ThreadReader
 
@@ -155,6 +159,35 @@ def test_a_signed_message_verifies_and_fails_once_changed(keys: dict[str, Path],
     assert verifies(signed.replace(b"alice@example.org", b"mallory@example.org"), key) == [False]
     assert verifies(signed.replace(b"Subject: a test", b"Subject: another"), key) == [False]
     assert verifies(signed.replace(b"X-Not-Signed: 1", b"X-Not-Signed: 2"), key) == [True]
+
+
+@pytest.mark.parametrize("bits", [2048, 2112])
+def test_the_signature_field_has_only_crlf_line_ends_whatever_the_key_size(
+    tmp_path: Path, bits: int
+) -> None:
+    """Red-team finding: dkimpy's `fold`, given the field with its CRLF, parted the CR
+    from the LF when the b= value's last line was 72 bytes long (RSA keys of 2089-2112
+    bits and two other ranges): "CR CR LF SP LF". The bare CR reached the spool; the
+    repair of line ends for sending made it an empty line, which ended the header
+    section inside the signature (From:, To: and Subject: went out as body)."""
+    private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    path = tmp_path / "key.pem"
+    path.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    key = load_key("example.org", "s1", str(path))
+    signature = signer_for(key).sign_message(msg_id=ID, sender="x@other.test", content=MESSAGE)
+    assert not has_bare_line_end(signature)
+    assert signature.endswith(b"\r\n") and b"\r\n\r\n" not in signature
+    assert all(line.startswith(b" ") for line in signature.split(b"\r\n")[1:-1])
+    signed = signature + MESSAGE
+    assert crlf_line_ends(signed) == signed
+    assert verifies(signed, key) == [True]
 
 
 def test_from_is_oversigned_and_the_header_list_is_the_issues(keys: dict[str, Path]) -> None:
