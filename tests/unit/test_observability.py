@@ -3,6 +3,7 @@ the multiprocess mode of every gauge, when stderr counts as the journal."""
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 
@@ -57,3 +58,26 @@ def test_under_journald_only_when_stderr_is_the_named_stream(
         assert log.under_journald(stream)
         monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino + 1}")
         assert not log.under_journald(stream)
+
+
+@pytest.mark.parametrize(
+    ("now", "written"),
+    [
+        (1_764_753_456_677_997_123, "2025-12-03T09:17:36.677997Z"),
+        (1_764_753_456_000_000_000, "2025-12-03T09:17:36.000000Z"),
+        (1_764_753_459_999_999_999, "2025-12-03T09:17:39.999999Z"),
+        (951_782_400_500_000_000, "2000-02-29T00:00:00.500000Z"),
+    ],
+)
+def test_log_lines_are_stamped_in_utc_as_structlogs_iso_stamper_would(
+    now: int, written: str
+) -> None:
+    """The stamper that formats the date and time once a second writes what structlog's
+    TimeStamper(fmt="iso", utc=True) writes (datetime's isoformat), the microseconds
+    always there; a second's text is never reused for another second."""
+    clock = iter([now - 1_500_000_000, now])
+    stamper = log._UtcStamper(clock=lambda: next(clock))
+    stamper(None, "info", {})
+    assert stamper(None, "info", {}) == {"timestamp": written}
+    at = datetime.datetime.fromtimestamp(now // 1000 / 1_000_000, tz=datetime.UTC)
+    assert at.isoformat(timespec="microseconds").replace("+00:00", "Z") == written
