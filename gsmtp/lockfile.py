@@ -212,7 +212,10 @@ def holder(path: str) -> int | None:
     systems list another device than stat gives); where neither can,
     HolderUnverified if the lock is held (a shared lock tried for an instant: it says
     that someone holds it, not who). Not a regular file (a directory, a FIFO put in its
-    place): no server could have locked it, None."""
+    place): no server could have locked it, None. A lock a `gsmtp spool backup` holds
+    on its target (the file says `backup`): no server, None, so that `gsmtp queue` never
+    sends its wake-up signal to the backup (which has no handler: SIGUSR1 killed it;
+    red-team finding)."""
     try:
         descriptor = os.open(
             path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
@@ -225,7 +228,7 @@ def holder(path: str) -> int | None:
             return None
         named = _read_holder(path, descriptor)
         pid = named.pid
-        if pid is None:
+        if pid is None or named.backup:
             return None
         if exited(named):
             # Gone, or the number reused by an unrelated process: no server to signal

@@ -220,6 +220,9 @@ def test_a_server_cannot_start_on_a_target_while_its_copy_is_made(tmp_path: Path
     def copy_then_try_to_serve(source: str, temporary: Path) -> None:
         real_copy(source, temporary)
         held.append(lockfile.acquire(lockfile.lock_path(str(dest / "spool.sqlite"))))
+        # No server holds it: `gsmtp queue` on DEST must not send its wake-up SIGUSR1
+        # to the backup, which has no handler (red-team finding: it killed the backup).
+        assert lockfile.holder(lockfile.lock_path(str(dest / "spool.sqlite"))) is None
 
     backup._copy = copy_then_try_to_serve  # type: ignore[assignment]
     try:
