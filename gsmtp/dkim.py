@@ -7,10 +7,10 @@ thread), so it is never held whole; only the header block is kept (at most
 MAX_HEADER_BYTES). Time comes from an injected clock; the signing itself runs through
 `run_blocking` (a thread: the event loop keeps serving meanwhile).
 
-Header selection, canonicalisation and folding are dkimpy's. The private-key operation
-is `cryptography`'s (OpenSSL): ~0.3 ms for RSA-2048, with the GIL released, where
-dkimpy's pure-Python RSA takes ~7 ms holding the GIL, which a thread would not keep
-off the event loop. The verifiers in the tests (Mail::DKIM, dkimpy) check the result.
+Header selection and canonicalisation are dkimpy's; the signature's folding is ours. The
+private-key operation is `cryptography`'s (OpenSSL): ~0.3 ms for RSA-2048, with the GIL
+released, where dkimpy's pure-Python RSA takes ~7 ms holding the GIL, which a thread
+would not keep off the event loop. The verifiers in the tests (Mail::DKIM, dkimpy) check the result.
 
 Which key: the one whose domain equals the From: domain, else the envelope sender's
 (exact match: a subdomain needs its own entry). A domain may have several keys (RSA and
@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import idna
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
-from dkim import RE_BTAG, MessageFormatError, fold, hash_headers, rfc822_parse
+from dkim import MessageFormatError, hash_headers, rfc822_parse
 from dkim.canonicalization import CanonicalizationPolicy
 
 from gsmtp import metrics
@@ -64,6 +64,10 @@ MAX_HEADER_BYTES = 1024 * 1024
 RSA_BITS = 2048
 _CANONICALIZATION = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _HEADER_NAME = b"DKIM-Signature"
+_CRLF = b"\r\n"
+# RFC 5322 §2.1.1: a line SHOULD be at most 78 characters (CRLF excluded).
+FOLD_WIDTH = 78
+_BASE64_PIECE = 64  # b= is cut into pieces this long, each may start a line
 _WSP = b" \t"
 
 # Feeds a large body's parts, in order, to the consumer, and stops when it returns
@@ -368,7 +372,9 @@ def _signature(
     now: float,
 ) -> bytes:
     """One DKIM-Signature header field, CRLF-terminated (as dkimpy's DKIM.sign builds
-    it: b= is hashed empty, then filled in)."""
+    it: b= is hashed empty, then filled in). Relaxed header canonicalization unfolds the
+    field before hashing it, so where the empty and the filled-in field are folded does
+    not matter."""
     fields = [
         (b"v", b"1"),
         (b"a", key.algorithm),
@@ -378,25 +384,48 @@ def _signature(
         (b"t", str(int(now)).encode("ascii")),
         (b"h", b" : ".join(include)),
         (b"bh", body_hash),
-        # A placeholder as long as a signature keeps b= on a line of its own, so that
-        # folding the real value moves nothing before it.
-        (b"b", b"0" * 60),
+        (b"b", b""),
     ]
-    value = fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(_HEADER_NAME))
-    unsigned = (_HEADER_NAME, b" " + RE_BTAG.sub(b"\\1", value))
+    unsigned = (_HEADER_NAME, _field(fields)[len(_HEADER_NAME) + 1 : -len(_CRLF)])
     hasher = hashlib.sha256()
     canonical = _CANONICALIZATION.canonicalize_headers(headers)
     hash_headers(hasher, _CANONICALIZATION, canonical, include, unsigned, dict(fields))
     fields[-1] = (b"b", base64.b64encode(key.sign(hasher.digest())))
-    # The CRLF is added after folding, not folded with the value as dkimpy's own signing
-    # does: `fold` cuts a line at 72 bytes wherever that falls, and a b= value whose last
-    # line is 72 bytes long (RSA keys of 2089-2112, 3793-3816 and 5497-5520 bits) had
-    # its CR and LF parted into "CR CR LF SP LF": a bare CR in the spool and, once the
-    # line ends were repaired for sending, an empty line that ended the header section
-    # inside the signature (red-team finding).
-    value = b"; ".join(b"=".join(f) for f in fields)
-    folded = bytes(fold(value, namelen=len(_HEADER_NAME), linesep=b"\r\n"))
-    return _HEADER_NAME + b": " + folded + b"\r\n"
+    return _field(fields)
+
+
+def _field(fields: list[tuple[bytes, bytes]]) -> bytes:
+    """The DKIM-Signature field with these tags, folded to lines of at most FOLD_WIDTH
+    characters where the tags allow it, and CRLF-terminated. A line is broken only where
+    whitespace may stand: between tags, at the spaces around h='s colons, and inside b=
+    (base64, whose whitespace a verifier ignores: RFC 6376 §3.5). Any other tag is never
+    cut, however long (a line of its own): a verifier looks the key up under d= and s= as
+    written. dkimpy's `fold`, used before, cut words at 72 characters: a 70-character
+    domain or selector got a space inside and no verifier found its key; and folded with
+    its CRLF, it parted CR from LF for RSA keys of 2089-2112 bits and two other ranges
+    (a bare CR; once repaired for sending, an empty line that ended the header section).
+    Both red-team findings."""
+    words: list[bytes] = []
+    for index, (tag, value) in enumerate(fields):
+        if tag == b"h":
+            pieces = value.split(b" ")
+        elif tag == b"b" and value:
+            pieces = [value[at : at + _BASE64_PIECE] for at in range(0, len(value), _BASE64_PIECE)]
+        else:
+            pieces = [value]
+        pieces[0] = tag + b"=" + pieces[0]
+        if index < len(fields) - 1:
+            pieces[-1] += b";"
+        words += pieces
+    lines: list[bytes] = []
+    line = _HEADER_NAME + b":"
+    for word in words:
+        if len(line) + 1 + len(word) > FOLD_WIDTH and line.strip() != _HEADER_NAME + b":":
+            lines.append(line)
+            line = b""
+        line += b" " + word
+    lines.append(line)
+    return _CRLF.join(lines) + _CRLF
 
 
 def _from_domain(headers: list[Any]) -> str:

@@ -190,6 +190,33 @@ def test_the_signature_field_has_only_crlf_line_ends_whatever_the_key_size(
     assert verifies(signed, key) == [True]
 
 
+@pytest.mark.parametrize(
+    ("domain", "selector"),
+    [
+        ("a" * 50 + "." + "b" * 11 + ".example", "s1"),  # 70 characters
+        ("a" * 60 + "." + "b" * 60 + ".example", "s1"),
+        ("example.org", "s" * 50 + "." + "t" * 19),
+        ("a" * 60 + ".example", "s" * 67),  # a line of whitespace only, before
+    ],
+)
+def test_a_long_domain_or_selector_is_never_cut_by_folding(
+    keys: dict[str, Path], domain: str, selector: str
+) -> None:
+    """Red-team finding: dkimpy's `fold` cut words at 72 characters, so a domain or
+    selector of 70 characters got folding whitespace inside, and the verifiers looked
+    the key up under a name with a space in it (none verified); with other lengths it
+    wrote a continuation line of whitespace only. The signature is folded between tags,
+    inside h= at its spaces and inside b=, and nowhere else."""
+    key = load_key(domain, selector, str(keys["rsa"]))
+    signature = signer_for(key).sign_message(msg_id=ID, sender=f"x@{domain}", content=MESSAGE)
+    lines = signature.split(b"\r\n")
+    assert lines[-1] == b"" and not has_bare_line_end(signature)
+    assert all(line.startswith(b" ") and line.strip() for line in lines[1:-1])
+    assert f" d={domain};".encode() in signature and f" s={selector};".encode() in signature
+    assert all(len(line) <= 78 or len(line.split()) == 1 for line in lines)
+    assert verifies(signature + MESSAGE, key) == [True]
+
+
 def test_from_is_oversigned_and_the_header_list_is_the_issues(keys: dict[str, Path]) -> None:
     key = load_key("example.org", "s1", str(keys["rsa"]))
     signature = signer_for(key).sign_message(msg_id=ID, sender="", content=MESSAGE)
