@@ -634,19 +634,28 @@ def test_ctrl_c_while_a_serve_waits_for_a_killed_supervisors_workers_is_a_line(
         config = gsmtp.directory / "again.toml"
         setting = f"workers = {json.dumps(workers)}"
         config.write_text(gsmtp.config.read_text().replace("workers = 2", setting))
+        # SIGINT as a terminal sends it: a test run started in the background of a
+        # non-interactive shell ignores SIGINT, and its children would inherit that
+        # (the serve then took the spool over and ran on, and the test hung).
         serve = subprocess.Popen(
             [sys.executable, "-m", "gsmtp.cli", "serve", "-c", str(config)],
             cwd=gsmtp.directory,
             env=environment(),
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
-        assert serve.stderr is not None
-        line = serve.stderr.readline()
-        assert "which has exited; waiting up to 9 s" in line, line
-        serve.send_signal(signal.SIGINT)
-        rest = serve.stderr.read()
-        assert serve.wait(timeout=10) == 1
+        try:
+            assert serve.stderr is not None
+            line = serve.stderr.readline()
+            assert "which has exited; waiting up to 9 s" in line, line
+            serve.send_signal(signal.SIGINT)
+            _, rest = serve.communicate(timeout=10)
+            assert serve.returncode == 1
+        finally:
+            if serve.poll() is None:
+                serve.kill()
+                serve.wait()
         assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
         assert rest.endswith(f"gsmtp: interrupted while waiting for the spool {gsmtp.spool_path}\n")
     finally:
