@@ -100,9 +100,10 @@ def set_level(level: str) -> None:
 class _UtcStamper:
     """Puts `timestamp` on each line: ISO 8601 in UTC with microseconds, as structlog's
     `TimeStamper(fmt="iso", utc=True)` writes it (`2026-12-03T09:17:36.677997Z`; the
-    microseconds are there when they are 0 too), at a fifth of its cost: the part down to
-    the second is formatted once a second (on this VM 1 against 5 µs a line, and a
-    message makes two lines). The second and its text are one tuple, swapped whole, so
+    microseconds are there when they are 0 too), at less than half its cost: the part
+    down to the second is formatted once a second (on this VM 1.6 against 3.9-5 µs; a
+    JSON line cost 13.7 µs with structlog's and 9.2 with this one, and a message makes
+    two lines). The second and its text are one tuple, swapped whole, so
     a line logged from a pool thread never pairs one second's text with another's."""
 
     def __init__(self, clock: Callable[[], int] = time.time_ns) -> None:
