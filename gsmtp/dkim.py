@@ -10,7 +10,8 @@ MAX_HEADER_BYTES). Time comes from an injected clock; the signing itself runs th
 Header selection and canonicalisation are dkimpy's; the signature's folding is ours. The
 private-key operation is `cryptography`'s (OpenSSL): ~0.3 ms for RSA-2048, with the GIL
 released, where dkimpy's pure-Python RSA takes ~7 ms holding the GIL, which a thread
-would not keep off the event loop. The verifiers in the tests (Mail::DKIM, dkimpy) check the result.
+would not keep off the event loop. The verifiers in the tests (Mail::DKIM, dkimpy) check
+the result.
 
 Which key: the one whose domain equals the From: domain, else the envelope sender's
 (exact match: a subdomain needs its own entry). A domain may have several keys (RSA and
