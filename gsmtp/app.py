@@ -55,7 +55,7 @@ from gsmtp.auth import Authenticator
 from gsmtp.component_settings import StartupError
 from gsmtp.config import Config, ConfigError, load, parse_host_port, spool_reserve
 from gsmtp.delivery.base import Deliverer
-from gsmtp.delivery.maildir import MaildirDeliverer, Permissions
+from gsmtp.delivery.maildir import DELIVERIES_AT_ONCE, MaildirDeliverer, Permissions
 from gsmtp.delivery.mta_sts import HttpsFetcher, MtaSts
 from gsmtp.delivery.smarthost import Smarthost
 from gsmtp.delivery.smtp import SmtpDeliverer
@@ -236,6 +236,7 @@ class Application:
                 clock=time.time,
             ),
             concurrency=delivery.concurrency,
+            local_concurrency=DELIVERIES_AT_ONCE,
             max_per_domain=delivery.max_per_domain,
             active_limit=delivery.active_limit,
             body_budget=body_budget(config.server.max_data_memory),

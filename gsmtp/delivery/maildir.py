@@ -74,6 +74,9 @@ STALE_TMP_SECONDS = 36 * 3600
 CLEAN_TMP_MAILBOXES = 1000
 # Files one batch writes at most (their bodies are in memory anyway, held by senders).
 MAX_BATCH = 256
+# Local deliveries a worker runs at once (the queue manager's local lane): a batch on the
+# disk and the next one filling. Each holds its body, within the queue's body budget.
+DELIVERIES_AT_ONCE = 2 * MAX_BATCH
 # Files (or new/ directories) one fsync thread takes at least from a batch. Each piece
 # is a hand-off to a pool thread, and waking one costs the event loop more than a
 # single file gains from overlapping its fsync with another's. Against one piece per

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -44,6 +44,7 @@ from gsmtp.spool import Claim, ClaimedRecipient
 INITIAL_WINDOW = 5  # Postfix: initial_destination_concurrency
 IDLE_MEMORY = 10.0  # seconds an idle destination keeps its window
 IDLE_LIMIT = 1000  # idle destinations remembered at most
+SHARED_LANE = ""  # the lane of every transport without a full window (remote delivery)
 
 Key = tuple[str, str]  # (transport, destination domain)
 
@@ -119,9 +120,12 @@ class Destinations:
         # once. Capped by max_per_domain (20), one local domain ran at half the speed
         # of the whole pool (local end to end, 30,000 messages: 1,094 against 2,045
         # msg/s). Postfix's local(8) likewise counts its destination per recipient.
+        # Such a transport is a lane of its own, too (`lane`): its destinations wait in
+        # a ready line of their own, which the queue manager serves within a limit of
+        # their own, so they can start while every sender is busy elsewhere.
         self._full_window = dict(full_window or {})
         self._all: dict[Key, Destination] = {}
-        self._ready: deque[Destination] = deque()
+        self._ready: dict[str, deque[Destination]] = defaultdict(deque)
 
     def __iter__(self) -> Iterator[Destination]:
         return iter(list(self._all.values()))
@@ -153,11 +157,18 @@ class Destinations:
         self._mark_ready(destination)
         return destination
 
-    def ready(self) -> Iterator[Destination]:
-        """Round-robin over destinations that can start a delivery: each turn yields the
-        next one; the caller starts at most one batch of it before asking again."""
-        while self._ready:
-            destination = self._ready.popleft()
+    def lane(self, key: Key) -> str:
+        """The lane of a destination: its transport's own if it has a full window (see
+        `__init__`), else SHARED_LANE."""
+        return key[0] if key[0] in self._full_window else SHARED_LANE
+
+    def ready(self, lane: str) -> Iterator[Destination]:
+        """Round-robin over the lane's destinations that can start a delivery: each turn
+        yields the next one; the caller starts at most one batch of it before asking
+        again."""
+        line = self._ready[lane]
+        while line:
+            destination = line.popleft()
             destination.in_ready = False
             if not destination.can_start():
                 continue
@@ -168,7 +179,7 @@ class Destinations:
         """The caller could not start it (no body budget yet): first in line next time."""
         if not destination.in_ready:
             destination.in_ready = True
-            self._ready.appendleft(destination)
+            self._ready[self.lane(destination.key)].appendleft(destination)
 
     def started(self, destination: Destination) -> Batch:
         batch = destination.waiting.popleft()
@@ -263,7 +274,7 @@ class Destinations:
     def _mark_ready(self, destination: Destination) -> None:
         if not destination.in_ready and destination.can_start():
             destination.in_ready = True
-            self._ready.append(destination)
+            self._ready[self.lane(destination.key)].append(destination)
 
     def _forget_if_idle(self, destination: Destination) -> None:
         """An idle, living destination: remembered from now for the idle memory."""

@@ -53,6 +53,16 @@ class DeliveryPacer:
         self.idle_interval = idle_interval
         self._sleep = sleep
 
+    def share(self, limit: int) -> int:
+        """The allowance of a lane of `limit` deliveries (local deliveries have a limit of
+        their own beside the senders'): all of it while the pacer holds nothing back,
+        else no more than the senders' allowance. Not the same fraction of it: 2 of 50
+        senders gave the local lane 21 of 512, and a burst was acknowledged 15 % slower
+        for the same end to end (C=100 M=100, 30,000 messages to 100 mailboxes, three
+        alternated rounds: 1,700-1,860 against 2,020-2,270 msg/s acknowledged; all in
+        the Maildirs at 1,030-1,070 against 980-1,090 msg/s)."""
+        return limit if self.allowed >= self.maximum else min(limit, self.allowed)
+
     def observe(self, lag: float) -> None:
         if not self._clients():
             self.allowed = self.maximum

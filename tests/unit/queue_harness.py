@@ -19,6 +19,7 @@ from gevent.event import Event
 from gsmtp import db
 from gsmtp.acceptance import Acceptor
 from gsmtp.config import DeliveryConfig
+from gsmtp.delivery.maildir import DELIVERIES_AT_ONCE
 from gsmtp.message import MessageId, NewMessage, Outcome, QueuedMessage, RecipientResult
 from gsmtp.queue import DeliveryPacer, Notices, NoticeSettings, QueueManager, RetryPolicy
 from gsmtp.routing import Route
@@ -130,6 +131,8 @@ class QueueWorld:
         spool = spool or self.spool
         settings: dict[str, Any] = {
             "concurrency": DEFAULTS.concurrency,
+            # A test that sets a small pool means it for the local fake too.
+            "local_concurrency": overrides.get("concurrency", DELIVERIES_AT_ONCE),
             "max_per_domain": DEFAULTS.max_per_domain,
             "active_limit": DEFAULTS.active_limit,
             **overrides,

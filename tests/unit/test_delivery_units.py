@@ -233,6 +233,23 @@ def test_pacer_halves_on_lag_and_recovers_slowly() -> None:
     assert pacer.allowed == 100
 
 
+def test_the_pacer_holds_the_local_lane_to_the_senders_allowance() -> None:
+    """Local deliveries have a limit of their own (512 a worker beside 50 senders): all
+    of it while nothing is held back, else no more than the senders' allowance."""
+    from gsmtp.queue import DeliveryPacer
+
+    pacer = DeliveryPacer(50, minimum=2)
+    assert pacer.share(512) == 512
+    pacer.observe(0.050)
+    assert pacer.allowed == 25 and pacer.share(512) == 25
+    for _ in range(10):
+        pacer.observe(0.050)
+    assert pacer.allowed == 2 and pacer.share(512) == 2 and pacer.share(1) == 1
+    for _ in range(48):
+        pacer.observe(0.0)
+    assert pacer.allowed == 50 and pacer.share(512) == 512
+
+
 def test_pacer_holds_deliveries_back_only_while_clients_are_connected() -> None:
     """With no client connected the lag is the deliveries' own: halving for it held a
     burst's backlog to half the senders for most of its drain."""

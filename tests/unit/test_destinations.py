@@ -7,6 +7,7 @@ from gsmtp.queue.destinations import (
     IDLE_LIMIT,
     IDLE_MEMORY,
     INITIAL_WINDOW,
+    SHARED_LANE,
     Batch,
     Destinations,
 )
@@ -14,17 +15,35 @@ from gsmtp.spool import Claim, ClaimedRecipient
 from tests.unit.queue_harness import DEFAULTS
 
 
-def batch(domain: str, number: int) -> Batch:
+def batch(domain: str, number: int, transport: str = "smtp") -> Batch:
     recipient = ClaimedRecipient(f"u{number}@{domain}", 0)
     claim = Claim(MessageId(f"M{number:05d}"), 0.0, 100, (recipient,))
-    return Batch(claim, ("smtp", domain), (recipient,))
+    return Batch(claim, (transport, domain), (recipient,))
 
 
-def start_all(destinations: Destinations) -> list[str]:
+def start_all(destinations: Destinations, lane: str = SHARED_LANE) -> list[str]:
     started = []
-    for destination in destinations.ready():
+    for destination in destinations.ready(lane):
         started.append(destinations.started(destination).claim.message_id)
     return started
+
+
+def test_a_transport_with_a_full_window_waits_in_a_lane_of_its_own() -> None:
+    """Local destinations are served from their own ready line (the queue manager gives
+    them a limit of their own), remote ones from the shared one; put back, each goes
+    back first in its own line."""
+    destinations = Destinations(max_window=2, full_window={"local": 8})
+    for number in range(3):
+        destinations.add(batch("local.example", number, "local"))
+        destinations.add(batch(f"r{number}.example", 10 + number))
+    assert destinations.lane(("local", "local.example")) == "local"
+    assert destinations.lane(("smtp", "local.example")) == SHARED_LANE
+    first = next(destinations.ready(SHARED_LANE))
+    assert first.key == ("smtp", "r0.example")
+    destinations.put_back(first)
+    assert start_all(destinations) == ["M00010", "M00011", "M00012"]
+    assert start_all(destinations, "local") == ["M00000", "M00001", "M00002"]
+    assert start_all(destinations) == start_all(destinations, "local") == []
 
 
 def test_the_window_starts_at_5_grows_by_one_per_cohort_and_stops_at_the_cap() -> None:

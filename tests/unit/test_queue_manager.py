@@ -14,6 +14,7 @@ from gevent.event import Event
 from structlog.testing import capture_logs
 
 from gsmtp import metrics, queue_control
+from gsmtp.delivery.maildir import DELIVERIES_AT_ONCE
 from gsmtp.message import Outcome
 from gsmtp.queue import INITIAL_WINDOW, NoticeSettings, QueueManager, RetryPolicy
 from gsmtp.queue.manager import MAX_FAILED_ROUNDS, body_budget
@@ -61,7 +62,8 @@ def test_a_backlog_across_five_domains_and_local_mail_drains_after_a_flush(qw: Q
     wait_until(lambda: qw.messages_left() == 0, timeout=30, what="the backlog to drain")
     assert len(qw.remote.calls) == 300 and len(qw.local.calls) == 41
     assert max(qw.remote.max_active.values()) <= DEFAULTS.max_per_domain
-    assert qw.remote.max_total + qw.local.max_total <= DEFAULTS.concurrency
+    assert qw.remote.max_total <= DEFAULTS.concurrency
+    assert qw.local.max_total <= DELIVERIES_AT_ONCE
     assert qw.remote.overlaps == []
 
 
@@ -634,18 +636,38 @@ def test_stop_waits_for_results_being_recorded(qw: QueueWorld) -> None:
     assert qw.messages_left() == 0 and len(qw.local.calls) == 1
 
 
-def test_local_mail_for_one_domain_uses_the_whole_pool_at_the_defaults(qw: QueueWorld) -> None:
+def test_local_mail_for_one_domain_uses_the_whole_local_lane_at_the_defaults(
+    qw: QueueWorld,
+) -> None:
     """max_per_domain (20) is politeness towards a remote server; capped by it, local
     mail for one domain ran on 20 of the 100 senders (local end to end at the default
-    settings: half the speed of the whole pool)."""
-    for index in range(300):
+    settings: half the speed of the whole pool). Nor is it capped by the senders: the
+    Maildir writes what waits in one batch, and 50 senders a worker made batches of 50
+    at most (half the speed again)."""
+    for index in range(600):
         qw.enqueue([f"user{index}@local.example"])
-    qw.local.delay = 0.05
-    manager = qw.manager()  # the defaults: pool 100, windows of 20
+    qw.local.delay = 0.2
+    manager = qw.manager()  # the defaults: 100 senders, windows of 20
     manager.start()
     wait_until(lambda: qw.messages_left() == 0, timeout=30, what="the backlog to drain")
-    assert len(qw.local.calls) == 300
-    assert DEFAULTS.max_per_domain < qw.local.max_total <= DEFAULTS.concurrency
+    assert len(qw.local.calls) == 600
+    assert DEFAULTS.concurrency < qw.local.max_total <= DELIVERIES_AT_ONCE
+
+
+def test_local_deliveries_start_while_every_sender_is_busy(qw: QueueWorld) -> None:
+    """The lanes are separate both ways: remote deliveries filling every sender leave
+    local ones their own limit, and a local backlog takes no sender from remote mail."""
+    for index in range(40):
+        qw.enqueue([f"u{index}@{REMOTE[index % 5]}"])
+    for index in range(40):
+        qw.enqueue([f"user{index}@local.example"])
+    qw.remote.delay = qw.local.delay = 0.2
+    manager = qw.manager(concurrency=4, local_concurrency=8, max_per_domain=4)
+    manager.start()
+    wait_until(lambda: qw.messages_left() == 0, timeout=30, what="the backlog to drain")
+    assert len(qw.remote.calls) == 40 and len(qw.local.calls) == 40
+    assert qw.remote.max_total == 4 and qw.local.max_total == 8
+    assert qw.remote.overlaps == []
 
 
 def test_deliveries_recording_are_bounded_by_the_pool_when_the_spool_stalls(
