@@ -458,11 +458,7 @@ class QueueManager:
             return False
         room = self._active_limit - self.held
         running = self._running()
-        startable = sum(lane.startable(self._pacer) for lane in self._lanes.values())
-        ready = sum(
-            min(len(d.waiting), d.allowed - d.running) for d in self._destinations if d.can_start()
-        )
-        want = startable - ready
+        want = self._wanted()
         if room <= 0 or want <= 0:
             self._chunk_until = None
             return False
@@ -526,6 +522,30 @@ class QueueManager:
             self._more = False
             self._claimed_through = now
         return not result.exhausted and bool(result.claims)
+
+    def _wanted(self) -> int:
+        """Deliveries a claim should find work for: in each lane, what it may start less
+        what its destinations hold ready to start. A lane with nothing running or held
+        counts for one at most: its mail may not exist (no local mail in a relay), and
+        counting its 512 free slots made every claim large and none wait for senders to
+        come free (relay end to end: 2,000 against 1,400 µs a message). One is enough to
+        find its mail while the other lane is full: a claim comes within CHUNK_WAIT,
+        and the first local batch claimed puts the lane in use."""
+        ready: dict[str, int] = defaultdict(int)
+        held: dict[str, int] = defaultdict(int)
+        for destination in self._destinations:
+            line = self._destinations.lane(destination.key)
+            held[line] += destination.held
+            if destination.can_start():
+                free = destination.allowed - destination.running
+                ready[line] += min(len(destination.waiting), free)
+        want = 0
+        for name, lane in self._lanes.items():
+            startable = lane.startable(self._pacer)
+            if not held[name] and not len(lane.pool):
+                startable = min(startable, 1)
+            want += max(0, startable - ready[name])
+        return want
 
     def _batches(self, claim: Claim) -> list[Batch]:
         groups: dict[Key, list[ClaimedRecipient]] = defaultdict(list)

@@ -3,7 +3,7 @@ spin the dispatcher nor starve other destinations."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +12,18 @@ import pytest
 from gevent.event import Event
 
 from gsmtp import queue_control
+from gsmtp.message import QueuedMessage, RecipientResult
 from gsmtp.queue import INITIAL_WINDOW
-from gsmtp.queue.manager import FRUITLESS_PAUSE
+from gsmtp.queue.manager import CLAIM_FACTOR, FRUITLESS_PAUSE
 from gsmtp.spool import Held, Spool
-from tests.unit.queue_harness import FakeClock, QueueWorld, wait_until, world
+from tests.unit.queue_harness import (
+    DEFAULTS,
+    FakeClock,
+    FakeDeliverer,
+    QueueWorld,
+    wait_until,
+    world,
+)
 
 
 class CountingClock(FakeClock):
@@ -181,3 +189,46 @@ def test_free_senders_do_not_wait_forever_for_more_to_come_free(qw: QueueWorld) 
     wait_until(lambda: len(qw.local.calls) == 1, timeout=5, what="the local mail delivered")
     qw.remote.hold["stalled.example"].set()
     qw.remote.hold["other.example"].set()
+
+
+class ClaimCountingSpool(Spool):
+    """Records the size of each claim: how many rows it asked for, how many it scanned."""
+
+    def __init__(self, inner: Spool) -> None:
+        super().__init__(inner._writer, inner._reader)
+        self.limits: list[int] = []
+        self.scans: list[int] = []
+
+    def claim_due(self, now: float, limit: int, **kwargs: Any) -> Any:
+        self.limits.append(limit)
+        self.scans.append(kwargs.get("scan") or limit)
+        return super().claim_due(now, limit, **kwargs)
+
+
+class StaggeredDeliverer(FakeDeliverer):
+    """Deliveries that end one by one (2 to 14 ms), as a relay's do, not all at once."""
+
+    def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
+        self.delay = 0.002 * (1 + len(self.calls) % 7)
+        return super().deliver(message, recipients)
+
+
+def test_an_idle_local_lane_does_not_make_the_claims_of_a_relay_backlog_large(
+    qw: QueueWorld,
+) -> None:
+    """A relay backlog at the defaults, no local mail: the 512 free slots of the local
+    lane counted as work to claim for made every claim ask for 2,000 rows and scan
+    4,000, to take the few its one destination had room for; and no claim waited for
+    senders to come free (relay end to end: 2,000 against 1,400 µs of CPU a message).
+    An unused lane counts for one delivery."""
+    counting = ClaimCountingSpool(qw.spool)
+    for index in range(600):
+        qw.enqueue([f"u{index}@relay.example"])
+    qw.remote = StaggeredDeliverer()
+    manager = qw.manager(spool=counting, idle_poll=60.0, max_per_domain=DEFAULTS.concurrency)
+    manager.start()
+    wait_until(lambda: qw.messages_left() == 0, timeout=60, what="the backlog to drain")
+    assert len(qw.remote.calls) == 600
+    most = CLAIM_FACTOR * (DEFAULTS.concurrency + 1)
+    assert max(counting.limits) <= most, counting.limits
+    assert max(counting.scans) <= 2 * most, counting.scans

@@ -654,6 +654,25 @@ def test_local_mail_for_one_domain_uses_the_whole_local_lane_at_the_defaults(
     assert DEFAULTS.concurrency < qw.local.max_total <= DELIVERIES_AT_ONCE
 
 
+def test_new_local_mail_is_delivered_while_every_sender_hangs(qw: QueueWorld) -> None:
+    """An unused local lane counts for one delivery in a claim, so local mail that comes
+    while every sender hangs on remote hosts is still claimed, and delivered at once."""
+    for index in range(12):
+        qw.remote.hold[REMOTE[index % 3]] = Event()
+        qw.enqueue([f"u{index}@{REMOTE[index % 3]}"])
+    manager = qw.manager(concurrency=4, local_concurrency=8)
+    manager.start()
+    wait_until(lambda: qw.remote.total_active == 4, what="every sender hanging")
+    for index in range(20):
+        qw.enqueue([f"user{index}@local.example"])
+    manager.wake()
+    wait_until(lambda: qw.messages_left() == 12, timeout=10, what="the local mail delivered")
+    assert len(qw.local.calls) == 20 and qw.remote.total_active == 4
+    for event in qw.remote.hold.values():
+        event.set()
+    wait_until(lambda: qw.messages_left() == 0, timeout=30, what="the remote mail")
+
+
 def test_local_deliveries_start_while_every_sender_is_busy(qw: QueueWorld) -> None:
     """The lanes are separate both ways: remote deliveries filling every sender leave
     local ones their own limit, and a local backlog takes no sender from remote mail."""
