@@ -233,21 +233,25 @@ def test_pacer_halves_on_lag_and_recovers_slowly() -> None:
     assert pacer.allowed == 100
 
 
-def test_the_pacer_holds_the_local_lane_to_the_senders_allowance() -> None:
+def test_the_pacer_holds_the_local_lane_to_the_senders_allowance_while_clients_wait() -> None:
     """Local deliveries have a limit of their own (512 a worker beside 50 senders): all
-    of it while nothing is held back, else no more than the senders' allowance."""
+    of it while no client is served, else no more than the senders' allowance."""
     from gsmtp.queue import DeliveryPacer
 
-    pacer = DeliveryPacer(50, minimum=2)
-    assert pacer.share(512) == 512
+    clients = [0]
+    pacer = DeliveryPacer(50, minimum=2, clients=lambda: clients[0])
+    assert pacer.share(512) == 512  # no probe yet: nobody served
+    clients[0] = 3
+    pacer.observe(0.0)
+    assert pacer.allowed == 50 and pacer.share(512) == 50  # full, but clients are served
     pacer.observe(0.050)
     assert pacer.allowed == 25 and pacer.share(512) == 25
     for _ in range(10):
         pacer.observe(0.050)
     assert pacer.allowed == 2 and pacer.share(512) == 2 and pacer.share(1) == 1
-    for _ in range(48):
-        pacer.observe(0.0)
-    assert pacer.allowed == 50 and pacer.share(512) == 512
+    clients[0] = 0  # the last client left: the whole lane
+    pacer.observe(0.050)
+    assert pacer.share(512) == 512
 
 
 def test_pacer_holds_deliveries_back_only_while_clients_are_connected() -> None:
