@@ -39,6 +39,7 @@ from gsmtp import (
     accounts,
     collector,
     db,
+    descriptors,
     early_signals,
     lockfile,
     log,
@@ -55,7 +56,7 @@ from gsmtp.auth import Authenticator
 from gsmtp.component_settings import StartupError
 from gsmtp.config import Config, ConfigError, load, parse_host_port, spool_reserve
 from gsmtp.delivery.base import Deliverer
-from gsmtp.delivery.maildir import DELIVERIES_AT_ONCE, MaildirDeliverer, Permissions
+from gsmtp.delivery.maildir import CACHED_MAILBOXES, MAX_BATCH, MaildirDeliverer, Permissions
 from gsmtp.delivery.mta_sts import HttpsFetcher, MtaSts
 from gsmtp.delivery.smarthost import Smarthost
 from gsmtp.delivery.smtp import SmtpDeliverer
@@ -191,6 +192,10 @@ class Application:
         self._reader = self._open_spool()
         self._tls = self._server_tls()  # may refuse to start: before any thread
         self._permissions = self._maildir_permissions()  # likewise
+        # Files per Maildir batch and mailboxes kept open, within the descriptor limit.
+        self._maildir_batch, self._maildir_mailboxes = descriptors.maildir_shares(
+            descriptors.raise_limit(), MAX_BATCH, CACHED_MAILBOXES
+        )
         self._smarthost = settings.smarthost(config)  # these too (files they read)
         self._outbound_tls = self._client_tls()
         self._dkim_pool = ThreadPool(DKIM_THREADS)  # its thread starts with the first task
@@ -236,7 +241,8 @@ class Application:
                 clock=time.time,
             ),
             concurrency=delivery.concurrency,
-            local_concurrency=DELIVERIES_AT_ONCE,
+            # A batch on the disk and the next one filling (DELIVERIES_AT_ONCE).
+            local_concurrency=2 * self._maildir_batch,
             max_per_domain=delivery.max_per_domain,
             active_limit=delivery.active_limit,
             body_budget=body_budget(config.server.max_data_memory),
@@ -408,6 +414,8 @@ class Application:
             permissions=self._permissions,
             run_parallel=in_parallel,
             fsync_threads=MAILDIR_FSYNC_THREADS,
+            max_batch=self._maildir_batch,
+            cached_mailboxes=self._maildir_mailboxes,
         )
         self._remote = remote = self._remote_deliverer()
         return {routing.LOCAL: local, routing.SMTP: remote}

@@ -51,7 +51,7 @@ import os
 import secrets
 import socket
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache, partial, update_wrapper
@@ -74,6 +74,8 @@ STALE_TMP_SECONDS = 36 * 3600
 CLEAN_TMP_MAILBOXES = 1000
 # Files one batch writes at most (their bodies are in memory anyway, held by senders).
 MAX_BATCH = 256
+# Mailboxes whose tmp/ and new/ stay open between batches (two descriptors each).
+CACHED_MAILBOXES = 256
 # Local deliveries a worker runs at once (the queue manager's local lane): a batch on the
 # disk and the next one filling. Each holds its body, within the queue's body budget.
 DELIVERIES_AT_ONCE = 2 * MAX_BATCH
@@ -231,11 +233,14 @@ class MaildirDeliverer:
         run_parallel: RunParallel = _run_all_inline,
         fsync_threads: int = 1,
         max_batch: int = MAX_BATCH,
+        cached_mailboxes: int = CACHED_MAILBOXES,
         fsync: Callable[[int], None] = os.fsync,
         permissions: Permissions = Permissions(),
     ) -> None:
         self._root = os.path.abspath(root)
-        self._writer = MaildirWriter(self._root, fsync=fsync, permissions=permissions)
+        self._writer = MaildirWriter(
+            self._root, fsync=fsync, permissions=permissions, cached_mailboxes=cached_mailboxes
+        )
         self._resolve_mailbox = resolve_mailbox
         self._run_blocking = run_blocking
         self._run_parallel = run_parallel
@@ -309,14 +314,15 @@ class MaildirDeliverer:
                 self._run_blocking(lambda: writer.after_writes(ready))
         directories = self._run_blocking(lambda: writer.link(jobs))
         if directories:
-            writer.syncing += 1
+            writer.syncing.update(directory for directory, _ in directories)
             try:
                 linked()
                 self._run_parallel(
                     [partial(writer.sync_directories, part) for part in _split(directories, pieces)]
                 )
             finally:
-                writer.syncing -= 1
+                writer.syncing.subtract(directory for directory, _ in directories)
+                writer.syncing += Counter()  # drops the zeros: only those syncing stay
         metrics.MAILDIR_BATCHES.inc()
         metrics.MAILDIR_FILES.inc(len(jobs))
         metrics.MAILDIR_DIRECTORY_FSYNCS.inc(len(directories))
@@ -547,7 +553,7 @@ class MaildirWriter:
     run on one thread, one batch at a time; `write_files` and `sync_directories` on
     several threads at once, each on its own part of the batch."""
 
-    CACHED_MAILBOXES = 256
+    CACHED_MAILBOXES = CACHED_MAILBOXES
 
     def __init__(
         self,
@@ -555,7 +561,9 @@ class MaildirWriter:
         *,
         fsync: Callable[[int], None] = os.fsync,
         permissions: Permissions = Permissions(),
+        cached_mailboxes: int = CACHED_MAILBOXES,
     ) -> None:
+        self._cached_mailboxes = cached_mailboxes
         self._root_path = root
         self._permissions = permissions
         self._root: int | None = None
@@ -565,9 +573,11 @@ class MaildirWriter:
         self._retired: list[_Mailbox] = []
         self._fsync = fsync
         self._sweep: Generator[int, None, None] | None = None
-        # Batches whose new/ directories are being fsynced (the next batch may start
-        # meanwhile): no descriptor is closed while one is, it may be theirs.
-        self.syncing = 0
+        # The new/ directories being fsynced by batches that linked their files (the next
+        # batch may start meanwhile): a retired mailbox stays open while its new/ is
+        # one of them. Only those: with batches overlapping all the time, waiting for
+        # none to be syncing kept 500 retired mailboxes (1,000 descriptors) open.
+        self.syncing: Counter[int] = Counter()
         # Steps running on threads (see `_step`), whether close() was called, and
         # whether the descriptors went (once: a second close() must not close them
         # again, their numbers may belong to another file by then).
@@ -728,13 +738,15 @@ class MaildirWriter:
     def _close_retired(self) -> None:
         """Between batches: close what was dropped, and what the cache holds too many
         (later, while an earlier batch still fsyncs directories)."""
-        while len(self._open) > self.CACHED_MAILBOXES:
+        while len(self._open) > self._cached_mailboxes:
             self._retired.append(self._open.popitem(last=False)[1])
-        if self.syncing:
-            return
+        kept = []
         for mailbox in self._retired:
-            mailbox.close()
-        self._retired.clear()
+            if self.syncing[mailbox.new]:
+                kept.append(mailbox)
+            else:
+                mailbox.close()
+        self._retired = kept
 
     def _start_file(self, mailbox: _Mailbox, job: FileJob) -> None:
         job.name = unique_name(time.time())

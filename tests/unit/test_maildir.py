@@ -608,3 +608,29 @@ def test_a_mail_root_removed_is_made_again_not_failed_until_a_restart(tmp_path: 
     (result,) = d.deliver(MESSAGE, ["alice@local.example"])
     assert (result.outcome, result.reply) == (Outcome.DELIVERED, "250 2.0.0 Delivered to Maildir")
     assert len(list((root / "local.example" / "alice" / "new").iterdir())) == 1
+
+
+def test_mailboxes_dropped_from_the_cache_close_while_other_directories_are_fsynced(
+    tmp_path: Path,
+) -> None:
+    """Batches overlap: the next one starts while the last fsyncs its new/ directories.
+    Retired mailboxes were kept open while any batch was syncing, which under a steady
+    drain was always: 500 mailboxes (1,000 descriptors) stayed open and deliveries
+    failed with EMFILE. Only a mailbox whose new/ is being fsynced stays open now."""
+    before = _open_descriptors()
+    writer = MaildirWriter(str(tmp_path), cached_mailboxes=2)
+    first = [FileJob("example.org", f"u{n}", b"", b"x\r\n") for n in range(10)]
+    writer.open_mailboxes(first)
+    syncing = first[0].mailbox
+    assert syncing is not None
+    writer.syncing[syncing.new] += 1  # a batch still fsyncs this new/
+    second = [FileJob("example.org", f"v{n}", b"", b"x\r\n") for n in range(10)]
+    writer.open_mailboxes(second)  # eight of the first ten leave the cache: seven close
+    # The two cached, the ten of this batch and the one still syncing (two descriptors
+    # each), and the root; keeping every retired one open made it 41.
+    assert len(_open_descriptors() - before) == 2 * (2 + 10 + 1) + 1
+    writer.syncing[syncing.new] -= 1
+    writer.open_mailboxes([FileJob("example.org", "w", b"", b"x\r\n")])
+    assert len(_open_descriptors() - before) == 2 * (2 + 1) + 1
+    writer.close()
+    assert _open_descriptors() == before
