@@ -271,23 +271,39 @@ class FullRecordingSpool(Spool):
         super().record_results(updates)
 
 
-def test_results_a_full_disk_kept_out_of_the_spool_are_logged_as_a_value(
+def test_results_a_full_disk_kept_out_of_the_spool_are_logged_as_a_value_and_recorded_later(
     qw: QueueWorld,
 ) -> None:
-    """Red-team finding: results refused by a full disk logged `results_not_recorded`
-    with an apsw traceback. Expected in operation: the error as a value, no traceback;
-    the recipient stays owned (delivered again after a restart, never lost)."""
-    full = FullRecordingSpool(qw.spool, failures=2)  # the first try and its retry
+    """Red-team findings: results refused by a full disk logged `results_not_recorded`
+    with an apsw traceback (expected in operation: the error as a value); and a
+    delivery gave its results up after one retry, leaving the copy it had made owned in
+    the spool until a restart delivered it again. It tries until the spool takes them."""
+    full = FullRecordingSpool(qw.spool, failures=5)
     qw.enqueue(["a@x.example"])
-    manager = qw.manager(spool=full, error_pause=0.0)
+    manager = qw.manager(spool=full, error_pause=0.01)
     with capture_logs() as logs:
         manager.start()
-        wait_until(lambda: sum(e["event"] == "results_not_recorded" for e in logs) == 2)
+        wait_until(lambda: qw.messages_left() == 0, what="the results recorded at last")
     refused = [entry for entry in logs if entry["event"] == "results_not_recorded"]
-    assert [entry["log_level"] for entry in refused] == ["warning", "error"], refused
+    assert len(refused) == 5 and all(e["log_level"] == "warning" for e in refused), refused
     assert all(entry["error"] == "database or disk is full" for entry in refused), refused
     assert not any(entry.get("exc_info") for entry in refused), refused
-    assert qw.owned() == 1  # not recorded, not lost
+    assert len(qw.remote.calls) == 1 and qw.owned() == 0
+
+
+def test_results_still_refused_at_stop_stay_owned(qw: QueueWorld) -> None:
+    """A stop ends the tries: the recipient stays owned (delivered again after the
+    restart, never lost)."""
+    full = FullRecordingSpool(qw.spool, failures=10**6)
+    qw.enqueue(["a@x.example"])
+    manager = qw.manager(spool=full, error_pause=0.05)
+    with capture_logs() as logs:
+        manager.start()
+        wait_until(lambda: sum(e["event"] == "results_not_recorded" for e in logs) >= 3)
+        manager.stop(5.0)
+    refused = [entry for entry in logs if entry["event"] == "results_not_recorded"]
+    assert refused[-1]["log_level"] == "error" and "retrying" not in refused[-1], refused
+    assert qw.owned() == 1 and qw.messages_left() == 1  # not recorded, not lost
 
 
 def test_an_exception_in_a_round_is_counted_and_the_runner_goes_on(qw: QueueWorld) -> None:
