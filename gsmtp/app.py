@@ -229,9 +229,10 @@ class Application:
         self._fsync_pool = ThreadPool(MAILDIR_FSYNC_THREADS)
         self._file_progress = Progress()
         delivery = config.delivery
+        deliverers = self._deliverers()
         self.queue = QueueManager(
             spool=self.spool,
-            deliverers=self._deliverers(),
+            deliverers=deliverers,
             route=self._router.route,
             retry=RetryPolicy(delivery.retry, delivery.max_age),
             notices=Notices(
@@ -241,8 +242,7 @@ class Application:
                 clock=time.time,
             ),
             concurrency=delivery.concurrency,
-            # A batch on the disk and the next one filling (DELIVERIES_AT_ONCE).
-            local_concurrency=2 * self._maildir_batch,
+            local_concurrency=self._local.deliveries_at_once,
             max_per_domain=delivery.max_per_domain,
             active_limit=delivery.active_limit,
             body_budget=body_budget(config.server.max_data_memory),

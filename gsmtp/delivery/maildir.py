@@ -76,9 +76,11 @@ CLEAN_TMP_MAILBOXES = 1000
 MAX_BATCH = 256
 # Mailboxes whose tmp/ and new/ stay open between batches (two descriptors each).
 CACHED_MAILBOXES = 256
-# Local deliveries a worker runs at once (the queue manager's local lane): a batch on the
-# disk and the next one filling. Each holds its body, within the queue's body budget.
-DELIVERIES_AT_ONCE = 2 * MAX_BATCH
+# Local deliveries a worker runs at once (the queue manager's local lane), in batches:
+# a batch on the disk and the next one filling. Each holds its body, within the queue's
+# body budget. `MaildirDeliverer.deliveries_at_once` for a smaller batch.
+BATCHES_AT_ONCE = 2
+DELIVERIES_AT_ONCE = BATCHES_AT_ONCE * MAX_BATCH
 # Files (or new/ directories) one fsync thread takes at least from a batch. Each piece
 # is a hand-off to a pool thread, and waking one costs the event loop more than a
 # single file gains from overlapping its fsync with another's. Against one piece per
@@ -246,6 +248,8 @@ class MaildirDeliverer:
         self._run_parallel = run_parallel
         self._fsync_threads = max(1, fsync_threads)
         self._batches = _GroupWriter(self._write_batch, max_batch)
+        # A batch on the disk and the next one filling (DELIVERIES_AT_ONCE).
+        self.deliveries_at_once = BATCHES_AT_ONCE * max(1, max_batch)
 
     def deliver(self, message: QueuedMessage, recipients: Sequence[str]) -> list[RecipientResult]:
         prepared = [self._prepare(message, recipient) for recipient in recipients]

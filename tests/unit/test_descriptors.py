@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
+from gsmtp.delivery.maildir import DELIVERIES_AT_ONCE, MaildirDeliverer
 from gsmtp.descriptors import maildir_shares
 
 RAISE = (
@@ -39,3 +41,11 @@ def test_a_low_hard_limit_is_worked_within() -> None:
 def test_a_generous_limit_leaves_the_maildir_its_full_batch() -> None:
     assert maildir_shares(65536, 256, 256) == (256, 256)
     assert maildir_shares(4, 256, 256) == (1, 1)
+
+
+def test_the_local_lane_is_two_batches_of_the_maildir_it_feeds(tmp_path: Path) -> None:
+    """Under a low limit the batch shrinks, and the local lane with it."""
+    default = MaildirDeliverer(str(tmp_path), resolve_mailbox=lambda address: address)
+    small = MaildirDeliverer(str(tmp_path), resolve_mailbox=lambda address: address, max_batch=64)
+    assert default.deliveries_at_once == DELIVERIES_AT_ONCE == 512
+    assert small.deliveries_at_once == 128
