@@ -261,13 +261,22 @@ class Destinations:
         times = [d.dead_until for d in self._all.values() if d.dead_until is not None]
         return min(times) if times else None
 
-    def caps(self) -> dict[str, int]:
+    def caps(self, lane: str | None = None) -> dict[str, int]:
         """Per domain, how many more messages a claim may take (0: none now). Forgets
-        first what has been idle for longer than the memory (a claim comes often)."""
+        first what has been idle for longer than the memory (a claim comes often).
+        With `lane`, a claim for that lane alone (the queue manager's lanes take turns):
+        the living destinations of every other lane count as full, so the claim looks
+        past their due rows."""
         self._forget_idle()
         caps: dict[str, int] = {}
-        for (_, domain), destination in self._all.items():
-            room = destination.room() if destination.dead_until is None else destination.cap
+        for key, destination in self._all.items():
+            if destination.dead_until is not None:
+                room = destination.cap  # claimed to be deferred at once, no delivery
+            elif lane is not None and self.lane(key) != lane:
+                room = 0
+            else:
+                room = destination.room()
+            domain = key[1]
             caps[domain] = min(room, caps.get(domain, room))
         return caps
 

@@ -117,6 +117,12 @@ CLAIM_CHUNK = 25  # while senders are busy, wait until this many are free: fewer
 CHUNK_WAIT = 0.25  # seconds: but no longer (the busy ones may hang for minutes)
 CLAIM_FACTOR = 4  # recipients claimed per free sender (messages have several)
 MIN_SCAN = 200
+# A lane not in use has a claim of its own (a turn) this often at most, and, after one
+# that found nothing, no sooner than this many times its duration: such a claim looks
+# at every due row of the other lane (the local backlog's drain: 20 in 22 s, 1.1 s of
+# the writer threads' time at once every second, 18 to 100 ms each).
+UNUSED_LANE_TURN = 1.0
+UNUSED_LANE_FACTOR = 30
 SWEEP_SECONDS = 60.0
 LONG_AGO = -1e18  # "no due row looked at yet"
 # The audit line logged for each thing the CLI did (gsmtp.queue_control).
@@ -234,6 +240,9 @@ class QueueManager:
         self._claimed_through = LONG_AGO  # due rows up to here were looked at
         self._fruitless_until = 0.0  # monotonic: no claim past full destinations before
         self._chunk_until: float | None = None  # monotonic: claim then, chunk or not
+        self._last_turn = ""  # the lane the last claim was for, when lanes took turns
+        # Per lane, monotonic: when it may have a turn again while not in use.
+        self._unused_turn_at: dict[str, float] = defaultdict(float)
         self._shown_in_flight = self._shown_dead = -1  # the gauges' values, as last set
         self._next_in_flight_shown = 0.0
         self._last_now: float | None = None
@@ -459,7 +468,8 @@ class QueueManager:
             return False
         room = self._active_limit - self.held
         running = self._running()
-        want = self._wanted()
+        wants, unused = self._wanted()
+        want = sum(wants.values())
         if room <= 0 or want <= 0:
             self._chunk_until = None
             return False
@@ -472,9 +482,14 @@ class QueueManager:
             if time.monotonic() < self._chunk_until:
                 return False
         self._chunk_until = None
-        limit = min(room, want * CLAIM_FACTOR)
-        caps = self._destinations.caps()
         paused = time.monotonic() < self._fruitless_until
+        caps = self._destinations.caps()
+        turn = None
+        chosen = None if paused else self._lane_turn(wants, unused, caps)
+        if chosen is not None:
+            turn, caps = chosen
+            want = wants[turn]
+        limit = min(room, want * CLAIM_FACTOR)
         if paused and caps and all(cap <= 0 for cap in caps.values()):
             return False  # every known destination is full; others wait for the pause
         skip_full = not paused and any(cap <= 0 for cap in caps.values())
@@ -519,19 +534,61 @@ class QueueManager:
         self._destinations.note_full()
         if suspended:
             self._suspend(suspended, now)
+        if turn is not None and result.claims:
+            self._unused_turn_at.pop(turn, None)  # it had mail: more may follow
+        elif turn in unused:
+            took = time.monotonic() - started
+            self._unused_turn_at[turn] = time.monotonic() + max(
+                UNUSED_LANE_TURN, UNUSED_LANE_FACTOR * took
+            )
+        if result.exhausted and turn is not None:
+            # Nothing more for this lane; the others' rows were not looked at. The next
+            # claim, in the pause this one began, is for every lane.
+            return True
         if result.exhausted and looks == self._looks:
             self._more = False
             self._claimed_through = now
         return not result.exhausted and bool(result.claims)
 
-    def _wanted(self) -> int:
-        """Deliveries a claim should find work for: in each lane, what it may start less
-        what its destinations hold ready to start. A lane with nothing running or held
-        counts for one at most: its mail may not exist (no local mail in a relay), and
-        counting its 512 free slots made every claim large and none wait for senders to
-        come free (relay end to end: 2,000 against 1,400 µs a message). One is enough to
-        find its mail while the other lane is full: a claim comes within CHUNK_WAIT,
-        and the first local batch claimed puts the lane in use."""
+    def _lane_turn(
+        self, wants: Mapping[str, int], unused: set[str], caps: dict[str, int]
+    ) -> tuple[str, dict[str, int]] | None:
+        """When more than one lane wants deliveries, the lane this claim is for (the
+        lanes take turns), with its caps: the others' destinations count as full, so
+        the claim looks past their due rows (`Destinations.caps`). Claims take due rows
+        oldest first, so without turns a backlog of one lane took the claims every lane
+        asked for. A turn's claim is one past full destinations: no more often than the
+        fruitless pause lets one come (a tenth of the claims' time at most), and for a
+        lane not in use (whose mail may not exist: a relay has no local mail) seldom
+        (UNUSED_LANE_TURN), for in a local backlog's drain each claim for the idle
+        senders would look at every due local row to find nothing. A turn that would
+        not change the claim (the others' destinations are full anyway) is not taken."""
+        now = time.monotonic()
+        wanting = [
+            name
+            for name, lane_want in wants.items()
+            if lane_want > 0 and (name not in unused or now >= self._unused_turn_at[name])
+        ]
+        if len(wanting) < 2:
+            return None
+        names = list(self._lanes)
+        after = names.index(self._last_turn) + 1 if self._last_turn in names else 0
+        for turn in names[after:] + names[:after]:
+            turn_caps = self._destinations.caps(turn) if turn in wanting else caps
+            if turn_caps != caps:
+                self._last_turn = turn
+                return turn, turn_caps
+        return None
+
+    def _wanted(self) -> tuple[dict[str, int], set[str]]:
+        """Deliveries a claim should find work for, per lane: what it may start less
+        what its destinations hold ready to start; and the lanes not in use. A lane with
+        nothing running or held counts for one at most: its mail may not exist (no
+        local mail in a relay), and counting its 512 free slots made every claim large
+        and none wait for senders to come free (relay end to end: 2,000 against 1,400 µs
+        a message). One is enough to find its mail while the other lane is full: a
+        claim comes within CHUNK_WAIT, and the first local batch claimed puts the lane
+        in use."""
         ready: dict[str, int] = defaultdict(int)
         held: dict[str, int] = defaultdict(int)
         for destination in self._destinations:
@@ -540,13 +597,15 @@ class QueueManager:
             if destination.can_start():
                 free = destination.allowed - destination.running
                 ready[line] += min(len(destination.waiting), free)
-        want = 0
+        wants = {}
+        unused = set()
         for name, lane in self._lanes.items():
             startable = lane.startable(self._pacer)
             if not held[name] and not len(lane.pool):
                 startable = min(startable, 1)
-            want += max(0, startable - ready[name])
-        return want
+                unused.add(name)
+            wants[name] = max(0, startable - ready[name])
+        return wants, unused
 
     def _batches(self, claim: Claim) -> list[Batch]:
         groups: dict[Key, list[ClaimedRecipient]] = defaultdict(list)

@@ -23,6 +23,7 @@ from gsmtp.supervision import Supervisor
 from tests.unit.queue_harness import (
     DEFAULTS,
     HOSTNAME,
+    LOCAL_DOMAINS,
     UNREACHABLE,
     FakeClock,
     QueueWorld,
@@ -687,6 +688,61 @@ def test_new_local_mail_is_delivered_while_every_sender_hangs(qw: QueueWorld) ->
     for event in qw.remote.hold.values():
         event.set()
     wait_until(lambda: qw.messages_left() == 0, timeout=30, what="the remote mail")
+
+
+def test_remote_mail_behind_a_local_backlog_over_several_domains_starts_at_once(
+    qw: QueueWorld,
+) -> None:
+    """Red-team finding: claims take due rows oldest first, and local destinations are
+    refilled as fast as they drain, so with the backlog over two local domains neither
+    ever filled and no claim reached the remote mail queued behind it until the whole
+    backlog had gone (780 of 800 local deliveries first). The lanes take turns: a claim
+    for the senders looks past the local rows."""
+    for index in range(800):
+        qw.enqueue([f"user{index}@{LOCAL_DOMAINS[index % 2]}"])
+    qw.clock.now += 1  # remote mail comes after the backlog
+    for index in range(8):
+        qw.enqueue([f"u{index}@{REMOTE[index % 2]}"])
+    qw.local.delay = 0.05
+    local_before_remote: list[int] = []
+    deliver = qw.remote.deliver
+
+    def remote_deliver(message: Any, recipients: Any) -> Any:
+        local_before_remote.append(len(qw.local.calls))
+        return deliver(message, recipients)
+
+    qw.remote.deliver = remote_deliver  # type: ignore[method-assign]
+    manager = qw.manager(concurrency=4, local_concurrency=32, max_per_domain=4)
+    manager.start()
+    wait_until(lambda: qw.messages_left() == 0, timeout=60, what="the backlog to drain")
+    assert len(local_before_remote) == 8
+    assert local_before_remote[0] < 100, local_before_remote
+
+
+def test_local_mail_behind_a_remote_backlog_over_many_domains_starts_at_once(
+    qw: QueueWorld,
+) -> None:
+    """The same the other way round: a remote backlog over more domains than there are
+    senders (none full) does not keep later local mail from being claimed."""
+    for index in range(400):
+        qw.enqueue([f"u{index}@r{index % 40}.example"])
+    qw.clock.now += 1
+    for index in range(8):
+        qw.enqueue([f"user{index}@local.example"])
+    qw.remote.delay = 0.05
+    remote_before_local: list[int] = []
+    deliver = qw.local.deliver
+
+    def local_deliver(message: Any, recipients: Any) -> Any:
+        remote_before_local.append(len(qw.remote.calls))
+        return deliver(message, recipients)
+
+    qw.local.deliver = local_deliver  # type: ignore[method-assign]
+    manager = qw.manager(concurrency=8, local_concurrency=8, max_per_domain=4)
+    manager.start()
+    wait_until(lambda: qw.messages_left() == 0, timeout=60, what="the backlog to drain")
+    assert len(remote_before_local) == 8
+    assert remote_before_local[0] < 100, remote_before_local
 
 
 def test_local_deliveries_start_while_every_sender_is_busy(qw: QueueWorld) -> None:
