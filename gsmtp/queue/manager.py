@@ -98,6 +98,15 @@ def body_budget(max_data_memory: int) -> int:
     return max(1, max_data_memory // BODY_BUDGET_SHARE)
 
 
+def lane_budget(body_budget: int) -> int:
+    """Each lane's share of the body budget: half. One budget for both kept a body
+    larger than all of it (a 35 MB relayed message against 32 MB a worker at the
+    defaults) waiting until no delivery of either lane ran, and then alone, so the
+    local lane stopped for the whole transfer (red team). A body larger than its lane's
+    share still waits for its lane to hold none, and runs alone in it."""
+    return max(1, body_budget // 2)
+
+
 # A claim past full destinations looks at every due row of theirs (skipped, not sought
 # past): with a backlog for one of them, each new message's wake-up made such a claim,
 # which found nothing (a third of all claims in the relay bench, most of the writer's
@@ -168,11 +177,13 @@ class _Lane:
     (`delivery.concurrency`: sessions with other servers) or the local deliveries
     (`local_concurrency`: each waits for its Maildir batch, and a batch takes every
     one that waits). Both are paced alike (`DeliveryPacer.share`). Deliveries out of
-    their slot, recording their results (and notices), are as many at most."""
+    their slot, recording their results (and notices), are as many at most. Each lane
+    has its share of the body budget (`lane_budget`)."""
 
     pool: Pool
     recording: Pool
     limit: int
+    budget: BodyBudget
 
     def startable(self, pacer: DeliveryPacer) -> int:
         """Deliveries it may start now."""
@@ -222,9 +233,17 @@ class QueueManager:
         # 200 reach, for 25 % more CPU a message (local end to end, 30,000 messages,
         # delivery.concurrency 100 against 400: 1,100-1,600 against 2,000-2,800 msg/s
         # in the drain, 2,020-2,150 against 1,600-1,840 µs a message).
+        share = lane_budget(body_budget)
         self._lanes = {
-            SHARED_LANE: _Lane(Pool(concurrency), Pool(concurrency), concurrency),
-            LOCAL: _Lane(Pool(local_concurrency), Pool(local_concurrency), local_concurrency),
+            SHARED_LANE: _Lane(
+                Pool(concurrency), Pool(concurrency), concurrency, BodyBudget(share)
+            ),
+            LOCAL: _Lane(
+                Pool(local_concurrency),
+                Pool(local_concurrency),
+                local_concurrency,
+                BodyBudget(share),
+            ),
         }
         self._pacer = pacer or DeliveryPacer(concurrency)
         self._destinations = Destinations(
@@ -232,7 +251,6 @@ class QueueManager:
             initial_window=initial_window,
             full_window={LOCAL: local_concurrency},
         )
-        self._budget = BodyBudget(body_budget)
         self.held = 0  # recipients in memory: claimed, waiting or running
         self._wake = Event()
         self._more = True  # the spool may hold claimable work
@@ -273,7 +291,8 @@ class QueueManager:
         self._retry = retry
         self._notices.reconfigure(notices)
         if body_budget is not None:
-            self._budget.limit = body_budget
+            for lane in self._lanes.values():
+                lane.budget.limit = lane_budget(body_budget)
 
     def wake(self) -> None:
         """New mail was queued: look for due work now."""
@@ -619,18 +638,21 @@ class QueueManager:
 
     def _dispatch(self) -> None:
         """Start deliveries round-robin, in each lane while it has a free slot, as long
-        as body bytes are free (a batch waiting for them holds up every lane: it would
+        as its body bytes are free (a batch waiting for them holds up its lane: it would
         wait for ever behind smaller ones otherwise)."""
         for name, lane in self._lanes.items():
             for destination in self._destinations.ready(name):
-                if self._stopping or not self._budget.fits(destination.waiting[0].size):
-                    self._destinations.put_back(destination)  # FIFO: the same batch first
+                if self._stopping:
+                    self._destinations.put_back(destination)
                     return
+                if not lane.budget.fits(destination.waiting[0].size):
+                    self._destinations.put_back(destination)  # FIFO: the same batch first
+                    break
                 if lane.startable(self._pacer) <= 0:
                     self._destinations.put_back(destination)
                     break
                 batch = self._destinations.started(destination)
-                self._budget.take(batch.size)
+                lane.budget.take(batch.size)
                 sender = lane.pool.spawn(self._deliver, batch, destination)
                 # Look again once the sender has left the pool: its slot is free only
                 # then (a wake-up from inside `_deliver` comes while it still holds the
@@ -693,7 +715,7 @@ class QueueManager:
     ) -> None:
         """The backend has answered (or the attempt ended without it): the slot, the
         body bytes and the destination's window go back, and the dispatcher looks."""
-        self._budget.give(batch.size)
+        self._lanes[self._destinations.lane(batch.key)].budget.give(batch.size)
         reached = attempted.reached if attempted is not None else None
         if reached is False and destination.dead_until is None:
             self._declare_dead(destination, attempted.updates if attempted is not None else ())

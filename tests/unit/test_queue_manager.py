@@ -134,7 +134,8 @@ def test_the_active_set_is_bounded_by_active_limit(qw: QueueWorld) -> None:
 def test_bodies_stay_within_the_byte_budget_and_a_huge_one_runs_alone(
     qw: QueueWorld, reloaded: bool
 ) -> None:
-    """Reloaded: the budget set by a reload (server.max_data_memory) is the one used."""
+    """Each lane has half the body budget. Reloaded: the budget set by a reload
+    (server.max_data_memory) is the one used."""
     gate = Event()
     for domain in ("a.example", "b.example", "c.example", "d.example"):
         qw.remote.hold[domain] = gate
@@ -144,20 +145,45 @@ def test_bodies_stay_within_the_byte_budget_and_a_huge_one_runs_alone(
     qw.enqueue(["x@b.example"], body=small)
     qw.enqueue(["x@c.example"], body=small)
     qw.enqueue(["x@d.example"], body=huge)
-    manager = qw.manager(body_budget=10**6 if reloaded else 1000)
+    manager = qw.manager(body_budget=10**6 if reloaded else 2000)
     if reloaded:
         manager.reconfigure(
             retry=RetryPolicy(DEFAULTS.retry, DEFAULTS.max_age),
             notices=NoticeSettings(f"postmaster@{HOSTNAME}", None, DEFAULTS.max_age),
-            body_budget=body_budget(4000),
+            body_budget=body_budget(8000),
         )
     manager.start()
     wait_until(lambda: qw.remote.total_active == 2)
     gevent.sleep(0.05)
-    assert qw.remote.total_active == 2  # 800 of 1000 bytes: the third does not fit
+    assert qw.remote.total_active == 2  # 800 of the lane's 1000 bytes: the third waits
     gate.set()
     wait_until(lambda: qw.messages_left() == 0)
     assert qw.remote.max_total == 2
+
+
+def test_a_relayed_body_larger_than_the_budget_leaves_local_deliveries_running(
+    qw: QueueWorld,
+) -> None:
+    """Red-team finding: with one body budget for both lanes, a relayed message larger
+    than all of it ran alone, and no local delivery started until its transfer ended.
+    Each lane has its share: the huge body runs alone in the senders' lane only."""
+    gate = Event()
+    qw.remote.hold["big.example"] = gate
+    huge = b"Subject: h\r\n\r\n" + b"h" * 2970 + b"\r\n"  # 3000 bytes
+    small = b"Subject: s\r\n\r\n" + b"s" * 370 + b"\r\n"  # 400 bytes
+    qw.enqueue(["x@big.example"], body=huge)
+    manager = qw.manager(body_budget=2000)
+    manager.start()
+    wait_until(lambda: qw.remote.total_active == 1, what="the huge body's transfer")
+    for index in range(10):
+        qw.enqueue([f"user{index}@local.example"], body=small)
+    qw.enqueue(["y@other.example"], body=small)
+    manager.wake()
+    wait_until(lambda: len(qw.local.calls) == 10, what="the local mail delivered meanwhile")
+    assert qw.remote.total_active == 1  # the other remote one waits for its lane
+    gate.set()
+    wait_until(lambda: qw.messages_left() == 0)
+    assert len(qw.remote.calls) == 2
 
 
 def test_a_dead_destination_is_not_called_again_until_a_flush(qw: QueueWorld) -> None:
