@@ -716,59 +716,47 @@ def test_new_local_mail_is_delivered_while_every_sender_hangs(qw: QueueWorld) ->
     wait_until(lambda: qw.messages_left() == 0, timeout=30, what="the remote mail")
 
 
-def test_remote_mail_behind_a_local_backlog_over_several_domains_starts_at_once(
-    qw: QueueWorld,
+@pytest.mark.parametrize(
+    ("backlog", "later", "lanes"),
+    [
+        # Two local domains, neither ever full: 780 of 800 local deliveries came first.
+        ([f"user{n}@{LOCAL_DOMAINS[n % 2]}" for n in range(800)], REMOTE[:2], (4, 32)),
+        # The other way round: more remote domains than senders, none full.
+        ([f"u{n}@r{n % 40}.example" for n in range(400)], ["local.example"], (8, 8)),
+    ],
+    ids=["remote-behind-local", "local-behind-remote"],
+)
+def test_mail_of_one_lane_behind_a_backlog_of_the_other_starts_at_once(
+    qw: QueueWorld, backlog: list[str], later: list[str], lanes: tuple[int, int]
 ) -> None:
-    """Red-team finding: claims take due rows oldest first, and local destinations are
-    refilled as fast as they drain, so with the backlog over two local domains neither
-    ever filled and no claim reached the remote mail queued behind it until the whole
-    backlog had gone (780 of 800 local deliveries first). The lanes take turns: a claim
-    for the senders looks past the local rows."""
-    for index in range(800):
-        qw.enqueue([f"user{index}@{LOCAL_DOMAINS[index % 2]}"])
-    qw.clock.now += 1  # remote mail comes after the backlog
+    """Red-team finding: claims take due rows oldest first, and a backlog's
+    destinations, refilled as fast as they drain, need not ever fill; then no claim
+    reached the other lane's mail queued behind the backlog until it had all gone. The
+    lanes take turns: a claim for one looks past the other's rows."""
+    for address in backlog:
+        qw.enqueue([address])
+    qw.clock.now += 1  # the other lane's mail comes after the backlog
     for index in range(8):
-        qw.enqueue([f"u{index}@{REMOTE[index % 2]}"])
-    qw.local.delay = 0.05
-    local_before_remote: list[int] = []
-    deliver = qw.remote.deliver
+        qw.enqueue([f"v{index}@{later[index % len(later)]}"])
+    first_lane = qw.local if backlog[0].endswith(LOCAL_DOMAINS) else qw.remote
+    other_lane = qw.remote if first_lane is qw.local else qw.local
+    first_lane.delay = 0.05
+    backlog_before: list[int] = []  # backlog deliveries made before each later one
+    deliver = other_lane.deliver
 
-    def remote_deliver(message: Any, recipients: Any) -> Any:
-        local_before_remote.append(len(qw.local.calls))
+    def counting_deliver(message: Any, recipients: Any) -> Any:
+        backlog_before.append(len(first_lane.calls))
         return deliver(message, recipients)
 
-    qw.remote.deliver = remote_deliver  # type: ignore[method-assign]
-    manager = qw.manager(concurrency=4, local_concurrency=32, max_per_domain=4)
+    other_lane.deliver = counting_deliver  # type: ignore[method-assign]
+    concurrency, local_concurrency = lanes
+    manager = qw.manager(
+        concurrency=concurrency, local_concurrency=local_concurrency, max_per_domain=4
+    )
     manager.start()
     wait_until(lambda: qw.messages_left() == 0, timeout=60, what="the backlog to drain")
-    assert len(local_before_remote) == 8
-    assert local_before_remote[0] < 100, local_before_remote
-
-
-def test_local_mail_behind_a_remote_backlog_over_many_domains_starts_at_once(
-    qw: QueueWorld,
-) -> None:
-    """The same the other way round: a remote backlog over more domains than there are
-    senders (none full) does not keep later local mail from being claimed."""
-    for index in range(400):
-        qw.enqueue([f"u{index}@r{index % 40}.example"])
-    qw.clock.now += 1
-    for index in range(8):
-        qw.enqueue([f"user{index}@local.example"])
-    qw.remote.delay = 0.05
-    remote_before_local: list[int] = []
-    deliver = qw.local.deliver
-
-    def local_deliver(message: Any, recipients: Any) -> Any:
-        remote_before_local.append(len(qw.remote.calls))
-        return deliver(message, recipients)
-
-    qw.local.deliver = local_deliver  # type: ignore[method-assign]
-    manager = qw.manager(concurrency=8, local_concurrency=8, max_per_domain=4)
-    manager.start()
-    wait_until(lambda: qw.messages_left() == 0, timeout=60, what="the backlog to drain")
-    assert len(remote_before_local) == 8
-    assert remote_before_local[0] < 100, remote_before_local
+    assert len(backlog_before) == 8
+    assert backlog_before[0] < len(backlog) // 4, backlog_before  # not after the drain
 
 
 def test_local_deliveries_start_while_every_sender_is_busy(qw: QueueWorld) -> None:
