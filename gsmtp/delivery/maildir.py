@@ -557,8 +557,6 @@ class MaildirWriter:
     run on one thread, one batch at a time; `write_files` and `sync_directories` on
     several threads at once, each on its own part of the batch."""
 
-    CACHED_MAILBOXES = CACHED_MAILBOXES
-
     def __init__(
         self,
         root: str,
