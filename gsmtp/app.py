@@ -234,6 +234,7 @@ class Application:
             spool=self.spool,
             deliverers=deliverers,
             route=self._router.route,
+            local_domains=self._router.local_domains,
             retry=RetryPolicy(delivery.retry, delivery.max_age),
             notices=Notices(
                 spool=self.spool,

@@ -81,6 +81,10 @@ class Policy:
     def is_trusted(self, client: Client) -> bool:
         return any(client.ip in network for network in self._trusted)
 
+    def local_domains(self) -> frozenset[str]:
+        """Every domain `is_local` accepts, as they are now."""
+        return self._snapshot().domains | {self._hostname}
+
     def is_local(self, address: Address, snapshot: AccountsSnapshot) -> bool:
         """Delivered here: a local domain, or our own host name (for postmaster)."""
         return snapshot.is_local_domain(address.domain) or address.domain == self._hostname

@@ -46,6 +46,11 @@ class Router:
             return Route(LOCAL, address.domain)
         return Route(SMTP, address.domain)
 
+    def local_domains(self) -> frozenset[str]:
+        """The domains routed LOCAL, for a claim of the local lane's mail alone (the
+        queue manager's lanes take turns)."""
+        return self._policy.local_domains()
+
     def mailbox(self, recipient: str) -> str | None:
         """The Maildir name of a local recipient, or None when it has no mailbox (a
         user removed since the message was accepted: the backend bounces 5.1.1)."""

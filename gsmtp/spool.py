@@ -155,6 +155,15 @@ class SetAside:
 
 
 @dataclass(frozen=True, slots=True)
+class DomainFilter:
+    """A claim for the rows of some destination domains alone (`inside`), or for the
+    rows of every other domain. Names as `domain_of` gives them."""
+
+    names: frozenset[str]
+    inside: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimResult:
     """What one claim took, what it set aside, and whether it took every due row of the
     domains it was allowed (`exhausted`: nothing more is claimable until new mail, a due
@@ -529,6 +538,7 @@ class Spool:
         default_cap: int | None = None,
         scan: int | None = None,
         skip_full: bool = True,
+        domains: DomainFilter | None = None,
     ) -> ClaimResult:
         """Own up to `limit` due recipients, oldest due first, grouped by message.
 
@@ -537,6 +547,7 @@ class Spool:
         the per-domain count looks at the first `scan` due rows of the domains not
         capped at 0 (`skip_full`: a look at each row of those capped at 0 finds them,
         however many there are), or else at the first `scan` due rows of any domain.
+        `domains` limits the claim to the rows of some domains, or of all but those.
         Rows that do not decode are set aside with their message and returned as
         SetAside, never as claims."""
         caps = dict(caps or {})
@@ -546,6 +557,8 @@ class Spool:
             "limit": limit,
             "scan": scan or limit,
             "full": json.dumps(full) if full else "",
+            "domains": json.dumps(sorted(domains.names)) if domains else "",
+            "inside": domains.inside if domains else True,
             "caps": json.dumps(caps),
             "default_cap": default_cap if default_cap is not None else limit,
             "unscheduled": UNSCHEDULED,
@@ -910,6 +923,9 @@ def _claim(connection: apsw.Connection, params: dict[str, Any]) -> str:
     is set aside by the caller. Returns `[rows scanned, rows left by a cap, [[row], ...]]`."""
     # Skipping full domains costs a look at each of their due rows: only when there are.
     skip = f" AND {_DOMAIN} NOT IN (SELECT value FROM json_each(:full))" if params["full"] else ""
+    if params["domains"]:
+        among = "IN" if params["inside"] else "NOT IN"
+        skip += f" AND {_DOMAIN} {among} (SELECT value FROM json_each(:domains))"
     chosen = scalar(
         connection,
         "WITH caps AS MATERIALIZED (SELECT key, value AS cap FROM json_each(:caps)),"

@@ -76,6 +76,7 @@ from gsmtp.routing import LOCAL, Route
 from gsmtp.spool import (
     Claim,
     ClaimedRecipient,
+    DomainFilter,
     Held,
     RecipientUpdate,
     Spool,
@@ -215,6 +216,7 @@ class QueueManager:
         max_failed_rounds: int = MAX_FAILED_ROUNDS,
         pacer: DeliveryPacer | None = None,
         spawn: Callable[..., gevent.Greenlet] | None = None,
+        local_domains: Callable[[], frozenset[str]] | None = None,
     ) -> None:
         self._spool = spool
         # The runner and the pacer are started through `spawn(name, fn)`: the
@@ -222,6 +224,9 @@ class QueueManager:
         self._spawn = spawn or (lambda name, function, *args: gevent.spawn(function, *args))
         self._deliverers = deliverers
         self._route = route
+        # The domains `route` sends LOCAL (None: unknown), so that a lane's turn claims
+        # its own lane's rows alone, domains never seen included.
+        self._local_domains = local_domains
         self._retry = retry
         self._notices = notices
         notices.on_queued = self.wake  # a notice is new mail
@@ -507,10 +512,12 @@ class QueueManager:
         paused = time.monotonic() < self._fruitless_until
         caps = self._destinations.caps()
         turn = None
+        domains = None
         chosen = None if paused else self._lane_turn(wants, unused, caps)
         if chosen is not None:
             turn, caps = chosen
             want = wants[turn]
+            domains = self._lane_domains(turn)
         limit = min(room, want * CLAIM_FACTOR)
         if paused and caps and all(cap <= 0 for cap in caps.values()):
             return False  # every known destination is full; others wait for the pause
@@ -524,6 +531,7 @@ class QueueManager:
             default_cap=self._destinations.default_room,
             scan=max(MIN_SCAN, 2 * limit),
             skip_full=skip_full,
+            domains=domains,
         )
         if skip_full:
             pause = min(FRUITLESS_MAX, FRUITLESS_FACTOR * (time.monotonic() - started))
@@ -557,8 +565,8 @@ class QueueManager:
         if suspended:
             self._suspend(suspended, now)
         if turn is not None and result.claims:
-            # It had mail (its own, or of domains never seen, which it could not tell
-            # apart): more may follow, and the domains are known now.
+            # It had mail (its own; or, with no local domains to tell lanes apart, of
+            # domains never seen): more may follow, and the domains are known now.
             self._unused_turn_at.pop(turn, None)
         elif turn in unused:
             took = time.monotonic() - started
@@ -592,8 +600,10 @@ class QueueManager:
         (UNUSED_LANE_TURN), for in a local backlog's drain each claim for the idle
         senders would look at every due local row to find nothing. No turn is taken
         where it would not change the claim (the others' destinations are full anyway,
-        or none is known). Domains never seen are claimed in any lane's turn: the
-        claim cannot tell a remote one from a local one."""
+        or none is known). A turn claims the rows of its lane's domains alone, domains
+        never seen included (`_lane_domains`): local mail behind a remote backlog over
+        more domains than the queue had seen waited for all of it (red team: 400 over
+        400 domains)."""
         now = time.monotonic()
         wanting = [
             name
@@ -608,6 +618,19 @@ class QueueManager:
                 self._last_turn = turn
                 return turn, turn_caps
         return None
+
+    def _lane_domains(self, turn: str) -> DomainFilter | None:
+        """The rows a turn of this lane claims: those of the local domains for the local
+        lane, those of every other domain for the senders' (lanes are LOCAL and
+        SHARED_LANE). None, every row, when the local domains cannot be read now: a
+        turn then also takes the other lane's rows of domains never seen, as before."""
+        if self._local_domains is None:
+            return None
+        try:
+            names = self._local_domains()
+        except Exception:  # the accounts unreadable now (busy, I/O): claim as before
+            return None
+        return DomainFilter(names, inside=turn == LOCAL)
 
     def _wanted(self) -> tuple[dict[str, int], set[str]]:
         """Deliveries a claim should find work for, per lane: what it may start less

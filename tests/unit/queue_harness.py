@@ -141,6 +141,7 @@ class QueueWorld:
             spool=spool,
             deliverers={"smtp": self.remote, "local": self.local},
             route=route,
+            local_domains=lambda: frozenset(LOCAL_DOMAINS),
             retry=RetryPolicy(retry, max_age, jitter=lambda: 0.0),
             notices=Notices(
                 spool=spool,

@@ -723,8 +723,11 @@ def test_new_local_mail_is_delivered_while_every_sender_hangs(qw: QueueWorld) ->
         ([f"user{n}@{LOCAL_DOMAINS[n % 2]}" for n in range(800)], REMOTE[:2], (4, 32)),
         # The other way round: more remote domains than senders, none full.
         ([f"u{n}@r{n % 40}.example" for n in range(400)], ["local.example"], (8, 8)),
+        # A domain each, never seen before: a claim cannot tell them from local ones by
+        # its caps alone (the local lane's turn claims the local domains' rows).
+        ([f"u{n}@r{n}.example" for n in range(400)], ["local.example"], (8, 8)),
     ],
-    ids=["remote-behind-local", "local-behind-remote"],
+    ids=["remote-behind-local", "local-behind-remote", "local-behind-unseen-remote"],
 )
 def test_mail_of_one_lane_behind_a_backlog_of_the_other_starts_at_once(
     qw: QueueWorld, backlog: list[str], later: list[str], lanes: tuple[int, int]

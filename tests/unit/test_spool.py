@@ -20,7 +20,14 @@ from gsmtp.message import (
     QueuedMessage,
     new_message_id,
 )
-from gsmtp.spool import UNSCHEDULED, ClaimedRecipient, RecipientUpdate, Spool, Unreadable
+from gsmtp.spool import (
+    UNSCHEDULED,
+    ClaimedRecipient,
+    DomainFilter,
+    RecipientUpdate,
+    Spool,
+    Unreadable,
+)
 from gsmtp.spool_admin import SpoolAdmin
 from gsmtp.writer import GroupCommitter, ThreadReader
 
@@ -331,6 +338,23 @@ def test_claims_are_capped_per_destination_domain(spool: Spool) -> None:
     assert second.exhausted  # every due row of the domains allowed was taken
     limited = spool.claim_due(now=100.0, limit=1)
     assert len(limited.claims) == 1 and not limited.exhausted
+
+
+def test_a_claim_may_take_the_rows_of_some_domains_alone_or_of_all_others(spool: Spool) -> None:
+    """A lane's turn claims its own lane's rows: the local domains' (whatever their
+    case in the address), or every other domain's, domains never seen included."""
+    addresses = ["a@Local.Example", "b@r1.example", "c@r2.example", "d@local.example"]
+    for index, address in enumerate(addresses):
+        spool.enqueue(message(index, (address,), now=10.0 + index))
+    local = DomainFilter(frozenset({"local.example"}), inside=True)
+    first = spool.claim_due(now=100.0, limit=50, domains=local)
+    assert [c.message_id for c in first.claims] == ["M00000", "M00003"]
+    assert first.exhausted  # of the rows it was allowed
+    remote = DomainFilter(frozenset({"local.example"}), inside=False)
+    second = spool.claim_due(now=100.0, limit=1, domains=remote)
+    assert [c.message_id for c in second.claims] == ["M00001"]
+    assert not second.exhausted
+    assert [c.message_id for c in spool.claim_due(now=100.0, limit=50).claims] == ["M00002"]
 
 
 def test_unreadable_messages_are_set_aside_not_retried(spool: Spool, spool_path: str) -> None:
