@@ -2,16 +2,21 @@
 
     make bench            (or: python -m bench.compare [--quick] [--no-idle] [--no-e2e])
 
-Starts each peer in turn on a free loopback port, runs the same matrix of loads
-(C connections × M messages per session × S bytes, each cell a few seconds, sessions
-repeated), repeats the key cells and the end-to-end cells three times and keeps the
-median (--quick: once each), checks that every
-message a durable peer accepted is stored, measures idle-connection memory, runs the
-`workers` cells (gsmtp with server.workers = 2 and = 1, where gsmtp has that setting)
-and the end-to-end cells of bench.e2e (N messages delivered into Maildirs, or relayed
-to a sink, timed to the last delivery; the physical probe beside them; and the
-no-message-lost cell, a worker killed with SIGKILL during the local load), and writes
-bench/RESULTS.md (ratios, since these machines are noisy) and bench/results.png.
+Starts the peers on free loopback ports, each in a new directory of its own, and runs
+the same matrix of loads on each (C connections × M messages per session × S bytes, each
+cell a few seconds, sessions repeated). The cells other than the key cells, and the
+idle-connection memory, are measured once, peer after peer. The key cells (KEY_CELLS),
+and the `workers` cells (gsmtp with server.workers = 2 and = 1, where gsmtp has that
+setting, at the first key cell), run in three rounds (--quick: one): in each round every
+peer is started fresh, runs each of its key cells once and is stopped, the order of the
+peers reversed every other round, and each cell keeps the median of its rounds (see
+`measure`: this machine's speed drifts within minutes, and the targets are ratios
+between peers). After every start, the harness checks that each message a durable peer
+accepted is stored. Then the end-to-end cells of bench.e2e (N messages delivered into
+Maildirs, or relayed to a sink, timed to the last delivery, in rounds too; the physical
+probe beside them; and the no-message-lost cell, a worker killed with SIGKILL during the
+local load), and it writes bench/RESULTS.md (ratios, since these machines are noisy) and
+bench/results.png.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench import peers
 from bench.peers import RECIPIENT, Gsmtp, Peer, all_peers
@@ -36,6 +42,7 @@ from bench.workdirs import cell_directory, exit_on_sigterm, remove_all
 HERE = Path(__file__).parent
 KiB = 1024
 KEY_CELLS = [(100, 100, KiB), (100, 1, KiB), (10, 100, 100 * KiB)]
+IDLE_PEERS = ("gsmtp", "aiosmtpd-discard", "gevent-sink")  # idle-connection memory measured
 E2E_MESSAGES = 30000
 E2E_MESSAGES_QUICK = 5000
 
@@ -135,33 +142,145 @@ def settle(peer: Peer, limit: float = 20.0) -> None:
             return
 
 
-def measure_peer(peer: Peer, cells: list[Cell], seconds: float, repeats: int) -> dict[Any, Any]:
-    results: dict[Any, Any] = {}
-    accepted = 0
+def median_of(runs: list[Measurement]) -> Measurement:
+    """The run with the median rate (of an even number, the upper one), with every
+    run's rate in the order they ran (report.py draws their spread as error bars)."""
+    kept = sorted(runs, key=lambda m: m.msgs_per_s)[len(runs) // 2]
+    return replace(kept, runs=[run.msgs_per_s for run in runs])
+
+
+@dataclass
+class PeerRuns:
+    """Everything one peer measured over all its starts (one for the other cells and the
+    idle connections, one a round for the key cells), for the report: a start's counts
+    are added only once the start has finished and was checked."""
+
+    runs: dict[tuple[int, int, int], list[Measurement]] = field(default_factory=dict)
+    accepted: int = 0
+    stored: int | None = None  # None: the peer keeps nothing to count
+    # Accepted and not stored, summed over the starts that fell short: in the sums a
+    # start that stored more than it was seen to accept could hide another's shortfall.
+    missing: int = 0
+    failures: list[str] = field(default_factory=list)
+    idle: dict[str, Any] | None = None
+
+    def results(self) -> dict[Any, Any]:
+        """report["results"][peer]: each cell's median Measurement, and the counts."""
+        results: dict[Any, Any] = {key: median_of(runs) for key, runs in self.runs.items()}
+        results.update(accepted=self.accepted, stored=self.stored)
+        if self.missing:
+            results["missing"] = self.missing
+        return results
+
+
+def print_cell(peer: Peer, cell: Cell, m: Measurement, note: str = "") -> None:
+    print(
+        f"  {peer.name:<17} {cell.label():<22} {m.msgs_per_s:>9,.0f} msg/s"
+        f"  p99 {m.p99_ms:>7.1f} ms  cpu {m.cpu_percent:>5.0f}%"
+        f" ({m.cpu_us_per_msg:,.0f} µs/msg, load {m.load_cpu_us_per_msg:,.0f})"
+        f"  errors {m.errors}{note}",
+        flush=True,
+    )
+
+
+def measure_peer(peer: Peer, cells: list[Cell], seconds: float, into: PeerRuns) -> None:
+    """Each of `cells` once on the started `peer`, then the check that it stored every
+    message it accepted (durable peers), all added to `into`."""
+    found = []
     for cell in cells:
-        runs = []
-        for _ in range(repeats if cell.key in KEY_CELLS else 1):
-            settle(peer)
-            runs.append(run_load(peer, cell, seconds))
-        accepted += sum(run.accepted for run in runs)
-        best = sorted(runs, key=lambda m: m.msgs_per_s)[len(runs) // 2]
-        best.runs = [run.msgs_per_s for run in runs]
-        results[cell.key] = best
-        print(
-            f"  {peer.name:<17} {cell.label():<22} {best.msgs_per_s:>9,.0f} msg/s"
-            f"  p99 {best.p99_ms:>7.1f} ms  cpu {best.cpu_percent:>5.0f}%"
-            f" ({best.cpu_us_per_msg:,.0f} µs/msg, load {best.load_cpu_us_per_msg:,.0f})"
-            f"  errors {best.errors}",
-            flush=True,
-        )
+        settle(peer)
+        found.append(run_load(peer, cell, seconds))
+        print_cell(peer, cell, found[-1])
     settle(peer, limit=60)
+    accepted = sum(run.accepted for run in found)
     stored = peer.stored()
-    results["accepted"] = accepted
-    results["stored"] = stored
     if stored is not None:
         verdict = "ok" if stored >= accepted else "MISSING MESSAGES"
         print(f"  {peer.name}: accepted {accepted}, stored {stored}: {verdict}", flush=True)
-    return results
+        into.stored = (into.stored or 0) + stored
+        into.missing += max(accepted - stored, 0)
+    into.accepted += accepted
+    for cell, run in zip(cells, found, strict=True):
+        into.runs.setdefault(cell.key, []).append(run)
+
+
+def start_and_measure(
+    peer: Peer, cells: list[Cell], seconds: float, into: PeerRuns, *, idle: int = 0, when: str = ""
+) -> None:
+    """Start `peer` fresh in a new directory of its own, measure `cells` (and hold `idle`
+    connections), stop it. A failure is kept in `into.failures` (`when`: which start)
+    and loses only this start's measurements."""
+    with cell_directory(f"bench-{peer.name}-") as workdir:
+        try:
+            peer.start(Path(workdir))
+            if cells:
+                measure_peer(peer, cells, seconds, into)
+            if idle:
+                into.idle = measure_idle(peer, idle)
+        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as error:
+            print(f"  {peer.name} failed{when}: {error}", flush=True)
+            into.failures.append(f"failed{when}: {error}")
+        finally:
+            peer.stop()
+
+
+Ordered = TypeVar("Ordered")
+
+
+def round_order(peers: list[Ordered], rounds: int) -> list[list[Ordered]]:
+    """The order of the peers in each round of the key cells: as given, then reversed,
+    and so on (A B C, C B A, A B C), so the peer that ran first in one round runs last
+    in the next and a slow stretch of the machine falls on every peer alike, not on
+    whichever ran during it. Neighbours stay neighbours (the workers pair, last)."""
+    return [list(peers) if number % 2 == 0 else peers[::-1] for number in range(rounds)]
+
+
+def measure(
+    peers: list[Peer],
+    cells: list[Cell],
+    seconds: float,
+    repeats: int,
+    *,
+    workers: Sequence[Peer] = (),
+    idle: int = 0,
+) -> dict[str, PeerRuns]:
+    """Every peer's cells. The cells not in KEY_CELLS and the idle connections (`idle`
+    of them, for IDLE_PEERS) run once, peer after peer, one start each. The key cells,
+    and the first of them for the `workers` peers, run in `repeats` rounds: every peer
+    started fresh in each round, in `round_order`. This machine's speed drifts by up to
+    2× within minutes: run peer after peer, a slow stretch fell on one peer and swung
+    the ratios between peers that the targets are; in alternating rounds it falls on
+    all of them, and the median of each cell's rounds is kept."""
+    found = {peer.name: PeerRuns() for peer in peers}
+
+    def key_cells(peer: Peer) -> list[Cell]:
+        if peer in workers:
+            return [Cell(*KEY_CELLS[0])]
+        return [cell for cell in cells if cell.key in KEY_CELLS]
+
+    for peer in peers:
+        others = [] if peer in workers else [c for c in cells if c.key not in KEY_CELLS]
+        holds = idle if peer.name in IDLE_PEERS else 0
+        if others or holds:
+            start_and_measure(peer, others, seconds, found[peer.name], idle=holds)
+    rounds = round_order([peer for peer in peers if key_cells(peer)], repeats)
+    for number, order in enumerate(rounds, 1):
+        names = ", ".join(peer.name for peer in order)
+        print(f"key cells, round {number} of {repeats}: {names}", flush=True)
+        for peer in order:
+            when = f" in round {number}"
+            start_and_measure(peer, key_cells(peer), seconds, found[peer.name], when=when)
+    if repeats > 1:
+        print(f"key cells, the median of {repeats} rounds:", flush=True)
+        for peer in peers:
+            for cell in key_cells(peer):
+                runs = found[peer.name].runs.get(cell.key)
+                if runs:
+                    kept = median_of(runs)
+                    print_cell(
+                        peer, cell, kept, "  runs " + " / ".join(f"{r:,.0f}" for r in kept.runs)
+                    )
+    return found
 
 
 def measure_idle(peer: Peer, count: int) -> dict[str, Any] | None:
@@ -232,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     # The workers cells: acknowledged rate at the first key cell, gsmtp with two
     # worker processes against one (skipped while gsmtp has no server.workers).
-    workers = [Gsmtp("gsmtp-w2", workers=2), Gsmtp("gsmtp-w1", workers=1)]
+    workers: list[Peer] = [Gsmtp("gsmtp-w2", workers=2), Gsmtp("gsmtp-w1", workers=1)]
+    available = []
     for peer in all_peers() + workers:
         if wanted and peer.name not in wanted:
             continue
@@ -241,21 +361,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {peer.name}: {reason}", flush=True)
             report["skipped"][peer.name] = reason
             continue
+        print(f"{peer.name}: {peer.description}", flush=True)
         report["descriptions"][peer.name] = peer.description
         report["durable"][peer.name] = peer.durable
-        peer_cells = [Cell(*KEY_CELLS[0])] if peer in workers else cells
-        with cell_directory(f"bench-{peer.name}-") as workdir:
-            print(f"{peer.name}: {peer.description}", flush=True)
-            try:
-                peer.start(Path(workdir))
-                report["results"][peer.name] = measure_peer(peer, peer_cells, args.seconds, repeats)
-                if not args.no_idle and peer.name in ("gsmtp", "aiosmtpd-discard", "gevent-sink"):
-                    report["idle"][peer.name] = measure_idle(peer, args.idle)
-            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as error:
-                print(f"  {peer.name} failed: {error}", flush=True)
-                report["skipped"][peer.name] = f"failed: {error}"
-            finally:
-                peer.stop()
+        available.append(peer)
+    idle = 0 if args.no_idle else args.idle
+    measured = measure(available, cells, args.seconds, repeats, workers=workers, idle=idle)
+    for name, peer_runs in measured.items():
+        if peer_runs.runs:
+            report["results"][name] = peer_runs.results()
+        if peer_runs.idle is not None:
+            report["idle"][name] = peer_runs.idle
+        if peer_runs.failures:
+            report["skipped"][name] = "; ".join(peer_runs.failures)
     if not args.no_e2e:
         from bench import e2e
 

@@ -165,6 +165,62 @@ def test_compare_writes_results_for_the_peers_it_ran(tmp_path: Path) -> None:
     assert (tmp_path / "results.png").stat().st_size > 10_000
 
 
+@pytest.mark.timeout(300)
+def test_key_cells_run_in_rounds_each_peer_started_fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two rounds over a storing aiosmtpd and a pair standing in for the workers peers:
+    the other cell once, before the rounds; in each round every peer started in a new
+    directory, the order reversed in the second, the pair side by side; each key cell
+    has a run per round, and the counts add up every start (counts, never speeds)."""
+    from bench.compare import KEY_CELLS, Cell, measure
+    from bench.peers import Aiosmtpd, Peer
+
+    storing, pair = Aiosmtpd(store=True), [Aiosmtpd(store=False), Aiosmtpd(store=False)]
+    pair[0].name, pair[1].name = "pair-2", "pair-1"
+    starts: list[tuple[str, Path]] = []
+
+    def recorded(peer: Peer) -> None:
+        start = peer.start
+
+        def record(workdir: Path) -> None:
+            starts.append((peer.name, workdir))
+            start(workdir)
+
+        monkeypatch.setattr(peer, "start", record)
+
+    for peer in (storing, *pair):
+        recorded(peer)
+    other = Cell(1, 1, 1024)
+    cells = [other, *(Cell(*key) for key in KEY_CELLS)]
+    found = measure([storing, *pair], cells, 0.3, 2, workers=pair)
+
+    assert [name for name, _ in starts] == [
+        "aiosmtpd+sqlite",  # the other cell, once
+        "aiosmtpd+sqlite",
+        "pair-2",
+        "pair-1",
+        "pair-1",
+        "pair-2",
+        "aiosmtpd+sqlite",
+    ]
+    assert len({workdir for _, workdir in starts}) == len(starts)
+    assert all(not runs.failures for runs in found.values()), found
+    runs = found["aiosmtpd+sqlite"].runs
+    assert {key: len(measured) for key, measured in runs.items()} == {
+        other.key: 1,
+        **{key: 2 for key in KEY_CELLS},
+    }
+    for name in ("pair-2", "pair-1"):
+        assert {key: len(measured) for key, measured in found[name].runs.items()} == {
+            KEY_CELLS[0]: 2
+        }
+    results = found["aiosmtpd+sqlite"].results()
+    assert [len(results[key].runs) for key in KEY_CELLS] == [2, 2, 2]
+    every_run = sum(run.accepted for measured in runs.values() for run in measured)
+    assert results["accepted"] == every_run == results["stored"] > 0
+    assert "missing" not in results
+    assert found["pair-1"].stored is None and found["pair-1"].accepted > 0
+
+
 def e2e_rows(report: str) -> dict[tuple[str, str], tuple[int, int, float]]:
     """The end-to-end table: (kind, peer) → (accepted, delivered, delivered msgs/s)."""
     section = report.split("## End to end: acknowledged and delivered", 1)[1]

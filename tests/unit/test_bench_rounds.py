@@ -1,0 +1,91 @@
+"""The bench's key cells run in rounds, the peers' order reversed every other round, and
+each cell keeps the median of its rounds with every round's rate (bench/compare.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import compare, workdirs
+from bench.compare import KEY_CELLS, Cell, Measurement, PeerRuns, median_of, round_order
+from bench.peers import Peer
+from bench.report import _targets
+
+
+def test_the_order_is_reversed_every_other_round_and_neighbours_stay_neighbours() -> None:
+    peers = ["gsmtp", "postfix", "aiosmtpd+sqlite", "gsmtp-w2", "gsmtp-w1"]
+    rounds = round_order(peers, 3)
+    assert rounds == [peers, peers[::-1], peers]
+    for order in rounds:  # the workers pair side by side in every round
+        assert abs(order.index("gsmtp-w2") - order.index("gsmtp-w1")) == 1
+    assert round_order(peers, 1) == [peers]
+    assert peers == ["gsmtp", "postfix", "aiosmtpd+sqlite", "gsmtp-w2", "gsmtp-w1"]
+
+
+def measurement(rate: float, accepted: int = 100) -> Measurement:
+    return Measurement(rate, rate / 100, 1.0, 2.0, 50.0, accepted, 0)
+
+
+def test_a_cell_keeps_its_median_round_with_every_rounds_rate_in_order() -> None:
+    kept = median_of([measurement(1500.0), measurement(1200.0), measurement(1800.0)])
+    assert kept.msgs_per_s == 1500.0
+    assert kept.runs == [1500.0, 1200.0, 1800.0]
+
+
+def test_a_start_that_lost_mail_fails_the_target_though_the_totals_balance() -> None:
+    """The counts add up every start of the peer: one start storing 5 more than it was
+    seen to accept must not hide another's 5 lost."""
+    found = PeerRuns(runs={(100, 100, 1024): [measurement(1000.0)]})
+    found.accepted, found.stored, found.missing = 200, 200, 5
+    results = found.results()
+    assert results["missing"] == 5
+    rows = {
+        name: (value, met)
+        for name, value, met in _targets({"results": {"gsmtp": results}, "idle": {}, "skipped": {}})
+    }
+    value, met = rows["every accepted message stored"]
+    assert met is False and "5 missing" in value, value
+
+
+class FakePeer(Peer):
+    """Starts (or fails to, in the rounds in `fails`) and stores what it is told to:
+    measure's bookkeeping without a server."""
+
+    def __init__(self, name: str, log: list[str], fails: int = 0, stores: int = 0) -> None:
+        super().__init__()
+        self.name, self.log, self.fails, self.stores = name, log, fails, stores
+
+    def start(self, workdir: Path) -> None:
+        self.log.append(self.name)
+        if self.log.count(self.name) == self.fails:
+            raise RuntimeError("did not start listening")
+
+    @property
+    def pid(self) -> int:
+        return 0
+
+    def stored(self) -> int:
+        return self.stores
+
+
+def test_a_start_that_fails_loses_that_round_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B fails to start in round 2: its two other rounds are kept and the failure said;
+    A's three rounds are all there. The counts add up each peer's good starts."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setattr(workdirs, "_run", None)
+    monkeypatch.setattr(compare, "settle", lambda peer, limit=0.0: None)
+    monkeypatch.setattr(compare, "run_load", lambda peer, cell, seconds: measurement(1000.0, 10))
+    log: list[str] = []
+    a, b = FakePeer("A", log, stores=30), FakePeer("B", log, fails=2, stores=25)
+    found = compare.measure([a, b], [Cell(*key) for key in KEY_CELLS], 0.1, 3)
+    workdirs.remove_all()
+    assert log == ["A", "B", "B", "A", "A", "B"]
+    assert [len(found["A"].runs[key]) for key in KEY_CELLS] == [3, 3, 3]
+    assert [len(found["B"].runs[key]) for key in KEY_CELLS] == [2, 2, 2]
+    assert found["A"].failures == []
+    assert found["B"].failures == ["failed in round 2: did not start listening"]
+    assert (found["A"].accepted, found["A"].stored, found["A"].missing) == (90, 90, 0)
+    assert (found["B"].accepted, found["B"].stored, found["B"].missing) == (60, 50, 10)
