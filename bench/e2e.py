@@ -16,9 +16,10 @@ no DNS for the sink's domain) and Postfix (relayhost). A fresh sink for each pee
 Each cell reports both rates: acknowledged (accepted ÷ the load's own time) and
 delivered (delivered ÷ first connect to last delivery), and the counts, so a cell that
 lost or duplicated messages says so. `measure(repeats=3)` runs every server cell three
-times, the peers taking turns in each round (so a slow minute of the machine falls on
-all of them), and keeps the median with every run's rate: one run of a cell varies by
-±20 % on these machines, more than some of the ratios the targets ask for.
+times, the peers taking turns in each round, in reversed order every other round (so a
+slow minute of the machine falls on all of them), and keeps the median with every run's
+rate: one run of a cell varies by ±20 % on these machines, more than some of the ratios
+the targets ask for.
 
 *kill*: no message lost (`measure_kill`, gsmtp only). The local cell's load, each
 message numbered and each number answered 250 recorded by bench.load (--record); when
@@ -44,6 +45,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -243,7 +245,8 @@ def measure(
     repeats: int = 1,
 ) -> tuple[list[EndToEnd], dict[str, str], dict[str, str]]:
     """Every end-to-end cell: (cells, skipped {peer: reason}, descriptions). Each server
-    cell runs `repeats` times, in rounds (every peer once a round) and is kept as the
+    cell runs `repeats` times, in rounds (every peer once a round, in the order of the
+    round before reversed, so the one that ran first runs last next) and is kept as the
     median (`median_of`); the probe runs once, in the first round."""
     runs: dict[str, list[EndToEnd]] = {}  # "kind: peer" → its runs; the probes in place
     failures: dict[str, list[str]] = {}
@@ -272,17 +275,21 @@ def measure(
     def base(peer: Peer) -> str:
         return "postfix" if peer.name.startswith("postfix") else peer.name
 
+    def in_turn(number: int, pair: list[Any]) -> list[Any]:
+        return pair if number % 2 else pair[::-1]
+
     for number in range(1, max(1, repeats) + 1):
-        for peer in (Gsmtp("gsmtp", e2e="local"), Postfix("local")):
+        for peer in in_turn(number, [Gsmtp("gsmtp", e2e="local"), Postfix("local")]):
             if not wanted or base(peer) in wanted:
                 keep("local", peer, _run_peer(peer, "local", messages, size), number)
         if number == 1 and (not wanted or "probe" in wanted or "gsmtp" in wanted):
             for mode in ("fsync", "syncfs"):
                 runs[f"probe ({mode})"] = _probe_runs(mode, messages, failures, log)
-        for make in (
+        relays: list[Callable[[tuple[str, int]], Peer]] = [
             lambda at: Gsmtp("gsmtp", e2e="relay", smarthost=at),
             lambda at: Postfix("relay", sink=at),
-        ):
+        ]
+        for make in in_turn(number, relays):
             with cell_directory("bench-e2e-sink-") as sinkdir:
                 sink = BareSink(SINK_HOST)
                 try:

@@ -368,14 +368,14 @@ def _e2e_section(report: dict[str, Any]) -> list[str]:
         "",
         "## End to end: acknowledged and delivered",
         "",
-        f"{count:,} messages of 1 KiB at C=100 M=100 (bench.load --total), spread over 100"
-        " mailboxes. A server cell run more than once (the peers taking turns, round by"
-        " round) shows the run with the median delivered rate, and every run's rate in the"
-        " last column. *Acknowledged*: accepted messages ÷ the load's own time. *Delivered*:"
-        " messages ÷ the time from the first connect to the last file linked into a new/"
-        " (local) or the last message the sink received (relay). The probe makes the same"
-        " number of durable Maildir files with no server in the way, on the same file"
-        " system: the physical ceiling of local delivery.",
+        f"{count:,} messages of 1 KiB at C=100 M=100 (bench.load --total), spread over 100 "
+        "mailboxes. A server cell run more than once (the peers taking turns, round by round, "
+        "in reversed order every other round) shows the run with the median delivered rate, and"
+        " every run's rate in the last column. *Acknowledged*: accepted messages ÷ the load's "
+        "own time. *Delivered*: messages ÷ the time from the first connect to the last file "
+        "linked into a new/ (local) or the last message the sink received (relay). The probe "
+        "makes the same number of durable Maildir files with no server in the way, on the same "
+        "file system: the physical ceiling of local delivery.",
         "",
         "| cell | peer | durable | accepted | delivered | acknowledged msgs/s"
         " | delivered msgs/s | delivered ÷ Postfix | note | delivered msgs/s, every run |",
