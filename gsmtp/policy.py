@@ -67,6 +67,7 @@ class Policy:
         self._trusted = tuple(trusted_networks)
         self._snapshot = snapshot
         self._vrfy = vrfy
+        self._local_domains: tuple[AccountsSnapshot | None, frozenset[str]] = (None, frozenset())
 
     def reconfigure(self, *, trusted_networks: Sequence[IPNetwork], vrfy: bool) -> None:
         """A reload: relay rights and VRFY from the next decision on (a removed
@@ -82,8 +83,12 @@ class Policy:
         return any(client.ip in network for network in self._trusted)
 
     def local_domains(self) -> frozenset[str]:
-        """Every domain `is_local` accepts, as they are now."""
-        return self._snapshot().domains | {self._hostname}
+        """Every domain `is_local` accepts, as they are now: the same set object while
+        the accounts do not change (a claim reuses what it made of it)."""
+        snapshot = self._snapshot()
+        if self._local_domains[0] is not snapshot:
+            self._local_domains = (snapshot, snapshot.domains | {self._hostname})
+        return self._local_domains[1]
 
     def is_local(self, address: Address, snapshot: AccountsSnapshot) -> bool:
         """Delivered here: a local domain, or our own host name (for postmaster)."""

@@ -408,6 +408,9 @@ class Spool:
         self._reader = reader
         self._bodies = bodies
         self._ballast = ballast
+        # The last DomainFilter's names and their JSON: a host of 50,000 domains took
+        # 26 ms of the event loop to write them for each lane's turn (red team).
+        self._filter_json: tuple[frozenset[str], str] = (frozenset(), "[]")
         # Messages whose parts could not be discarded yet (the disk was full): tried
         # again by `retry_discards`, not left on the disk until the next start.
         self.discards_owed: set[MessageId] = set()
@@ -529,6 +532,11 @@ class Spool:
 
         return int(self._writer.submit(work))
 
+    def _names_json(self, names: frozenset[str]) -> str:
+        if self._filter_json[0] is not names:
+            self._filter_json = (names, json.dumps(list(names)))
+        return self._filter_json[1]
+
     def claim_due(
         self,
         now: float,
@@ -557,7 +565,7 @@ class Spool:
             "limit": limit,
             "scan": scan or limit,
             "full": json.dumps(full) if full else "",
-            "domains": json.dumps(sorted(domains.names)) if domains else "",
+            "domains": self._names_json(domains.names) if domains else "",
             "inside": domains.inside if domains else True,
             "caps": json.dumps(caps),
             "default_cap": default_cap if default_cap is not None else limit,

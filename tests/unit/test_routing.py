@@ -35,6 +35,7 @@ def test_the_local_domains_are_those_routed_to_the_maildir() -> None:
     router = Router(make_policy())
     local = router.local_domains()
     assert local == SNAPSHOT.domains | {"mx.foo.com"}
+    assert router.local_domains() is local  # made again only when the accounts change
     for domain in local:
         assert router.route(f"someone@{domain}").transport == LOCAL
     assert router.route("someone@elsewhere.example").transport == SMTP
