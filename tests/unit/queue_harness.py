@@ -105,6 +105,27 @@ def route(address: str) -> Route:
     return Route("local" if domain in LOCAL_DOMAINS else "smtp", domain)
 
 
+class ClaimRecordingSpool(Spool):
+    """Records each claim: how many rows it asked for and scanned, the lane its domain
+    filter kept it to (None: any row), and how many recipients it took."""
+
+    def __init__(self, inner: Spool) -> None:
+        super().__init__(inner._writer, inner._reader)
+        self.limits: list[int] = []
+        self.scans: list[int] = []
+        self.lanes: list[str | None] = []
+        self.taken: list[int] = []
+
+    def claim_due(self, now: float, limit: int, **kwargs: Any) -> Any:
+        self.limits.append(limit)
+        self.scans.append(kwargs.get("scan") or limit)
+        domains = kwargs.get("domains")
+        self.lanes.append(None if domains is None else "local" if domains.inside else "smtp")
+        result = super().claim_due(now, limit, **kwargs)
+        self.taken.append(sum(len(claim.recipients) for claim in result.claims))
+        return result
+
+
 class QueueWorld:
     """A real spool in a temporary directory, with a queue manager over fakes."""
 

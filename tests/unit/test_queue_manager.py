@@ -17,7 +17,7 @@ from gsmtp import metrics, queue_control
 from gsmtp.delivery.maildir import DELIVERIES_AT_ONCE
 from gsmtp.message import Outcome
 from gsmtp.queue import INITIAL_WINDOW, NoticeSettings, QueueManager, RetryPolicy
-from gsmtp.queue.manager import MAX_FAILED_ROUNDS, body_budget
+from gsmtp.queue.manager import CLAIM_FACTOR, MAX_FAILED_ROUNDS, body_budget
 from gsmtp.spool import Spool
 from gsmtp.supervision import Supervisor
 from tests.unit.queue_harness import (
@@ -25,6 +25,7 @@ from tests.unit.queue_harness import (
     HOSTNAME,
     LOCAL_DOMAINS,
     UNREACHABLE,
+    ClaimRecordingSpool,
     FakeClock,
     QueueWorld,
     reply,
@@ -760,6 +761,47 @@ def test_mail_of_one_lane_behind_a_backlog_of_the_other_starts_at_once(
     wait_until(lambda: qw.messages_left() == 0, timeout=60, what="the backlog to drain")
     assert len(backlog_before) == 8
     assert backlog_before[0] < len(backlog) // 4, backlog_before  # not after the drain
+
+
+def test_local_mail_behind_a_remote_backlog_larger_than_the_active_set_keeps_flowing(
+    qw: QueueWorld,
+) -> None:
+    """Red-team finding: a remote backlog over more domains than a claim had seen, every
+    sender hung, filled the active set (claims for every lane take the oldest rows), and
+    local mail coming meanwhile waited for room: a few deliveries a second. Claims that
+    may take remote rows leave the local lane room of its own, and a turn of the local
+    lane, not in use, takes what the lane can start, not one delivery's worth (4 rows a
+    turn, with turns a second apart behind 20,000 rows: 121 of 691 local messages
+    delivered in 20 s)."""
+    recording = ClaimRecordingSpool(qw.spool)
+    hung = Event()
+    for index in range(400):
+        qw.remote.hold[f"r{index}.example"] = hung
+        qw.enqueue([f"u{index}@r{index}.example"])
+    manager = qw.manager(
+        spool=recording, concurrency=4, local_concurrency=8, active_limit=40, idle_poll=0.05
+    )
+    manager.start()
+    wait_until(lambda: qw.remote.total_active == 4, what="every sender hanging")
+    # Full, as far as claims that may take remote rows may fill it (40 less 8), at 4
+    # rows a claim (the senders want none, the local lane counts for one): about 12
+    # rows a second, so a second more would have filled it all.
+    wait_until(lambda: manager.held >= 32, what="the active set filled")
+    gevent.sleep(1.0)
+    assert manager.held == 32
+    for index in range(16):  # all due at once, a second later
+        qw.enqueue([f"user{index}@local.example"], received_at=qw.clock() + 1)
+    qw.clock.now += 1
+    manager.wake()
+    wait_until(lambda: len(qw.local.calls) == 16, timeout=5, what="the local mail delivered")
+    lanes_taken = zip(recording.lanes, recording.taken, strict=True)
+    local_claims = [taken for lane, taken in lanes_taken if lane == "local" and taken]
+    # The first turn took what the local room allowed (8), not the CLAIM_FACTOR rows
+    # of one delivery.
+    assert local_claims[0] > CLAIM_FACTOR, local_claims
+    assert qw.remote.total_active == 4 and len(qw.remote.calls) == 4
+    hung.set()
+    wait_until(lambda: qw.messages_left() == 0, timeout=60, what="the remote backlog")
 
 
 def test_local_deliveries_start_while_every_sender_is_busy(qw: QueueWorld) -> None:
