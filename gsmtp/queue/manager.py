@@ -646,15 +646,30 @@ class QueueManager:
         return DomainFilter(names, inside=turn == LOCAL)
 
     def _local_reserve(self) -> int:
-        """Room in the active set that only the local lane's own claims (its turns) may
-        take: a remote backlog of slow hosts over more domains than a claim had seen
-        filled the active set (10,000 held, every sender busy), and local mail then
-        waited for room behind it (red team: 61 of 668 local messages delivered in
-        20 s). A quarter of the active set at most. None while the local domains are
-        unknown: no claim could take local rows alone."""
+        """Room in the active set that claims which may take remote rows leave to the
+        local lane's own turns: a remote backlog of slow hosts over more domains than a
+        claim had seen filled the active set (10,000 held, every sender busy), and local
+        mail then waited for room behind it (red team: 61 of 668 local messages
+        delivered in 20 s). The local lane's limit, a quarter of the active set at most,
+        and never so much that the senders could not all run; less what the local lane
+        holds already (batches: a message's recipients of one domain count once, which
+        errs on the side of room), else a local drain with a small active set per
+        worker ran a quarter fewer deliveries at once (red team). None while the local
+        domains are unknown: no claim could take local rows alone."""
         if self._local_domains is None:
             return 0
-        return min(self._lanes[LOCAL].limit, self._active_limit // 4)
+        senders = self._lanes[SHARED_LANE].limit
+        reserve = min(
+            self._lanes[LOCAL].limit,
+            self._active_limit // 4,
+            max(0, self._active_limit - senders),
+        )
+        local_held = sum(
+            destination.held
+            for destination in self._destinations
+            if self._destinations.lane(destination.key) == LOCAL
+        )
+        return max(0, reserve - local_held)
 
     def _wanted(self) -> tuple[dict[str, int], set[str]]:
         """Deliveries a claim should find work for, per lane: what it may start less

@@ -804,6 +804,28 @@ def test_local_mail_behind_a_remote_backlog_larger_than_the_active_set_keeps_flo
     wait_until(lambda: qw.messages_left() == 0, timeout=60, what="the remote backlog")
 
 
+@pytest.mark.parametrize("lane", ["local", "remote"])
+def test_a_drain_of_one_lane_fills_a_small_active_set(qw: QueueWorld, lane: str) -> None:
+    """Red-team findings on the local room: kept back from a local drain too (what the
+    local lane holds is its room), a local drain with 40 recipients in the active set
+    ran 30 deliveries at once; and a relay with an active set no larger than its
+    senders ran a quarter fewer (the room leaves every sender its delivery)."""
+    domain = "local.example" if lane == "local" else "relay.example"
+    for index in range(120):
+        qw.enqueue([f"user{index}@{domain}"])
+    deliverer = qw.local if lane == "local" else qw.remote
+    deliverer.delay = 0.2
+    manager = qw.manager(
+        concurrency=8 if lane == "remote" else 4,
+        local_concurrency=64,
+        max_per_domain=8,
+        active_limit=8 if lane == "remote" else 40,
+    )
+    manager.start()
+    wait_until(lambda: qw.messages_left() == 0, timeout=30, what="the drain")
+    assert deliverer.max_total == (8 if lane == "remote" else 40)
+
+
 def test_local_deliveries_start_while_every_sender_is_busy(qw: QueueWorld) -> None:
     """The lanes are separate both ways: remote deliveries filling every sender leave
     local ones their own limit, and a local backlog takes no sender from remote mail."""
