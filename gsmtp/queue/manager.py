@@ -495,7 +495,7 @@ class QueueManager:
             return False
         room = self._active_limit - self.held
         running = self._running()
-        wants, unused = self._wanted()
+        wants, unused, held = self._wanted()
         # A lane not in use counts for one delivery in a claim that may take any lane's
         # rows: its mail may not exist (no local mail in a relay), and counting its 512
         # free slots made every claim large and none wait for senders to come free
@@ -528,7 +528,7 @@ class QueueManager:
         if domains is None or not domains.inside:
             # It may take remote rows: it leaves the local lane room of its own
             # (`_local_reserve`).
-            room -= self._local_reserve()
+            room -= self._local_reserve(held[LOCAL])
             if room <= 0:
                 return False
         limit = min(room, want * CLAIM_FACTOR)
@@ -645,17 +645,17 @@ class QueueManager:
             return None
         return DomainFilter(names, inside=turn == LOCAL)
 
-    def _local_reserve(self) -> int:
+    def _local_reserve(self, local_held: int) -> int:
         """Room in the active set that claims which may take remote rows leave to the
         local lane's own turns: a remote backlog of slow hosts over more domains than a
         claim had seen filled the active set (10,000 held, every sender busy), and local
         mail then waited for room behind it (red team: 61 of 668 local messages
         delivered in 20 s). The local lane's limit, a quarter of the active set at most,
         and never so much that the senders could not all run; less what the local lane
-        holds already (batches: a message's recipients of one domain count once, which
-        errs on the side of room), else a local drain with a small active set per
-        worker ran a quarter fewer deliveries at once (red team). None while the local
-        domains are unknown: no claim could take local rows alone."""
+        holds already (`local_held`, in batches: a message's recipients of one domain
+        count once, which errs on the side of room), else a local drain with a small
+        active set per worker ran a quarter fewer deliveries at once (red team). None
+        while the local domains are unknown: no claim could take local rows alone."""
         if self._local_domains is None:
             return 0
         senders = self._lanes[SHARED_LANE].limit
@@ -664,17 +664,12 @@ class QueueManager:
             self._active_limit // 4,
             max(0, self._active_limit - senders),
         )
-        local_held = sum(
-            destination.held
-            for destination in self._destinations
-            if self._destinations.lane(destination.key) == LOCAL
-        )
         return max(0, reserve - local_held)
 
-    def _wanted(self) -> tuple[dict[str, int], set[str]]:
+    def _wanted(self) -> tuple[dict[str, int], set[str], dict[str, int]]:
         """Deliveries a claim should find work for, per lane: what it may start less
-        what its destinations hold ready to start; and the lanes not in use (nothing
-        running or held)."""
+        what its destinations hold ready to start; the lanes not in use (nothing
+        running or held); and the batches each lane's destinations hold."""
         ready: dict[str, int] = defaultdict(int)
         held: dict[str, int] = defaultdict(int)
         for destination in self._destinations:
@@ -689,7 +684,7 @@ class QueueManager:
             if not held[name] and not len(lane.pool):
                 unused.add(name)
             wants[name] = max(0, lane.startable(self._pacer) - ready[name])
-        return wants, unused
+        return wants, unused, held
 
     def _batches(self, claim: Claim) -> list[Batch]:
         groups: dict[Key, list[ClaimedRecipient]] = defaultdict(list)
