@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bench.compare import round_order
 from bench.peers import (
     E2E_LOCAL,
     E2E_RELAY,
@@ -275,21 +276,21 @@ def measure(
     def base(peer: Peer) -> str:
         return "postfix" if peer.name.startswith("postfix") else peer.name
 
-    def in_turn(number: int, pair: list[Any]) -> list[Any]:
-        return pair if number % 2 else pair[::-1]
-
-    for number in range(1, max(1, repeats) + 1):
-        for peer in in_turn(number, [Gsmtp("gsmtp", e2e="local"), Postfix("local")]):
+    rounds = max(1, repeats)
+    relays: list[Callable[[tuple[str, int]], Peer]] = [
+        lambda at: Gsmtp("gsmtp", e2e="relay", smarthost=at),
+        lambda at: Postfix("relay", sink=at),
+    ]
+    local_rounds = round_order([Gsmtp("gsmtp", e2e="local"), Postfix("local")], rounds)
+    relay_rounds = round_order(relays, rounds)
+    for number in range(1, rounds + 1):
+        for peer in local_rounds[number - 1]:
             if not wanted or base(peer) in wanted:
                 keep("local", peer, _run_peer(peer, "local", messages, size), number)
         if number == 1 and (not wanted or "probe" in wanted or "gsmtp" in wanted):
             for mode in ("fsync", "syncfs"):
                 runs[f"probe ({mode})"] = _probe_runs(mode, messages, failures, log)
-        relays: list[Callable[[tuple[str, int]], Peer]] = [
-            lambda at: Gsmtp("gsmtp", e2e="relay", smarthost=at),
-            lambda at: Postfix("relay", sink=at),
-        ]
-        for make in in_turn(number, relays):
+        for make in relay_rounds[number - 1]:
             with cell_directory("bench-e2e-sink-") as sinkdir:
                 sink = BareSink(SINK_HOST)
                 try:
