@@ -228,10 +228,11 @@ Ordered = TypeVar("Ordered")
 
 
 def round_order(peers: list[Ordered], rounds: int) -> list[list[Ordered]]:
-    """The order of the peers in each round of the key cells: as given, then reversed,
-    and so on (A B C, C B A, A B C), so the peer that ran first in one round runs last
-    in the next and a slow stretch of the machine falls on every peer alike, not on
-    whichever ran during it. Neighbours stay neighbours (the workers pair, last)."""
+    """The order of the peers in each round of a repeated cell (the key cells here, the
+    end-to-end cells in bench.e2e): as given, then reversed, and so on (A B C, C B A,
+    A B C), so the peer that ran first in one round runs last in the next and a slow
+    stretch of the machine falls on every peer alike, not on whichever ran during it.
+    Neighbours stay neighbours (the workers pair, last)."""
     return [list(peers) if number % 2 == 0 else peers[::-1] for number in range(rounds)]
 
 
