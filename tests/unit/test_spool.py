@@ -357,6 +357,43 @@ def test_a_claim_may_take_the_rows_of_some_domains_alone_or_of_all_others(spool:
     assert [c.message_id for c in spool.claim_due(now=100.0, limit=50).claims] == ["M00002"]
 
 
+def test_a_claims_domain_filter_follows_each_new_set_of_names(spool: Spool) -> None:
+    """The names live in a table of the writer's connection, loaded once per set: a
+    new set (the accounts changed) is loaded again, and so is the set whose load a
+    rolled-back transaction took back."""
+    for index, address in enumerate(["a@one.example", "b@two.example", "c@one.example"]):
+        spool.enqueue(message(index, (address,), now=10.0 + index))
+
+    def claimed(names: frozenset[str]) -> list[str]:
+        result = spool.claim_due(now=100.0, limit=50, domains=DomainFilter(names, inside=True))
+        spool.release([(c.message_id, r.address) for c in result.claims for r in c.recipients])
+        return [c.message_id for c in result.claims]
+
+    assert claimed(frozenset()) == []  # no names: none of the rows (the first set too)
+    one, two = frozenset({"one.example"}), frozenset({"two.example"})
+    assert claimed(one) == ["M00000", "M00002"]
+    assert claimed(two) == ["M00001"]
+    assert claimed(one) == ["M00000", "M00002"]  # an equal set, but a new load
+    loaded = frozenset({"two.example"})
+    assert claimed(loaded) == ["M00001"]
+
+    def change_then_fail(connection: Any) -> None:
+        # What a claim would trust if the change stayed: the set's own generation.
+        connection.execute(
+            "UPDATE temp.claim_domains SET name = 'one.example'"
+            " WHERE generation = (SELECT generation FROM temp.claim_domains LIMIT 1)"
+        )
+        raise RuntimeError("the transaction is lost")
+
+    with pytest.raises(RuntimeError):
+        spool._writer.submit(change_then_fail)
+    assert claimed(loaded) == ["M00001"]  # the table's change went with its transaction
+    spool._writer.submit(lambda connection: connection.execute("DROP TABLE temp.claim_domains"))
+    assert claimed(loaded) == ["M00001"]  # a connection without the table makes it again
+    big = frozenset({f"d{n}.example" for n in range(5000)} | {"one.example"})
+    assert claimed(big) == ["M00000", "M00002"]
+
+
 def test_unreadable_messages_are_set_aside_not_retried(spool: Spool, spool_path: str) -> None:
     """Postfix's corrupt/ queue: kept, listed, excluded from claims and from flush."""
     spool.enqueue(message(1, now=10.0))
