@@ -140,7 +140,14 @@ class GroupCommitter(_ThreadLoop):
     ) -> None:
         self._gathered: list[tuple[tuple[BatchFn | None, Any], AsyncResult]] = []
         self.commits = 0  # transactions committed: fewer than units under load
-        super().__init__(open_connection(path), clock)
+        connection = open_connection(path)
+        # Temporary tables and indexes (a claim's domain filter, the index SQLite builds
+        # for an IN list) stay in memory, never in a file of a temp directory: with
+        # none writable (a read-only /var/tmp), claims over 65,000 local domains failed
+        # with an I/O error and the queue runner gave up (red team). They are small:
+        # 150,000 domain names take a few megabytes.
+        connection.execute("PRAGMA temp_store=MEMORY")
+        super().__init__(connection, clock)
 
     def submit(self, work: Callable[[apsw.Connection], T]) -> T:
         """Run `work` inside a committed transaction; raise what it (or COMMIT) raised."""

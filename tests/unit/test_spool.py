@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Iterator
@@ -392,6 +393,31 @@ def test_a_claims_domain_filter_follows_each_new_set_of_names(spool: Spool) -> N
     assert claimed(loaded) == ["M00001"]  # a connection without the table makes it again
     big = frozenset({f"d{n}.example" for n in range(5000)} | {"one.example"})
     assert claimed(big) == ["M00000", "M00002"]
+
+
+def _deleted_files() -> set[str]:
+    """What this process's descriptors name that is deleted: SQLite's temp files."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.endswith(" (deleted)"):
+                found.add(target)
+    return found
+
+
+def test_the_writer_keeps_temporary_tables_in_memory(spool: Spool) -> None:
+    """A claim over many local domains needs no temp directory: with none writable (a
+    read-only /var/tmp) such claims failed with an I/O error and the queue runner gave
+    up. SQLite spills temporary tables into a file of the temp directory; the writer's
+    stay in memory, so no such file is ever opened."""
+    spool.enqueue(message(1, ("a@one.example",), now=10.0))
+    spool.enqueue(message(2, ("b@two.example",), now=11.0))
+    before = _deleted_files()
+    names = frozenset({f"d{n}.example" for n in range(150_000)} | {"one.example"})
+    result = spool.claim_due(now=100.0, limit=50, domains=DomainFilter(names, inside=True))
+    assert [c.message_id for c in result.claims] == ["M00001"]
+    assert _deleted_files() - before == set()
 
 
 def test_unreadable_messages_are_set_aside_not_retried(spool: Spool, spool_path: str) -> None:
