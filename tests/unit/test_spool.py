@@ -360,8 +360,8 @@ def test_a_claim_may_take_the_rows_of_some_domains_alone_or_of_all_others(spool:
 
 def test_a_claims_domain_filter_follows_each_new_set_of_names(spool: Spool) -> None:
     """The names live in a table of the writer's connection, loaded once per set: a
-    new set (the accounts changed) is loaded again, and so is the set whose load a
-    rolled-back transaction took back."""
+    new set (the accounts changed) is loaded again; a change of the table lost with its
+    transaction is lost with it; a table gone is made and loaded again."""
     for index, address in enumerate(["a@one.example", "b@two.example", "c@one.example"]):
         spool.enqueue(message(index, (address,), now=10.0 + index))
 
