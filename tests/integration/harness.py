@@ -35,6 +35,15 @@ def _checkout_path() -> str:
     return f"{root}{os.pathsep}{inherited}" if inherited else root
 
 
+def open_files(pid: int) -> list[str]:
+    """What the descriptors of process `pid` name (a deleted file ends in " (deleted)")."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return links
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll with a deadline: no sleep-and-hope."""
     deadline = time.monotonic() + timeout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import stat
@@ -15,7 +14,13 @@ import apsw
 import pytest
 
 from tests.integration.conftest import Factory
-from tests.integration.harness import GsmtpProcess, SmtpWire, environment_has, wait_for
+from tests.integration.harness import (
+    GsmtpProcess,
+    SmtpWire,
+    environment_has,
+    open_files,
+    wait_for,
+)
 
 
 def send(port: int, subject: str, body: bytes = b"body\r\n") -> str:
@@ -71,14 +76,6 @@ def read_from_outside(spool: Path) -> None:
         connection = sqlite3.connect(uri, uri=uri.startswith("file:"))
         connection.execute("SELECT COUNT(*) FROM messages").fetchone()
         connection.close()
-
-
-def open_files(pid: int) -> list[str]:
-    links = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):  # closed meanwhile
-            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-    return links
 
 
 needs_sqlite3 = pytest.mark.skipif(

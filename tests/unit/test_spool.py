@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from gsmtp.spool import (
 )
 from gsmtp.spool_admin import SpoolAdmin
 from gsmtp.writer import GroupCommitter, ThreadReader
+from tests.integration.harness import open_files
 
 
 @pytest.fixture
@@ -397,13 +397,7 @@ def test_a_claims_domain_filter_follows_each_new_set_of_names(spool: Spool) -> N
 
 def _deleted_files() -> set[str]:
     """What this process's descriptors name that is deleted: SQLite's temp files."""
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/self/fd/{fd}")
-            if target.endswith(" (deleted)"):
-                found.add(target)
-    return found
+    return {name for name in open_files(os.getpid()) if name.endswith(" (deleted)")}
 
 
 def test_the_writer_keeps_temporary_tables_in_memory(spool: Spool) -> None:
