@@ -127,6 +127,17 @@ CLAIM_CHUNK = 25  # while senders are busy, wait until this many are free: fewer
 CHUNK_WAIT = 0.25  # seconds: but no longer (the busy ones may hang for minutes)
 CLAIM_FACTOR = 4  # recipients claimed per free sender (messages have several)
 MIN_SCAN = 200
+# A claim that may take local rows asks for this many at least while the local lane
+# has started a delivery in the last LOCAL_RECENT seconds. While clients are served the
+# pacer lets 2 deliveries start, and claims were sized by what could start: the idle
+# senders' one (an unused lane counts for one) or a local slot come free, 4 rows, which
+# a local backlog then filled. Each claim looks at MIN_SCAN due rows (about a
+# millisecond of the writer's time) for 4 local deliveries of a fraction of one each:
+# the C=100 M=100 cell made 150-280 claims a worker in 4 s. Local batches waiting to
+# start hold back nothing (each takes milliseconds), and a destination's cap bounds
+# what any claim takes for it.
+LOCAL_MIN_CLAIM = 32
+LOCAL_RECENT = 1.0
 # A lane not in use has a claim of its own (a turn) this often at most, and, after one
 # that found nothing, no sooner than this many times its duration: such a claim looks
 # at every due row of the other lane (the local backlog's drain: 20 in 22 s, 1.1 s of
@@ -267,6 +278,7 @@ class QueueManager:
         self._fruitless_until = 0.0  # monotonic: no claim past full destinations before
         self._chunk_until: float | None = None  # monotonic: claim then, chunk or not
         self._last_turn = ""  # the lane the last claim was for, when lanes took turns
+        self._local_started = LONG_AGO  # when the local lane last started a delivery
         # Per lane, monotonic: when it may have a turn again while not in use.
         self._unused_turn_at: dict[str, float] = defaultdict(float)
         self._shown_in_flight = self._shown_dead = -1  # the gauges' values, as last set
@@ -500,8 +512,14 @@ class QueueManager:
         # rows: its mail may not exist (no local mail in a relay), and counting its 512
         # free slots made every claim large and none wait for senders to come free
         # (relay end to end: 2,000 against 1,400 µs a message). One is enough to find
-        # its mail: the first batch claimed puts the lane in use.
-        counted = {name: min(1, want) if name in unused else want for name, want in wants.items()}
+        # its mail: the first batch claimed puts the lane in use. While another lane is
+        # in use, only when its turn may come (`_lane_turn`): that one's claims would
+        # otherwise look for it whenever a slot came free, and take the other lane's
+        # rows instead (`_speculative`).
+        counted = {
+            name: self._speculative(name, want, unused) if name in unused else want
+            for name, want in wants.items()
+        }
         want = sum(counted.values())
         if room <= 0 or want <= 0:
             self._chunk_until = None
@@ -532,6 +550,10 @@ class QueueManager:
             if room <= 0:
                 return False
         limit = min(room, want * CLAIM_FACTOR)
+        if (domains is None or domains.inside) and (
+            time.monotonic() - self._local_started < LOCAL_RECENT
+        ):
+            limit = min(room, max(limit, LOCAL_MIN_CLAIM))
         if paused and caps and all(cap <= 0 for cap in caps.values()):
             return False  # every known destination is full; others wait for the pause
         skip_full = not paused and any(cap <= 0 for cap in caps.values())
@@ -594,6 +616,19 @@ class QueueManager:
             self._more = False
             self._claimed_through = now
         return not result.exhausted and bool(result.claims)
+
+    def _speculative(self, name: str, want: int, unused: set[str]) -> int:
+        """What a lane not in use counts for in a claim: one delivery, to find its mail
+        if there is any; none while another lane is in use and this one's turn may not
+        come yet. A local backlog under client load (the pacer lets 2 deliveries start)
+        made a claim each time a local delivery ended, for the idle senders' one: it
+        took the local row that had room, 1 or 2 rows a claim, each claim a look at
+        MIN_SCAN due rows (C=100 M=100: 150-280 claims a worker in 4 s, about a
+        millisecond of the writer's time each, for 1,000 rows). Its mail is found by its
+        turns meanwhile, at most UNUSED_LANE_TURN apart while they find nothing."""
+        if len(unused) < len(self._lanes) and time.monotonic() < self._unused_turn_at[name]:
+            return 0
+        return min(1, want)
 
     def _lane_turn(
         self, wants: Mapping[str, int], unused: set[str], caps: dict[str, int]
@@ -714,6 +749,8 @@ class QueueManager:
                 batch = self._destinations.started(destination)
                 lane.budget.take(batch.size)
                 sender = lane.pool.spawn(self._deliver, batch, destination)
+                if name == LOCAL:
+                    self._local_started = time.monotonic()
                 # Look again once the sender has left the pool: its slot is free only
                 # then (a wake-up from inside `_deliver` comes while it still holds the
                 # slot). rawlink: called in the hub (setting an event never blocks),

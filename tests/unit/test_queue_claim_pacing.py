@@ -13,8 +13,8 @@ from gevent.event import Event
 
 from gsmtp import queue_control
 from gsmtp.message import QueuedMessage, RecipientResult
-from gsmtp.queue import INITIAL_WINDOW
-from gsmtp.queue.manager import CLAIM_FACTOR, FRUITLESS_PAUSE
+from gsmtp.queue import INITIAL_WINDOW, DeliveryPacer
+from gsmtp.queue.manager import CLAIM_FACTOR, FRUITLESS_PAUSE, LOCAL_MIN_CLAIM
 from gsmtp.spool import Held, Spool
 from tests.unit.queue_harness import (
     DEFAULTS,
@@ -224,3 +224,24 @@ def test_an_idle_local_lane_does_not_make_the_claims_of_a_relay_backlog_large(
             assert taken == 0, claims
         else:
             assert limit <= most and scan <= 2 * most, claims
+
+
+def test_local_deliveries_held_to_the_pacers_floor_share_their_claims(qw: QueueWorld) -> None:
+    """While clients are served the pacer lets 2 deliveries start, and a claim sized by
+    them took 4 rows, each claim a look at MIN_SCAN due rows: a local backlog (deliveries
+    of a fraction of a millisecond) paid a claim for every 4 messages, a tenth of the
+    CPU of each message acknowledged meanwhile. A local lane in use asks each claim for
+    LOCAL_MIN_CLAIM deliveries at least; the pacer still starts 2 at a time."""
+    counting = ClaimRecordingSpool(qw.spool)
+    for index in range(400):
+        qw.enqueue([f"user{index % 4}@local.example"])
+    manager = qw.manager(spool=counting, idle_poll=60.0)
+    # A client always served and the loop always late: every probe halves to the floor.
+    manager._pacer = DeliveryPacer(DEFAULTS.concurrency, high=-1.0, clients=lambda: 1)
+    manager._pacer.allowed = manager._pacer.minimum
+    manager._pacer.serving = True
+    manager.start()
+    wait_until(lambda: qw.messages_left() == 0, timeout=60, what="the backlog to drain")
+    assert len(qw.local.calls) == 400
+    assert qw.local.max_total <= manager._pacer.minimum
+    assert len(counting.limits) <= 400 // LOCAL_MIN_CLAIM + 5, list(zip(counting.lanes, counting.limits, counting.taken))[:12]
