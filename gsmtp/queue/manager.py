@@ -625,7 +625,9 @@ class QueueManager:
         took the local row that had room, 1 or 2 rows a claim, each claim a look at
         MIN_SCAN due rows (C=100 M=100: 150-280 claims a worker in 4 s, about a
         millisecond of the writer's time each, for 1,000 rows). Its mail is found by its
-        turns meanwhile, at most UNUSED_LANE_TURN apart while they find nothing."""
+        turns meanwhile, UNUSED_LANE_TURN to UNUSED_LANE_MAX apart while they find
+        nothing, or by the other lane's claims while that one wants deliveries (they
+        take the oldest due rows, whichever lane's)."""
         if len(unused) < len(self._lanes) and time.monotonic() < self._unused_turn_at[name]:
             return 0
         return min(1, want)
