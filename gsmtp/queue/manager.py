@@ -44,6 +44,7 @@ claiming at once, gives running deliveries their time, then kills them.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -279,6 +280,8 @@ class QueueManager:
         self._chunk_until: float | None = None  # monotonic: claim then, chunk or not
         self._last_turn = ""  # the lane the last claim was for, when lanes took turns
         self._local_started = LONG_AGO  # when the local lane last started a delivery
+        # Monotonic: the turn a lane not counted in the last claim waits for (`_speculative`).
+        self._turn_wait = math.inf
         # Per lane, monotonic: when it may have a turn again while not in use.
         self._unused_turn_at: dict[str, float] = defaultdict(float)
         self._shown_in_flight = self._shown_dead = -1  # the gauges' values, as last set
@@ -428,6 +431,8 @@ class QueueManager:
             waits.append(pause_left)
         if self._more and self._chunk_until is not None:
             waits.append(max(0.0, self._chunk_until - time.monotonic()))
+        if self._more and self._turn_wait < math.inf:
+            waits.append(max(0.0, self._turn_wait - time.monotonic()))
         return max(0.0, min(waits))
 
     def _show_gauges(self) -> None:
@@ -503,6 +508,7 @@ class QueueManager:
 
     def _claim(self, now: float) -> bool:
         """Claim what can start now or soon; True to claim again at once."""
+        self._turn_wait = math.inf
         if self._stopping or not self._more:
             return False
         room = self._active_limit - self.held
@@ -619,16 +625,25 @@ class QueueManager:
 
     def _speculative(self, name: str, want: int, unused: set[str]) -> int:
         """What a lane not in use counts for in a claim: one delivery, to find its mail
-        if there is any; none while another lane is in use and this one's turn may not
-        come yet. A local backlog under client load (the pacer lets 2 deliveries start)
-        made a claim each time a local delivery ended, for the idle senders' one: it
-        took the local row that had room, 1 or 2 rows a claim, each claim a look at
-        MIN_SCAN due rows (C=100 M=100: 150-280 claims a worker in 4 s, about a
-        millisecond of the writer's time each, for 1,000 rows). Its mail is found by its
-        turns meanwhile, UNUSED_LANE_TURN to UNUSED_LANE_MAX apart while they find
-        nothing, or by the other lane's claims while that one wants deliveries (they
-        take the oldest due rows, whichever lane's)."""
-        if len(unused) < len(self._lanes) and time.monotonic() < self._unused_turn_at[name]:
+        if there is any; none while the pacer holds deliveries back (clients served,
+        the event loop late), another lane is in use and this one's turn may not come
+        yet. A local backlog under client load (2 deliveries at once) made a claim each
+        time a local delivery ended, for the idle senders' one: it took the local row
+        that had room, 1 or 2 rows a claim, each claim a look at MIN_SCAN due rows on the
+        writer thread, where acknowledgements wait for their commits (C=100 M=100:
+        150-280 claims a worker in 4 s, about a millisecond each, for 1,000 rows). Its
+        mail is found by its turns meanwhile, UNUSED_LANE_TURN to UNUSED_LANE_MAX apart
+        while they find nothing (the round wakes for the next, `_turn_wait`), or by the
+        other lane's claims while that one wants deliveries (they take the oldest due
+        rows, whichever lane's). Without client load it counts as before: a
+        claim costs little beside deliveries nobody waits behind."""
+        if (
+            self._pacer.serving
+            and self._pacer.allowed < self._pacer.maximum
+            and len(unused) < len(self._lanes)
+            and time.monotonic() < self._unused_turn_at[name]
+        ):
+            self._turn_wait = min(self._turn_wait, self._unused_turn_at[name])
             return 0
         return min(1, want)
 

@@ -14,7 +14,7 @@ from gevent.event import Event
 from gsmtp import queue_control
 from gsmtp.message import QueuedMessage, RecipientResult
 from gsmtp.queue import INITIAL_WINDOW, DeliveryPacer
-from gsmtp.queue.manager import CLAIM_FACTOR, FRUITLESS_PAUSE
+from gsmtp.queue.manager import CLAIM_FACTOR, FRUITLESS_PAUSE, UNUSED_LANE_MAX
 from gsmtp.spool import Held, Spool
 from tests.unit.queue_harness import (
     DEFAULTS,
@@ -254,3 +254,55 @@ def test_local_deliveries_held_to_the_pacers_floor_share_their_claims(
     made = len(counting.limits)
     taken = list(zip(counting.limits, counting.taken, strict=False))  # one may be running
     assert made <= 30, taken  # were 101 (4 rows each) and 186 (mostly 1 or 2)
+
+
+def test_local_mail_while_every_sender_hangs_without_client_load_starts_at_once(
+    qw: QueueWorld,
+) -> None:
+    """Red team of the paced claims: with every sender hung on a remote backlog (the
+    senders' lane can start nothing) and no client served, local mail arriving after a
+    fruitless local turn waited for an unrelated wake-up (idle_poll). Without client
+    load the unused lane counts in every claim, as before: a chunk's wait at most."""
+    stalled = Event()
+    for index in range(50):
+        qw.remote.hold[f"stalled{index}.example"] = stalled
+    for index in range(300):
+        qw.enqueue([f"w{index}@stalled{index % 50}.example"])
+    manager = qw.manager(idle_poll=60.0)  # no client: every sender may run
+    manager.start()
+    wait_until(lambda: qw.remote.total_active == DEFAULTS.concurrency)
+    gevent.sleep(0.2)  # a fruitless turn of the local lane was taken meanwhile
+    qw.enqueue(["x@local.example"])
+    manager.wake()
+    wait_until(lambda: len(qw.local.calls) == 1, timeout=1.0, what="the local mail")
+    stalled.set()
+    wait_until(lambda: qw.messages_left() == 0, timeout=30, what="the backlog")
+
+
+def test_mail_of_an_unused_lane_under_client_load_waits_for_its_turn_not_for_a_poll(
+    qw: QueueWorld,
+) -> None:
+    """Red team of the paced claims: under client load (the pacer at its floor) with
+    both local slots hung on a local backlog, an unused lane does not count in claims
+    until its turn may come; nothing woke the round then, and remote mail waited for
+    idle_poll (60 s here). The round now wakes for the turn: UNUSED_LANE_MAX at most."""
+    qw.local.hold["local.example"] = Event()
+    for index in range(300):
+        qw.enqueue([f"user{index % 4}@local.example"])
+    manager = qw.manager(idle_poll=60.0)
+    manager._pacer = DeliveryPacer(DEFAULTS.concurrency, high=-1.0, clients=lambda: 1)
+    manager._pacer.allowed = manager._pacer.minimum
+    manager._pacer.serving = True
+    manager.start()
+    wait_until(lambda: qw.local.total_active == manager._pacer.minimum)
+    for name in ("a", "b"):  # the second after the senders' fruitless turn for the first
+        gevent.sleep(0.2)
+        qw.enqueue([f"{name}@remote.example"])
+        manager.wake()
+        wait_until(
+            lambda n=name: any(rcpts == (f"{n}@remote.example",) for _, rcpts in qw.remote.calls),
+            timeout=UNUSED_LANE_MAX + 1.0,
+            what=f"the remote mail {name}",
+        )
+    qw.local.hold["local.example"].set()
+    wait_until(lambda: qw.messages_left() == 0, timeout=30, what="the backlog")
