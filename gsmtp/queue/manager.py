@@ -134,7 +134,7 @@ MIN_SCAN = 200
 # senders' one (an unused lane counts for one) or a local slot come free, 4 rows, which
 # a local backlog then filled. Each claim looks at MIN_SCAN due rows (about a
 # millisecond of the writer's time) for 4 local deliveries of a fraction of one each:
-# the C=100 M=100 cell made 150-280 claims a worker in 4 s. Local batches waiting to
+# the C=100 M=100 cell made 120-280 claims a worker in 3-4 s. Local batches waiting to
 # start hold back nothing (each takes milliseconds), and a destination's cap bounds
 # what any claim takes for it.
 LOCAL_MIN_CLAIM = 32
@@ -631,12 +631,12 @@ class QueueManager:
         time a local delivery ended, for the idle senders' one: it took the local row
         that had room, 1 or 2 rows a claim, each claim a look at MIN_SCAN due rows on the
         writer thread, where acknowledgements wait for their commits (C=100 M=100:
-        150-280 claims a worker in 4 s, about a millisecond each, for 1,000 rows). Its
+        120-280 claims a worker in 3-4 s, about a millisecond each, for 1,000 rows). Its
         mail is found by its turns meanwhile, UNUSED_LANE_TURN to UNUSED_LANE_MAX apart
         while they find nothing (the round wakes for the next, `_turn_wait`), or by the
         other lane's claims while that one wants deliveries (they take the oldest due
-        rows, whichever lane's). Without client load it counts as before: a
-        claim costs little beside deliveries nobody waits behind."""
+        rows, whichever lane's). Without client load it counts as before: no
+        acknowledgement waits behind the claims then."""
         if (
             self._pacer.serving
             and self._pacer.allowed < self._pacer.maximum

@@ -235,7 +235,7 @@ def test_local_deliveries_held_to_the_pacers_floor_share_their_claims(
     local deliveries of a fraction of a millisecond each: claims were sized by what
     could start (4 rows), and the idle senders' lane, counted for one delivery, made
     one each time a local slot came free, taking the 1 or 2 local rows the window had
-    room for (the C=100 M=100 cell: 200-280 claims a worker in 3 s). Now a claim that
+    room for (the C=100 M=100 cell: 120-280 claims a worker in 3-4 s). Now a claim that
     may take local rows asks for LOCAL_MIN_CLAIM while the local lane is busy, and an
     unused lane counts only when its turn may come; the pacer still starts 2."""
     counting = ClaimRecordingSpool(qw.spool)
