@@ -230,7 +230,10 @@ class QueueWorld:
     def close(self) -> None:
         for manager in self.managers:
             manager.stop(1.0)
-        self.writer.stop()
+        # With a timeout, as the server stops it: waiting without one, while the thread
+        # still ran a unit and nothing else kept the event loop alive, raised LoopExit,
+        # and every later test of that pytest worker failed at its own stop.
+        assert self.writer.stop(timeout=30.0), "the spool writer did not stop"
 
 
 def report_blocks(notice: Message) -> list[Message]:
