@@ -638,8 +638,7 @@ class QueueManager:
         rows, whichever lane's). Without client load it counts as before: no
         acknowledgement waits behind the claims then."""
         if (
-            self._pacer.serving
-            and self._pacer.allowed < self._pacer.maximum
+            self._pacer.holding_back
             and len(unused) < len(self._lanes)
             and time.monotonic() < self._unused_turn_at[name]
         ):

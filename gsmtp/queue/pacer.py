@@ -66,6 +66,13 @@ class DeliveryPacer:
         back with each probe."""
         return min(limit, self.allowed) if self.serving else limit
 
+    @property
+    def holding_back(self) -> bool:
+        """Deliveries are held below what the configuration allows, for clients being
+        served: what the queue manager may put off (the claims of a lane not in use) is
+        put off then."""
+        return self.serving and self.allowed < self.maximum
+
     def observe(self, lag: float) -> None:
         self.serving = bool(self._clients())
         if not self.serving:

@@ -240,18 +240,19 @@ def test_the_pacer_holds_the_local_lane_to_the_senders_allowance_while_clients_w
 
     clients = [0]
     pacer = DeliveryPacer(50, minimum=2, clients=lambda: clients[0])
-    assert pacer.share(512) == 512  # no probe yet: nobody served
+    assert pacer.share(512) == 512 and not pacer.holding_back  # no probe yet: nobody served
     clients[0] = 3
     pacer.observe(0.0)
     assert pacer.allowed == 50 and pacer.share(512) == 50  # full, but clients are served
+    assert not pacer.holding_back
     pacer.observe(0.050)
-    assert pacer.allowed == 25 and pacer.share(512) == 25
+    assert pacer.allowed == 25 and pacer.share(512) == 25 and pacer.holding_back
     for _ in range(10):
         pacer.observe(0.050)
     assert pacer.allowed == 2 and pacer.share(512) == 2 and pacer.share(1) == 1
     clients[0] = 0  # the last client left: the whole lane
     pacer.observe(0.050)
-    assert pacer.share(512) == 512
+    assert pacer.share(512) == 512 and not pacer.holding_back
 
 
 def test_pacer_holds_deliveries_back_only_while_clients_are_connected() -> None:

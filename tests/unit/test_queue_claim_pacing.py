@@ -14,7 +14,7 @@ from gevent.event import Event
 from gsmtp import queue_control
 from gsmtp.message import QueuedMessage, RecipientResult
 from gsmtp.queue import INITIAL_WINDOW, DeliveryPacer
-from gsmtp.queue.manager import CLAIM_FACTOR, FRUITLESS_PAUSE, UNUSED_LANE_MAX
+from gsmtp.queue.manager import CLAIM_FACTOR, FRUITLESS_PAUSE, UNUSED_LANE_MAX, QueueManager
 from gsmtp.spool import Held, Spool
 from tests.unit.queue_harness import (
     DEFAULTS,
@@ -226,6 +226,15 @@ def test_an_idle_local_lane_does_not_make_the_claims_of_a_relay_backlog_large(
             assert limit <= most and scan <= 2 * most, claims
 
 
+def hold_to_the_pacers_floor(manager: QueueManager) -> None:
+    """Give `manager` a pacer that sees a client always served and the loop always late
+    (every probe halves to the floor), starting at the floor: clients waiting."""
+    manager._pacer = DeliveryPacer(DEFAULTS.concurrency, high=-1.0, clients=lambda: 1)
+    manager._pacer.allowed = manager._pacer.minimum
+    manager._pacer.serving = True
+    assert manager._pacer.holding_back
+
+
 @pytest.mark.parametrize("window", [None, 16], ids=["window-512", "window-16"])
 def test_local_deliveries_held_to_the_pacers_floor_share_their_claims(
     qw: QueueWorld, window: int | None
@@ -243,10 +252,7 @@ def test_local_deliveries_held_to_the_pacers_floor_share_their_claims(
         qw.enqueue([f"user{index % 4}@local.example"])
     settings = {"local_concurrency": window} if window else {}
     manager = qw.manager(spool=counting, idle_poll=60.0, **settings)
-    # A client always served and the loop always late: every probe halves to the floor.
-    manager._pacer = DeliveryPacer(DEFAULTS.concurrency, high=-1.0, clients=lambda: 1)
-    manager._pacer.allowed = manager._pacer.minimum
-    manager._pacer.serving = True
+    hold_to_the_pacers_floor(manager)
     manager.start()
     wait_until(lambda: qw.messages_left() == 0, timeout=60, what="the backlog to drain")
     assert len(qw.local.calls) == 400
@@ -290,9 +296,7 @@ def test_mail_of_an_unused_lane_under_client_load_waits_for_its_turn_not_for_a_p
     for index in range(300):
         qw.enqueue([f"user{index % 4}@local.example"])
     manager = qw.manager(idle_poll=60.0)
-    manager._pacer = DeliveryPacer(DEFAULTS.concurrency, high=-1.0, clients=lambda: 1)
-    manager._pacer.allowed = manager._pacer.minimum
-    manager._pacer.serving = True
+    hold_to_the_pacers_floor(manager)
     manager.start()
     wait_until(lambda: qw.local.total_active == manager._pacer.minimum)
     for name in ("a", "b"):  # the second after the senders' fruitless turn for the first
