@@ -17,6 +17,15 @@ from gsmtp.spool import Spool, give_back_pages
 from gsmtp.writer import GroupCommitter, ThreadReader
 
 CHECKPOINT_SECONDS = 0.5
+# The WAL starts again from its beginning once it holds RESTART_FRAMES frames (about
+# 8 MB of 4 KiB pages, half of db.JOURNAL_SIZE_LIMIT) and a checkpoint on the reader
+# thread has left at most LEFT_FRAMES of them: the writer then copies what is left
+# itself (GroupCommitter.finish_checkpoint). Otherwise the WAL grows under steady
+# writes to the auto-checkpoint size (about 200 MB), and every frame past the size
+# limit goes to a block of the file that ext4 must allocate and zero first; restarted,
+# the WAL is written over blocks it already has.
+RESTART_FRAMES = 2048
+LEFT_FRAMES = 1024
 # Free pages go back to the file system once VACUUM_MIN_PAGES of them stayed free for
 # VACUUM_WINDOW_SECONDS (some slack is kept for new mail; see diskspace.FreePages), at
 # most VACUUM_MAX_PAGES per round so that the writer, which does it between client
@@ -60,11 +69,12 @@ class SpoolUpkeep:
         return spool.disk_was_full or self._ballast.given_up or bool(spool.discards_owed)
 
     def checkpoint(self) -> None:
-        """Move the WAL into the database on the reader thread. After a full disk (a
-        write failed with SQLITE_FULL, the ballast was given up, parts are owed), also
-        recover: discard the parts owed, cut the WAL to nothing (it may hold the whole
-        disk: a WAL only restarts, it keeps its size) and take the ballast back once
-        there is room. Each step is retried on the next round until it succeeds. A
+        """Move the WAL into the database on the reader thread, and have the writer
+        finish the checkpoint when that lets a long WAL restart (RESTART_FRAMES). After
+        a full disk (a write failed with SQLITE_FULL, the ballast was given up, parts
+        are owed), also recover: discard the parts owed, cut the WAL to nothing (it may
+        hold the whole disk: a WAL only restarts, it keeps its size) and take the
+        ballast back once there is room. Each step is retried on the next round until it succeeds. A
         ballast that a start could not make (too little room) is no full disk: the WAL
         is not cut every round for it, the file is made once there is room."""
         spool = self._spool
@@ -80,7 +90,9 @@ class SpoolUpkeep:
             else:
                 self._log.info("body_parts_discarded", messages=owed)
         try:
-            self._bodies.checkpoint(truncate=recovering)
+            frames, copied = self._bodies.checkpoint(truncate=recovering)
+            if not recovering and frames >= RESTART_FRAMES and frames - copied <= LEFT_FRAMES:
+                self._writer.finish_checkpoint()
         except apsw.Error as error:
             if isinstance(error, apsw.FullError):
                 spool.disk_was_full = True  # recover (TRUNCATE) from the next round

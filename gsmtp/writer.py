@@ -153,6 +153,18 @@ class GroupCommitter(_ThreadLoop):
         """Run `work` inside a committed transaction; raise what it (or COMMIT) raised."""
         return self._wait((None, work))  # type: ignore[no-any-return]
 
+    def finish_checkpoint(self) -> tuple[int, int]:
+        """Copy what is left of the WAL into the database on the writer's own connection,
+        between two transactions (before the next batch's): frames in the WAL, frames
+        copied. Only a writer can start the WAL again from its beginning, and SQLite
+        does that at the first write after a checkpoint that copied every frame; the
+        reader thread's checkpoints run beside the commits and never catch up with
+        them under steady load, so without this the WAL grows to the auto-checkpoint
+        size. Cheap when that checkpoint has just copied nearly everything (see
+        gsmtp.spool_upkeep): the batch it runs before waits for the rest and one
+        fsync of the database."""
+        return self._wait((None, _finish_checkpoint))  # type: ignore[no-any-return]
+
     def submit_item(self, batch_fn: BatchFn, item: Any) -> None:
         """Apply `batch_fn` to `item` (together with like items submitted meanwhile)
         inside a committed transaction; raise if it was not committed."""
@@ -196,7 +208,15 @@ class GroupCommitter(_ThreadLoop):
             self._work_ready.set()
 
     def _process(self, units: list[Any]) -> list[Any]:
-        return self._commit(units)
+        """A checkpoint first, outside any transaction (`finish_checkpoint`); then one
+        transaction for every other unit."""
+        alone = [unit[1] is _finish_checkpoint for unit in units]
+        if not any(alone):
+            return self._commit(units)
+        checkpointed = _captured(_finish_checkpoint, self._connection)
+        work = [unit for unit, checkpoint in zip(units, alone, strict=True) if not checkpoint]
+        outcomes = iter(self._commit(work) if work else [])
+        return [checkpointed if checkpoint else next(outcomes) for checkpoint in alone]
 
     def _commit(self, units: list[tuple[BatchFn | None, Any]]) -> list[Any]:
         """One transaction for the whole batch. Like items go through their batch
@@ -252,17 +272,19 @@ class ThreadReader(_ThreadLoop):
         """`work(connection)` on the thread; what it raises is raised here."""
         return self._wait((False, work))  # type: ignore[no-any-return]
 
-    def checkpoint(self, *, truncate: bool = False) -> None:
+    def checkpoint(self, *, truncate: bool = False) -> tuple[int, int]:
         """Copy committed WAL frames into the database without blocking writers, so the
-        committing thread never pays for a checkpoint (nor the client for its fsync).
-        Run outside any read transaction: an open one would pin this connection's read
-        snapshot (the checkpoint could not pass it, and later reads would not see new
-        messages).
+        committing thread never pays for a checkpoint (nor the client for its fsync):
+        frames in the WAL, frames copied. Run outside any read transaction: an open one
+        would pin this connection's read snapshot (the checkpoint could not pass it,
+        and later reads would not see new messages).
 
         `truncate`: copy everything and cut the WAL file to nothing (waits, up to the
         busy timeout, for writers and old readers): gives a full disk its WAL back."""
         mode = apsw.SQLITE_CHECKPOINT_TRUNCATE if truncate else apsw.SQLITE_CHECKPOINT_PASSIVE
-        self._wait((True, lambda connection: connection.wal_checkpoint(mode=mode)))
+        return self._wait(  # type: ignore[no-any-return]
+            (True, lambda connection: connection.wal_checkpoint(mode=mode))
+        )
 
     def close(self) -> None:
         self.stop(timeout=5.0)
@@ -303,6 +325,13 @@ def _end_read(connection: apsw.Connection) -> None:
     except apsw.Error:
         with contextlib.suppress(apsw.Error):
             connection.execute("ROLLBACK")
+
+
+def _finish_checkpoint(connection: apsw.Connection) -> tuple[int, int]:
+    """The writer's checkpoint (GroupCommitter.finish_checkpoint). PASSIVE: it waits for
+    no reader and no writer, and copies the frames that no reader still needs."""
+    result: tuple[int, int] = connection.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+    return result
 
 
 def _captured(work: Work, connection: apsw.Connection) -> Any:
