@@ -74,9 +74,10 @@ class SpoolUpkeep:
         a full disk (a write failed with SQLITE_FULL, the ballast was given up, parts
         are owed), also recover: discard the parts owed, cut the WAL to nothing (it may
         hold the whole disk: a WAL only restarts, it keeps its size) and take the
-        ballast back once there is room. Each step is retried on the next round until it succeeds. A
-        ballast that a start could not make (too little room) is no full disk: the WAL
-        is not cut every round for it, the file is made once there is room."""
+        ballast back once there is room. Each step is retried on the next round until
+        it succeeds. A ballast that a start could not make (too little room) is no full
+        disk: the WAL is not cut every round for it, the file is made once there is
+        room."""
         spool = self._spool
         recovering = self.recovering()
         if spool.discards_owed:

@@ -81,18 +81,6 @@ def test_the_next_commit_after_the_writer_finishes_a_checkpoint_restarts_the_wal
     assert frames_after_a_commit(finish=True) < 20  # the 10-page commit alone
 
 
-def test_a_unit_submitted_beside_the_writers_checkpoint_commits(threads: Threads) -> None:
-    """The checkpoint runs before the batch's transaction, outside it; the batch's
-    other units commit as usual."""
-    write_pages(threads.writer, 100)
-    jobs = [gevent.spawn(threads.writer.finish_checkpoint)]
-    jobs += [gevent.spawn(write_pages, threads.writer, 1) for _ in range(5)]
-    gevent.joinall(jobs, raise_error=True)
-    assert jobs[0].value[0] == jobs[0].value[1]
-    count = threads.writer.submit(lambda c: c.execute("SELECT COUNT(*) FROM t").fetchall())
-    assert count == [(6,)]
-
-
 @pytest.fixture
 def upkeep(threads: Threads) -> SpoolUpkeep:
     ballast = Ballast(threads.path, size=0)

@@ -74,6 +74,26 @@ def hold_the_writer(committer: GroupCommitter) -> tuple[gevent.Greenlet, threadi
     return holder, release
 
 
+def test_a_checkpoint_in_a_batch_runs_before_its_transaction_and_the_rest_commit(
+    committer: GroupCommitter,
+) -> None:
+    """finish_checkpoint (see tests/unit/test_wal_restart.py) submitted together with
+    writes: one batch, the checkpoint outside the transaction (inside one, SQLite would
+    refuse it), the writes committed together, each submitter given its own outcome."""
+    before = committer.commits
+    holder, release = hold_the_writer(committer)
+    checkpoint = gevent.spawn(committer.finish_checkpoint)
+    writes = [gevent.spawn(committer.submit, insert(f"w{n}")) for n in range(5)]
+    gevent.sleep(0.05)  # every unit is queued behind the holder
+    release.set()
+    gevent.joinall([holder, checkpoint, *writes], raise_error=True)
+    frames, copied = checkpoint.value
+    assert frames == copied  # every frame copied: no reader held any back
+    assert [write.value for write in writes] == [None] * 5
+    assert committer.commits == before + 2  # the holder's batch, then all five together
+    assert names(committer) == ["holder", "w0", "w1", "w2", "w3", "w4"]
+
+
 @pytest.mark.parametrize("batched", [False, True], ids=["callables", "batch-function"])
 def test_a_statement_that_fills_the_disk_fails_its_batch_and_the_writer_goes_on(
     committer: GroupCommitter, batched: bool
