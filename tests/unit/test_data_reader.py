@@ -93,6 +93,10 @@ EXAMPLES = {
     "long line": b"Subject: " + b"x" * 70 + b"\r\n\r\n" + b"." + b"y" * 90 + b"\r\n.\r\n",
     "long header line then received": b"X: " + b"z" * 80 + b"\r\nReceived: r\r\n\r\n.\r\n",
     "crs in a long line": b"a" * 40 + b"\r" * 50 + b"\r\n" + b"b" * 40 + b"\r\n.\r\n",
+    # The searches go first to the next dot: dots inside lines before a line start's,
+    # and long runs with none.
+    "dots inside lines first": b"a.b.\r\nc.\r\n" + b"x" * 90 + b"\r\n..y\r\nz.\r\n.\r\nNOOP\r\n",
+    "a stuffed line, then text with no dot": b"..a\r\n" + (b"x" * 30 + b"\r\n") * 4 + b".\r\n",
 }
 
 
