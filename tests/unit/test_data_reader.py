@@ -96,6 +96,8 @@ EXAMPLES = {
     # The searches go first to the next dot: dots inside lines before a line start's,
     # and long runs with none.
     "dots inside lines first": b"a.b.\r\nc.\r\n" + b"x" * 90 + b"\r\n..y\r\nz.\r\n.\r\nNOOP\r\n",
+    # DOT_TRIES (16) dots that begin no line, a stuffed line right after the last.
+    "as many dots as are tried inside lines": b"ab." * 16 + b"\r\n..z\r\n" + b"w." * 20 + END,
     "a stuffed line, then text with no dot": b"..a\r\n" + (b"x" * 30 + b"\r\n") * 4 + b".\r\n",
 }
 
