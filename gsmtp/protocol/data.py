@@ -56,7 +56,8 @@ def _find_line_start_dot(raw: bytearray, pattern: bytes, start: int) -> int:
     lines with no dot (base64): the dots are found with memchr, and each is looked at
     with the CRLF before it. Where dots are frequent (text), after DOT_TRIES that
     begin no pattern the rest is searched for the pattern itself (CPython 3.11, 100 KiB
-    of 78-byte lines with no dot but in the header: 2 against 66 µs)."""
+    of 78-byte lines with no dot but in the header: 1 against 67 µs; of text with two
+    dots a line: 73 against 68 µs)."""
     at = start
     for _ in range(DOT_TRIES):
         dot = raw.find(b".", at + len(_CRLF))
