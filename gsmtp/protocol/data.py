@@ -47,10 +47,11 @@ _KEEP = len(_END) - 1  # raw bytes kept back in a mid-line cut: the start of a m
 _MIN_LINE_PIECE = 32
 _NO_DOTS = 1 << 62  # no stuffed line seen yet: `_process` need not look for them
 DOT_TRIES = 16  # dots looked at one by one before a search for the whole pattern
+STUFFED_ONE_BY_ONE = 16  # stuffed lines of a region cut out one by one, the rest by `replace`
 
 
-def _find_line_start_dot(raw: bytearray, pattern: bytes, start: int) -> int:
-    """`raw.find(pattern, start)` for a pattern that begins with CRLF and a dot (a
+def _find_line_start_dot(raw: bytearray, pattern: bytes, start: int, end: int | None = None) -> int:
+    """`raw.find(pattern, start, end)` for a pattern that begins with CRLF and a dot (a
     stuffed line, the end marker). A search for a pattern of several bytes steps
     through the data a few bytes at a time, and the data of a large message is mostly
     lines with no dot (base64): the dots are found with memchr, and each is looked at
@@ -60,13 +61,13 @@ def _find_line_start_dot(raw: bytearray, pattern: bytes, start: int) -> int:
     dots a line: 73 against 68 µs)."""
     at = start
     for _ in range(DOT_TRIES):
-        dot = raw.find(b".", at + len(_CRLF))
+        dot = raw.find(b".", at + len(_CRLF), end)
         if dot < 0:
             return -1
-        if raw.startswith(pattern, dot - len(_CRLF)):
+        if raw.startswith(pattern, dot - len(_CRLF), end):
             return dot - len(_CRLF)
         at = dot + 1  # no pattern begins at a dot, nor at the byte before it
-    return raw.find(pattern, at)
+    return raw.find(pattern, at, end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,14 +239,24 @@ class DataReader:
 
     def _unstuff(self, cut: int, at: int) -> bytes:
         """raw[_CONTEXT:cut] with the first dot of each line dropped (the first at
-        `at` + 2); one copy."""
+        `at` + 2). The first STUFFED_ONE_BY_ONE stuffed lines are cut out one by one,
+        into one copy; past them, the rest of the region is unstuffed by one `replace`
+        in C, which drops the dot of every CRLF-dot left to right as the loop does. Line
+        by line, a body of stuffed lines (".." lines, 4 bytes each) cost 92 µs a KiB of
+        the event loop, five times what an ordinary large message costs gsmtp a KiB from
+        its first byte to its Maildir file (red team)."""
         raw = self._raw
         view = memoryview(raw)
-        segments = []
+        segments: list[memoryview | bytes] = []
         start = _CONTEXT
-        while at >= 0:
+        for _ in range(STUFFED_ONE_BY_ONE):
+            if at < 0:
+                break
             segments.append(view[start : at + len(_CRLF)])
             start = at + len(_STUFFED)
-            at = raw.find(_STUFFED, start, cut)
-        segments.append(view[start:cut])
+            at = _find_line_start_dot(raw, _STUFFED, start, cut)
+        if at < 0:
+            segments.append(view[start:cut])
+        else:
+            segments.append(bytes(view[start:cut]).replace(_STUFFED, _CRLF))
         return b"".join(segments)

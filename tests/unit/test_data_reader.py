@@ -98,6 +98,8 @@ EXAMPLES = {
     "dots inside lines first": b"a.b.\r\nc.\r\n" + b"x" * 90 + b"\r\n..y\r\nz.\r\n.\r\nNOOP\r\n",
     # DOT_TRIES (16) dots that begin no line, a stuffed line right after the last.
     "as many dots as are tried inside lines": b"ab." * 16 + b"\r\n..z\r\n" + b"w." * 20 + END,
+    # More stuffed lines than are cut out one by one (STUFFED_ONE_BY_ONE, 16).
+    "many stuffed lines": b"a\r\n" + b"..\r\n.x\r\n...\r\n" * 7 + b"y.\r\n..\r\n" + END,
     "a stuffed line, then text with no dot": b"..a\r\n" + (b"x" * 30 + b"\r\n") * 4 + b".\r\n",
 }
 
