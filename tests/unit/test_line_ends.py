@@ -1,6 +1,6 @@
 """The bare line end check against its definition (a CR or LF outside every CRLF), on
 data long enough to reach past the density sample, so both of its ways are checked:
-by the lines (sparse line ends) and by deleting CR and LF (dense ones)."""
+by rebuilding the line ends (sparse ones) and by deleting CR and LF (dense ones)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def test_every_cr_and_lf_outside_a_crlf_is_found_past_the_sample(
     head: bytes, parts: list[bytes]
 ) -> None:
     """The heads fill the sample with text lines, with empty lines, with short lines,
-    or leave it to the parts; the parts (another line separator of str.splitlines
-    among them, which bytes do not break at) may be anywhere."""
+    or leave it to the parts; the parts (other control bytes among them, which are no
+    line ends) may be anywhere."""
     data = head + b"".join(parts)
     assert has_bare_line_end(data) == by_definition(data)
 
@@ -43,7 +43,7 @@ def test_every_cr_and_lf_outside_a_crlf_is_found_past_the_sample(
     [(b"\r", 0.5), (b"\n", 0.5), (b"\n\r", 0.99), (b"\r", 1.0), (b"\n", 0.0), (b"", 0.5)],
 )
 def test_a_single_bare_line_end_anywhere_in_64_kib(line: bytes, bare: bytes, where: float) -> None:
-    """One bare CR or LF (or LF CR: two bare ones, as many breaks as a pair has bytes)
+    """One bare CR or LF (or LF CR: two bare ones, as many CRs and LFs as a pair has)
     at the start, in the middle, near or at the end of 64 KiB of dense or sparse
     lines; and none at all."""
     lines = line * (65536 // len(line))
