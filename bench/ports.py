@@ -2,11 +2,14 @@
 taken from below the kernel's ephemeral range (ip_local_port_range), where no outgoing
 connection takes one. A port that bind(0) hands out is what connect() takes too: while
 another test worker opened thousands of connections, one took a server's port between
-free_port() and the server's bind, three times in a row."""
+free_port() and the server's bind, three times in a row. Each pytest-xdist worker draws
+from its own share of those ports: two workers drawing from one pool picked the same
+port moments apart, and the second server found it taken (CI, 2026-12-04)."""
 
 from __future__ import annotations
 
 import collections
+import os
 import random
 import socket
 from pathlib import Path
@@ -24,7 +27,24 @@ def listening_ports(range_file: Path = EPHEMERAL_RANGE) -> range:
     return range(max(low - BELOW_EPHEMERAL, 10000), low) if low > 11000 else range(0)
 
 
-_LISTENING_PORTS = listening_ports()
+def worker_share(ports: range, worker: str | None, workers: str | None) -> range:
+    """The part of `ports` that pytest-xdist worker `worker` ("gw0", "gw1", ...) of
+    `workers` draws from: disjoint between workers, all of `ports` outside xdist."""
+    try:
+        index, count = int((worker or "")[2:]), int(workers or "")
+    except ValueError:
+        return ports
+    if not worker or not worker.startswith("gw") or not 0 <= index < count:
+        return ports
+    share = len(ports) // count
+    return ports[index * share : (index + 1) * share] if share >= 100 else ports
+
+
+_LISTENING_PORTS = worker_share(
+    listening_ports(),
+    os.environ.get("PYTEST_XDIST_WORKER"),
+    os.environ.get("PYTEST_XDIST_WORKER_COUNT"),
+)
 # Ports this process handed out lately: free_port() is called several times before any
 # server binds (a server's SMTP and metrics ports), and a port it found free is still
 # free at the next call. Two picks of the same port made one gsmtp bind its SMTP and

@@ -4,12 +4,13 @@ one between free_port() and the server's bind."""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
 import pytest
 
-from bench.ports import free_port, listening_ports
+from bench.ports import free_port, listening_ports, worker_share
 
 RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
@@ -45,3 +46,27 @@ def test_ports_handed_out_one_after_another_are_distinct() -> None:
         pytest.skip("no range below the ephemeral one: the kernel picks (bind(0))")
     picked = [free_port() for _ in range(500)]
     assert len(set(picked)) == len(picked)
+
+
+def test_each_xdist_worker_draws_from_its_own_share_of_the_ports() -> None:
+    """CI failure (2026-12-04): a gsmtp on one worker found its port taken ("Address
+    already in use") by a server another worker had picked from the same pool a moment
+    before. Workers' shares are disjoint and together cover the range."""
+    ports = range(20768, 32768)
+    shares = [worker_share(ports, f"gw{index}", "3") for index in range(3)]
+    assert [len(share) for share in shares] == [4000, 4000, 4000]
+    assert set(shares[0]).isdisjoint(shares[1]) and set(shares[1]).isdisjoint(shares[2])
+    assert set().union(*shares) == set(ports)
+    assert worker_share(ports, None, None) == ports  # a plain pytest run: all of it
+    assert worker_share(ports, "master", "2") == ports
+    assert worker_share(ports, "gw5", "2") == ports  # not a worker of that many
+    assert worker_share(range(10000, 10150), "gw1", "2") == range(10000, 10150)  # too few
+
+
+def test_this_worker_draws_only_from_its_share() -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not listening_ports() or worker is None:
+        pytest.skip("not an xdist worker, or no range below the ephemeral one")
+    share = worker_share(listening_ports(), worker, os.environ.get("PYTEST_XDIST_WORKER_COUNT"))
+    assert share != listening_ports()
+    assert all(free_port() in share for _ in range(50))
