@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import shutil
 import stat
@@ -136,6 +138,71 @@ def test_a_mailbox_removed_while_cached_is_opened_afresh(tmp_path: Path) -> None
     assert d.deliver(MESSAGE, ["alice@local.example"])[0].outcome is Outcome.DELIVERED
     assert len(list((box / "new").iterdir())) == 1
     assert list((box / "tmp").iterdir()) == []
+
+
+def _cached_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache (mincore(2) on a mapping of
+    it, which reads nothing: a read would bring them back)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with path.open("rb") as file, mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) as view:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        residency = ctypes.create_string_buffer(pages)
+        assert libc.mincore(address, size, residency) == 0, os.strerror(ctypes.get_errno())
+        return sum(byte & 1 for byte in residency.raw)
+
+
+def _drops_pages(directory: Path) -> bool:
+    """Whether this file system lets fsynced pages go on advice (tmpfs keeps them)."""
+    probe = directory / "probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"x" * 65536)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    try:
+        return _cached_pages(probe) == 0
+    finally:
+        probe.unlink()
+
+
+def test_a_delivered_file_leaves_the_page_cache_once_it_is_fsynced(tmp_path: Path) -> None:
+    """A burst of large deliveries must not fill memory with mail an IMAP server reads
+    later, if at all (and on a VM that hands freed memory back to its host, each page
+    taken afresh cost 300-340 µs of CPU per 100 KiB file instead of 120-130). Both ways
+    a file is written: into a cached Maildir, and into one opened afresh after it was
+    removed (`after_writes`)."""
+    if not _drops_pages(tmp_path):
+        pytest.skip("this file system keeps fsynced pages cached whatever the advice (tmpfs)")
+    body = b"x" * 78 * 4096
+    large = QueuedMessage(
+        MessageId("M2"), "bob@remote.example", b"Subject: big\r\n\r\n" + body + b"\r\n", 0.0, False
+    )
+    new = tmp_path / "local.example" / "alice" / "new"
+    removals = 0
+
+    def run_all(works: Sequence[Callable[[], None]]) -> None:
+        nonlocal removals
+        if removals == 1:  # after the cache's check: the files' creation fails
+            shutil.rmtree(new.parent)
+            removals = 2
+        for work in works:
+            work()
+
+    d = MaildirDeliverer(str(tmp_path), resolve_mailbox=str.lower, run_parallel=run_all)
+    assert d.deliver(large, ["alice@local.example"])[0].outcome is Outcome.DELIVERED
+    (first,) = list(new.iterdir())
+    assert _cached_pages(first) == 0
+    assert first.read_bytes().endswith(body + b"\n")  # all there, read from the disk
+    removals = 1
+    assert d.deliver(large, ["alice@local.example"])[0].outcome is Outcome.DELIVERED
+    (second,) = list(new.iterdir())
+    assert second.name != first.name
+    assert _cached_pages(second) == 0
 
 
 def test_a_cached_mailbox_whose_new_directory_was_recreated_gets_its_mail(
