@@ -769,10 +769,11 @@ class MaildirWriter:
         back to its host (virtio free page reporting, 2 s after it is freed), each page
         taken afresh costs a fault in the host, and a 100 KiB file took 300-340 µs of
         CPU to write and fsync instead of 120-130 (`bench/notes.md`). Advice only: a
-        file system that refuses it delivers as before."""
+        file system that refuses it, or a platform without it, delivers as before."""
         self._fsync(fd)
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if hasattr(os, "posix_fadvise"):  # not on macOS
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def _abandon(self, job: FileJob, error: OSError) -> None:
         """A failed job: its file (if made) closed and removed, its error noted."""
