@@ -64,6 +64,8 @@ def test_each_xdist_worker_draws_from_its_own_share_of_the_ports() -> None:
 
 
 def test_this_worker_draws_only_from_its_share() -> None:
+    """Under `make test` (pytest-xdist), the ports this worker hands out are its own
+    share's, not the whole range's."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not listening_ports() or worker is None:
         pytest.skip("not an xdist worker, or no range below the ephemeral one")
