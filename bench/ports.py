@@ -30,11 +30,13 @@ def listening_ports(range_file: Path = EPHEMERAL_RANGE) -> range:
 def worker_share(ports: range, worker: str | None, workers: str | None) -> range:
     """The part of `ports` that pytest-xdist worker `worker` ("gw0", "gw1", ...) of
     `workers` draws from: disjoint between workers, all of `ports` outside xdist."""
+    if worker is None or not worker.startswith("gw"):
+        return ports
     try:
-        index, count = int((worker or "")[2:]), int(workers or "")
+        index, count = int(worker[2:]), int(workers or "")
     except ValueError:
         return ports
-    if not worker or not worker.startswith("gw") or not 0 <= index < count:
+    if not 0 <= index < count:
         return ports
     share = len(ports) // count
     return ports[index * share : (index + 1) * share] if share >= 100 else ports
