@@ -89,3 +89,43 @@ def test_a_start_that_fails_loses_that_round_only(
     assert found["B"].failures == ["failed in round 2: did not start listening"]
     assert (found["A"].accepted, found["A"].stored, found["A"].missing) == (90, 90, 0)
     assert (found["B"].accepted, found["B"].stored, found["B"].missing) == (60, 50, 10)
+
+
+def test_the_workers_pair_runs_its_own_extra_rounds_still_alternating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three common rounds of every key peer, then two more of the workers pair alone,
+    its order still reversed every other round; each keeps every round it ran."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setattr(workdirs, "_run", None)
+    monkeypatch.setattr(compare, "settle", lambda peer, limit=0.0: None)
+    monkeypatch.setattr(compare, "run_load", lambda peer, cell, seconds: measurement(1000.0, 10))
+    log: list[str] = []
+    a, w2, w1 = FakePeer("A", log, stores=30), FakePeer("w2", log), FakePeer("w1", log)
+    w2.stores = w1.stores = 10
+    cells = [Cell(*key) for key in KEY_CELLS]
+    found = compare.measure([a, w2, w1], cells, 0.1, 3, workers=[w2, w1], workers_repeats=5)
+    workdirs.remove_all()
+    assert log == ["A", "w2", "w1", "w1", "w2", "A", "A", "w2", "w1", "w1", "w2", "w2", "w1"]
+    assert [len(found["A"].runs[key]) for key in KEY_CELLS] == [3, 3, 3]
+    assert {key: len(runs) for key, runs in found["w2"].runs.items()} == {KEY_CELLS[0]: 5}
+    assert {key: len(runs) for key, runs in found["w1"].runs.items()} == {KEY_CELLS[0]: 5}
+    assert (found["w1"].accepted, found["w1"].stored) == (50, 50)
+
+
+def test_the_workers_row_gives_each_rounds_ratio_in_order() -> None:
+    """The target is the ratio of the two medians; beside it, two workers ÷ one round by
+    round (the pair ran side by side in each), so a reader sees how far they swing."""
+    two = [measurement(r) for r in (7000.0, 6300.0, 8000.0, 7500.0, 6600.0)]
+    one = [measurement(r) for r in (5000.0, 5000.0, 6400.0, 5000.0, 6000.0)]
+    results = {
+        "gsmtp-w2": {KEY_CELLS[0]: median_of(two)},
+        "gsmtp-w1": {KEY_CELLS[0]: median_of(one)},
+    }
+    rows = {
+        name: (value, met)
+        for name, value, met in _targets({"results": results, "idle": {}, "skipped": {}})
+    }
+    value, met = rows["Acknowledged, C=100 M=100 1 KiB: workers = 2 ≥ 1.3× workers = 1"]
+    assert value.startswith("1.40×; rounds 1.40×, 1.26×, 1.25×, 1.50×, 1.10×"), value
+    assert met is True
