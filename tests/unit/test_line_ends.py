@@ -37,6 +37,15 @@ def test_every_cr_and_lf_outside_a_crlf_is_found_past_the_sample(
     assert has_bare_line_end(data) == by_definition(data)
 
 
+@given(
+    st.binary(max_size=300) | st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"x"])).map(b"".join)
+)
+def test_short_data_against_the_definition(data: bytes) -> None:
+    """Data shorter than the sample, arbitrary bytes or CR, LF and CRLF jumbled: the
+    check's short path (it was in test_maildir_pieces, the definition written again)."""
+    assert has_bare_line_end(data) == by_definition(data)
+
+
 @pytest.mark.parametrize("line", [b"\r\n", b"ab\r\n", TEXT_LINE, b"z" * 5000 + b"\r\n"])
 @pytest.mark.parametrize(
     ("bare", "where"),
