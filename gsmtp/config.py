@@ -52,6 +52,7 @@ class ServerConfig:
     hostname: str = "mail.example.test"
     listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 2525),)
     workers: int | None = None  # processes, one spool shard each; None = "auto" (every CPU)
+    cpu_affinity: str = "auto"  # "auto": each of several workers kept on CPUs of its own
     timeout: float = 300.0
     command_deadline: float = 300.0
     min_data_rate: int = 1024
@@ -708,6 +709,7 @@ def _dkim_keys(value: Any) -> tuple[DkimKeyConfig, ...]:
 _SPECIFIC: dict[tuple[str, str], Any] = {
     ("server", "listen"): _server_listen,
     ("server", "workers"): _workers,
+    ("server", "cpu_affinity"): _one_of("auto", "off"),
     ("submission", "listen"): _list_of(parse_host_port),
     ("metrics", "listen"): _optional_host_port,
     ("spool", "path"): _non_empty_string,

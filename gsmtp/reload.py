@@ -72,6 +72,7 @@ RESTART = frozenset(
         "maildir.group",  # the Maildir deliverer's file permissions, set at start
         "maildir.mode",
         "server.workers",  # the worker processes and their shards
+        "server.cpu_affinity",  # set when a worker process starts
         "delivery.concurrency",  # the sender pool
         "delivery.max_per_domain",
         "delivery.active_limit",

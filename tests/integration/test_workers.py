@@ -738,3 +738,61 @@ def test_metrics_show_a_worker_that_keeps_failing_to_start(gsmtp_factory: Any) -
     # One restart counted: by the worker that started (the ones that failed could not).
     # A worker that hangs again after every restart is up most of the time: it shows here.
     assert gsmtp.metrics()[restarts] == 1
+
+
+def _cpu_list(text: str) -> set[int]:
+    """/proc's CPU list ("0-2,5") as a set."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def threads_cpus(pid: int) -> list[set[int]]:
+    """The CPUs each thread of `pid` may run on."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("Cpus_allowed_list:"):
+                    found.append(_cpu_list(line.split(":", 1)[1].strip()))
+    return found
+
+
+ALLOWED = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 CPUs this process may use")
+def test_each_worker_keeps_to_cpus_of_its_own_and_a_restarted_one_to_the_same(
+    gsmtp_factory: Any,
+) -> None:
+    """`cpu_affinity = "auto"` (the default), 2 workers: every thread of worker k (its
+    event loop, the spool writer and reader started after the fork) may run only on
+    the k-th, (k+2)-th, … allowed CPU, as the supervisor's log says; the supervisor
+    keeps every CPU; a worker killed with SIGKILL comes back on the same CPUs."""
+    gsmtp = gsmtp_factory({"server": {"workers": 2}})
+    wait_for(lambda: len(gsmtp.events("worker_ready")) == 2, what="both workers ready")
+    expected = {index: set(ALLOWED[index::2]) for index in range(2)}
+    for index, pid in worker_pids(gsmtp).items():
+        threads = threads_cpus(pid)
+        assert len(threads) > 1, "the worker's threads are started by the time it is ready"
+        assert all(cpus == expected[index] for cpus in threads), (index, threads)
+    logged = {e["worker"]: e["cpus"] for e in gsmtp.events("worker_started")}
+    assert logged == {index: sorted(cpus) for index, cpus in expected.items()}
+    assert all(cpus == set(ALLOWED) for cpus in threads_cpus(gsmtp.process.pid))
+    victim = worker_pids(gsmtp)[1]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(gsmtp.events("worker_ready", worker=1)) == 2, what="worker 1 back")
+    restarted = worker_pids(gsmtp)[1]
+    assert restarted != victim
+    assert all(cpus == expected[1] for cpus in threads_cpus(restarted))
+
+
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 CPUs this process may use")
+def test_cpu_affinity_off_leaves_every_worker_every_cpu(gsmtp_factory: Any) -> None:
+    gsmtp = gsmtp_factory({"server": {"workers": 2, "cpu_affinity": "off"}})
+    wait_for(lambda: len(gsmtp.events("worker_ready")) == 2, what="both workers ready")
+    for pid in worker_pids(gsmtp).values():
+        assert all(cpus == set(ALLOWED) for cpus in threads_cpus(pid))
+    assert {e["cpus"] for e in gsmtp.events("worker_started")} == {"any"}

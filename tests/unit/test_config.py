@@ -79,6 +79,7 @@ def write(tmp_path: Path, text: str) -> Path:
             "[server] trusted_networks: not a network",
         ),
         ('[server]\nvrfy = "yes"\n', "[server] vrfy: expected true or false"),
+        ('[server]\ncpu_affinity = "on"\n', "[server] cpu_affinity: must be one of auto, off"),
         ('[log]\nlevel = "loud"\n', "[log] level: must be one of"),
         ("[delivery]\nretry = []\n", "[delivery] retry: needs at least one step"),
         ("[delivery]\nport = 70000\n", "[delivery] port: port must be 1-65535"),
