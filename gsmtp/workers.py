@@ -223,6 +223,14 @@ def worker_cpus(index: int, count: int, allowed: set[int]) -> set[int] | None:
     return set(cpus[index::count])
 
 
+def _may_run_on(cpus: set[int] | None) -> list[int] | str:
+    """For the log: the CPUs a worker may run on, its own or (not kept on any) every CPU
+    this process may use; "any" where the platform cannot tell."""
+    if cpus:
+        return sorted(cpus)
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "any"
+
+
 def orphans_wait(config: Config) -> float:
     """How long a starting `serve` waits for the workers of a supervisor that was killed
     to finish their stop: their own deadline (shutdown_grace + 2 s, this configuration's
@@ -670,9 +678,7 @@ class Workers:
         worker.started_at = worker.heard_at = now
         worker.restart_at = None
         self._selector.register(read, selectors.EVENT_READ, worker)
-        self._log.info(
-            "worker_started", worker=worker.index, pid=pid, cpus=sorted(cpus) if cpus else "any"
-        )
+        self._log.info("worker_started", worker=worker.index, pid=pid, cpus=_may_run_on(cpus))
 
     def _cpus(self, index: int) -> set[int] | None:
         """The CPUs worker `index` is kept on, or None (`server.cpu_affinity = "off"`, no
@@ -710,6 +716,7 @@ class Workers:
                 os.sched_setaffinity(0, cpus)
             except OSError as error:  # the CPUs were taken away meanwhile (a cpuset)
                 self._log.warning("cpu_affinity_failed", worker=index, error=str(error))
+                log.flush()  # now: the worker's own log set-up starts a new buffer
 
     def _read(self, worker: _Worker) -> None:
         assert worker.pipe is not None

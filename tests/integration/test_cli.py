@@ -7,6 +7,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from tests.integration.harness import GsmtpProcess, SmtpWire, environment, wait_for
@@ -40,6 +41,19 @@ def test_check_config_prints_the_effective_configuration() -> None:
     assert 'max_message_size = "35MB"' in result.stdout
     assert 'retry = ["1m", "5m", "15m", "30m", "1h"]' in result.stdout
     assert 'greet_wait = "0s"' in result.stdout
+
+
+def test_check_config_shows_every_key_of_the_shipped_file() -> None:
+    """Every key the shipped file sets (it sets every one, at its default) is in
+    check-config's output, section by section, and no other: a key added to the
+    configuration and left out of check-config fails here."""
+    result = run("check-config", "-c", str(ROOT / "configuration.toml"))
+    assert result.returncode == 0, result.stderr
+    shown = tomllib.loads(result.stdout)
+    shipped = tomllib.loads((ROOT / "configuration.toml").read_text())
+    assert {name: set(keys) for name, keys in shown.items()} == {
+        name: set(keys) for name, keys in shipped.items()
+    }
 
 
 def test_check_config_names_the_bad_key(tmp_path: Path) -> None:

@@ -795,4 +795,31 @@ def test_cpu_affinity_off_leaves_every_worker_every_cpu(gsmtp_factory: Any) -> N
     wait_for(lambda: len(gsmtp.events("worker_ready")) == 2, what="both workers ready")
     for pid in worker_pids(gsmtp).values():
         assert all(cpus == set(ALLOWED) for cpus in threads_cpus(pid))
-    assert {e["cpus"] for e in gsmtp.events("worker_started")} == {"any"}
+    assert [e["cpus"] for e in gsmtp.events("worker_started")] == [ALLOWED, ALLOWED]
+
+
+# gsmtp serve, with every call that would keep a process on CPUs failing (as when a
+# cpuset shrinks between the supervisor's choice and the worker's call).
+_AFFINITY_REFUSED = """
+import errno, os, sys
+def refuse(pid, cpus):
+    raise OSError(errno.EINVAL, "Invalid argument")
+os.sched_setaffinity = refuse
+from gsmtp.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 CPUs this process may use")
+def test_a_worker_that_cannot_keep_to_its_cpus_says_so_and_serves(gsmtp_factory: Any) -> None:
+    gsmtp = gsmtp_factory({"server": {"workers": 2}}, start=False)
+    gsmtp.command = [sys.executable, "-c", _AFFINITY_REFUSED, "serve", "-c"]
+    gsmtp.start()
+    wait_for(lambda: len(gsmtp.events("worker_ready")) == 2, what="both workers ready")
+    failed = gsmtp.events("cpu_affinity_failed")
+    assert sorted(e["worker"] for e in failed) == [0, 1]
+    assert all("Invalid argument" in e["error"] for e in failed)
+    for pid in worker_pids(gsmtp).values():
+        assert all(cpus == set(ALLOWED) for cpus in threads_cpus(pid))
+    assert send(gsmtp.port, "jones@foo.com", "unpinned") is not None
+    wait_for(lambda: subjects(gsmtp, "jones@foo.com") == ["unpinned"], what="the delivery")
