@@ -272,7 +272,8 @@ def measure(
         holds = idle if peer.name in IDLE_PEERS else 0
         if others or holds:
             start_and_measure(peer, others, seconds, found[peer.name], idle=holds)
-    total = max(repeats, workers_repeats if workers else 0)
+    # The pair's own rounds only where the pair is measured (not with --peers gsmtp).
+    total = max(repeats, workers_repeats if any(peer in workers for peer in peers) else 0)
     rounds = round_order([peer for peer in peers if key_cells(peer)], total)
     for number, order in enumerate(rounds, 1):
         if number > repeats:

@@ -129,3 +129,25 @@ def test_the_workers_row_gives_each_rounds_ratio_in_order() -> None:
     value, met = rows["Acknowledged, C=100 M=100 1 KiB: workers = 2 ≥ 1.3× workers = 1"]
     assert value.startswith("1.40×; rounds 1.40×, 1.26×, 1.25×, 1.50×, 1.10×"), value
     assert met is True
+
+
+def test_no_rounds_of_the_pair_alone_when_the_pair_is_not_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--peers gsmtp`: the workers pair is left out, and so are its extra rounds (no
+    empty rounds announced)."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setattr(workdirs, "_run", None)
+    monkeypatch.setattr(compare, "settle", lambda peer, limit=0.0: None)
+    monkeypatch.setattr(compare, "run_load", lambda peer, cell, seconds: measurement(1000.0, 10))
+    log: list[str] = []
+    a = FakePeer("A", log, stores=30)
+    pair = [FakePeer("w2", []), FakePeer("w1", [])]
+    announced: list[str] = []
+    monkeypatch.setattr("builtins.print", lambda *args, **_: announced.append(str(args[0])))
+    compare.measure([a], [Cell(*key) for key in KEY_CELLS], 0.1, 3, workers=pair, workers_repeats=5)
+    workdirs.remove_all()
+    assert log == ["A", "A", "A"]
+    assert [line for line in announced if line.startswith("key cells, round")] == [
+        f"key cells, round {n} of 3: A" for n in (1, 2, 3)
+    ]
