@@ -109,11 +109,16 @@ def _not_measured(report: dict[str, Any], *peers: str) -> str:
     return "not measured (" + ("; ".join(reasons) or "not in this run's --peers") + ")"
 
 
+def _pair_cells(report: dict[str, Any], key: Any) -> list[Any]:
+    """The workers cells at `key`: two workers', then one worker's (None if not run)."""
+    return [report["results"].get(name, {}).get(key) for name in ("gsmtp-w2", "gsmtp-w1")]
+
+
 def _round_ratios(report: dict[str, Any], key: Any) -> str:
     """`; rounds 1.36×, 1.26×, …`: two workers ÷ one in each round, in the order they
     ran (the pair runs side by side in a round, so each round's ratio shares the
     machine's state of the moment). Empty unless both ran the same rounds, more than one."""
-    cells = [report["results"].get(name, {}).get(key) for name in ("gsmtp-w2", "gsmtp-w1")]
+    cells = _pair_cells(report, key)
     runs = [getattr(cell, "runs", None) or [] for cell in cells]
     if len(runs[0]) < 2 or len(runs[0]) != len(runs[1]) or not all(runs[1]):
         return ""
@@ -124,7 +129,7 @@ def _cpu_per_message(report: dict[str, Any], key: Any) -> str:
     """CPU per accepted message of the two workers cells and of their load generator
     (on 2 cores, workers = 2 is bound by all three together; workers = 1 by its one
     event loop). Empty for results from before these were measured."""
-    cells = [report["results"].get(name, {}).get(key) for name in ("gsmtp-w2", "gsmtp-w1")]
+    cells = _pair_cells(report, key)
     if not all(getattr(cell, "cpu_us_per_msg", 0) for cell in cells):
         return ""
     w2, w1 = cells

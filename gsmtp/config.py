@@ -760,11 +760,18 @@ def format_size(size: int) -> str:
     return f"{size}B"
 
 
-def available_cpus() -> int:
+def allowed_cpus() -> set[int] | None:
     """The CPUs this process may run on: its affinity mask (taskset, systemd's
-    CPUAffinity=, a container's cpuset), not every CPU of the machine."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
+    CPUAffinity=, a container's cpuset), not every CPU of the machine; None where the
+    platform cannot tell (no sched_getaffinity: macOS)."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+
+def available_cpus() -> int:
+    """How many CPUs this process may run on (`allowed_cpus`; else every CPU)."""
+    allowed = allowed_cpus()
+    if allowed is not None:
+        return len(allowed) or 1
     return os.cpu_count() or 1
 
 

@@ -80,7 +80,7 @@ from pathlib import Path
 from types import FrameType
 
 from gsmtp import early_signals, lockfile, log, shards
-from gsmtp.config import Config, ConfigError, load, parse_host_port
+from gsmtp.config import Config, ConfigError, allowed_cpus, load, parse_host_port
 from gsmtp.reload import in_effect, restart_needed
 from gsmtp.sockets import bind_listener, take_bound
 from gsmtp.systemd import NOTIFY_VARIABLES, NodeNotifier, SystemdNotifier, listen_fds
@@ -221,14 +221,6 @@ def worker_cpus(index: int, count: int, allowed: set[int]) -> set[int] | None:
     if count < 2 or count > len(cpus) or not 0 <= index < count:
         return None
     return set(cpus[index::count])
-
-
-def _may_run_on(cpus: set[int] | None) -> list[int] | str:
-    """For the log: the CPUs a worker may run on, its own or (not kept on any) every CPU
-    this process may use; "any" where the platform cannot tell."""
-    if cpus:
-        return sorted(cpus)
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "any"
 
 
 def orphans_wait(config: Config) -> float:
@@ -645,7 +637,8 @@ class Workers:
             restart=worker.starts > 0,
         )
         worker.starts += 1
-        cpus = self._cpus(worker.index)
+        allowed = allowed_cpus()
+        cpus = self._cpus(worker.index, allowed)
         log.flush()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -678,14 +671,22 @@ class Workers:
         worker.started_at = worker.heard_at = now
         worker.restart_at = None
         self._selector.register(read, selectors.EVENT_READ, worker)
-        self._log.info("worker_started", worker=worker.index, pid=pid, cpus=_may_run_on(cpus))
+        # The CPUs it may run on: its own, or (kept on none) every one this process may.
+        may_run_on = cpus or allowed
+        self._log.info(
+            "worker_started",
+            worker=worker.index,
+            pid=pid,
+            cpus=sorted(may_run_on) if may_run_on else "any",
+        )
 
-    def _cpus(self, index: int) -> set[int] | None:
-        """The CPUs worker `index` is kept on, or None (`server.cpu_affinity = "off"`, no
-        affinity calls on this platform, or more workers than CPUs)."""
-        if self._config.server.cpu_affinity == "off" or not hasattr(os, "sched_getaffinity"):
+    def _cpus(self, index: int, allowed: set[int] | None) -> set[int] | None:
+        """The CPUs worker `index` is kept on, of the `allowed` ones, or None
+        (`server.cpu_affinity = "off"`, a platform that cannot tell, or more workers
+        than CPUs)."""
+        if self._config.server.cpu_affinity == "off" or allowed is None:
             return None
-        return worker_cpus(index, len(self._workers), os.sched_getaffinity(0))
+        return worker_cpus(index, len(self._workers), allowed)
 
     def _become_worker(self, index: int, cpus: set[int] | None) -> None:
         """In the child, before anything else: die with the supervisor, drop what is

@@ -69,15 +69,19 @@ class FakePeer(Peer):
         return self.stores
 
 
-def test_a_start_that_fails_loses_that_round_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """B fails to start in round 2: its two other rounds are kept and the failure said;
-    A's three rounds are all there. The counts add up each peer's good starts."""
+@pytest.fixture
+def no_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compare.measure` without servers or load: every cell measures 1,000 msg/s and
+    10 messages accepted; cell directories go under `tmp_path`."""
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     monkeypatch.setattr(workdirs, "_run", None)
     monkeypatch.setattr(compare, "settle", lambda peer, limit=0.0: None)
     monkeypatch.setattr(compare, "run_load", lambda peer, cell, seconds: measurement(1000.0, 10))
+
+
+def test_a_start_that_fails_loses_that_round_only(no_servers: None) -> None:
+    """B fails to start in round 2: its two other rounds are kept and the failure said;
+    A's three rounds are all there. The counts add up each peer's good starts."""
     log: list[str] = []
     a, b = FakePeer("A", log, stores=30), FakePeer("B", log, fails=2, stores=25)
     found = compare.measure([a, b], [Cell(*key) for key in KEY_CELLS], 0.1, 3)
@@ -92,14 +96,10 @@ def test_a_start_that_fails_loses_that_round_only(
 
 
 def test_the_workers_pair_runs_its_own_extra_rounds_still_alternating(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    no_servers: None,
 ) -> None:
     """Three common rounds of every key peer, then two more of the workers pair alone,
     its order still reversed every other round; each keeps every round it ran."""
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    monkeypatch.setattr(workdirs, "_run", None)
-    monkeypatch.setattr(compare, "settle", lambda peer, limit=0.0: None)
-    monkeypatch.setattr(compare, "run_load", lambda peer, cell, seconds: measurement(1000.0, 10))
     log: list[str] = []
     a, w2, w1 = FakePeer("A", log, stores=30), FakePeer("w2", log), FakePeer("w1", log)
     w2.stores = w1.stores = 10
@@ -132,14 +132,10 @@ def test_the_workers_row_gives_each_rounds_ratio_in_order() -> None:
 
 
 def test_no_rounds_of_the_pair_alone_when_the_pair_is_not_measured(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    no_servers: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`--peers gsmtp`: the workers pair is left out, and so are its extra rounds (no
     empty rounds announced)."""
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    monkeypatch.setattr(workdirs, "_run", None)
-    monkeypatch.setattr(compare, "settle", lambda peer, limit=0.0: None)
-    monkeypatch.setattr(compare, "run_load", lambda peer, cell, seconds: measurement(1000.0, 10))
     log: list[str] = []
     a = FakePeer("A", log, stores=30)
     pair = [FakePeer("w2", []), FakePeer("w1", [])]
