@@ -22,6 +22,7 @@ from typing import Any
 import apsw
 import pytest
 
+from gsmtp.config import allowed_cpus
 from tests.integration.harness import GsmtpProcess, SmtpWire, environment, free_port, wait_for
 from tests.integration.remote import Sink
 from tests.integration.test_reload import TRUSTED, advertised_size, relay_reply
@@ -760,7 +761,7 @@ def threads_cpus(pid: int) -> list[set[int]]:
     return found
 
 
-ALLOWED = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+ALLOWED = sorted(allowed_cpus() or ())
 
 
 @pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 CPUs this process may use")
